@@ -1,0 +1,258 @@
+//! A summary of a package for people (`Display`) and scripts (`serde_json`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::mil::program::ValueData;
+use crate::mil::validate::blob_values;
+use crate::model::{Feature, FeatureKind, Flexibility};
+use crate::package::Package;
+use crate::target::Target;
+use crate::tensor::{element_count, storage_bytes};
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub path: String,
+    pub spec_version: i32,
+    pub target: Option<String>,
+    pub os: Option<String>,
+    pub multifunction: bool,
+    pub default_function: Option<String>,
+    pub functions: BTreeMap<String, FunctionReport>,
+    pub metadata: MetadataReport,
+    pub build_info: BTreeMap<String, String>,
+    pub weights: WeightsReport,
+    /// Problems our validator finds; empty for a valid package.
+    pub issues: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FunctionReport {
+    pub opset: String,
+    pub inputs: Vec<FeatureReport>,
+    pub outputs: Vec<FeatureReport>,
+    pub states: Vec<FeatureReport>,
+    pub op_count: usize,
+    pub op_histogram: BTreeMap<String, usize>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FeatureReport {
+    pub name: String,
+    /// `fp16`, `fp32`, `int32`, ...; the kind's name for non-array features.
+    pub dtype: String,
+    /// Default shape; empty when only known at run time.
+    pub shape: Vec<usize>,
+    pub flexibility: Option<FlexibilityReport>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum FlexibilityReport {
+    /// Per dimension `[lower, upper]`, upper `null` when unbounded.
+    Range {
+        ranges: Vec<(usize, Option<usize>)>,
+    },
+    Enumerated {
+        shapes: Vec<Vec<usize>>,
+    },
+}
+
+#[derive(Debug, Serialize)]
+pub struct MetadataReport {
+    pub short_description: String,
+    pub version: String,
+    pub author: String,
+    pub license: String,
+    pub user_defined: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WeightsReport {
+    /// Bytes of distinct blobs the program references, by dtype.
+    pub bytes_by_dtype: BTreeMap<String, u64>,
+    pub total_bytes: u64,
+    pub files: Vec<WeightFile>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WeightFile {
+    pub path: String,
+    pub bytes: u64,
+}
+
+fn feature_report(f: &Feature) -> FeatureReport {
+    match &f.kind {
+        FeatureKind::Array(a) | FeatureKind::State(a) => FeatureReport {
+            name: f.name.clone(),
+            dtype: a.dtype.map_or("unknown".into(), |d| d.name().into()),
+            shape: a.shape.clone(),
+            flexibility: match &a.flexibility {
+                Flexibility::Fixed => None,
+                Flexibility::Range(r) => Some(FlexibilityReport::Range { ranges: r.clone() }),
+                Flexibility::Enumerated(s) => Some(FlexibilityReport::Enumerated { shapes: s.clone() }),
+            },
+        },
+        FeatureKind::Other(kind) => {
+            FeatureReport { name: f.name.clone(), dtype: (*kind).into(), shape: vec![], flexibility: None }
+        }
+    }
+}
+
+impl Report {
+    pub fn new(package: &Package) -> Result<Report> {
+        let model = package.model();
+        let target = Target::from_spec_version(model.spec_version);
+        let mut functions = BTreeMap::new();
+        let mut seen_blobs = BTreeSet::new();
+        let mut bytes_by_dtype: BTreeMap<String, u64> = BTreeMap::new();
+        for (name, f) in &model.program.functions {
+            let mut op_histogram = BTreeMap::new();
+            for op in &f.block.operations {
+                *op_histogram.entry(op.op_type.clone()).or_insert(0) += 1;
+            }
+            for (_, value) in blob_values(f) {
+                if let ValueData::Blob { file, offset } = &value.data {
+                    if seen_blobs.insert((file.clone(), *offset)) {
+                        let count = value.ty.shape().and_then(|s| element_count(&s)).unwrap_or(0);
+                        let bytes = storage_bytes(value.ty.dtype, count).unwrap_or(0) as u64;
+                        *bytes_by_dtype.entry(value.ty.dtype.name().into()).or_insert(0) += bytes;
+                    }
+                }
+            }
+            let described = model.description.function(name);
+            let features = |pick: fn(&crate::model::FunctionDescription) -> &Vec<Feature>| {
+                described.map(|d| pick(d).iter().map(feature_report).collect()).unwrap_or_default()
+            };
+            functions.insert(
+                name.clone(),
+                FunctionReport {
+                    opset: f.opset.clone(),
+                    inputs: features(|d| &d.inputs),
+                    outputs: features(|d| &d.outputs),
+                    states: features(|d| &d.states),
+                    op_count: f.block.operations.len(),
+                    op_histogram,
+                },
+            );
+        }
+        let md = &model.description.metadata;
+        let files: Vec<WeightFile> =
+            package.weight_files()?.into_iter().map(|(path, bytes)| WeightFile { path, bytes }).collect();
+        Ok(Report {
+            path: package.path().display().to_string(),
+            spec_version: model.spec_version,
+            target: target.map(|t| t.mil_name().into()),
+            os: target.map(|t| t.os_releases().into()),
+            multifunction: model.description.is_multifunction(),
+            default_function: model.description.default_function.clone(),
+            functions,
+            metadata: MetadataReport {
+                short_description: md.short_description.clone(),
+                version: md.version.clone(),
+                author: md.author.clone(),
+                license: md.license.clone(),
+                user_defined: md.user_defined.clone(),
+            },
+            build_info: model.program.build_info.clone(),
+            weights: WeightsReport { total_bytes: bytes_by_dtype.values().sum(), bytes_by_dtype, files },
+            issues: package.validate().iter().map(|i| i.to_string()).collect(),
+        })
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+fn feature_line(f: &FeatureReport) -> String {
+    let shape: Vec<String> = f.shape.iter().map(|d| d.to_string()).collect();
+    let flex = match &f.flexibility {
+        None => String::new(),
+        Some(FlexibilityReport::Range { ranges }) => {
+            let r: Vec<String> = ranges
+                .iter()
+                .map(|(lo, hi)| {
+                    if Some(*lo) == *hi {
+                        lo.to_string()
+                    } else {
+                        format!("{lo}..{}", hi.map_or("∞".into(), |h| h.to_string()))
+                    }
+                })
+                .collect();
+            format!("  range ({})", r.join(", "))
+        }
+        Some(FlexibilityReport::Enumerated { shapes }) => format!("  enumerated {shapes:?}"),
+    };
+    format!("{} {} [{}]{flex}", f.name, f.dtype, shape.join(", "))
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{}", self.path)?;
+        writeln!(
+            f,
+            "  specification {} ({}, {})",
+            self.spec_version,
+            self.target.as_deref().unwrap_or("unknown target"),
+            self.os.as_deref().unwrap_or("unknown OS")
+        )?;
+        if let Some(d) = &self.default_function {
+            writeln!(f, "  multifunction, default function `{d}`")?;
+        }
+        for (name, func) in &self.functions {
+            writeln!(f, "  function {name} ({}, {} ops)", func.opset, func.op_count)?;
+            for (label, list) in [("input", &func.inputs), ("state", &func.states), ("output", &func.outputs)] {
+                for feature in list.iter() {
+                    writeln!(f, "    {label:<6} {}", feature_line(feature))?;
+                }
+            }
+            let ops: Vec<String> = func.op_histogram.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
+            writeln!(f, "    ops    {}", ops.join(", "))?;
+        }
+        let md = &self.metadata;
+        for (k, v) in [
+            ("author", &md.author),
+            ("version", &md.version),
+            ("license", &md.license),
+            ("description", &md.short_description),
+        ] {
+            if !v.is_empty() {
+                writeln!(f, "  {k}: {v}")?;
+            }
+        }
+        for (k, v) in &md.user_defined {
+            let shown: String = v.chars().take(80).collect();
+            writeln!(f, "  {k}: {shown}{}", if v.chars().count() > 80 { "…" } else { "" })?;
+        }
+        let by_dtype: Vec<String> =
+            self.weights.bytes_by_dtype.iter().map(|(k, v)| format!("{k} {}", human_bytes(*v))).collect();
+        writeln!(f, "  weights {} ({})", human_bytes(self.weights.total_bytes), by_dtype.join(", "))?;
+        for file in &self.weights.files {
+            writeln!(f, "    {} {}", file.path, human_bytes(file.bytes))?;
+        }
+        if self.issues.is_empty() {
+            writeln!(f, "  valid")?;
+        } else {
+            writeln!(f, "  {} problems:", self.issues.len())?;
+            for i in &self.issues {
+                writeln!(f, "    {i}")?;
+            }
+        }
+        Ok(())
+    }
+}

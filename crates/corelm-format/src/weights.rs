@@ -1,0 +1,102 @@
+//! Weight files of a package being written: blobs are streamed to `weights/weight.bin` (and
+//! further files when a size limit is set) as they are produced.
+
+use std::path::{Path, PathBuf};
+
+use crate::blob::BlobWriter;
+use crate::error::{Error, Result};
+use crate::mil::program::{Value, ValueData};
+use crate::mil::types::TensorType;
+use crate::tensor::Tensor;
+
+/// How programs name a file in the weights directory.
+pub fn blob_file_name(file: &str) -> String {
+    format!("@model_path/weights/{file}")
+}
+
+/// A tensor stored in a weight file, ready to be referenced by any function of the program.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlobRef {
+    pub value: Value,
+}
+
+impl BlobRef {
+    pub fn ty(&self) -> &TensorType {
+        &self.value.ty
+    }
+}
+
+pub struct WeightStore {
+    dir: PathBuf,
+    max_file_bytes: Option<u64>,
+    current: Option<(String, BlobWriter)>,
+    finished: Vec<(String, u64)>,
+}
+
+impl WeightStore {
+    /// Weight files go to `dir` (the package's `weights/` folder, which must exist).
+    pub fn new(dir: impl AsRef<Path>) -> WeightStore {
+        WeightStore { dir: dir.as_ref().to_path_buf(), max_file_bytes: None, current: None, finished: vec![] }
+    }
+
+    /// Start a new weight file before one would grow past `bytes` (a blob larger than the
+    /// limit still gets a file of its own).
+    pub fn with_max_file_bytes(mut self, bytes: u64) -> WeightStore {
+        self.max_file_bytes = Some(bytes);
+        self
+    }
+
+    fn file_name(index: usize) -> String {
+        if index == 0 {
+            "weight.bin".into()
+        } else {
+            format!("weight-{index}.bin")
+        }
+    }
+
+    fn open_next(&mut self) -> Result<()> {
+        if let Some((name, w)) = self.current.take() {
+            self.finished.push((name, w.finish()?));
+        }
+        let name = Self::file_name(self.finished.len());
+        let writer = BlobWriter::create(self.dir.join(&name))?;
+        self.current = Some((name, writer));
+        Ok(())
+    }
+
+    /// Writes `tensor` now and returns the reference consts use.
+    pub fn store(&mut self, tensor: &Tensor) -> Result<BlobRef> {
+        if tensor.dtype().blob_code().is_none() {
+            return Err(Error::invalid(format!("{} tensors cannot be stored in a weight file", tensor.dtype())));
+        }
+        let needed = 128 + tensor.bytes().len() as u64;
+        let full = match (&self.current, self.max_file_bytes) {
+            (None, _) => true,
+            (Some((_, w)), Some(max)) => !w.is_empty() && w.len() + needed > max,
+            (Some(_), None) => false,
+        };
+        if full {
+            self.open_next()?;
+        }
+        let (name, writer) = self.current.as_mut().expect("a file is open");
+        let offset = writer.append(tensor)?;
+        Ok(BlobRef {
+            value: Value {
+                ty: TensorType::fixed(tensor.dtype(), tensor.shape()),
+                data: ValueData::Blob { file: blob_file_name(name), offset },
+            },
+        })
+    }
+
+    /// Closes the files; returns each file name and size. A store that received no blob
+    /// still writes an empty `weight.bin`, as coremltools does.
+    pub fn finish(mut self) -> Result<Vec<(String, u64)>> {
+        if self.current.is_none() && self.finished.is_empty() {
+            self.open_next()?;
+        }
+        if let Some((name, w)) = self.current.take() {
+            self.finished.push((name, w.finish()?));
+        }
+        Ok(self.finished)
+    }
+}
