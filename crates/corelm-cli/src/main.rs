@@ -18,7 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Show what a package holds: target, functions, inputs, states, outputs, ops, metadata, weights.
+    /// Show what a package holds: target, functions, inputs, states, outputs, ops, metadata,
+    /// weights, and any problem found (exit code 1 when there is one).
     Inspect {
         /// The .mlpackage folder.
         package: PathBuf,
@@ -50,15 +51,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let pkg = open(&package)?;
             if mil {
                 print!("{}", program_text(&pkg.model().program));
-            } else {
-                let report = Report::new(&pkg)?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
-                } else {
-                    print!("{report}");
-                }
+                return Ok(ExitCode::SUCCESS);
             }
-            Ok(ExitCode::SUCCESS)
+            let report = Report::new(&pkg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            Ok(if report.issues.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Validate { packages, json } => {
             let mut results = Vec::new();
@@ -74,7 +75,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         (Some(e), _) => eprintln!("{}: error: {e}", path.display()),
                         (None, true) => println!("{}: valid", path.display()),
                         (None, false) => {
-                            println!("{}: {} problems", path.display(), issues.len());
+                            println!("{}: {} problem(s)", path.display(), issues.len());
                             for i in &issues {
                                 println!("  {i}");
                             }

@@ -116,10 +116,26 @@ pub struct BlobMetadata {
     pub element_count: u64,
 }
 
-/// A blob file opened for reading, memory-mapped; every read is bounds-checked.
+/// The bytes of a blob file: memory-mapped from disk, or owned (tests, fuzzing).
+enum Storage {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Storage {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(m) => m,
+            Storage::Owned(v) => v,
+        }
+    }
+}
+
+/// A blob file opened for reading; every read is bounds-checked.
 pub struct BlobFile {
     path: PathBuf,
-    map: Mmap,
+    map: Storage,
     count: u32,
 }
 
@@ -138,10 +154,15 @@ impl BlobFile {
         // SAFETY: the map is read-only and every access is bounds-checked; a file changed
         // underneath us can give wrong values but not out-of-bounds reads.
         let map = unsafe { Mmap::map(&file) }.at(&path)?;
-        Self::from_map(path, map)
+        Self::from_storage(path, Storage::Mapped(map))
     }
 
-    fn from_map(path: PathBuf, map: Mmap) -> Result<BlobFile> {
+    /// Reads blob storage held in memory; `path` only labels errors.
+    pub fn from_bytes(path: impl AsRef<Path>, bytes: Vec<u8>) -> Result<BlobFile> {
+        Self::from_storage(path.as_ref().to_path_buf(), Storage::Owned(bytes))
+    }
+
+    fn from_storage(path: PathBuf, map: Storage) -> Result<BlobFile> {
         if (map.len() as u64) < HEADER_BYTES {
             return Err(Error::malformed(
                 &path,

@@ -248,7 +248,7 @@ impl fmt::Display for Report {
         if self.issues.is_empty() {
             writeln!(f, "  valid")?;
         } else {
-            writeln!(f, "  {} problems:", self.issues.len())?;
+            writeln!(f, "  {} problem(s):", self.issues.len())?;
             for i in &self.issues {
                 writeln!(f, "    {i}")?;
             }
