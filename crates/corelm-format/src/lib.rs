@@ -37,7 +37,7 @@ pub mod proto {
 }
 
 pub use dtype::DType;
-pub use error::{Error, Result};
+pub use error::{Error, IoContext, Result};
 pub use mil::builder::{Arg, FunctionBuilder, InputShape, ProgramBuilder, Var};
 pub use mil::types::{Dim, TensorType, ValueType};
 pub use model::Model;
