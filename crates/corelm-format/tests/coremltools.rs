@@ -132,7 +132,8 @@ fn we_read_coremltools_packages_as_its_spec_describes_them() {
 fn tensor_of(entry: &Value) -> Tensor {
     let dtype = DType::from_name(entry["dtype"].as_str().unwrap()).unwrap();
     if dtype == DType::Fp16 {
-        let bits: Vec<u8> = entry["bits"].as_array().unwrap().iter().flat_map(|b| (b.as_u64().unwrap() as u16).to_le_bytes()).collect();
+        let bits: Vec<u8> =
+            entry["bits"].as_array().unwrap().iter().flat_map(|b| (b.as_u64().unwrap() as u16).to_le_bytes()).collect();
         return Tensor::from_bytes(dtype, vec![bits.len() / 2], bits).unwrap();
     }
     let values = entry["values"].as_array().unwrap();
@@ -177,7 +178,8 @@ fn blob_files_are_byte_identical_to_coremltools_and_each_side_reads_the_other() 
         // Their reader reads our file.
         let request: Vec<Value> =
             entries.iter().map(|e| serde_json::json!({"dtype": e["dtype"], "offset": e["offset"]})).collect();
-        let (json, code, text) = oracle(&["read-blob", ours.to_str().unwrap()], Some(&Value::from(request).to_string()));
+        let (json, code, text) =
+            oracle(&["read-blob", ours.to_str().unwrap()], Some(&Value::from(request).to_string()));
         assert_eq!(code, 0, "{text}");
         for (e, values) in entries.iter().zip(json.unwrap().as_array().unwrap()) {
             let key = if e["dtype"] == "fp16" { "bits" } else { "values" };
@@ -185,7 +187,8 @@ fn blob_files_are_byte_identical_to_coremltools_and_each_side_reads_the_other() 
         }
     }
     let expected: Vec<DType> = [
-        "fp16", "fp32", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int4", "uint1", "uint2", "uint3", "uint4", "uint6",
+        "fp16", "fp32", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int4", "uint1", "uint2", "uint3",
+        "uint4", "uint6",
     ]
     .iter()
     .map(|n| DType::from_name(n).unwrap())
