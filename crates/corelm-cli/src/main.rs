@@ -18,6 +18,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Convert a Hugging Face model folder (config.json + safetensors) or a GGUF file into a
+    /// stateful ML Program package.
+    Convert(ConvertArgs),
     /// Show what a package holds: target, functions, inputs, states, outputs, ops, metadata,
     /// weights, and any problem found (exit code 1 when there is one).
     Inspect {
@@ -41,12 +44,127 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct ConvertArgs {
+    /// Model folder (config.json, *.safetensors, tokenizer files) or .gguf file.
+    source: PathBuf,
+    /// Output package (must end in .mlpackage).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Tokens the KV cache holds.
+    #[arg(long, default_value_t = 2048)]
+    context: usize,
+    /// Fixed query lengths, one function each sharing the weights (e.g. 1,64); default: one
+    /// function with a flexible query length.
+    #[arg(long, value_delimiter = ',')]
+    query_lengths: Vec<usize>,
+    /// Attention as one fused op, or as matmul + softmax + matmul.
+    #[arg(long, value_enum, default_value_t = AttentionArg::Fused)]
+    attention: AttentionArg,
+    /// Deployment target.
+    #[arg(long, value_enum, default_value_t = TargetArg::Ios18)]
+    target: TargetArg,
+    /// Compute precision.
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Fp16)]
+    precision: PrecisionArg,
+    /// Replace an existing output.
+    #[arg(long)]
+    force: bool,
+    /// Print a JSON summary instead of the progress bar and text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum AttentionArg {
+    Fused,
+    Decomposed,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TargetArg {
+    Ios16,
+    Ios17,
+    Ios18,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PrecisionArg {
+    Fp16,
+    Fp32,
+}
+
+fn convert(args: ConvertArgs) -> Result<ExitCode> {
+    use corelm_convert::graph::{AttentionImpl, GraphOptions, Precision};
+    let target = match args.target {
+        TargetArg::Ios16 => corelm_format::Target::Ios16,
+        TargetArg::Ios17 => corelm_format::Target::Ios17,
+        TargetArg::Ios18 => corelm_format::Target::Ios18,
+    };
+    if target < corelm_format::Target::Ios18 {
+        anyhow::bail!("--target {} (KV cache as inputs and outputs) is not implemented yet; use ios18", target);
+    }
+    let opts = GraphOptions {
+        target,
+        context: args.context,
+        query_lengths: args.query_lengths,
+        attention: match args.attention {
+            AttentionArg::Fused => AttentionImpl::Fused,
+            AttentionArg::Decomposed => AttentionImpl::Decomposed,
+        },
+        precision: match args.precision {
+            PrecisionArg::Fp16 => Precision::Fp16,
+            PrecisionArg::Fp32 => Precision::Fp32,
+        },
+    };
+    let source = corelm_convert::convert::open_source(&args.source)
+        .with_context(|| format!("cannot read model {}", args.source.display()))?;
+    let total = corelm_convert::graph::roles(&source.config)
+        .into_iter()
+        .filter(|r| corelm_convert::arch::tensor_spec(&source.config, *r).is_some())
+        .count();
+    let bar = if args.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(total as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} converting [{bar:30}] {pos}/{len} tensors {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar
+    };
+    let mut progress = |name: &str, _bytes: u64| {
+        bar.set_message(name.to_string());
+        bar.inc(1);
+    };
+    let summary = corelm_convert::convert::convert(&source, &args.output, &opts, args.force, &mut progress)
+        .with_context(|| format!("cannot convert {}", args.source.display()))?;
+    bar.finish_and_clear();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "{}: {} ({} parameters, {} layers, context {}), {:.1} MB in {:.1} s",
+            summary.output.display(),
+            summary.architecture,
+            summary.parameters,
+            summary.layers,
+            summary.context,
+            summary.output_bytes as f64 / 1e6,
+            summary.seconds
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn open(path: &PathBuf) -> Result<Package> {
     Package::open(path).with_context(|| format!("cannot read package {}", path.display()))
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Convert(args) => convert(args),
         Command::Inspect { package, json, mil } => {
             let pkg = open(&package)?;
             if mil {

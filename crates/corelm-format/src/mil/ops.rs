@@ -504,20 +504,17 @@ fn expand_dims(a: &Args) -> Result<Vec<TensorType>> {
 
 fn squeeze(a: &Args) -> Result<Vec<TensorType>> {
     let x = a.ty("x")?;
-    let axes: Option<Vec<usize>> = match a.ints("axes") {
-        Some(v) => Some(v.into_iter().map(|v| axis(v, x.rank())).collect::<Result<_>>()?),
-        None => None,
+    let dims = match a.ints("axes") {
+        // Listed axes go (they must be 1 at run time); unknown ones are taken to be 1.
+        Some(v) => {
+            let axes: Vec<usize> = v.into_iter().map(|v| axis(v, x.rank())).collect::<Result<_>>()?;
+            if let Some(&i) = axes.iter().find(|&&i| matches!(x.dims[i], Dim::Fixed(n) if n != 1)) {
+                return Err(bad(format!("cannot squeeze axis {i} of {x}: its size is not 1")));
+            }
+            x.dims.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, d)| *d).collect()
+        }
+        None => x.dims.iter().filter(|d| **d != Dim::Fixed(1)).copied().collect(),
     };
-    let dims = x
-        .dims
-        .iter()
-        .enumerate()
-        .filter(|(i, d)| {
-            let listed = axes.as_ref().is_none_or(|a| a.contains(i));
-            !(listed && **d == Dim::Fixed(1))
-        })
-        .map(|(_, d)| *d)
-        .collect();
     Ok(vec![TensorType::new(x.dtype, dims)])
 }
 

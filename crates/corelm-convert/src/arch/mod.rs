@@ -1,0 +1,280 @@
+//! Architecture families: each module reads its `config.json` fields into a [`ModelConfig`] and
+//! says where each weight of the common decoder lives in its checkpoints.
+
+pub mod gemma;
+pub mod gpt2;
+pub mod llama;
+pub mod phi3;
+pub mod qwen;
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::config::{Attention, Family, Fields, ModelConfig, Rope, RopeScaling, SUPPORTED_MODEL_TYPES};
+use crate::{Error, Result};
+
+/// A weight of the common decoder graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Embed,
+    /// Learned absolute position embeddings (GPT-2).
+    PositionEmbed,
+    FinalNorm,
+    FinalNormBias,
+    LmHead,
+    Layer(usize, LayerRole),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LayerRole {
+    AttnNorm,
+    AttnNormBias,
+    Q,
+    K,
+    V,
+    O,
+    QBias,
+    KBias,
+    VBias,
+    OBias,
+    QNorm,
+    KNorm,
+    /// Norm of the attention output before the residual add (Gemma 2/3).
+    PostAttnNorm,
+    /// Norm before the MLP.
+    MlpNorm,
+    MlpNormBias,
+    /// Norm of the MLP output before the residual add (Gemma 2/3).
+    PostMlpNorm,
+    Gate,
+    Up,
+    Down,
+    UpBias,
+    DownBias,
+}
+
+/// Which part of a stored tensor a role takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Take {
+    Whole,
+    /// Rows `start..start + len` of a fused matrix (or elements of a fused bias).
+    Rows {
+        start: usize,
+        len: usize,
+    },
+    /// The tensor is stored transposed (GPT-2's Conv1D); transpose, then take rows.
+    TransposedRows {
+        start: usize,
+        len: usize,
+    },
+}
+
+/// Where a role's weight comes from, in Hugging Face naming.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub take: Take,
+}
+
+impl TensorSpec {
+    pub fn whole(name: impl Into<String>) -> TensorSpec {
+        TensorSpec { name: name.into(), take: Take::Whole }
+    }
+}
+
+/// Reads `config.json` (already parsed) into a model configuration for a supported family.
+pub fn read_config(path: &Path, json: &Value) -> Result<ModelConfig> {
+    let f = Fields::new(path, json)?;
+    let model_type = f.opt_str("model_type")?.ok_or_else(|| {
+        f.error(format!("no `model_type` field; supported model types: {}", SUPPORTED_MODEL_TYPES.join(", ")))
+    })?;
+    let family = Family::from_model_type(model_type).ok_or_else(|| {
+        f.error(format!(
+            "unsupported architecture `{model_type}`; supported model types: {}",
+            SUPPORTED_MODEL_TYPES.join(", ")
+        ))
+    })?;
+    // Multimodal Gemma 3 keeps the language model's settings under `text_config`.
+    let text;
+    let f = if model_type == "gemma3" {
+        text = f.opt_object("text_config")?.ok_or_else(|| f.error("gemma3 config without `text_config`"))?;
+        text
+    } else {
+        f
+    };
+    let config = match family {
+        Family::Llama | Family::Mistral => llama::config(&f, family)?,
+        Family::Qwen2 | Family::Qwen3 => qwen::config(&f, family)?,
+        Family::Gemma | Family::Gemma2 | Family::Gemma3 => gemma::config(&f, family)?,
+        Family::Phi3 => phi3::config(&f)?,
+        Family::Gpt2 => gpt2::config(&f)?,
+    };
+    check_config(&f, &config)?;
+    Ok(config)
+}
+
+/// Where each role's tensor lives for this family; `None` when the family has no such weight.
+pub fn tensor_spec(config: &ModelConfig, role: Role) -> Option<TensorSpec> {
+    match config.family {
+        Family::Llama
+        | Family::Mistral
+        | Family::Qwen2
+        | Family::Qwen3
+        | Family::Gemma
+        | Family::Gemma2
+        | Family::Gemma3 => hf_decoder_spec(config, role),
+        Family::Phi3 => phi3::tensor_spec(config, role),
+        Family::Gpt2 => gpt2::tensor_spec(config, role),
+    }
+}
+
+/// The `model.layers.N.self_attn.q_proj.weight` naming shared by most families.
+fn hf_decoder_spec(config: &ModelConfig, role: Role) -> Option<TensorSpec> {
+    use LayerRole::*;
+    let name = match role {
+        Role::Embed => "model.embed_tokens.weight".to_string(),
+        Role::FinalNorm => "model.norm.weight".to_string(),
+        Role::LmHead if config.tie_word_embeddings => "model.embed_tokens.weight".to_string(),
+        Role::LmHead => "lm_head.weight".to_string(),
+        Role::PositionEmbed | Role::FinalNormBias => return None,
+        Role::Layer(l, r) => {
+            let p = format!("model.layers.{l}");
+            match r {
+                AttnNorm => format!("{p}.input_layernorm.weight"),
+                Q => format!("{p}.self_attn.q_proj.weight"),
+                K => format!("{p}.self_attn.k_proj.weight"),
+                V => format!("{p}.self_attn.v_proj.weight"),
+                O => format!("{p}.self_attn.o_proj.weight"),
+                QBias if config.qkv_bias => format!("{p}.self_attn.q_proj.bias"),
+                KBias if config.qkv_bias => format!("{p}.self_attn.k_proj.bias"),
+                VBias if config.qkv_bias => format!("{p}.self_attn.v_proj.bias"),
+                OBias if config.o_bias => format!("{p}.self_attn.o_proj.bias"),
+                QNorm if config.qk_norm => format!("{p}.self_attn.q_norm.weight"),
+                KNorm if config.qk_norm => format!("{p}.self_attn.k_norm.weight"),
+                PostAttnNorm if config.sandwich_norms => format!("{p}.post_attention_layernorm.weight"),
+                MlpNorm if config.sandwich_norms => format!("{p}.pre_feedforward_layernorm.weight"),
+                MlpNorm => format!("{p}.post_attention_layernorm.weight"),
+                PostMlpNorm if config.sandwich_norms => format!("{p}.post_feedforward_layernorm.weight"),
+                Gate => format!("{p}.mlp.gate_proj.weight"),
+                Up => format!("{p}.mlp.up_proj.weight"),
+                Down => format!("{p}.mlp.down_proj.weight"),
+                UpBias | DownBias if config.mlp_bias => {
+                    format!("{p}.mlp.{}_proj.bias", if r == UpBias { "up" } else { "down" })
+                }
+                _ => return None,
+            }
+        }
+    };
+    Some(TensorSpec::whole(name))
+}
+
+/// Reads `rope_theta` and `rope_scaling` (linear, dynamic, llama3).
+pub fn rope(f: &Fields, default_theta: f64, head_dim: usize, max_positions: usize) -> Result<Rope> {
+    let theta = f.opt_f64("rope_theta")?.unwrap_or(default_theta);
+    let rotary_dim = match f.opt_f64("partial_rotary_factor")? {
+        Some(p) => ((head_dim as f64 * p) as usize) & !1,
+        None => head_dim,
+    };
+    let scaling = match f.opt_object("rope_scaling")? {
+        None => RopeScaling::None,
+        Some(s) => {
+            let kind = match s.opt_str("rope_type")? {
+                Some(k) => k,
+                None => s.opt_str("type")?.unwrap_or("default"),
+            };
+            let factor = || s.opt_f64("factor")?.ok_or_else(|| s.error("rope_scaling needs `factor`"));
+            let original =
+                || -> Result<usize> { Ok(s.opt_usize("original_max_position_embeddings")?.unwrap_or(max_positions)) };
+            match kind {
+                "default" => RopeScaling::None,
+                "linear" => RopeScaling::Linear(factor()?),
+                "dynamic" => RopeScaling::Dynamic { factor: factor()?, original_max_position: original()? },
+                "llama3" => RopeScaling::Llama3 {
+                    factor: factor()?,
+                    low_freq_factor: s.opt_f64("low_freq_factor")?.unwrap_or(1.0),
+                    high_freq_factor: s.opt_f64("high_freq_factor")?.unwrap_or(4.0),
+                    original_max_position: original()?,
+                },
+                other => {
+                    return Err(
+                        s.error(format!("unsupported rope_scaling type `{other}`; supported: linear, dynamic, llama3"))
+                    )
+                }
+            }
+        }
+    };
+    Ok(Rope { theta, scaling, rotary_dim })
+}
+
+/// The common head/size fields of Llama-like configs.
+pub struct Dims {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+}
+
+pub fn dims(f: &Fields) -> Result<Dims> {
+    let hidden_size = f.usize("hidden_size")?;
+    let num_heads = f.usize("num_attention_heads")?;
+    if num_heads == 0 || hidden_size == 0 {
+        return Err(f.error("hidden_size and num_attention_heads must be positive"));
+    }
+    let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads);
+    Ok(Dims {
+        vocab_size: f.usize("vocab_size")?,
+        hidden_size,
+        intermediate_size: f.usize("intermediate_size")?,
+        num_layers: f.usize("num_hidden_layers")?,
+        num_heads,
+        num_kv_heads: f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads),
+        head_dim,
+        max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(2048),
+    })
+}
+
+/// Token ids from config.json.
+pub fn token_ids(f: &Fields) -> Result<(Option<u32>, Vec<u32>, Option<u32>)> {
+    Ok((
+        f.token_ids("bos_token_id")?.first().copied(),
+        f.token_ids("eos_token_id")?,
+        f.token_ids("pad_token_id")?.first().copied(),
+    ))
+}
+
+/// A sliding window for every layer, or none (Mistral, Qwen2 with `use_sliding_window`).
+pub fn uniform_attention(num_layers: usize, window: Option<usize>) -> Vec<Attention> {
+    vec![window.map_or(Attention::Full, Attention::Sliding); num_layers]
+}
+
+fn check_config(f: &Fields, c: &ModelConfig) -> Result<()> {
+    let bad = |m: String| Err(f.error(m));
+    if c.num_layers == 0 || c.vocab_size == 0 || c.head_dim == 0 || c.num_kv_heads == 0 {
+        return bad("num_hidden_layers, vocab_size, head_dim and num_key_value_heads must be positive".into());
+    }
+    if c.num_heads % c.num_kv_heads != 0 {
+        return bad(format!(
+            "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+            c.num_heads, c.num_kv_heads
+        ));
+    }
+    if c.layer_attention.len() != c.num_layers {
+        return bad(format!("{} layer types for {} layers", c.layer_attention.len(), c.num_layers));
+    }
+    if let Some(r) = &c.rope {
+        if r.rotary_dim == 0 || r.rotary_dim > c.head_dim || r.rotary_dim % 2 != 0 {
+            return bad(format!("rotary dimension {} does not fit head_dim {}", r.rotary_dim, c.head_dim));
+        }
+    }
+    Ok(())
+}
+
+/// Fails with the list of families when a config needs what corelm does not do.
+pub fn unsupported(f: &Fields, what: &str) -> Error {
+    f.error(format!("{what} is not supported"))
+}

@@ -1,0 +1,227 @@
+//! Checkpoint readers behind one interface: tensors by Hugging Face name, read one at a time
+//! from memory-mapped files and widened to f32.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, Metadata};
+use safetensors::SafeTensors;
+
+use crate::arch::{LayerRole, Role, Take, TensorSpec};
+use crate::config::ModelConfig;
+use crate::{Error, Result};
+use corelm_format::error::IoContext;
+
+/// A source of named tensors.
+pub trait Checkpoint {
+    /// Where the tensors come from, for messages.
+    fn source(&self) -> &Path;
+    /// The shape of `name`, if present.
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+    /// The elements of `name`, row-major, as f32.
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>>;
+}
+
+/// One memory-mapped safetensors file with its validated header.
+struct SafetensorsFile {
+    path: PathBuf,
+    map: Mmap,
+    header_len: usize,
+    metadata: Metadata,
+}
+
+impl SafetensorsFile {
+    fn open(path: &Path) -> Result<SafetensorsFile> {
+        let file = File::open(path).at(path)?;
+        // SAFETY: read-only map; the safetensors header checks bound every tensor to the file.
+        let map = unsafe { Mmap::map(&file) }.at(path)?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&map)
+            .map_err(|e| Error::malformed(path, format!("not a valid safetensors file: {e}")))?;
+        // read_metadata checks offsets against each other; also check they fit the file.
+        let data_len = map.len().saturating_sub(8 + header_len);
+        for (name, info) in metadata.tensors() {
+            if info.data_offsets.1 > data_len {
+                return Err(Error::malformed(
+                    path,
+                    format!("tensor `{name}` ends at byte {} but the data section has {data_len}", info.data_offsets.1),
+                ));
+            }
+        }
+        Ok(SafetensorsFile { path: path.to_path_buf(), map, header_len, metadata })
+    }
+
+    fn read_f32(&self, name: &str) -> Result<Option<Vec<f32>>> {
+        let Some(info) = self.metadata.info(name) else { return Ok(None) };
+        let start = 8 + self.header_len + info.data_offsets.0;
+        let end = 8 + self.header_len + info.data_offsets.1;
+        let bytes = self
+            .map
+            .get(start..end)
+            .ok_or_else(|| Error::malformed(&self.path, format!("tensor `{name}` lies outside the file")))?;
+        let values = match info.dtype {
+            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            other => {
+                return Err(Error::malformed(
+                    &self.path,
+                    format!("tensor `{name}` is {other:?}; corelm reads F32, F16 and BF16 checkpoints"),
+                ))
+            }
+        };
+        Ok(Some(values))
+    }
+}
+
+/// A Hugging Face model folder: `model.safetensors`, or shards listed in
+/// `model.safetensors.index.json`.
+pub struct Safetensors {
+    dir: PathBuf,
+    files: Vec<SafetensorsFile>,
+    /// Tensor name → index into `files`.
+    index: BTreeMap<String, usize>,
+}
+
+impl Safetensors {
+    pub fn open(dir: &Path) -> Result<Safetensors> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let names: Vec<PathBuf> = if index_path.is_file() {
+            let text = std::fs::read(&index_path).at(&index_path)?;
+            let json: serde_json::Value = serde_json::from_slice(&text)
+                .map_err(|e| Error::malformed(&index_path, format!("not valid JSON: {e}")))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::malformed(&index_path, "no `weight_map` object"))?;
+            let mut shards: Vec<PathBuf> = Vec::new();
+            for (tensor, file) in map {
+                let file = file
+                    .as_str()
+                    .filter(|f| !f.contains('/') && !f.contains('\\') && *f != ".." && !f.is_empty())
+                    .ok_or_else(|| Error::malformed(&index_path, format!("`{tensor}` maps to an invalid file name")))?;
+                let p = dir.join(file);
+                if !shards.contains(&p) {
+                    shards.push(p);
+                }
+            }
+            shards.sort();
+            shards
+        } else if single.is_file() {
+            vec![single]
+        } else {
+            return Err(Error::malformed(dir, "no model.safetensors or model.safetensors.index.json in this folder"));
+        };
+        let files = names.iter().map(|p| SafetensorsFile::open(p)).collect::<Result<Vec<_>>>()?;
+        let mut index = BTreeMap::new();
+        for (i, f) in files.iter().enumerate() {
+            for name in f.metadata.tensors().keys() {
+                if let Some(prev) = index.insert(name.clone(), i) {
+                    return Err(Error::malformed(
+                        &f.path,
+                        format!("tensor `{name}` is also in {}", files[prev].path.display()),
+                    ));
+                }
+            }
+        }
+        Ok(Safetensors { dir: dir.to_path_buf(), files, index })
+    }
+}
+
+impl Checkpoint for Safetensors {
+    fn source(&self) -> &Path {
+        &self.dir
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let f = &self.files[*self.index.get(name)?];
+        f.metadata.info(name).map(|i| i.shape.clone())
+    }
+
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let i =
+            *self.index.get(name).ok_or_else(|| Error::malformed(&self.dir, format!("tensor `{name}` is missing")))?;
+        self.files[i].read_f32(name)?.ok_or_else(|| Error::malformed(&self.dir, format!("tensor `{name}` is missing")))
+    }
+}
+
+/// The shape a role's weight must have.
+pub fn expected_shape(c: &ModelConfig, role: Role) -> Vec<usize> {
+    use LayerRole::*;
+    let (h, q, kv, i) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+    match role {
+        Role::Embed | Role::LmHead => vec![c.vocab_size, h],
+        Role::PositionEmbed => vec![c.max_position_embeddings, h],
+        Role::FinalNorm | Role::FinalNormBias => vec![h],
+        Role::Layer(_, r) => match r {
+            AttnNorm | AttnNormBias | PostAttnNorm | MlpNorm | MlpNormBias | PostMlpNorm | OBias | DownBias => vec![h],
+            Q => vec![q, h],
+            K | V => vec![kv, h],
+            O => vec![h, q],
+            QBias => vec![q],
+            KBias | VBias => vec![kv],
+            QNorm | KNorm => vec![c.head_dim],
+            Gate | Up => vec![i, h],
+            Down => vec![h, i],
+            UpBias => vec![i],
+        },
+    }
+}
+
+/// Finds `name`, or the same name without its first component (`transformer.h.0` vs `h.0`).
+fn resolve<'a>(ck: &dyn Checkpoint, name: &'a str) -> Option<&'a str> {
+    if ck.shape(name).is_some() {
+        return Some(name);
+    }
+    name.split_once('.').map(|(_, rest)| rest).filter(|rest| ck.shape(rest).is_some())
+}
+
+/// Reads a role's weight as the graph wants it: the right slice of a fused tensor, transposed
+/// where the checkpoint stores it transposed, with its shape checked.
+pub fn load(ck: &dyn Checkpoint, c: &ModelConfig, role: Role, spec: &TensorSpec) -> Result<(Vec<usize>, Vec<f32>)> {
+    let expected = expected_shape(c, role);
+    let missing = || Error::malformed(ck.source(), format!("tensor `{}` is missing", spec.name));
+    let name = resolve(ck, &spec.name).ok_or_else(missing)?;
+    let shape = ck.shape(name).ok_or_else(missing)?;
+    let wrong = |got: &[usize]| {
+        Error::malformed(
+            ck.source(),
+            format!("tensor `{name}` has shape {got:?}; {:?} expected for {role:?}", expected),
+        )
+    };
+    let data = ck.read_f32(name)?;
+    let (rows_total, cols) = match shape.as_slice() {
+        [n] => (*n, 1),
+        [r, c] => (*r, *c),
+        _ => return Err(wrong(&shape)),
+    };
+    let (data, shape) = match spec.take {
+        Take::Whole => (data, shape),
+        Take::Rows { start, len } => {
+            if start + len > rows_total {
+                return Err(wrong(&shape));
+            }
+            let out = data[start * cols..(start + len) * cols].to_vec();
+            let s = if shape.len() == 1 { vec![len] } else { vec![len, cols] };
+            (out, s)
+        }
+        Take::TransposedRows { start, len } => {
+            // Stored (in, out): output rows are columns start..start+len.
+            if shape.len() != 2 || start + len > cols {
+                return Err(wrong(&shape));
+            }
+            let mut out = Vec::with_capacity(len * rows_total);
+            for o in start..start + len {
+                out.extend((0..rows_total).map(|r| data[r * cols + o]));
+            }
+            (out, vec![len, rows_total])
+        }
+    };
+    if shape != expected {
+        return Err(wrong(&shape));
+    }
+    Ok((shape, data))
+}

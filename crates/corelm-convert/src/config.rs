@@ -1,0 +1,281 @@
+//! The architecture-independent description of a decoder-only transformer, and the typed
+//! reading of Hugging Face `config.json` fields with errors that name the file and the field.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::{Error, Result};
+
+/// The families corelm converts, by their `model_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+    Gemma,
+    Gemma2,
+    Gemma3,
+    Phi3,
+    Gpt2,
+}
+
+pub const SUPPORTED_MODEL_TYPES: &[&str] =
+    &["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "gpt2"];
+
+impl Family {
+    pub fn from_model_type(model_type: &str) -> Option<Family> {
+        Some(match model_type {
+            "llama" => Family::Llama,
+            "mistral" => Family::Mistral,
+            "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
+            "gemma" => Family::Gemma,
+            "gemma2" => Family::Gemma2,
+            "gemma3_text" | "gemma3" => Family::Gemma3,
+            "phi3" => Family::Phi3,
+            "gpt2" => Family::Gpt2,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Mistral => "mistral",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+            Family::Gemma => "gemma",
+            Family::Gemma2 => "gemma2",
+            Family::Gemma3 => "gemma3_text",
+            Family::Phi3 => "phi3",
+            Family::Gpt2 => "gpt2",
+        }
+    }
+
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Family::Gemma | Family::Gemma2 | Family::Gemma3)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Norm {
+    /// x / rms(x) * w, or * (1 + w) for Gemma.
+    Rms { eps: f64, add_one: bool },
+    /// Mean and variance, with weight and bias (GPT-2).
+    Layer { eps: f64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    Silu,
+    GeluTanh,
+    Gelu,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by the factor.
+    Linear(f64),
+    /// NTK-aware base scaling for contexts past the trained length.
+    Dynamic {
+        factor: f64,
+        original_max_position: usize,
+    },
+    /// Llama 3 frequency-dependent scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position: usize,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rope {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+    /// Dimensions rotated per head (head_dim unless partial rotary).
+    pub rotary_dim: usize,
+}
+
+/// Whether a layer attends over the whole context or a sliding window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attention {
+    Full,
+    Sliding(usize),
+}
+
+/// Everything the graph builder needs to know about a model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub family: Family,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+    pub norm: Norm,
+    pub activation: Activation,
+    /// RoPE of global layers; `None` for learned absolute positions (GPT-2).
+    pub rope: Option<Rope>,
+    /// RoPE of sliding-window layers when it differs (Gemma 3).
+    pub rope_local: Option<Rope>,
+    pub layer_attention: Vec<Attention>,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// q_norm and k_norm over head_dim (Qwen3, Gemma 3).
+    pub qk_norm: bool,
+    /// Norms after attention and after the MLP too (Gemma 2 and 3).
+    pub sandwich_norms: bool,
+    /// Gated MLP (gate, up, down) rather than fc → act → proj.
+    pub gated_mlp: bool,
+    pub tie_word_embeddings: bool,
+    /// Multiplier of the token embeddings (Gemma: √hidden).
+    pub embedding_scale: Option<f64>,
+    /// Attention scale; 1/√head_dim unless the family says otherwise.
+    pub attention_scale: f64,
+    pub attn_logit_softcap: Option<f64>,
+    pub final_logit_softcap: Option<f64>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+}
+
+impl ModelConfig {
+    /// Parameters in the checkpoint's layout (embeddings counted once when tied).
+    pub fn parameter_count(&self) -> u64 {
+        let (h, i, v) = (self.hidden_size as u64, self.intermediate_size as u64, self.vocab_size as u64);
+        let (q, kv) = ((self.num_heads * self.head_dim) as u64, (self.num_kv_heads * self.head_dim) as u64);
+        let attn = h * q + 2 * h * kv + q * h;
+        let mlp = if self.gated_mlp { 3 * h * i } else { 2 * h * i };
+        let per_layer = attn + mlp;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        self.num_layers as u64 * per_layer + v * h + head
+    }
+}
+
+/// Typed access to one JSON object, naming the file and field in every error.
+pub struct Fields<'a> {
+    path: PathBuf,
+    map: &'a Map<String, Value>,
+}
+
+impl<'a> Fields<'a> {
+    pub fn new(path: &Path, value: &'a Value) -> Result<Fields<'a>> {
+        let map = value.as_object().ok_or_else(|| Error::malformed(path, "the top level is not a JSON object"))?;
+        Ok(Fields { path: path.to_path_buf(), map })
+    }
+
+    fn wrong(&self, key: &str, expected: &str, got: &Value) -> Error {
+        let kind = match got {
+            Value::Null => "null",
+            Value::Bool(_) => "a boolean",
+            Value::Number(_) => "a number",
+            Value::String(_) => "a string",
+            Value::Array(_) => "an array",
+            Value::Object(_) => "an object",
+        };
+        Error::malformed(&self.path, format!("field `{key}` must be {expected}, but it is {kind}"))
+    }
+
+    fn missing(&self, key: &str) -> Error {
+        Error::malformed(&self.path, format!("required field `{key}` is missing"))
+    }
+
+    pub fn raw(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.raw(key) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| self.wrong(key, "a non-negative integer", v)),
+        }
+    }
+
+    pub fn usize(&self, key: &str) -> Result<usize> {
+        self.opt_usize(key)?.ok_or_else(|| self.missing(key))
+    }
+
+    /// The first of several alternative names that is present (GPT-2 uses `n_embd`, ...).
+    pub fn usize_any(&self, keys: &[&str]) -> Result<usize> {
+        for k in keys {
+            if let Some(v) = self.opt_usize(k)? {
+                return Ok(v);
+            }
+        }
+        Err(self.missing(keys[0]))
+    }
+
+    pub fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.raw(key) {
+            None => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.wrong(key, "a number", v)),
+        }
+    }
+
+    pub fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.raw(key) {
+            None => Ok(None),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.wrong(key, "true or false", v)),
+        }
+    }
+
+    pub fn opt_str(&self, key: &str) -> Result<Option<&'a str>> {
+        match self.raw(key) {
+            None => Ok(None),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| self.wrong(key, "a string", v)),
+        }
+    }
+
+    pub fn opt_object(&self, key: &str) -> Result<Option<Fields<'a>>> {
+        match self.raw(key) {
+            None => Ok(None),
+            Some(v @ Value::Object(map)) => {
+                let _ = v;
+                Ok(Some(Fields { path: self.path.clone(), map }))
+            }
+            Some(v) => Err(self.wrong(key, "an object", v)),
+        }
+    }
+
+    /// Token ids given as one integer or a list of integers.
+    pub fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
+        match self.raw(key) {
+            None => Ok(vec![]),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_u64().map(|n| n as u32).ok_or_else(|| self.wrong(key, "a list of token ids", v)))
+                .collect(),
+            Some(v) => v.as_u64().map(|n| vec![n as u32]).ok_or_else(|| self.wrong(key, "a token id", v)),
+        }
+    }
+
+    pub fn opt_str_list(&self, key: &str) -> Result<Option<Vec<&'a str>>> {
+        match self.raw(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_str().ok_or_else(|| self.wrong(key, "a list of strings", v)))
+                .collect::<Result<_>>()
+                .map(Some),
+            Some(v) => Err(self.wrong(key, "a list of strings", v)),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// An error about this file.
+    pub fn error(&self, message: impl Into<String>) -> Error {
+        Error::malformed(&self.path, message)
+    }
+}

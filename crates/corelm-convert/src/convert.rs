@@ -1,0 +1,178 @@
+//! From a checkpoint folder (or GGUF file) to a finished `.mlpackage`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::checkpoint::{Checkpoint, Safetensors};
+use crate::config::ModelConfig;
+use crate::graph::{build_function, store_weights, GraphOptions, Progress};
+use crate::{Error, Result};
+use corelm_format::error::IoContext;
+use corelm_format::package::ExtraItem;
+use corelm_format::{PackageWriter, ProgramBuilder};
+
+/// The manifest author of files corelm ships inside packages.
+pub const ITEM_AUTHOR: &str = "ai.corelm";
+
+/// What a conversion produced, for `--json`.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub output: PathBuf,
+    pub architecture: String,
+    pub parameters: u64,
+    pub layers: usize,
+    pub context: usize,
+    pub functions: Vec<String>,
+    pub output_bytes: u64,
+    pub seconds: f64,
+    /// Peak resident memory of this process (VmHWM), when the OS reports it.
+    pub peak_memory_bytes: Option<u64>,
+}
+
+/// A loaded source: configuration, tensors and the files a runtime needs beside the weights.
+pub struct Source {
+    pub config: ModelConfig,
+    pub checkpoint: Box<dyn Checkpoint>,
+    /// Model id for metadata (`co.huggingface.exporters.name`).
+    pub id: String,
+    /// Files to ship in the package: tokenizer.json, tokenizer_config.json, generation_config.json.
+    pub extras: Vec<(String, Vec<u8>)>,
+}
+
+/// Opens a Hugging Face folder (`config.json` + safetensors).
+pub fn open_source(path: &Path) -> Result<Source> {
+    if !path.is_dir() {
+        return Err(Error::malformed(path, "not a model folder (expected config.json and *.safetensors)"));
+    }
+    let config_path = path.join("config.json");
+    let text = std::fs::read(&config_path).at(&config_path)?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| Error::malformed(&config_path, format!("not valid JSON: {e}")))?;
+    let config = crate::arch::read_config(&config_path, &json)?;
+    let checkpoint = Box::new(Safetensors::open(path)?);
+    let id = json
+        .get("_name_or_path")
+        .and_then(|v| v.as_str())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .unwrap_or_else(|| path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    let mut extras = Vec::new();
+    for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        let p = path.join(name);
+        if p.is_file() {
+            extras.push((name.to_string(), std::fs::read(&p).at(&p)?));
+        }
+    }
+    Ok(Source { config, checkpoint, id, extras })
+}
+
+/// Peak resident set size of this process in bytes (Linux `VmHWM`).
+pub fn peak_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Converts `source` into a package at `output` (replaced only with `overwrite`).
+pub fn convert(
+    source: &Source,
+    output: &Path,
+    opts: &GraphOptions,
+    overwrite: bool,
+    progress: &mut dyn Progress,
+) -> Result<Summary> {
+    let started = Instant::now();
+    let c = &source.config;
+    if opts.context == 0 {
+        return Err(Error::invalid("--context must be at least 1"));
+    }
+    if opts.query_lengths.iter().any(|&n| n == 0 || n > opts.context) {
+        return Err(Error::invalid(format!("query lengths must lie in 1..={}", opts.context)));
+    }
+    if c.rope.is_none() && opts.context > c.max_position_embeddings {
+        return Err(Error::invalid(format!(
+            "{} has learned positions for {} tokens; --context {} is too long",
+            c.family.name(),
+            c.max_position_embeddings,
+            opts.context
+        )));
+    }
+    let mut pkg = PackageWriter::create(output, overwrite)?;
+    let weights = store_weights(c, source.checkpoint.as_ref(), opts, pkg.weights(), progress)?;
+    let mut program = ProgramBuilder::new(opts.target);
+    let mut functions = Vec::new();
+    if opts.query_lengths.is_empty() {
+        program.add_function(build_function("main", c, &weights, opts, pkg.weights(), None)?)?;
+        functions.push("main".to_string());
+    } else {
+        for &n in &opts.query_lengths {
+            let name = format!("length_{n}");
+            program.add_function(build_function(&name, c, &weights, opts, pkg.weights(), Some(n))?)?;
+            functions.push(name);
+        }
+        program.set_default_function(&functions[0]);
+    }
+    let md = &mut program.metadata;
+    md.author = "corelm".into();
+    md.version = env!("CARGO_PKG_VERSION").into();
+    md.short_description = format!("{} converted by corelm", source.id);
+    let ud = &mut md.user_defined;
+    let ids = |v: &[u32]| v.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    ud.insert("co.huggingface.exporters.name".into(), source.id.clone());
+    ud.insert("corelm.source".into(), source.id.clone());
+    ud.insert("corelm.architecture".into(), c.family.name().into());
+    ud.insert("corelm.context_length".into(), opts.context.to_string());
+    ud.insert("corelm.version".into(), env!("CARGO_PKG_VERSION").into());
+    ud.insert(
+        "corelm.query_lengths".into(),
+        if opts.query_lengths.is_empty() {
+            "flexible".into()
+        } else {
+            ids(&opts.query_lengths.iter().map(|&n| n as u32).collect::<Vec<_>>())
+        },
+    );
+    ud.insert("corelm.vocab_size".into(), c.vocab_size.to_string());
+    if let Some(b) = c.bos_token_id {
+        ud.insert("corelm.bos_token_id".into(), b.to_string());
+    }
+    ud.insert("corelm.eos_token_ids".into(), ids(&c.eos_token_ids));
+    if let Some(p) = c.pad_token_id {
+        ud.insert("corelm.pad_token_id".into(), p.to_string());
+    }
+    for (name, bytes) in &source.extras {
+        pkg.add_item(ExtraItem {
+            author: ITEM_AUTHOR.into(),
+            name: name.clone(),
+            description: format!("{name} of the source model"),
+            bytes: bytes.clone(),
+        })?;
+    }
+    let model = program.finish()?;
+    let written = pkg.commit(&model)?;
+    Ok(Summary {
+        output_bytes: dir_size(&written),
+        output: written,
+        architecture: c.family.name().into(),
+        parameters: c.parameter_count(),
+        layers: c.num_layers,
+        context: opts.context,
+        functions,
+        seconds: started.elapsed().as_secs_f64(),
+        peak_memory_bytes: peak_memory(),
+    })
+}

@@ -1,0 +1,735 @@
+//! The decoder-only transformer as an ML Program: one graph, parameterised by the model
+//! configuration, covering every supported family.
+//!
+//! Interface (stateful, iOS 18): inputs `inputIds` int32 (1, N) and `causalMask` (1, 1, N, end);
+//! the write position is end − N; states `keyCache`/`valueCache` (layers, 1, kv_heads, context,
+//! head_dim) fp16; output `logits` (1, N, vocab). Fixed query lengths become functions of one
+//! multifunction model sharing the weights; those take fixed shapes throughout (the mask is
+//! (1, 1, N, context)) and an extra `position` input.
+
+use std::collections::HashMap;
+
+use half::f16;
+
+use crate::arch::{tensor_spec, LayerRole, Role};
+use crate::checkpoint::{load, Checkpoint};
+use crate::config::{Activation, Attention, ModelConfig, Norm, Rope};
+use crate::{Error, Result};
+use corelm_format::mil::builder::Arg;
+use corelm_format::mil::program::Function;
+use corelm_format::model::FunctionDescription;
+use corelm_format::weights::{BlobRef, WeightStore};
+use corelm_format::{DType, FunctionBuilder, InputShape, Target, Tensor, Var};
+
+/// How attention is emitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionImpl {
+    /// `scaled_dot_product_attention` (iOS 18), the scale folded into Q.
+    Fused,
+    /// matmul + softmax + matmul (always used where soft-capping is needed).
+    Decomposed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    Fp16,
+    Fp32,
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::Fp16 => DType::Fp16,
+            Precision::Fp32 => DType::Fp32,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GraphOptions {
+    pub target: Target,
+    /// Tokens the KV cache holds.
+    pub context: usize,
+    /// Empty: one function with a flexible query length (1..=context). Otherwise one function
+    /// per length, named `length_<N>`, sharing weights.
+    pub query_lengths: Vec<usize>,
+    pub attention: AttentionImpl,
+    pub precision: Precision,
+}
+
+/// Everything the graph reads from the weight files, stored once and shared by all functions.
+pub struct StoredWeights {
+    tensors: HashMap<Role, BlobRef>,
+    rope: Option<(BlobRef, BlobRef)>,
+    rope_local: Option<(BlobRef, BlobRef)>,
+}
+
+/// Progress of weight loading, for progress bars.
+pub trait Progress {
+    fn tensor_done(&mut self, name: &str, bytes: u64);
+}
+
+impl<F: FnMut(&str, u64)> Progress for F {
+    fn tensor_done(&mut self, name: &str, bytes: u64) {
+        self(name, bytes)
+    }
+}
+
+/// Every role the graph uses, in reading order.
+pub fn roles(c: &ModelConfig) -> Vec<Role> {
+    use LayerRole::*;
+    let mut roles = vec![Role::Embed, Role::PositionEmbed];
+    for l in 0..c.num_layers {
+        for r in [
+            AttnNorm,
+            AttnNormBias,
+            Q,
+            K,
+            V,
+            QBias,
+            KBias,
+            VBias,
+            QNorm,
+            KNorm,
+            O,
+            OBias,
+            PostAttnNorm,
+            MlpNorm,
+            MlpNormBias,
+            Gate,
+            Up,
+            UpBias,
+            Down,
+            DownBias,
+            PostMlpNorm,
+        ] {
+            roles.push(Role::Layer(l, r));
+        }
+    }
+    roles.extend([Role::FinalNorm, Role::FinalNormBias, Role::LmHead]);
+    roles
+}
+
+fn is_norm(role: Role) -> bool {
+    use LayerRole::*;
+    matches!(
+        role,
+        Role::FinalNorm
+            | Role::FinalNormBias
+            | Role::Layer(
+                _,
+                AttnNorm | AttnNormBias | PostAttnNorm | MlpNorm | MlpNormBias | PostMlpNorm | QNorm | KNorm
+            )
+    )
+}
+
+fn rope_tables(store: &mut WeightStore, rope: &Rope, context: usize, dtype: DType) -> Result<(BlobRef, BlobRef)> {
+    let (cos, sin) = crate::rope::tables(rope, context)?;
+    let shape = vec![context, rope.rotary_dim];
+    Ok((
+        store.store(&Tensor::from_floats(dtype, shape.clone(), &cos)?)?,
+        store.store(&Tensor::from_floats(dtype, shape, &sin)?)?,
+    ))
+}
+
+/// Reads every weight the configuration needs, one tensor at a time, into the weight files.
+/// Norm weights are kept in fp32 (norms are computed in fp32); Gemma's `1 + w` is folded in.
+pub fn store_weights(
+    c: &ModelConfig,
+    ck: &dyn Checkpoint,
+    opts: &GraphOptions,
+    store: &mut WeightStore,
+    progress: &mut dyn Progress,
+) -> Result<StoredWeights> {
+    let dtype = opts.precision.dtype();
+    let mut tensors = HashMap::new();
+    let mut by_name: HashMap<String, BlobRef> = HashMap::new();
+    for role in roles(c) {
+        let Some(spec) = tensor_spec(c, role) else { continue };
+        let key = format!("{}{:?}", spec.name, spec.take);
+        if let Some(existing) = by_name.get(&key) {
+            // Tied embeddings: the LM head reads the embedding blob.
+            tensors.insert(role, existing.clone());
+            continue;
+        }
+        let (shape, mut data) = load(ck, c, role, &spec)?;
+        let add_one = matches!(c.norm, Norm::Rms { add_one: true, .. });
+        if add_one && is_norm(role) {
+            data.iter_mut().for_each(|v| *v += 1.0);
+        }
+        let t = if is_norm(role) {
+            Tensor::from_f32(shape, &data)?
+        } else if dtype == DType::Fp16 {
+            Tensor::from_f16(shape, &data.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>())?
+        } else {
+            Tensor::from_f32(shape, &data)?
+        };
+        drop(data);
+        let blob = store.store(&t)?;
+        progress.tensor_done(&spec.name, t.bytes().len() as u64);
+        by_name.insert(key, blob.clone());
+        tensors.insert(role, blob);
+    }
+    let rope = match &c.rope {
+        Some(r) => Some(rope_tables(store, r, opts.context, dtype)?),
+        None => None,
+    };
+    let rope_local = match &c.rope_local {
+        Some(r) => Some(rope_tables(store, r, opts.context, dtype)?),
+        None => None,
+    };
+    Ok(StoredWeights { tensors, rope, rope_local })
+}
+
+fn i32s(values: &[i32]) -> Arg<'static> {
+    Arg::Tensor(Tensor::from_i32(vec![values.len()], values).expect("sizes agree"))
+}
+
+fn scalar_i32(v: i32) -> Arg<'static> {
+    Arg::Tensor(Tensor::scalar_i32(v))
+}
+
+/// Graph-building helpers over one function.
+struct Graph<'a, 'w> {
+    f: FunctionBuilder<'w>,
+    c: &'a ModelConfig,
+    w: &'a StoredWeights,
+    weights: HashMap<Role, Var>,
+}
+
+impl Graph<'_, '_> {
+    fn op(&mut self, ty: &str, name: &str, args: Vec<(&str, Arg)>) -> Result<Var> {
+        self.f.op1(ty, name, args)
+    }
+
+    fn float(&self, dtype: DType, v: f64) -> Arg<'static> {
+        Arg::Tensor(Tensor::from_floats(dtype, vec![], &[v]).expect("scalar"))
+    }
+
+    fn weight(&mut self, role: Role) -> Result<Option<Var>> {
+        if let Some(v) = self.weights.get(&role) {
+            return Ok(Some(v.clone()));
+        }
+        let Some(blob) = self.w.tensors.get(&role) else { return Ok(None) };
+        let name = match role {
+            Role::Layer(l, r) => format!("layers_{l}_{r:?}"),
+            other => format!("{other:?}"),
+        };
+        let v = self.f.weight(&name.to_lowercase(), blob);
+        self.weights.insert(role, v.clone());
+        Ok(Some(v))
+    }
+
+    fn required(&mut self, role: Role) -> Result<Var> {
+        self.weight(role)?.ok_or_else(|| Error::invalid(format!("weight for {role:?} was not loaded")))
+    }
+
+    fn cast(&mut self, x: &Var, to: DType, name: &str) -> Result<Var> {
+        if x.dtype() == to {
+            return Ok(x.clone());
+        }
+        self.op("cast", name, vec![("x", x.into()), ("dtype", Arg::Tensor(Tensor::scalar_string(to.name())))])
+    }
+
+    fn mul_s(&mut self, x: &Var, s: f64, name: &str) -> Result<Var> {
+        let y = self.float(x.dtype(), s);
+        self.op("mul", name, vec![("x", x.into()), ("y", y)])
+    }
+
+    /// A norm over the last axis, computed in fp32; the result is cast to `out`.
+    fn norm(&mut self, x: &Var, weight: Role, bias: Option<Role>, out: DType, name: &str) -> Result<Var> {
+        let w = self.required(weight)?;
+        let x32 = self.cast(x, DType::Fp32, &format!("{name}_in"))?;
+        let y = match self.c.norm {
+            Norm::Rms { eps, .. } => {
+                let sq = self.op("mul", &format!("{name}_sq"), vec![("x", (&x32).into()), ("y", (&x32).into())])?;
+                let ms = self.op(
+                    "reduce_mean",
+                    &format!("{name}_ms"),
+                    vec![
+                        ("x", (&sq).into()),
+                        ("axes", i32s(&[-1])),
+                        ("keep_dims", Arg::Tensor(Tensor::scalar_bool(true))),
+                    ],
+                )?;
+                let r = self.op(
+                    "rsqrt",
+                    &format!("{name}_r"),
+                    vec![("x", (&ms).into()), ("epsilon", self.float(DType::Fp32, eps))],
+                )?;
+                let n = self.op("mul", &format!("{name}_n"), vec![("x", (&x32).into()), ("y", (&r).into())])?;
+                self.op("mul", &format!("{name}_w"), vec![("x", (&n).into()), ("y", (&w).into())])?
+            }
+            Norm::Layer { eps } => {
+                let b = match bias {
+                    Some(b) => self.required(b)?,
+                    None => return Err(Error::invalid("layer norm without a bias weight")),
+                };
+                self.op(
+                    "layer_norm",
+                    &format!("{name}_ln"),
+                    vec![
+                        ("x", (&x32).into()),
+                        ("axes", i32s(&[-1])),
+                        ("gamma", (&w).into()),
+                        ("beta", (&b).into()),
+                        ("epsilon", self.float(DType::Fp32, eps)),
+                    ],
+                )?
+            }
+        };
+        self.cast(&y, out, name)
+    }
+
+    fn linear(&mut self, x: &Var, weight: Role, bias: Option<Role>, name: &str) -> Result<Var> {
+        let w = self.required(weight)?;
+        let mut args = vec![("x", Arg::Var(x)), ("weight", Arg::Var(&w))];
+        let b = match bias {
+            Some(b) => self.weight(b)?,
+            None => None,
+        };
+        if let Some(b) = &b {
+            args.push(("bias", Arg::Var(b)));
+        }
+        self.f.op1("linear", name, args)
+    }
+
+    fn activation(&mut self, x: &Var, name: &str) -> Result<Var> {
+        match self.c.activation {
+            Activation::Silu => self.op("silu", name, vec![("x", x.into())]),
+            Activation::GeluTanh => self.op(
+                "gelu",
+                name,
+                vec![("x", x.into()), ("mode", Arg::Tensor(Tensor::scalar_string("TANH_APPROXIMATION")))],
+            ),
+            Activation::Gelu => {
+                self.op("gelu", name, vec![("x", x.into()), ("mode", Arg::Tensor(Tensor::scalar_string("EXACT")))])
+            }
+        }
+    }
+
+    /// (1, N, heads·head_dim) → (1, heads, N, head_dim).
+    fn split_heads(&mut self, x: &Var, heads: usize, name: &str) -> Result<Var> {
+        let hd = self.c.head_dim as i32;
+        let r = self.op(
+            "reshape",
+            &format!("{name}_r"),
+            vec![("x", x.into()), ("shape", i32s(&[1, -1, heads as i32, hd]))],
+        )?;
+        self.op("transpose", name, vec![("x", (&r).into()), ("perm", i32s(&[0, 2, 1, 3]))])
+    }
+
+    /// x·cos + swap_halves(x)·sin over the rotated part of the head dimension.
+    fn apply_rope(&mut self, x: &Var, cos: &Var, sin: &Var, name: &str) -> Result<Var> {
+        let hd = self.c.head_dim;
+        let rd = cos.ty().dims[3].fixed().expect("tables have fixed width");
+        let (rot, pass) = if rd < hd {
+            let parts = self.f.op(
+                "split",
+                &format!("{name}_part"),
+                vec![("x", x.into()), ("split_sizes", i32s(&[rd as i32, (hd - rd) as i32])), ("axis", scalar_i32(-1))],
+            )?;
+            (parts[0].clone(), Some(parts[1].clone()))
+        } else {
+            (x.clone(), None)
+        };
+        let halves = self.f.op(
+            "split",
+            &format!("{name}_half"),
+            vec![("x", (&rot).into()), ("num_splits", scalar_i32(2)), ("axis", scalar_i32(-1))],
+        )?;
+        let swapped = self.op(
+            "concat",
+            &format!("{name}_swap"),
+            vec![("values", Arg::Tuple(vec![&halves[1], &halves[0]])), ("axis", scalar_i32(-1))],
+        )?;
+        let a = self.op("mul", &format!("{name}_cos"), vec![("x", (&rot).into()), ("y", cos.into())])?;
+        let b = self.op("mul", &format!("{name}_sin"), vec![("x", (&swapped).into()), ("y", sin.into())])?;
+        let y = self.op("add", &format!("{name}_rot"), vec![("x", (&a).into()), ("y", (&b).into())])?;
+        match pass {
+            Some(p) => self.op("concat", name, vec![("values", Arg::Tuple(vec![&y, &p])), ("axis", scalar_i32(-1))]),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Where this call writes into the cache and which positions it covers.
+struct Positions {
+    /// int32 [1]: first position written (end − N).
+    start: Var,
+    /// int32 [1]: one past the last position (the mask's last dimension).
+    end: Var,
+    /// int32 [N]: the positions of the query tokens.
+    query: Var,
+    /// int32 [1]: how many cache positions attention reads (`end`, or the whole context when
+    /// shapes are fixed and the mask hides what is not yet written).
+    key_end: Var,
+}
+
+/// Builds one function; `query_len` `None` means a flexible query length.
+pub fn build_function(
+    name: &str,
+    c: &ModelConfig,
+    weights: &StoredWeights,
+    opts: &GraphOptions,
+    store: &mut WeightStore,
+    query_len: Option<usize>,
+) -> Result<(Function, FunctionDescription)> {
+    let dt = opts.precision.dtype();
+    // Gemma's residual stream passes fp16's 65504, so it stays fp32 (field notes, item 6).
+    let residual = if c.family.is_gemma() { DType::Fp32 } else { dt };
+    let f = FunctionBuilder::new(name, opts.target, store)?;
+    let mut g = Graph { f, c, w: weights, weights: HashMap::new() };
+    let ctx = opts.context;
+    let (ids_shape, mask_shape) = match query_len {
+        None => (
+            InputShape::Range { default: vec![1, 1], ranges: vec![(1, Some(1)), (1, Some(ctx))] },
+            InputShape::Range {
+                default: vec![1, 1, 1, 1],
+                ranges: vec![(1, Some(1)), (1, Some(1)), (1, Some(ctx)), (1, Some(ctx))],
+            },
+        ),
+        Some(n) => (InputShape::Fixed(vec![1, n]), InputShape::Fixed(vec![1, 1, n, ctx])),
+    };
+    let ids = g.f.input("inputIds", DType::Int32, ids_shape)?;
+    let mask = g.f.input("causalMask", dt, mask_shape)?;
+    let cache_shape = [c.num_layers, 1, c.num_kv_heads, ctx, c.head_dim];
+    let key_cache = g.f.state("keyCache", &cache_shape)?;
+    let value_cache = g.f.state("valueCache", &cache_shape)?;
+
+    // Positions: end = mask.shape[3], start = end − N (flexible), or a `position` input (fixed).
+    let positions = match query_len {
+        None => {
+            let ids_shape = g.op("shape", "ids_shape", vec![("x", (&ids).into())])?;
+            let n = g.op(
+                "slice_by_index",
+                "query_len",
+                vec![("x", (&ids_shape).into()), ("begin", i32s(&[1])), ("end", i32s(&[2]))],
+            )?;
+            let mshape = g.op("shape", "mask_shape", vec![("x", (&mask).into())])?;
+            let end = g.op(
+                "slice_by_index",
+                "end_pos",
+                vec![("x", (&mshape).into()), ("begin", i32s(&[3])), ("end", i32s(&[4]))],
+            )?;
+            let start = g.op("sub", "start_pos", vec![("x", (&end).into()), ("y", (&n).into())])?;
+            let s0 = g.op("squeeze", "start_scalar", vec![("x", (&start).into()), ("axes", i32s(&[0]))])?;
+            let e0 = g.op("squeeze", "end_scalar", vec![("x", (&end).into()), ("axes", i32s(&[0]))])?;
+            let query = g.op(
+                "range_1d",
+                "positions",
+                vec![("end", (&e0).into()), ("start", (&s0).into()), ("step", scalar_i32(1))],
+            )?;
+            Positions { start, key_end: end.clone(), end, query }
+        }
+        Some(n) => {
+            let start = g.f.input("position", DType::Int32, InputShape::Fixed(vec![1]))?;
+            let end = g.op("add", "end_pos", vec![("x", (&start).into()), ("y", i32s(&[n as i32]))])?;
+            let steps = g.f.constant("steps", Tensor::from_i32(vec![n], &(0..n as i32).collect::<Vec<_>>())?)?;
+            let query = g.op("add", "positions", vec![("x", (&steps).into()), ("y", (&start).into())])?;
+            let key_end = g.f.constant("context_len", Tensor::from_i32(vec![1], &[ctx as i32])?)?;
+            Positions { start, end, query, key_end }
+        }
+    };
+
+    // Embeddings.
+    let embed = g.required(Role::Embed)?;
+    let mut x =
+        g.op("gather", "embed", vec![("x", (&embed).into()), ("indices", (&ids).into()), ("axis", scalar_i32(0))])?;
+    if let Some(pos_table) = g.weight(Role::PositionEmbed)? {
+        let pe = g.op(
+            "gather",
+            "pos_embed",
+            vec![("x", (&pos_table).into()), ("indices", (&positions.query).into()), ("axis", scalar_i32(0))],
+        )?;
+        x = g.op("add", "embed_sum", vec![("x", (&x).into()), ("y", (&pe).into())])?;
+    }
+    x = g.cast(&x, residual, "embed_res")?;
+    if let Some(s) = c.embedding_scale {
+        // Hugging Face rounds the multiplier to the activation dtype first.
+        let s = if dt == DType::Fp16 { f16::from_f64(s).to_f64() } else { s };
+        x = g.mul_s(&x, s, "embed_scaled")?;
+    }
+
+    // RoPE tables gathered at the query positions: (1, 1, N, rotary_dim).
+    let mut rope_vars = Vec::new();
+    for (tag, tables) in [("rope", &weights.rope), ("rope_local", &weights.rope_local)] {
+        let Some((cos_blob, sin_blob)) = tables else {
+            rope_vars.push(None);
+            continue;
+        };
+        let mut pair = Vec::new();
+        for (part, blob) in [("cos", cos_blob), ("sin", sin_blob)] {
+            let table = g.f.weight(&format!("{tag}_{part}_table"), blob);
+            let rows = g.op(
+                "gather",
+                &format!("{tag}_{part}_rows"),
+                vec![("x", (&table).into()), ("indices", (&positions.query).into()), ("axis", scalar_i32(0))],
+            )?;
+            pair.push(g.op(
+                "expand_dims",
+                &format!("{tag}_{part}"),
+                vec![("x", (&rows).into()), ("axes", i32s(&[0, 1]))],
+            )?);
+        }
+        rope_vars.push(Some((pair[0].clone(), pair[1].clone())));
+    }
+
+    // Masks: the causal mask for full layers; for each sliding window, positions further back
+    // than the window are masked too.
+    let mut window_masks: HashMap<usize, Var> = HashMap::new();
+    for att in &c.layer_attention {
+        if let Attention::Sliding(wnd) = *att {
+            if window_masks.contains_key(&wnd) {
+                continue;
+            }
+            let e0 = g.op(
+                "squeeze",
+                &format!("w{wnd}_end"),
+                vec![("x", (&positions.key_end).into()), ("axes", i32s(&[0]))],
+            )?;
+            let keys = g.op(
+                "range_1d",
+                &format!("w{wnd}_keys"),
+                vec![("end", (&e0).into()), ("start", scalar_i32(0)), ("step", scalar_i32(1))],
+            )?;
+            let q = g.op(
+                "expand_dims",
+                &format!("w{wnd}_q"),
+                vec![("x", (&positions.query).into()), ("axes", i32s(&[1]))],
+            )?;
+            let diff = g.op("sub", &format!("w{wnd}_diff"), vec![("x", (&q).into()), ("y", (&keys).into())])?;
+            let far = g.op(
+                "greater_equal",
+                &format!("w{wnd}_far"),
+                vec![("x", (&diff).into()), ("y", scalar_i32(wnd as i32))],
+            )?;
+            let floor = g.float(dt, f16::MIN.to_f64());
+            let m = g.op(
+                "select",
+                &format!("w{wnd}_mask"),
+                vec![("cond", (&far).into()), ("a", floor), ("b", (&mask).into())],
+            )?;
+            window_masks.insert(wnd, m);
+        }
+    }
+
+    // Attention reads cache positions [0, end) when the query length is flexible; with fixed
+    // shapes it reads the whole context and the mask hides what is not written yet.
+    let read_end = match query_len {
+        None => {
+            let head = g.f.constant("read_end_head", Tensor::from_i32(vec![2], &[1, c.num_kv_heads as i32])?)?;
+            let tail = g.f.constant("read_end_tail", Tensor::from_i32(vec![1], &[c.head_dim as i32])?)?;
+            Some(g.op(
+                "concat",
+                "read_end",
+                vec![("values", Arg::Tuple(vec![&head, &positions.end, &tail])), ("axis", scalar_i32(0))],
+            )?)
+        }
+        Some(_) => None,
+    };
+    let fused =
+        opts.attention == AttentionImpl::Fused && c.attn_logit_softcap.is_none() && opts.target >= Target::Ios18;
+    let rep = c.num_heads / c.num_kv_heads;
+    // GQA without copying K/V: fold the query heads that share a KV head into the query axis,
+    // and repeat the mask rows to match.
+    let mut tiled_masks: HashMap<Option<usize>, Var> = HashMap::new();
+    for l in 0..c.num_layers {
+        use LayerRole::*;
+        let p = format!("l{l}");
+        let lr = |r| Role::Layer(l, r);
+        let attn_in = g.norm(&x, lr(AttnNorm), Some(lr(AttnNormBias)), dt, &format!("{p}_attn_norm"))?;
+        let q = g.linear(&attn_in, lr(Q), Some(lr(QBias)), &format!("{p}_q"))?;
+        let k = g.linear(&attn_in, lr(K), Some(lr(KBias)), &format!("{p}_k"))?;
+        let v = g.linear(&attn_in, lr(V), Some(lr(VBias)), &format!("{p}_v"))?;
+        let mut q = g.split_heads(&q, c.num_heads, &format!("{p}_qh"))?;
+        let mut k = g.split_heads(&k, c.num_kv_heads, &format!("{p}_kh"))?;
+        let v = g.split_heads(&v, c.num_kv_heads, &format!("{p}_vh"))?;
+        if c.qk_norm {
+            q = g.norm(&q, lr(QNorm), None, dt, &format!("{p}_q_norm"))?;
+            k = g.norm(&k, lr(KNorm), None, dt, &format!("{p}_k_norm"))?;
+        }
+        let window = match c.layer_attention[l] {
+            Attention::Sliding(w) => Some(w),
+            Attention::Full => None,
+        };
+        let rope = if window.is_some() && rope_vars[1].is_some() { &rope_vars[1] } else { &rope_vars[0] };
+        if let Some((cos, sin)) = rope.clone() {
+            q = g.apply_rope(&q, &cos, &sin, &format!("{p}_q_rope"))?;
+            k = g.apply_rope(&k, &cos, &sin, &format!("{p}_k_rope"))?;
+        }
+
+        // Write this call's keys and values into the caches at [start, end), then read this
+        // layer's keys and values for positions [0, key_end): (1, kv_heads, key_end, head_dim).
+        let head = g.f.constant(&format!("{p}_b0"), Tensor::from_i32(vec![3], &[l as i32, 0, 0])?)?;
+        let zero = g.f.constant(&format!("{p}_b1"), Tensor::from_i32(vec![1], &[0])?)?;
+        let begin = g.op(
+            "concat",
+            &format!("{p}_begin"),
+            vec![("values", Arg::Tuple(vec![&head, &positions.start, &zero])), ("axis", scalar_i32(0))],
+        )?;
+        let ehead =
+            g.f.constant(&format!("{p}_e0"), Tensor::from_i32(vec![3], &[l as i32 + 1, 1, c.num_kv_heads as i32])?)?;
+        let etail = g.f.constant(&format!("{p}_e1"), Tensor::from_i32(vec![1], &[c.head_dim as i32])?)?;
+        let end = g.op(
+            "concat",
+            &format!("{p}_end"),
+            vec![("values", Arg::Tuple(vec![&ehead, &positions.end, &etail])), ("axis", scalar_i32(0))],
+        )?;
+        let mut layer_kv = Vec::new();
+        for (tag, cache, val) in [("k", &key_cache, &k), ("v", &value_cache, &v)] {
+            let upd = g.op("expand_dims", &format!("{p}_{tag}_upd5"), vec![("x", val.into()), ("axes", i32s(&[0]))])?;
+            let upd = g.cast(&upd, DType::Fp16, &format!("{p}_{tag}_upd"))?;
+            let old = g.op("read_state", &format!("{p}_{tag}_old"), vec![("input", cache.into())])?;
+            let new = g.op(
+                "slice_update",
+                &format!("{p}_{tag}_new"),
+                vec![
+                    ("x", (&old).into()),
+                    ("update", (&upd).into()),
+                    ("begin", (&begin).into()),
+                    ("end", (&end).into()),
+                ],
+            )?;
+            g.f.op("write_state", &format!("{p}_{tag}_store"), vec![("input", cache.into()), ("data", (&new).into())])?;
+            let layer = g.op(
+                "slice_by_index",
+                &format!("{p}_{tag}_layer5"),
+                vec![
+                    ("x", (&new).into()),
+                    ("begin", i32s(&[l as i32, 0, 0, 0, 0])),
+                    ("end", i32s(&[l as i32 + 1, 1, c.num_kv_heads as i32, ctx as i32, c.head_dim as i32])),
+                ],
+            )?;
+            let mut seen = g.op(
+                "reshape",
+                &format!("{p}_{tag}_layer"),
+                vec![
+                    ("x", (&layer).into()),
+                    ("shape", i32s(&[1, c.num_kv_heads as i32, ctx as i32, c.head_dim as i32])),
+                ],
+            )?;
+            if let Some(read_end) = &read_end {
+                seen = g.op(
+                    "slice_by_index",
+                    &format!("{p}_{tag}_seen16"),
+                    vec![
+                        ("x", (&seen).into()),
+                        ("begin", i32s(&[0, 0, 0, 0])),
+                        ("end", read_end.into()),
+                        ("end_mask", Arg::Tensor(Tensor::from_bools(vec![4], &[true, true, false, true])?)),
+                    ],
+                )?;
+            }
+            layer_kv.push(g.cast(&seen, dt, &format!("{p}_{tag}_seen"))?);
+        }
+        let (keys, values) = (layer_kv[0].clone(), layer_kv[1].clone());
+
+        let base_mask = match window {
+            Some(w) => window_masks[&w].clone(),
+            None => mask.clone(),
+        };
+        let layer_mask = if rep > 1 {
+            match tiled_masks.get(&window) {
+                Some(t) => t.clone(),
+                None => {
+                    let t = g.op(
+                        "tile",
+                        &format!("{p}_mask_rep"),
+                        vec![("x", (&base_mask).into()), ("reps", i32s(&[1, 1, rep as i32, 1]))],
+                    )?;
+                    tiled_masks.insert(window, t.clone());
+                    t
+                }
+            }
+        } else {
+            base_mask
+        };
+        let kvh = c.num_kv_heads as i32;
+        let hd = c.head_dim as i32;
+        let qg =
+            g.op("reshape", &format!("{p}_q_groups"), vec![("x", (&q).into()), ("shape", i32s(&[1, kvh, -1, hd]))])?;
+        let attn = if fused {
+            // SDPA divides by √head_dim itself; fold any other scale into Q.
+            let extra = c.attention_scale * (c.head_dim as f64).sqrt();
+            let qs = if (extra - 1.0).abs() > 1e-12 { g.mul_s(&qg, extra, &format!("{p}_q_scaled"))? } else { qg };
+            g.op(
+                "scaled_dot_product_attention",
+                &format!("{p}_attn"),
+                vec![
+                    ("query", (&qs).into()),
+                    ("key", (&keys).into()),
+                    ("value", (&values).into()),
+                    ("attn_mask", (&layer_mask).into()),
+                ],
+            )?
+        } else {
+            let qs = g.mul_s(&qg, c.attention_scale, &format!("{p}_q_scaled"))?;
+            let mut scores = g.op(
+                "matmul",
+                &format!("{p}_scores"),
+                vec![
+                    ("x", (&qs).into()),
+                    ("y", (&keys).into()),
+                    ("transpose_y", Arg::Tensor(Tensor::scalar_bool(true))),
+                ],
+            )?;
+            if let Some(cap) = c.attn_logit_softcap {
+                let s = g.mul_s(&scores, 1.0 / cap, &format!("{p}_cap_in"))?;
+                let t = g.op("tanh", &format!("{p}_cap_tanh"), vec![("x", (&s).into())])?;
+                scores = g.mul_s(&t, cap, &format!("{p}_capped"))?;
+            }
+            let masked =
+                g.op("add", &format!("{p}_masked"), vec![("x", (&scores).into()), ("y", (&layer_mask).into())])?;
+            let probs =
+                g.op("softmax", &format!("{p}_probs"), vec![("x", (&masked).into()), ("axis", scalar_i32(-1))])?;
+            g.op("matmul", &format!("{p}_attn"), vec![("x", (&probs).into()), ("y", (&values).into())])?
+        };
+        let heads = g.op(
+            "reshape",
+            &format!("{p}_attn_heads"),
+            vec![("x", (&attn).into()), ("shape", i32s(&[1, c.num_heads as i32, -1, hd]))],
+        )?;
+        let tokens =
+            g.op("transpose", &format!("{p}_attn_t"), vec![("x", (&heads).into()), ("perm", i32s(&[0, 2, 1, 3]))])?;
+        let flat = g.op(
+            "reshape",
+            &format!("{p}_attn_flat"),
+            vec![("x", (&tokens).into()), ("shape", i32s(&[1, -1, c.num_heads as i32 * hd]))],
+        )?;
+        let mut o = g.linear(&flat, lr(O), Some(lr(OBias)), &format!("{p}_o"))?;
+        if c.sandwich_norms {
+            o = g.norm(&o, lr(PostAttnNorm), None, residual, &format!("{p}_post_attn_norm"))?;
+        }
+        let o = g.cast(&o, residual, &format!("{p}_o_res"))?;
+        x = g.op("add", &format!("{p}_h"), vec![("x", (&x).into()), ("y", (&o).into())])?;
+
+        let mlp_in = g.norm(&x, lr(MlpNorm), Some(lr(MlpNormBias)), dt, &format!("{p}_mlp_norm"))?;
+        let mut m = if c.gated_mlp {
+            let gate = g.linear(&mlp_in, lr(Gate), None, &format!("{p}_gate"))?;
+            let act = g.activation(&gate, &format!("{p}_act"))?;
+            let up = g.linear(&mlp_in, lr(Up), None, &format!("{p}_up"))?;
+            let prod = g.op("mul", &format!("{p}_gated"), vec![("x", (&act).into()), ("y", (&up).into())])?;
+            g.linear(&prod, lr(Down), Some(lr(DownBias)), &format!("{p}_down"))?
+        } else {
+            let up = g.linear(&mlp_in, lr(Up), Some(lr(UpBias)), &format!("{p}_up"))?;
+            let act = g.activation(&up, &format!("{p}_act"))?;
+            g.linear(&act, lr(Down), Some(lr(DownBias)), &format!("{p}_down"))?
+        };
+        if c.sandwich_norms {
+            m = g.norm(&m, lr(PostMlpNorm), None, residual, &format!("{p}_post_mlp_norm"))?;
+        }
+        let m = g.cast(&m, residual, &format!("{p}_mlp_res"))?;
+        x = g.op("add", &format!("{p}_out"), vec![("x", (&x).into()), ("y", (&m).into())])?;
+    }
+
+    let h = g.norm(&x, Role::FinalNorm, Some(Role::FinalNormBias), dt, "final_norm")?;
+    let mut logits = g.linear(&h, Role::LmHead, None, "lm_head")?;
+    if let Some(cap) = c.final_logit_softcap {
+        let s = g.mul_s(&logits, 1.0 / cap, "logit_cap_in")?;
+        let t = g.op("tanh", "logit_cap_tanh", vec![("x", (&s).into())])?;
+        logits = g.mul_s(&t, cap, "logits_capped")?;
+    }
+    g.f.output(&logits, "logits")?;
+    g.f.finish()
+}
