@@ -101,9 +101,6 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
         TargetArg::Ios17 => corelm_format::Target::Ios17,
         TargetArg::Ios18 => corelm_format::Target::Ios18,
     };
-    if target < corelm_format::Target::Ios18 {
-        anyhow::bail!("--target {} (KV cache as inputs and outputs) is not implemented yet; use ios18", target);
-    }
     let opts = GraphOptions {
         target,
         context: args.context,

@@ -394,8 +394,15 @@ pub fn build_function(
     let ids = g.f.input("inputIds", DType::Int32, ids_shape)?;
     let mask = g.f.input("causalMask", dt, mask_shape)?;
     let cache_shape = [c.num_layers, 1, c.num_kv_heads, ctx, c.head_dim];
-    let key_cache = g.f.state("keyCache", &cache_shape)?;
-    let value_cache = g.f.state("valueCache", &cache_shape)?;
+    // iOS 18 keeps the caches as states; older targets pass them in and return them updated.
+    let stateful = opts.target.supports_states();
+    let (key_cache, value_cache) = if stateful {
+        (g.f.state("keyCache", &cache_shape)?, g.f.state("valueCache", &cache_shape)?)
+    } else {
+        let fixed = || InputShape::Fixed(cache_shape.to_vec());
+        (g.f.input("keyCache", DType::Fp16, fixed())?, g.f.input("valueCache", DType::Fp16, fixed())?)
+    };
+    let mut updated_layers: [Vec<Var>; 2] = [Vec::new(), Vec::new()];
 
     // Positions: end = mask.shape[3], start = end − N (flexible), or a `position` input (fixed).
     let positions = match query_len {
@@ -528,6 +535,29 @@ pub fn build_function(
         }
         Some(_) => None,
     };
+    // For tensor caches: pad amounts placing this call's rows at [start, end) of the context,
+    // and which context positions this call writes.
+    let (positions_pad, positions_in_call) = if stateful {
+        (None, None)
+    } else {
+        let ctx_len = g.f.constant("ctx_len", Tensor::from_i32(vec![1], &[ctx as i32])?)?;
+        let after = g.op("sub", "pad_after", vec![("x", (&ctx_len).into()), ("y", (&positions.end).into())])?;
+        let head = g.f.constant("pad_head", Tensor::from_i32(vec![6], &[0; 6])?)?;
+        let tail = g.f.constant("pad_tail", Tensor::from_i32(vec![2], &[0; 2])?)?;
+        let pads = g.op(
+            "concat",
+            "cache_pads",
+            vec![("values", Arg::Tuple(vec![&head, &positions.start, &after, &tail])), ("axis", scalar_i32(0))],
+        )?;
+        let all = g.f.constant("all_positions", Tensor::from_i32(vec![ctx], &(0..ctx as i32).collect::<Vec<_>>())?)?;
+        let from =
+            g.op("greater_equal", "at_or_after_start", vec![("x", (&all).into()), ("y", (&positions.start).into())])?;
+        let to = g.op("less", "before_end", vec![("x", (&all).into()), ("y", (&positions.end).into())])?;
+        let both = g.op("logical_and", "written_now", vec![("x", (&from).into()), ("y", (&to).into())])?;
+        let cond =
+            g.op("reshape", "written_rows", vec![("x", (&both).into()), ("shape", i32s(&[1, 1, 1, ctx as i32, 1]))])?;
+        (Some(pads), Some(cond))
+    };
     let fused =
         opts.attention == AttentionImpl::Fused && c.attn_logit_softcap.is_none() && opts.target >= Target::Ios18;
     let rep = c.num_heads / c.num_kv_heads;
@@ -577,30 +607,62 @@ pub fn build_function(
             vec![("values", Arg::Tuple(vec![&ehead, &positions.end, &etail])), ("axis", scalar_i32(0))],
         )?;
         let mut layer_kv = Vec::new();
-        for (tag, cache, val) in [("k", &key_cache, &k), ("v", &value_cache, &v)] {
+        for (i, (tag, cache, val)) in [("k", &key_cache, &k), ("v", &value_cache, &v)].into_iter().enumerate() {
             let upd = g.op("expand_dims", &format!("{p}_{tag}_upd5"), vec![("x", val.into()), ("axes", i32s(&[0]))])?;
             let upd = g.cast(&upd, DType::Fp16, &format!("{p}_{tag}_upd"))?;
-            let old = g.op("read_state", &format!("{p}_{tag}_old"), vec![("input", cache.into())])?;
-            let new = g.op(
-                "slice_update",
-                &format!("{p}_{tag}_new"),
-                vec![
-                    ("x", (&old).into()),
-                    ("update", (&upd).into()),
-                    ("begin", (&begin).into()),
-                    ("end", (&end).into()),
-                ],
-            )?;
-            g.f.op("write_state", &format!("{p}_{tag}_store"), vec![("input", cache.into()), ("data", (&new).into())])?;
-            let layer = g.op(
-                "slice_by_index",
-                &format!("{p}_{tag}_layer5"),
-                vec![
-                    ("x", (&new).into()),
-                    ("begin", i32s(&[l as i32, 0, 0, 0, 0])),
-                    ("end", i32s(&[l as i32 + 1, 1, c.num_kv_heads as i32, ctx as i32, c.head_dim as i32])),
-                ],
-            )?;
+            let layer_range = |g: &mut Graph, x: &Var| {
+                g.op(
+                    "slice_by_index",
+                    &format!("{p}_{tag}_layer5"),
+                    vec![
+                        ("x", x.into()),
+                        ("begin", i32s(&[l as i32, 0, 0, 0, 0])),
+                        ("end", i32s(&[l as i32 + 1, 1, c.num_kv_heads as i32, ctx as i32, c.head_dim as i32])),
+                    ],
+                )
+            };
+            let layer = if stateful {
+                let old = g.op("read_state", &format!("{p}_{tag}_old"), vec![("input", cache.into())])?;
+                let new = g.op(
+                    "slice_update",
+                    &format!("{p}_{tag}_new"),
+                    vec![
+                        ("x", (&old).into()),
+                        ("update", (&upd).into()),
+                        ("begin", (&begin).into()),
+                        ("end", (&end).into()),
+                    ],
+                )?;
+                g.f.op(
+                    "write_state",
+                    &format!("{p}_{tag}_store"),
+                    vec![("input", cache.into()), ("data", (&new).into())],
+                )?;
+                layer_range(&mut g, &new)?
+            } else {
+                // Without slice_update: pad the new rows out to the context and select them
+                // where positions fall in [start, end).
+                let old = layer_range(&mut g, cache)?;
+                let pads = positions_pad.as_ref().expect("built for tensor caches");
+                let rows = g.op("pad", &format!("{p}_{tag}_rows"), vec![("x", (&upd).into()), ("pad", pads.into())])?;
+                let in_call = positions_in_call.as_ref().expect("built for tensor caches");
+                let merged = g.op(
+                    "select",
+                    &format!("{p}_{tag}_merged"),
+                    vec![("cond", in_call.into()), ("a", (&rows).into()), ("b", (&old).into())],
+                )?;
+                // The runtime pad amounts hide the shape from type inference; restate it.
+                let merged = g.op(
+                    "reshape",
+                    &format!("{p}_{tag}_written"),
+                    vec![
+                        ("x", (&merged).into()),
+                        ("shape", i32s(&[1, 1, c.num_kv_heads as i32, ctx as i32, c.head_dim as i32])),
+                    ],
+                )?;
+                updated_layers[i].push(merged.clone());
+                merged
+            };
             let mut seen = g.op(
                 "reshape",
                 &format!("{p}_{tag}_layer"),
@@ -724,12 +786,23 @@ pub fn build_function(
     }
 
     let h = g.norm(&x, Role::FinalNorm, Some(Role::FinalNormBias), dt, "final_norm")?;
-    let mut logits = g.linear(&h, Role::LmHead, None, "lm_head")?;
-    if let Some(cap) = c.final_logit_softcap {
-        let s = g.mul_s(&logits, 1.0 / cap, "logit_cap_in")?;
-        let t = g.op("tanh", "logit_cap_tanh", vec![("x", (&s).into())])?;
-        logits = g.mul_s(&t, cap, "logits_capped")?;
-    }
+    let logits = match c.final_logit_softcap {
+        None => g.linear(&h, Role::LmHead, None, "logits")?,
+        Some(cap) => {
+            let raw = g.linear(&h, Role::LmHead, None, "lm_head")?;
+            let s = g.mul_s(&raw, 1.0 / cap, "logit_cap_in")?;
+            let t = g.op("tanh", "logit_cap_tanh", vec![("x", (&s).into())])?;
+            g.mul_s(&t, cap, "logits")?
+        }
+    };
     g.f.output(&logits, "logits")?;
+    for (name, layers) in [("keyCacheOut", &updated_layers[0]), ("valueCacheOut", &updated_layers[1])] {
+        if layers.is_empty() {
+            continue;
+        }
+        let all =
+            g.op("concat", name, vec![("values", Arg::Tuple(layers.iter().collect())), ("axis", scalar_i32(0))])?;
+        g.f.output(&all, name)?;
+    }
     g.f.finish()
 }

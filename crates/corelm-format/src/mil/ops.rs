@@ -1003,6 +1003,17 @@ fn registry() -> Vec<OpDef> {
     ));
     ops.push(def(
         "gather",
+        Ios15,
+        vec![
+            req("x", t(DATA)),
+            req("indices", u(INDEX)),
+            opt_c("axis", free(I32), D::Int(0)),
+            opt_c("batch_dims", free(I32), D::Int(0)),
+        ],
+        gather,
+    ));
+    ops.push(def(
+        "gather",
         Ios17,
         vec![
             req("x", t(DATA)),
