@@ -1,0 +1,208 @@
+//! Broken checkpoints: a clear error naming the file and the problem, a non-zero exit, no panic,
+//! and no package (or partial package) left behind.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::json;
+
+const H: usize = 8;
+const V: usize = 16;
+
+/// A tiny Llama checkpoint written by hand: config.json and a safetensors file.
+fn tiny_llama(dir: &Path) -> PathBuf {
+    let model = dir.join("tiny");
+    fs::create_dir_all(&model).unwrap();
+    let config = json!({
+        "model_type": "llama", "hidden_size": H, "intermediate_size": 16, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": V, "max_position_embeddings": 32,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": true
+    });
+    fs::write(model.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let kv = H / 2;
+    let tensors: Vec<(&str, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight", vec![V, H]),
+        ("model.layers.0.input_layernorm.weight", vec![H]),
+        ("model.layers.0.self_attn.q_proj.weight", vec![H, H]),
+        ("model.layers.0.self_attn.k_proj.weight", vec![kv, H]),
+        ("model.layers.0.self_attn.v_proj.weight", vec![kv, H]),
+        ("model.layers.0.self_attn.o_proj.weight", vec![H, H]),
+        ("model.layers.0.post_attention_layernorm.weight", vec![H]),
+        ("model.layers.0.mlp.gate_proj.weight", vec![16, H]),
+        ("model.layers.0.mlp.up_proj.weight", vec![16, H]),
+        ("model.layers.0.mlp.down_proj.weight", vec![H, 16]),
+        ("model.norm.weight", vec![H]),
+    ];
+    write_safetensors(&model.join("model.safetensors"), &tensors);
+    model
+}
+
+fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>)]) {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, shape) in tensors {
+        let n: usize = shape.iter().product();
+        let start = data.len();
+        for i in 0..n {
+            data.extend_from_slice(&((i % 7) as f32 * 0.1 - 0.3).to_le_bytes());
+        }
+        header.insert(name.to_string(), json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}));
+    }
+    let mut h = serde_json::to_vec(&header).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    out.extend(data);
+    fs::write(path, out).unwrap();
+}
+
+/// Rewrites the safetensors header through `edit`, keeping the data bytes.
+fn edit_header(model: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    let path = model.join("model.safetensors");
+    let bytes = fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    edit(&mut header);
+    let mut h = serde_json::to_vec(&header).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    fs::write(path, out).unwrap();
+}
+
+fn convert(model: &Path, out: &Path) -> (i32, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_corelm"))
+        .args(["convert", model.to_str().unwrap(), "-o", out.to_str().unwrap(), "--context", "16", "--json"])
+        .output()
+        .unwrap();
+    (o.status.code().unwrap(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+}
+
+/// Converts a broken checkpoint and checks the failure is clean and names `file` and `expect`.
+fn assert_rejected(dir: &Path, model: &Path, file: &str, expect: &str) {
+    let out = dir.join("out.mlpackage");
+    let (code, text) = convert(model, &out);
+    assert_eq!(code, 2, "expected failure:\n{text}");
+    assert!(!text.contains("panicked"), "{text}");
+    assert!(text.contains(file), "the message does not name {file}:\n{text}");
+    assert!(text.contains(expect), "the message does not say `{expect}`:\n{text}");
+    assert!(!out.exists(), "a package was left behind");
+    let leftovers: Vec<_> =
+        fs::read_dir(dir).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().contains("partial")).collect();
+    assert!(leftovers.is_empty(), "partial output left behind: {leftovers:?}");
+}
+
+#[test]
+fn the_tiny_checkpoint_converts() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama(dir.path());
+    let out = dir.path().join("out.mlpackage");
+    let (code, text) = convert(&model, &out);
+    assert_eq!(code, 0, "{text}");
+    let summary: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(summary["architecture"], "llama");
+    // An existing output is not replaced without --force.
+    let (code, text) = convert(&model, &out);
+    assert_eq!(code, 2);
+    assert!(text.contains("already exists (pass --force to replace it)"), "{text}");
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama(dir.path());
+    let path = model.join("model.safetensors");
+    let bytes = fs::read(&path).unwrap();
+    fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    assert_rejected(dir.path(), &model, "model.safetensors", "not a valid safetensors file");
+}
+
+#[test]
+fn header_offsets_past_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama(dir.path());
+    edit_header(&model, |h| h["model.norm.weight"]["data_offsets"] = json!([100000, 100032]));
+    assert_rejected(dir.path(), &model, "model.safetensors", "not a valid safetensors file");
+}
+
+#[test]
+fn header_offsets_overlapping() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama(dir.path());
+    edit_header(&model, |h| h["model.norm.weight"]["data_offsets"] = json!([0, 32]));
+    assert_rejected(dir.path(), &model, "model.safetensors", "not a valid safetensors file");
+}
+
+#[test]
+fn missing_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama(dir.path());
+    let tensors = vec![("model.embed_tokens.weight", vec![V, H])];
+    write_safetensors(&model.join("model.safetensors"), &tensors);
+    assert_rejected(dir.path(), &model, "tiny", "tensor `model.layers.0.input_layernorm.weight` is missing");
+}
+
+#[test]
+fn tensor_with_the_wrong_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama(dir.path());
+    let mut config: serde_json::Value = serde_json::from_slice(&fs::read(model.join("config.json")).unwrap()).unwrap();
+    config["intermediate_size"] = json!(12);
+    fs::write(model.join("config.json"), config.to_string()).unwrap();
+    assert_rejected(dir.path(), &model, "model.layers.0.mlp.gate_proj.weight", "has shape [16, 8]; [12, 8] expected");
+}
+
+#[test]
+fn config_field_of_the_wrong_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama(dir.path());
+    fs::write(model.join("config.json"), r#"{"model_type": "llama", "hidden_size": "eight"}"#).unwrap();
+    assert_rejected(
+        dir.path(),
+        &model,
+        "config.json",
+        "field `hidden_size` must be a non-negative integer, but it is a string",
+    );
+}
+
+#[test]
+fn unknown_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama(dir.path());
+    fs::write(model.join("config.json"), r#"{"model_type": "mamba"}"#).unwrap();
+    assert_rejected(
+        dir.path(),
+        &model,
+        "config.json",
+        "unsupported architecture `mamba`; supported model types: llama, mistral",
+    );
+}
+
+#[test]
+fn config_not_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama(dir.path());
+    fs::write(model.join("config.json"), "{").unwrap();
+    assert_rejected(dir.path(), &model, "config.json", "not valid JSON");
+}
+
+#[test]
+fn unsupported_tensor_dtype() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama(dir.path());
+    edit_header(&model, |h| {
+        h["model.norm.weight"]["dtype"] = json!("I32");
+    });
+    assert_rejected(
+        dir.path(),
+        &model,
+        "model.safetensors",
+        "tensor `model.norm.weight` is I32; corelm reads F32, F16 and BF16",
+    );
+}
