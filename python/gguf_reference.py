@@ -1,0 +1,267 @@
+#!/usr/bin/env python3
+"""Writes the GGUF test fixtures of corelm-convert, from an independent implementation.
+
+    python python/gguf_reference.py [OUT_DIR] [--hf-tokenizers]
+
+OUT_DIR defaults to crates/corelm-convert/tests/fixtures/gguf. Everything is generated with a
+fixed seed and is byte-for-byte reproducible with the pinned `gguf` package (requirements.txt).
+
+quants.gguf
+    Random tensors of every type the PyPI `gguf` package can quantize (F32, F16, BF16, Q4_0, Q4_1,
+    Q5_0, Q5_1, Q8_0), quantized with `gguf.quants.quantize`; and random but valid blocks (finite
+    f16 scales, random bits everywhere else) for the K-quants it can only dequantize (Q2_K, Q3_K,
+    Q4_K, Q5_K, Q6_K). Also a 3-d tensor, a Q/K-permuted tensor and one metadata entry of every
+    value type. The data section is aligned to 64 (general.alignment).
+quants.expected.f32 / quants.expected.json
+    `gguf.quants.dequantize` of every tensor, as little-endian f32 concatenated in manifest order;
+    the manifest gives name, type, shape (row-major) and the offset in floats.
+tok_*.gguf
+    Vocabulary-only files for the tokenizer builders (byte-level BPE, SentencePiece with scores,
+    Gemma 3, Phi-3).
+tok_*.tokenizer.json (only with --hf-tokenizers)
+    What transformers' GGUF loader builds from those files (`AutoTokenizer.from_pretrained(dir,
+    gguf_file=...)`, backend tokenizer serialized). Needs `pip install transformers`; works
+    without torch (a stub module stands in for it, only metadata is read).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFValueType as V
+from gguf import GGUFWriter
+from gguf.quants import dequantize, quantize
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "crates" / "corelm-convert" / "tests" / "fixtures" / "gguf"
+SEED = 20240611
+
+
+def f16_bytes(values: np.ndarray) -> np.ndarray:
+    return values.astype(np.float16).view(np.uint8).reshape(*values.shape, 2)
+
+
+def random_k_blocks(rng: np.random.Generator, qtype: T, n_blocks: int) -> np.ndarray:
+    """Random blocks with random bits and finite f16 scales at the places the layout keeps them."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    _, size = GGML_QUANT_SIZES[qtype]
+    b = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
+    d = f16_bytes(rng.normal(0, 0.02, size=n_blocks))
+    dmin = f16_bytes(np.abs(rng.normal(0, 0.02, size=n_blocks)))
+    if qtype == T.Q2_K:  # scales[16] qs[64] d dmin
+        b[:, 80:82], b[:, 82:84] = d, dmin
+    elif qtype == T.Q3_K:  # hmask[32] qs[64] scales[12] d
+        b[:, 108:110] = d
+    elif qtype in (T.Q4_K, T.Q5_K):  # d dmin scales[12] ...
+        b[:, 0:2], b[:, 2:4] = d, dmin
+    elif qtype == T.Q6_K:  # ql[128] qh[64] scales[16] d
+        b[:, 208:210] = d
+    else:
+        raise ValueError(qtype)
+    return b
+
+
+def write_quants(out: Path) -> None:
+    rng = np.random.default_rng(SEED)
+    w = GGUFWriter(str(out / "quants.gguf"), "llama")
+    w.add_custom_alignment(64)
+    # One metadata entry of every value type.
+    w.add_uint8("test.u8", 200)
+    w.add_int8("test.i8", -100)
+    w.add_uint16("test.u16", 60000)
+    w.add_int16("test.i16", -30000)
+    w.add_uint32("test.u32", 4000000000)
+    w.add_int32("test.i32", -2000000000)
+    w.add_float32("test.f32", 0.1)
+    w.add_bool("test.bool", True)
+    w.add_string("test.string", "héllo 😀")
+    w.add_uint64("test.u64", 18000000000000000000)
+    w.add_int64("test.i64", -9000000000000000000)
+    w.add_float64("test.f64", 1e300)
+    w.add_key_value("test.array_u8", [1, 2, 255], V.ARRAY, sub_type=V.UINT8)
+    w.add_key_value("test.array_i16", [-1, 2, -3], V.ARRAY, sub_type=V.INT16)
+    w.add_key_value("test.array_f32", [0.5, -1.5], V.ARRAY, sub_type=V.FLOAT32)
+    w.add_key_value("test.array_f64", [0.25], V.ARRAY, sub_type=V.FLOAT64)
+    w.add_key_value("test.array_bool", [True, False], V.ARRAY, sub_type=V.BOOL)
+    w.add_key_value("test.array_u64", [2**63], V.ARRAY, sub_type=V.UINT64)
+    w.add_array("test.array_str", ["a", "", "ü"])
+    w.add_array("test.nested", [[1, 2], [3]])
+
+    manifest = []
+    expected = []
+
+    def add(name: str, data: np.ndarray, qtype: T, shape: tuple[int, ...]) -> None:
+        w.add_tensor(name, data, raw_dtype=qtype if qtype not in (T.F32, T.F16) else None)
+        values = dequantize(data, qtype).astype(np.float32).reshape(shape)
+        offset = sum(len(e) for e in expected)
+        manifest.append({"name": name, "type": qtype.name, "shape": list(shape), "offset": offset})
+        expected.append(values.ravel())
+
+    # Plain types, with special values mixed in.
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, 6.1e-5, 3e-8, -2.5e-7, 65504.0, 1e-40, 1.5], dtype=np.float32)
+    for qtype, cols in ((T.F32, 40), (T.F16, 40), (T.BF16, 40)):
+        x = rng.normal(0, 1, size=(3, cols)).astype(np.float32)
+        x[0, : len(specials)] = specials
+        data = quantize(x, qtype)
+        add(f"plain.{qtype.name}", data, qtype, x.shape)
+
+    # Types gguf can quantize: random weights through its quantizer.
+    for qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0):
+        x = rng.normal(0, 0.05, size=(4, 128)).astype(np.float32)
+        x[1, :32] = 0.0  # an all-zero block
+        x[2, 32:64] = np.linspace(-1, 1, 32)
+        add(f"quant.{qtype.name}", quantize(x, qtype), qtype, x.shape)
+
+    # K-quants: random valid blocks (gguf can dequantize but not quantize them).
+    for qtype in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K):
+        rows, cols = 3, 512
+        blocks = random_k_blocks(rng, qtype, rows * cols // 256)
+        data = blocks.reshape(rows, -1)
+        add(f"kquant.{qtype.name}", data, qtype, (rows, cols))
+
+    # A 3-d tensor: GGUF stores ne = (64, 3, 2); the row-major shape is (2, 3, 64).
+    x = rng.normal(0, 0.05, size=(2, 3, 64)).astype(np.float32)
+    add("shape3d.Q8_0", quantize(x, T.Q8_0), T.Q8_0, x.shape)
+
+    # llama.cpp's Q/K permutation (convert_hf_to_gguf.py LlamaModel.permute) of a known tensor:
+    # the reader must undo it to get `permute.original` back.
+    n_head, rows, cols = 4, 32, 8
+    hf = np.arange(rows * cols, dtype=np.float32).reshape(rows, cols)
+    permuted = hf.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+    add("permute.original", hf, T.F32, hf.shape)
+    add("permute.stored", np.ascontiguousarray(permuted), T.F32, hf.shape)
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    np.concatenate(expected).astype("<f4").tofile(out / "quants.expected.f32")
+    (out / "quants.expected.json").write_text(json.dumps({"seed": SEED, "tensors": manifest}, indent=1) + "\n")
+
+
+def byte_alphabet() -> list[str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def write_vocab(path: Path, arch: str, model: str, tokens, types, scores=None, merges=None, ids=None, flags=None, pre=None):
+    w = GGUFWriter(str(path), arch)
+    # Enough of a config for transformers to pick a tokenizer class.
+    w.add_uint32(f"{arch}.block_count", 1)
+    w.add_uint32(f"{arch}.context_length", 128)
+    w.add_uint32(f"{arch}.embedding_length", 64)
+    w.add_uint32(f"{arch}.feed_forward_length", 128)
+    w.add_uint32(f"{arch}.attention.head_count", 2)
+    w.add_uint32(f"{arch}.attention.head_count_kv", 1)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_float32(f"{arch}.rope.freq_base", 10000.0)
+    w.add_uint32(f"{arch}.vocab_size", len(tokens))
+    w.add_string("tokenizer.ggml.model", model)
+    if pre:
+        w.add_string("tokenizer.ggml.pre", pre)
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_key_value("tokenizer.ggml.token_type", types, V.ARRAY, sub_type=V.INT32)
+    if scores is not None:
+        w.add_key_value("tokenizer.ggml.scores", scores, V.ARRAY, sub_type=V.FLOAT32)
+    if merges is not None:
+        w.add_array("tokenizer.ggml.merges", merges)
+    for key, value in (ids or {}).items():
+        w.add_uint32(f"tokenizer.ggml.{key}_token_id", value)
+    for key, value in (flags or {}).items():
+        w.add_bool(f"tokenizer.ggml.{key}", value)
+    w.add_string("tokenizer.chat_template", "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_tokenizers(out: Path) -> list[str]:
+    names = []
+    # Byte-level BPE (Llama 3 style): alphabet, merges, specials, a user-defined token, a control
+    # token outside the byte alphabet (skipped) and a token stored in plain UTF-8 (respelled).
+    alpha = byte_alphabet()
+    words = ["Ġt", "he", "Ġthe", "in", "Ġa", "an", "Ġan", "er", "ĠĠ", "ĠĠĠĠ", "Ċ", "ĊĊ", "12", "123"]
+    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "a n", "Ġa n", "e r", "Ġ Ġ", "ĠĠ ĠĠ", "Ċ Ċ", "1 2", "12 3"]
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    tokens = alpha + words + specials + ["<think>", "<｜User｜>", "é"]
+    types = [1] * (len(alpha) + len(words)) + [3, 3, 3, 4, 3, 1]
+    bos = tokens.index("<|begin_of_text|>")
+    eos = tokens.index("<|eot_id|>")
+    write_vocab(out / "tok_gpt2.gguf", "llama", "gpt2", tokens, types, merges=merges,
+                ids={"bos": bos, "eos": eos}, flags={"add_bos_token": True}, pre="llama-bpe")
+    names.append("tok_gpt2")
+
+    # SentencePiece BPE with scores and no merges (Llama 2 / Mistral style).
+    pieces = ["▁", "▁t", "he", "▁the", "▁a", "an", "▁an", "in", "▁in", "er", "▁▁", "▁▁▁▁", "ab", "abc", "bc"]
+    letters = list("abcdefghijklmnopqrstuvwxyzTHE")
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces + letters + ["<tool>"]
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(pieces) + len(letters)) + [4]
+    scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(pieces))] + [-100.0 - i for i in range(len(letters))] + [0.0]
+    write_vocab(out / "tok_llama.gguf", "llama", "llama", tokens, types, scores=scores,
+                ids={"bos": 1, "eos": 2, "unknown": 0})
+    names.append("tok_llama")
+    write_vocab(out / "tok_phi3.gguf", "phi3", "llama", tokens, types, scores=scores,
+                ids={"bos": 1, "eos": 2, "unknown": 0}, flags={"add_bos_token": False})
+    names.append("tok_phi3")
+
+    # Gemma 3: space-only tokens stored with real spaces, merges from the token order.
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]", "<start_of_turn>", "<end_of_turn>"]
+    tokens += [f"<0x{b:02X}>" for b in range(256)] + ["\n", "\n\n", "  ", "   ", "▁", "▁t", "he", "▁the"] + letters
+    types = [3, 3, 3, 3, 3, 4, 3, 3] + [6] * 256 + [1] * (8 + len(letters))
+    scores = [-1000.0] * 8 + [0.0] * 256 + [-float(i) for i in range(8 + len(letters))]
+    write_vocab(out / "tok_gemma3.gguf", "gemma3", "llama", tokens, types, scores=scores,
+                ids={"bos": 2, "eos": 1, "unknown": 3, "padding": 0}, flags={"add_bos_token": True, "add_eos_token": False})
+    names.append("tok_gemma3")
+    return names
+
+
+def hf_tokenizers(out: Path, names: list[str]) -> None:
+    """tokenizer.json as transformers builds it from each file (tokenizer only: no torch needed)."""
+    import tempfile
+
+    stub = Path(tempfile.mkdtemp()) / "torch"
+    stub.mkdir()
+    (stub / "__init__.py").write_text(
+        "from unittest.mock import MagicMock\n__version__ = '0.0.0'\n"
+        "def __getattr__(name):\n    return MagicMock(name=name)\n"
+    )
+    sys.path.insert(0, str(stub.parent))
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers import AutoTokenizer
+
+    gguf_utils.is_torch_available = lambda: True  # only the config is read, never a tensor
+    for name in names:
+        tok = AutoTokenizer.from_pretrained(str(out), gguf_file=f"{name}.gguf")
+        data = json.loads(tok.backend_tokenizer.to_str())
+        (out / f"{name}.tokenizer.json").write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n")
+        print(f"{name}: {type(tok).__name__}, transformers {__import__('transformers').__version__}")
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    out = Path(args[0]) if args else DEFAULT_OUT
+    out.mkdir(parents=True, exist_ok=True)
+    write_quants(out)
+    names = write_tokenizers(out)
+    if "--hf-tokenizers" in sys.argv:
+        hf_tokenizers(out, names)
+    for p in sorted(out.iterdir()):
+        print(f"{p.stat().st_size:8d}  {p.relative_to(ROOT) if p.is_relative_to(ROOT) else p}")
+
+
+if __name__ == "__main__":
+    main()
