@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, Safetensors};
 use crate::config::ModelConfig;
+use crate::gguf_source::GgufCheckpoint;
 use crate::graph::{build_function, store_weights, GraphOptions, Progress};
 use crate::{Error, Result};
 use corelm_format::error::IoContext;
@@ -41,10 +42,17 @@ pub struct Source {
     pub extras: Vec<(String, Vec<u8>)>,
 }
 
-/// Opens a Hugging Face folder (`config.json` + safetensors).
+/// Opens a Hugging Face folder (`config.json` + safetensors) or a `.gguf` file.
 pub fn open_source(path: &Path) -> Result<Source> {
+    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        let (checkpoint, json) = GgufCheckpoint::open(path)?;
+        let config = crate::arch::read_config(path, &json)?;
+        let extras = crate::gguf_source::extras(checkpoint.file())?;
+        let id = json["_name_or_path"].as_str().map(str::to_string).unwrap_or_else(|| file_stem(path));
+        return Ok(Source { config, checkpoint: Box::new(checkpoint), id, extras });
+    }
     if !path.is_dir() {
-        return Err(Error::malformed(path, "not a model folder (expected config.json and *.safetensors)"));
+        return Err(Error::malformed(path, "not a model folder (config.json and *.safetensors) or a .gguf file"));
     }
     let config_path = path.join("config.json");
     let text = std::fs::read(&config_path).at(&config_path)?;
@@ -57,7 +65,7 @@ pub fn open_source(path: &Path) -> Result<Source> {
         .and_then(|v| v.as_str())
         .filter(|s| !s.is_empty())
         .map(str::to_string)
-        .unwrap_or_else(|| path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        .unwrap_or_else(|| file_stem(path));
     let mut extras = Vec::new();
     for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
         let p = path.join(name);
@@ -66,6 +74,10 @@ pub fn open_source(path: &Path) -> Result<Source> {
         }
     }
     Ok(Source { config, checkpoint, id, extras })
+}
+
+fn file_stem(path: &Path) -> String {
+    path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 /// Peak resident set size of this process in bytes (Linux `VmHWM`).

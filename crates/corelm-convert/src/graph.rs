@@ -157,12 +157,12 @@ pub fn store_weights(
         if add_one && is_norm(role) {
             data.iter_mut().for_each(|v| *v += 1.0);
         }
-        let t = if is_norm(role) {
+        // Encode straight to storage bytes: the f32 copy and the encoded copy are the only
+        // two of this tensor in memory, and only until it is written.
+        let t = if is_norm(role) || dtype == DType::Fp32 {
             Tensor::from_f32(shape, &data)?
-        } else if dtype == DType::Fp16 {
-            Tensor::from_f16(shape, &data.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>())?
         } else {
-            Tensor::from_f32(shape, &data)?
+            Tensor::from_bytes(DType::Fp16, shape, data.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect())?
         };
         drop(data);
         let blob = store.store(&t)?;

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod convert;
 pub mod gguf;
+pub mod gguf_source;
 pub mod graph;
 pub mod rope;
 
