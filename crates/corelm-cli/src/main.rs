@@ -33,6 +33,26 @@ enum Command {
         #[arg(long, conflicts_with = "json")]
         mil: bool,
     },
+    /// Run a language model package on the reference interpreter: prefill, then greedy decode.
+    Run {
+        /// The .mlpackage folder.
+        package: PathBuf,
+        /// Prompt token ids, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ids: Vec<u32>,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 16)]
+        max_new_tokens: usize,
+        /// Sampling temperature; only 0 (greedy) is available on this path.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Include the logits at the last prompt position in the JSON.
+        #[arg(long)]
+        logits: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check packages against the format rules; exits 1 if any problem is found.
     Validate {
         /// One or more .mlpackage folders.
@@ -175,6 +195,51 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{report}");
             }
             Ok(if report.issues.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Run { package, ids, max_new_tokens, temperature, logits, json } => {
+            if temperature != 0.0 {
+                anyhow::bail!("only greedy decoding (--temperature 0) is available here");
+            }
+            let pkg = open(&package)?;
+            let mut lm = corelm_interp::lm::LanguageModel::open(&pkg)
+                .with_context(|| format!("cannot run {}", package.display()))?;
+            let started = std::time::Instant::now();
+            let rows = lm.feed(&ids)?;
+            let prefill_s = started.elapsed().as_secs_f64();
+            let last = rows.last().cloned().unwrap_or_default();
+            let mut next = corelm_interp::lm::argmax(&last) as u32;
+            let mut generated = Vec::new();
+            let decode_started = std::time::Instant::now();
+            for i in 0..max_new_tokens {
+                generated.push(next);
+                if i + 1 == max_new_tokens || lm.position() >= lm.context() {
+                    break;
+                }
+                next = corelm_interp::lm::argmax(&lm.feed(&[next])?[0]) as u32;
+            }
+            let decode_s = decode_started.elapsed().as_secs_f64();
+            if json {
+                let mut out = serde_json::json!({
+                    "prompt_ids": ids,
+                    "generated_ids": generated,
+                    "prefill_seconds": prefill_s,
+                    "decode_seconds": decode_s,
+                });
+                if logits {
+                    out["logits"] = serde_json::json!(last);
+                }
+                println!("{}", serde_json::to_string(&out)?);
+            } else {
+                println!("{}", generated.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","));
+                eprintln!(
+                    "prefill {} tokens in {:.2} s, decode {} tokens in {:.2} s",
+                    ids.len(),
+                    prefill_s,
+                    generated.len().saturating_sub(1),
+                    decode_s
+                );
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Validate { packages, json } => {
             let mut results = Vec::new();

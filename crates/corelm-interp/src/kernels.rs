@@ -1,0 +1,1361 @@
+//! The op kernels. Each takes its inputs by parameter name and returns its outputs; the
+//! executor rounds float outputs to the dtype the program declares.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use corelm_format::mil::ops::broadcast as broadcast_dims;
+use corelm_format::{DType, Dim};
+use rayon::prelude::*;
+
+use crate::value::{Data, Value};
+use crate::{Error, Result};
+
+/// The inputs of one op invocation.
+pub struct Inputs<'a> {
+    pub map: &'a BTreeMap<String, Vec<Arc<Value>>>,
+}
+
+impl Inputs<'_> {
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.map.get(name).and_then(|v| v.first()).map(|a| a.as_ref())
+    }
+
+    pub fn req(&self, name: &str) -> Result<&Value> {
+        self.get(name).ok_or_else(|| Error::invalid(format!("missing input `{name}`")))
+    }
+
+    pub fn tuple(&self, name: &str) -> Vec<&Value> {
+        self.map.get(name).map(|v| v.iter().map(|a| a.as_ref()).collect()).unwrap_or_default()
+    }
+
+    fn int(&self, name: &str, default: i64) -> Result<i64> {
+        match self.get(name) {
+            Some(v) => v.ints()?.first().copied().ok_or_else(|| Error::invalid(format!("`{name}` is empty"))),
+            None => Ok(default),
+        }
+    }
+
+    fn boolean(&self, name: &str, default: bool) -> Result<bool> {
+        Ok(self.int(name, default as i64)? != 0)
+    }
+
+    fn float(&self, name: &str, default: f32) -> Result<f32> {
+        match self.get(name) {
+            Some(v) => v.scalar_f32(),
+            None => Ok(default),
+        }
+    }
+
+    fn ints_or(&self, name: &str) -> Result<Option<Vec<i64>>> {
+        self.get(name).map(|v| v.ints()).transpose()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::invalid(msg)
+}
+
+pub fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+fn norm_axis(axis: i64, rank: usize) -> Result<usize> {
+    corelm_format::mil::ops::axis(axis, rank)
+}
+
+fn broadcast_shape(shapes: &[&[usize]]) -> Result<Vec<usize>> {
+    let dims: Vec<Vec<Dim>> = shapes.iter().map(|s| s.iter().map(|&d| Dim::Fixed(d)).collect()).collect();
+    let refs: Vec<&[Dim]> = dims.iter().map(|d| d.as_slice()).collect();
+    Ok(broadcast_dims(&refs)?.into_iter().map(|d| d.fixed().unwrap_or(1)).collect())
+}
+
+/// Flat offsets into each input for every output element, in row-major output order.
+fn broadcast_offsets(out: &[usize], ins: &[&[usize]]) -> Vec<Vec<usize>> {
+    let n: usize = out.iter().product();
+    let rank = out.len();
+    let in_strides: Vec<Vec<usize>> = ins
+        .iter()
+        .map(|s| {
+            let st = strides(s);
+            let pad = rank - s.len();
+            (0..rank).map(|d| if d < pad || s[d - pad] == 1 { 0 } else { st[d - pad] }).collect()
+        })
+        .collect();
+    let mut offsets = vec![Vec::with_capacity(n); ins.len()];
+    let mut idx = vec![0usize; rank];
+    let mut cur = vec![0usize; ins.len()];
+    for _ in 0..n {
+        for (k, c) in cur.iter().enumerate() {
+            offsets[k].push(*c);
+        }
+        for d in (0..rank).rev() {
+            idx[d] += 1;
+            for (k, c) in cur.iter_mut().enumerate() {
+                *c += in_strides[k][d];
+            }
+            if idx[d] < out[d] {
+                break;
+            }
+            for (k, c) in cur.iter_mut().enumerate() {
+                *c -= in_strides[k][d] * out[d];
+            }
+            idx[d] = 0;
+        }
+    }
+    offsets
+}
+
+/// Applies `f` elementwise with numpy broadcasting.
+fn zip2<A: Copy + Sync, B: Copy + Sync, O: Send>(
+    xs: &[usize],
+    x: &[A],
+    ys: &[usize],
+    y: &[B],
+    f: impl Fn(A, B) -> O + Sync,
+) -> Result<(Vec<usize>, Vec<O>)> {
+    let out = broadcast_shape(&[xs, ys])?;
+    if xs == ys {
+        return Ok((out, x.par_iter().zip(y.par_iter()).map(|(&a, &b)| f(a, b)).collect()));
+    }
+    if y.len() == 1 {
+        let b = y[0];
+        if xs == out.as_slice() {
+            return Ok((out, x.par_iter().map(|&a| f(a, b)).collect()));
+        }
+    }
+    // y broadcast along leading dims (e.g. a bias or a norm weight).
+    if xs == out.as_slice() && !y.is_empty() && x.len() % y.len() == 0 && ys.iter().product::<usize>() == y.len() {
+        let tail: usize = xs[xs.len().saturating_sub(ys.len())..].iter().product();
+        let trailing_match = xs.ends_with(ys.iter().skip_while(|&&d| d == 1).copied().collect::<Vec<_>>().as_slice());
+        if tail == y.len() && trailing_match {
+            let m = y.len();
+            return Ok((out, x.par_iter().enumerate().map(|(i, &a)| f(a, y[i % m])).collect()));
+        }
+    }
+    let offs = broadcast_offsets(&out, &[xs, ys]);
+    let v = offs[0].iter().zip(&offs[1]).map(|(&i, &j)| f(x[i], y[j])).collect();
+    Ok((out, v))
+}
+
+fn float_binary(x: &Value, y: &Value, f: impl Fn(f32, f32) -> f32 + Sync) -> Result<Value> {
+    let (xs, ys) = (x.to_f32_vec(), y.to_f32_vec());
+    let (shape, v) = zip2(&x.shape, &xs, &y.shape, &ys, f)?;
+    Ok(Value::f32(x.dtype, shape, v))
+}
+
+fn int_binary(x: &Value, y: &Value, f: impl Fn(i32, i32) -> i32 + Sync) -> Result<Value> {
+    let (shape, v) = zip2(&x.shape, x.as_i32()?, &y.shape, y.as_i32()?, f)?;
+    Ok(Value { dtype: x.dtype, shape, data: Data::I32(v) })
+}
+
+fn binary(op: &str, x: &Value, y: &Value) -> Result<Value> {
+    if let (Data::I32(_), Data::I32(_)) = (&x.data, &y.data) {
+        return int_binary(
+            x,
+            y,
+            match op {
+                "add" => |a: i32, b: i32| a.wrapping_add(b),
+                "sub" => |a: i32, b: i32| a.wrapping_sub(b),
+                "mul" => |a: i32, b: i32| a.wrapping_mul(b),
+                "maximum" => |a: i32, b: i32| a.max(b),
+                "minimum" => |a: i32, b: i32| a.min(b),
+                "floor_div" => |a: i32, b: i32| match b {
+                    0 => 0,
+                    _ if a % b != 0 && ((a < 0) != (b < 0)) => a / b - 1,
+                    _ => a / b,
+                },
+                "mod" => |a: i32, b: i32| if b == 0 { 0 } else { ((a % b) + b) % b },
+                "real_div" => |a: i32, b: i32| if b == 0 { 0 } else { a / b },
+                "pow" => |a: i32, b: i32| a.wrapping_pow(b.max(0) as u32),
+                _ => return Err(bad(format!("`{op}` is not an integer op"))),
+            },
+        );
+    }
+    float_binary(
+        x,
+        y,
+        match op {
+            "add" => |a: f32, b: f32| a + b,
+            "sub" => |a, b| a - b,
+            "mul" => |a, b| a * b,
+            "real_div" => |a, b| a / b,
+            "pow" => |a: f32, b| a.powf(b),
+            "maximum" => |a: f32, b| a.max(b),
+            "minimum" => |a: f32, b| a.min(b),
+            "floor_div" => |a: f32, b: f32| (a / b).floor(),
+            "mod" => |a: f32, b: f32| a - (a / b).floor() * b,
+            _ => return Err(bad(format!("unknown binary op `{op}`"))),
+        },
+    )
+}
+
+fn compare(op: &str, x: &Value, y: &Value) -> Result<Value> {
+    let f: fn(f64, f64) -> bool = match op {
+        "equal" => |a, b| a == b,
+        "not_equal" => |a, b| a != b,
+        "less" => |a, b| a < b,
+        "less_equal" => |a, b| a <= b,
+        "greater" => |a, b| a > b,
+        "greater_equal" => |a, b| a >= b,
+        _ => return Err(bad(format!("unknown comparison `{op}`"))),
+    };
+    let to64 = |v: &Value| -> Vec<f64> {
+        match &v.data {
+            Data::I32(d) => d.iter().map(|&a| a as f64).collect(),
+            _ => v.to_f32_vec().into_iter().map(|a| a as f64).collect(),
+        }
+    };
+    let (a, b) = (to64(x), to64(y));
+    let (shape, v) = zip2(&x.shape, &a, &y.shape, &b, f)?;
+    Ok(Value::bool(shape, v))
+}
+
+fn logical(op: &str, x: &Value, y: &Value) -> Result<Value> {
+    let f: fn(bool, bool) -> bool = match op {
+        "logical_and" => |a, b| a && b,
+        "logical_or" => |a, b| a || b,
+        "logical_xor" => |a, b| a != b,
+        _ => return Err(bad(format!("unknown logical op `{op}`"))),
+    };
+    let (shape, v) = zip2(&x.shape, x.as_bool()?, &y.shape, y.as_bool()?, f)?;
+    Ok(Value::bool(shape, v))
+}
+
+fn erf(x: f32) -> f32 {
+    // Abramowitz–Stegun 7.1.26 is too coarse for parity; use the f64 series/continued form.
+    let x = x as f64;
+    let t = 1.0 / (1.0 + 0.5 * x.abs());
+    let y = 1.0
+        - t * (-x * x - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
+    (if x >= 0.0 { y } else { -y }) as f32
+}
+
+fn unary(op: &str, inp: &Inputs, x: &Value) -> Result<Value> {
+    if let Data::I32(v) = &x.data {
+        let f: fn(i32) -> i32 = match op {
+            "abs" => |a| a.wrapping_abs(),
+            "sign" => |a| a.signum(),
+            "square" => |a| a.wrapping_mul(a),
+            "identity" => |a| a,
+            _ => return Err(bad(format!("`{op}` does not take integers"))),
+        };
+        return Ok(Value {
+            dtype: x.dtype,
+            shape: x.shape.clone(),
+            data: Data::I32(v.iter().map(|&a| f(a)).collect()),
+        });
+    }
+    if let Data::Bool(v) = &x.data {
+        return match op {
+            "logical_not" => Ok(Value::bool(x.shape.clone(), v.iter().map(|&a| !a).collect())),
+            "identity" => Ok(x.clone()),
+            _ => Err(bad(format!("`{op}` does not take bools"))),
+        };
+    }
+    let eps = |d: f32| inp.float("epsilon", d);
+    let v = x.as_f32()?;
+    let out: Vec<f32> = match op {
+        "identity" => v.to_vec(),
+        "rsqrt" => {
+            let e = eps(1e-12)?;
+            v.par_iter().map(|&a| 1.0 / (a + e).sqrt()).collect()
+        }
+        "log" => {
+            let e = eps(1e-45)?;
+            v.iter().map(|&a| (a + e).ln()).collect()
+        }
+        "inverse" => {
+            let e = eps(1e-4)?;
+            v.iter().map(|&a| 1.0 / (a + e)).collect()
+        }
+        "gelu" => {
+            let mode =
+                inp.get("mode").map(|m| m.string().map(str::to_string)).transpose()?.unwrap_or_else(|| "EXACT".into());
+            match mode.as_str() {
+                "EXACT" => v.par_iter().map(|&a| 0.5 * a * (1.0 + erf(a / std::f32::consts::SQRT_2))).collect(),
+                "TANH_APPROXIMATION" => v
+                    .par_iter()
+                    .map(|&a| {
+                        let a64 = a as f64;
+                        (0.5 * a64
+                            * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (a64 + 0.044715 * a64.powi(3))).tanh()))
+                            as f32
+                    })
+                    .collect(),
+                "SIGMOID_APPROXIMATION" => v.iter().map(|&a| a / (1.0 + (-1.702 * a).exp())).collect(),
+                other => return Err(bad(format!("unknown gelu mode `{other}`"))),
+            }
+        }
+        "clip" => {
+            let (lo, hi) = (inp.float("alpha", f32::MIN)?, inp.float("beta", f32::MAX)?);
+            v.iter().map(|&a| a.max(lo).min(hi)).collect()
+        }
+        _ => {
+            let f: fn(f32) -> f32 = match op {
+                "sin" => f32::sin,
+                "cos" => f32::cos,
+                "tan" => f32::tan,
+                "asin" => f32::asin,
+                "acos" => f32::acos,
+                "atan" => f32::atan,
+                "sinh" => f32::sinh,
+                "cosh" => f32::cosh,
+                "atanh" => f32::atanh,
+                "exp" => f32::exp,
+                "exp2" => f32::exp2,
+                "sqrt" => f32::sqrt,
+                "tanh" => f32::tanh,
+                "sigmoid" => |a| 1.0 / (1.0 + (-a).exp()),
+                "silu" => |a| a / (1.0 + (-a).exp()),
+                "relu" => |a| a.max(0.0),
+                "relu6" => |a| a.clamp(0.0, 6.0),
+                "erf" => erf,
+                "floor" => f32::floor,
+                "ceil" => f32::ceil,
+                "round" => |a: f32| a.round_ties_even(),
+                "sign" => |a: f32| {
+                    if a > 0.0 {
+                        1.0
+                    } else if a < 0.0 {
+                        -1.0
+                    } else {
+                        0.0
+                    }
+                },
+                "abs" => f32::abs,
+                "square" => |a| a * a,
+                "softplus" => |a: f32| (1.0 + a.exp()).ln(),
+                "softsign" => |a: f32| a / (1.0 + a.abs()),
+                _ => return Err(bad(format!("unknown unary op `{op}`"))),
+            };
+            v.par_iter().map(|&a| f(a)).collect()
+        }
+    };
+    Ok(Value::f32(x.dtype, x.shape.clone(), out))
+}
+
+/// Splits `shape` around `axis` into (outer, axis length, inner).
+fn around(shape: &[usize], axis: usize) -> (usize, usize, usize) {
+    (shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product())
+}
+
+fn softmax(x: &Value, axis: i64) -> Result<Value> {
+    let ax = norm_axis(axis, x.rank())?;
+    let (outer, n, inner) = around(&x.shape, ax);
+    let v = x.as_f32()?;
+    let mut out = vec![0f32; v.len()];
+    out.par_chunks_mut(n * inner).enumerate().for_each(|(o, chunk)| {
+        let base = o * n * inner;
+        for i in 0..inner {
+            let m = (0..n).map(|k| v[base + k * inner + i]).fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for k in 0..n {
+                let e = (v[base + k * inner + i] - m).exp();
+                chunk[k * inner + i] = e;
+                sum += e;
+            }
+            for k in 0..n {
+                chunk[k * inner + i] /= sum;
+            }
+        }
+    });
+    let _ = outer;
+    Ok(Value::f32(x.dtype, x.shape.clone(), out))
+}
+
+fn reduce(op: &str, inp: &Inputs, x: &Value) -> Result<Value> {
+    let rank = x.rank();
+    let axes: Vec<usize> = match inp.ints_or("axes")? {
+        Some(a) => a.into_iter().map(|a| norm_axis(a, rank)).collect::<Result<_>>()?,
+        None => (0..rank).collect(),
+    };
+    let keep = inp.boolean("keep_dims", false)?;
+    let out_full: Vec<usize> =
+        x.shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
+    let n_out: usize = out_full.iter().product();
+    let v = x.to_f32_vec();
+    let count: usize = axes.iter().map(|&a| x.shape[a]).product();
+    let (init, f): (f32, fn(f32, f32) -> f32) = match op {
+        "reduce_sum" | "reduce_mean" | "reduce_l1_norm" | "reduce_l2_norm" | "reduce_sum_square" | "reduce_log_sum"
+        | "reduce_log_sum_exp" => (0.0, |a, b| a + b),
+        "reduce_max" => (f32::NEG_INFINITY, f32::max),
+        "reduce_min" => (f32::INFINITY, f32::min),
+        "reduce_prod" => (1.0, |a, b| a * b),
+        _ => return Err(bad(format!("unknown reduction `{op}`"))),
+    };
+    let pre: fn(f32) -> f32 = match op {
+        "reduce_l1_norm" => f32::abs,
+        "reduce_l2_norm" | "reduce_sum_square" => |a| a * a,
+        "reduce_log_sum_exp" => f32::exp,
+        _ => |a| a,
+    };
+    let mut acc = vec![init; n_out];
+    let out_strides = strides(&out_full);
+    let in_strides = strides(&x.shape);
+    // Accumulate in f64 for sums, so long reductions stay accurate.
+    let mut acc64 = vec![0f64; n_out];
+    let sumlike = init == 0.0;
+    for (flat, &val) in v.iter().enumerate() {
+        let mut o = 0;
+        for d in 0..rank {
+            let i = (flat / in_strides[d]) % x.shape[d];
+            if !axes.contains(&d) {
+                o += i * out_strides[d];
+            }
+        }
+        if sumlike {
+            acc64[o] += pre(val) as f64;
+        } else {
+            acc[o] = f(acc[o], pre(val));
+        }
+    }
+    if sumlike {
+        for (a, s) in acc.iter_mut().zip(&acc64) {
+            *a = *s as f32;
+        }
+    }
+    let post: Box<dyn Fn(f32) -> f32> = match op {
+        "reduce_mean" => Box::new(move |a| a / count as f32),
+        "reduce_l2_norm" => Box::new(f32::sqrt),
+        "reduce_log_sum" | "reduce_log_sum_exp" => Box::new(f32::ln),
+        _ => Box::new(|a| a),
+    };
+    let acc: Vec<f32> = acc.into_iter().map(post).collect();
+    let shape = if keep {
+        out_full
+    } else {
+        x.shape.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect()
+    };
+    if x.dtype == DType::Int32 {
+        return Ok(Value::i32(shape, acc.into_iter().map(|a| a as i32).collect()));
+    }
+    Ok(Value::f32(x.dtype, shape, acc))
+}
+
+fn arg_reduce(op: &str, inp: &Inputs, x: &Value) -> Result<Value> {
+    let ax = norm_axis(inp.int("axis", -1)?, x.rank())?;
+    let keep = inp.boolean("keep_dims", false)?;
+    let (outer, n, inner) = around(&x.shape, ax);
+    let v = x.to_f32_vec();
+    let mut out = Vec::with_capacity(outer * inner);
+    for o in 0..outer {
+        for i in 0..inner {
+            let mut best = 0;
+            for k in 1..n {
+                let (a, b) = (v[(o * n + k) * inner + i], v[(o * n + best) * inner + i]);
+                if (op == "reduce_argmax" && a > b) || (op == "reduce_argmin" && a < b) {
+                    best = k;
+                }
+            }
+            out.push(best as i32);
+        }
+    }
+    let mut shape = x.shape.clone();
+    if keep {
+        shape[ax] = 1;
+    } else {
+        shape.remove(ax);
+    }
+    Ok(Value::i32(shape, out))
+}
+
+/// C[m×n] (+)= A[m×k]·B[k×n] with explicit strides, split over rayon on n.
+#[allow(clippy::too_many_arguments)]
+fn sgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    rsa: isize,
+    csa: isize,
+    b: &[f32],
+    rsb: isize,
+    csb: isize,
+    c: &mut [f32],
+) {
+    const CHUNK: usize = 64;
+    if m * n * k < 1 << 16 || n < 2 * CHUNK {
+        // SAFETY: strides describe in-bounds views of `a`, `b` and the m×n row-major `c`.
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                1.0,
+                a.as_ptr(),
+                rsa,
+                csa,
+                b.as_ptr(),
+                rsb,
+                csb,
+                0.0,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+            );
+        }
+        return;
+    }
+    let cptr = c.as_mut_ptr() as usize;
+    (0..n.div_ceil(CHUNK)).into_par_iter().for_each(|j| {
+        let start = j * CHUNK;
+        let width = CHUNK.min(n - start);
+        // SAFETY: each task writes only columns start..start+width of `c`, which do not overlap.
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                width,
+                1.0,
+                a.as_ptr(),
+                rsa,
+                csa,
+                b.as_ptr().offset(start as isize * csb),
+                rsb,
+                csb,
+                0.0,
+                (cptr as *mut f32).add(start),
+                n as isize,
+                1,
+            );
+        }
+    });
+}
+
+fn linear(x: &Value, w: &Value, b: Option<&Value>) -> Result<Value> {
+    let (dout, din) = match w.shape.as_slice() {
+        [o, i] => (*o, *i),
+        _ => return Err(bad("linear weight must be rank 2")),
+    };
+    if x.shape.last() != Some(&din) {
+        return Err(bad(format!("linear: x {:?} does not match weight {:?}", x.shape, w.shape)));
+    }
+    let m = x.len() / din;
+    let mut out = vec![0f32; m * dout];
+    sgemm(m, din, dout, x.as_f32()?, din as isize, 1, w.as_f32()?, 1, din as isize, &mut out);
+    if let Some(b) = b {
+        let bv = b.as_f32()?;
+        out.par_chunks_mut(dout).for_each(|row| row.iter_mut().zip(bv).for_each(|(o, b)| *o += b));
+    }
+    let mut shape = x.shape.clone();
+    *shape.last_mut().expect("rank >= 1") = dout;
+    Ok(Value::f32(x.dtype, shape, out))
+}
+
+fn matmul(inp: &Inputs) -> Result<Value> {
+    let (x, y) = (inp.req("x")?, inp.req("y")?);
+    let (tx, ty) = (inp.boolean("transpose_x", false)?, inp.boolean("transpose_y", false)?);
+    let mut xs = x.shape.clone();
+    let mut ys = y.shape.clone();
+    let (x1, y1) = (xs.len() == 1, ys.len() == 1);
+    if x1 {
+        xs.insert(0, 1);
+    }
+    if y1 {
+        ys.push(1);
+    }
+    let (xr, yr) = (xs.len(), ys.len());
+    let (m, k) = if tx { (xs[xr - 1], xs[xr - 2]) } else { (xs[xr - 2], xs[xr - 1]) };
+    let (k2, n) = if ty { (ys[yr - 1], ys[yr - 2]) } else { (ys[yr - 2], ys[yr - 1]) };
+    if k != k2 {
+        return Err(bad(format!("matmul: inner dimensions differ ({k} vs {k2})")));
+    }
+    let batch = broadcast_shape(&[&xs[..xr - 2], &ys[..yr - 2]])?;
+    let nb: usize = batch.iter().product();
+    let offs = broadcast_offsets(&batch, &[&xs[..xr - 2], &ys[..yr - 2]]);
+    let (xv, yv) = (x.to_f32_vec(), y.to_f32_vec());
+    let (xm, ym) = (xs[xr - 2] * xs[xr - 1], ys[yr - 2] * ys[yr - 1]);
+    let mut out = vec![0f32; nb * m * n];
+    let (rsa, csa) = if tx { (1, m as isize) } else { (k as isize, 1) };
+    let (rsb, csb) = if ty { (1, k as isize) } else { (n as isize, 1) };
+    for bi in 0..nb {
+        let a = &xv[offs[0][bi] * xm..][..xm];
+        let b = &yv[offs[1][bi] * ym..][..ym];
+        sgemm(m, k, n, a, rsa, csa, b, rsb, csb, &mut out[bi * m * n..(bi + 1) * m * n]);
+    }
+    let mut shape = batch;
+    if !x1 {
+        shape.push(m);
+    }
+    if !y1 {
+        shape.push(n);
+    }
+    let dtype = if x.dtype.is_float() { x.dtype } else { y.dtype };
+    Ok(Value::f32(dtype, shape, out))
+}
+
+fn sdpa(inp: &Inputs) -> Result<Value> {
+    let (q, k, v) = (inp.req("query")?, inp.req("key")?, inp.req("value")?);
+    let r = q.rank();
+    let (l, e) = (q.shape[r - 2], q.shape[r - 1]);
+    let (s, ev) = (k.shape[r - 2], v.shape[r - 1]);
+    let batch = broadcast_shape(&[&q.shape[..r - 2], &k.shape[..r - 2], &v.shape[..r - 2]])?;
+    let nb: usize = batch.iter().product();
+    let offs = broadcast_offsets(&batch, &[&q.shape[..r - 2], &k.shape[..r - 2], &v.shape[..r - 2]]);
+    // The mask, broadcast to (batch..., L, S), as additive values.
+    let mask: Option<Vec<f32>> = match inp.get("attn_mask") {
+        None => None,
+        Some(mk) => {
+            let mut full = batch.clone();
+            full.extend([l, s]);
+            let add: Vec<f32> = match &mk.data {
+                Data::Bool(b) => b.iter().map(|&t| if t { 0.0 } else { f32::NEG_INFINITY }).collect(),
+                _ => mk.to_f32_vec(),
+            };
+            let off = broadcast_offsets(&full, &[&mk.shape]);
+            Some(off[0].iter().map(|&i| add[i]).collect())
+        }
+    };
+    let (qv, kv, vv) = (q.as_f32()?, k.as_f32()?, v.as_f32()?);
+    let scale = 1.0 / (e as f32).sqrt();
+    let mut out = vec![0f32; nb * l * ev];
+    out.par_chunks_mut(l * ev).enumerate().for_each(|(bi, o)| {
+        let qb = &qv[offs[0][bi] * l * e..][..l * e];
+        let kb = &kv[offs[1][bi] * s * e..][..s * e];
+        let vb = &vv[offs[2][bi] * s * ev..][..s * ev];
+        let mut scores = vec![0f32; l * s];
+        // SAFETY: in-bounds row-major views.
+        unsafe {
+            matrixmultiply::sgemm(
+                l,
+                e,
+                s,
+                scale,
+                qb.as_ptr(),
+                e as isize,
+                1,
+                kb.as_ptr(),
+                1,
+                e as isize,
+                0.0,
+                scores.as_mut_ptr(),
+                s as isize,
+                1,
+            );
+        }
+        if let Some(m) = &mask {
+            let mb = &m[bi * l * s..][..l * s];
+            scores.iter_mut().zip(mb).for_each(|(a, b)| *a += b);
+        }
+        for row in scores.chunks_mut(s) {
+            let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for x in row.iter_mut() {
+                *x = (*x - mx).exp();
+                sum += *x;
+            }
+            row.iter_mut().for_each(|x| *x /= sum);
+        }
+        // SAFETY: as above.
+        unsafe {
+            matrixmultiply::sgemm(
+                l,
+                s,
+                ev,
+                1.0,
+                scores.as_ptr(),
+                s as isize,
+                1,
+                vb.as_ptr(),
+                ev as isize,
+                1,
+                0.0,
+                o.as_mut_ptr(),
+                ev as isize,
+                1,
+            );
+        }
+    });
+    let mut shape = batch;
+    shape.extend([l, ev]);
+    Ok(Value::f32(q.dtype, shape, out))
+}
+
+fn layer_norm(inp: &Inputs, x: &Value) -> Result<Value> {
+    let rank = x.rank();
+    let axes: Vec<usize> = match inp.ints_or("axes")? {
+        Some(a) => a.into_iter().map(|a| norm_axis(a, rank)).collect::<Result<_>>()?,
+        None => (0..rank).collect(),
+    };
+    let first = *axes.iter().min().ok_or_else(|| bad("layer_norm needs axes"))?;
+    if axes.len() != rank - first || (first..rank).any(|a| !axes.contains(&a)) {
+        return Err(bad("layer_norm over non-trailing axes is not supported"));
+    }
+    let n: usize = x.shape[first..].iter().product();
+    let eps = inp.float("epsilon", 1e-5)? as f64;
+    let gamma = inp.get("gamma").map(|g| g.to_f32_vec());
+    let beta = inp.get("beta").map(|b| b.to_f32_vec());
+    let v = x.as_f32()?;
+    let mut out = vec![0f32; v.len()];
+    out.par_chunks_mut(n).zip(v.par_chunks(n)).for_each(|(o, row)| {
+        let mean = row.iter().map(|&a| a as f64).sum::<f64>() / n as f64;
+        let var = row.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+        let inv = 1.0 / (var + eps).sqrt();
+        for (i, (o, &a)) in o.iter_mut().zip(row).enumerate() {
+            let mut y = ((a as f64 - mean) * inv) as f32;
+            if let Some(g) = &gamma {
+                y *= g[i];
+            }
+            if let Some(b) = &beta {
+                y += b[i];
+            }
+            *o = y;
+        }
+    });
+    Ok(Value::f32(x.dtype, x.shape.clone(), out))
+}
+
+/// Gathers elements of `x` at flat source offsets.
+fn take(x: &Value, shape: Vec<usize>, idx: &[usize]) -> Value {
+    let data = match &x.data {
+        Data::F32(v) => Data::F32(idx.iter().map(|&i| v[i]).collect()),
+        Data::I32(v) => Data::I32(idx.iter().map(|&i| v[i]).collect()),
+        Data::Bool(v) => Data::Bool(idx.iter().map(|&i| v[i]).collect()),
+        Data::Str(v) => Data::Str(idx.iter().map(|&i| v[i].clone()).collect()),
+    };
+    Value { dtype: x.dtype, shape, data }
+}
+
+fn transpose(x: &Value, perm: &[i64]) -> Result<Value> {
+    let rank = x.rank();
+    let perm: Vec<usize> = perm.iter().map(|&p| norm_axis(p, rank)).collect::<Result<_>>()?;
+    let shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
+    let st = strides(&x.shape);
+    let pst: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
+    let zero = vec![0; shape.len()];
+    let offs = broadcast_offsets(&shape, &[&zero]);
+    let _ = offs;
+    let n = x.len();
+    let mut idx = Vec::with_capacity(n);
+    let mut counter = vec![0usize; rank];
+    let mut cur = 0usize;
+    for _ in 0..n {
+        idx.push(cur);
+        for d in (0..rank).rev() {
+            counter[d] += 1;
+            cur += pst[d];
+            if counter[d] < shape[d] {
+                break;
+            }
+            cur -= pst[d] * shape[d];
+            counter[d] = 0;
+        }
+    }
+    Ok(take(x, shape, &idx))
+}
+
+/// Python-style slice bounds of one dimension.
+fn slice_dim(dim: usize, begin: i64, end: i64, stride: i64, begin_mask: bool, end_mask: bool) -> Vec<usize> {
+    let d = dim as i64;
+    let norm = |v: i64| if v < 0 { v + d } else { v };
+    let mut out = Vec::new();
+    if stride > 0 {
+        let b = if begin_mask { 0 } else { norm(begin).clamp(0, d) };
+        let e = if end_mask { d } else { norm(end).clamp(0, d) };
+        let mut i = b;
+        while i < e {
+            out.push(i as usize);
+            i += stride;
+        }
+    } else {
+        let b = if begin_mask { d - 1 } else { norm(begin).clamp(-1, d - 1) };
+        let e = if end_mask { -1 } else { norm(end).clamp(-1, d - 1) };
+        let mut i = b;
+        while i > e {
+            out.push(i as usize);
+            i += stride;
+        }
+    }
+    out
+}
+
+/// Per-dimension index lists of `slice_by_index` / `slice_update`, and which dims squeeze.
+fn slice_indices(inp: &Inputs, shape: &[usize]) -> Result<(Vec<Vec<usize>>, Vec<bool>)> {
+    let r = shape.len();
+    let begin = inp.req("begin")?.ints()?;
+    let end = inp.req("end")?.ints()?;
+    let flags = |name: &str| -> Result<Vec<bool>> {
+        Ok(inp.ints_or(name)?.map(|v| v.into_iter().map(|x| x != 0).collect()).unwrap_or_else(|| vec![false; r]))
+    };
+    let stride = inp.ints_or("stride")?.unwrap_or_else(|| vec![1; r]);
+    let (bm, em, sm) = (flags("begin_mask")?, flags("end_mask")?, flags("squeeze_mask")?);
+    if [begin.len(), end.len(), stride.len(), bm.len(), em.len(), sm.len()].iter().any(|&n| n != r) {
+        return Err(bad(format!("slice parameters do not match rank {r}")));
+    }
+    let mut dims = Vec::with_capacity(r);
+    for i in 0..r {
+        if stride[i] == 0 {
+            return Err(bad("slice stride 0"));
+        }
+        if sm[i] {
+            let b = if begin[i] < 0 { begin[i] + shape[i] as i64 } else { begin[i] };
+            if b < 0 || b >= shape[i] as i64 {
+                return Err(bad(format!("squeezed index {} out of range for dim {}", begin[i], shape[i])));
+            }
+            dims.push(vec![b as usize]);
+        } else {
+            dims.push(slice_dim(shape[i], begin[i], end[i], stride[i], bm[i], em[i]));
+        }
+    }
+    Ok((dims, sm))
+}
+
+/// Flat offsets of the cartesian product of per-dimension index lists.
+fn product_offsets(dims: &[Vec<usize>], shape: &[usize]) -> Vec<usize> {
+    let st = strides(shape);
+    let mut offs = vec![0usize];
+    for (d, list) in dims.iter().enumerate() {
+        let mut next = Vec::with_capacity(offs.len() * list.len());
+        for &o in &offs {
+            for &i in list {
+                next.push(o + i * st[d]);
+            }
+        }
+        offs = next;
+    }
+    offs
+}
+
+fn slice_by_index(inp: &Inputs, x: &Value) -> Result<Value> {
+    let (dims, squeeze) = slice_indices(inp, &x.shape)?;
+    let offs = product_offsets(&dims, &x.shape);
+    let shape = dims.iter().zip(&squeeze).filter(|(_, &s)| !s).map(|(d, _)| d.len()).collect();
+    Ok(take(x, shape, &offs))
+}
+
+fn slice_by_size(inp: &Inputs, x: &Value) -> Result<Value> {
+    let begin = inp.req("begin")?.ints()?;
+    let size = inp.req("size")?.ints()?;
+    let dims: Vec<Vec<usize>> = (0..x.rank())
+        .map(|i| {
+            let b = begin[i].max(0) as usize;
+            let n = if size[i] < 0 { x.shape[i].saturating_sub(b) } else { size[i] as usize };
+            (b..(b + n).min(x.shape[i])).collect()
+        })
+        .collect();
+    let offs = product_offsets(&dims, &x.shape);
+    Ok(take(x, dims.iter().map(|d| d.len()).collect(), &offs))
+}
+
+/// Writes `update` into `x` in place (x is owned by the caller).
+pub fn slice_update_in_place(inp: &Inputs, x: &mut Value) -> Result<()> {
+    let upd = inp.req("update")?;
+    let (dims, squeeze) = slice_indices(inp, &x.shape)?;
+    let offs = product_offsets(&dims, &x.shape);
+    let expected: Vec<usize> = dims.iter().zip(&squeeze).filter(|(_, &s)| !s).map(|(d, _)| d.len()).collect();
+    if expected != upd.shape {
+        return Err(bad(format!("update {:?} does not match the slice {expected:?}", upd.shape)));
+    }
+    match (&mut x.data, &upd.data) {
+        (Data::F32(dst), Data::F32(src)) => offs.iter().zip(src).for_each(|(&o, &v)| dst[o] = v),
+        (Data::I32(dst), Data::I32(src)) => offs.iter().zip(src).for_each(|(&o, &v)| dst[o] = v),
+        (Data::Bool(dst), Data::Bool(src)) => offs.iter().zip(src).for_each(|(&o, &v)| dst[o] = v),
+        _ => return Err(bad("slice_update: x and update differ in type")),
+    }
+    Ok(())
+}
+
+fn gather(inp: &Inputs, x: &Value, along: bool) -> Result<Value> {
+    let idx = inp.req("indices")?.ints()?;
+    let ishape = inp.req("indices")?.shape.clone();
+    let ax = norm_axis(inp.int("axis", 0)?, x.rank())?;
+    let (outer, n, inner) = around(&x.shape, ax);
+    let check = |i: i64| -> Result<usize> {
+        let j = if i < 0 { i + n as i64 } else { i };
+        if j < 0 || j >= n as i64 {
+            return Err(bad(format!("gather index {i} out of range for a dimension of {n}")));
+        }
+        Ok(j as usize)
+    };
+    if along {
+        // gather_along_axis: indices have x's rank; output has the indices' shape.
+        let ist = strides(&ishape);
+        let xst = strides(&x.shape);
+        let mut offs = Vec::with_capacity(idx.len());
+        for (flat, &i) in idx.iter().enumerate() {
+            let mut o = 0;
+            for d in 0..ishape.len() {
+                let c = (flat / ist[d]) % ishape[d];
+                o += if d == ax { check(i)? } else { c } * xst[d];
+            }
+            offs.push(o);
+        }
+        return Ok(take(x, ishape, &offs));
+    }
+    if inp.int("batch_dims", 0)? != 0 {
+        return Err(bad("gather with batch_dims is not supported"));
+    }
+    let mut offs = Vec::with_capacity(outer * idx.len() * inner);
+    let resolved: Vec<usize> = idx.iter().map(|&i| check(i)).collect::<Result<_>>()?;
+    for o in 0..outer {
+        for &i in &resolved {
+            offs.extend((0..inner).map(|k| (o * n + i) * inner + k));
+        }
+    }
+    let mut shape = x.shape[..ax].to_vec();
+    shape.extend(&ishape);
+    shape.extend(&x.shape[ax + 1..]);
+    Ok(take(x, shape, &offs))
+}
+
+fn concat(inp: &Inputs) -> Result<Value> {
+    let values = inp.tuple("values");
+    let first = values.first().ok_or_else(|| bad("concat of nothing"))?;
+    let ax = norm_axis(inp.int("axis", 0)?, first.rank())?;
+    let outer: usize = first.shape[..ax].iter().product();
+    let mut shape = first.shape.clone();
+    shape[ax] = values.iter().map(|v| v.shape[ax]).sum();
+    let mut data = match &first.data {
+        Data::F32(_) => Data::F32(Vec::new()),
+        Data::I32(_) => Data::I32(Vec::new()),
+        Data::Bool(_) => Data::Bool(Vec::new()),
+        Data::Str(_) => return Err(bad("concat of strings")),
+    };
+    for o in 0..outer {
+        for v in &values {
+            let block: usize = v.shape[ax..].iter().product();
+            match (&mut data, &v.data) {
+                (Data::F32(d), Data::F32(s)) => d.extend_from_slice(&s[o * block..(o + 1) * block]),
+                (Data::I32(d), Data::I32(s)) => d.extend_from_slice(&s[o * block..(o + 1) * block]),
+                (Data::Bool(d), Data::Bool(s)) => d.extend_from_slice(&s[o * block..(o + 1) * block]),
+                _ => return Err(bad("concat values differ in type")),
+            }
+        }
+    }
+    Ok(Value { dtype: first.dtype, shape, data })
+}
+
+fn split(inp: &Inputs, x: &Value) -> Result<Vec<Value>> {
+    let ax = norm_axis(inp.int("axis", 0)?, x.rank())?;
+    let sizes: Vec<usize> = match inp.ints_or("split_sizes")? {
+        Some(s) => s.into_iter().map(|v| v.max(0) as usize).collect(),
+        None => {
+            let n = inp.int("num_splits", 1)?.max(1) as usize;
+            vec![x.shape[ax] / n; n]
+        }
+    };
+    let mut start = 0;
+    let mut out = Vec::new();
+    for size in sizes {
+        let dims: Vec<Vec<usize>> = (0..x.rank())
+            .map(|d| if d == ax { (start..start + size).collect() } else { (0..x.shape[d]).collect() })
+            .collect();
+        let offs = product_offsets(&dims, &x.shape);
+        out.push(take(x, dims.iter().map(|d| d.len()).collect(), &offs));
+        start += size;
+    }
+    Ok(out)
+}
+
+fn reshaped(x: &Value, shape: &[i64]) -> Result<Value> {
+    let n = x.len();
+    let mut out: Vec<usize> = Vec::with_capacity(shape.len());
+    let mut infer = None;
+    for (i, &s) in shape.iter().enumerate() {
+        match s {
+            -1 => {
+                infer = Some(i);
+                out.push(1);
+            }
+            0 => out.push(*x.shape.get(i).ok_or_else(|| bad("reshape: 0 past the input rank"))?),
+            s if s > 0 => out.push(s as usize),
+            s => return Err(bad(format!("reshape: invalid dimension {s}"))),
+        }
+    }
+    let known: usize = out.iter().product();
+    if let Some(i) = infer {
+        if known == 0 || n % known != 0 {
+            return Err(bad(format!("cannot reshape {:?} to {shape:?}", x.shape)));
+        }
+        out[i] = n / known;
+    }
+    if out.iter().product::<usize>() != n {
+        return Err(bad(format!("cannot reshape {:?} to {shape:?}", x.shape)));
+    }
+    Ok(Value { dtype: x.dtype, shape: out, data: x.data.clone() })
+}
+
+fn tile(x: &Value, reps: &[i64]) -> Result<Value> {
+    let shape: Vec<usize> = x.shape.iter().zip(reps).map(|(&d, &r)| d * r.max(0) as usize).collect();
+    let dims: Vec<Vec<usize>> = shape.iter().zip(&x.shape).map(|(&n, &d)| (0..n).map(|i| i % d).collect()).collect();
+    let offs = product_offsets(&dims, &x.shape);
+    Ok(take(x, shape, &offs))
+}
+
+fn pad(inp: &Inputs, x: &Value) -> Result<Value> {
+    let p = inp.req("pad")?.ints()?;
+    let mode =
+        inp.get("mode").map(|m| m.string().map(str::to_string)).transpose()?.unwrap_or_else(|| "constant".into());
+    if mode != "constant" {
+        return Err(bad(format!("pad mode `{mode}` is not supported")));
+    }
+    let cval = inp.float("constant_val", 0.0)?;
+    let k = p.len() / 2;
+    let first = x.rank() - k;
+    let mut shape = x.shape.clone();
+    for j in 0..k {
+        shape[first + j] = (x.shape[first + j] as i64 + p[2 * j] + p[2 * j + 1]).max(0) as usize;
+    }
+    let n: usize = shape.iter().product();
+    let ost = strides(&shape);
+    let ist = strides(&x.shape);
+    let v = x.as_f32()?;
+    let mut out = vec![cval; n];
+    for (flat, o) in out.iter_mut().enumerate() {
+        let mut src = 0i64;
+        let mut inside = true;
+        for d in 0..shape.len() {
+            let mut c = ((flat / ost[d]) % shape[d]) as i64;
+            if d >= first {
+                c -= p[2 * (d - first)];
+            }
+            if c < 0 || c >= x.shape[d] as i64 {
+                inside = false;
+                break;
+            }
+            src += c * ist[d] as i64;
+        }
+        if inside {
+            *o = v[src as usize];
+        }
+    }
+    Ok(Value::f32(x.dtype, shape, out))
+}
+
+fn select(inp: &Inputs) -> Result<Value> {
+    let (c, a, b) = (inp.req("cond")?, inp.req("a")?, inp.req("b")?);
+    let shape = broadcast_shape(&[&c.shape, &a.shape, &b.shape])?;
+    let offs = broadcast_offsets(&shape, &[&c.shape, &a.shape, &b.shape]);
+    let cv = c.as_bool()?;
+    let data = match (&a.data, &b.data) {
+        (Data::F32(x), Data::F32(y)) => {
+            Data::F32((0..offs[0].len()).map(|i| if cv[offs[0][i]] { x[offs[1][i]] } else { y[offs[2][i]] }).collect())
+        }
+        (Data::I32(x), Data::I32(y)) => {
+            Data::I32((0..offs[0].len()).map(|i| if cv[offs[0][i]] { x[offs[1][i]] } else { y[offs[2][i]] }).collect())
+        }
+        (Data::Bool(x), Data::Bool(y)) => {
+            Data::Bool((0..offs[0].len()).map(|i| if cv[offs[0][i]] { x[offs[1][i]] } else { y[offs[2][i]] }).collect())
+        }
+        _ => return Err(bad("select: a and b differ in type")),
+    };
+    Ok(Value { dtype: a.dtype, shape, data })
+}
+
+fn cast(x: &Value, to: &str) -> Result<Value> {
+    let dtype = DType::from_name(to).ok_or_else(|| bad(format!("cast to unknown dtype `{to}`")))?;
+    let v = x.to_f32_vec();
+    Ok(match dtype {
+        d if d.is_float() => Value::f32(d, x.shape.clone(), v),
+        DType::Bool => Value::bool(x.shape.clone(), v.iter().map(|&a| a != 0.0).collect()),
+        d => {
+            let (lo, hi) = d.int_range().unwrap_or((i32::MIN as i64, i32::MAX as i64));
+            let ints = match &x.data {
+                Data::I32(i) => i.clone(),
+                _ => v.iter().map(|&a| a as i32).collect(),
+            };
+            Value {
+                dtype: d,
+                shape: x.shape.clone(),
+                data: Data::I32(ints.into_iter().map(|a| (a as i64).clamp(lo, hi) as i32).collect()),
+            }
+        }
+    })
+}
+
+fn range_1d(inp: &Inputs) -> Result<Value> {
+    let (s, e, st) = (inp.req("start")?, inp.req("end")?, inp.req("step")?);
+    if let (Data::I32(a), Data::I32(b), Data::I32(c)) = (&s.data, &e.data, &st.data) {
+        let (a, b, c) = (a[0], b[0], c[0]);
+        if c == 0 {
+            return Err(bad("range_1d step 0"));
+        }
+        let mut v = Vec::new();
+        let mut i = a;
+        while (c > 0 && i < b) || (c < 0 && i > b) {
+            v.push(i);
+            i += c;
+        }
+        return Ok(Value::i32(vec![v.len()], v));
+    }
+    let (a, b, c) = (s.scalar_f32()?, e.scalar_f32()?, st.scalar_f32()?);
+    if c == 0.0 {
+        return Err(bad("range_1d step 0"));
+    }
+    let n = ((b - a) / c).ceil().max(0.0) as usize;
+    Ok(Value::f32(e.dtype, vec![n], (0..n).map(|i| a + i as f32 * c).collect()))
+}
+
+fn band_part(inp: &Inputs, x: &Value) -> Result<Value> {
+    let (lower, upper) = (inp.int("lower", -1)?, inp.int("upper", -1)?);
+    let r = x.rank();
+    let (rows, cols) = (x.shape[r - 2] as i64, x.shape[r - 1] as i64);
+    let keep: Vec<bool> = (0..x.len())
+        .map(|i| {
+            let n = (i as i64) % cols;
+            let m = (i as i64 / cols) % rows;
+            (lower < 0 || m - n <= lower) && (upper < 0 || n - m <= upper)
+        })
+        .collect();
+    Ok(match &x.data {
+        Data::F32(v) => {
+            Value::f32(x.dtype, x.shape.clone(), v.iter().zip(&keep).map(|(&a, &k)| if k { a } else { 0.0 }).collect())
+        }
+        Data::I32(v) => Value {
+            dtype: x.dtype,
+            shape: x.shape.clone(),
+            data: Data::I32(v.iter().zip(&keep).map(|(&a, &k)| if k { a } else { 0 }).collect()),
+        },
+        Data::Bool(v) => Value::bool(x.shape.clone(), v.iter().zip(&keep).map(|(&a, &k)| a && k).collect()),
+        Data::Str(_) => return Err(bad("band_part of strings")),
+    })
+}
+
+fn cumsum(inp: &Inputs, x: &Value) -> Result<Value> {
+    let ax = norm_axis(inp.int("axis", 0)?, x.rank())?;
+    let (exclusive, reverse) = (inp.boolean("exclusive", false)?, inp.boolean("reverse", false)?);
+    let (outer, n, inner) = around(&x.shape, ax);
+    let v = x.to_f32_vec();
+    let mut out = vec![0f32; v.len()];
+    for o in 0..outer {
+        for i in 0..inner {
+            let mut acc = 0f32;
+            let order: Vec<usize> = if reverse { (0..n).rev().collect() } else { (0..n).collect() };
+            for k in order {
+                let at = (o * n + k) * inner + i;
+                if exclusive {
+                    out[at] = acc;
+                    acc += v[at];
+                } else {
+                    acc += v[at];
+                    out[at] = acc;
+                }
+            }
+        }
+    }
+    if x.dtype == DType::Int32 {
+        return Ok(Value::i32(x.shape.clone(), out.into_iter().map(|a| a as i32).collect()));
+    }
+    Ok(Value::f32(x.dtype, x.shape.clone(), out))
+}
+
+fn topk(inp: &Inputs, x: &Value) -> Result<Vec<Value>> {
+    let ax = norm_axis(inp.int("axis", -1)?, x.rank())?;
+    let k = inp.int("k", 1)?.max(0) as usize;
+    let ascending = inp.boolean("ascending", false)?;
+    let (outer, n, inner) = around(&x.shape, ax);
+    let v = x.to_f32_vec();
+    let (mut vals, mut idxs) = (vec![0f32; outer * k * inner], vec![0i32; outer * k * inner]);
+    for o in 0..outer {
+        for i in 0..inner {
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| {
+                let (va, vb) = (v[(o * n + a) * inner + i], v[(o * n + b) * inner + i]);
+                let c = va.partial_cmp(&vb).unwrap_or(std::cmp::Ordering::Equal);
+                if ascending { c } else { c.reverse() }.then(a.cmp(&b))
+            });
+            for (j, &src) in order.iter().take(k).enumerate() {
+                vals[(o * k + j) * inner + i] = v[(o * n + src) * inner + i];
+                idxs[(o * k + j) * inner + i] = src as i32;
+            }
+        }
+    }
+    let mut shape = x.shape.clone();
+    shape[ax] = k;
+    let values = if x.dtype == DType::Int32 {
+        Value::i32(shape.clone(), vals.into_iter().map(|a| a as i32).collect())
+    } else {
+        Value::f32(x.dtype, shape.clone(), vals)
+    };
+    let mut out = vec![values];
+    if inp.boolean("return_indices", true)? {
+        out.push(Value::i32(shape, idxs));
+    }
+    Ok(out)
+}
+
+fn conv(inp: &Inputs, x: &Value) -> Result<Value> {
+    let w = inp.req("weight")?;
+    if x.rank() != 4 {
+        return Err(bad("only 2-D convolutions are supported"));
+    }
+    let (nb, cin, h, wd) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
+    let (cout, cin_g, kh, kw) = (w.shape[0], w.shape[1], w.shape[2], w.shape[3]);
+    let groups = inp.int("groups", 1)?.max(1) as usize;
+    let strides = inp.ints_or("strides")?.unwrap_or_else(|| vec![1, 1]);
+    let dil = inp.ints_or("dilations")?.unwrap_or_else(|| vec![1, 1]);
+    let pad_type =
+        inp.get("pad_type").map(|p| p.string().map(str::to_string)).transpose()?.unwrap_or_else(|| "valid".into());
+    let (sh, sw, dh, dw) = (strides[0] as usize, strides[1] as usize, dil[0] as usize, dil[1] as usize);
+    let (eh, ew) = (dh * (kh - 1) + 1, dw * (kw - 1) + 1);
+    let (pt, pl, oh, ow) = match pad_type.as_str() {
+        "valid" => (0, 0, (h - eh) / sh + 1, (wd - ew) / sw + 1),
+        "custom" => {
+            let p = inp.req("pad")?.ints()?;
+            let (pt, pb, pl, pr) = (p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize);
+            (pt, pl, (h + pt + pb - eh) / sh + 1, (wd + pl + pr - ew) / sw + 1)
+        }
+        "same" | "same_lower" => {
+            let (oh, ow) = (h.div_ceil(sh), wd.div_ceil(sw));
+            let th = ((oh - 1) * sh + eh).saturating_sub(h);
+            let tw = ((ow - 1) * sw + ew).saturating_sub(wd);
+            let lower = pad_type == "same_lower";
+            (if lower { th.div_ceil(2) } else { th / 2 }, if lower { tw.div_ceil(2) } else { tw / 2 }, oh, ow)
+        }
+        other => return Err(bad(format!("conv pad_type `{other}` is not supported"))),
+    };
+    if cin_g * groups != cin {
+        return Err(bad("conv: channels do not match groups"));
+    }
+    let (xv, wv) = (x.as_f32()?, w.to_f32_vec());
+    let bias = inp.get("bias").map(|b| b.to_f32_vec());
+    let cout_g = cout / groups;
+    let mut out = vec![0f32; nb * cout * oh * ow];
+    for b in 0..nb {
+        for co in 0..cout {
+            let g = co / cout_g;
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut acc = bias.as_ref().map_or(0.0, |bv| bv[co]);
+                    for ci in 0..cin_g {
+                        let cin_idx = g * cin_g + ci;
+                        for ky in 0..kh {
+                            let iy = (oy * sh + ky * dh) as i64 - pt as i64;
+                            if iy < 0 || iy >= h as i64 {
+                                continue;
+                            }
+                            for kx in 0..kw {
+                                let ix = (ox * sw + kx * dw) as i64 - pl as i64;
+                                if ix < 0 || ix >= wd as i64 {
+                                    continue;
+                                }
+                                acc += xv[((b * cin + cin_idx) * h + iy as usize) * wd + ix as usize]
+                                    * wv[((co * cin_g + ci) * kh + ky) * kw + kx];
+                            }
+                        }
+                    }
+                    out[((b * cout + co) * oh + oy) * ow + ox] = acc;
+                }
+            }
+        }
+    }
+    Ok(Value::f32(x.dtype, vec![nb, cout, oh, ow], out))
+}
+
+/// Runs one (non-state, non-constant) op.
+pub fn run(op: &str, inp: &Inputs) -> Result<Vec<Value>> {
+    let x = || inp.req("x");
+    let one = |v: Value| Ok(vec![v]);
+    match op {
+        "add" | "sub" | "mul" | "real_div" | "pow" | "maximum" | "minimum" | "floor_div" | "mod" => {
+            one(binary(op, x()?, inp.req("y")?)?)
+        }
+        "equal" | "not_equal" | "less" | "less_equal" | "greater" | "greater_equal" => {
+            one(compare(op, x()?, inp.req("y")?)?)
+        }
+        "logical_and" | "logical_or" | "logical_xor" => one(logical(op, x()?, inp.req("y")?)?),
+        "softmax" => one(softmax(x()?, inp.int("axis", -1)?)?),
+        "linear" => one(linear(x()?, inp.req("weight")?, inp.get("bias"))?),
+        "matmul" => one(matmul(inp)?),
+        "scaled_dot_product_attention" => one(sdpa(inp)?),
+        "layer_norm" => one(layer_norm(inp, x()?)?),
+        "reduce_argmax" | "reduce_argmin" => one(arg_reduce(op, inp, x()?)?),
+        o if o.starts_with("reduce_") => one(reduce(op, inp, x()?)?),
+        "reshape" => one(reshaped(x()?, &inp.req("shape")?.ints()?)?),
+        "transpose" => one(transpose(x()?, &inp.req("perm")?.ints()?)?),
+        "expand_dims" => {
+            let x = x()?;
+            let axes = inp.req("axes")?.ints()?;
+            let rank = x.rank() + axes.len();
+            let mut pos: Vec<usize> = axes.iter().map(|&a| norm_axis(a, rank)).collect::<Result<_>>()?;
+            pos.sort_unstable();
+            let mut shape = x.shape.clone();
+            for p in pos {
+                shape.insert(p, 1);
+            }
+            one(Value { shape, ..x.clone() })
+        }
+        "squeeze" => {
+            let x = x()?;
+            let shape = match inp.ints_or("axes")? {
+                Some(a) => {
+                    let axes: Vec<usize> = a.into_iter().map(|v| norm_axis(v, x.rank())).collect::<Result<_>>()?;
+                    x.shape.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect()
+                }
+                None => x.shape.iter().copied().filter(|&d| d != 1).collect(),
+            };
+            one(Value { shape, ..x.clone() })
+        }
+        "slice_by_index" => one(slice_by_index(inp, x()?)?),
+        "slice_by_size" => one(slice_by_size(inp, x()?)?),
+        "slice_update" => {
+            let mut out = x()?.clone();
+            slice_update_in_place(inp, &mut out)?;
+            one(out)
+        }
+        "gather" => one(gather(inp, x()?, false)?),
+        "gather_along_axis" => one(gather(inp, x()?, true)?),
+        "concat" => one(concat(inp)?),
+        "stack" => {
+            let ax = inp.int("axis", 0)?;
+            let values = inp.tuple("values");
+            let expanded: Vec<Arc<Value>> = values
+                .iter()
+                .map(|v| {
+                    let a = norm_axis(ax, v.rank() + 1)?;
+                    let mut shape = v.shape.clone();
+                    shape.insert(a, 1);
+                    Ok(Arc::new(Value { shape, ..(*v).clone() }))
+                })
+                .collect::<Result<_>>()?;
+            let map = BTreeMap::from([
+                ("values".to_string(), expanded),
+                ("axis".to_string(), vec![Arc::new(Value::i32(vec![], vec![ax as i32]))]),
+            ]);
+            one(concat(&Inputs { map: &map })?)
+        }
+        "split" => split(inp, x()?),
+        "tile" => one(tile(x()?, &inp.req("reps")?.ints()?)?),
+        "pad" => one(pad(inp, x()?)?),
+        "select" => one(select(inp)?),
+        "cast" => one(cast(x()?, inp.req("dtype")?.string()?)?),
+        "shape" => {
+            let x = x()?;
+            one(Value::i32(vec![x.rank()], x.shape.iter().map(|&d| d as i32).collect()))
+        }
+        "range_1d" => one(range_1d(inp)?),
+        "fill" => {
+            let shape: Vec<usize> = inp.req("shape")?.ints()?.into_iter().map(|d| d.max(0) as usize).collect();
+            let value = inp.get("value");
+            let n = shape.iter().product();
+            one(match value.map(|v| &v.data) {
+                Some(Data::I32(v)) => Value::i32(shape, vec![v[0]; n]),
+                Some(Data::Bool(v)) => Value::bool(shape, vec![v[0]; n]),
+                _ => Value::f32(value.map_or(DType::Fp32, |v| v.dtype), shape, vec![inp.float("value", 0.0)?; n]),
+            })
+        }
+        "fill_like" => {
+            let r = inp.req("ref_tensor")?;
+            let v = inp.float("value", 0.0)?;
+            one(Value::f32(inp.get("value").map_or(DType::Fp32, |v| v.dtype), r.shape.clone(), vec![v; r.len()]))
+        }
+        "band_part" => one(band_part(inp, x()?)?),
+        "cumsum" => one(cumsum(inp, x()?)?),
+        "topk" => topk(inp, x()?),
+        "conv" => one(conv(inp, x()?)?),
+        _ => one(unary(op, inp, x()?)?),
+    }
+}

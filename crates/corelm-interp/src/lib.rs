@@ -1,0 +1,664 @@
+//! A reference interpreter for Core ML ML Programs. It runs any package on the CPU — ours and
+//! coremltools' alike — so conversions can be checked without a Mac.
+//!
+//! Loading plans each function once: constants (and `constexpr_*` ops) are decoded, every
+//! variable gets a slot, and each slot is freed after its last use. KV-cache states are updated
+//! in place when a `read_state → slice_update → write_state` chain allows it. Floats are
+//! computed in f32 and rounded to fp16 wherever the program types a value fp16, so results
+//! resemble the device's.
+
+pub mod kernels;
+pub mod lm;
+pub mod value;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use corelm_format::mil::program::{Binding, Function, Operation};
+use corelm_format::model::{FeatureKind, Flexibility};
+use corelm_format::package::BlobFiles;
+use corelm_format::{DType, Dim, Package, TensorType, ValueType};
+pub use corelm_format::{Error, Result};
+
+use crate::kernels::Inputs;
+use crate::value::{Data, Value};
+
+/// Ops the interpreter runs (besides const, constexpr_*, read_state and write_state).
+pub const SUPPORTED_OPS: &[&str] = &[
+    "add",
+    "sub",
+    "mul",
+    "real_div",
+    "pow",
+    "maximum",
+    "minimum",
+    "floor_div",
+    "mod",
+    "equal",
+    "not_equal",
+    "less",
+    "less_equal",
+    "greater",
+    "greater_equal",
+    "logical_and",
+    "logical_or",
+    "logical_xor",
+    "logical_not",
+    "softmax",
+    "linear",
+    "matmul",
+    "scaled_dot_product_attention",
+    "layer_norm",
+    "reduce_argmax",
+    "reduce_argmin",
+    "reduce_mean",
+    "reduce_sum",
+    "reduce_max",
+    "reduce_min",
+    "reduce_prod",
+    "reduce_l1_norm",
+    "reduce_l2_norm",
+    "reduce_log_sum",
+    "reduce_log_sum_exp",
+    "reduce_sum_square",
+    "reshape",
+    "transpose",
+    "expand_dims",
+    "squeeze",
+    "slice_by_index",
+    "slice_by_size",
+    "slice_update",
+    "gather",
+    "gather_along_axis",
+    "concat",
+    "stack",
+    "split",
+    "tile",
+    "pad",
+    "select",
+    "cast",
+    "shape",
+    "range_1d",
+    "fill",
+    "fill_like",
+    "band_part",
+    "cumsum",
+    "topk",
+    "conv",
+    "identity",
+    "rsqrt",
+    "log",
+    "inverse",
+    "gelu",
+    "clip",
+    "sin",
+    "cos",
+    "tan",
+    "asin",
+    "acos",
+    "atan",
+    "sinh",
+    "cosh",
+    "atanh",
+    "exp",
+    "exp2",
+    "sqrt",
+    "tanh",
+    "sigmoid",
+    "silu",
+    "relu",
+    "relu6",
+    "erf",
+    "floor",
+    "ceil",
+    "round",
+    "sign",
+    "abs",
+    "square",
+    "softplus",
+    "softsign",
+];
+
+enum Src {
+    Slot(usize),
+    Const(Arc<Value>),
+}
+
+enum Kind {
+    Op(String),
+    /// `take`: move the state out (it is rewritten before anything else reads it), so the
+    /// `slice_update` that follows can work in place.
+    ReadState {
+        state: String,
+        take: bool,
+    },
+    WriteState(String),
+}
+
+struct Step {
+    kind: Kind,
+    label: String,
+    inputs: Vec<(String, Vec<Src>)>,
+    outputs: Vec<(usize, TensorType)>,
+    /// Slots whose last use is this step.
+    free: Vec<usize>,
+}
+
+struct Plan {
+    inputs: Vec<(String, usize, TensorType)>,
+    states: Vec<(String, TensorType)>,
+    steps: Vec<Step>,
+    outputs: Vec<(String, usize)>,
+    slots: usize,
+    /// Values of `const`/`constexpr_*` outputs referenced by name.
+    consts: Vec<(usize, Arc<Value>)>,
+    flexible: HashMap<String, Flexibility>,
+}
+
+/// The states of one function (KV caches), kept across predictions.
+#[derive(Default, Clone)]
+pub struct State {
+    values: BTreeMap<String, Arc<Value>>,
+}
+
+impl State {
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.values.get(name).map(|v| v.as_ref())
+    }
+}
+
+pub struct Interpreter {
+    plans: BTreeMap<String, Plan>,
+    default: String,
+}
+
+fn context(f: &str, op: &Operation) -> String {
+    format!("function `{f}`, op `{}` ({})", op.label(), op.op_type)
+}
+
+/// Evaluates a constexpr op at load time into a dense value.
+fn constexpr(op: &Operation, args: &BTreeMap<String, Arc<Value>>, out: &TensorType) -> Result<Value> {
+    let get = |n: &str| args.get(n).map(|v| v.as_ref()).ok_or_else(|| Error::invalid(format!("missing `{n}`")));
+    let shape = out.shape().ok_or_else(|| Error::invalid("constexpr output must have a fixed shape"))?;
+    let n: usize = shape.iter().product();
+    let strides = kernels::strides(&shape);
+    // Index of the (block-)parameter element for output element `flat`, per parameter shape.
+    let block_index = |flat: usize, pshape: &[usize]| -> usize {
+        let pst = kernels::strides(pshape);
+        (0..shape.len()).map(|d| ((flat / strides[d]) % shape[d]) / (shape[d] / pshape[d].max(1)).max(1) * pst[d]).sum()
+    };
+    let data: Vec<f32> = match op.op_type.as_str() {
+        "constexpr_blockwise_shift_scale" => {
+            let (d, s) = (get("data")?, get("scale")?);
+            let dv = d.to_f32_vec();
+            let sv = s.to_f32_vec();
+            let off = args.get("offset").map(|o| (o.to_f32_vec(), o.shape.clone()));
+            (0..n)
+                .map(|i| {
+                    let bi = block_index(i, &s.shape);
+                    let o = off.as_ref().map_or(0.0, |(v, sh)| v[block_index(i, sh)]);
+                    sv[bi] * (dv[i] - o)
+                })
+                .collect()
+        }
+        "constexpr_lut_to_dense" if args.contains_key("shape") => {
+            // iOS 16 form: packed uint8 indices, a per-tensor lut.
+            let lut = get("lut")?.to_f32_vec();
+            let bits = (lut.len().trailing_zeros()) as usize;
+            let raw: Vec<u8> = get("indices")?.ints()?.into_iter().map(|v| v as u8).collect();
+            let idx = corelm_format::tensor::unpack_bits(&raw, bits, n);
+            idx.into_iter().map(|i| lut[i as usize]).collect()
+        }
+        "constexpr_lut_to_dense" => {
+            let (idx, lut) = (get("indices")?, get("lut")?);
+            let iv = idx.ints()?;
+            let lv = lut.to_f32_vec();
+            let r = idx.rank();
+            let (palettes, vsize) = (lut.shape[r], lut.shape[r + 1]);
+            if vsize != 1 {
+                return Err(Error::invalid("vector palettization (VECTOR_SIZE > 1) is not supported"));
+            }
+            let groups = &lut.shape[..r];
+            let gst = kernels::strides(groups);
+            let ist = kernels::strides(&idx.shape);
+            (0..n)
+                .map(|i| {
+                    let g: usize =
+                        (0..r).map(|d| ((i / ist[d]) % idx.shape[d]) / (idx.shape[d] / groups[d]) * gst[d]).sum();
+                    lv[(g * palettes + iv[i] as usize) * vsize]
+                })
+                .collect()
+        }
+        "constexpr_affine_dequantize" => {
+            let (q, zp, sc) = (get("quantized_data")?, get("zero_point")?, get("scale")?);
+            let axis = get("axis")?.ints()?[0];
+            let ax = corelm_format::mil::ops::axis(axis, q.rank())?;
+            let (qv, zv, sv) = (q.to_f32_vec(), zp.to_f32_vec(), sc.to_f32_vec());
+            (0..n)
+                .map(|i| {
+                    let c = (i / strides[ax]) % shape[ax];
+                    let pick = |v: &[f32]| if v.len() == 1 { v[0] } else { v[c] };
+                    (qv[i] - pick(&zv)) * pick(&sv)
+                })
+                .collect()
+        }
+        "constexpr_cast" => get("source_val")?.to_f32_vec(),
+        "constexpr_sparse_to_dense" => {
+            let (nz, mask) = (get("nonzero_data")?.to_f32_vec(), get("mask")?);
+            let bits: Vec<bool> = if args.contains_key("shape") {
+                let raw: Vec<u8> = mask.ints()?.into_iter().map(|v| v as u8).collect();
+                corelm_format::tensor::unpack_bits(&raw, 1, n).into_iter().map(|b| b != 0).collect()
+            } else {
+                mask.ints()?.into_iter().map(|b| b != 0).collect()
+            };
+            let mut k = 0;
+            bits.into_iter()
+                .map(|b| {
+                    if b {
+                        k += 1;
+                        nz.get(k - 1).copied().unwrap_or(0.0)
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        }
+        other => return Err(Error::invalid(format!("`{other}` is not supported by the interpreter"))),
+    };
+    Ok(Value::f32(out.dtype, shape, data))
+}
+
+fn plan_function(pkg: &Package, fname: &str, f: &Function, files: &mut BlobFiles) -> Result<Plan> {
+    let mut slot_of: HashMap<&str, usize> = HashMap::new();
+    let mut const_values: HashMap<&str, Arc<Value>> = HashMap::new();
+    let mut next = 0usize;
+    let mut inputs = Vec::new();
+    let mut states = Vec::new();
+    for input in &f.inputs {
+        match &input.ty {
+            ValueType::Tensor(t) => {
+                slot_of.insert(&input.name, next);
+                inputs.push((input.name.clone(), next, t.clone()));
+                next += 1;
+            }
+            ValueType::State(t) => states.push((input.name.clone(), t.clone())),
+        }
+    }
+    let state_names: Vec<&str> = states.iter().map(|(n, _)| n.as_str()).collect();
+    let mut steps: Vec<Step> = Vec::new();
+    for op in &f.block.operations {
+        let ctx = || context(fname, op);
+        // Constants: decoded once, here.
+        if op.is_constant() {
+            let value = if op.op_type == "const" {
+                let val = op.attributes.get("val").ok_or_else(|| Error::invalid(format!("{}: no `val`", ctx())))?;
+                Value::from_tensor(&files.read(val).map_err(|e| e.context(ctx()))?)?
+            } else {
+                let mut args = BTreeMap::new();
+                for (param, binds) in &op.inputs {
+                    let v = match binds.first() {
+                        Some(Binding::Value(v)) => Arc::new(Value::from_tensor(&files.read(v)?)?),
+                        Some(Binding::Name(n)) => const_values
+                            .get(n.as_str())
+                            .cloned()
+                            .ok_or_else(|| Error::invalid(format!("{}: `{param}` is not a constant", ctx())))?,
+                        None => continue,
+                    };
+                    args.insert(param.clone(), v);
+                }
+                for (param, v) in &op.attributes {
+                    args.insert(param.clone(), Arc::new(Value::from_tensor(&files.read(v)?)?));
+                }
+                let out = op.outputs.first().ok_or_else(|| Error::invalid(format!("{}: no output", ctx())))?;
+                constexpr(op, &args, out.ty.tensor()).map_err(|e| e.context(ctx()))?
+            };
+            let out = op.outputs.first().ok_or_else(|| Error::invalid(format!("{}: no output", ctx())))?;
+            const_values.insert(&out.name, Arc::new(value));
+            continue;
+        }
+        let kind = match op.op_type.as_str() {
+            "read_state" | "write_state" => {
+                let state = match op.input("input") {
+                    Some(Binding::Name(n)) if state_names.contains(&n.as_str()) => n.clone(),
+                    _ => return Err(Error::invalid(format!("{}: `input` is not a state", ctx()))),
+                };
+                if op.op_type == "read_state" {
+                    Kind::ReadState { state, take: false }
+                } else {
+                    Kind::WriteState(state)
+                }
+            }
+            t if SUPPORTED_OPS.contains(&t) => Kind::Op(t.to_string()),
+            t => return Err(Error::invalid(format!("{}: the interpreter does not support op `{t}`", ctx()))),
+        };
+        let mut step_inputs = Vec::new();
+        for (param, binds) in &op.inputs {
+            if matches!(kind, Kind::ReadState { .. } | Kind::WriteState(_)) && param == "input" {
+                continue;
+            }
+            let mut srcs = Vec::new();
+            for b in binds {
+                srcs.push(match b {
+                    Binding::Name(n) => match (slot_of.get(n.as_str()), const_values.get(n.as_str())) {
+                        (Some(&s), _) => Src::Slot(s),
+                        (None, Some(c)) => Src::Const(c.clone()),
+                        (None, None) => {
+                            return Err(Error::invalid(format!("{}: `{n}` is not defined before this op", ctx())))
+                        }
+                    },
+                    Binding::Value(v) => Src::Const(Arc::new(Value::from_tensor(&files.read(v)?)?)),
+                });
+            }
+            step_inputs.push((param.clone(), srcs));
+        }
+        let mut outputs = Vec::new();
+        for o in &op.outputs {
+            slot_of.insert(&o.name, next);
+            outputs.push((next, o.ty.tensor().clone()));
+            next += 1;
+        }
+        steps.push(Step { kind, label: ctx(), inputs: step_inputs, outputs, free: vec![] });
+    }
+    let mut outputs = Vec::new();
+    let mut consts = Vec::new();
+    for name in &f.block.outputs {
+        match (slot_of.get(name.as_str()), const_values.get(name.as_str())) {
+            (Some(&s), _) => outputs.push((name.clone(), s)),
+            (None, Some(c)) => {
+                consts.push((next, c.clone()));
+                outputs.push((name.clone(), next));
+                next += 1;
+            }
+            _ => return Err(Error::invalid(format!("function `{fname}`: output `{name}` is not defined"))),
+        }
+    }
+    // Liveness: free each slot after its last reader (outputs live to the end).
+    let mut last_use: HashMap<usize, usize> = HashMap::new();
+    for (i, step) in steps.iter().enumerate() {
+        for (_, srcs) in &step.inputs {
+            for s in srcs {
+                if let Src::Slot(slot) = s {
+                    last_use.insert(*slot, i);
+                }
+            }
+        }
+        for (slot, _) in &step.outputs {
+            last_use.entry(*slot).or_insert(i);
+        }
+    }
+    for (_, s) in &outputs {
+        last_use.remove(s);
+    }
+    for (slot, i) in last_use {
+        steps[i].free.push(slot);
+    }
+    mark_in_place_state_updates(&mut steps);
+    let description = pkg.model().description.function(fname);
+    let flexible = description
+        .map(|d| {
+            d.inputs
+                .iter()
+                .filter_map(|f| match &f.kind {
+                    FeatureKind::Array(a) => Some((f.name.clone(), a.flexibility.clone())),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Plan { inputs, states, steps, outputs, slots: next, consts, flexible })
+}
+
+/// Marks `read_state` steps whose value only feeds a `slice_update` that is written back to the
+/// same state before the state is touched again: those may move the state out.
+fn mark_in_place_state_updates(steps: &mut [Step]) {
+    let readers = |slot: usize, steps: &[Step]| -> Vec<usize> {
+        steps
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                s.inputs.iter().any(|(_, srcs)| srcs.iter().any(|x| matches!(x, Src::Slot(v) if *v == slot)))
+            })
+            .map(|(i, _)| i)
+            .collect()
+    };
+    for i in 0..steps.len() {
+        let Kind::ReadState { state, .. } = &steps[i].kind else { continue };
+        let state = state.clone();
+        let out = steps[i].outputs[0].0;
+        let users = readers(out, steps);
+        let [u] = users.as_slice() else { continue };
+        let is_update = matches!(&steps[*u].kind, Kind::Op(o) if o == "slice_update")
+            && steps[*u].inputs.iter().any(|(p, s)| p == "x" && matches!(s.as_slice(), [Src::Slot(v)] if *v == out));
+        if !is_update {
+            continue;
+        }
+        let updated = steps[*u].outputs[0].0;
+        // The next step touching this state must be the write of the updated value.
+        let next_touch = steps.iter().enumerate().skip(i + 1).find(|(_, s)| match &s.kind {
+            Kind::ReadState { state: n, .. } | Kind::WriteState(n) => *n == state,
+            _ => false,
+        });
+        let writes_back = matches!(next_touch, Some((_, s)) if matches!(&s.kind, Kind::WriteState(n) if *n == state)
+            && s.inputs.iter().any(|(p, srcs)| p == "data" && matches!(srcs.as_slice(), [Src::Slot(v)] if *v == updated)));
+        if writes_back {
+            steps[i].kind = Kind::ReadState { state, take: true };
+        }
+    }
+}
+
+impl Interpreter {
+    /// Plans every function of a package.
+    pub fn load(pkg: &Package) -> Result<Interpreter> {
+        let mut files = pkg.blob_files();
+        let mut plans = BTreeMap::new();
+        for (name, f) in &pkg.model().program.functions {
+            plans.insert(name.clone(), plan_function(pkg, name, f, &mut files)?);
+        }
+        let default = pkg
+            .model()
+            .description
+            .default_function
+            .clone()
+            .or_else(|| plans.keys().next().cloned())
+            .ok_or_else(|| Error::invalid("the program has no functions"))?;
+        Ok(Interpreter { plans, default })
+    }
+
+    pub fn functions(&self) -> impl Iterator<Item = &str> {
+        self.plans.keys().map(|s| s.as_str())
+    }
+
+    pub fn default_function(&self) -> &str {
+        &self.default
+    }
+
+    fn plan(&self, function: Option<&str>) -> Result<(&str, &Plan)> {
+        let name = function.unwrap_or(&self.default);
+        self.plans.get_key_value(name).map(|(k, p)| (k.as_str(), p)).ok_or_else(|| {
+            let known: Vec<&str> = self.functions().collect();
+            Error::invalid(format!("no function `{name}`; the package has {}", known.join(", ")))
+        })
+    }
+
+    /// Input names and types of a function (non-state).
+    pub fn inputs(&self, function: Option<&str>) -> Result<Vec<(String, TensorType)>> {
+        Ok(self.plan(function)?.1.inputs.iter().map(|(n, _, t)| (n.clone(), t.clone())).collect())
+    }
+
+    /// Fresh (zeroed) states for a function.
+    pub fn new_state(&self, function: Option<&str>) -> Result<State> {
+        let (_, plan) = self.plan(function)?;
+        let mut values = BTreeMap::new();
+        for (name, t) in &plan.states {
+            let shape = t.shape().ok_or_else(|| Error::invalid(format!("state `{name}` has no fixed shape")))?;
+            values.insert(name.clone(), Arc::new(Value::zeros(t.dtype, shape)));
+        }
+        Ok(State { values })
+    }
+
+    /// Runs one prediction; states are read and updated in `state`.
+    pub fn predict(
+        &self,
+        function: Option<&str>,
+        inputs: &BTreeMap<String, Value>,
+        state: &mut State,
+    ) -> Result<BTreeMap<String, Value>> {
+        let (fname, plan) = self.plan(function)?;
+        let mut slots: Vec<Option<Arc<Value>>> = vec![None; plan.slots];
+        for name in inputs.keys() {
+            if !plan.inputs.iter().any(|(n, _, _)| n == name) {
+                let known: Vec<&str> = plan.inputs.iter().map(|(n, _, _)| n.as_str()).collect();
+                return Err(Error::invalid(format!(
+                    "`{fname}` has no input `{name}`; its inputs: {}",
+                    known.join(", ")
+                )));
+            }
+        }
+        for (name, slot, ty) in &plan.inputs {
+            let v =
+                inputs.get(name).ok_or_else(|| Error::invalid(format!("input `{name}` of `{fname}` is missing")))?;
+            check_input(name, v, ty, plan.flexible.get(name))?;
+            let mut v = v.clone();
+            if let Data::F32(d) = &mut v.data {
+                if ty.dtype == DType::Fp16 {
+                    value::round_f16(d);
+                }
+            }
+            v.dtype = ty.dtype;
+            slots[*slot] = Some(Arc::new(v));
+        }
+        for (slot, v) in &plan.consts {
+            slots[*slot] = Some(v.clone());
+        }
+        for step in &plan.steps {
+            self.run_step(step, &mut slots, state).map_err(|e| e.context(&step.label))?;
+            for &s in &step.free {
+                slots[s] = None;
+            }
+        }
+        let mut out = BTreeMap::new();
+        for (name, slot) in &plan.outputs {
+            let v = slots[*slot].take().ok_or_else(|| Error::invalid(format!("output `{name}` was not computed")))?;
+            out.insert(name.clone(), Arc::try_unwrap(v).unwrap_or_else(|a| (*a).clone()));
+        }
+        Ok(out)
+    }
+
+    fn run_step(&self, step: &Step, slots: &mut [Option<Arc<Value>>], state: &mut State) -> Result<()> {
+        match &step.kind {
+            Kind::ReadState { state: name, take } => {
+                let v = if *take { state.values.remove(name) } else { state.values.get(name).cloned() };
+                slots[step.outputs[0].0] = Some(v.ok_or_else(|| Error::invalid(format!("state `{name}` is not set")))?);
+            }
+            Kind::WriteState(name) => {
+                let data = step.inputs.iter().find(|(p, _)| p == "data").ok_or_else(|| Error::invalid("no data"))?;
+                let v = fetch(slots, &data.1[0])?;
+                state.values.insert(name.clone(), v);
+            }
+            Kind::Op(op) => {
+                // slice_update works in place on a value nobody else holds.
+                if op == "slice_update" {
+                    let x_src = &step.inputs.iter().find(|(p, _)| p == "x").ok_or_else(|| Error::invalid("no x"))?.1[0];
+                    let mut x = match x_src {
+                        Src::Slot(i) if step.free.contains(i) => {
+                            slots[*i].take().ok_or_else(|| Error::invalid("x freed"))?
+                        }
+                        s => fetch(slots, s)?,
+                    };
+                    let map = gather(step, slots, Some("x"))?;
+                    kernels::slice_update_in_place(&Inputs { map: &map }, Arc::make_mut(&mut x))?;
+                    slots[step.outputs[0].0] = Some(x);
+                    return Ok(());
+                }
+                let map = gather(step, slots, None)?;
+                let outs = kernels::run(op, &Inputs { map: &map })?;
+                if outs.len() != step.outputs.len() {
+                    return Err(Error::invalid(format!(
+                        "produced {} outputs, the program declares {}",
+                        outs.len(),
+                        step.outputs.len()
+                    )));
+                }
+                for (mut v, (slot, ty)) in outs.into_iter().zip(&step.outputs) {
+                    conform(&mut v, ty)?;
+                    slots[*slot] = Some(Arc::new(v));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn fetch(slots: &[Option<Arc<Value>>], s: &Src) -> Result<Arc<Value>> {
+    match s {
+        Src::Const(c) => Ok(c.clone()),
+        Src::Slot(i) => slots[*i].clone().ok_or_else(|| Error::invalid("a value was used after it was freed")),
+    }
+}
+
+/// The inputs of a step by parameter name, except `skip`.
+fn gather(step: &Step, slots: &[Option<Arc<Value>>], skip: Option<&str>) -> Result<BTreeMap<String, Vec<Arc<Value>>>> {
+    let mut map = BTreeMap::new();
+    for (param, srcs) in &step.inputs {
+        if Some(param.as_str()) == skip {
+            continue;
+        }
+        map.insert(param.clone(), srcs.iter().map(|s| fetch(slots, s)).collect::<Result<Vec<_>>>()?);
+    }
+    Ok(map)
+}
+
+/// Gives a kernel's result the dtype the program declares (rounding floats to fp16 where
+/// declared) and checks its shape against the declared fixed dimensions.
+fn conform(v: &mut Value, ty: &TensorType) -> Result<()> {
+    if v.rank() != ty.rank() || v.shape.iter().zip(&ty.dims).any(|(&a, d)| matches!(d, Dim::Fixed(n) if *n != a)) {
+        return Err(Error::invalid(format!("computed shape {:?}, but the program declares {ty}", v.shape)));
+    }
+    match (&mut v.data, ty.dtype) {
+        (Data::F32(d), DType::Fp16) => value::round_f16(d),
+        (Data::F32(_), d) if d.is_float() => {}
+        (Data::I32(_), d) if d.is_int() => {}
+        (Data::Bool(_), DType::Bool) | (Data::Str(_), DType::String) => {}
+        (Data::I32(i), d) if d.is_float() => {
+            let f: Vec<f32> = i.iter().map(|&x| x as f32).collect();
+            v.data = Data::F32(f);
+        }
+        _ => return Err(Error::invalid(format!("computed {}, but the program declares {}", v.dtype, ty.dtype))),
+    }
+    v.dtype = ty.dtype;
+    Ok(())
+}
+
+fn check_input(name: &str, v: &Value, ty: &TensorType, flex: Option<&Flexibility>) -> Result<()> {
+    v.check().map_err(|e| e.context(format!("input `{name}`")))?;
+    let kind_ok = match (&v.data, ty.dtype) {
+        (Data::F32(_), d) => d.is_float(),
+        (Data::I32(_), d) => d.is_int(),
+        (Data::Bool(_), DType::Bool) => true,
+        _ => false,
+    };
+    if !kind_ok {
+        return Err(Error::invalid(format!("input `{name}` must be {}, got {}", ty.dtype, v.dtype)));
+    }
+    let fits = v.rank() == ty.rank()
+        && v.shape.iter().zip(&ty.dims).all(|(&a, d)| matches!(d, Dim::Unknown) || *d == Dim::Fixed(a));
+    let allowed = match flex {
+        Some(Flexibility::Range(r)) => {
+            r.iter().zip(&v.shape).all(|(&(lo, hi), &d)| d >= lo && hi.is_none_or(|h| d <= h))
+        }
+        Some(Flexibility::Enumerated(shapes)) => shapes.contains(&v.shape),
+        _ => true,
+    };
+    if !fits || !allowed {
+        return Err(Error::invalid(format!(
+            "input `{name}` has shape {:?}; the model takes {ty}{}",
+            v.shape,
+            match flex {
+                Some(Flexibility::Range(r)) => format!(" with ranges {r:?}"),
+                Some(Flexibility::Enumerated(s)) => format!(" with shapes {s:?}"),
+                _ => String::new(),
+            }
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! Run-time values: floats computed in f32 (rounded to fp16 where the program types them fp16),
+//! integers of every width widened to i32, bools, and strings for constant parameters.
+
+use corelm_format::tensor::element_count;
+use corelm_format::{DType, Tensor};
+use half::f16;
+
+use crate::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Data {
+    F32(Vec<f32>),
+    I32(Vec<i32>),
+    Bool(Vec<bool>),
+    Str(Vec<String>),
+}
+
+/// A tensor value during execution.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Value {
+    /// The MIL dtype the program gives this value (fp16 values hold fp16-representable f32s).
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub data: Data,
+}
+
+/// Rounds every element to the nearest fp16 value (kept as f32).
+pub fn round_f16(v: &mut [f32]) {
+    for x in v {
+        *x = f16::from_f32(*x).to_f32();
+    }
+}
+
+impl Value {
+    pub fn f32(dtype: DType, shape: Vec<usize>, mut data: Vec<f32>) -> Value {
+        if dtype == DType::Fp16 {
+            round_f16(&mut data);
+        }
+        Value { dtype, shape, data: Data::F32(data) }
+    }
+
+    pub fn i32(shape: Vec<usize>, data: Vec<i32>) -> Value {
+        Value { dtype: DType::Int32, shape, data: Data::I32(data) }
+    }
+
+    pub fn bool(shape: Vec<usize>, data: Vec<bool>) -> Value {
+        Value { dtype: DType::Bool, shape, data: Data::Bool(data) }
+    }
+
+    pub fn zeros(dtype: DType, shape: Vec<usize>) -> Value {
+        let n = shape.iter().product();
+        match dtype {
+            d if d.is_float() => Value::f32(dtype, shape, vec![0.0; n]),
+            DType::Bool => Value::bool(shape, vec![false; n]),
+            _ => Value { dtype, shape, data: Data::I32(vec![0; n]) },
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    pub fn as_f32(&self) -> Result<&[f32]> {
+        match &self.data {
+            Data::F32(v) => Ok(v),
+            _ => Err(Error::invalid(format!("expected a float tensor, got {}", self.dtype))),
+        }
+    }
+
+    pub fn as_i32(&self) -> Result<&[i32]> {
+        match &self.data {
+            Data::I32(v) => Ok(v),
+            _ => Err(Error::invalid(format!("expected an integer tensor, got {}", self.dtype))),
+        }
+    }
+
+    pub fn as_bool(&self) -> Result<&[bool]> {
+        match &self.data {
+            Data::Bool(v) => Ok(v),
+            _ => Err(Error::invalid(format!("expected a bool tensor, got {}", self.dtype))),
+        }
+    }
+
+    pub fn string(&self) -> Result<&str> {
+        match &self.data {
+            Data::Str(v) if !v.is_empty() => Ok(&v[0]),
+            _ => Err(Error::invalid("expected a string")),
+        }
+    }
+
+    /// Integer or bool contents as i64 (shapes, axes, indices).
+    pub fn ints(&self) -> Result<Vec<i64>> {
+        match &self.data {
+            Data::I32(v) => Ok(v.iter().map(|&x| x as i64).collect()),
+            Data::Bool(v) => Ok(v.iter().map(|&x| x as i64).collect()),
+            Data::F32(v) => Ok(v.iter().map(|&x| x as i64).collect()),
+            Data::Str(_) => Err(Error::invalid("expected integers, got strings")),
+        }
+    }
+
+    pub fn scalar_f32(&self) -> Result<f32> {
+        match &self.data {
+            Data::F32(v) if !v.is_empty() => Ok(v[0]),
+            Data::I32(v) if !v.is_empty() => Ok(v[0] as f32),
+            _ => Err(Error::invalid("expected a numeric scalar")),
+        }
+    }
+
+    /// Elements as f32 whatever the dtype (for mixed inputs).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        match &self.data {
+            Data::F32(v) => v.clone(),
+            Data::I32(v) => v.iter().map(|&x| x as f32).collect(),
+            Data::Bool(v) => v.iter().map(|&x| x as u8 as f32).collect(),
+            Data::Str(_) => vec![],
+        }
+    }
+
+    /// Decodes a format-level constant tensor.
+    pub fn from_tensor(t: &Tensor) -> Result<Value> {
+        let shape = t.shape().to_vec();
+        let dtype = t.dtype();
+        Ok(match dtype {
+            DType::String => Value { dtype, shape, data: Data::Str(t.strings().unwrap_or(&[]).to_vec()) },
+            DType::Bool => Value::bool(shape, t.to_i64().expect("bool").into_iter().map(|v| v != 0).collect()),
+            d if d.is_float() => {
+                Value::f32(d, shape, t.to_f64().expect("float").into_iter().map(|v| v as f32).collect())
+            }
+            _ => {
+                let ints = t.to_i64().expect("integer");
+                if ints.iter().any(|&v| v < i32::MIN as i64 || v > i32::MAX as i64) {
+                    return Err(Error::invalid(format!("{dtype} constant does not fit int32")));
+                }
+                Value { dtype, shape, data: Data::I32(ints.into_iter().map(|v| v as i32).collect()) }
+            }
+        })
+    }
+
+    /// Checks an element count against the shape.
+    pub fn check(&self) -> Result<()> {
+        let n = match &self.data {
+            Data::F32(v) => v.len(),
+            Data::I32(v) => v.len(),
+            Data::Bool(v) => v.len(),
+            Data::Str(v) => v.len(),
+        };
+        if element_count(&self.shape) != Some(n) {
+            return Err(Error::invalid(format!("{n} elements for shape {:?}", self.shape)));
+        }
+        Ok(())
+    }
+}
