@@ -1,40 +1,9 @@
 //! Gemma (1), Gemma 2 (soft-capping, alternating sliding windows, sandwich norms) and Gemma 3
 //! text (five local layers per global one, two RoPE bases, q/k norms).
 
-use crate::arch::{dims, rope, token_ids};
-use crate::config::{Activation, Attention, Family, Fields, ModelConfig, Norm, Rope, RopeScaling};
+use crate::arch::{dims, global_rope, layer_attention, rope, token_ids};
+use crate::config::{Activation, Family, Fields, ModelConfig, Norm, Rope, RopeScaling};
 use crate::Result;
-
-fn layer_types(f: &Fields, family: Family, num_layers: usize) -> Result<Vec<Attention>> {
-    let window = f.opt_usize("sliding_window")?;
-    let sliding = |is: bool| match (is, window) {
-        (true, Some(w)) => Ok(Attention::Sliding(w)),
-        (true, None) => Err(f.error("sliding layers need `sliding_window`")),
-        (false, _) => Ok(Attention::Full),
-    };
-    if let Some(types) = f.opt_str_list("layer_types")? {
-        return types
-            .iter()
-            .map(|t| match *t {
-                "sliding_attention" => sliding(true),
-                "full_attention" => sliding(false),
-                other => Err(f.error(format!("unknown layer type `{other}`"))),
-            })
-            .collect();
-    }
-    (0..num_layers)
-        .map(|l| match family {
-            Family::Gemma => Ok(Attention::Full),
-            // Gemma 2: even layers slide.
-            Family::Gemma2 => sliding(l % 2 == 0),
-            // Gemma 3: every `sliding_window_pattern`-th layer is global.
-            _ => {
-                let pattern = f.opt_usize("sliding_window_pattern")?.unwrap_or(6).max(1);
-                sliding((l + 1) % pattern != 0)
-            }
-        })
-        .collect()
-}
 
 pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
     let d = dims(f)?;
@@ -46,13 +15,30 @@ pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
     };
     let later = family != Family::Gemma;
     let scalar = if later { f.opt_f64("query_pre_attn_scalar")? } else { None };
-    let global = rope(f, 10_000.0, d.head_dim, d.max_position_embeddings)?;
-    let rope_local = match (family, f.opt_f64("rope_local_base_freq")?) {
-        (Family::Gemma3, base) => {
-            Some(Rope { theta: base.unwrap_or(10_000.0), scaling: RopeScaling::None, rotary_dim: d.head_dim })
+    let global = global_rope(f, 10_000.0, &d)?;
+    // Gemma 3's local layers use their own base (`rope_local_base_freq`, or the
+    // `sliding_attention` entry of `rope_parameters`).
+    let rope_local = if family == Family::Gemma3 {
+        match rope(f, "sliding_attention", 10_000.0, d.head_dim, d.max_position_embeddings)? {
+            Some(r) if f.raw("rope_parameters").is_some() => Some(r),
+            _ => Some(Rope {
+                theta: f.opt_f64("rope_local_base_freq")?.unwrap_or(10_000.0),
+                scaling: RopeScaling::None,
+                rotary_dim: d.head_dim,
+            }),
         }
-        _ => None,
+    } else {
+        None
     };
+    let pattern =
+        f.opt_usize("sliding_window_pattern")?.or(f.opt_usize("_sliding_window_pattern")?).unwrap_or(6).max(1);
+    let layer_attention = layer_attention(f, d.num_layers, |l| match family {
+        Family::Gemma => false,
+        // Gemma 2: even layers slide.
+        Family::Gemma2 => l % 2 == 0,
+        // Gemma 3: every `pattern`-th layer is global.
+        _ => (l + 1) % pattern != 0,
+    })?;
     Ok(ModelConfig {
         family,
         vocab_size: d.vocab_size,
@@ -67,7 +53,7 @@ pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
         activation: act,
         rope: Some(global),
         rope_local,
-        layer_attention: layer_types(f, family, d.num_layers)?,
+        layer_attention,
         qkv_bias: f.opt_bool("attention_bias")?.unwrap_or(false),
         o_bias: f.opt_bool("attention_bias")?.unwrap_or(false),
         mlp_bias: false,

@@ -1,7 +1,7 @@
 //! GPT-2: learned positions, LayerNorm with biases, fused Conv1D attention (stored transposed).
 
-use crate::arch::{token_ids, uniform_attention, LayerRole, Role, Take, TensorSpec};
-use crate::config::{Activation, Family, Fields, ModelConfig, Norm};
+use crate::arch::{token_ids, LayerRole, Role, Take, TensorSpec};
+use crate::config::{Activation, Attention, Family, Fields, ModelConfig, Norm};
 use crate::Result;
 
 pub fn config(f: &Fields) -> Result<ModelConfig> {
@@ -33,7 +33,7 @@ pub fn config(f: &Fields) -> Result<ModelConfig> {
         activation,
         rope: None,
         rope_local: None,
-        layer_attention: uniform_attention(layers, None),
+        layer_attention: vec![Attention::Full; layers],
         qkv_bias: true,
         o_bias: true,
         mlp_bias: true,

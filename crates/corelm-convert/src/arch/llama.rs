@@ -1,13 +1,12 @@
 //! Llama (1, 2, 3.x with rope scaling) and Mistral (optional sliding window).
 
-use crate::arch::{dims, rope, token_ids, uniform_attention};
+use crate::arch::{dims, global_rope, layer_attention, token_ids};
 use crate::config::{Activation, Family, Fields, ModelConfig, Norm};
 use crate::Result;
 
 pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
     let d = dims(f)?;
     let (bos_token_id, eos_token_ids, pad_token_id) = token_ids(f)?;
-    let window = if family == Family::Mistral { f.opt_usize("sliding_window")? } else { None };
     let act = f.opt_str("hidden_act")?.unwrap_or("silu");
     if act != "silu" {
         return Err(crate::arch::unsupported(f, &format!("hidden_act `{act}` (llama uses silu)")));
@@ -25,9 +24,10 @@ pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
         max_position_embeddings: d.max_position_embeddings,
         norm: Norm::Rms { eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-6), add_one: false },
         activation: Activation::Silu,
-        rope: Some(rope(f, 10_000.0, d.head_dim, d.max_position_embeddings)?),
+        rope: Some(global_rope(f, 10_000.0, &d)?),
         rope_local: None,
-        layer_attention: uniform_attention(d.num_layers, window),
+        // Mistral slides every layer when a window is set; Llama never does.
+        layer_attention: layer_attention(f, d.num_layers, |_| family == Family::Mistral)?,
         qkv_bias: bias,
         o_bias: bias,
         mlp_bias: f.opt_bool("mlp_bias")?.unwrap_or(false),

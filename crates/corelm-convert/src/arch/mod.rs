@@ -169,21 +169,43 @@ fn hf_decoder_spec(config: &ModelConfig, role: Role) -> Option<TensorSpec> {
     Some(TensorSpec::whole(name))
 }
 
-/// Reads `rope_theta` and `rope_scaling` (linear, dynamic, llama3).
-pub fn rope(f: &Fields, default_theta: f64, head_dim: usize, max_positions: usize) -> Result<Rope> {
-    let theta = f.opt_f64("rope_theta")?.unwrap_or(default_theta);
-    let rotary_dim = match f.opt_f64("partial_rotary_factor")? {
+/// RoPE settings of the layers of `layer_type` (`full_attention`, `sliding_attention`), from
+/// `rope_parameters` (transformers 5: flat, or keyed by layer type) or from the older
+/// `rope_theta` + `rope_scaling` fields. `None` when the config gives nothing for that type.
+pub fn rope(
+    f: &Fields,
+    layer_type: &str,
+    default_theta: f64,
+    head_dim: usize,
+    max_positions: usize,
+) -> Result<Option<Rope>> {
+    let (theta, scaling) = match f.opt_object("rope_parameters")? {
+        Some(p) => {
+            let p = match p.opt_object(layer_type)? {
+                Some(per_type) => per_type,
+                None if p.raw("rope_theta").is_some() || p.raw("rope_type").is_some() => p,
+                None => return Ok(None),
+            };
+            (p.opt_f64("rope_theta")?, Some(p))
+        }
+        None => (f.opt_f64("rope_theta")?, f.opt_object("rope_scaling")?),
+    };
+    let partial = match scaling.as_ref().map(|s| s.opt_f64("partial_rotary_factor")).transpose()?.flatten() {
+        Some(p) => Some(p),
+        None => f.opt_f64("partial_rotary_factor")?,
+    };
+    let rotary_dim = match partial {
         Some(p) => ((head_dim as f64 * p) as usize) & !1,
         None => head_dim,
     };
-    let scaling = match f.opt_object("rope_scaling")? {
+    let scaling = match scaling {
         None => RopeScaling::None,
         Some(s) => {
             let kind = match s.opt_str("rope_type")? {
                 Some(k) => k,
                 None => s.opt_str("type")?.unwrap_or("default"),
             };
-            let factor = || s.opt_f64("factor")?.ok_or_else(|| s.error("rope_scaling needs `factor`"));
+            let factor = || s.opt_f64("factor")?.ok_or_else(|| s.error("rope scaling needs `factor`"));
             let original =
                 || -> Result<usize> { Ok(s.opt_usize("original_max_position_embeddings")?.unwrap_or(max_positions)) };
             match kind {
@@ -197,14 +219,45 @@ pub fn rope(f: &Fields, default_theta: f64, head_dim: usize, max_positions: usiz
                     original_max_position: original()?,
                 },
                 other => {
-                    return Err(
-                        s.error(format!("unsupported rope_scaling type `{other}`; supported: linear, dynamic, llama3"))
-                    )
+                    return Err(s.error(format!(
+                        "unsupported rope scaling type `{other}`; supported: default, linear, dynamic, llama3"
+                    )))
                 }
             }
         }
     };
-    Ok(Rope { theta, scaling, rotary_dim })
+    Ok(Some(Rope { theta: theta.unwrap_or(default_theta), scaling, rotary_dim }))
+}
+
+/// The global RoPE of a family that always has one.
+pub fn global_rope(f: &Fields, default_theta: f64, d: &Dims) -> Result<Rope> {
+    Ok(rope(f, "full_attention", default_theta, d.head_dim, d.max_position_embeddings)?.unwrap_or(Rope {
+        theta: default_theta,
+        scaling: RopeScaling::None,
+        rotary_dim: d.head_dim,
+    }))
+}
+
+/// Each layer's attention: from `layer_types` when the config lists them, else `fallback(layer)`
+/// (which says whether the layer slides).
+pub fn layer_attention(f: &Fields, num_layers: usize, fallback: impl Fn(usize) -> bool) -> Result<Vec<Attention>> {
+    let window = f.opt_usize("sliding_window")?;
+    let sliding = |is: bool| match (is, window) {
+        (true, Some(w)) => Ok(Attention::Sliding(w)),
+        (true, None) => Err(f.error("sliding layers need `sliding_window`")),
+        (false, _) => Ok(Attention::Full),
+    };
+    match f.opt_str_list("layer_types")? {
+        Some(types) => types
+            .iter()
+            .map(|t| match *t {
+                "sliding_attention" => sliding(true),
+                "full_attention" => sliding(false),
+                other => Err(f.error(format!("unknown layer type `{other}`"))),
+            })
+            .collect(),
+        None => (0..num_layers).map(|l| sliding(window.is_some() && fallback(l))).collect(),
+    }
 }
 
 /// The common head/size fields of Llama-like configs.
@@ -245,11 +298,6 @@ pub fn token_ids(f: &Fields) -> Result<(Option<u32>, Vec<u32>, Option<u32>)> {
         f.token_ids("eos_token_id")?,
         f.token_ids("pad_token_id")?.first().copied(),
     ))
-}
-
-/// A sliding window for every layer, or none (Mistral, Qwen2 with `use_sliding_window`).
-pub fn uniform_attention(num_layers: usize, window: Option<usize>) -> Vec<Attention> {
-    vec![window.map_or(Attention::Full, Attention::Sliding); num_layers]
 }
 
 fn check_config(f: &Fields, c: &ModelConfig) -> Result<()> {

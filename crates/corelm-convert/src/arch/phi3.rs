@@ -1,6 +1,6 @@
 //! Phi-3: fused q/k/v and gate/up projections, split into the common layout at load time.
 
-use crate::arch::{dims, rope, token_ids, uniform_attention, LayerRole, Role, Take, TensorSpec};
+use crate::arch::{dims, global_rope, layer_attention, token_ids, LayerRole, Role, Take, TensorSpec};
 use crate::config::{Activation, Family, Fields, ModelConfig, Norm};
 use crate::Result;
 
@@ -23,9 +23,9 @@ pub fn config(f: &Fields) -> Result<ModelConfig> {
         max_position_embeddings: d.max_position_embeddings,
         norm: Norm::Rms { eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-5), add_one: false },
         activation: Activation::Silu,
-        rope: Some(rope(f, 10_000.0, d.head_dim, d.max_position_embeddings)?),
+        rope: Some(global_rope(f, 10_000.0, &d)?),
         rope_local: None,
-        layer_attention: uniform_attention(d.num_layers, f.opt_usize("sliding_window")?),
+        layer_attention: layer_attention(f, d.num_layers, |_| true)?,
         qkv_bias: false,
         o_bias: false,
         mlp_bias: false,

@@ -1,24 +1,16 @@
 //! Qwen2 (q/k/v biases) and Qwen3 (q/k norms over the head dimension).
 
-use crate::arch::{dims, rope, token_ids};
-use crate::config::{Activation, Attention, Family, Fields, ModelConfig, Norm};
+use crate::arch::{dims, global_rope, layer_attention, token_ids};
+use crate::config::{Activation, Family, Fields, ModelConfig, Norm};
 use crate::Result;
 
 pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
     let d = dims(f)?;
     let (bos_token_id, eos_token_ids, pad_token_id) = token_ids(f)?;
-    // Sliding windows apply only when enabled, and then to layers from `max_window_layers` on.
-    let window = match (f.opt_bool("use_sliding_window")?.unwrap_or(false), f.opt_usize("sliding_window")?) {
-        (true, Some(w)) => Some(w),
-        _ => None,
-    };
+    // Without `layer_types`, windows apply only when enabled, and then from `max_window_layers` on.
+    let enabled = f.opt_bool("use_sliding_window")?.unwrap_or(false);
     let first_sliding = f.opt_usize("max_window_layers")?.unwrap_or(d.num_layers);
-    let layer_attention = (0..d.num_layers)
-        .map(|l| match window {
-            Some(w) if l >= first_sliding => Attention::Sliding(w),
-            _ => Attention::Full,
-        })
-        .collect();
+    let layer_attention = layer_attention(f, d.num_layers, |l| enabled && l >= first_sliding)?;
     let qwen3 = family == Family::Qwen3;
     Ok(ModelConfig {
         family,
@@ -32,7 +24,7 @@ pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
         max_position_embeddings: d.max_position_embeddings,
         norm: Norm::Rms { eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-6), add_one: false },
         activation: Activation::Silu,
-        rope: Some(rope(f, 10_000.0, d.head_dim, d.max_position_embeddings)?),
+        rope: Some(global_rope(f, 10_000.0, &d)?),
         rope_local: None,
         layer_attention,
         qkv_bias: if qwen3 { f.opt_bool("attention_bias")?.unwrap_or(false) } else { true },
