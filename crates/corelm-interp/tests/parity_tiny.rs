@@ -1,0 +1,138 @@
+//! Numerical parity with Hugging Face transformers (float32, eager attention) for a tiny
+//! random-weight checkpoint of every architecture. The checkpoints and reference outputs are
+//! made by python/make_fixtures.py and committed under tests/fixtures/tiny.
+
+use std::path::{Path, PathBuf};
+
+use corelm_convert::convert::{convert, open_source};
+use corelm_convert::graph::{AttentionImpl, GraphOptions, Precision};
+use corelm_format::{Package, Target};
+use corelm_interp::lm::{argmax, LanguageModel};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny")
+}
+
+struct Reference {
+    prompt: Vec<u32>,
+    argmax: Vec<usize>,
+    last_logits: Vec<f32>,
+    range: f32,
+    greedy: Vec<u32>,
+}
+
+fn reference(dir: &Path) -> Reference {
+    let r: Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+    let ints = |k: &str| r[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect::<Vec<_>>();
+    Reference {
+        prompt: ints("prompt_ids").into_iter().map(|v| v as u32).collect(),
+        argmax: ints("argmax").into_iter().map(|v| v as usize).collect(),
+        last_logits: r["last_logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect(),
+        range: r["logits_range"].as_f64().unwrap() as f32,
+        greedy: ints("greedy_ids").into_iter().map(|v| v as u32).collect(),
+    }
+}
+
+fn convert_tiny(
+    dir: &Path,
+    out: &Path,
+    precision: Precision,
+    attention: AttentionImpl,
+    query_lengths: Vec<usize>,
+) -> Package {
+    let source = open_source(dir).unwrap();
+    let opts = GraphOptions { target: Target::Ios18, context: 48, query_lengths, attention, precision };
+    convert(&source, out, &opts, true, &mut |_: &str, _: u64| {}).unwrap();
+    Package::open(out).unwrap()
+}
+
+struct Figures {
+    argmax_agree: usize,
+    positions: usize,
+    max_err: f32,
+    greedy_match: usize,
+}
+
+fn measure(pkg: &Package, r: &Reference) -> Figures {
+    let mut lm = LanguageModel::open(pkg).unwrap();
+    let rows = lm.feed(&r.prompt).unwrap();
+    let argmax_agree = rows.iter().zip(&r.argmax).filter(|(row, &a)| argmax(row) == a).count();
+    let last = rows.last().unwrap();
+    let max_err = last.iter().zip(&r.last_logits).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    let mut next = argmax(last) as u32;
+    let mut greedy_match = 0;
+    for (i, &want) in r.greedy.iter().enumerate() {
+        if next != want {
+            break;
+        }
+        greedy_match += 1;
+        if i + 1 < r.greedy.len() {
+            next = argmax(&lm.feed(&[next]).unwrap()[0]) as u32;
+        }
+    }
+    Figures { argmax_agree, positions: rows.len(), max_err, greedy_match }
+}
+
+#[test]
+fn every_architecture_matches_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut names: Vec<_> = std::fs::read_dir(fixtures()).unwrap().flatten().map(|e| e.path()).collect();
+    names.sort();
+    assert!(names.len() >= 9, "fixtures for every architecture expected");
+    let mut failures = Vec::new();
+    for dir in names {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let r = reference(&dir);
+        for (label, precision, attention) in [
+            ("fp32 fused", Precision::Fp32, AttentionImpl::Fused),
+            ("fp32 decomposed", Precision::Fp32, AttentionImpl::Decomposed),
+            ("fp16 fused", Precision::Fp16, AttentionImpl::Fused),
+        ] {
+            let out = tmp.path().join(format!("{name}-{}.mlpackage", label.replace(' ', "-")));
+            let pkg = convert_tiny(&dir, &out, precision, attention, vec![]);
+            let f = measure(&pkg, &r);
+            println!(
+                "{name:<20} {label:<16} argmax {}/{}  max|Δ| {:.2e} ({:.2e} of range)  greedy match {}/{}",
+                f.argmax_agree,
+                f.positions,
+                f.max_err,
+                f.max_err / r.range,
+                f.greedy_match,
+                r.greedy.len()
+            );
+            if precision == Precision::Fp32
+                && (f.argmax_agree != f.positions || f.max_err >= 1e-3 * r.range || f.greedy_match != r.greedy.len())
+            {
+                failures.push(format!("{name} {label}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "fp32 parity fails for: {failures:?}");
+}
+
+/// The logits of token t+1 after a prefill of t tokens and one decode step equal those of a
+/// prefill of t+1 tokens, for every interface corelm writes (flexible, fixed lengths).
+#[test]
+fn prefill_then_decode_equals_full_recompute() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["llama_rope_llama3", "gemma3_text", "qwen2", "phi3", "gpt2"] {
+        let dir = fixtures().join(name);
+        let r = reference(&dir);
+        for (label, lengths) in [("flexible", vec![]), ("lengths 1,4", vec![1, 4])] {
+            let out = tmp.path().join(format!("{name}-{}.mlpackage", lengths.len()));
+            let pkg = convert_tiny(&dir, &out, Precision::Fp32, AttentionImpl::Fused, lengths);
+            for t in [5, 12, 20] {
+                let mut lm = LanguageModel::open(&pkg).unwrap();
+                lm.feed(&r.prompt[..t]).unwrap();
+                let step = lm.feed(&r.prompt[t..t + 1]).unwrap().remove(0);
+                let mut full = LanguageModel::open(&pkg).unwrap();
+                let whole = full.feed(&r.prompt[..t + 1]).unwrap().pop().unwrap();
+                let scale = whole.iter().map(|v| v.abs()).fold(0.0, f32::max);
+                let err = step.iter().zip(&whole).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                println!("{name:<20} {label:<12} t={t:<3} max|Δ| {err:.2e} ({:.2e} relative)", err / scale);
+                assert!(err < 1e-4 * scale, "{name} {label} t={t}: decode differs from recompute by {err}");
+            }
+        }
+    }
+}
