@@ -9,6 +9,25 @@ use corelm_format::inspect::Report;
 use corelm_format::mil::printer::program_text;
 use corelm_format::Package;
 
+/// Writes to stdout; a closed pipe (`corelm ... | head`) ends the output quietly.
+macro_rules! emit {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        if let Err(e) = write!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
+macro_rules! emitln {
+    ($($arg:tt)*) => {{
+        emit!($($arg)*);
+        emit!("\n");
+    }};
+}
+
 #[derive(Parser)]
 #[command(name = "corelm", version, about = "Large language models to Core ML ML Programs, without Python")]
 struct Cli {
@@ -32,6 +51,20 @@ enum Command {
         /// Print the program as MIL text.
         #[arg(long, conflicts_with = "json")]
         mil: bool,
+    },
+    /// Run a sequence of predictions sharing one state on the reference interpreter.
+    Predict {
+        /// The .mlpackage folder.
+        package: PathBuf,
+        /// JSON list of calls, each mapping input names to {"shape", "dtype", "data"}.
+        #[arg(long)]
+        calls: PathBuf,
+        /// Function to run (multifunction models); default: the package's default.
+        #[arg(long)]
+        function: Option<String>,
+        /// Print JSON (the default output is JSON too, pretty-printed).
+        #[arg(long)]
+        json: bool,
     },
     /// Run a language model package on the reference interpreter: prefill, then greedy decode.
     Run {
@@ -159,9 +192,9 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
         .with_context(|| format!("cannot convert {}", args.source.display()))?;
     bar.finish_and_clear();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        emitln!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        println!(
+        emitln!(
             "{}: {} ({} parameters, {} layers, context {}), {:.1} MB in {:.1} s",
             summary.output.display(),
             summary.architecture,
@@ -185,16 +218,39 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Inspect { package, json, mil } => {
             let pkg = open(&package)?;
             if mil {
-                print!("{}", program_text(&pkg.model().program));
+                emit!("{}", program_text(&pkg.model().program));
                 return Ok(ExitCode::SUCCESS);
             }
             let report = Report::new(&pkg)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                emitln!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{report}");
+                emit!("{report}");
             }
             Ok(if report.issues.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Predict { package, calls, function, json } => {
+            let pkg = open(&package)?;
+            let interp =
+                corelm_interp::Interpreter::load(&pkg).with_context(|| format!("cannot run {}", package.display()))?;
+            let text = std::fs::read(&calls).with_context(|| format!("cannot read {}", calls.display()))?;
+            let calls_json: serde_json::Value =
+                serde_json::from_slice(&text).with_context(|| format!("{}: not valid JSON", calls.display()))?;
+            let list = calls_json
+                .as_array()
+                .ok_or_else(|| anyhow::anyhow!("{}: expected a JSON list of calls", calls.display()))?;
+            let mut state = interp.new_state(function.as_deref())?;
+            let mut results = Vec::new();
+            for (i, call) in list.iter().enumerate() {
+                let inputs = corelm_interp::json::inputs_from_json(call)
+                    .with_context(|| format!("{}: call {i}", calls.display()))?;
+                let out =
+                    interp.predict(function.as_deref(), &inputs, &mut state).with_context(|| format!("call {i}"))?;
+                results.push(corelm_interp::json::outputs_to_json(&out));
+            }
+            let out = serde_json::Value::Array(results);
+            emitln!("{}", if json { serde_json::to_string(&out)? } else { serde_json::to_string_pretty(&out)? });
+            Ok(ExitCode::SUCCESS)
         }
         Command::Run { package, ids, max_new_tokens, temperature, logits, json } => {
             if temperature != 0.0 {
@@ -228,9 +284,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 if logits {
                     out["logits"] = serde_json::json!(last);
                 }
-                println!("{}", serde_json::to_string(&out)?);
+                emitln!("{}", serde_json::to_string(&out)?);
             } else {
-                println!("{}", generated.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","));
+                emitln!("{}", generated.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","));
                 eprintln!(
                     "prefill {} tokens in {:.2} s, decode {} tokens in {:.2} s",
                     ids.len(),
@@ -253,11 +309,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 if !json {
                     match (&error, issues.is_empty()) {
                         (Some(e), _) => eprintln!("{}: error: {e}", path.display()),
-                        (None, true) => println!("{}: valid", path.display()),
+                        (None, true) => emitln!("{}: valid", path.display()),
                         (None, false) => {
-                            println!("{}: {} problem(s)", path.display(), issues.len());
+                            emitln!("{}: {} problem(s)", path.display(), issues.len());
                             for i in &issues {
-                                println!("  {i}");
+                                emitln!("  {i}");
                             }
                         }
                     }
@@ -270,7 +326,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }));
             }
             if json {
-                println!("{}", serde_json::to_string_pretty(&results)?);
+                emitln!("{}", serde_json::to_string_pretty(&results)?);
             }
             Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }

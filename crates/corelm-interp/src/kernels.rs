@@ -535,6 +535,52 @@ fn sgemm(
     });
 }
 
+/// Up to this many rows, `linear` reads each weight row once for all of them instead of packing
+/// the weight for a matrix product (decode is memory bound: the weight is the traffic).
+const GEMV_ROWS: usize = 8;
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent accumulators let the compiler vectorise the loop.
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for i in 0..chunks {
+        for k in 0..8 {
+            acc[k] += a[i * 8 + k] * b[i * 8 + k];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        sum += a[i] * b[i];
+    }
+    sum
+}
+
+/// out[m×n] = x[m×k] · w[n×k]ᵀ for a few rows, parallel over blocks of weight rows.
+fn gemv(m: usize, k: usize, n: usize, x: &[f32], w: &[f32], out: &mut [f32]) {
+    const BLOCK: usize = 16;
+    let results: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(BLOCK))
+        .into_par_iter()
+        .map(|b| {
+            let rows = b * BLOCK..((b + 1) * BLOCK).min(n);
+            let mut r = vec![0f32; m * rows.len()];
+            for (j, row) in rows.clone().enumerate() {
+                let wr = &w[row * k..(row + 1) * k];
+                for i in 0..m {
+                    r[i * rows.len() + j] = dot(&x[i * k..(i + 1) * k], wr);
+                }
+            }
+            (b, r)
+        })
+        .collect();
+    for (b, r) in results {
+        let start = b * BLOCK;
+        let width = r.len() / m.max(1);
+        for i in 0..m {
+            out[i * n + start..i * n + start + width].copy_from_slice(&r[i * width..(i + 1) * width]);
+        }
+    }
+}
+
 fn linear(x: &Value, w: &Value, b: Option<&Value>) -> Result<Value> {
     let (dout, din) = match w.shape.as_slice() {
         [o, i] => (*o, *i),
@@ -545,7 +591,12 @@ fn linear(x: &Value, w: &Value, b: Option<&Value>) -> Result<Value> {
     }
     let m = x.len() / din;
     let mut out = vec![0f32; m * dout];
-    sgemm(m, din, dout, x.as_f32()?, din as isize, 1, w.as_f32()?, 1, din as isize, &mut out);
+    let (xv, wv) = (x.as_f32()?, w.as_f32()?);
+    if m <= GEMV_ROWS {
+        gemv(m, din, dout, xv, wv, &mut out);
+    } else {
+        sgemm(m, din, dout, xv, din as isize, 1, wv, 1, din as isize, &mut out);
+    }
     if let Some(b) = b {
         let bv = b.as_f32()?;
         out.par_chunks_mut(dout).for_each(|row| row.iter_mut().zip(bv).for_each(|(o, b)| *o += b));

@@ -7,6 +7,7 @@
 //! computed in f32 and rounded to fp16 wherever the program types a value fp16, so results
 //! resemble the device's.
 
+pub mod json;
 pub mod kernels;
 pub mod lm;
 pub mod value;
