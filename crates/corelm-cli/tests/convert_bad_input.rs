@@ -206,3 +206,58 @@ fn unsupported_tensor_dtype() {
         "tensor `model.norm.weight` is I32; corelm reads F32, F16 and BF16",
     );
 }
+
+/// A minimal GGUF v3 file: one string key (the architecture) and one tensor of type `ty`.
+fn tiny_gguf(path: &Path, ty: u32) {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(1u64.to_le_bytes()); // tensors
+    b.extend(1u64.to_le_bytes()); // metadata entries
+    let string = |b: &mut Vec<u8>, s: &str| {
+        b.extend((s.len() as u64).to_le_bytes());
+        b.extend(s.as_bytes());
+    };
+    string(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes()); // string value
+    string(&mut b, "llama");
+    string(&mut b, "token_embd.weight");
+    b.extend(1u32.to_le_bytes());
+    b.extend(32u64.to_le_bytes());
+    b.extend(ty.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    while b.len() % 32 != 0 {
+        b.push(0);
+    }
+    b.extend([0u8; 128]);
+    fs::write(path, b).unwrap();
+}
+
+#[test]
+fn gguf_with_an_unknown_quant_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("odd.gguf");
+    tiny_gguf(&gguf, 99);
+    assert_rejected(dir.path(), &gguf, "odd.gguf", "tensor 'token_embd.weight' has unknown ggml type id 99");
+}
+
+#[test]
+fn truncated_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("cut.gguf");
+    tiny_gguf(&gguf, 0);
+    let bytes = fs::read(&gguf).unwrap();
+    fs::write(&gguf, &bytes[..40]).unwrap();
+    assert_rejected(dir.path(), &gguf, "cut.gguf", "cannot fit in the 16 bytes left in the file");
+}
+
+#[test]
+fn gguf_of_an_unsupported_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("m.gguf");
+    tiny_gguf(&gguf, 0);
+    let mut patched = fs::read(&gguf).unwrap();
+    let at = patched.windows(5).position(|w| w == b"llama").unwrap();
+    patched[at..at + 5].copy_from_slice(b"mamba");
+    fs::write(&gguf, patched).unwrap();
+    assert_rejected(dir.path(), &gguf, "m.gguf", "unsupported GGUF architecture `mamba`; supported: llama, qwen2");
+}
