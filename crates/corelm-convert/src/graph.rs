@@ -396,12 +396,20 @@ pub fn build_function(
     let cache_shape = [c.num_layers, 1, c.num_kv_heads, ctx, c.head_dim];
     // iOS 18 keeps the caches as states; older targets pass them in and return them updated.
     let stateful = opts.target.supports_states();
-    let (key_cache, value_cache) = if stateful {
-        (g.f.state("keyCache", &cache_shape)?, g.f.state("valueCache", &cache_shape)?)
-    } else {
-        let fixed = || InputShape::Fixed(cache_shape.to_vec());
-        (g.f.input("keyCache", DType::Fp16, fixed())?, g.f.input("valueCache", DType::Fp16, fixed())?)
-    };
+    // States are fp16 only, so fp32 compute keeps each cache as an fp16 pair (value, residual):
+    // 22 significant bits, enough that the cache adds no error beyond fp32 arithmetic. Tensor
+    // caches (inputs/outputs) simply take the compute dtype.
+    let split_cache = stateful && dt == DType::Fp32;
+    let mut caches: Vec<Vec<Var>> = Vec::new();
+    for name in ["keyCache", "valueCache"] {
+        caches.push(if !stateful {
+            vec![g.f.input(name, dt, InputShape::Fixed(cache_shape.to_vec()))?]
+        } else if split_cache {
+            vec![g.f.state(name, &cache_shape)?, g.f.state(&format!("{name}Residual"), &cache_shape)?]
+        } else {
+            vec![g.f.state(name, &cache_shape)?]
+        });
+    }
     let mut updated_layers: [Vec<Var>; 2] = [Vec::new(), Vec::new()];
 
     // Positions: end = mask.shape[3], start = end − N (flexible), or a `position` input (fixed).
@@ -521,20 +529,10 @@ pub fn build_function(
         }
     }
 
-    // Attention reads cache positions [0, end) when the query length is flexible; with fixed
-    // shapes it reads the whole context and the mask hides what is not written yet.
-    let read_end = match query_len {
-        None => {
-            let head = g.f.constant("read_end_head", Tensor::from_i32(vec![2], &[1, c.num_kv_heads as i32])?)?;
-            let tail = g.f.constant("read_end_tail", Tensor::from_i32(vec![1], &[c.head_dim as i32])?)?;
-            Some(g.op(
-                "concat",
-                "read_end",
-                vec![("values", Arg::Tuple(vec![&head, &positions.end, &tail])), ("axis", scalar_i32(0))],
-            )?)
-        }
-        Some(_) => None,
-    };
+    // Attention reads this layer's cache rows for positions [0, key_end): the written part when
+    // the query length is flexible, the whole context when shapes are fixed (the mask hides what
+    // is not written yet). One slice per layer and cache, ending at (index+1, 1, kv, key_end, hd).
+    let mut read_ends: HashMap<usize, Var> = HashMap::new();
     // For tensor caches: pad amounts placing this call's rows at [start, end) of the context,
     // and which context positions this call writes.
     let (positions_pad, positions_in_call) = if stateful {
@@ -607,83 +605,117 @@ pub fn build_function(
             vec![("values", Arg::Tuple(vec![&ehead, &positions.end, &etail])), ("axis", scalar_i32(0))],
         )?;
         let mut layer_kv = Vec::new();
-        for (i, (tag, cache, val)) in [("k", &key_cache, &k), ("v", &value_cache, &v)].into_iter().enumerate() {
+        for (i, (tag, val)) in [("k", &k), ("v", &v)].into_iter().enumerate() {
             let upd = g.op("expand_dims", &format!("{p}_{tag}_upd5"), vec![("x", val.into()), ("axes", i32s(&[0]))])?;
-            let upd = g.cast(&upd, DType::Fp16, &format!("{p}_{tag}_upd"))?;
-            let layer_range = |g: &mut Graph, x: &Var| {
-                g.op(
-                    "slice_by_index",
-                    &format!("{p}_{tag}_layer5"),
-                    vec![
-                        ("x", x.into()),
-                        ("begin", i32s(&[l as i32, 0, 0, 0, 0])),
-                        ("end", i32s(&[l as i32 + 1, 1, c.num_kv_heads as i32, ctx as i32, c.head_dim as i32])),
-                    ],
-                )
-            };
-            let layer = if stateful {
-                let old = g.op("read_state", &format!("{p}_{tag}_old"), vec![("input", cache.into())])?;
-                let new = g.op(
-                    "slice_update",
-                    &format!("{p}_{tag}_new"),
-                    vec![
-                        ("x", (&old).into()),
-                        ("update", (&upd).into()),
-                        ("begin", (&begin).into()),
-                        ("end", (&end).into()),
-                    ],
-                )?;
-                g.f.op(
-                    "write_state",
-                    &format!("{p}_{tag}_store"),
-                    vec![("input", cache.into()), ("data", (&new).into())],
-                )?;
-                layer_range(&mut g, &new)?
-            } else {
-                // Without slice_update: pad the new rows out to the context and select them
-                // where positions fall in [start, end).
-                let old = layer_range(&mut g, cache)?;
-                let pads = positions_pad.as_ref().expect("built for tensor caches");
-                let rows = g.op("pad", &format!("{p}_{tag}_rows"), vec![("x", (&upd).into()), ("pad", pads.into())])?;
-                let in_call = positions_in_call.as_ref().expect("built for tensor caches");
-                let merged = g.op(
-                    "select",
-                    &format!("{p}_{tag}_merged"),
-                    vec![("cond", in_call.into()), ("a", (&rows).into()), ("b", (&old).into())],
-                )?;
-                // The runtime pad amounts hide the shape from type inference; restate it.
-                let merged = g.op(
-                    "reshape",
-                    &format!("{p}_{tag}_written"),
-                    vec![
-                        ("x", (&merged).into()),
-                        ("shape", i32s(&[1, 1, c.num_kv_heads as i32, ctx as i32, c.head_dim as i32])),
-                    ],
-                )?;
-                updated_layers[i].push(merged.clone());
-                merged
-            };
-            let mut seen = g.op(
-                "reshape",
-                &format!("{p}_{tag}_layer"),
-                vec![
-                    ("x", (&layer).into()),
-                    ("shape", i32s(&[1, c.num_kv_heads as i32, ctx as i32, c.head_dim as i32])),
-                ],
-            )?;
-            if let Some(read_end) = &read_end {
-                seen = g.op(
-                    "slice_by_index",
-                    &format!("{p}_{tag}_seen16"),
-                    vec![
-                        ("x", (&seen).into()),
-                        ("begin", i32s(&[0, 0, 0, 0])),
-                        ("end", read_end.into()),
-                        ("end_mask", Arg::Tensor(Tensor::from_bools(vec![4], &[true, true, false, true])?)),
-                    ],
-                )?;
+            let cache_dtype = if stateful { DType::Fp16 } else { dt };
+            let hi = g.cast(&upd, cache_dtype, &format!("{p}_{tag}_upd"))?;
+            let mut parts = vec![hi.clone()];
+            if split_cache {
+                let back = g.cast(&hi, DType::Fp32, &format!("{p}_{tag}_upd_back"))?;
+                let rest =
+                    g.op("sub", &format!("{p}_{tag}_upd_rest"), vec![("x", (&upd).into()), ("y", (&back).into())])?;
+                parts.push(g.cast(&rest, DType::Fp16, &format!("{p}_{tag}_upd_lo"))?);
             }
-            layer_kv.push(g.cast(&seen, dt, &format!("{p}_{tag}_seen"))?);
+            let mut seen_parts = Vec::new();
+            for (part, (upd, cache)) in parts.iter().zip(&caches[i]).enumerate() {
+                let tag = if part == 0 { tag.to_string() } else { format!("{tag}_lo") };
+                let layer_range = |g: &mut Graph, x: &Var| {
+                    g.op(
+                        "slice_by_index",
+                        &format!("{p}_{tag}_layer5"),
+                        vec![
+                            ("x", x.into()),
+                            ("begin", i32s(&[l as i32, 0, 0, 0, 0])),
+                            ("end", i32s(&[l as i32 + 1, 1, c.num_kv_heads as i32, ctx as i32, c.head_dim as i32])),
+                        ],
+                    )
+                };
+                let layer = if stateful {
+                    let old = g.op("read_state", &format!("{p}_{tag}_old"), vec![("input", cache.into())])?;
+                    let new = g.op(
+                        "slice_update",
+                        &format!("{p}_{tag}_new"),
+                        vec![
+                            ("x", (&old).into()),
+                            ("update", upd.into()),
+                            ("begin", (&begin).into()),
+                            ("end", (&end).into()),
+                        ],
+                    )?;
+                    g.f.op(
+                        "write_state",
+                        &format!("{p}_{tag}_store"),
+                        vec![("input", cache.into()), ("data", (&new).into())],
+                    )?;
+                    new
+                } else {
+                    // Without slice_update: pad the new rows out to the context and select them
+                    // where positions fall in [start, end).
+                    let old = layer_range(&mut g, cache)?;
+                    let pads = positions_pad.as_ref().expect("built for tensor caches");
+                    let rows =
+                        g.op("pad", &format!("{p}_{tag}_rows"), vec![("x", upd.into()), ("pad", pads.into())])?;
+                    let in_call = positions_in_call.as_ref().expect("built for tensor caches");
+                    let merged = g.op(
+                        "select",
+                        &format!("{p}_{tag}_merged"),
+                        vec![("cond", in_call.into()), ("a", (&rows).into()), ("b", (&old).into())],
+                    )?;
+                    // The runtime pad amounts hide the shape from type inference; restate it.
+                    let merged = g.op(
+                        "reshape",
+                        &format!("{p}_{tag}_written"),
+                        vec![
+                            ("x", (&merged).into()),
+                            ("shape", i32s(&[1, 1, c.num_kv_heads as i32, ctx as i32, c.head_dim as i32])),
+                        ],
+                    )?;
+                    updated_layers[i].push(merged.clone());
+                    merged
+                };
+                // The stateful cache holds every layer; a merged tensor cache row holds just this one.
+                let index = if stateful { l } else { 0 };
+                let read_end = match read_ends.get(&index) {
+                    Some(v) => v.clone(),
+                    None => {
+                        let head = g.f.constant(
+                            &format!("read_end_{index}"),
+                            Tensor::from_i32(vec![3], &[index as i32 + 1, 1, c.num_kv_heads as i32])?,
+                        )?;
+                        let tail = g.f.constant("read_end_tail", Tensor::from_i32(vec![1], &[c.head_dim as i32])?)?;
+                        let v = g.op(
+                            "concat",
+                            &format!("read_end_{index}_all"),
+                            vec![
+                                ("values", Arg::Tuple(vec![&head, &positions.key_end, &tail])),
+                                ("axis", scalar_i32(0)),
+                            ],
+                        )?;
+                        read_ends.insert(index, v.clone());
+                        v
+                    }
+                };
+                let seen = g.op(
+                    "slice_by_index",
+                    &format!("{p}_{tag}_seen5"),
+                    vec![
+                        ("x", (&layer).into()),
+                        ("begin", i32s(&[index as i32, 0, 0, 0, 0])),
+                        ("end", (&read_end).into()),
+                    ],
+                )?;
+                let seen = g.op(
+                    "reshape",
+                    &format!("{p}_{tag}_seen16"),
+                    vec![("x", (&seen).into()), ("shape", i32s(&[1, c.num_kv_heads as i32, -1, c.head_dim as i32]))],
+                )?;
+                seen_parts.push(g.cast(&seen, dt, &format!("{p}_{tag}_seen"))?);
+            }
+            layer_kv.push(match seen_parts.as_slice() {
+                [one] => one.clone(),
+                [hi, lo] => g.op("add", &format!("{p}_{tag}_seen_sum"), vec![("x", hi.into()), ("y", lo.into())])?,
+                _ => unreachable!("one or two cache parts"),
+            });
         }
         let (keys, values) = (layer_kv[0].clone(), layer_kv[1].clone());
 

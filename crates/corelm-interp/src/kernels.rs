@@ -769,6 +769,24 @@ fn layer_norm(inp: &Inputs, x: &Value) -> Result<Value> {
     Ok(Value::f32(x.dtype, x.shape.clone(), out))
 }
 
+/// Copies runs `[start, start + run)` of `x` into a new value of `shape`.
+fn take_runs(x: &Value, shape: Vec<usize>, starts: &[usize], run: usize) -> Value {
+    fn copy<T: Clone>(v: &[T], starts: &[usize], run: usize) -> Vec<T> {
+        let mut out = Vec::with_capacity(starts.len() * run);
+        for &s in starts {
+            out.extend_from_slice(&v[s..s + run]);
+        }
+        out
+    }
+    let data = match &x.data {
+        Data::F32(v) => Data::F32(copy(v, starts, run)),
+        Data::I32(v) => Data::I32(copy(v, starts, run)),
+        Data::Bool(v) => Data::Bool(copy(v, starts, run)),
+        Data::Str(v) => Data::Str(copy(v, starts, run)),
+    };
+    Value { dtype: x.dtype, shape, data }
+}
+
 /// Gathers elements of `x` at flat source offsets.
 fn take(x: &Value, shape: Vec<usize>, idx: &[usize]) -> Value {
     let data = match &x.data {
@@ -864,6 +882,34 @@ fn slice_indices(inp: &Inputs, shape: &[usize]) -> Result<(Vec<Vec<usize>>, Vec<
     Ok((dims, sm))
 }
 
+/// The cartesian product of per-dimension index lists as contiguous runs `(start, len)`:
+/// trailing dimensions taken whole, and a trailing consecutive range, merge into one run.
+fn product_runs(dims: &[Vec<usize>], shape: &[usize]) -> (Vec<usize>, usize) {
+    let st = strides(shape);
+    let mut split = dims.len();
+    let mut run = 1;
+    while split > 0 {
+        let d = split - 1;
+        let list = &dims[d];
+        let consecutive = list.windows(2).all(|w| w[1] == w[0] + 1);
+        if !consecutive {
+            break;
+        }
+        run *= list.len();
+        split = d;
+        if list.len() != shape[d] {
+            break;
+        }
+    }
+    if split == dims.len() {
+        return (product_offsets(dims, shape), 1);
+    }
+    let first = dims[split].first().copied().unwrap_or(0) * st[split];
+    let block = st[split] * shape[split];
+    let starts = product_offsets(&dims[..split], &shape[..split]).into_iter().map(|o| o * block + first).collect();
+    (starts, run)
+}
+
 /// Flat offsets of the cartesian product of per-dimension index lists.
 fn product_offsets(dims: &[Vec<usize>], shape: &[usize]) -> Vec<usize> {
     let st = strides(shape);
@@ -882,9 +928,9 @@ fn product_offsets(dims: &[Vec<usize>], shape: &[usize]) -> Vec<usize> {
 
 fn slice_by_index(inp: &Inputs, x: &Value) -> Result<Value> {
     let (dims, squeeze) = slice_indices(inp, &x.shape)?;
-    let offs = product_offsets(&dims, &x.shape);
+    let (starts, run) = product_runs(&dims, &x.shape);
     let shape = dims.iter().zip(&squeeze).filter(|(_, &s)| !s).map(|(d, _)| d.len()).collect();
-    Ok(take(x, shape, &offs))
+    Ok(take_runs(x, shape, &starts, run))
 }
 
 fn slice_by_size(inp: &Inputs, x: &Value) -> Result<Value> {
@@ -905,15 +951,20 @@ fn slice_by_size(inp: &Inputs, x: &Value) -> Result<Value> {
 pub fn slice_update_in_place(inp: &Inputs, x: &mut Value) -> Result<()> {
     let upd = inp.req("update")?;
     let (dims, squeeze) = slice_indices(inp, &x.shape)?;
-    let offs = product_offsets(&dims, &x.shape);
+    let (starts, run) = product_runs(&dims, &x.shape);
     let expected: Vec<usize> = dims.iter().zip(&squeeze).filter(|(_, &s)| !s).map(|(d, _)| d.len()).collect();
     if expected != upd.shape {
         return Err(bad(format!("update {:?} does not match the slice {expected:?}", upd.shape)));
     }
+    fn put<T: Copy>(dst: &mut [T], src: &[T], starts: &[usize], run: usize) {
+        for (i, &s) in starts.iter().enumerate() {
+            dst[s..s + run].copy_from_slice(&src[i * run..(i + 1) * run]);
+        }
+    }
     match (&mut x.data, &upd.data) {
-        (Data::F32(dst), Data::F32(src)) => offs.iter().zip(src).for_each(|(&o, &v)| dst[o] = v),
-        (Data::I32(dst), Data::I32(src)) => offs.iter().zip(src).for_each(|(&o, &v)| dst[o] = v),
-        (Data::Bool(dst), Data::Bool(src)) => offs.iter().zip(src).for_each(|(&o, &v)| dst[o] = v),
+        (Data::F32(dst), Data::F32(src)) => put(dst, src, &starts, run),
+        (Data::I32(dst), Data::I32(src)) => put(dst, src, &starts, run),
+        (Data::Bool(dst), Data::Bool(src)) => put(dst, src, &starts, run),
         _ => return Err(bad("slice_update: x and update differ in type")),
     }
     Ok(())
@@ -965,10 +1016,20 @@ fn gather(inp: &Inputs, x: &Value, along: bool) -> Result<Value> {
 fn concat(inp: &Inputs) -> Result<Value> {
     let values = inp.tuple("values");
     let first = values.first().ok_or_else(|| bad("concat of nothing"))?;
-    let ax = norm_axis(inp.int("axis", 0)?, first.rank())?;
-    let outer: usize = first.shape[..ax].iter().product();
-    let mut shape = first.shape.clone();
-    shape[ax] = values.iter().map(|v| v.shape[ax]).sum();
+    if inp.boolean("interleave", false)? && values.len() > 1 {
+        return Err(bad("concat with interleave is not supported"));
+    }
+    // coremltools concatenates scalars as length-1 vectors (e.g. the `end` of a dynamic slice).
+    let shapes: Vec<&[usize]> = values.iter().map(|v| if v.rank() == 0 { &[1][..] } else { &v.shape[..] }).collect();
+    let ax = norm_axis(inp.int("axis", 0)?, shapes[0].len())?;
+    if let Some(s) = shapes.iter().find(|s| {
+        s.len() != shapes[0].len() || s.iter().zip(shapes[0]).enumerate().any(|(d, (a, b))| d != ax && a != b)
+    }) {
+        return Err(bad(format!("concat of shapes {:?} and {s:?} along axis {ax}", shapes[0])));
+    }
+    let outer: usize = shapes[0][..ax].iter().product();
+    let mut shape = shapes[0].to_vec();
+    shape[ax] = shapes.iter().map(|s| s[ax]).sum();
     let mut data = match &first.data {
         Data::F32(_) => Data::F32(Vec::new()),
         Data::I32(_) => Data::I32(Vec::new()),
@@ -976,8 +1037,8 @@ fn concat(inp: &Inputs) -> Result<Value> {
         Data::Str(_) => return Err(bad("concat of strings")),
     };
     for o in 0..outer {
-        for v in &values {
-            let block: usize = v.shape[ax..].iter().product();
+        for (v, s) in values.iter().zip(&shapes) {
+            let block: usize = s[ax..].iter().product();
             match (&mut data, &v.data) {
                 (Data::F32(d), Data::F32(s)) => d.extend_from_slice(&s[o * block..(o + 1) * block]),
                 (Data::I32(d), Data::I32(s)) => d.extend_from_slice(&s[o * block..(o + 1) * block]),
@@ -1004,8 +1065,8 @@ fn split(inp: &Inputs, x: &Value) -> Result<Vec<Value>> {
         let dims: Vec<Vec<usize>> = (0..x.rank())
             .map(|d| if d == ax { (start..start + size).collect() } else { (0..x.shape[d]).collect() })
             .collect();
-        let offs = product_offsets(&dims, &x.shape);
-        out.push(take(x, dims.iter().map(|d| d.len()).collect(), &offs));
+        let (starts, run) = product_runs(&dims, &x.shape);
+        out.push(take_runs(x, dims.iter().map(|d| d.len()).collect(), &starts, run));
         start += size;
     }
     Ok(out)
@@ -1304,6 +1365,28 @@ fn conv(inp: &Inputs, x: &Value) -> Result<Value> {
         }
     }
     Ok(Value::f32(x.dtype, vec![nb, cout, oh, ow], out))
+}
+
+/// Ops that only move values around: their fp16 outputs need no rounding.
+pub fn moves_values(op: &str) -> bool {
+    matches!(
+        op,
+        "reshape"
+            | "transpose"
+            | "expand_dims"
+            | "squeeze"
+            | "slice_by_index"
+            | "slice_by_size"
+            | "slice_update"
+            | "gather"
+            | "gather_along_axis"
+            | "concat"
+            | "stack"
+            | "split"
+            | "tile"
+            | "identity"
+            | "select"
+    )
 }
 
 /// Runs one (non-state, non-constant) op.

@@ -580,8 +580,9 @@ impl Interpreter {
                         step.outputs.len()
                     )));
                 }
+                let round = !kernels::moves_values(op);
                 for (mut v, (slot, ty)) in outs.into_iter().zip(&step.outputs) {
-                    conform(&mut v, ty)?;
+                    conform(&mut v, ty, round)?;
                     slots[*slot] = Some(Arc::new(v));
                 }
             }
@@ -611,12 +612,13 @@ fn gather(step: &Step, slots: &[Option<Arc<Value>>], skip: Option<&str>) -> Resu
 
 /// Gives a kernel's result the dtype the program declares (rounding floats to fp16 where
 /// declared) and checks its shape against the declared fixed dimensions.
-fn conform(v: &mut Value, ty: &TensorType) -> Result<()> {
+fn conform(v: &mut Value, ty: &TensorType, round: bool) -> Result<()> {
     if v.rank() != ty.rank() || v.shape.iter().zip(&ty.dims).any(|(&a, d)| matches!(d, Dim::Fixed(n) if *n != a)) {
         return Err(Error::invalid(format!("computed shape {:?}, but the program declares {ty}", v.shape)));
     }
     match (&mut v.data, ty.dtype) {
-        (Data::F32(d), DType::Fp16) => value::round_f16(d),
+        (Data::F32(d), DType::Fp16) if round || v.dtype != DType::Fp16 => value::round_f16(d),
+        (Data::F32(_), DType::Fp16) => {}
         (Data::F32(_), d) if d.is_float() => {}
         (Data::I32(_), d) if d.is_int() => {}
         (Data::Bool(_), DType::Bool) | (Data::Str(_), DType::String) => {}

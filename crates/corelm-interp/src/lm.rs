@@ -97,8 +97,10 @@ impl LanguageModel {
         self.state = self.interp.new_state(function.as_deref())?;
         if let Interface::TensorCaches = self.interface {
             let inputs = self.interp.inputs(None)?;
-            let shape = inputs.iter().find(|(n, _)| n == "keyCache").and_then(|(_, t)| t.shape()).unwrap_or_default();
-            self.caches = Some((Value::zeros(DType::Fp16, shape.clone()), Value::zeros(DType::Fp16, shape)));
+            let cache = inputs.iter().find(|(n, _)| n == "keyCache").map(|(_, t)| t.clone());
+            let cache = cache.ok_or_else(|| Error::invalid("no keyCache input"))?;
+            let shape = cache.shape().ok_or_else(|| Error::invalid("keyCache needs a fixed shape"))?;
+            self.caches = Some((Value::zeros(cache.dtype, shape.clone()), Value::zeros(cache.dtype, shape)));
         }
         Ok(())
     }
