@@ -86,6 +86,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare a package with a float32 conversion of its source on the same text: top-1
+    /// agreement, max logit error, KL divergence and both perplexities.
+    Verify {
+        /// The .mlpackage folder to check.
+        package: PathBuf,
+        /// The source it was converted from (model folder or .gguf).
+        #[arg(long)]
+        against: PathBuf,
+        /// Text to score (default: a built-in public-domain paragraph).
+        #[arg(long)]
+        text: Option<PathBuf>,
+        /// Tokens of the text to use at most.
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check packages against the format rules; exits 1 if any problem is found.
     Validate {
         /// One or more .mlpackage folders.
@@ -208,6 +226,67 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The opening of "A Tale of Two Cities" (Charles Dickens, 1859; public domain).
+const DEFAULT_TEXT: &str = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, it was the season of Darkness, it was the spring of hope, it was the winter of despair, we had everything before us, we had nothing before us, we were all going direct to Heaven, we were all going direct the other way - in short, the period was so far like the present period, that some of its noisiest authorities insisted on its being received, for good or for evil, in the superlative degree of comparison only.";
+
+fn verify(
+    package: &PathBuf,
+    against: &std::path::Path,
+    text: Option<PathBuf>,
+    max_tokens: usize,
+    json: bool,
+) -> Result<ExitCode> {
+    use corelm_convert::graph::{AttentionImpl, GraphOptions, Precision};
+    use corelm_interp::lm::LanguageModel;
+    let pkg = open(package)?;
+    let mut lm = LanguageModel::open(&pkg).with_context(|| format!("cannot run {}", package.display()))?;
+    let tokenizer = corelm_runtime::tokenizer::Tokenizer::from_package(&pkg)?;
+    let text = match &text {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+        None => DEFAULT_TEXT.to_string(),
+    };
+    let mut tokens = tokenizer.encode(&text, true)?;
+    tokens.truncate(max_tokens.min(lm.context()));
+    if tokens.len() < 2 {
+        anyhow::bail!("the text gives fewer than two tokens");
+    }
+    let source = corelm_convert::convert::open_source(against)
+        .with_context(|| format!("cannot read model {}", against.display()))?;
+    let scratch = std::env::temp_dir().join(format!("corelm-verify-{}", std::process::id()));
+    let reference_path = scratch.join("reference.mlpackage");
+    let opts = GraphOptions {
+        target: corelm_format::Target::Ios18,
+        context: tokens.len(),
+        query_lengths: vec![],
+        attention: AttentionImpl::Fused,
+        precision: Precision::Fp32,
+    };
+    let result = (|| -> Result<corelm_runtime::verify::Agreement> {
+        corelm_convert::convert::convert(&source, &reference_path, &opts, true, &mut |_: &str, _: u64| {})?;
+        let reference = Package::open(&reference_path)?;
+        let mut ref_lm = LanguageModel::open(&reference)?;
+        let want = ref_lm.feed(&tokens)?;
+        let got = lm.feed(&tokens)?;
+        Ok(corelm_runtime::verify::compare(&tokens, &got, &want))
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    let a = result.with_context(|| format!("cannot verify against {}", against.display()))?;
+    if json {
+        emitln!("{}", serde_json::to_string_pretty(&a)?);
+    } else {
+        emitln!(
+            "{} tokens: top-1 agreement {:.2}%, max |logit error| {:.4}, mean KL {:.2e} nats, perplexity {:.3} (package) vs {:.3} (float32 reference)",
+            a.positions,
+            a.top1_agreement * 100.0,
+            a.max_abs_logit_error,
+            a.mean_kl,
+            a.perplexity_package,
+            a.perplexity_reference
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn open(path: &PathBuf) -> Result<Package> {
     Package::open(path).with_context(|| format!("cannot read package {}", path.display()))
 }
@@ -296,6 +375,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { package, against, text, max_tokens, json } => {
+            verify(&package, &against, text, max_tokens, json)
         }
         Command::Validate { packages, json } => {
             let mut results = Vec::new();

@@ -198,5 +198,21 @@ fn real_gguf_models_convert_and_load_in_coremltools() {
     let smol_cfg: Value =
         serde_json::from_slice(&std::fs::read(smol.join("Data/ai.corelm/tokenizer_config.json")).unwrap()).unwrap();
     assert!(smol_cfg["chat_template"].as_str().is_some_and(|t| t.contains("im_start")));
+    // verify: the fp16 package against a float32 conversion of the same GGUF.
+    let (code, stdout, stderr) = corelm(&[
+        "verify",
+        smol.to_str().unwrap(),
+        "--against",
+        model("SmolLM2-135M-Instruct.Q4_1.gguf").to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    println!("verify SmolLM2 fp16 vs fp32: {v}");
+    assert!(v["positions"].as_u64().unwrap() > 100);
+    assert!(v["top1_agreement"].as_f64().unwrap() >= 0.97, "{v}");
+    assert!(v["mean_kl"].as_f64().unwrap() < 1e-3, "{v}");
+    let (p, r) = (v["perplexity_package"].as_f64().unwrap(), v["perplexity_reference"].as_f64().unwrap());
+    assert!((p / r - 1.0).abs() < 0.02, "{v}");
     coremltools_accepts(&[smol, gemma]);
 }

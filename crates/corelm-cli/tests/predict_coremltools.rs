@@ -256,3 +256,11 @@ fn unsupported_op_is_named() {
     assert!(!text.contains("panicked"), "{text}");
     assert!(text.contains("does not support op `fancy_op`"), "{text}");
 }
+
+#[test]
+fn coremltools_packages_pass_our_validator() {
+    for pkg in ["stateful_torch.mlpackage", "stateful_torch_fp32.mlpackage"] {
+        let out = corelm(&["validate", fixtures().join(pkg).to_str().unwrap()]);
+        assert_eq!(out.code, 0, "{pkg}: {}{}", out.stdout, out.stderr);
+    }
+}

@@ -381,15 +381,20 @@ fn gather_nd(a: &Args) -> Result<Vec<TensorType>> {
 }
 
 fn concat(a: &Args) -> Result<Vec<TensorType>> {
-    let values = a.tuple("values");
-    let first = &values.first().ok_or_else(|| bad("concat needs at least one value"))?.ty;
+    // coremltools concatenates scalars as length-1 vectors.
+    let values: Vec<TensorType> = a
+        .tuple("values")
+        .iter()
+        .map(|v| if v.ty.rank() == 0 { TensorType::new(v.ty.dtype, vec![Dim::Fixed(1)]) } else { v.ty.clone() })
+        .collect();
+    let first = values.first().ok_or_else(|| bad("concat needs at least one value"))?;
     let ax = axis(a.const_ints("axis")?[0], first.rank())?;
     let mut total = Some(0usize);
-    for v in values {
-        if v.ty.rank() != first.rank() || v.ty.dtype != first.dtype {
-            return Err(bad(format!("concat values differ in rank or dtype: {} vs {first}", v.ty)));
+    for v in &values {
+        if v.rank() != first.rank() || v.dtype != first.dtype {
+            return Err(bad(format!("concat values differ in rank or dtype: {v} vs {first}")));
         }
-        total = match (total, v.ty.dims[ax]) {
+        total = match (total, v.dims[ax]) {
             (Some(t), Dim::Fixed(n)) => Some(t + n),
             _ => None,
         };

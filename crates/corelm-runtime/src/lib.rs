@@ -1,0 +1,7 @@
+//! What turns a converted model into a text generator, meant to be embedded in apps: the
+//! tokenizer shipped inside the package, and measurements over token streams.
+
+pub mod tokenizer;
+pub mod verify;
+
+pub use corelm_format::{Error, Result};

@@ -1,0 +1,45 @@
+//! The Hugging Face tokenizer shipped inside a package (`Data/ai.corelm/tokenizer.json`).
+
+use std::path::Path;
+
+use corelm_format::Package;
+
+use crate::{Error, Result};
+
+/// Where conversions store the tokenizer inside a package.
+pub const TOKENIZER_PATH: &str = "Data/ai.corelm/tokenizer.json";
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl Tokenizer {
+    pub fn from_file(path: &Path) -> Result<Tokenizer> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::malformed(path, format!("not a usable tokenizer.json: {e}")))?;
+        Ok(Tokenizer { inner })
+    }
+
+    /// The tokenizer a corelm conversion put in the package.
+    pub fn from_package(pkg: &Package) -> Result<Tokenizer> {
+        let path = pkg.path().join(TOKENIZER_PATH);
+        if !path.is_file() {
+            return Err(Error::malformed(pkg.path(), "the package carries no tokenizer.json (Data/ai.corelm/)"));
+        }
+        Tokenizer::from_file(&path)
+    }
+
+    /// Token ids of `text`; `special` adds the tokenizer's BOS/EOS template.
+    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
+        Ok(self
+            .inner
+            .encode(text, special)
+            .map_err(|e| Error::invalid(format!("cannot tokenize: {e}")))?
+            .get_ids()
+            .to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special).map_err(|e| Error::invalid(format!("cannot decode: {e}")))
+    }
+}
