@@ -138,12 +138,25 @@ struct ConvertArgs {
     /// Compute precision.
     #[arg(long, value_enum, default_value_t = PrecisionArg::Fp16)]
     precision: PrecisionArg,
+    /// Quantize linear layers and embeddings (symmetric, fp16 scales): int8 per output channel,
+    /// int4 per block of input columns.
+    #[arg(long, value_enum)]
+    quantize: Option<QuantizeArg>,
+    /// Input columns sharing one int4 scale.
+    #[arg(long, default_value_t = 32)]
+    block_size: usize,
     /// Replace an existing output.
     #[arg(long)]
     force: bool,
     /// Print a JSON summary instead of the progress bar and text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum QuantizeArg {
+    Int8,
+    Int4,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -167,6 +180,7 @@ enum PrecisionArg {
 
 fn convert(args: ConvertArgs) -> Result<ExitCode> {
     use corelm_convert::graph::{AttentionImpl, GraphOptions, Precision};
+    use corelm_convert::quantize::Quantization;
     let target = match args.target {
         TargetArg::Ios16 => corelm_format::Target::Ios16,
         TargetArg::Ios17 => corelm_format::Target::Ios17,
@@ -183,6 +197,11 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
         precision: match args.precision {
             PrecisionArg::Fp16 => Precision::Fp16,
             PrecisionArg::Fp32 => Precision::Fp32,
+        },
+        quantize: match args.quantize {
+            None => None,
+            Some(QuantizeArg::Int8) => Some(Quantization::Int8),
+            Some(QuantizeArg::Int4) => Some(Quantization::Int4 { block: args.block_size }),
         },
     };
     let source = corelm_convert::convert::open_source(&args.source)
@@ -260,6 +279,7 @@ fn verify(
         query_lengths: vec![],
         attention: AttentionImpl::Fused,
         precision: Precision::Fp32,
+        quantize: None,
     };
     let result = (|| -> Result<corelm_runtime::verify::Agreement> {
         corelm_convert::convert::convert(&source, &reference_path, &opts, true, &mut |_: &str, _: u64| {})?;

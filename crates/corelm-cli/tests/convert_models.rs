@@ -118,6 +118,8 @@ fn every_tiny_architecture_converts_and_loads_in_coremltools() {
         ("fp32", vec!["--precision", "fp32"]),
         ("ios17", vec!["--target", "ios17"]),
         ("ios16", vec!["--target", "ios16"]),
+        ("int8", vec!["--quantize", "int8"]),
+        ("int4", vec!["--quantize", "int4", "--block-size", "16"]),
     ] {
         let out = tmp.path().join(format!("llama-{tag}.mlpackage"));
         let mut args = vec!["--context", "32"];
@@ -133,6 +135,11 @@ fn every_tiny_architecture_converts_and_loads_in_coremltools() {
                 let f = &report["functions"]["length_8"];
                 assert_eq!(f["inputs"][1]["shape"], serde_json::json!([1, 1, 8, 32]));
                 assert_eq!(f["inputs"][2]["name"], "position");
+            }
+            "int8" | "int4" => {
+                let ops = &report["functions"]["main"]["op_histogram"];
+                assert!(ops["constexpr_blockwise_shift_scale"].as_u64().unwrap() >= 7, "{ops}");
+                assert!(report["weights"]["bytes_by_dtype"][tag].as_u64().unwrap() > 0);
             }
             "ios17" | "ios16" => {
                 let f = &report["functions"]["main"];

@@ -14,6 +14,7 @@ use half::f16;
 use crate::arch::{tensor_spec, LayerRole, Role};
 use crate::checkpoint::{load, Checkpoint};
 use crate::config::{Activation, Attention, ModelConfig, Norm, Rope};
+use crate::quantize::Quantization;
 use crate::{Error, Result};
 use corelm_format::mil::builder::Arg;
 use corelm_format::mil::program::Function;
@@ -55,11 +56,20 @@ pub struct GraphOptions {
     pub query_lengths: Vec<usize>,
     pub attention: AttentionImpl,
     pub precision: Precision,
+    /// Quantize the linear layers and embeddings; `None` keeps them in the compute precision.
+    pub quantize: Option<Quantization>,
 }
 
 /// Everything the graph reads from the weight files, stored once and shared by all functions.
+/// A weight as stored: plain, or quantized (integer data and per-block scales).
+#[derive(Clone)]
+enum Stored {
+    Plain(BlobRef),
+    Quantized { data: BlobRef, scale: BlobRef },
+}
+
 pub struct StoredWeights {
-    tensors: HashMap<Role, BlobRef>,
+    tensors: HashMap<Role, Stored>,
     rope: Option<(BlobRef, BlobRef)>,
     rope_local: Option<(BlobRef, BlobRef)>,
 }
@@ -110,6 +120,12 @@ pub fn roles(c: &ModelConfig) -> Vec<Role> {
     roles
 }
 
+/// Weights that feed `linear` (or the embedding gather) and may be quantized.
+fn is_matrix(role: Role) -> bool {
+    use LayerRole::*;
+    matches!(role, Role::Embed | Role::LmHead | Role::Layer(_, Q | K | V | O | Gate | Up | Down))
+}
+
 fn is_norm(role: Role) -> bool {
     use LayerRole::*;
     matches!(
@@ -143,7 +159,7 @@ pub fn store_weights(
 ) -> Result<StoredWeights> {
     let dtype = opts.precision.dtype();
     let mut tensors = HashMap::new();
-    let mut by_name: HashMap<String, BlobRef> = HashMap::new();
+    let mut by_name: HashMap<String, Stored> = HashMap::new();
     for role in roles(c) {
         let Some(spec) = tensor_spec(c, role) else { continue };
         let key = format!("{}{:?}", spec.name, spec.take);
@@ -157,18 +173,29 @@ pub fn store_weights(
         if add_one && is_norm(role) {
             data.iter_mut().for_each(|v| *v += 1.0);
         }
-        // Encode straight to storage bytes: the f32 copy and the encoded copy are the only
-        // two of this tensor in memory, and only until it is written.
-        let t = if is_norm(role) || dtype == DType::Fp32 {
-            Tensor::from_f32(shape, &data)?
-        } else {
-            Tensor::from_bytes(DType::Fp16, shape, data.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect())?
+        let bytes_before = store.bytes_written();
+        let stored = match opts.quantize {
+            Some(q) if is_matrix(role) => {
+                let (data_t, scale_t) = crate::quantize::quantize(&shape, &data, q, dtype)?;
+                drop(data);
+                Stored::Quantized { data: store.store(&data_t)?, scale: store.store(&scale_t)? }
+            }
+            _ => {
+                // Encode straight to storage bytes: the f32 copy and the encoded copy are the
+                // only two of this tensor in memory, and only until it is written.
+                let t = if is_norm(role) || dtype == DType::Fp32 {
+                    Tensor::from_f32(shape, &data)?
+                } else {
+                    let bytes = data.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect();
+                    Tensor::from_bytes(DType::Fp16, shape, bytes)?
+                };
+                drop(data);
+                Stored::Plain(store.store(&t)?)
+            }
         };
-        drop(data);
-        let blob = store.store(&t)?;
-        progress.tensor_done(&spec.name, t.bytes().len() as u64);
-        by_name.insert(key, blob.clone());
-        tensors.insert(role, blob);
+        progress.tensor_done(&spec.name, store.bytes_written() - bytes_before);
+        by_name.insert(key, stored.clone());
+        tensors.insert(role, stored);
     }
     let rope = match &c.rope {
         Some(r) => Some(rope_tables(store, r, opts.context, dtype)?),
@@ -210,12 +237,20 @@ impl Graph<'_, '_> {
         if let Some(v) = self.weights.get(&role) {
             return Ok(Some(v.clone()));
         }
-        let Some(blob) = self.w.tensors.get(&role) else { return Ok(None) };
+        let Some(stored) = self.w.tensors.get(&role) else { return Ok(None) };
         let name = match role {
             Role::Layer(l, r) => format!("layers_{l}_{r:?}"),
             other => format!("{other:?}"),
+        }
+        .to_lowercase();
+        let v = match stored {
+            Stored::Plain(blob) => self.f.weight(&name, blob),
+            Stored::Quantized { data, scale } => self.f.op1(
+                "constexpr_blockwise_shift_scale",
+                &name,
+                vec![("data", Arg::Blob(data)), ("scale", Arg::Blob(scale))],
+            )?,
         };
-        let v = self.f.weight(&name.to_lowercase(), blob);
         self.weights.insert(role, v.clone());
         Ok(Some(v))
     }

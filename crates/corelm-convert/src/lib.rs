@@ -8,6 +8,7 @@ pub mod convert;
 pub mod gguf;
 pub mod gguf_source;
 pub mod graph;
+pub mod quantize;
 pub mod rope;
 
 pub use corelm_format::{Error, Result};

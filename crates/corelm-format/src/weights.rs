@@ -88,6 +88,11 @@ impl WeightStore {
         })
     }
 
+    /// Bytes written to all weight files so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.finished.iter().map(|(_, n)| n).sum::<u64>() + self.current.as_ref().map_or(0, |(_, w)| w.len())
+    }
+
     /// Closes the files; returns each file name and size. A store that received no blob
     /// still writes an empty `weight.bin`, as coremltools does.
     pub fn finish(mut self) -> Result<Vec<(String, u64)>> {

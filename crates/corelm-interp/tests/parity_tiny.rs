@@ -42,7 +42,7 @@ fn convert_tiny(
     query_lengths: Vec<usize>,
 ) -> Package {
     let source = open_source(dir).unwrap();
-    let opts = GraphOptions { target: Target::Ios18, context: 48, query_lengths, attention, precision };
+    let opts = GraphOptions { target: Target::Ios18, context: 48, query_lengths, attention, precision, quantize: None };
     convert(&source, out, &opts, true, &mut |_: &str, _: u64| {}).unwrap();
     Package::open(out).unwrap()
 }
