@@ -82,6 +82,7 @@ pub fn outputs_to_json(out: &BTreeMap<String, Value>) -> Json {
             Data::I32(d) => d.iter().map(|&x| json!(x)).collect(),
             Data::Bool(d) => d.iter().map(|&x| json!(x)).collect(),
             Data::Str(d) => d.iter().map(|x| json!(x)).collect(),
+            Data::Packed(p) => p.dense().into_iter().map(float_json).collect(),
         };
         m.insert(name.clone(), json!({"shape": v.shape, "dtype": v.dtype.name(), "data": data}));
     }

@@ -8,7 +8,7 @@ use corelm_format::mil::ops::broadcast as broadcast_dims;
 use corelm_format::{DType, Dim};
 use rayon::prelude::*;
 
-use crate::value::{Data, Value};
+use crate::value::{Data, Packed, Value};
 use crate::{Error, Result};
 
 /// The inputs of one op invocation.
@@ -244,6 +244,9 @@ fn erf(x: f32) -> f32 {
 }
 
 fn unary(op: &str, inp: &Inputs, x: &Value) -> Result<Value> {
+    if op == "identity" {
+        return Ok(x.clone());
+    }
     if let Data::I32(v) = &x.data {
         let f: fn(i32) -> i32 = match op {
             "abs" => |a| a.wrapping_abs(),
@@ -581,9 +584,64 @@ fn gemv(m: usize, k: usize, n: usize, x: &[f32], w: &[f32], out: &mut [f32]) {
     }
 }
 
+/// out[m×n] = x[m×k] · wᵀ for a compressed w[n×k], expanding weight rows a block at a time.
+fn packed_matmul(m: usize, k: usize, n: usize, x: &[f32], w: &Packed, out: &mut [f32]) {
+    // Few rows (decode): one pass over the weight. Many rows (prefill): expand a block of weight
+    // rows and multiply it as a matrix.
+    let block = if m <= GEMV_ROWS { 16 } else { 128 };
+    let results: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(block))
+        .into_par_iter()
+        .map(|b| {
+            let rows = b * block..((b + 1) * block).min(n);
+            let width = rows.len();
+            let mut expanded = vec![0f32; width * k];
+            for (j, r) in rows.enumerate() {
+                w.row_into(r, &mut expanded[j * k..(j + 1) * k]);
+            }
+            let mut part = vec![0f32; m * width];
+            if m <= GEMV_ROWS {
+                for j in 0..width {
+                    for i in 0..m {
+                        part[i * width + j] = dot(&x[i * k..(i + 1) * k], &expanded[j * k..(j + 1) * k]);
+                    }
+                }
+            } else {
+                // SAFETY: row-major views sized m×k, width×k and m×width.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        m,
+                        k,
+                        width,
+                        1.0,
+                        x.as_ptr(),
+                        k as isize,
+                        1,
+                        expanded.as_ptr(),
+                        1,
+                        k as isize,
+                        0.0,
+                        part.as_mut_ptr(),
+                        width as isize,
+                        1,
+                    );
+                }
+            }
+            (b, part)
+        })
+        .collect();
+    for (b, part) in results {
+        let start = b * block;
+        let width = part.len() / m.max(1);
+        for i in 0..m {
+            out[i * n + start..i * n + start + width].copy_from_slice(&part[i * width..(i + 1) * width]);
+        }
+    }
+}
+
 fn linear(x: &Value, w: &Value, b: Option<&Value>) -> Result<Value> {
-    let (dout, din) = match w.shape.as_slice() {
-        [o, i] => (*o, *i),
+    let (dout, din) = match (&w.data, w.shape.as_slice()) {
+        (Data::Packed(p), _) => (p.rows(), p.cols()),
+        (_, [o, i]) => (*o, *i),
         _ => return Err(bad("linear weight must be rank 2")),
     };
     if x.shape.last() != Some(&din) {
@@ -591,15 +649,15 @@ fn linear(x: &Value, w: &Value, b: Option<&Value>) -> Result<Value> {
     }
     let m = x.len() / din;
     let mut out = vec![0f32; m * dout];
-    let (xv, wv) = (x.as_f32()?, w.as_f32()?);
-    if m <= GEMV_ROWS {
-        gemv(m, din, dout, xv, wv, &mut out);
-    } else {
-        sgemm(m, din, dout, xv, din as isize, 1, wv, 1, din as isize, &mut out);
+    let xv = x.as_f32()?;
+    match &w.data {
+        Data::Packed(p) => packed_matmul(m, din, dout, xv, p, &mut out),
+        _ if m <= GEMV_ROWS => gemv(m, din, dout, xv, w.as_f32()?, &mut out),
+        _ => sgemm(m, din, dout, xv, din as isize, 1, w.as_f32()?, 1, din as isize, &mut out),
     }
     if let Some(b) = b {
-        let bv = b.as_f32()?;
-        out.par_chunks_mut(dout).for_each(|row| row.iter_mut().zip(bv).for_each(|(o, b)| *o += b));
+        let bv = b.to_f32_vec();
+        out.par_chunks_mut(dout).for_each(|row| row.iter_mut().zip(&bv).for_each(|(o, b)| *o += b));
     }
     let mut shape = x.shape.clone();
     *shape.last_mut().expect("rank >= 1") = dout;
@@ -783,6 +841,7 @@ fn take_runs(x: &Value, shape: Vec<usize>, starts: &[usize], run: usize) -> Valu
         Data::I32(v) => Data::I32(copy(v, starts, run)),
         Data::Bool(v) => Data::Bool(copy(v, starts, run)),
         Data::Str(v) => Data::Str(copy(v, starts, run)),
+        Data::Packed(p) => Data::F32(copy(&p.dense(), starts, run)),
     };
     Value { dtype: x.dtype, shape, data }
 }
@@ -794,6 +853,10 @@ fn take(x: &Value, shape: Vec<usize>, idx: &[usize]) -> Value {
         Data::I32(v) => Data::I32(idx.iter().map(|&i| v[i]).collect()),
         Data::Bool(v) => Data::Bool(idx.iter().map(|&i| v[i]).collect()),
         Data::Str(v) => Data::Str(idx.iter().map(|&i| v[i].clone()).collect()),
+        Data::Packed(p) => {
+            let dense = p.dense();
+            Data::F32(idx.iter().map(|&i| dense[i]).collect())
+        }
     };
     Value { dtype: x.dtype, shape, data }
 }
@@ -1000,6 +1063,17 @@ fn gather(inp: &Inputs, x: &Value, along: bool) -> Result<Value> {
     if inp.int("batch_dims", 0)? != 0 {
         return Err(bad("gather with batch_dims is not supported"));
     }
+    if let (Data::Packed(p), 0) = (&x.data, ax) {
+        // Embedding lookup in a compressed table: expand just the rows asked for.
+        let cols = p.cols();
+        let mut data = vec![0f32; idx.len() * cols];
+        for (j, &i) in idx.iter().enumerate() {
+            p.row_into(check(i)?, &mut data[j * cols..(j + 1) * cols]);
+        }
+        let mut shape = ishape.clone();
+        shape.extend(&x.shape[1..]);
+        return Ok(Value::f32(x.dtype, shape, data));
+    }
     let mut offs = Vec::with_capacity(outer * idx.len() * inner);
     let resolved: Vec<usize> = idx.iter().map(|&i| check(i)).collect::<Result<_>>()?;
     for o in 0..outer {
@@ -1034,7 +1108,7 @@ fn concat(inp: &Inputs) -> Result<Value> {
         Data::F32(_) => Data::F32(Vec::new()),
         Data::I32(_) => Data::I32(Vec::new()),
         Data::Bool(_) => Data::Bool(Vec::new()),
-        Data::Str(_) => return Err(bad("concat of strings")),
+        Data::Str(_) | Data::Packed(_) => return Err(bad("concat of strings or compressed weights")),
     };
     for o in 0..outer {
         for (v, s) in values.iter().zip(&shapes) {
@@ -1232,7 +1306,7 @@ fn band_part(inp: &Inputs, x: &Value) -> Result<Value> {
             data: Data::I32(v.iter().zip(&keep).map(|(&a, &k)| if k { a } else { 0 }).collect()),
         },
         Data::Bool(v) => Value::bool(x.shape.clone(), v.iter().zip(&keep).map(|(&a, &k)| a && k).collect()),
-        Data::Str(_) => return Err(bad("band_part of strings")),
+        Data::Str(_) | Data::Packed(_) => return Err(bad("band_part of strings or compressed weights")),
     })
 }
 

@@ -22,7 +22,7 @@ use corelm_format::{DType, Dim, Package, TensorType, ValueType};
 pub use corelm_format::{Error, Result};
 
 use crate::kernels::Inputs;
-use crate::value::{Data, Value};
+use crate::value::{Data, Packed, Value};
 
 /// Ops the interpreter runs (besides const, constexpr_*, read_state and write_state).
 pub const SUPPORTED_OPS: &[&str] = &[
@@ -269,6 +269,54 @@ fn constexpr(op: &Operation, args: &BTreeMap<String, Arc<Value>>, out: &TensorTy
     Ok(Value::f32(out.dtype, shape, data))
 }
 
+/// Large fp16 matrices stay fp16 in memory (half the bytes of f32).
+fn pack_f16(v: Value) -> Value {
+    match (&v.data, v.shape.as_slice()) {
+        (Data::F32(d), &[rows, cols]) if v.dtype == DType::Fp16 && d.len() >= PACK_MIN_ELEMENTS => {
+            let data = d.iter().map(|&x| half::f16::from_f32(x)).collect();
+            Value { data: Data::Packed(Arc::new(Packed::F16 { rows, cols, data })), ..v }
+        }
+        _ => v,
+    }
+}
+
+/// Matrices smaller than this are expanded to f32 at load.
+const PACK_MIN_ELEMENTS: usize = 4096;
+
+/// A `constexpr_blockwise_shift_scale` of an integer matrix with per-row block scales, kept
+/// as integers and scales (expanded a row at a time inside `linear` and `gather`).
+fn packed_blockwise(
+    op: &Operation,
+    consts: &HashMap<&str, Arc<Value>>,
+    files: &mut BlobFiles,
+    out: &TensorType,
+) -> Result<Option<Value>> {
+    if op.op_type != "constexpr_blockwise_shift_scale" {
+        return Ok(None);
+    }
+    let arg = |files: &mut BlobFiles, name: &str| -> Result<Option<Value>> {
+        match op.input(name) {
+            Some(Binding::Value(v)) => Ok(Some(Value::from_tensor(&files.read(v)?)?)),
+            Some(Binding::Name(n)) => Ok(consts.get(n.as_str()).map(|v| (**v).clone())),
+            None => Ok(None),
+        }
+    };
+    let (Some(data), Some(scale)) = (arg(files, "data")?, arg(files, "scale")?) else { return Ok(None) };
+    let (&[rows, cols], &[srows, blocks]) = (data.shape.as_slice(), scale.shape.as_slice()) else { return Ok(None) };
+    let narrow = matches!(data.dtype, DType::Int4 | DType::Int8 | DType::Uint4 | DType::Uint8);
+    if !narrow || srows != rows || blocks == 0 || cols % blocks != 0 || rows * cols < PACK_MIN_ELEMENTS {
+        return Ok(None);
+    }
+    let offsets = arg(files, "offset")?.map(|o| o.to_f32_vec());
+    let q: Vec<i8> = match data.dtype {
+        // uint8 does not fit i8: keep it dense.
+        DType::Uint8 => return Ok(None),
+        _ => data.ints()?.into_iter().map(|v| v as i8).collect(),
+    };
+    let packed = Packed::Blockwise { rows, cols, block: cols / blocks, q, scales: scale.to_f32_vec(), offsets };
+    Ok(Some(Value { dtype: out.dtype, shape: vec![rows, cols], data: Data::Packed(Arc::new(packed)) }))
+}
+
 fn plan_function(pkg: &Package, fname: &str, f: &Function, files: &mut BlobFiles) -> Result<Plan> {
     let mut slot_of: HashMap<&str, usize> = HashMap::new();
     let mut const_values: HashMap<&str, Arc<Value>> = HashMap::new();
@@ -291,6 +339,11 @@ fn plan_function(pkg: &Package, fname: &str, f: &Function, files: &mut BlobFiles
         let ctx = || context(fname, op);
         // Constants: decoded once, here.
         if op.is_constant() {
+            let out = op.outputs.first().ok_or_else(|| Error::invalid(format!("{}: no output", ctx())))?;
+            if let Some(packed) = packed_blockwise(op, &const_values, files, out.ty.tensor())? {
+                const_values.insert(&out.name, Arc::new(packed));
+                continue;
+            }
             let value = if op.op_type == "const" {
                 let val = op.attributes.get("val").ok_or_else(|| Error::invalid(format!("{}: no `val`", ctx())))?;
                 Value::from_tensor(&files.read(val).map_err(|e| e.context(ctx()))?)?
@@ -313,8 +366,7 @@ fn plan_function(pkg: &Package, fname: &str, f: &Function, files: &mut BlobFiles
                 let out = op.outputs.first().ok_or_else(|| Error::invalid(format!("{}: no output", ctx())))?;
                 constexpr(op, &args, out.ty.tensor()).map_err(|e| e.context(ctx()))?
             };
-            let out = op.outputs.first().ok_or_else(|| Error::invalid(format!("{}: no output", ctx())))?;
-            const_values.insert(&out.name, Arc::new(value));
+            const_values.insert(&out.name, Arc::new(pack_f16(value)));
             continue;
         }
         let kind = match op.op_type.as_str() {
@@ -619,7 +671,7 @@ fn conform(v: &mut Value, ty: &TensorType, round: bool) -> Result<()> {
     match (&mut v.data, ty.dtype) {
         (Data::F32(d), DType::Fp16) if round || v.dtype != DType::Fp16 => value::round_f16(d),
         (Data::F32(_), DType::Fp16) => {}
-        (Data::F32(_), d) if d.is_float() => {}
+        (Data::F32(_) | Data::Packed(_), d) if d.is_float() => {}
         (Data::I32(_), d) if d.is_int() => {}
         (Data::Bool(_), DType::Bool) | (Data::Str(_), DType::String) => {}
         (Data::I32(i), d) if d.is_float() => {

@@ -13,6 +13,8 @@ pub enum Data {
     I32(Vec<i32>),
     Bool(Vec<bool>),
     Str(Vec<String>),
+    /// A compressed constant matrix (see [`Packed`]).
+    Packed(std::sync::Arc<Packed>),
 }
 
 /// A tensor value during execution.
@@ -71,6 +73,7 @@ impl Value {
     pub fn as_f32(&self) -> Result<&[f32]> {
         match &self.data {
             Data::F32(v) => Ok(v),
+            Data::Packed(_) => Err(Error::invalid("a compressed weight cannot be used here")),
             _ => Err(Error::invalid(format!("expected a float tensor, got {}", self.dtype))),
         }
     }
@@ -102,7 +105,7 @@ impl Value {
             Data::I32(v) => Ok(v.iter().map(|&x| x as i64).collect()),
             Data::Bool(v) => Ok(v.iter().map(|&x| x as i64).collect()),
             Data::F32(v) => Ok(v.iter().map(|&x| x as i64).collect()),
-            Data::Str(_) => Err(Error::invalid("expected integers, got strings")),
+            Data::Str(_) | Data::Packed(_) => Err(Error::invalid("expected integers")),
         }
     }
 
@@ -110,6 +113,7 @@ impl Value {
         match &self.data {
             Data::F32(v) if !v.is_empty() => Ok(v[0]),
             Data::I32(v) if !v.is_empty() => Ok(v[0] as f32),
+            Data::Packed(p) if p.rows() * p.cols() > 0 => Ok(p.dense()[0]),
             _ => Err(Error::invalid("expected a numeric scalar")),
         }
     }
@@ -120,6 +124,7 @@ impl Value {
             Data::F32(v) => v.clone(),
             Data::I32(v) => v.iter().map(|&x| x as f32).collect(),
             Data::Bool(v) => v.iter().map(|&x| x as u8 as f32).collect(),
+            Data::Packed(p) => p.dense(),
             Data::Str(_) => vec![],
         }
     }
@@ -151,10 +156,83 @@ impl Value {
             Data::I32(v) => v.len(),
             Data::Bool(v) => v.len(),
             Data::Str(v) => v.len(),
+            Data::Packed(p) => p.rows() * p.cols(),
         };
         if element_count(&self.shape) != Some(n) {
             return Err(Error::invalid(format!("{n} elements for shape {:?}", self.shape)));
         }
         Ok(())
+    }
+}
+
+/// A constant matrix kept compressed in memory and expanded row by row where it is used
+/// (inside `linear` and `gather`), so weights cost their stored size, not f32.
+#[derive(Debug, PartialEq)]
+pub enum Packed {
+    F16 {
+        rows: usize,
+        cols: usize,
+        data: Vec<half::f16>,
+    },
+    /// `scale · (q − offset)` with one scale (and offset) per `block` columns of each row.
+    Blockwise {
+        rows: usize,
+        cols: usize,
+        block: usize,
+        q: Vec<i8>,
+        scales: Vec<f32>,
+        offsets: Option<Vec<f32>>,
+    },
+}
+
+impl Packed {
+    pub fn rows(&self) -> usize {
+        match self {
+            Packed::F16 { rows, .. } | Packed::Blockwise { rows, .. } => *rows,
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            Packed::F16 { cols, .. } | Packed::Blockwise { cols, .. } => *cols,
+        }
+    }
+
+    /// Expands row `r` into `out` (length `cols`).
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            Packed::F16 { cols, data, .. } => data[r * cols..(r + 1) * cols].convert_to_f32_slice(out),
+            Packed::Blockwise { cols, block, q, scales, offsets, .. } => {
+                let blocks = cols / block;
+                for b in 0..blocks {
+                    let s = scales[r * blocks + b];
+                    let o = offsets.as_ref().map_or(0.0, |v| v[r * blocks + b]);
+                    let src = &q[r * cols + b * block..r * cols + (b + 1) * block];
+                    for (d, &v) in out[b * block..(b + 1) * block].iter_mut().zip(src) {
+                        *d = s * (v as f32 - o);
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn dense(&self) -> Vec<f32> {
+        let cols = self.cols();
+        let mut out = vec![0f32; self.rows() * cols];
+        for (r, row) in out.chunks_mut(cols.max(1)).enumerate() {
+            self.row_into(r, row);
+        }
+        out
+    }
+
+    /// Bytes held in memory.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Packed::F16 { data, .. } => data.len() * 2,
+            Packed::Blockwise { q, scales, offsets, .. } => {
+                q.len() + 4 * (scales.len() + offsets.as_ref().map_or(0, |o| o.len()))
+            }
+        }
     }
 }
