@@ -11,7 +11,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::config::{Attention, Family, Fields, ModelConfig, Rope, RopeScaling, SUPPORTED_MODEL_TYPES};
+use crate::config::{
+    Activation, Attention, Family, Fields, ModelConfig, Norm, Rope, RopeScaling, SUPPORTED_MODEL_TYPES,
+};
 use crate::{Error, Result};
 
 /// A weight of the common decoder graph.
@@ -288,6 +290,43 @@ pub fn dims(f: &Fields) -> Result<Dims> {
         num_kv_heads: f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads),
         head_dim,
         max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(2048),
+    })
+}
+
+/// The Llama-like defaults every RMSNorm family starts from (SwiGLU MLP, RoPE, no biases, full
+/// attention); each family module overrides what differs.
+pub fn llama_like(f: &Fields, family: Family) -> Result<ModelConfig> {
+    let d = dims(f)?;
+    let (bos_token_id, eos_token_ids, pad_token_id) = token_ids(f)?;
+    Ok(ModelConfig {
+        family,
+        vocab_size: d.vocab_size,
+        hidden_size: d.hidden_size,
+        intermediate_size: d.intermediate_size,
+        num_layers: d.num_layers,
+        num_heads: d.num_heads,
+        num_kv_heads: d.num_kv_heads,
+        head_dim: d.head_dim,
+        max_position_embeddings: d.max_position_embeddings,
+        norm: Norm::Rms { eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-6), add_one: false },
+        activation: Activation::Silu,
+        rope: Some(global_rope(f, 10_000.0, &d)?),
+        rope_local: None,
+        layer_attention: vec![Attention::Full; d.num_layers],
+        qkv_bias: false,
+        o_bias: false,
+        mlp_bias: false,
+        qk_norm: false,
+        sandwich_norms: false,
+        gated_mlp: true,
+        tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+        embedding_scale: None,
+        attention_scale: (d.head_dim as f64).powf(-0.5),
+        attn_logit_softcap: None,
+        final_logit_softcap: None,
+        bos_token_id,
+        eos_token_ids,
+        pad_token_id,
     })
 }
 

@@ -1,45 +1,20 @@
 //! Phi-3: fused q/k/v and gate/up projections, split into the common layout at load time.
 
-use crate::arch::{dims, global_rope, layer_attention, token_ids, LayerRole, Role, Take, TensorSpec};
-use crate::config::{Activation, Family, Fields, ModelConfig, Norm};
+use crate::arch::{layer_attention, llama_like, LayerRole, Role, Take, TensorSpec};
+use crate::config::{Family, Fields, ModelConfig, Norm};
 use crate::Result;
 
 pub fn config(f: &Fields) -> Result<ModelConfig> {
-    let d = dims(f)?;
-    let (bos_token_id, eos_token_ids, pad_token_id) = token_ids(f)?;
     if let Some(s) = f.opt_object("rope_scaling")? {
         let kind = s.opt_str("type")?.or(s.opt_str("rope_type")?).unwrap_or("unknown");
         return Err(crate::arch::unsupported(f, &format!("Phi-3 rope_scaling `{kind}` (long-context variants)")));
     }
+    let base = llama_like(f, Family::Phi3)?;
     Ok(ModelConfig {
-        family: Family::Phi3,
-        vocab_size: d.vocab_size,
-        hidden_size: d.hidden_size,
-        intermediate_size: d.intermediate_size,
-        num_layers: d.num_layers,
-        num_heads: d.num_heads,
-        num_kv_heads: d.num_kv_heads,
-        head_dim: d.head_dim,
-        max_position_embeddings: d.max_position_embeddings,
         norm: Norm::Rms { eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-5), add_one: false },
-        activation: Activation::Silu,
-        rope: Some(global_rope(f, 10_000.0, &d)?),
-        rope_local: None,
-        layer_attention: layer_attention(f, d.num_layers, |_| true)?,
-        qkv_bias: false,
-        o_bias: false,
-        mlp_bias: false,
-        qk_norm: false,
-        sandwich_norms: false,
-        gated_mlp: true,
-        tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
-        embedding_scale: None,
-        attention_scale: (d.head_dim as f64).powf(-0.5),
-        attn_logit_softcap: None,
-        final_logit_softcap: None,
-        bos_token_id,
-        eos_token_ids,
-        pad_token_id,
+        // transformers applies `sliding_window` to every Phi-3 layer.
+        layer_attention: layer_attention(f, base.num_layers, |_| true)?,
+        ..base
     })
 }
 
