@@ -66,26 +66,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run a language model package on the reference interpreter: prefill, then greedy decode.
-    Run {
-        /// The .mlpackage folder.
-        package: PathBuf,
-        /// Prompt token ids, comma separated.
-        #[arg(long, value_delimiter = ',', required = true)]
-        ids: Vec<u32>,
-        /// Tokens to generate.
-        #[arg(long, default_value_t = 16)]
-        max_new_tokens: usize,
-        /// Sampling temperature; only 0 (greedy) is available on this path.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        /// Include the logits at the last prompt position in the JSON.
-        #[arg(long)]
-        logits: bool,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    /// Generate text from a package on the reference interpreter: with --prompt, through the
+    /// package's tokenizer and chat template, streaming text to stdout (stats to stderr); with
+    /// --ids, greedy token ids.
+    Run(RunArgs),
     /// Compare a package with a float32 conversion of its source on the same text: top-1
     /// agreement, max logit error, KL divergence and both perplexities.
     Verify {
@@ -151,6 +135,127 @@ struct ConvertArgs {
     /// Print a JSON summary instead of the progress bar and text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The .mlpackage folder.
+    package: PathBuf,
+    /// The user message (the chat template is applied unless --raw).
+    #[arg(long, conflicts_with = "ids")]
+    prompt: Option<String>,
+    /// A system message placed before the prompt.
+    #[arg(long, requires = "prompt")]
+    system: Option<String>,
+    /// Feed the prompt text as is, without the chat template.
+    #[arg(long, requires = "prompt")]
+    raw: bool,
+    /// Prompt token ids, comma separated (greedy, no tokenizer needed).
+    #[arg(long, value_delimiter = ',', required_unless_present = "prompt")]
+    ids: Vec<u32>,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Stop when this text appears (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Drop the oldest prompt tokens when the prompt does not fit the context.
+    #[arg(long)]
+    truncate: bool,
+    /// With --ids: include the logits at the last prompt position in the JSON.
+    #[arg(long)]
+    logits: bool,
+    /// Print JSON instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Clone)]
+struct SamplingArgs {
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> corelm_runtime::sampler::SamplingParams {
+        corelm_runtime::sampler::SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            seed: self.seed,
+        }
+    }
+}
+
+fn run_text(args: RunArgs, prompt: String) -> Result<ExitCode> {
+    use corelm_runtime::chat::Message;
+    use corelm_runtime::generate::{generate, GenerateParams};
+    let pkg = open(&args.package)?;
+    let mut model = corelm_runtime::model::TextModel::open_reference(&pkg)
+        .with_context(|| format!("cannot run {}", args.package.display()))?;
+    let ids = if args.raw {
+        model.tokenizer.encode(&prompt, true)?
+    } else {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(Message::new("system", system));
+        }
+        messages.push(Message::new("user", &prompt));
+        model.chat_prompt(&messages)?
+    };
+    let params = GenerateParams {
+        max_new_tokens: args.max_new_tokens,
+        sampling: args.sampling.params(),
+        eos_ids: model.eos_ids.clone(),
+        stop_strings: args.stop.clone(),
+        truncate_prompt: args.truncate,
+    };
+    let json = args.json;
+    let mut on_text = |t: &str| {
+        if !json {
+            emit!("{t}");
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        }
+    };
+    let generation = generate(model.backend.as_mut(), &model.tokenizer, &ids, &params, &mut on_text)?;
+    if json {
+        emitln!("{}", serde_json::to_string(&generation)?);
+    } else {
+        emitln!("");
+        let s = &generation.stats;
+        eprintln!(
+            "{} prompt tokens, {} generated ({:?}); first token {:.2} s; prefill {:.1} tok/s, decode {:.1} tok/s",
+            s.prompt_tokens,
+            s.generated_tokens,
+            generation.stop_reason,
+            s.time_to_first_token_s,
+            s.prefill_tokens_per_s,
+            s.decode_tokens_per_s
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -351,9 +456,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             emitln!("{}", if json { serde_json::to_string(&out)? } else { serde_json::to_string_pretty(&out)? });
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { package, ids, max_new_tokens, temperature, logits, json } => {
-            if temperature != 0.0 {
-                anyhow::bail!("only greedy decoding (--temperature 0) is available here");
+        Command::Run(args) => {
+            if let Some(prompt) = args.prompt.clone() {
+                return run_text(args, prompt);
+            }
+            let RunArgs { package, ids, max_new_tokens, sampling, logits, json, .. } = args;
+            if sampling.temperature != 0.0 {
+                anyhow::bail!("--ids decodes greedily; use --prompt for sampling");
             }
             let pkg = open(&package)?;
             let mut lm = corelm_interp::lm::LanguageModel::open(&pkg)

@@ -1,6 +1,10 @@
 //! What turns a converted model into a text generator, meant to be embedded in apps: the
 //! tokenizer shipped inside the package, and measurements over token streams.
 
+pub mod chat;
+pub mod generate;
+pub mod model;
+pub mod sampler;
 pub mod tokenizer;
 pub mod verify;
 

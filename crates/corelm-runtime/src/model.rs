@@ -1,0 +1,49 @@
+//! A package opened for text generation: its backend, tokenizer, chat template and EOS ids.
+
+use corelm_format::Package;
+
+use crate::chat::{ChatTemplate, Message, TOKENIZER_CONFIG_PATH};
+use crate::generate::Backend;
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+
+pub struct TextModel {
+    pub backend: Box<dyn Backend>,
+    pub tokenizer: Tokenizer,
+    pub template: Option<ChatTemplate>,
+    pub eos_ids: Vec<u32>,
+}
+
+impl TextModel {
+    /// Opens a package on the reference interpreter.
+    pub fn open_reference(pkg: &Package) -> Result<TextModel> {
+        let backend = Box::new(corelm_interp::lm::LanguageModel::open(pkg)?);
+        Self::with_backend(pkg, backend)
+    }
+
+    pub fn with_backend(pkg: &Package, backend: Box<dyn Backend>) -> Result<TextModel> {
+        let tokenizer = Tokenizer::from_package(pkg)?;
+        let config = pkg.path().join(TOKENIZER_CONFIG_PATH);
+        let template = if config.is_file() { ChatTemplate::from_tokenizer_config(&config)? } else { None };
+        let eos_ids = pkg
+            .model()
+            .description
+            .metadata
+            .user_defined
+            .get("corelm.eos_token_ids")
+            .map(|s| s.split(',').filter_map(|t| t.trim().parse().ok()).collect())
+            .unwrap_or_default();
+        Ok(TextModel { backend, tokenizer, template, eos_ids })
+    }
+
+    /// Token ids for a conversation, through the chat template.
+    pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let template = self
+            .template
+            .as_ref()
+            .ok_or_else(|| Error::invalid("the package has no chat template; pass the prompt as raw text instead"))?;
+        let text = template.render(messages, true)?;
+        // The template already places BOS and other special tokens.
+        self.tokenizer.encode(&text, false)
+    }
+}
