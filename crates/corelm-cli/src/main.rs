@@ -70,6 +70,20 @@ enum Command {
     /// package's tokenizer and chat template, streaming text to stdout (stats to stderr); with
     /// --ids, greedy token ids.
     Run(RunArgs),
+    /// Chat with a package in the terminal, keeping the conversation (and its KV cache) across
+    /// turns. Commands: /reset starts over, /quit (or end of input) leaves.
+    Chat {
+        /// The .mlpackage folder.
+        package: PathBuf,
+        /// A system message for the conversation.
+        #[arg(long)]
+        system: Option<String>,
+        /// Tokens to generate per reply at most.
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
     /// Compare a package with a float32 conversion of its source on the same text: top-1
     /// agreement, max logit error, KL divergence and both perplexities.
     Verify {
@@ -350,6 +364,80 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn chat(
+    package: &std::path::Path,
+    system: Option<String>,
+    max_new_tokens: usize,
+    sampling: SamplingArgs,
+) -> Result<ExitCode> {
+    use corelm_runtime::chat::Message;
+    use corelm_runtime::generate::{generate, GenerateParams};
+    use std::io::{BufRead, Write};
+    let pkg = Package::open(package).with_context(|| format!("cannot read package {}", package.display()))?;
+    let mut model = corelm_runtime::model::TextModel::open_reference(&pkg)
+        .with_context(|| format!("cannot run {}", package.display()))?;
+    let start: Vec<Message> = system.iter().map(|s| Message::new("system", s)).collect();
+    let mut messages = start.clone();
+    // Tokens the backend holds; a new turn feeds only what extends them.
+    let mut fed: Vec<u32> = Vec::new();
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        emit!("you> ");
+        let _ = std::io::stdout().flush();
+        let Some(line) = lines.next() else { break };
+        let line = line?;
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/quit" | "/exit" => break,
+            "/reset" => {
+                messages = start.clone();
+                fed.clear();
+                model.backend.reset()?;
+                emitln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(Message::new("user", line));
+        let ids = model.chat_prompt(&messages)?;
+        let new = if ids.starts_with(&fed) && model.backend.position() == fed.len() {
+            ids[fed.len()..].to_vec()
+        } else {
+            model.backend.reset()?;
+            ids.clone()
+        };
+        let params = GenerateParams {
+            max_new_tokens,
+            sampling: sampling.params(),
+            eos_ids: model.eos_ids.clone(),
+            stop_strings: vec![],
+            truncate_prompt: false,
+        };
+        emit!("assistant> ");
+        let mut on_text = |t: &str| {
+            emit!("{t}");
+            let _ = std::io::stdout().flush();
+        };
+        let g = match generate(model.backend.as_mut(), &model.tokenizer, &new, &params, &mut on_text) {
+            Ok(g) => g,
+            Err(e) => {
+                emitln!("");
+                eprintln!("error: {e}; use /reset to start over");
+                messages.pop();
+                continue;
+            }
+        };
+        emitln!("");
+        fed = ids;
+        fed.extend(&g.generated_ids);
+        messages.push(Message::new("assistant", g.text.trim()));
+    }
+    emitln!("");
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The opening of "A Tale of Two Cities" (Charles Dickens, 1859; public domain).
 const DEFAULT_TEXT: &str = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, it was the season of Darkness, it was the spring of hope, it was the winter of despair, we had everything before us, we had nothing before us, we were all going direct to Heaven, we were all going direct the other way - in short, the period was so far like the present period, that some of its noisiest authorities insisted on its being received, for good or for evil, in the superlative degree of comparison only.";
 
@@ -505,6 +593,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Chat { package, system, max_new_tokens, sampling } => chat(&package, system, max_new_tokens, sampling),
         Command::Verify { package, against, text, max_tokens, json } => {
             verify(&package, &against, text, max_tokens, json)
         }

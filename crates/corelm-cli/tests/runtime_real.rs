@@ -122,3 +122,38 @@ fn the_default_model_answers_with_transformers_greedy_tokens() {
     assert!(got.len() >= 5 && want.starts_with(&got) && want[got.len()] == 2, "{got:?} vs {want:?}");
     assert!(g["text"].as_str().unwrap().contains("Paris"), "{}", g["text"]);
 }
+
+/// `corelm chat` in a pseudo-terminal: two turns, the second referring to the first.
+#[test]
+fn chat_in_a_terminal_remembers_the_first_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = dir.path().join("smollm2.mlpackage");
+    let corelm = env!("CARGO_BIN_EXE_corelm");
+    let gguf = model("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let out = Command::new(corelm)
+        .args(["convert", gguf.to_str().unwrap(), "-o", pkg.to_str().unwrap(), "--context", "512"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let python =
+        std::env::var("CORELM_PYTHON").map(PathBuf::from).unwrap_or_else(|_| root().join(".cache/venv/bin/python"));
+    let out = Command::new(python)
+        .arg(root().join("python/chat_session.py"))
+        .args([
+            corelm,
+            pkg.to_str().unwrap(),
+            "What is the capital of France?",
+            "What is the name of that city? Answer with one word.",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let t: Value = serde_json::from_slice(&out.stdout).unwrap();
+    println!("{t}");
+    assert_eq!(t["exit_status"], 0);
+    let turns = t["turns"].as_array().unwrap();
+    assert_eq!(turns.len(), 2);
+    assert!(turns[0]["assistant"].as_str().unwrap().contains("Paris"), "{t}");
+    // Only the first turn names the city: answering with it shows the conversation was kept.
+    assert!(turns[1]["assistant"].as_str().unwrap().contains("Paris"), "{t}");
+}
