@@ -11,6 +11,11 @@ export CORELM_PYTHON="$root/.cache/venv/bin/python"
 cargo fmt --all -- --check
 (cd fuzz && cargo fmt -- --check)
 cargo clippy --workspace --all-targets -- -D warnings
+# The Core ML backend only compiles for Apple platforms: type-check it for macOS and iOS.
+rustup target add aarch64-apple-darwin aarch64-apple-ios
+for target in aarch64-apple-darwin aarch64-apple-ios; do
+  cargo clippy --workspace --target "$target" -- -D warnings
+done
 log="$(mktemp)"
 cargo test --workspace --release 2>&1 | tee "$log"
 bash scripts/fuzz.sh "${CORELM_FUZZ_SECONDS:-30}"

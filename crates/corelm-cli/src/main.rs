@@ -83,6 +83,8 @@ enum Command {
         max_new_tokens: usize,
         #[command(flatten)]
         sampling: SamplingArgs,
+        #[command(flatten)]
+        backend: BackendArgs,
     },
     /// Compare a package with a float32 conversion of its source on the same text: top-1
     /// agreement, max logit error, KL divergence and both perplexities.
@@ -184,6 +186,62 @@ struct RunArgs {
     /// Print JSON instead of streaming text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    backend: BackendArgs,
+}
+
+#[derive(clap::Args, Clone)]
+struct BackendArgs {
+    /// Where the model runs: corelm's reference interpreter (anywhere) or Core ML (Apple).
+    #[arg(long, value_enum, default_value_t = BackendArg::Reference)]
+    backend: BackendArg,
+    /// Processors Core ML may use.
+    #[arg(long, value_enum, default_value_t = ComputeUnitsArg::All)]
+    compute_units: ComputeUnitsArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BackendArg {
+    Reference,
+    Coreml,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ComputeUnitsArg {
+    All,
+    CpuAndGpu,
+    CpuAndNeuralEngine,
+    CpuOnly,
+}
+
+impl BackendArgs {
+    fn open(&self, pkg: &Package) -> Result<corelm_runtime::model::TextModel> {
+        match self.backend {
+            BackendArg::Reference => Ok(corelm_runtime::model::TextModel::open_reference(pkg)?),
+            BackendArg::Coreml => self.open_coreml(pkg),
+        }
+    }
+
+    #[cfg(target_vendor = "apple")]
+    fn open_coreml(&self, pkg: &Package) -> Result<corelm_runtime::model::TextModel> {
+        use corelm_runtime::coreml::ComputeUnits;
+        let units = match self.compute_units {
+            ComputeUnitsArg::All => ComputeUnits::All,
+            ComputeUnitsArg::CpuAndGpu => ComputeUnits::CpuAndGpu,
+            ComputeUnitsArg::CpuAndNeuralEngine => ComputeUnits::CpuAndNeuralEngine,
+            ComputeUnitsArg::CpuOnly => ComputeUnits::CpuOnly,
+        };
+        let cache = std::env::var_os("CORELM_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join("Library/Caches/corelm/compiled")
+        });
+        Ok(corelm_runtime::model::TextModel::open_coreml(pkg, units, &cache)?)
+    }
+
+    #[cfg(not(target_vendor = "apple"))]
+    fn open_coreml(&self, _pkg: &Package) -> Result<corelm_runtime::model::TextModel> {
+        let _ = self.compute_units;
+        anyhow::bail!("the Core ML backend runs on Apple platforms only; use --backend reference here")
+    }
 }
 
 #[derive(clap::Args, Clone)]
@@ -226,8 +284,7 @@ fn run_text(args: RunArgs, prompt: String) -> Result<ExitCode> {
     use corelm_runtime::chat::Message;
     use corelm_runtime::generate::{generate, GenerateParams};
     let pkg = open(&args.package)?;
-    let mut model = corelm_runtime::model::TextModel::open_reference(&pkg)
-        .with_context(|| format!("cannot run {}", args.package.display()))?;
+    let mut model = args.backend.open(&pkg).with_context(|| format!("cannot run {}", args.package.display()))?;
     let ids = if args.raw {
         model.tokenizer.encode(&prompt, true)?
     } else {
@@ -369,13 +426,13 @@ fn chat(
     system: Option<String>,
     max_new_tokens: usize,
     sampling: SamplingArgs,
+    backend: BackendArgs,
 ) -> Result<ExitCode> {
     use corelm_runtime::chat::Message;
     use corelm_runtime::generate::{generate, GenerateParams};
     use std::io::{BufRead, Write};
     let pkg = Package::open(package).with_context(|| format!("cannot read package {}", package.display()))?;
-    let mut model = corelm_runtime::model::TextModel::open_reference(&pkg)
-        .with_context(|| format!("cannot run {}", package.display()))?;
+    let mut model = backend.open(&pkg).with_context(|| format!("cannot run {}", package.display()))?;
     let start: Vec<Message> = system.iter().map(|s| Message::new("system", s)).collect();
     let mut messages = start.clone();
     // Tokens the backend holds; a new turn feeds only what extends them.
@@ -593,7 +650,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Chat { package, system, max_new_tokens, sampling } => chat(&package, system, max_new_tokens, sampling),
+        Command::Chat { package, system, max_new_tokens, sampling, backend } => {
+            chat(&package, system, max_new_tokens, sampling, backend)
+        }
         Command::Verify { package, against, text, max_tokens, json } => {
             verify(&package, &against, text, max_tokens, json)
         }

@@ -2,6 +2,8 @@
 //! tokenizer shipped inside the package, and measurements over token streams.
 
 pub mod chat;
+#[cfg(target_vendor = "apple")]
+pub mod coreml;
 pub mod generate;
 pub mod model;
 pub mod sampler;

@@ -21,6 +21,25 @@ impl TextModel {
         Self::with_backend(pkg, backend)
     }
 
+    /// Opens a package on Core ML (Apple platforms): compiled once into `cache_dir`.
+    #[cfg(target_vendor = "apple")]
+    pub fn open_coreml(
+        pkg: &Package,
+        units: crate::coreml::ComputeUnits,
+        cache_dir: &std::path::Path,
+    ) -> Result<TextModel> {
+        let context = pkg
+            .model()
+            .description
+            .metadata
+            .user_defined
+            .get("corelm.context_length")
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| Error::invalid("the package does not record its context length (corelm.context_length)"))?;
+        let backend = Box::new(crate::coreml::CoreMlBackend::open(pkg.path(), units, cache_dir, context)?);
+        Self::with_backend(pkg, backend)
+    }
+
     pub fn with_backend(pkg: &Package, backend: Box<dyn Backend>) -> Result<TextModel> {
         let tokenizer = Tokenizer::from_package(pkg)?;
         let config = pkg.path().join(TOKENIZER_CONFIG_PATH);
