@@ -8,12 +8,19 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 
-/// The directory holding libcorelm_ffi.so: the profile directory above this test binary.
-fn library_dir() -> PathBuf {
+/// The profile directory (target/<profile>) above this test binary.
+fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let profile = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    assert!(profile.join("libcorelm_ffi.so").exists(), "libcorelm_ffi.so not in {}", profile.display());
-    profile
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+/// The directory holding libcorelm_ffi.so: `cargo test` leaves it in deps/, `cargo build` one up.
+fn library_dir() -> PathBuf {
+    let profile = profile_dir();
+    [profile.join("deps"), profile.clone()]
+        .into_iter()
+        .find(|d| d.join("libcorelm_ffi.so").exists())
+        .unwrap_or_else(|| panic!("libcorelm_ffi.so is neither in {0}/deps nor in {0}", profile.display()))
 }
 
 #[test]
@@ -47,7 +54,7 @@ fn c_program_streams_an_answer() {
 }
 
 fn corelm_convert_for_test(gguf: &Path, out: &Path) -> bool {
-    let corelm = library_dir().join("corelm");
+    let corelm = profile_dir().join("corelm");
     Command::new(corelm)
         .args(["convert", gguf.to_str().unwrap(), "-o", out.to_str().unwrap(), "--context", "256"])
         .status()

@@ -1,7 +1,6 @@
 //! The op kernels. Each takes its inputs by parameter name and returns its outputs; the
 //! executor rounds float outputs to the dtype the program declares.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use corelm_format::mil::ops::broadcast as broadcast_dims;
@@ -11,14 +10,21 @@ use rayon::prelude::*;
 use crate::value::{Data, Packed, Value};
 use crate::{Error, Result};
 
-/// The inputs of one op invocation.
+/// One parameter's values (several for tuple parameters), by name.
+pub type Bound<'a> = (&'a str, Vec<Arc<Value>>);
+
+/// The inputs of one op invocation, by parameter name (a handful: a linear search is fastest).
 pub struct Inputs<'a> {
-    pub map: &'a BTreeMap<String, Vec<Arc<Value>>>,
+    pub map: &'a [Bound<'a>],
 }
 
 impl Inputs<'_> {
+    fn find(&self, name: &str) -> Option<&Vec<Arc<Value>>> {
+        self.map.iter().find(|(k, _)| *k == name).map(|(_, v)| v)
+    }
+
     pub fn get(&self, name: &str) -> Option<&Value> {
-        self.map.get(name).and_then(|v| v.first()).map(|a| a.as_ref())
+        self.find(name).and_then(|v| v.first()).map(|a| a.as_ref())
     }
 
     pub fn req(&self, name: &str) -> Result<&Value> {
@@ -26,7 +32,7 @@ impl Inputs<'_> {
     }
 
     pub fn tuple(&self, name: &str) -> Vec<&Value> {
-        self.map.get(name).map(|v| v.iter().map(|a| a.as_ref()).collect()).unwrap_or_default()
+        self.find(name).map(|v| v.iter().map(|a| a.as_ref()).collect()).unwrap_or_default()
     }
 
     fn int(&self, name: &str, default: i64) -> Result<i64> {
@@ -586,6 +592,20 @@ fn gemv(m: usize, k: usize, n: usize, x: &[f32], w: &[f32], out: &mut [f32]) {
 
 /// out[m×n] = x[m×k] · wᵀ for a compressed w[n×k], expanding weight rows a block at a time.
 fn packed_matmul(m: usize, k: usize, n: usize, x: &[f32], w: &Packed, out: &mut [f32]) {
+    if let (Packed::F16 { data, .. }, true) = (w, m <= GEMV_ROWS) {
+        // Decode: fp16 rows dotted directly, widened in registers.
+        let rows: Vec<Vec<f32>> = (0..n)
+            .into_par_iter()
+            .with_min_len(16)
+            .map(|r| (0..m).map(|i| crate::value::dot_f16(&x[i * k..(i + 1) * k], &data[r * k..(r + 1) * k])).collect())
+            .collect();
+        for (r, vals) in rows.into_iter().enumerate() {
+            for (i, v) in vals.into_iter().enumerate() {
+                out[i * n + r] = v;
+            }
+        }
+        return;
+    }
     // Few rows (decode): one pass over the weight. Many rows (prefill): expand a block of weight
     // rows and multiply it as a matrix.
     let block = if m <= GEMV_ROWS { 16 } else { 128 };
@@ -1529,10 +1549,7 @@ pub fn run(op: &str, inp: &Inputs) -> Result<Vec<Value>> {
                     Ok(Arc::new(Value { shape, ..(*v).clone() }))
                 })
                 .collect::<Result<_>>()?;
-            let map = BTreeMap::from([
-                ("values".to_string(), expanded),
-                ("axis".to_string(), vec![Arc::new(Value::i32(vec![], vec![ax as i32]))]),
-            ]);
+            let map = [("values", expanded), ("axis", vec![Arc::new(Value::i32(vec![], vec![ax as i32]))])];
             one(concat(&Inputs { map: &map })?)
         }
         "split" => split(inp, x()?),

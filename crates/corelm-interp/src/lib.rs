@@ -651,13 +651,13 @@ fn fetch(slots: &[Option<Arc<Value>>], s: &Src) -> Result<Arc<Value>> {
 }
 
 /// The inputs of a step by parameter name, except `skip`.
-fn gather(step: &Step, slots: &[Option<Arc<Value>>], skip: Option<&str>) -> Result<BTreeMap<String, Vec<Arc<Value>>>> {
-    let mut map = BTreeMap::new();
+fn gather<'s>(step: &'s Step, slots: &[Option<Arc<Value>>], skip: Option<&str>) -> Result<Vec<kernels::Bound<'s>>> {
+    let mut map = Vec::with_capacity(step.inputs.len());
     for (param, srcs) in &step.inputs {
         if Some(param.as_str()) == skip {
             continue;
         }
-        map.insert(param.clone(), srcs.iter().map(|s| fetch(slots, s)).collect::<Result<Vec<_>>>()?);
+        map.push((param.as_str(), srcs.iter().map(|s| fetch(slots, s)).collect::<Result<Vec<_>>>()?));
     }
     Ok(map)
 }

@@ -165,6 +165,81 @@ impl Value {
     }
 }
 
+/// Widens fp16 to f32, with the F16C instructions where the CPU has them (the portable path in
+/// `half` converts one element at a time unless the whole build targets F16C).
+pub fn f16_to_f32(src: &[half::f16], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+            // SAFETY: the features were detected at run time.
+            unsafe { f16_to_f32_f16c(src, out) };
+            return;
+        }
+    }
+    use half::slice::HalfFloatSliceExt;
+    src.convert_to_f32_slice(out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "f16c,avx")]
+unsafe fn f16_to_f32_f16c(src: &[half::f16], out: &mut [f32]) {
+    use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
+    let n = src.len().min(out.len());
+    let chunks = n / 8;
+    for i in 0..chunks {
+        // SAFETY: 8 halves (16 bytes) are read and 8 floats written, within both slices.
+        unsafe {
+            let h = _mm_loadu_si128(src.as_ptr().add(i * 8) as *const __m128i);
+            _mm256_storeu_ps(out.as_mut_ptr().add(i * 8), _mm256_cvtph_ps(h));
+        }
+    }
+    for i in chunks * 8..n {
+        out[i] = src[i].to_f32();
+    }
+}
+
+/// Σ x·w over an f32 vector and an fp16 one, widening in registers (F16C + FMA where the CPU
+/// has them) so the weights are read once and never stored as f32.
+pub fn dot_f16(x: &[f32], w: &[half::f16]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("f16c")
+            && std::arch::is_x86_feature_detected!("avx")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the features were detected at run time.
+            return unsafe { dot_f16_fma(x, w) };
+        }
+    }
+    x.iter().zip(w).map(|(a, b)| a * b.to_f32()).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "f16c,avx,fma")]
+unsafe fn dot_f16_fma(x: &[f32], w: &[half::f16]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = x.len().min(w.len());
+    let chunks = n / 16;
+    // SAFETY (whole block): every load reads 16 (or 8) elements at an offset below `chunks * 16`.
+    unsafe {
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for i in 0..chunks {
+            let at = i * 16;
+            let w0 = _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(at) as *const __m128i));
+            let w1 = _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(at + 8) as *const __m128i));
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(at)), w0, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(at + 8)), w1, a1);
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a0, a1));
+        let mut sum: f32 = lanes.iter().sum();
+        for i in chunks * 16..n {
+            sum += x[i] * w[i].to_f32();
+        }
+        sum
+    }
+}
+
 /// A constant matrix kept compressed in memory and expanded row by row where it is used
 /// (inside `linear` and `gather`), so weights cost their stored size, not f32.
 #[derive(Debug, PartialEq)]
@@ -200,9 +275,8 @@ impl Packed {
 
     /// Expands row `r` into `out` (length `cols`).
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
-        use half::slice::HalfFloatSliceExt;
         match self {
-            Packed::F16 { cols, data, .. } => data[r * cols..(r + 1) * cols].convert_to_f32_slice(out),
+            Packed::F16 { cols, data, .. } => f16_to_f32(&data[r * cols..(r + 1) * cols], out),
             Packed::Blockwise { cols, block, q, scales, offsets, .. } => {
                 let blocks = cols / block;
                 for b in 0..blocks {
