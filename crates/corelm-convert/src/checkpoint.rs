@@ -2,17 +2,16 @@
 //! from memory-mapped files and widened to f32.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
-use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata};
 use safetensors::SafeTensors;
 
 use crate::arch::{LayerRole, Role, Take, TensorSpec};
 use crate::config::ModelConfig;
 use crate::{Error, Result};
+use corelm_format::bytes::FileBytes;
 use corelm_format::error::IoContext;
 
 /// A source of named tensors.
@@ -28,16 +27,14 @@ pub trait Checkpoint {
 /// One memory-mapped safetensors file with its validated header.
 struct SafetensorsFile {
     path: PathBuf,
-    map: Mmap,
+    map: FileBytes,
     header_len: usize,
     metadata: Metadata,
 }
 
 impl SafetensorsFile {
     fn open(path: &Path) -> Result<SafetensorsFile> {
-        let file = File::open(path).at(path)?;
-        // SAFETY: read-only map; the safetensors header checks bound every tensor to the file.
-        let map = unsafe { Mmap::map(&file) }.at(path)?;
+        let map = FileBytes::map(path)?;
         let (header_len, metadata) = SafeTensors::read_metadata(&map)
             .map_err(|e| Error::malformed(path, format!("not a valid safetensors file: {e}")))?;
         // read_metadata checks offsets against each other; also check they fit the file.

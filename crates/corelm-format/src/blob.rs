@@ -6,8 +6,7 @@ use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
-
+use crate::bytes::FileBytes;
 use crate::dtype::DType;
 use crate::error::{Error, IoContext, Result};
 use crate::tensor::{storage_bytes, Tensor};
@@ -116,26 +115,10 @@ pub struct BlobMetadata {
     pub element_count: u64,
 }
 
-/// The bytes of a blob file: memory-mapped from disk, or owned (tests, fuzzing).
-enum Storage {
-    Mapped(Mmap),
-    Owned(Vec<u8>),
-}
-
-impl std::ops::Deref for Storage {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Storage::Mapped(m) => m,
-            Storage::Owned(v) => v,
-        }
-    }
-}
-
 /// A blob file opened for reading; every read is bounds-checked.
 pub struct BlobFile {
     path: PathBuf,
-    map: Storage,
+    map: FileBytes,
     count: u32,
 }
 
@@ -150,19 +133,16 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
 impl BlobFile {
     pub fn open(path: impl AsRef<Path>) -> Result<BlobFile> {
         let path = path.as_ref().to_path_buf();
-        let file = File::open(&path).at(&path)?;
-        // SAFETY: the map is read-only and every access is bounds-checked; a file changed
-        // underneath us can give wrong values but not out-of-bounds reads.
-        let map = unsafe { Mmap::map(&file) }.at(&path)?;
-        Self::from_storage(path, Storage::Mapped(map))
+        let map = FileBytes::map(&path)?;
+        Self::from_storage(path, map)
     }
 
     /// Reads blob storage held in memory; `path` only labels errors.
     pub fn from_bytes(path: impl AsRef<Path>, bytes: Vec<u8>) -> Result<BlobFile> {
-        Self::from_storage(path.as_ref().to_path_buf(), Storage::Owned(bytes))
+        Self::from_storage(path.as_ref().to_path_buf(), FileBytes::Owned(bytes))
     }
 
-    fn from_storage(path: PathBuf, map: Storage) -> Result<BlobFile> {
+    fn from_storage(path: PathBuf, map: FileBytes) -> Result<BlobFile> {
         if (map.len() as u64) < HEADER_BYTES {
             return Err(Error::malformed(
                 &path,

@@ -2,6 +2,7 @@
 //! and a MIL builder, validator and printer. Everything else in corelm builds on this crate.
 
 pub mod blob;
+pub mod bytes;
 pub mod dtype;
 pub mod error;
 pub mod inspect;

@@ -18,11 +18,9 @@ pub use quants::{dequantize as dequantize_bytes, dequantize_into as dequantize_b
 pub use tokenizer::{chat_template, special_token_ids, tokenizer_config_json, tokenizer_json, SpecialTokenIds};
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use corelm_format::IoContext;
-use memmap2::Mmap;
+use corelm_format::bytes::FileBytes;
 
 use crate::{Error, Result};
 
@@ -346,26 +344,10 @@ impl TensorInfo {
     }
 }
 
-/// Bytes of a GGUF file: memory-mapped, or owned (tests, fuzzing).
-enum Storage {
-    Mapped(Mmap),
-    Owned(Vec<u8>),
-}
-
-impl std::ops::Deref for Storage {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Storage::Mapped(m) => m,
-            Storage::Owned(v) => v,
-        }
-    }
-}
-
 /// A parsed GGUF file.
 pub struct GgufFile {
     path: PathBuf,
-    data: Storage,
+    data: FileBytes,
     version: u32,
     metadata: BTreeMap<String, MetaValue>,
     /// Key order as in the file.
@@ -390,19 +372,16 @@ impl GgufFile {
     /// Maps and parses a GGUF file.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref().to_path_buf();
-        let file = File::open(&path).at(&path)?;
-        // SAFETY: the map is read-only and every access is bounds-checked; a file changed
-        // underneath us can give wrong values but not out-of-bounds reads.
-        let map = unsafe { Mmap::map(&file) }.at(&path)?;
-        Self::parse(path, Storage::Mapped(map))
+        let map = FileBytes::map(&path)?;
+        Self::parse(path, map)
     }
 
     /// Parses GGUF bytes held in memory; `path` only labels errors.
     pub fn from_bytes(path: impl AsRef<Path>, bytes: Vec<u8>) -> Result<GgufFile> {
-        Self::parse(path.as_ref().to_path_buf(), Storage::Owned(bytes))
+        Self::parse(path.as_ref().to_path_buf(), FileBytes::Owned(bytes))
     }
 
-    fn parse(path: PathBuf, data: Storage) -> Result<GgufFile> {
+    fn parse(path: PathBuf, data: FileBytes) -> Result<GgufFile> {
         let parsed = Parser { buf: &data, pos: 0, path: &path }.parse()?;
         let Parsed { version, metadata, key_order, tensors, alignment, data_start } = parsed;
         Ok(GgufFile { path, data, version, metadata, key_order, tensors, alignment, data_start })
