@@ -7,7 +7,9 @@ use corelm_format::mil::ops::broadcast as broadcast_dims;
 use corelm_format::{DType, Dim};
 use rayon::prelude::*;
 
-use crate::value::{Data, Packed, Value};
+use crate::matmul::{matmul_t, WeightRows};
+
+use crate::value::{Data, Value};
 use crate::{Error, Result};
 
 /// One parameter's values (several for tuple parameters), by name.
@@ -58,6 +60,10 @@ impl Inputs<'_> {
     }
 }
 
+/// Below this many elements an elementwise loop runs on the calling thread: handing a decode
+/// step's small vectors to another core costs more than the loop itself.
+const PAR_MIN: usize = 1 << 15;
+
 fn bad(msg: impl Into<String>) -> Error {
     Error::invalid(msg)
 }
@@ -80,40 +86,97 @@ fn broadcast_shape(shapes: &[&[usize]]) -> Result<Vec<usize>> {
     Ok(broadcast_dims(&refs)?.into_iter().map(|d| d.fixed().unwrap_or(1)).collect())
 }
 
-/// Flat offsets into each input for every output element, in row-major output order.
+/// Flat offsets into each input for every output element, in row-major output order (for
+/// small index spaces such as batch dimensions; elementwise data goes through [`Runs`]).
 fn broadcast_offsets(out: &[usize], ins: &[&[usize]]) -> Vec<Vec<usize>> {
-    let n: usize = out.iter().product();
-    let rank = out.len();
-    let in_strides: Vec<Vec<usize>> = ins
-        .iter()
-        .map(|s| {
+    let runs = Runs::new(out, ins);
+    let mut offsets = vec![Vec::with_capacity(out.iter().product()); ins.len()];
+    runs.for_each(|base| {
+        for (k, offs) in offsets.iter_mut().enumerate() {
+            offs.extend((0..runs.len).map(|i| base[k] + i * runs.step[k]));
+        }
+    });
+    offsets
+}
+
+/// A broadcast iteration over an output shape, as runs of `len` consecutive output elements in
+/// which each input advances by `step` (1, or 0 when broadcast). Dimensions that every input
+/// walks contiguously are merged first, so a `[1, H, L, D] · [1, 1, L, D]` product is H runs of
+/// L·D elements rather than H·L·D index computations.
+struct Runs {
+    /// Outer dimensions (after merging), with each input's stride along them.
+    outer: Vec<usize>,
+    outer_strides: Vec<Vec<usize>>,
+    len: usize,
+    step: Vec<usize>,
+}
+
+impl Runs {
+    fn new(out: &[usize], ins: &[&[usize]]) -> Runs {
+        let rank = out.len();
+        let strides_of = |s: &[usize]| -> Vec<usize> {
             let st = strides(s);
             let pad = rank - s.len();
             (0..rank).map(|d| if d < pad || s[d - pad] == 1 { 0 } else { st[d - pad] }).collect()
-        })
-        .collect();
-    let mut offsets = vec![Vec::with_capacity(n); ins.len()];
-    let mut idx = vec![0usize; rank];
-    let mut cur = vec![0usize; ins.len()];
-    for _ in 0..n {
-        for (k, c) in cur.iter().enumerate() {
-            offsets[k].push(*c);
-        }
+        };
+        let in_strides: Vec<Vec<usize>> = ins.iter().map(|s| strides_of(s)).collect();
+        // Merge from the innermost dimension outwards while every input stays contiguous.
+        let mut dims: Vec<usize> = Vec::new();
+        let mut merged: Vec<Vec<usize>> = vec![Vec::new(); ins.len()];
         for d in (0..rank).rev() {
-            idx[d] += 1;
-            for (k, c) in cur.iter_mut().enumerate() {
-                *c += in_strides[k][d];
+            if out[d] == 1 {
+                continue;
             }
-            if idx[d] < out[d] {
-                break;
+            let joinable = !dims.is_empty()
+                && in_strides
+                    .iter()
+                    .zip(&merged)
+                    .all(|(st, m)| st[d] == m.last().copied().unwrap_or(0) * dims.last().copied().unwrap_or(1));
+            if joinable {
+                *dims.last_mut().expect("non-empty") *= out[d];
+            } else {
+                dims.push(out[d]);
+                for (m, st) in merged.iter_mut().zip(&in_strides) {
+                    m.push(st[d]);
+                }
             }
-            for (k, c) in cur.iter_mut().enumerate() {
-                *c -= in_strides[k][d] * out[d];
+        }
+        dims.reverse();
+        merged.iter_mut().for_each(|m| m.reverse());
+        let len = dims.pop().unwrap_or(1);
+        let step = merged.iter_mut().map(|m| m.pop().unwrap_or(0)).collect();
+        Runs { outer: dims, outer_strides: merged, len, step }
+    }
+
+    /// Calls `f` with each input's base offset for every run, in output order.
+    fn for_each(&self, mut f: impl FnMut(&[usize])) {
+        if self.outer.iter().product::<usize>() == 0 || self.len == 0 {
+            return;
+        }
+        let mut idx = vec![0usize; self.outer.len()];
+        let mut base = vec![0usize; self.step.len()];
+        loop {
+            f(&base);
+            let mut d = self.outer.len();
+            loop {
+                if d == 0 {
+                    return;
+                }
+                d -= 1;
+                idx[d] += 1;
+                for (b, st) in base.iter_mut().zip(&self.outer_strides) {
+                    *b += st[d];
+                }
+                if idx[d] < self.outer[d] {
+                    break;
+                }
+                for (b, st) in base.iter_mut().zip(&self.outer_strides) {
+                    *b -= st[d] * self.outer[d];
+                }
+                idx[d] = 0;
             }
-            idx[d] = 0;
         }
     }
-    offsets
 }
 
 /// Applies `f` elementwise with numpy broadcasting.
@@ -126,12 +189,12 @@ fn zip2<A: Copy + Sync, B: Copy + Sync, O: Send>(
 ) -> Result<(Vec<usize>, Vec<O>)> {
     let out = broadcast_shape(&[xs, ys])?;
     if xs == ys {
-        return Ok((out, x.par_iter().zip(y.par_iter()).map(|(&a, &b)| f(a, b)).collect()));
+        return Ok((out, x.par_iter().with_min_len(PAR_MIN).zip(y.par_iter()).map(|(&a, &b)| f(a, b)).collect()));
     }
     if y.len() == 1 {
         let b = y[0];
         if xs == out.as_slice() {
-            return Ok((out, x.par_iter().map(|&a| f(a, b)).collect()));
+            return Ok((out, x.par_iter().with_min_len(PAR_MIN).map(|&a| f(a, b)).collect()));
         }
     }
     // y broadcast along leading dims (e.g. a bias or a norm weight).
@@ -140,16 +203,25 @@ fn zip2<A: Copy + Sync, B: Copy + Sync, O: Send>(
         let trailing_match = xs.ends_with(ys.iter().skip_while(|&&d| d == 1).copied().collect::<Vec<_>>().as_slice());
         if tail == y.len() && trailing_match {
             let m = y.len();
-            return Ok((out, x.par_iter().enumerate().map(|(i, &a)| f(a, y[i % m])).collect()));
+            return Ok((out, x.par_iter().with_min_len(PAR_MIN).enumerate().map(|(i, &a)| f(a, y[i % m])).collect()));
         }
     }
-    let offs = broadcast_offsets(&out, &[xs, ys]);
-    let v = offs[0].iter().zip(&offs[1]).map(|(&i, &j)| f(x[i], y[j])).collect();
+    let runs = Runs::new(&out, &[xs, ys]);
+    let mut v = Vec::with_capacity(out.iter().product());
+    runs.for_each(|base| {
+        let (xr, yr) = (&x[base[0]..], &y[base[1]..]);
+        match (runs.step[0], runs.step[1]) {
+            (1, 1) => v.extend(xr[..runs.len].iter().zip(&yr[..runs.len]).map(|(&a, &b)| f(a, b))),
+            (1, _) => v.extend(xr[..runs.len].iter().map(|&a| f(a, yr[0]))),
+            (_, 1) => v.extend(yr[..runs.len].iter().map(|&b| f(xr[0], b))),
+            _ => v.extend((0..runs.len).map(|_| f(xr[0], yr[0]))),
+        }
+    });
     Ok((out, v))
 }
 
 fn float_binary(x: &Value, y: &Value, f: impl Fn(f32, f32) -> f32 + Sync) -> Result<Value> {
-    let (xs, ys) = (x.to_f32_vec(), y.to_f32_vec());
+    let (xs, ys) = (x.floats(), y.floats());
     let (shape, v) = zip2(&x.shape, &xs, &y.shape, &ys, f)?;
     Ok(Value::f32(x.dtype, shape, v))
 }
@@ -280,7 +352,7 @@ fn unary(op: &str, inp: &Inputs, x: &Value) -> Result<Value> {
         "identity" => v.to_vec(),
         "rsqrt" => {
             let e = eps(1e-12)?;
-            v.par_iter().map(|&a| 1.0 / (a + e).sqrt()).collect()
+            v.par_iter().with_min_len(PAR_MIN).map(|&a| 1.0 / (a + e).sqrt()).collect()
         }
         "log" => {
             let e = eps(1e-45)?;
@@ -294,9 +366,14 @@ fn unary(op: &str, inp: &Inputs, x: &Value) -> Result<Value> {
             let mode =
                 inp.get("mode").map(|m| m.string().map(str::to_string)).transpose()?.unwrap_or_else(|| "EXACT".into());
             match mode.as_str() {
-                "EXACT" => v.par_iter().map(|&a| 0.5 * a * (1.0 + erf(a / std::f32::consts::SQRT_2))).collect(),
+                "EXACT" => v
+                    .par_iter()
+                    .with_min_len(PAR_MIN)
+                    .map(|&a| 0.5 * a * (1.0 + erf(a / std::f32::consts::SQRT_2)))
+                    .collect(),
                 "TANH_APPROXIMATION" => v
                     .par_iter()
+                    .with_min_len(PAR_MIN)
                     .map(|&a| {
                         let a64 = a as f64;
                         (0.5 * a64
@@ -350,7 +427,7 @@ fn unary(op: &str, inp: &Inputs, x: &Value) -> Result<Value> {
                 "softsign" => |a: f32| a / (1.0 + a.abs()),
                 _ => return Err(bad(format!("unknown unary op `{op}`"))),
             };
-            v.par_iter().map(|&a| f(a)).collect()
+            v.par_iter().with_min_len(PAR_MIN).map(|&a| f(a)).collect()
         }
     };
     Ok(Value::f32(x.dtype, x.shape.clone(), out))
@@ -366,7 +443,7 @@ fn softmax(x: &Value, axis: i64) -> Result<Value> {
     let (outer, n, inner) = around(&x.shape, ax);
     let v = x.as_f32()?;
     let mut out = vec![0f32; v.len()];
-    out.par_chunks_mut(n * inner).enumerate().for_each(|(o, chunk)| {
+    out.par_chunks_mut(n * inner).with_min_len(PAR_MIN / (n * inner).max(1)).enumerate().for_each(|(o, chunk)| {
         let base = o * n * inner;
         for i in 0..inner {
             let m = (0..n).map(|k| v[base + k * inner + i]).fold(f32::NEG_INFINITY, f32::max);
@@ -395,7 +472,7 @@ fn reduce(op: &str, inp: &Inputs, x: &Value) -> Result<Value> {
     let out_full: Vec<usize> =
         x.shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
     let n_out: usize = out_full.iter().product();
-    let v = x.to_f32_vec();
+    let v = x.floats();
     let count: usize = axes.iter().map(|&a| x.shape[a]).product();
     let (init, f): (f32, fn(f32, f32) -> f32) = match op {
         "reduce_sum" | "reduce_mean" | "reduce_l1_norm" | "reduce_l2_norm" | "reduce_sum_square" | "reduce_log_sum"
@@ -412,25 +489,22 @@ fn reduce(op: &str, inp: &Inputs, x: &Value) -> Result<Value> {
         _ => |a| a,
     };
     let mut acc = vec![init; n_out];
-    let out_strides = strides(&out_full);
-    let in_strides = strides(&x.shape);
     // Accumulate in f64 for sums, so long reductions stay accurate.
     let mut acc64 = vec![0f64; n_out];
     let sumlike = init == 0.0;
-    for (flat, &val) in v.iter().enumerate() {
-        let mut o = 0;
-        for d in 0..rank {
-            let i = (flat / in_strides[d]) % x.shape[d];
-            if !axes.contains(&d) {
-                o += i * out_strides[d];
-            }
+    // Walk x in order; the output element of each run is a broadcast of the kept dimensions.
+    let runs = Runs::new(&x.shape, &[&out_full]);
+    let mut at = 0;
+    runs.for_each(|base| {
+        let (o, chunk) = (base[0], &v[at..at + runs.len]);
+        at += runs.len;
+        match (runs.step[0], sumlike) {
+            (0, true) => acc64[o] += chunk.iter().map(|&a| pre(a) as f64).sum::<f64>(),
+            (0, false) => acc[o] = chunk.iter().fold(acc[o], |a, &b| f(a, pre(b))),
+            (_, true) => acc64[o..o + chunk.len()].iter_mut().zip(chunk).for_each(|(a, &b)| *a += pre(b) as f64),
+            (_, false) => acc[o..o + chunk.len()].iter_mut().zip(chunk).for_each(|(a, &b)| *a = f(*a, pre(b))),
         }
-        if sumlike {
-            acc64[o] += pre(val) as f64;
-        } else {
-            acc[o] = f(acc[o], pre(val));
-        }
-    }
+    });
     if sumlike {
         for (a, s) in acc.iter_mut().zip(&acc64) {
             *a = *s as f32;
@@ -544,120 +618,6 @@ fn sgemm(
     });
 }
 
-/// Up to this many rows, `linear` reads each weight row once for all of them instead of packing
-/// the weight for a matrix product (decode is memory bound: the weight is the traffic).
-const GEMV_ROWS: usize = 8;
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent accumulators let the compiler vectorise the loop.
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for i in 0..chunks {
-        for k in 0..8 {
-            acc[k] += a[i * 8 + k] * b[i * 8 + k];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        sum += a[i] * b[i];
-    }
-    sum
-}
-
-/// out[m×n] = x[m×k] · w[n×k]ᵀ for a few rows, parallel over blocks of weight rows.
-fn gemv(m: usize, k: usize, n: usize, x: &[f32], w: &[f32], out: &mut [f32]) {
-    const BLOCK: usize = 16;
-    let results: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(BLOCK))
-        .into_par_iter()
-        .map(|b| {
-            let rows = b * BLOCK..((b + 1) * BLOCK).min(n);
-            let mut r = vec![0f32; m * rows.len()];
-            for (j, row) in rows.clone().enumerate() {
-                let wr = &w[row * k..(row + 1) * k];
-                for i in 0..m {
-                    r[i * rows.len() + j] = dot(&x[i * k..(i + 1) * k], wr);
-                }
-            }
-            (b, r)
-        })
-        .collect();
-    for (b, r) in results {
-        let start = b * BLOCK;
-        let width = r.len() / m.max(1);
-        for i in 0..m {
-            out[i * n + start..i * n + start + width].copy_from_slice(&r[i * width..(i + 1) * width]);
-        }
-    }
-}
-
-/// out[m×n] = x[m×k] · wᵀ for a compressed w[n×k], expanding weight rows a block at a time.
-fn packed_matmul(m: usize, k: usize, n: usize, x: &[f32], w: &Packed, out: &mut [f32]) {
-    if let (Packed::F16 { data, .. }, true) = (w, m <= GEMV_ROWS) {
-        // Decode: fp16 rows dotted directly, widened in registers.
-        let rows: Vec<Vec<f32>> = (0..n)
-            .into_par_iter()
-            .with_min_len(16)
-            .map(|r| (0..m).map(|i| crate::value::dot_f16(&x[i * k..(i + 1) * k], &data[r * k..(r + 1) * k])).collect())
-            .collect();
-        for (r, vals) in rows.into_iter().enumerate() {
-            for (i, v) in vals.into_iter().enumerate() {
-                out[i * n + r] = v;
-            }
-        }
-        return;
-    }
-    // Few rows (decode): one pass over the weight. Many rows (prefill): expand a block of weight
-    // rows and multiply it as a matrix.
-    let block = if m <= GEMV_ROWS { 16 } else { 128 };
-    let results: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(block))
-        .into_par_iter()
-        .map(|b| {
-            let rows = b * block..((b + 1) * block).min(n);
-            let width = rows.len();
-            let mut expanded = vec![0f32; width * k];
-            for (j, r) in rows.enumerate() {
-                w.row_into(r, &mut expanded[j * k..(j + 1) * k]);
-            }
-            let mut part = vec![0f32; m * width];
-            if m <= GEMV_ROWS {
-                for j in 0..width {
-                    for i in 0..m {
-                        part[i * width + j] = dot(&x[i * k..(i + 1) * k], &expanded[j * k..(j + 1) * k]);
-                    }
-                }
-            } else {
-                // SAFETY: row-major views sized m×k, width×k and m×width.
-                unsafe {
-                    matrixmultiply::sgemm(
-                        m,
-                        k,
-                        width,
-                        1.0,
-                        x.as_ptr(),
-                        k as isize,
-                        1,
-                        expanded.as_ptr(),
-                        1,
-                        k as isize,
-                        0.0,
-                        part.as_mut_ptr(),
-                        width as isize,
-                        1,
-                    );
-                }
-            }
-            (b, part)
-        })
-        .collect();
-    for (b, part) in results {
-        let start = b * block;
-        let width = part.len() / m.max(1);
-        for i in 0..m {
-            out[i * n + start..i * n + start + width].copy_from_slice(&part[i * width..(i + 1) * width]);
-        }
-    }
-}
-
 fn linear(x: &Value, w: &Value, b: Option<&Value>) -> Result<Value> {
     let (dout, din) = match (&w.data, w.shape.as_slice()) {
         (Data::Packed(p), _) => (p.rows(), p.cols()),
@@ -671,13 +631,16 @@ fn linear(x: &Value, w: &Value, b: Option<&Value>) -> Result<Value> {
     let mut out = vec![0f32; m * dout];
     let xv = x.as_f32()?;
     match &w.data {
-        Data::Packed(p) => packed_matmul(m, din, dout, xv, p, &mut out),
-        _ if m <= GEMV_ROWS => gemv(m, din, dout, xv, w.as_f32()?, &mut out),
+        Data::Packed(p) => matmul_t(m, din, dout, xv, WeightRows::of(p), &mut out),
+        // Dense f32 weights: a packing GEMM pays off once there are enough rows to reuse them.
+        _ if m <= 16 => matmul_t(m, din, dout, xv, WeightRows::F32(w.as_f32()?), &mut out),
         _ => sgemm(m, din, dout, xv, din as isize, 1, w.as_f32()?, 1, din as isize, &mut out),
     }
     if let Some(b) = b {
-        let bv = b.to_f32_vec();
-        out.par_chunks_mut(dout).for_each(|row| row.iter_mut().zip(&bv).for_each(|(o, b)| *o += b));
+        let bv = b.floats();
+        out.par_chunks_mut(dout)
+            .with_min_len(PAR_MIN / dout.max(1))
+            .for_each(|row| row.iter_mut().zip(bv.iter()).for_each(|(o, b)| *o += b));
     }
     let mut shape = x.shape.clone();
     *shape.last_mut().expect("rank >= 1") = dout;
@@ -705,7 +668,7 @@ fn matmul(inp: &Inputs) -> Result<Value> {
     let batch = broadcast_shape(&[&xs[..xr - 2], &ys[..yr - 2]])?;
     let nb: usize = batch.iter().product();
     let offs = broadcast_offsets(&batch, &[&xs[..xr - 2], &ys[..yr - 2]]);
-    let (xv, yv) = (x.to_f32_vec(), y.to_f32_vec());
+    let (xv, yv) = (x.floats(), y.floats());
     let (xm, ym) = (xs[xr - 2] * xs[xr - 1], ys[yr - 2] * ys[yr - 1]);
     let mut out = vec![0f32; nb * m * n];
     let (rsa, csa) = if tx { (1, m as isize) } else { (k as isize, 1) };
@@ -825,11 +788,11 @@ fn layer_norm(inp: &Inputs, x: &Value) -> Result<Value> {
     }
     let n: usize = x.shape[first..].iter().product();
     let eps = inp.float("epsilon", 1e-5)? as f64;
-    let gamma = inp.get("gamma").map(|g| g.to_f32_vec());
-    let beta = inp.get("beta").map(|b| b.to_f32_vec());
+    let gamma = inp.get("gamma").map(|g| g.floats());
+    let beta = inp.get("beta").map(|b| b.floats());
     let v = x.as_f32()?;
     let mut out = vec![0f32; v.len()];
-    out.par_chunks_mut(n).zip(v.par_chunks(n)).for_each(|(o, row)| {
+    out.par_chunks_mut(n).with_min_len(PAR_MIN / n.max(1)).zip(v.par_chunks(n)).for_each(|(o, row)| {
         let mean = row.iter().map(|&a| a as f64).sum::<f64>() / n as f64;
         let var = row.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / n as f64;
         let inv = 1.0 / (var + eps).sqrt();
@@ -887,9 +850,6 @@ fn transpose(x: &Value, perm: &[i64]) -> Result<Value> {
     let shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
     let st = strides(&x.shape);
     let pst: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
-    let zero = vec![0; shape.len()];
-    let offs = broadcast_offsets(&shape, &[&zero]);
-    let _ = offs;
     let n = x.len();
     let mut idx = Vec::with_capacity(n);
     let mut counter = vec![0usize; rank];

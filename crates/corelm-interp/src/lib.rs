@@ -10,6 +10,7 @@
 pub mod json;
 pub mod kernels;
 pub mod lm;
+pub mod matmul;
 pub mod value;
 
 use std::collections::{BTreeMap, HashMap};
@@ -280,6 +281,21 @@ fn pack_f16(v: Value) -> Value {
     }
 }
 
+/// A `const` value; large fp16 matrices go straight from their stored bytes to [`Packed::F16`].
+fn const_value(t: &corelm_format::Tensor) -> Result<Value> {
+    match t.shape() {
+        &[rows, cols] if t.dtype() == DType::Fp16 && rows * cols >= PACK_MIN_ELEMENTS => {
+            let data = value::fp16_values(t.bytes());
+            Ok(Value {
+                dtype: DType::Fp16,
+                shape: vec![rows, cols],
+                data: Data::Packed(Arc::new(Packed::F16 { rows, cols, data })),
+            })
+        }
+        _ => Value::from_tensor(t),
+    }
+}
+
 /// Matrices smaller than this are expanded to f32 at load.
 const PACK_MIN_ELEMENTS: usize = 4096;
 
@@ -307,13 +323,31 @@ fn packed_blockwise(
     if !narrow || srows != rows || blocks == 0 || cols % blocks != 0 || rows * cols < PACK_MIN_ELEMENTS {
         return Ok(None);
     }
-    let offsets = arg(files, "offset")?.map(|o| o.to_f32_vec());
-    let q: Vec<i8> = match data.dtype {
-        // uint8 does not fit i8: keep it dense.
-        DType::Uint8 => return Ok(None),
-        _ => data.ints()?.into_iter().map(|v| v as i8).collect(),
+    let scales = scale.to_f32_vec();
+    let mut offsets = arg(files, "offset")?.map(|o| o.to_f32_vec());
+    if offsets.as_ref().is_some_and(|o| o.len() != scales.len()) {
+        return Ok(None);
+    }
+    // Unsigned values are stored shifted into the signed range, the shift folded into the
+    // offsets: s·(q − o) = s·((q − 2ᵇ⁻¹) − (o − 2ᵇ⁻¹)).
+    let (bits, shift) = match data.dtype {
+        DType::Int8 => (8, 0),
+        DType::Uint8 => (8, 128),
+        DType::Int4 => (4, 0),
+        _ => (4, 8),
     };
-    let packed = Packed::Blockwise { rows, cols, block: cols / blocks, q, scales: scale.to_f32_vec(), offsets };
+    if shift != 0 {
+        let o = offsets.get_or_insert_with(|| vec![0.0; scales.len()]);
+        o.iter_mut().for_each(|v| *v -= shift as f32);
+    }
+    let values: Vec<i8> = data.ints()?.into_iter().map(|v| (v - shift) as i8).collect();
+    let q: Vec<u8> = if bits == 8 || cols % 2 != 0 {
+        values.iter().map(|&v| v as u8).collect()
+    } else {
+        values.chunks(2).map(|p| (p[0] as u8 & 0x0f) | ((p[1] as u8) << 4)).collect()
+    };
+    let bits = if cols % 2 != 0 { 8 } else { bits };
+    let packed = Packed::Blockwise { rows, cols, block: cols / blocks, bits, q, scales, offsets };
     Ok(Some(Value { dtype: out.dtype, shape: vec![rows, cols], data: Data::Packed(Arc::new(packed)) }))
 }
 
@@ -346,7 +380,7 @@ fn plan_function(pkg: &Package, fname: &str, f: &Function, files: &mut BlobFiles
             }
             let value = if op.op_type == "const" {
                 let val = op.attributes.get("val").ok_or_else(|| Error::invalid(format!("{}: no `val`", ctx())))?;
-                Value::from_tensor(&files.read(val).map_err(|e| e.context(ctx()))?)?
+                const_value(&files.read(val).map_err(|e| e.context(ctx()))?)?
             } else {
                 let mut args = BTreeMap::new();
                 for (param, binds) in &op.inputs {
@@ -551,6 +585,17 @@ impl Interpreter {
 
     /// Runs one prediction; states are read and updated in `state`.
     pub fn predict(
+        &self,
+        function: Option<&str>,
+        inputs: &BTreeMap<String, Value>,
+        state: &mut State,
+    ) -> Result<BTreeMap<String, Value>> {
+        // On a pool thread, each parallel kernel shares work with the other workers directly;
+        // from outside the pool, every one would be a cross-thread hand-off and wake-up.
+        rayon::scope(|_| self.predict_on_worker(function, inputs, state))
+    }
+
+    fn predict_on_worker(
         &self,
         function: Option<&str>,
         inputs: &BTreeMap<String, Value>,

@@ -28,8 +28,13 @@ pub struct Value {
 
 /// Rounds every element to the nearest fp16 value (kept as f32).
 pub fn round_f16(v: &mut [f32]) {
-    for x in v {
-        *x = f16::from_f32(*x).to_f32();
+    use half::slice::HalfFloatSliceExt;
+    // Through a small buffer, so the slice conversions use the CPU's vector instructions.
+    let mut buf = [f16::ZERO; 256];
+    for chunk in v.chunks_mut(256) {
+        let b = &mut buf[..chunk.len()];
+        b.convert_from_f32_slice(chunk);
+        b.convert_to_f32_slice(chunk);
     }
 }
 
@@ -118,6 +123,14 @@ impl Value {
         }
     }
 
+    /// Elements as f32 whatever the dtype, borrowed when they already are.
+    pub fn floats(&self) -> std::borrow::Cow<'_, [f32]> {
+        match &self.data {
+            Data::F32(v) => std::borrow::Cow::Borrowed(v),
+            _ => std::borrow::Cow::Owned(self.to_f32_vec()),
+        }
+    }
+
     /// Elements as f32 whatever the dtype (for mixed inputs).
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match &self.data {
@@ -136,6 +149,17 @@ impl Value {
         Ok(match dtype {
             DType::String => Value { dtype, shape, data: Data::Str(t.strings().unwrap_or(&[]).to_vec()) },
             DType::Bool => Value::bool(shape, t.to_i64().expect("bool").into_iter().map(|v| v != 0).collect()),
+            DType::Fp16 => {
+                let halves = fp16_values(t.bytes());
+                let mut out = vec![0f32; halves.len()];
+                f16_to_f32(&halves, &mut out);
+                Value { dtype, shape, data: Data::F32(out) }
+            }
+            DType::Fp32 => Value::f32(
+                dtype,
+                shape,
+                t.bytes().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            ),
             d if d.is_float() => {
                 Value::f32(d, shape, t.to_f64().expect("float").into_iter().map(|v| v as f32).collect())
             }
@@ -163,6 +187,11 @@ impl Value {
         }
         Ok(())
     }
+}
+
+/// Little-endian fp16 storage as values.
+pub fn fp16_values(bytes: &[u8]) -> Vec<f16> {
+    bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect()
 }
 
 /// Widens fp16 to f32, with the F16C instructions where the CPU has them (the portable path in
@@ -198,48 +227,6 @@ unsafe fn f16_to_f32_f16c(src: &[half::f16], out: &mut [f32]) {
     }
 }
 
-/// Σ x·w over an f32 vector and an fp16 one, widening in registers (F16C + FMA where the CPU
-/// has them) so the weights are read once and never stored as f32.
-pub fn dot_f16(x: &[f32], w: &[half::f16]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("f16c")
-            && std::arch::is_x86_feature_detected!("avx")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the features were detected at run time.
-            return unsafe { dot_f16_fma(x, w) };
-        }
-    }
-    x.iter().zip(w).map(|(a, b)| a * b.to_f32()).sum()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "f16c,avx,fma")]
-unsafe fn dot_f16_fma(x: &[f32], w: &[half::f16]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = x.len().min(w.len());
-    let chunks = n / 16;
-    // SAFETY (whole block): every load reads 16 (or 8) elements at an offset below `chunks * 16`.
-    unsafe {
-        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        for i in 0..chunks {
-            let at = i * 16;
-            let w0 = _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(at) as *const __m128i));
-            let w1 = _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(at + 8) as *const __m128i));
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(at)), w0, a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(at + 8)), w1, a1);
-        }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a0, a1));
-        let mut sum: f32 = lanes.iter().sum();
-        for i in chunks * 16..n {
-            sum += x[i] * w[i].to_f32();
-        }
-        sum
-    }
-}
-
 /// A constant matrix kept compressed in memory and expanded row by row where it is used
 /// (inside `linear` and `gather`), so weights cost their stored size, not f32.
 #[derive(Debug, PartialEq)]
@@ -249,12 +236,14 @@ pub enum Packed {
         cols: usize,
         data: Vec<half::f16>,
     },
-    /// `scale · (q − offset)` with one scale (and offset) per `block` columns of each row.
+    /// `scale · (q − offset)` with one scale (and offset) per `block` columns of each row; `q`
+    /// signed, one byte each (`bits` 8) or two to a byte, low nibble first (`bits` 4).
     Blockwise {
         rows: usize,
         cols: usize,
         block: usize,
-        q: Vec<i8>,
+        bits: u8,
+        q: Vec<u8>,
         scales: Vec<f32>,
         offsets: Option<Vec<f32>>,
     },
@@ -275,20 +264,7 @@ impl Packed {
 
     /// Expands row `r` into `out` (length `cols`).
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
-        match self {
-            Packed::F16 { cols, data, .. } => f16_to_f32(&data[r * cols..(r + 1) * cols], out),
-            Packed::Blockwise { cols, block, q, scales, offsets, .. } => {
-                let blocks = cols / block;
-                for b in 0..blocks {
-                    let s = scales[r * blocks + b];
-                    let o = offsets.as_ref().map_or(0.0, |v| v[r * blocks + b]);
-                    let src = &q[r * cols + b * block..r * cols + (b + 1) * block];
-                    for (d, &v) in out[b * block..(b + 1) * block].iter_mut().zip(src) {
-                        *d = s * (v as f32 - o);
-                    }
-                }
-            }
-        }
+        crate::matmul::WeightRows::of(self).row_into(self.cols(), r, out);
     }
 
     pub fn dense(&self) -> Vec<f32> {

@@ -1,0 +1,361 @@
+//! `out[m×n] = x[m×k] · wᵀ` for a weight held as `n` rows of `k` values: f32, fp16, or
+//! integers with a scale (and offset) per block of columns. The weight is widened and
+//! dequantized in registers, a few rows at a time, and never stored as f32: decode reads each
+//! weight once in its stored size (it is memory bound), prefill reuses each loaded weight
+//! vector across several rows of `x`.
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::value::Packed;
+
+/// A weight matrix's rows as stored.
+#[derive(Clone, Copy)]
+pub enum WeightRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    /// `scale · (q − offset)`, one scale (and offset) per `block` columns of each row; `q` as
+    /// stored by [`Packed::Blockwise`] (signed bytes, or nibbles when `bits` is 4).
+    Blockwise {
+        q: &'a [u8],
+        bits: u8,
+        scales: &'a [f32],
+        offsets: Option<&'a [f32]>,
+        block: usize,
+    },
+}
+
+impl<'a> WeightRows<'a> {
+    pub fn of(p: &'a Packed) -> WeightRows<'a> {
+        match p {
+            Packed::F16 { data, .. } => WeightRows::F16(data),
+            Packed::Blockwise { q, bits, scales, offsets, block, .. } => {
+                WeightRows::Blockwise { q, bits: *bits, scales, offsets: offsets.as_deref(), block: *block }
+            }
+        }
+    }
+
+    /// Row `r` (of `k` columns) widened into `out`.
+    pub fn row_into(&self, k: usize, r: usize, out: &mut [f32]) {
+        match *self {
+            WeightRows::F32(w) => out.copy_from_slice(&w[r * k..(r + 1) * k]),
+            WeightRows::F16(w) => crate::value::f16_to_f32(&w[r * k..(r + 1) * k], out),
+            WeightRows::Blockwise { q, bits, scales, offsets, block } => {
+                let blocks = k / block;
+                for (c, d) in out[..k].iter_mut().enumerate() {
+                    let at = r * blocks + c / block;
+                    let v = match bits {
+                        8 => q[r * k + c] as i8,
+                        // Shifting the nibble to the top of a byte and back sign-extends it.
+                        _ => ((q[(r * k + c) / 2] >> (4 * (c % 2))) << 4) as i8 >> 4,
+                    };
+                    *d = scales[at] * (v as f32 - offsets.map_or(0.0, |o| o[at]));
+                }
+            }
+        }
+    }
+}
+
+/// Output columns are written by one task each; the pointer is shared across tasks.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint columns of the output (see `matmul_t`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `out[m×n] = x[m×k] · wᵀ`, parallel over blocks of weight rows.
+pub fn matmul_t(m: usize, k: usize, n: usize, x: &[f32], w: WeightRows, out: &mut [f32]) {
+    assert!(x.len() >= m * k && out.len() >= m * n, "matmul_t: buffers smaller than m×k and m×n");
+    let threads = rayon::current_num_threads().max(1);
+    // Several tasks per thread balance the load; whole tiles of rows keep the kernel busy.
+    let rows_per_task = n.div_ceil(threads * 4).next_multiple_of(8).max(16);
+    let ptr = OutPtr(out.as_mut_ptr());
+    let task = |t: usize| {
+        let rows = t * rows_per_task..((t + 1) * rows_per_task).min(n);
+        // SAFETY: this task writes only the columns `rows` of each output row, inside `out`.
+        unsafe { rows_block(m, k, n, x, w, rows, ptr) };
+    };
+    let tasks = n.div_ceil(rows_per_task);
+    if m * n * k < 1 << 15 {
+        (0..tasks).for_each(task);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+}
+
+/// Computes output columns `rows` for all `m` rows of `x`.
+///
+/// # Safety
+/// `out` must point at an m×n row-major buffer in which no one else touches columns `rows`.
+unsafe fn rows_block(
+    m: usize,
+    k: usize,
+    n: usize,
+    x: &[f32],
+    w: WeightRows,
+    rows: std::ops::Range<usize>,
+    out: OutPtr,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx2::usable(&w) {
+            // SAFETY: the CPU features were checked; the caller vouches for `out`.
+            unsafe { avx2::rows_block(m, k, n, x, w, rows, out.0) };
+            return;
+        }
+    }
+    let mut buf = vec![0f32; k];
+    for r in rows {
+        w.row_into(k, r, &mut buf);
+        for i in 0..m {
+            let v: f32 = x[i * k..(i + 1) * k].iter().zip(&buf).map(|(a, b)| a * b).sum();
+            // SAFETY: (i, r) lies in this task's columns of the m×n output.
+            unsafe { *out.0.add(i * n + r) = v };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    use super::WeightRows;
+
+    /// The CPU has AVX2, FMA and F16C, and the weight's blocks are whole vectors.
+    pub fn usable(w: &WeightRows) -> bool {
+        static FEATURES: OnceLock<bool> = OnceLock::new();
+        let cpu = *FEATURES.get_or_init(|| {
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+        });
+        cpu && match w {
+            WeightRows::Blockwise { block, .. } => block % 8 == 0,
+            _ => true,
+        }
+    }
+
+    /// Eight weights of row `r` from column `c`, as f32 (`scale`/`offset` already broadcast for
+    /// the row's current block).
+    #[inline(always)]
+    unsafe fn load(w: &WeightRows, k: usize, r: usize, c: usize, scale: __m256, offset: __m256) -> __m256 {
+        // SAFETY (all arms): the caller keeps c + 8 <= k and r < rows, so reads stay in the row.
+        unsafe {
+            match *w {
+                WeightRows::F32(v) => _mm256_loadu_ps(v.as_ptr().add(r * k + c)),
+                WeightRows::F16(v) => _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(r * k + c) as *const __m128i)),
+                WeightRows::Blockwise { q, bits: 8, .. } => {
+                    let bytes = _mm_loadl_epi64(q.as_ptr().add(r * k + c) as *const __m128i);
+                    let ints = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+                    _mm256_mul_ps(_mm256_sub_ps(ints, offset), scale)
+                }
+                WeightRows::Blockwise { q, .. } => {
+                    // Eight nibbles (four bytes), one to a lane, sign-extended from bit 3.
+                    let word = (q.as_ptr().add((r * k + c) / 2) as *const i32).read_unaligned();
+                    let lanes =
+                        _mm256_srlv_epi32(_mm256_set1_epi32(word), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+                    let nibbles = _mm256_and_si256(lanes, _mm256_set1_epi32(0x0f));
+                    let eight = _mm256_set1_epi32(8);
+                    let ints = _mm256_sub_epi32(_mm256_xor_si256(nibbles, eight), eight);
+                    _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(ints), offset), scale)
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        // SAFETY: register-only intrinsics, available under the caller's features.
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+        }
+    }
+
+    /// Dot products of `MR` rows of `x` (from row `i`) with weight rows `r` (`NR` of them).
+    #[inline(always)]
+    unsafe fn tile<const MR: usize, const NR: usize>(
+        x: &[f32],
+        i: usize,
+        k: usize,
+        w: &WeightRows,
+        r: [usize; NR],
+    ) -> [[f32; NR]; MR] {
+        // SAFETY: all loads stay within rows i..i+MR of x and rows r of w (callers check).
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+            let (block, blocks) = match *w {
+                WeightRows::Blockwise { block, .. } => (block, k / block),
+                _ => (k - k % 8, 1),
+            };
+            let xp = x.as_ptr().add(i * k);
+            for b in 0..blocks {
+                let mut scale = [_mm256_set1_ps(1.0); NR];
+                let mut offset = [_mm256_setzero_ps(); NR];
+                if let WeightRows::Blockwise { scales, offsets, .. } = *w {
+                    for j in 0..NR {
+                        scale[j] = _mm256_set1_ps(*scales.get_unchecked(r[j] * blocks + b));
+                        if let Some(o) = offsets {
+                            offset[j] = _mm256_set1_ps(*o.get_unchecked(r[j] * blocks + b));
+                        }
+                    }
+                }
+                let mut c = b * block;
+                while c < (b + 1) * block {
+                    let mut wv = [_mm256_setzero_ps(); NR];
+                    for j in 0..NR {
+                        wv[j] = load(w, k, r[j], c, scale[j], offset[j]);
+                    }
+                    for (ii, row) in acc.iter_mut().enumerate() {
+                        let xv = _mm256_loadu_ps(xp.add(ii * k + c));
+                        for j in 0..NR {
+                            row[j] = _mm256_fmadd_ps(xv, wv[j], row[j]);
+                        }
+                    }
+                    c += 8;
+                }
+            }
+            let mut sums = [[0f32; NR]; MR];
+            for ii in 0..MR {
+                for j in 0..NR {
+                    sums[ii][j] = hsum(acc[ii][j]);
+                }
+            }
+            // Columns past the last whole vector (unblocked weights only).
+            if let WeightRows::F32(_) | WeightRows::F16(_) = *w {
+                for c in block..k {
+                    for j in 0..NR {
+                        let wv = match *w {
+                            WeightRows::F32(v) => *v.get_unchecked(r[j] * k + c),
+                            WeightRows::F16(v) => v.get_unchecked(r[j] * k + c).to_f32(),
+                            WeightRows::Blockwise { .. } => unreachable!(),
+                        };
+                        for (ii, row) in sums.iter_mut().enumerate() {
+                            row[j] += *xp.add(ii * k + c) * wv;
+                        }
+                    }
+                }
+            }
+            sums
+        }
+    }
+
+    /// `MR` rows of `x` against all weight rows in `rows`, `NR` at a time (the last group
+    /// repeats its final row rather than reading past the range).
+    #[inline(always)]
+    unsafe fn strip<const MR: usize, const NR: usize>(
+        x: &[f32],
+        i: usize,
+        k: usize,
+        n: usize,
+        w: &WeightRows,
+        rows: &std::ops::Range<usize>,
+        out: *mut f32,
+    ) {
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            let r: [usize; NR] = std::array::from_fn(|j| (r0 + j).min(rows.end - 1));
+            // SAFETY: rows i..i+MR and weight rows r are in range; outputs are this task's.
+            unsafe {
+                let sums = tile::<MR, NR>(x, i, k, w, r);
+                for (ii, row) in sums.iter().enumerate() {
+                    for (j, &v) in row.iter().enumerate().take(rows.end - r0) {
+                        *out.add((i + ii) * n + r0 + j) = v;
+                    }
+                }
+            }
+            r0 += NR;
+        }
+    }
+
+    /// Fewer rows of `x` leave registers for more weight rows at once (decode reads many
+    /// weight streams in parallel; prefill reuses each weight vector across four rows).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn rows_block(
+        m: usize,
+        k: usize,
+        n: usize,
+        x: &[f32],
+        w: WeightRows,
+        rows: std::ops::Range<usize>,
+        out: *mut f32,
+    ) {
+        // Weight rows in groups of about 48 KB, each swept against every row of x while it sits
+        // in cache (the group size is a multiple of every strip's row count).
+        let bytes_per_row = k * match w {
+            WeightRows::F32(_) => 4,
+            WeightRows::F16(_) => 2,
+            WeightRows::Blockwise { .. } => 1,
+        };
+        let group = (48 * 1024 / bytes_per_row.max(1)).next_multiple_of(12).clamp(12, 240);
+        let mut start = rows.start;
+        while start < rows.end {
+            let sub = start..(start + group).min(rows.end);
+            let mut i = 0;
+            // SAFETY: each call covers rows i.. of x that exist; the caller vouches for `out`.
+            unsafe {
+                while i < m {
+                    match m - i {
+                        1 => strip::<1, 6>(x, i, k, n, &w, &sub, out),
+                        2 => strip::<2, 4>(x, i, k, n, &w, &sub, out),
+                        3 => strip::<3, 3>(x, i, k, n, &w, &sub, out),
+                        _ => strip::<4, 2>(x, i, k, n, &w, &sub, out),
+                    }
+                    i += (m - i).min(4);
+                }
+            }
+            start = sub.end;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel shape (1–5 rows of x, row counts that leave partial groups, a column tail)
+    /// and every weight kind against a plain f64 product.
+    #[test]
+    fn matches_a_plain_product() {
+        let mut seed = 7u64;
+        let mut rnd = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        for &(m, k, n) in
+            &[(1usize, 64usize, 37usize), (2, 72, 9), (3, 40, 50), (4, 64, 17), (5, 96, 130), (9, 19, 5), (1, 8, 1)]
+        {
+            let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+            let wf: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
+            let wh: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+            let q8: Vec<u8> = (0..n * k).map(|_| (rnd() * 200.0) as i8 as u8).collect();
+            let q4: Vec<u8> = (0..(n * k).div_ceil(2)).map(|_| ((rnd() + 0.5) * 255.0) as u8).collect();
+            let block = if k % 8 == 0 { 8 } else { k };
+            let scales: Vec<f32> = (0..n * k / block).map(|_| rnd() * 0.1).collect();
+            let offsets: Vec<f32> = (0..n * k / block).map(|_| rnd() * 4.0).collect();
+            let kinds = [
+                WeightRows::F32(&wf),
+                WeightRows::F16(&wh),
+                WeightRows::Blockwise { q: &q8, bits: 8, scales: &scales, offsets: None, block },
+                WeightRows::Blockwise { q: &q8, bits: 8, scales: &scales, offsets: Some(&offsets), block },
+                WeightRows::Blockwise { q: &q4, bits: 4, scales: &scales, offsets: Some(&offsets), block },
+            ];
+            for w in kinds {
+                let mut out = vec![f32::NAN; m * n];
+                matmul_t(m, k, n, &x, w, &mut out);
+                let mut row = vec![0f32; k];
+                for r in 0..n {
+                    w.row_into(k, r, &mut row);
+                    for i in 0..m {
+                        let want: f64 = (0..k).map(|c| x[i * k + c] as f64 * row[c] as f64).sum();
+                        let got = out[i * n + r] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "m{m} k{k} n{n} ({i},{r}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
