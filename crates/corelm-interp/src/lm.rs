@@ -2,81 +2,162 @@
 //! the KV cache kept between calls. Handles the three interfaces corelm writes: one function
 //! with a flexible query length (states), fixed query lengths as functions (states and a
 //! `position` input), and KV caches passed as inputs and outputs (iOS 16/17).
+//!
+//! The driver reads the interface from the model description and runs the functions through an
+//! [`Executor`], so the reference interpreter and Core ML feed a package the same way.
 
 use std::collections::BTreeMap;
 
+use corelm_format::model::{ArrayFeature, Flexibility, FunctionDescription};
 use corelm_format::{DType, Package};
 
 use crate::value::{Data, Value};
 use crate::{Error, Interpreter, Result, State};
 
+/// What runs a package's functions, one prediction at a time.
+pub trait Executor {
+    /// What predictions carry from one call to the next (the KV-cache states).
+    type State;
+    /// A fresh, zeroed state for `function` (`None`: the default function).
+    fn new_state(&self, function: Option<&str>) -> Result<Self::State>;
+    fn predict(
+        &mut self,
+        function: Option<&str>,
+        inputs: &BTreeMap<String, Value>,
+        state: &mut Self::State,
+    ) -> Result<BTreeMap<String, Value>>;
+}
+
+impl Executor for Interpreter {
+    type State = State;
+
+    fn new_state(&self, function: Option<&str>) -> Result<State> {
+        Interpreter::new_state(self, function)
+    }
+
+    fn predict(
+        &mut self,
+        function: Option<&str>,
+        inputs: &BTreeMap<String, Value>,
+        state: &mut State,
+    ) -> Result<BTreeMap<String, Value>> {
+        Interpreter::predict(self, function, inputs, state)
+    }
+}
+
 enum Interface {
     Flexible,
     /// (query length, function name), longest first.
     Fixed(Vec<(usize, String)>),
-    TensorCaches,
+    /// The caches' dtype and shape.
+    TensorCaches {
+        dtype: DType,
+        shape: Vec<usize>,
+    },
 }
 
-pub struct LanguageModel {
-    interp: Interpreter,
+fn input<'a>(f: &'a FunctionDescription, name: &str) -> Option<&'a ArrayFeature> {
+    f.inputs.iter().find(|i| i.name == name).and_then(|i| i.array())
+}
+
+fn fixed_shape<'a>(a: &'a ArrayFeature, name: &str) -> Result<&'a [usize]> {
+    match a.flexibility {
+        Flexibility::Fixed => Ok(&a.shape),
+        _ => Err(Error::invalid(format!("{name} needs a fixed shape"))),
+    }
+}
+
+/// The interface, context length and mask dtype a package declares.
+fn detect(pkg: &Package) -> Result<(Interface, usize, DType)> {
+    let description = &pkg.model().description;
+    let mut fixed = Vec::new();
+    let mut caches = None;
+    let mut context = 0;
+    let mut mask_dtype = DType::Fp16;
+    for f in &description.functions {
+        let name = &f.name;
+        let required =
+            |n: &str| input(f, n).ok_or_else(|| Error::invalid(format!("function `{name}` has no {n} input")));
+        let ids = required("inputIds")?;
+        let mask = required("causalMask")?;
+        mask_dtype = mask.dtype.ok_or_else(|| Error::invalid("causalMask has a dtype corelm does not know"))?;
+        if let Some(cache) = input(f, "keyCache") {
+            let shape = fixed_shape(cache, "keyCache")?;
+            let dtype = cache.dtype.ok_or_else(|| Error::invalid("keyCache has a dtype corelm does not know"))?;
+            context = shape.get(3).copied().unwrap_or(0);
+            caches = Some((dtype, shape.to_vec()));
+        } else if input(f, "position").is_some() {
+            let n = fixed_shape(ids, "inputIds of a fixed-length function")?.get(1).copied();
+            fixed.push((n.ok_or_else(|| Error::invalid("inputIds needs two dimensions"))?, name.clone()));
+            context = fixed_shape(mask, "causalMask of a fixed-length function")?.get(3).copied().unwrap_or(0);
+        }
+    }
+    let interface = if let Some((dtype, shape)) = caches {
+        Interface::TensorCaches { dtype, shape }
+    } else if !fixed.is_empty() {
+        fixed.sort_by_key(|f| std::cmp::Reverse(f.0));
+        Interface::Fixed(fixed)
+    } else {
+        let ctx = description.metadata.user_defined.get("corelm.context_length");
+        context = match ctx.and_then(|c| c.parse().ok()) {
+            Some(c) => c,
+            None => {
+                let f = description.functions.first().ok_or_else(|| Error::invalid("no functions"))?;
+                f.states.first().and_then(|s| s.array()).and_then(|a| a.shape.get(3).copied()).unwrap_or(0)
+            }
+        };
+        Interface::Flexible
+    };
+    if context == 0 {
+        return Err(Error::invalid("cannot tell the model's context length"));
+    }
+    Ok((interface, context, mask_dtype))
+}
+
+impl Interface {
+    /// The function whose states every prediction shares (fixed lengths: all functions declare
+    /// the same states).
+    fn state_function(&self) -> Option<&str> {
+        match self {
+            Interface::Fixed(f) => Some(f[0].1.as_str()),
+            _ => None,
+        }
+    }
+
+    fn zero_caches(&self) -> Option<(Value, Value)> {
+        match self {
+            Interface::TensorCaches { dtype, shape } => {
+                Some((Value::zeros(*dtype, shape.clone()), Value::zeros(*dtype, shape.clone())))
+            }
+            _ => None,
+        }
+    }
+}
+
+pub struct LanguageModel<E: Executor = Interpreter> {
+    executor: E,
     interface: Interface,
     context: usize,
     mask_dtype: DType,
-    state: State,
+    state: E::State,
     caches: Option<(Value, Value)>,
     position: usize,
 }
 
 impl LanguageModel {
+    /// Opens a package on the reference interpreter.
     pub fn open(pkg: &Package) -> Result<LanguageModel> {
-        let interp = Interpreter::load(pkg)?;
-        let mut fixed = Vec::new();
-        let mut interface = Interface::Flexible;
-        let mut context = 0;
-        let mut mask_dtype = DType::Fp16;
-        for name in interp.functions().map(str::to_string).collect::<Vec<_>>() {
-            let inputs = interp.inputs(Some(&name))?;
-            let find = |n: &str| inputs.iter().find(|(i, _)| i == n).map(|(_, t)| t.clone());
-            let ids =
-                find("inputIds").ok_or_else(|| Error::invalid(format!("function `{name}` has no inputIds input")))?;
-            let mask = find("causalMask")
-                .ok_or_else(|| Error::invalid(format!("function `{name}` has no causalMask input")))?;
-            mask_dtype = mask.dtype;
-            if let Some(cache) = find("keyCache") {
-                interface = Interface::TensorCaches;
-                context = cache.dims[3].fixed().unwrap_or(0);
-            } else if find("position").is_some() {
-                let n = ids.dims[1]
-                    .fixed()
-                    .ok_or_else(|| Error::invalid("fixed-length functions need a fixed inputIds"))?;
-                fixed.push((n, name.clone()));
-                context = mask.dims[3].fixed().unwrap_or(0);
-            }
-        }
-        if !fixed.is_empty() {
-            fixed.sort_by_key(|f| std::cmp::Reverse(f.0));
-            interface = Interface::Fixed(fixed);
-        }
-        if matches!(interface, Interface::Flexible) {
-            let ctx = pkg.model().description.metadata.user_defined.get("corelm.context_length");
-            context = match ctx.and_then(|c| c.parse().ok()) {
-                Some(c) => c,
-                None => {
-                    let f = pkg.model().description.functions.first().ok_or_else(|| Error::invalid("no functions"))?;
-                    f.states.first().and_then(|s| s.array()).and_then(|a| a.shape.get(3).copied()).unwrap_or(0)
-                }
-            };
-        }
-        if context == 0 {
-            return Err(Error::invalid("cannot tell the model's context length"));
-        }
-        let state = interp.new_state(match &interface {
-            Interface::Fixed(f) => Some(f[0].1.as_str()),
-            _ => None,
-        })?;
-        let mut lm = LanguageModel { interp, interface, context, mask_dtype, state, caches: None, position: 0 };
-        lm.reset()?;
-        Ok(lm)
+        LanguageModel::with_executor(pkg, Interpreter::load(pkg)?)
+    }
+}
+
+impl<E: Executor> LanguageModel<E> {
+    /// Drives `pkg`, whose functions `executor` runs.
+    pub fn with_executor(pkg: &Package, executor: E) -> Result<LanguageModel<E>> {
+        let (interface, context, mask_dtype) = detect(pkg)?;
+        let state = executor.new_state(interface.state_function())?;
+        let caches = interface.zero_caches();
+        Ok(LanguageModel { executor, interface, context, mask_dtype, state, caches, position: 0 })
     }
 
     pub fn context(&self) -> usize {
@@ -89,19 +170,9 @@ impl LanguageModel {
 
     /// Forgets everything fed so far.
     pub fn reset(&mut self) -> Result<()> {
+        self.state = self.executor.new_state(self.interface.state_function())?;
+        self.caches = self.interface.zero_caches();
         self.position = 0;
-        let function = match &self.interface {
-            Interface::Fixed(f) => Some(f[0].1.clone()),
-            _ => None,
-        };
-        self.state = self.interp.new_state(function.as_deref())?;
-        if let Interface::TensorCaches = self.interface {
-            let inputs = self.interp.inputs(None)?;
-            let cache = inputs.iter().find(|(n, _)| n == "keyCache").map(|(_, t)| t.clone());
-            let cache = cache.ok_or_else(|| Error::invalid("no keyCache input"))?;
-            let shape = cache.shape().ok_or_else(|| Error::invalid("keyCache needs a fixed shape"))?;
-            self.caches = Some((Value::zeros(cache.dtype, shape.clone()), Value::zeros(cache.dtype, shape)));
-        }
         Ok(())
     }
 
@@ -153,7 +224,7 @@ impl LanguageModel {
                         ("causalMask".to_string(), self.mask(n, self.context)),
                         ("position".to_string(), Value::i32(vec![1], vec![self.position as i32])),
                     ]);
-                    let out = self.interp.predict(Some(&name), &inputs, &mut self.state)?;
+                    let out = self.executor.predict(Some(&name), &inputs, &mut self.state)?;
                     let mut r = logits_rows(&out)?;
                     r.truncate(take);
                     rows.extend(r);
@@ -162,7 +233,7 @@ impl LanguageModel {
                 }
                 Ok(rows)
             }
-            Interface::Flexible | Interface::TensorCaches => {
+            Interface::Flexible | Interface::TensorCaches { .. } => {
                 let n = ids.len();
                 let mut inputs = BTreeMap::from([
                     ("inputIds".to_string(), Value::i32(vec![1, n], ids.iter().map(|&t| t as i32).collect())),
@@ -172,8 +243,8 @@ impl LanguageModel {
                     inputs.insert("keyCache".into(), k);
                     inputs.insert("valueCache".into(), v);
                 }
-                let mut out = self.interp.predict(None, &inputs, &mut self.state)?;
-                if let Interface::TensorCaches = self.interface {
+                let mut out = self.executor.predict(None, &inputs, &mut self.state)?;
+                if matches!(self.interface, Interface::TensorCaches { .. }) {
                     let k = out.remove("keyCacheOut").ok_or_else(|| Error::invalid("no keyCacheOut output"))?;
                     let v = out.remove("valueCacheOut").ok_or_else(|| Error::invalid("no valueCacheOut output"))?;
                     self.caches = Some((k, v));

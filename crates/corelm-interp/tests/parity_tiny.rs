@@ -40,9 +40,10 @@ fn convert_tiny(
     precision: Precision,
     attention: AttentionImpl,
     query_lengths: Vec<usize>,
+    target: Target,
 ) -> Package {
     let source = open_source(dir).unwrap();
-    let opts = GraphOptions { target: Target::Ios18, context: 48, query_lengths, attention, precision, quantize: None };
+    let opts = GraphOptions { target, context: 48, query_lengths, attention, precision, quantize: None };
     convert(&source, out, &opts, true, &mut |_: &str, _: u64| {}).unwrap();
     Package::open(out).unwrap()
 }
@@ -90,7 +91,7 @@ fn every_architecture_matches_transformers() {
             ("fp16 fused", Precision::Fp16, AttentionImpl::Fused),
         ] {
             let out = tmp.path().join(format!("{name}-{}.mlpackage", label.replace(' ', "-")));
-            let pkg = convert_tiny(&dir, &out, precision, attention, vec![]);
+            let pkg = convert_tiny(&dir, &out, precision, attention, vec![], Target::Ios18);
             let f = measure(&pkg, &r);
             println!(
                 "{name:<20} {label:<16} argmax {}/{}  max|Δ| {:.2e} ({:.2e} of range)  greedy match {}/{}",
@@ -112,16 +113,21 @@ fn every_architecture_matches_transformers() {
 }
 
 /// The logits of token t+1 after a prefill of t tokens and one decode step equal those of a
-/// prefill of t+1 tokens, for every interface corelm writes (flexible, fixed lengths).
+/// prefill of t+1 tokens, for every interface corelm writes (flexible, fixed lengths, caches as
+/// inputs and outputs).
 #[test]
 fn prefill_then_decode_equals_full_recompute() {
     let tmp = tempfile::tempdir().unwrap();
     for name in ["llama_rope_llama3", "gemma3_text", "qwen2", "phi3", "gpt2"] {
         let dir = fixtures().join(name);
         let r = reference(&dir);
-        for (label, lengths) in [("flexible", vec![]), ("lengths 1,4", vec![1, 4])] {
-            let out = tmp.path().join(format!("{name}-{}.mlpackage", lengths.len()));
-            let pkg = convert_tiny(&dir, &out, Precision::Fp32, AttentionImpl::Fused, lengths);
+        for (label, lengths, target) in [
+            ("flexible", vec![], Target::Ios18),
+            ("lengths 1,4", vec![1, 4], Target::Ios18),
+            ("tensor caches", vec![], Target::Ios16),
+        ] {
+            let out = tmp.path().join(format!("{name}-{}.mlpackage", label.replace([' ', ','], "-")));
+            let pkg = convert_tiny(&dir, &out, Precision::Fp32, AttentionImpl::Fused, lengths, target);
             for t in [5, 12, 20] {
                 let mut lm = LanguageModel::open(&pkg).unwrap();
                 lm.feed(&r.prompt[..t]).unwrap();
@@ -130,7 +136,7 @@ fn prefill_then_decode_equals_full_recompute() {
                 let whole = full.feed(&r.prompt[..t + 1]).unwrap().pop().unwrap();
                 let scale = whole.iter().map(|v| v.abs()).fold(0.0, f32::max);
                 let err = step.iter().zip(&whole).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-                println!("{name:<20} {label:<12} t={t:<3} max|Δ| {err:.2e} ({:.2e} relative)", err / scale);
+                println!("{name:<20} {label:<14} t={t:<3} max|Δ| {err:.2e} ({:.2e} relative)", err / scale);
                 assert!(err < 1e-4 * scale, "{name} {label} t={t}: decode differs from recompute by {err}");
             }
         }

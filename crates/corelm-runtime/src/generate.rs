@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use corelm_interp::lm::{Executor, LanguageModel};
 use serde::Serialize;
 
 use crate::sampler::{Sampler, SamplingParams};
@@ -19,18 +20,18 @@ pub trait Backend {
     fn position(&self) -> usize;
 }
 
-impl Backend for corelm_interp::lm::LanguageModel {
+impl<E: Executor> Backend for LanguageModel<E> {
     fn feed(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
-        corelm_interp::lm::LanguageModel::feed(self, ids)
+        LanguageModel::feed(self, ids)
     }
     fn reset(&mut self) -> Result<()> {
-        corelm_interp::lm::LanguageModel::reset(self)
+        LanguageModel::reset(self)
     }
     fn context(&self) -> usize {
-        corelm_interp::lm::LanguageModel::context(self)
+        LanguageModel::context(self)
     }
     fn position(&self) -> usize {
-        corelm_interp::lm::LanguageModel::position(self)
+        LanguageModel::position(self)
     }
 }
 

@@ -21,22 +21,16 @@ impl TextModel {
         Self::with_backend(pkg, backend)
     }
 
-    /// Opens a package on Core ML (Apple platforms): compiled once into `cache_dir`.
+    /// Opens a package on Core ML (Apple platforms): compiled once into `cache_dir`, driven like
+    /// the reference interpreter (same interface detection, chunking and masks).
     #[cfg(target_vendor = "apple")]
     pub fn open_coreml(
         pkg: &Package,
         units: crate::coreml::ComputeUnits,
         cache_dir: &std::path::Path,
     ) -> Result<TextModel> {
-        let context = pkg
-            .model()
-            .description
-            .metadata
-            .user_defined
-            .get("corelm.context_length")
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| Error::invalid("the package does not record its context length (corelm.context_length)"))?;
-        let backend = Box::new(crate::coreml::CoreMlBackend::open(pkg.path(), units, cache_dir, context)?);
+        let executor = crate::coreml::CoreMlExecutor::open(pkg, units, cache_dir)?;
+        let backend = Box::new(corelm_interp::lm::LanguageModel::with_executor(pkg, executor)?);
         Self::with_backend(pkg, backend)
     }
 
