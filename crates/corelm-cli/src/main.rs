@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use corelm_convert::compress::{Policy, Scheme};
 use corelm_format::inspect::Report;
 use corelm_format::mil::printer::program_text;
 use corelm_format::Package;
@@ -138,13 +139,8 @@ struct ConvertArgs {
     /// Compute precision.
     #[arg(long, value_enum, default_value_t = PrecisionArg::Fp16)]
     precision: PrecisionArg,
-    /// Quantize linear layers and embeddings (symmetric, fp16 scales): int8 per output channel,
-    /// int4 per block of input columns.
-    #[arg(long, value_enum)]
-    quantize: Option<QuantizeArg>,
-    /// Input columns sharing one int4 scale.
-    #[arg(long, default_value_t = 32)]
-    block_size: usize,
+    #[command(flatten)]
+    compress: CompressArgs,
     /// Replace an existing output.
     #[arg(long)]
     force: bool,
@@ -329,10 +325,94 @@ fn run_text(args: RunArgs, prompt: String) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum QuantizeArg {
+/// Weight compression flags, shared by `convert` and `compress`.
+#[derive(clap::Args)]
+struct CompressArgs {
+    /// Compress linear layers and embeddings: int8 (per output channel), int4 (per block of
+    /// input columns), lut4/lut6/lut8 (k-means tables per group of output channels), or mixed
+    /// (int4 layers, int8 embeddings and LM head).
+    #[arg(long, value_enum)]
+    quantize: Option<SchemeArg>,
+    /// Input columns sharing one scale (int4 default 32; int8 default: whole rows).
+    #[arg(long)]
+    block_size: Option<usize>,
+    /// Integer schemes with a zero point per block (asymmetric) instead of symmetric ranges.
+    #[arg(long)]
+    offset: bool,
+    /// Output channels sharing one lookup table (lut schemes).
+    #[arg(long, default_value_t = 16)]
+    lut_group: usize,
+    /// A different scheme (or `none`) for the embedding table and LM head.
+    #[arg(long, value_enum)]
+    quantize_embeddings: Option<EmbeddingSchemeArg>,
+    /// Keep weights whose name contains this text uncompressed (repeatable; Hugging Face names,
+    /// e.g. `layers.0.` or `down_proj`).
+    #[arg(long, value_name = "TEXT")]
+    keep: Vec<String>,
+    /// From GGUF: store Q4_0 / Q4_1 / Q8_0 weights on their own grid (no second rounding);
+    /// other weights follow --quantize.
+    #[arg(long, value_enum)]
+    grid: Option<GridArg>,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum SchemeArg {
     Int8,
     Int4,
+    Lut4,
+    Lut6,
+    Lut8,
+    Mixed,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum EmbeddingSchemeArg {
+    None,
+    Int8,
+    Int4,
+    Lut4,
+    Lut6,
+    Lut8,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum GridArg {
+    Gguf,
+}
+
+impl CompressArgs {
+    fn scheme(&self, name: &str) -> Scheme {
+        let linear = |bits: u8, default_block: Option<usize>| Scheme::Linear {
+            bits,
+            block: self.block_size.or(default_block),
+            offset: self.offset,
+        };
+        match name {
+            "int8" => linear(8, None),
+            "int4" => linear(4, Some(32)),
+            lut => Scheme::Lut { bits: lut[3..].parse().expect("lut4/6/8"), group: self.lut_group },
+        }
+    }
+
+    fn policy(&self) -> Result<Policy> {
+        fn name(v: impl clap::ValueEnum) -> String {
+            v.to_possible_value().expect("named").get_name().to_string()
+        }
+        let body = self.quantize.map(|q| match q {
+            SchemeArg::Mixed => self.scheme("int4"),
+            q => self.scheme(&name(q)),
+        });
+        let embeddings = match (self.quantize_embeddings, self.quantize) {
+            (Some(EmbeddingSchemeArg::None), _) => None,
+            (Some(e), _) => Some(self.scheme(&name(e))),
+            (None, Some(SchemeArg::Mixed)) => Some(Scheme::Linear { bits: 8, block: None, offset: self.offset }),
+            (None, _) => body,
+        };
+        for s in body.iter().chain(&embeddings) {
+            s.check()?;
+        }
+        Ok(Policy { body, embeddings, keep: self.keep.clone(), source_grid: self.grid == Some(GridArg::Gguf) })
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -356,7 +436,6 @@ enum PrecisionArg {
 
 fn convert(args: ConvertArgs) -> Result<ExitCode> {
     use corelm_convert::graph::{AttentionImpl, GraphOptions, Precision};
-    use corelm_convert::quantize::Quantization;
     let target = match args.target {
         TargetArg::Ios16 => corelm_format::Target::Ios16,
         TargetArg::Ios17 => corelm_format::Target::Ios17,
@@ -374,11 +453,7 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
             PrecisionArg::Fp16 => Precision::Fp16,
             PrecisionArg::Fp32 => Precision::Fp32,
         },
-        quantize: match args.quantize {
-            None => None,
-            Some(QuantizeArg::Int8) => Some(Quantization::Int8),
-            Some(QuantizeArg::Int4) => Some(Quantization::Int4 { block: args.block_size }),
-        },
+        compress: args.compress.policy()?,
     };
     let source = corelm_convert::convert::open_source(&args.source)
         .with_context(|| format!("cannot read model {}", args.source.display()))?;
@@ -529,7 +604,7 @@ fn verify(
         query_lengths: vec![],
         attention: AttentionImpl::Fused,
         precision: Precision::Fp32,
-        quantize: None,
+        compress: Policy::default(),
     };
     let result = (|| -> Result<corelm_runtime::verify::Agreement> {
         corelm_convert::convert::convert(&source, &reference_path, &opts, true, &mut |_: &str, _: u64| {})?;

@@ -120,6 +120,10 @@ fn every_tiny_architecture_converts_and_loads_in_coremltools() {
         ("ios16", vec!["--target", "ios16"]),
         ("int8", vec!["--quantize", "int8"]),
         ("int4", vec!["--quantize", "int4", "--block-size", "16"]),
+        ("int4-offset", vec!["--quantize", "int4", "--block-size", "16", "--offset"]),
+        ("lut4", vec!["--quantize", "lut4", "--lut-group", "4"]),
+        ("lut6", vec!["--quantize", "lut6", "--quantize-embeddings", "int8"]),
+        ("mixed", vec!["--quantize", "mixed", "--block-size", "16", "--keep", "layers.0.mlp"]),
     ] {
         let out = tmp.path().join(format!("llama-{tag}.mlpackage"));
         let mut args = vec!["--context", "32"];
@@ -136,10 +140,22 @@ fn every_tiny_architecture_converts_and_loads_in_coremltools() {
                 assert_eq!(f["inputs"][1]["shape"], serde_json::json!([1, 1, 8, 32]));
                 assert_eq!(f["inputs"][2]["name"], "position");
             }
-            "int8" | "int4" => {
+            "int8" | "int4" | "int4-offset" | "lut4" | "lut6" | "mixed" => {
                 let ops = &report["functions"]["main"]["op_histogram"];
-                assert!(ops["constexpr_blockwise_shift_scale"].as_u64().unwrap() >= 7, "{ops}");
-                assert!(report["weights"]["bytes_by_dtype"][tag].as_u64().unwrap() > 0);
+                let count = |op: &str| ops[op].as_u64().unwrap_or(0);
+                let (shift_scale, lut) = (count("constexpr_blockwise_shift_scale"), count("constexpr_lut_to_dense"));
+                let bytes = |dtype: &str| report["weights"]["bytes_by_dtype"][dtype].as_u64().unwrap_or(0);
+                match tag {
+                    "lut4" => assert!(lut >= 7 && shift_scale == 0 && bytes("uint4") > 0, "{ops}"),
+                    // Layers as tables, the embedding and LM head as int8.
+                    "lut6" => assert!(
+                        lut >= 7 && (1..=2).contains(&shift_scale) && bytes("uint6") > 0 && bytes("int8") > 0,
+                        "{ops}"
+                    ),
+                    // int4 layers, int8 embedding, and layer 0's three MLP matrices kept as they are.
+                    "mixed" => assert!(bytes("int4") > 0 && bytes("int8") > 0 && bytes("fp16") > 0, "{ops}"),
+                    _ => assert!(shift_scale >= 7 && bytes(tag.trim_end_matches("-offset")) > 0, "{ops}"),
+                }
             }
             "ios17" | "ios16" => {
                 let f = &report["functions"]["main"];
@@ -222,4 +238,51 @@ fn real_gguf_models_convert_and_load_in_coremltools() {
     let (p, r) = (v["perplexity_package"].as_f64().unwrap(), v["perplexity_reference"].as_f64().unwrap());
     assert!((p / r - 1.0).abs() < 0.02, "{v}");
     coremltools_accepts(&[smol, gemma]);
+}
+
+/// `--grid gguf` stores SmolLM2's Q4_1 weights on their own grid: every rebuilt weight equals
+/// the GGUF's dequantization (our reader, bit-exact with the gguf package; Q/K rows unpermuted)
+/// within the fp16 rounding of −m/d that Q4_1's offsets need, |m|·2⁻¹¹.
+#[test]
+fn gguf_q4_1_grid_is_carried_over_without_requantizing() {
+    use corelm_convert::checkpoint::Checkpoint;
+    use corelm_format::mil::program::Binding;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("grid.mlpackage");
+    let src = model("SmolLM2-135M-Instruct.Q4_1.gguf");
+    convert(&src, &out, &["--context", "64", "--grid", "gguf"]);
+    let pkg = corelm_format::Package::open(&out).unwrap();
+    let (ck, _) = corelm_convert::gguf_source::GgufCheckpoint::open(&src).unwrap();
+    let main = pkg.model().program.functions.values().next().unwrap();
+    let mut files = pkg.blob_files();
+    let mut checked = 0;
+    for (op_name, hf) in [
+        ("layers_0_q", "model.layers.0.self_attn.q_proj.weight"),
+        ("layers_0_k", "model.layers.0.self_attn.k_proj.weight"),
+        ("layers_29_down", "model.layers.29.mlp.down_proj.weight"),
+    ] {
+        let op = main.block.operations.iter().find(|o| o.outputs.first().is_some_and(|x| x.name == op_name)).unwrap();
+        assert_eq!(op.op_type, "constexpr_blockwise_shift_scale", "{op_name}");
+        let mut read = |p: &str| match op.input(p) {
+            Some(Binding::Value(v)) => files.read(v).unwrap(),
+            other => panic!("{op_name}.{p}: {other:?}"),
+        };
+        let (data, scale, offset) = (read("data"), read("scale"), read("offset"));
+        assert_eq!(data.dtype(), corelm_format::DType::Uint4, "{op_name}");
+        let (q, s, o) = (data.to_i64().unwrap(), scale.to_f64().unwrap(), offset.to_f64().unwrap());
+        let cols = data.shape()[1];
+        let want = ck.read_f32(hf).unwrap();
+        assert_eq!(want.len(), q.len());
+        for (i, &w) in want.iter().enumerate() {
+            let b = (i / cols) * (cols / 32) + (i % cols) / 32;
+            let got = (s[b] * (q[i] as f64 - o[b])) as f32;
+            let m = (s[b] * o[b]).abs() as f32;
+            let bound = m * 2f32.powi(-11) * 1.01 + 4.0 * f32::EPSILON * w.abs().max(m);
+            assert!((got - w).abs() <= bound, "{op_name}[{i}]: {got} vs {w}");
+            checked += 1;
+        }
+    }
+    assert!(checked > 500_000);
+    // Q4_1's fractional offsets are fp16 next to uint4 data: coremltools' loader takes them.
+    coremltools_accepts(&[out]);
 }

@@ -9,10 +9,12 @@ use safetensors::tensor::{Dtype, Metadata};
 use safetensors::SafeTensors;
 
 use crate::arch::{LayerRole, Role, Take, TensorSpec};
+use crate::compress::Compressed;
 use crate::config::ModelConfig;
 use crate::{Error, Result};
 use corelm_format::bytes::FileBytes;
 use corelm_format::error::IoContext;
+use corelm_format::DType;
 
 /// A source of named tensors.
 pub trait Checkpoint {
@@ -22,6 +24,11 @@ pub trait Checkpoint {
     fn shape(&self, name: &str) -> Option<Vec<usize>>;
     /// The elements of `name`, row-major, as f32.
     fn read_f32(&self, name: &str) -> Result<Vec<f32>>;
+    /// `name` in the compressed form it is stored in, when Core ML can express that form
+    /// (scales in `dtype`); `None` for plain tensors and forms it cannot.
+    fn read_grid(&self, _name: &str, _dtype: DType) -> Result<Option<Compressed>> {
+        Ok(None)
+    }
 }
 
 /// One memory-mapped safetensors file with its validated header.
@@ -174,6 +181,28 @@ fn resolve<'a>(ck: &dyn Checkpoint, name: &'a str) -> Option<&'a str> {
         return Some(name);
     }
     name.split_once('.').map(|(_, rest)| rest).filter(|rest| ck.shape(rest).is_some())
+}
+
+/// A whole-tensor role's weight in its stored compressed form, if the checkpoint has one Core ML
+/// can express (see [`Checkpoint::read_grid`]), with its shape checked.
+pub fn load_grid(
+    ck: &dyn Checkpoint,
+    c: &ModelConfig,
+    role: Role,
+    spec: &TensorSpec,
+    dtype: DType,
+) -> Result<Option<Compressed>> {
+    let Some(name) = resolve(ck, &spec.name) else { return Ok(None) };
+    let Some(grid) = ck.read_grid(name, dtype)? else { return Ok(None) };
+    let shape = grid.inputs.first().map(|(_, t)| t.shape().to_vec()).unwrap_or_default();
+    let expected = expected_shape(c, role);
+    if shape != expected {
+        return Err(Error::malformed(
+            ck.source(),
+            format!("tensor `{name}` has shape {shape:?}; {expected:?} expected for {role:?}"),
+        ));
+    }
+    Ok(Some(grid))
 }
 
 /// Reads a role's weight as the graph wants it: the right slice of a fused tensor, transposed

@@ -7,8 +7,10 @@ use std::path::Path;
 use serde_json::{json, Map, Value};
 
 use crate::checkpoint::Checkpoint;
+use crate::compress::Compressed;
 use crate::gguf::{self, GgufFile};
 use crate::{Error, Result};
+use corelm_format::{DType, Tensor};
 
 /// GGUF architectures corelm converts, with the `model_type` they map to.
 pub const SUPPORTED_GGUF_ARCHITECTURES: &[(&str, &str)] = &[
@@ -207,10 +209,49 @@ impl Checkpoint for GgufCheckpoint {
         if self.norm_offset && info.name.ends_with("norm.weight") {
             data.iter_mut().for_each(|v| *v -= 1.0);
         }
-        if self.permuted_qk && (info.name.ends_with("attn_q.weight") || info.name.ends_with("attn_k.weight")) {
-            let heads = if info.name.ends_with("attn_q.weight") { self.heads.0 } else { self.heads.1 };
-            let (rows, cols) = (info.shape[0], info.shape.get(1).copied().unwrap_or(1));
-            data = gguf::unpermute_qk(&data, rows, cols, heads)?;
+        self.hf_rows(info, data, info.shape.get(1).copied().unwrap_or(1))
+    }
+
+    fn read_grid(&self, name: &str, dtype: DType) -> Result<Option<Compressed>> {
+        let Some(info) = self.info(name) else { return Ok(None) };
+        let &[rows, cols] = info.shape.as_slice() else { return Ok(None) };
+        if cols % 32 != 0 {
+            return Ok(None);
+        }
+        let Some(g) = gguf::shift_scale_grid(info.dtype, self.file.raw(info)) else { return Ok(None) };
+        if g.q.len() != rows * cols {
+            return Err(Error::malformed(
+                self.file.path(),
+                format!("tensor `{}` holds the wrong number of blocks", info.name),
+            ));
+        }
+        let blocks = cols / 32;
+        let ints = if g.nibbles { DType::Uint4 } else { DType::Int8 };
+        let floats = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
+        let mut inputs = vec![
+            ("data", Tensor::from_ints(ints, vec![rows, cols], &self.hf_rows(info, g.q, cols)?)?),
+            ("scale", Tensor::from_floats(dtype, vec![rows, blocks], &floats(self.hf_rows(info, g.scales, blocks)?))?),
+        ];
+        if let Some(offsets) = g.offsets {
+            let offsets = self.hf_rows(info, offsets, blocks)?;
+            let t = if g.integer_offsets {
+                Tensor::from_ints(ints, vec![rows, blocks], &offsets.iter().map(|&o| o as i64).collect::<Vec<_>>())?
+            } else {
+                Tensor::from_floats(dtype, vec![rows, blocks], &floats(offsets))?
+            };
+            inputs.push(("offset", t));
+        }
+        Ok(Some(Compressed { op: "constexpr_blockwise_shift_scale", inputs }))
+    }
+}
+
+impl GgufCheckpoint {
+    /// Row order as Hugging Face has it: llama's Q and K rows are stored permuted for ggml's rope.
+    fn hf_rows<T: Copy>(&self, info: &gguf::TensorInfo, data: Vec<T>, cols: usize) -> Result<Vec<T>> {
+        let q = info.name.ends_with("attn_q.weight");
+        if self.permuted_qk && (q || info.name.ends_with("attn_k.weight")) {
+            let heads = if q { self.heads.0 } else { self.heads.1 };
+            return gguf::unpermute_qk(&data, info.shape[0], cols, heads);
         }
         Ok(data)
     }

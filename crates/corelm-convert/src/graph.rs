@@ -11,10 +11,10 @@ use std::collections::HashMap;
 
 use half::f16;
 
-use crate::arch::{tensor_spec, LayerRole, Role};
+use crate::arch::{tensor_spec, LayerRole, Role, Take};
 use crate::checkpoint::{load, Checkpoint};
+use crate::compress::{Compressed, Policy};
 use crate::config::{Activation, Attention, ModelConfig, Norm, Rope};
-use crate::quantize::Quantization;
 use crate::{Error, Result};
 use corelm_format::mil::builder::Arg;
 use corelm_format::mil::program::Function;
@@ -56,16 +56,16 @@ pub struct GraphOptions {
     pub query_lengths: Vec<usize>,
     pub attention: AttentionImpl,
     pub precision: Precision,
-    /// Quantize the linear layers and embeddings; `None` keeps them in the compute precision.
-    pub quantize: Option<Quantization>,
+    /// How the linear layers and embeddings are compressed (default: not at all).
+    pub compress: Policy,
 }
 
 /// Everything the graph reads from the weight files, stored once and shared by all functions.
-/// A weight as stored: plain, or quantized (integer data and per-block scales).
+/// A weight as stored: plain, or compressed (a constexpr op over stored tensors).
 #[derive(Clone)]
 enum Stored {
     Plain(BlobRef),
-    Quantized { data: BlobRef, scale: BlobRef },
+    Compressed { op: &'static str, inputs: Vec<(&'static str, BlobRef)> },
 }
 
 pub struct StoredWeights {
@@ -168,19 +168,36 @@ pub fn store_weights(
             tensors.insert(role, existing.clone());
             continue;
         }
+        let bytes_before = store.bytes_written();
+        let embedding = matches!(role, Role::Embed | Role::LmHead);
+        let policy = &opts.compress;
+        // A source grid Core ML can express is stored as it is: no second rounding.
+        let grid = match (policy.source_grid, is_matrix(role), spec.take) {
+            (true, true, Take::Whole) if !policy.keeps(&spec.name) => {
+                crate::checkpoint::load_grid(ck, c, role, &spec, dtype)?
+            }
+            _ => None,
+        };
+        if let Some(g) = grid {
+            let stored = store_compressed(store, g)?;
+            progress.tensor_done(&spec.name, store.bytes_written() - bytes_before);
+            by_name.insert(key, stored.clone());
+            tensors.insert(role, stored);
+            continue;
+        }
         let (shape, mut data) = load(ck, c, role, &spec)?;
         let add_one = matches!(c.norm, Norm::Rms { add_one: true, .. });
         if add_one && is_norm(role) {
             data.iter_mut().for_each(|v| *v += 1.0);
         }
-        let bytes_before = store.bytes_written();
-        let stored = match opts.quantize {
-            Some(q) if is_matrix(role) => {
-                let (data_t, scale_t) = crate::quantize::quantize(&shape, &data, q, dtype)?;
+        let scheme = if is_matrix(role) { policy.scheme_for(&spec.name, embedding) } else { None };
+        let stored = match scheme {
+            Some(scheme) => {
+                let compressed = crate::compress::compress(&shape, &data, scheme, dtype)?;
                 drop(data);
-                Stored::Quantized { data: store.store(&data_t)?, scale: store.store(&scale_t)? }
+                store_compressed(store, compressed)?
             }
-            _ => {
+            None => {
                 // Encode straight to storage bytes: the f32 copy and the encoded copy are the
                 // only two of this tensor in memory, and only until it is written.
                 let t = if is_norm(role) || dtype == DType::Fp32 {
@@ -206,6 +223,14 @@ pub fn store_weights(
         None => None,
     };
     Ok(StoredWeights { tensors, rope, rope_local })
+}
+
+fn store_compressed(store: &mut WeightStore, c: Compressed) -> Result<Stored> {
+    let mut inputs = Vec::with_capacity(c.inputs.len());
+    for (name, t) in &c.inputs {
+        inputs.push((*name, store.store(t)?));
+    }
+    Ok(Stored::Compressed { op: c.op, inputs })
 }
 
 fn i32s(values: &[i32]) -> Arg<'static> {
@@ -245,11 +270,9 @@ impl Graph<'_, '_> {
         .to_lowercase();
         let v = match stored {
             Stored::Plain(blob) => self.f.weight(&name, blob),
-            Stored::Quantized { data, scale } => self.f.op1(
-                "constexpr_blockwise_shift_scale",
-                &name,
-                vec![("data", Arg::Blob(data)), ("scale", Arg::Blob(scale))],
-            )?,
+            Stored::Compressed { op, inputs } => {
+                self.f.op1(op, &name, inputs.iter().map(|(param, blob)| (*param, Arg::Blob(blob))).collect())?
+            }
         };
         self.weights.insert(role, v.clone());
         Ok(Some(v))

@@ -3,12 +3,12 @@
 
 pub mod arch;
 pub mod checkpoint;
+pub mod compress;
 pub mod config;
 pub mod convert;
 pub mod gguf;
 pub mod gguf_source;
 pub mod graph;
-pub mod quantize;
 pub mod rope;
 
 pub use corelm_format::{Error, Result};

@@ -343,6 +343,48 @@ fn dequantization_matches_gguf_py_bit_for_bit() {
     assert_eq!((t.shape.clone(), t.ggml_dims(), t.n_rows(), t.row_len()), (vec![2, 3, 64], vec![64, 3, 2], 6, 64));
 }
 
+/// Q4_0 / Q4_1 / Q8_0 rewritten as Core ML's `scale · (q − offset)` rebuild the gguf package's
+/// dequantized values: bit for bit for Q4_0 and Q8_0 (their scales are fp16 already, and f32
+/// holds every product exactly); for Q4_1 within the fp16 rounding of −m/d, |m|·2⁻¹¹ (plus one
+/// f32 rounding of each side).
+#[test]
+fn shift_scale_grids_rebuild_gguf_py_dequantization() {
+    let f = GgufFile::open(fixture("quants.gguf")).unwrap();
+    let manifest: Value = serde_json::from_slice(&std::fs::read(fixture("quants.expected.json")).unwrap()).unwrap();
+    let floats: Vec<f32> = std::fs::read(fixture("quants.expected.f32"))
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let mut checked = Vec::new();
+    for entry in manifest["tensors"].as_array().unwrap() {
+        let t = f.tensor(entry["name"].as_str().unwrap()).unwrap();
+        let Some(g) = gguf::shift_scale_grid(t.dtype, f.raw(t)) else {
+            assert!(!matches!(t.dtype, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0), "{}", t.name);
+            continue;
+        };
+        let offset = entry["offset"].as_u64().unwrap() as usize;
+        let want = &floats[offset..offset + t.n_elements()];
+        let raw = f.raw(t);
+        for (i, &w) in want.iter().enumerate() {
+            let b = i / 32;
+            let o = g.offsets.as_ref().map_or(0.0, |o| o[b]);
+            let got = g.scales[b] * (g.q[i] as f32 - o);
+            if t.dtype == GgmlType::Q4_1 {
+                let m = half::f16::from_le_bytes([raw[b * 20 + 2], raw[b * 20 + 3]]).to_f32();
+                let bound = m.abs() * 2f32.powi(-11) + 2.0 * f32::EPSILON * w.abs().max(m.abs());
+                assert!((got - w).abs() <= bound, "{}[{i}]: {got} vs {w} (bound {bound})", t.name);
+            } else {
+                assert_eq!(got.to_bits(), w.to_bits(), "{}[{i}]: {got} vs {w}", t.name);
+            }
+        }
+        checked.push(t.dtype);
+    }
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        assert!(checked.contains(&ty), "no {ty} tensor checked");
+    }
+}
+
 #[test]
 fn q8_k_by_hand() {
     // block_q8_K { f32 d; i8 qs[256]; i16 bsums[16]; }: y = d * q.

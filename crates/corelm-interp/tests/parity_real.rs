@@ -34,7 +34,7 @@ fn check(fixture: &str, gguf: &str, context: usize) {
             query_lengths: vec![],
             attention: AttentionImpl::Fused,
             precision,
-            quantize: None,
+            compress: Default::default(),
         };
         convert(&source, &out, &opts, true, &mut |_: &str, _: u64| {}).unwrap();
         let pkg = Package::open(&out).unwrap();

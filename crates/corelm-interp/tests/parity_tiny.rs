@@ -43,7 +43,7 @@ fn convert_tiny(
     target: Target,
 ) -> Package {
     let source = open_source(dir).unwrap();
-    let opts = GraphOptions { target, context: 48, query_lengths, attention, precision, quantize: None };
+    let opts = GraphOptions { target, context: 48, query_lengths, attention, precision, compress: Default::default() };
     convert(&source, out, &opts, true, &mut |_: &str, _: u64| {}).unwrap();
     Package::open(out).unwrap()
 }

@@ -14,7 +14,10 @@
 mod quants;
 mod tokenizer;
 
-pub use quants::{dequantize as dequantize_bytes, dequantize_into as dequantize_bytes_into, GgmlType, QK_K};
+pub use quants::{
+    dequantize as dequantize_bytes, dequantize_into as dequantize_bytes_into, shift_scale_grid, GgmlType,
+    ShiftScaleGrid, QK_K,
+};
 pub use tokenizer::{chat_template, special_token_ids, tokenizer_config_json, tokenizer_json, SpecialTokenIds};
 
 use std::collections::{BTreeMap, HashSet};

@@ -206,6 +206,73 @@ fn q4_0(b: &[u8], y: &mut [f32]) {
     }
 }
 
+/// A block-32 grid that `scale · (q − offset)` rebuilds: what Q4_0, Q4_1 and Q8_0 store,
+/// rewritten as Core ML's blockwise shift-scale. Values in storage order, one scale (and
+/// offset) per block of 32.
+#[derive(Debug, PartialEq)]
+pub struct ShiftScaleGrid {
+    pub q: Vec<i64>,
+    /// 4-bit unsigned (Q4_0, Q4_1) rather than 8-bit signed (Q8_0) values.
+    pub nibbles: bool,
+    pub scales: Vec<f32>,
+    pub offsets: Option<Vec<f32>>,
+    /// The offsets are whole numbers (Q4_0's 8) rather than fp16 fractions (Q4_1's −m/d).
+    pub integer_offsets: bool,
+}
+
+/// The grid of `data` if its type maps onto a shift-scale (Q4_0 and Q8_0 exactly; Q4_1 up to
+/// the fp16 rounding of −m/d, i.e. within |m|·2⁻¹¹ per weight).
+pub fn shift_scale_grid(dtype: GgmlType, data: &[u8]) -> Option<ShiftScaleGrid> {
+    let size = dtype.type_size();
+    let blocks = data.chunks_exact(size);
+    let n = data.len() / size;
+    let mut g = ShiftScaleGrid {
+        q: Vec::with_capacity(n * 32),
+        nibbles: dtype != GgmlType::Q8_0,
+        scales: Vec::with_capacity(n),
+        offsets: None,
+        integer_offsets: dtype == GgmlType::Q4_0,
+    };
+    let nibbles = |qs: &[u8], q: &mut Vec<i64>| {
+        q.extend(qs.iter().map(|&b| i64::from(b & 0x0F)));
+        q.extend(qs.iter().map(|&b| i64::from(b >> 4)));
+    };
+    match dtype {
+        GgmlType::Q4_0 => {
+            for b in blocks {
+                g.scales.push(half(b, 0));
+                nibbles(&b[2..18], &mut g.q);
+            }
+            g.offsets = Some(vec![8.0; n]);
+        }
+        GgmlType::Q4_1 => {
+            let mut offsets = Vec::with_capacity(n);
+            for b in blocks {
+                let (d, m) = (half(b, 0), half(b, 2));
+                if d == 0.0 {
+                    // Every weight of the block is m: 1 · m with offset 0.
+                    g.scales.push(m);
+                    offsets.push(0.0);
+                    g.q.extend([1; 32]);
+                } else {
+                    g.scales.push(d);
+                    offsets.push(f16::from_f32(-m / d).to_f32());
+                    nibbles(&b[4..20], &mut g.q);
+                }
+            }
+            g.offsets = Some(offsets);
+        }
+        GgmlType::Q8_0 => {
+            for b in blocks {
+                g.scales.push(half(b, 0));
+                g.q.extend(b[2..34].iter().map(|&q| i64::from(q as i8)));
+            }
+        }
+        _ => return None,
+    }
+    Some(g)
+}
+
 // block_q4_1 { f16 d; f16 m; u8 qs[16]; }
 fn q4_1(b: &[u8], y: &mut [f32]) {
     let (d, m) = (half(b, 0), half(b, 2));
