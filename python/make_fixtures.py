@@ -3,12 +3,15 @@
 
     python/make_fixtures.py tiny   # random tiny checkpoints + outputs -> tests/fixtures/tiny/<name>/
     python/make_fixtures.py real   # outputs of real GGUF models     -> tests/fixtures/real/<name>/
+    python/make_fixtures.py eval   # SmolLM2 perplexity on bench/data/eval.txt -> tests/fixtures/real/smollm2/eval_perplexity.json
 
 Run it with the interpreter of the venv described by python/requirements-reference.txt.
 Everything is seeded and computed on one thread, so re-running reproduces the files byte for byte.
 """
 
+import hashlib
 import json
+import math
 import struct
 import sys
 from pathlib import Path
@@ -349,16 +352,62 @@ def make_real(name, gguf_name, prompts_fn):
     return True
 
 
+EVAL_TEXT = Path(__file__).resolve().parent.parent / "bench" / "data" / "eval.txt"
+EVAL_WINDOW = 512
+EVAL_MAX_TOKENS = 2048
+
+
+def make_eval(name, gguf_name):
+    """Perplexity on the committed evaluation text, in consecutive windows of EVAL_WINDOW
+    tokens each scored from an empty cache -- what `corelm eval --window` computes."""
+    tok = AutoTokenizer.from_pretrained(MODELS_DIR, gguf_file=gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(
+        MODELS_DIR, gguf_file=gguf_name, dtype=torch.float32, attn_implementation="eager"
+    )
+    model.eval()
+    text = EVAL_TEXT.read_text()
+    ids = tok.encode(text)[:EVAL_MAX_TOKENS]
+    nll, scored = 0.0, 0
+    for start in range(0, len(ids), EVAL_WINDOW):
+        window = ids[start : start + EVAL_WINDOW]
+        if len(window) < 2:
+            break
+        logits = model(torch.tensor([window])).logits[0].double()
+        logp = torch.log_softmax(logits, dim=-1)
+        target = torch.tensor(window[1:])
+        nll -= logp[:-1].gather(1, target[:, None]).sum().item()
+        scored += len(window) - 1
+    ppl = math.exp(nll / scored)
+    write_json(
+        REAL_DIR / name / "eval_perplexity.json",
+        {
+            "text_file": "bench/data/eval.txt",
+            "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "window": EVAL_WINDOW,
+            "max_tokens": EVAL_MAX_TOKENS,
+            "token_ids": ids,
+            "scored": scored,
+            "mean_nll": nll / scored,
+            "perplexity": ppl,
+            "note": "transformers float32, eager attention, dequantized GGUF weights; consecutive windows, each from an empty cache",
+            **versions(),
+        },
+    )
+    print(f"{name}: eval perplexity {ppl:.4f} over {scored} scored tokens")
+
+
 def main():
     what = sys.argv[1] if len(sys.argv) == 2 else ""
-    if what not in ("tiny", "real"):
-        sys.exit("usage: make_fixtures.py tiny|real")
+    if what not in ("tiny", "real", "eval"):
+        sys.exit("usage: make_fixtures.py tiny|real|eval")
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     torch.set_grad_enabled(False)
     if what == "tiny":
         for name, spec in TINY.items():
             make_tiny(name, spec)
+    elif what == "eval":
+        make_eval("smollm2", REAL["smollm2"][0])
     else:
         ok = [make_real(name, *entry) for name, entry in REAL.items()]
         if not all(ok):

@@ -92,16 +92,52 @@ enum Command {
     Verify {
         /// The .mlpackage folder to check.
         package: PathBuf,
-        /// The source it was converted from (model folder or .gguf).
+        /// The source it was converted from (model folder or .gguf, run as a float32 conversion),
+        /// or another package (e.g. the fp16 package a compressed one came from).
         #[arg(long)]
         against: PathBuf,
-        /// Text to score (default: a built-in public-domain paragraph).
+        /// Text to score (default: a built-in public-domain paragraph), in windows of the
+        /// package's context.
         #[arg(long)]
         text: Option<PathBuf>,
-        /// Tokens of the text to use at most.
-        #[arg(long, default_value_t = 256)]
-        max_tokens: usize,
+        /// Tokens of the text to use at most (default: all).
+        #[arg(long)]
+        max_tokens: Option<usize>,
         /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Perplexity of a package on a text, on the reference interpreter, in windows of its
+    /// context (each window from an empty cache).
+    Eval {
+        /// The .mlpackage folder.
+        package: PathBuf,
+        /// UTF-8 text file to score.
+        #[arg(long)]
+        text: PathBuf,
+        /// Tokens per window (default and maximum: the package's context).
+        #[arg(long)]
+        window: Option<usize>,
+        /// Tokens of the text to use at most (default: all).
+        #[arg(long)]
+        max_tokens: Option<usize>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compress the weights of a package into a new package (iOS 18 targets).
+    Compress {
+        /// The .mlpackage to compress.
+        input: PathBuf,
+        /// Output package.
+        #[arg(short, long)]
+        output: PathBuf,
+        #[command(flatten)]
+        compress: CompressArgs,
+        /// Replace an existing output.
+        #[arg(long)]
+        force: bool,
+        /// Print a JSON summary.
         #[arg(long)]
         json: bool,
     },
@@ -573,46 +609,79 @@ fn chat(
 /// The opening of "A Tale of Two Cities" (Charles Dickens, 1859; public domain).
 const DEFAULT_TEXT: &str = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, it was the season of Darkness, it was the spring of hope, it was the winter of despair, we had everything before us, we had nothing before us, we were all going direct to Heaven, we were all going direct the other way - in short, the period was so far like the present period, that some of its noisiest authorities insisted on its being received, for good or for evil, in the superlative degree of comparison only.";
 
+/// A progress bar over `len` items, hidden when the output is JSON.
+fn progress_bar(len: u64, json: bool, what: &str) -> indicatif::ProgressBar {
+    if json {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!("{{spinner}} {what} [{{bar:30}}] {{pos}}/{{len}} {{msg}}"))
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+/// The tokens of `text` (or the built-in paragraph), at most `max_tokens`.
+fn text_tokens(pkg: &Package, text: Option<&PathBuf>, max_tokens: Option<usize>) -> Result<Vec<u32>> {
+    let tokenizer = corelm_runtime::tokenizer::Tokenizer::from_package(pkg)?;
+    let text = match text {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+        None => DEFAULT_TEXT.to_string(),
+    };
+    let mut tokens = tokenizer.encode(&text, true)?;
+    tokens.truncate(max_tokens.unwrap_or(usize::MAX));
+    if tokens.len() < 2 {
+        anyhow::bail!("the text gives fewer than two tokens");
+    }
+    Ok(tokens)
+}
+
+fn is_package(path: &std::path::Path) -> bool {
+    path.join("Manifest.json").is_file()
+}
+
 fn verify(
     package: &PathBuf,
     against: &std::path::Path,
     text: Option<PathBuf>,
-    max_tokens: usize,
+    max_tokens: Option<usize>,
     json: bool,
 ) -> Result<ExitCode> {
     use corelm_convert::graph::{AttentionImpl, GraphOptions, Precision};
     use corelm_interp::lm::LanguageModel;
     let pkg = open(package)?;
     let mut lm = LanguageModel::open(&pkg).with_context(|| format!("cannot run {}", package.display()))?;
-    let tokenizer = corelm_runtime::tokenizer::Tokenizer::from_package(&pkg)?;
-    let text = match &text {
-        Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
-        None => DEFAULT_TEXT.to_string(),
-    };
-    let mut tokens = tokenizer.encode(&text, true)?;
-    tokens.truncate(max_tokens.min(lm.context()));
-    if tokens.len() < 2 {
-        anyhow::bail!("the text gives fewer than two tokens");
-    }
-    let source = corelm_convert::convert::open_source(against)
-        .with_context(|| format!("cannot read model {}", against.display()))?;
+    let tokens = text_tokens(&pkg, text.as_ref(), max_tokens)?;
+    let window = lm.context().min(tokens.len());
     let scratch = std::env::temp_dir().join(format!("corelm-verify-{}", std::process::id()));
-    let reference_path = scratch.join("reference.mlpackage");
-    let opts = GraphOptions {
-        target: corelm_format::Target::Ios18,
-        context: tokens.len(),
-        query_lengths: vec![],
-        attention: AttentionImpl::Fused,
-        precision: Precision::Fp32,
-        compress: Policy::default(),
-    };
     let result = (|| -> Result<corelm_runtime::verify::Agreement> {
-        corelm_convert::convert::convert(&source, &reference_path, &opts, true, &mut |_: &str, _: u64| {})?;
-        let reference = Package::open(&reference_path)?;
-        let mut ref_lm = LanguageModel::open(&reference)?;
-        let want = ref_lm.feed(&tokens)?;
-        let got = lm.feed(&tokens)?;
-        Ok(corelm_runtime::verify::compare(&tokens, &got, &want))
+        let reference_pkg = if is_package(against) {
+            Package::open(against)?
+        } else {
+            let source = corelm_convert::convert::open_source(against)?;
+            let reference_path = scratch.join("reference.mlpackage");
+            let opts = GraphOptions {
+                target: corelm_format::Target::Ios18,
+                context: window,
+                query_lengths: vec![],
+                attention: AttentionImpl::Fused,
+                precision: Precision::Fp32,
+                compress: Policy::default(),
+            };
+            corelm_convert::convert::convert(&source, &reference_path, &opts, true, &mut |_: &str, _: u64| {})?;
+            Package::open(&reference_path)?
+        };
+        let mut reference = LanguageModel::open(&reference_pkg)?;
+        let window = window.min(reference.context());
+        let bar = progress_bar(tokens.len() as u64, json, "scoring");
+        let tally =
+            corelm_runtime::verify::score_windows(&tokens, window, &mut lm, Some(&mut reference), &mut |done| {
+                bar.set_position(done as u64)
+            })?;
+        bar.finish_and_clear();
+        Ok(tally.finish())
     })();
     let _ = std::fs::remove_dir_all(&scratch);
     let a = result.with_context(|| format!("cannot verify against {}", against.display()))?;
@@ -620,13 +689,98 @@ fn verify(
         emitln!("{}", serde_json::to_string_pretty(&a)?);
     } else {
         emitln!(
-            "{} tokens: top-1 agreement {:.2}%, max |logit error| {:.4}, mean KL {:.2e} nats, perplexity {:.3} (package) vs {:.3} (float32 reference)",
+            "{} tokens: top-1 agreement {:.2}%, max |logit error| {:.4}, mean KL {:.2e} nats, perplexity {:.3} (package) vs {:.3} ({})",
             a.positions,
             a.top1_agreement * 100.0,
             a.max_abs_logit_error,
             a.mean_kl,
             a.perplexity_package,
-            a.perplexity_reference
+            a.perplexity_reference,
+            if is_package(against) { "reference package" } else { "float32 reference" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn eval(
+    package: &PathBuf,
+    text: &PathBuf,
+    window: Option<usize>,
+    max_tokens: Option<usize>,
+    json: bool,
+) -> Result<ExitCode> {
+    use corelm_interp::lm::LanguageModel;
+    let pkg = open(package)?;
+    let mut lm = LanguageModel::open(&pkg).with_context(|| format!("cannot run {}", package.display()))?;
+    let tokens = text_tokens(&pkg, Some(text), max_tokens)?;
+    let window = window.unwrap_or(usize::MAX).min(lm.context());
+    if window < 2 {
+        anyhow::bail!("--window must be at least 2 tokens");
+    }
+    let started = std::time::Instant::now();
+    let bar = progress_bar(tokens.len() as u64, json, "evaluating");
+    let tally = corelm_runtime::verify::score_windows(&tokens, window, &mut lm, None, &mut |done| {
+        bar.set_position(done as u64)
+    })
+    .with_context(|| format!("cannot evaluate {}", package.display()))?;
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    let perplexity = tally.finish().perplexity_package;
+    if json {
+        let out = serde_json::json!({
+            "tokens": tokens.len(),
+            "scored": tally.scored(),
+            "windows": tokens.len().div_ceil(window),
+            "window": window,
+            "perplexity": perplexity,
+            "seconds": seconds,
+            "tokens_per_second": tokens.len() as f64 / seconds,
+        });
+        emitln!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        emitln!(
+            "perplexity {perplexity:.3} over {} tokens ({} windows of {window}), {:.0} tokens/s",
+            tally.scored(),
+            tokens.len().div_ceil(window),
+            tokens.len() as f64 / seconds
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn compress(
+    input: &std::path::Path,
+    output: &std::path::Path,
+    args: &CompressArgs,
+    force: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    if args.grid.is_some() {
+        anyhow::bail!("--grid applies when converting from GGUF, not to packages");
+    }
+    let policy = args.policy()?;
+    let bar = if json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new_spinner() };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} compressing: {pos} weights {msg}").expect("valid"),
+    );
+    let summary = corelm_convert::compress::package::compress_package(input, output, &policy, force, &mut |name, _| {
+        bar.set_message(name.to_string());
+        bar.inc(1);
+    })
+    .with_context(|| format!("cannot compress {}", input.display()))?;
+    bar.finish_and_clear();
+    if json {
+        emitln!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        emitln!(
+            "{}: {} weights compressed, {} kept; {:.1} MB -> {:.1} MB in {:.1} s ({:.0} MB/s)",
+            summary.output.display(),
+            summary.compressed,
+            summary.kept,
+            summary.input_bytes as f64 / 1e6,
+            summary.output_bytes as f64 / 1e6,
+            summary.seconds,
+            summary.megabytes_per_second
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -727,6 +881,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Chat { package, system, max_new_tokens, sampling, backend } => {
             chat(&package, system, max_new_tokens, sampling, backend)
+        }
+        Command::Eval { package, text, window, max_tokens, json } => eval(&package, &text, window, max_tokens, json),
+        Command::Compress { input, output, compress: args, force, json } => {
+            compress(&input, &output, &args, force, json)
         }
         Command::Verify { package, against, text, max_tokens, json } => {
             verify(&package, &against, text, max_tokens, json)

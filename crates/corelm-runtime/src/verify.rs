@@ -25,34 +25,99 @@ fn argmax(v: &[f32]) -> usize {
     v.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) }).0
 }
 
+/// Running sums over windows of text; [`Tally::finish`] turns them into an [`Agreement`].
+#[derive(Debug, Default)]
+pub struct Tally {
+    positions: usize,
+    agree: usize,
+    max_err: f64,
+    kl: f64,
+    nll_package: f64,
+    nll_reference: f64,
+    scored: usize,
+}
+
+impl Tally {
+    /// Adds the logits rows of one window of `tokens` (row i predicts token i+1); `reference`
+    /// may be empty to score the package alone.
+    pub fn add(&mut self, tokens: &[u32], package: &[Vec<f32>], reference: &[Vec<f32>]) {
+        for (i, p) in package.iter().enumerate() {
+            let lp = log_softmax(p);
+            let r = reference.get(i);
+            let lr = r.map(|r| log_softmax(r));
+            if let (Some(r), Some(lr)) = (r, &lr) {
+                self.positions += 1;
+                self.agree += (argmax(p) == argmax(r)) as usize;
+                self.max_err = p.iter().zip(r).map(|(a, b)| (a - b).abs() as f64).fold(self.max_err, f64::max);
+                self.kl += lr.iter().zip(&lp).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
+            }
+            if let Some(&next) = tokens.get(i + 1) {
+                self.nll_package -= lp[next as usize];
+                if let Some(lr) = &lr {
+                    self.nll_reference -= lr[next as usize];
+                }
+                self.scored += 1;
+            }
+        }
+    }
+
+    /// Tokens scored so far.
+    pub fn scored(&self) -> usize {
+        self.scored
+    }
+
+    pub fn finish(&self) -> Agreement {
+        let ppl = |nll: f64| if self.scored == 0 { f64::NAN } else { (nll / self.scored as f64).exp() };
+        let per_position = |x: f64| if self.positions == 0 { f64::NAN } else { x / self.positions as f64 };
+        Agreement {
+            positions: self.positions,
+            top1_agreement: per_position(self.agree as f64),
+            max_abs_logit_error: self.max_err,
+            mean_kl: per_position(self.kl),
+            perplexity_package: ppl(self.nll_package),
+            perplexity_reference: if self.positions == 0 { f64::NAN } else { ppl(self.nll_reference) },
+        }
+    }
+}
+
 /// Compares logits rows for `tokens` (row i predicts token i+1).
 pub fn compare(tokens: &[u32], package: &[Vec<f32>], reference: &[Vec<f32>]) -> Agreement {
     let n = package.len().min(reference.len());
-    if n == 0 {
-        return Agreement::default();
-    }
-    let (mut agree, mut max_err, mut kl, mut nll_p, mut nll_r, mut scored) = (0usize, 0f64, 0f64, 0f64, 0f64, 0usize);
-    for i in 0..n {
-        let (p, r) = (&package[i], &reference[i]);
-        agree += (argmax(p) == argmax(r)) as usize;
-        max_err = p.iter().zip(r).map(|(a, b)| (a - b).abs() as f64).fold(max_err, f64::max);
-        let (lp, lr) = (log_softmax(p), log_softmax(r));
-        kl += lr.iter().zip(&lp).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
-        if let Some(&next) = tokens.get(i + 1) {
-            nll_p -= lp[next as usize];
-            nll_r -= lr[next as usize];
-            scored += 1;
+    let mut t = Tally::default();
+    t.add(tokens, &package[..n], &reference[..n]);
+    t.finish()
+}
+
+/// Scores `tokens` in consecutive windows of at most `window` tokens, each from an empty
+/// cache (perplexity at that context, as is usual for fixed-context models), through `package`
+/// and, when given, `reference`. `progress` hears the tokens done after each window.
+pub fn score_windows(
+    tokens: &[u32],
+    window: usize,
+    package: &mut dyn crate::generate::Backend,
+    mut reference: Option<&mut dyn crate::generate::Backend>,
+    progress: &mut dyn FnMut(usize),
+) -> crate::Result<Tally> {
+    let mut tally = Tally::default();
+    let mut done = 0;
+    for chunk in tokens.chunks(window.max(2)) {
+        if chunk.len() < 2 {
+            break;
         }
+        package.reset()?;
+        let got = package.feed(chunk)?;
+        let want = match reference.as_deref_mut() {
+            Some(r) => {
+                r.reset()?;
+                r.feed(chunk)?
+            }
+            None => Vec::new(),
+        };
+        tally.add(chunk, &got, &want);
+        done += chunk.len();
+        progress(done);
     }
-    let ppl = |nll: f64| if scored == 0 { f64::NAN } else { (nll / scored as f64).exp() };
-    Agreement {
-        positions: n,
-        top1_agreement: agree as f64 / n as f64,
-        max_abs_logit_error: max_err,
-        mean_kl: kl / n as f64,
-        perplexity_package: ppl(nll_p),
-        perplexity_reference: ppl(nll_r),
-    }
+    Ok(tally)
 }
 
 #[cfg(test)]
@@ -70,6 +135,22 @@ mod tests {
         let p1 = 2f64.exp() / (1f64.exp() + 2f64.exp() + 0.5f64.exp());
         let p2 = 3f64.exp() / (0.1f64.exp() + 0.2f64.exp() + 3f64.exp());
         assert!((a.perplexity_package - (-(p1.ln() + p2.ln()) / 2.0).exp()).abs() < 1e-9);
+    }
+
+    #[test]
+    fn windows_add_up_like_one_pass() {
+        let rows: Vec<Vec<f32>> = (0..6).map(|i| vec![i as f32, 1.0, -(i as f32)]).collect();
+        let tokens = [0, 1, 2, 0, 1, 2];
+        let whole = compare(&tokens, &rows, &rows);
+        let mut t = Tally::default();
+        t.add(&tokens[..3], &rows[..3], &rows[..3]);
+        t.add(&tokens[3..], &rows[3..], &rows[3..]);
+        let split = t.finish();
+        // Row 2 has no next token inside its window: one position fewer is scored.
+        assert_eq!((whole.positions, split.positions, t.scored()), (6, 6, 4));
+        let mut alone = Tally::default();
+        alone.add(&tokens[..3], &rows[..3], &[]);
+        assert!(alone.finish().perplexity_reference.is_nan() && alone.finish().perplexity_package > 1.0);
     }
 
     #[test]

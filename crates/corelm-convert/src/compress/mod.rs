@@ -5,6 +5,7 @@
 
 mod linear;
 mod lut;
+pub mod package;
 
 use std::fmt;
 
