@@ -123,6 +123,7 @@ fn every_tiny_architecture_converts_and_loads_in_coremltools() {
         ("int4-offset", vec!["--quantize", "int4", "--block-size", "16", "--offset"]),
         ("lut4", vec!["--quantize", "lut4", "--lut-group", "4"]),
         ("lut6", vec!["--quantize", "lut6", "--quantize-embeddings", "int8"]),
+        ("lut8", vec!["--quantize", "lut8", "--lut-group", "8"]),
         ("mixed", vec!["--quantize", "mixed", "--block-size", "16", "--keep", "layers.0.mlp"]),
     ] {
         let out = tmp.path().join(format!("llama-{tag}.mlpackage"));
@@ -140,13 +141,15 @@ fn every_tiny_architecture_converts_and_loads_in_coremltools() {
                 assert_eq!(f["inputs"][1]["shape"], serde_json::json!([1, 1, 8, 32]));
                 assert_eq!(f["inputs"][2]["name"], "position");
             }
-            "int8" | "int4" | "int4-offset" | "lut4" | "lut6" | "mixed" => {
+            "int8" | "int4" | "int4-offset" | "lut4" | "lut6" | "lut8" | "mixed" => {
                 let ops = &report["functions"]["main"]["op_histogram"];
                 let count = |op: &str| ops[op].as_u64().unwrap_or(0);
                 let (shift_scale, lut) = (count("constexpr_blockwise_shift_scale"), count("constexpr_lut_to_dense"));
                 let bytes = |dtype: &str| report["weights"]["bytes_by_dtype"][dtype].as_u64().unwrap_or(0);
                 match tag {
-                    "lut4" => assert!(lut >= 7 && shift_scale == 0 && bytes("uint4") > 0, "{ops}"),
+                    "lut4" | "lut8" => {
+                        assert!(lut >= 7 && shift_scale == 0 && bytes(&format!("uint{}", &tag[3..])) > 0, "{ops}")
+                    }
                     // Layers as tables, the embedding and LM head as int8.
                     "lut6" => assert!(
                         lut >= 7 && (1..=2).contains(&shift_scale) && bytes("uint6") > 0 && bytes("int8") > 0,
@@ -197,6 +200,19 @@ fn real_gguf_models_convert_and_load_in_coremltools() {
         peak as f64 / largest as f64
     );
     assert!(peak < 3 * largest, "peak memory {peak} is more than 3× the largest tensor");
+    // Quantizing streams too: one tensor and its compressed form at a time.
+    let int4 = tmp.path().join("gemma3-int4.mlpackage");
+    let q = convert(&model("gemma-3-270m-q4_k_m.gguf"), &int4, &["--context", "1024", "--quantize", "int4"]);
+    let q_peak = q["peak_memory_bytes"].as_u64().unwrap();
+    println!(
+        "Gemma-3-270M int4: {:.1} s ({:.0} MB/s of f32 weights), peak {:.0} MB = {:.2} × the largest tensor, {:.0} MB on disk",
+        q["seconds"],
+        q["megabytes_per_second"],
+        q_peak as f64 / 1e6,
+        q_peak as f64 / largest as f64,
+        q["output_bytes"].as_f64().unwrap() / 1e6
+    );
+    assert!(q_peak < 3 * largest, "quantizing: peak memory {q_peak} is more than 3× the largest tensor");
 
     for (pkg, config) in [
         (

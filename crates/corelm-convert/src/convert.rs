@@ -30,6 +30,8 @@ pub struct Summary {
     pub seconds: f64,
     /// Peak resident memory of this process (VmHWM), when the OS reports it.
     pub peak_memory_bytes: Option<u64>,
+    /// Weights processed per second, as MB of float32 parameters.
+    pub megabytes_per_second: f64,
 }
 
 /// A loaded source: configuration, tensors and the files a runtime needs beside the weights.
@@ -186,5 +188,6 @@ pub fn convert(
         functions,
         seconds: started.elapsed().as_secs_f64(),
         peak_memory_bytes: peak_memory(),
+        megabytes_per_second: c.parameter_count() as f64 * 4.0 / 1e6 / started.elapsed().as_secs_f64().max(1e-9),
     })
 }

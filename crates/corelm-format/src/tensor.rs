@@ -97,22 +97,27 @@ impl Tensor {
     }
 
     /// Integers (any integer dtype, sub-byte included) or bools; each value must fit `dtype`.
-    pub fn from_ints(dtype: DType, shape: Vec<usize>, values: &[i64]) -> Result<Tensor> {
+    /// Takes any integer element type, so large quantized tensors need not be widened first.
+    pub fn from_ints<T: Copy + Into<i64>>(dtype: DType, shape: Vec<usize>, values: &[T]) -> Result<Tensor> {
         let width = dtype
             .bit_width()
             .filter(|_| dtype.is_int() || dtype == DType::Bool)
             .ok_or_else(|| Error::invalid(format!("{dtype} is not an integer type")))?;
         let (lo, hi) = dtype.int_range().unwrap_or((i64::MIN, i64::MAX));
         let (lo, hi) = if dtype == DType::Bool { (0, 1) } else { (lo, hi) };
-        if let Some(v) = values.iter().find(|&&v| v < lo || v > hi) {
+        if let Some(v) = values.iter().map(|&v| v.into()).find(|&v| v < lo || v > hi) {
             return Err(Error::invalid(format!("value {v} does not fit {dtype} [{lo}, {hi}]")));
         }
         let bytes = if width < 8 {
-            let low: Vec<u8> = values.iter().map(|&v| (v as u8) & ((1u8 << width) - 1)).collect();
+            let low: Vec<u8> = values.iter().map(|&v| (v.into() as u8) & ((1u8 << width) - 1)).collect();
             pack_bits(&low, width)
         } else {
             let n = width / 8;
-            values.iter().flat_map(|v| v.to_le_bytes()[..n].to_vec()).collect()
+            let mut bytes = Vec::with_capacity(values.len() * n);
+            for &v in values {
+                bytes.extend_from_slice(&v.into().to_le_bytes()[..n]);
+            }
+            bytes
         };
         Self::from_bytes(dtype, shape, bytes)
     }

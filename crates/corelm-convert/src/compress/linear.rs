@@ -35,9 +35,10 @@ pub fn quantize(
 ) -> Result<Compressed> {
     let (qmin, qmax) = (-(1i64 << (bits - 1)), (1i64 << (bits - 1)) - 1);
     let blocks = cols / block;
-    let mut data = Vec::with_capacity(rows * cols);
+    // One byte a value (bits ≤ 8): the widest tensors are quantized without widening them.
+    let mut data: Vec<i8> = Vec::with_capacity(rows * cols);
     let mut scales = Vec::with_capacity(rows * blocks);
-    let mut offsets = Vec::with_capacity(if offset { rows * blocks } else { 0 });
+    let mut offsets: Vec<i8> = Vec::with_capacity(if offset { rows * blocks } else { 0 });
     for chunk in w.chunks(block) {
         if offset {
             // The range always includes zero, so the zero point is an integer of the data's type.
@@ -46,14 +47,14 @@ pub fn quantize(
             let s = stored((hi - lo) / (qmax - qmin) as f32, dtype);
             let zero = ((qmin as f32) - lo / s).round().clamp(qmin as f32, qmax as f32);
             scales.push(s as f64);
-            offsets.push(zero as i64);
-            data.extend(chunk.iter().map(|&v| ((v / s + zero).round().clamp(qmin as f32, qmax as f32)) as i64));
+            offsets.push(zero as i8);
+            data.extend(chunk.iter().map(|&v| ((v / s + zero).round().clamp(qmin as f32, qmax as f32)) as i8));
         } else {
             // Symmetric: ±(2^(bits−1) − 1), as coremltools' linear_symmetric mode.
             let max = chunk.iter().fold(0f32, |m, &v| m.max(v.abs()));
             let s = stored(max / qmax as f32, dtype);
             scales.push(s as f64);
-            data.extend(chunk.iter().map(|&v| ((v / s).round().clamp(-qmax as f32, qmax as f32)) as i64));
+            data.extend(chunk.iter().map(|&v| ((v / s).round().clamp(-qmax as f32, qmax as f32)) as i8));
         }
     }
     let int = if bits == 8 { DType::Int8 } else { DType::Int4 };

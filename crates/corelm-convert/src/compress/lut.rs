@@ -179,10 +179,10 @@ pub fn palettize(rows: usize, cols: usize, w: &[f32], bits: u8, group: usize, dt
         })
         .collect();
     let mut lut = Vec::with_capacity(groups * entries);
-    let mut indices = Vec::with_capacity(rows * cols);
+    let mut indices: Vec<u8> = Vec::with_capacity(rows * cols);
     for (table, idx) in parts {
         lut.extend(table.iter().map(|&t| t as f64));
-        indices.extend(idx.into_iter().map(|i| i as i64));
+        indices.extend(idx);
     }
     let index_dtype = DType::from_name(&format!("uint{bits}")).expect("checked bit width");
     Ok(Compressed {

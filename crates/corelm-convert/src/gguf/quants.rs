@@ -211,7 +211,7 @@ fn q4_0(b: &[u8], y: &mut [f32]) {
 /// offset) per block of 32.
 #[derive(Debug, PartialEq)]
 pub struct ShiftScaleGrid {
-    pub q: Vec<i64>,
+    pub q: Vec<i8>,
     /// 4-bit unsigned (Q4_0, Q4_1) rather than 8-bit signed (Q8_0) values.
     pub nibbles: bool,
     pub scales: Vec<f32>,
@@ -233,9 +233,9 @@ pub fn shift_scale_grid(dtype: GgmlType, data: &[u8]) -> Option<ShiftScaleGrid> 
         offsets: None,
         integer_offsets: dtype == GgmlType::Q4_0,
     };
-    let nibbles = |qs: &[u8], q: &mut Vec<i64>| {
-        q.extend(qs.iter().map(|&b| i64::from(b & 0x0F)));
-        q.extend(qs.iter().map(|&b| i64::from(b >> 4)));
+    let nibbles = |qs: &[u8], q: &mut Vec<i8>| {
+        q.extend(qs.iter().map(|&b| (b & 0x0F) as i8));
+        q.extend(qs.iter().map(|&b| (b >> 4) as i8));
     };
     match dtype {
         GgmlType::Q4_0 => {
@@ -265,7 +265,7 @@ pub fn shift_scale_grid(dtype: GgmlType, data: &[u8]) -> Option<ShiftScaleGrid> 
         GgmlType::Q8_0 => {
             for b in blocks {
                 g.scales.push(half(b, 0));
-                g.q.extend(b[2..34].iter().map(|&q| i64::from(q as i8)));
+                g.q.extend(b[2..34].iter().map(|&q| q as i8));
             }
         }
         _ => return None,
