@@ -134,10 +134,41 @@ enum Command {
         output: PathBuf,
         #[command(flatten)]
         compress: CompressArgs,
+        #[command(flatten)]
+        write: WriteArgs,
+        /// Print a JSON summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Package a model for delivery: the package plus bundle.json (every file with its size and
+    /// SHA-256, model id, version, minimum OS), as a folder or a .tar file; or check a bundle.
+    Bundle {
+        /// The .mlpackage to bundle; with --verify, the bundle (folder or .tar) to check.
+        path: PathBuf,
+        /// Output folder, or a file ending in .tar.
+        #[arg(short, long, required_unless_present = "verify")]
+        output: Option<PathBuf>,
+        /// Check every file of a bundle against its manifest (exit 1 on any mismatch).
+        #[arg(long)]
+        verify: bool,
         /// Replace an existing output.
         #[arg(long)]
         force: bool,
-        /// Print a JSON summary.
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download a bundle .tar (HTTP or HTTPS, resumed after interruptions), check its SHA-256 and
+    /// install it into a cache folder, as <DIR>/<sha256>/; prints the installed package's path.
+    Fetch {
+        url: String,
+        /// Expected SHA-256 of the bundle file (64 hex digits).
+        #[arg(long)]
+        sha256: String,
+        /// The cache folder.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -147,6 +178,25 @@ enum Command {
         #[arg(required = true)]
         packages: Vec<PathBuf>,
         /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Plan a deployment: weights, KV cache (honouring sliding-window layers), activations and
+    /// load overhead; whether it fits each device's app memory; a decode tokens/s upper bound; and
+    /// the recommended compression, context and compute units. Devices and sources: docs/devices.md.
+    Plan {
+        /// A model folder (only config.json is read), a config.json, a .gguf file or a .mlpackage.
+        source: PathBuf,
+        /// One device, or every device whose name contains this text (default: all devices).
+        #[arg(long)]
+        device: Option<String>,
+        /// Tokens the KV cache holds (default: the package's context, else 2048).
+        #[arg(long)]
+        context: Option<usize>,
+        /// Weight compression to plan (default: fp16, or a package as stored).
+        #[arg(long, value_parser = ["fp16", "int8", "int4", "lut4", "lut6", "mixed"])]
+        quantize: Option<String>,
+        /// Print the plan as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -177,9 +227,8 @@ struct ConvertArgs {
     precision: PrecisionArg,
     #[command(flatten)]
     compress: CompressArgs,
-    /// Replace an existing output.
-    #[arg(long)]
-    force: bool,
+    #[command(flatten)]
+    write: WriteArgs,
     /// Print a JSON summary instead of the progress bar and text.
     #[arg(long)]
     json: bool,
@@ -361,6 +410,42 @@ fn run_text(args: RunArgs, prompt: String) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A size such as `1G`, `512M`, `64K` or a byte count (powers of 1024).
+fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, ""),
+    };
+    let shift = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        other => return Err(format!("unknown size unit `{other}` (use K, M or G)")),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("`{text}` is not a size"))?;
+    n.checked_shl(shift).filter(|v| v >> shift == n).ok_or_else(|| format!("`{text}` is too large"))
+}
+
+/// How packages are written, shared by `convert` and `compress`.
+#[derive(clap::Args)]
+struct WriteArgs {
+    /// Split weights over several files in weights/ of at most this size (K, M, G); never more
+    /// than 2G (one file over 2 GiB keeps Core ML off the Neural Engine).
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+    max_weight_file: u64,
+    /// Replace an existing output.
+    #[arg(long)]
+    force: bool,
+}
+
+impl WriteArgs {
+    fn options(&self) -> corelm_format::package::WriteOptions {
+        corelm_format::package::WriteOptions { overwrite: self.force, max_weight_file_bytes: self.max_weight_file }
+    }
+}
+
 /// Weight compression flags, shared by `convert` and `compress`.
 #[derive(clap::Args)]
 struct CompressArgs {
@@ -512,7 +597,7 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
         bar.set_message(name.to_string());
         bar.inc(1);
     };
-    let summary = corelm_convert::convert::convert(&source, &args.output, &opts, args.force, &mut progress)
+    let summary = corelm_convert::convert::convert(&source, &args.output, &opts, &args.write.options(), &mut progress)
         .with_context(|| format!("cannot convert {}", args.source.display()))?;
     bar.finish_and_clear();
     if args.json {
@@ -670,7 +755,13 @@ fn verify(
                 precision: Precision::Fp32,
                 compress: Policy::default(),
             };
-            corelm_convert::convert::convert(&source, &reference_path, &opts, true, &mut |_: &str, _: u64| {})?;
+            corelm_convert::convert::convert(
+                &source,
+                &reference_path,
+                &opts,
+                &corelm_format::package::WriteOptions::overwriting(),
+                &mut |_: &str, _: u64| {},
+            )?;
             Package::open(&reference_path)?
         };
         let mut reference = LanguageModel::open(&reference_pkg)?;
@@ -752,7 +843,7 @@ fn compress(
     input: &std::path::Path,
     output: &std::path::Path,
     args: &CompressArgs,
-    force: bool,
+    write: &WriteArgs,
     json: bool,
 ) -> Result<ExitCode> {
     if args.grid.is_some() {
@@ -763,10 +854,16 @@ fn compress(
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} compressing: {pos} weights {msg}").expect("valid"),
     );
-    let summary = corelm_convert::compress::package::compress_package(input, output, &policy, force, &mut |name, _| {
-        bar.set_message(name.to_string());
-        bar.inc(1);
-    })
+    let summary = corelm_convert::compress::package::compress_package(
+        input,
+        output,
+        &policy,
+        &write.options(),
+        &mut |name, _| {
+            bar.set_message(name.to_string());
+            bar.inc(1);
+        },
+    )
     .with_context(|| format!("cannot compress {}", input.display()))?;
     bar.finish_and_clear();
     if json {
@@ -782,6 +879,71 @@ fn compress(
             summary.seconds,
             summary.megabytes_per_second
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bundle(
+    path: &std::path::Path,
+    output: Option<&std::path::Path>,
+    verify: bool,
+    force: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    use corelm_runtime::bundle;
+    let manifest = match (verify, output) {
+        (true, _) => match bundle::verify(path) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("corelm: {e}");
+                return Ok(ExitCode::from(1));
+            }
+        },
+        (false, Some(out)) => {
+            bundle::write(path, out, force).with_context(|| format!("cannot bundle {}", path.display()))?
+        }
+        (false, None) => anyhow::bail!("--output is required"),
+    };
+    if json {
+        emitln!("{}", serde_json::to_string_pretty(&manifest)?);
+    } else {
+        let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
+        emitln!(
+            "{}: {} ({} {}, {}), {} files, {:.1} MB{}",
+            output.unwrap_or(path).display(),
+            manifest.package,
+            manifest.model_id,
+            manifest.version,
+            manifest.minimum_os,
+            manifest.files.len(),
+            bytes as f64 / 1e6,
+            if verify { ", every file matches its SHA-256" } else { "" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fetch(url: &str, sha256: &str, cache: &std::path::Path, json: bool) -> Result<ExitCode> {
+    let bar = if json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(0) };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} downloading [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let installed = corelm_runtime::fetch::fetch(url, sha256, cache, &mut |done, total| {
+        if let Some(t) = total {
+            bar.set_length(t);
+        }
+        bar.set_position(done);
+    })
+    .with_context(|| format!("cannot fetch {url}"))?;
+    bar.finish_and_clear();
+    if json {
+        emitln!("{}", serde_json::json!({ "package": installed, "sha256": sha256 }));
+    } else {
+        emitln!("{}", installed.display());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -883,12 +1045,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             chat(&package, system, max_new_tokens, sampling, backend)
         }
         Command::Eval { package, text, window, max_tokens, json } => eval(&package, &text, window, max_tokens, json),
-        Command::Compress { input, output, compress: args, force, json } => {
-            compress(&input, &output, &args, force, json)
+        Command::Compress { input, output, compress: args, write, json } => {
+            compress(&input, &output, &args, &write, json)
         }
+        Command::Bundle { path, output, verify, force, json } => bundle(&path, output.as_deref(), verify, force, json),
+        Command::Fetch { url, sha256, output, json } => fetch(&url, &sha256, &output, json),
         Command::Verify { package, against, text, max_tokens, json } => {
             verify(&package, &against, text, max_tokens, json)
         }
+        Command::Plan { source, device, context, quantize, json } => plan(&source, device, context, quantize, json),
         Command::Validate { packages, json } => {
             let mut results = Vec::new();
             let mut failed = false;
@@ -923,6 +1088,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
     }
+}
+
+fn plan(
+    source: &std::path::Path,
+    device: Option<String>,
+    context: Option<usize>,
+    quantize: Option<String>,
+    json: bool,
+) -> Result<ExitCode> {
+    use corelm_deploy::{devices, Quant};
+    let model = corelm_deploy::open(source).with_context(|| format!("cannot plan {}", source.display()))?;
+    let scheme = quantize.as_deref().map(|q| Quant::parse(q).expect("clap checks the scheme names"));
+    let chosen: Vec<&'static corelm_deploy::Device> = match &device {
+        None => devices::DEVICES.iter().collect(),
+        Some(name) => {
+            let found = devices::find(name);
+            if found.is_empty() {
+                let names: Vec<&str> = devices::DEVICES.iter().map(|d| d.name).collect();
+                anyhow::bail!("no device matches `{name}`; devices: {}", names.join(", "));
+            }
+            found
+        }
+    };
+    let plan = corelm_deploy::plan(&model, scheme, context, &chosen, &corelm_deploy::Assumptions::default())?;
+    if json {
+        emitln!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        emit!("{}", plan.to_text());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {

@@ -302,3 +302,56 @@ fn gguf_q4_1_grid_is_carried_over_without_requantizing() {
     // Q4_1's fractional offsets are fp16 next to uint4 data: coremltools' loader takes them.
     coremltools_accepts(&[out]);
 }
+
+/// `--max-weight-file` splits the weights over several files (none above the limit unless one
+/// tensor is); the sharded package loads in coremltools and computes exactly the same logits.
+#[test]
+fn sharded_weights_load_everywhere_and_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = model("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let (whole, sharded) = (tmp.path().join("whole.mlpackage"), tmp.path().join("sharded.mlpackage"));
+    convert(&src, &whole, &["--context", "64"]);
+    convert(&src, &sharded, &["--context", "64", "--max-weight-file", "64M"]);
+    let files: Vec<(String, u64)> = inspect(&sharded)["weights"]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["path"].as_str().unwrap().to_string(), f["bytes"].as_u64().unwrap()))
+        .collect();
+    assert!(files.len() >= 4, "{files:?}");
+    assert!(files.iter().all(|(_, b)| *b <= 64 << 20), "{files:?}");
+    assert_eq!(inspect(&whole)["weights"]["files"].as_array().unwrap().len(), 1);
+    let logits = |pkg: &Path| {
+        let (code, out, err) = corelm(&[
+            "run",
+            pkg.to_str().unwrap(),
+            "--ids",
+            "1,504,3575,282",
+            "--max-new-tokens",
+            "4",
+            "--json",
+            "--logits",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        (
+            v["generated_ids"].clone(),
+            v["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect::<Vec<_>>(),
+        )
+    };
+    let (a, b) = (logits(&whole), logits(&sharded));
+    assert_eq!(a.0, b.0, "same greedy tokens");
+    assert!(a.1 == b.1, "bit-identical logits");
+    coremltools_accepts(&[sharded]);
+    for (size, problem) in [("3G", "2 GiB"), ("10X", "unit"), ("0", "between")] {
+        let (code, _, err) = corelm(&[
+            "convert",
+            src.to_str().unwrap(),
+            "-o",
+            tmp.path().join("x.mlpackage").to_str().unwrap(),
+            "--max-weight-file",
+            size,
+        ]);
+        assert!(code != 0 && err.contains(problem), "{size}: {err}");
+    }
+}

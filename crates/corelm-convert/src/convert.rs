@@ -11,7 +11,7 @@ use crate::gguf_source::GgufCheckpoint;
 use crate::graph::{build_function, store_weights, GraphOptions, Progress};
 use crate::{Error, Result};
 use corelm_format::error::IoContext;
-use corelm_format::package::ExtraItem;
+use corelm_format::package::{ExtraItem, WriteOptions};
 use corelm_format::{PackageWriter, ProgramBuilder};
 
 /// The manifest author of files corelm ships inside packages.
@@ -102,12 +102,12 @@ fn dir_size(path: &Path) -> u64 {
         .sum()
 }
 
-/// Converts `source` into a package at `output` (replaced only with `overwrite`).
+/// Converts `source` into a package at `output`, written as `write` says.
 pub fn convert(
     source: &Source,
     output: &Path,
     opts: &GraphOptions,
-    overwrite: bool,
+    write: &WriteOptions,
     progress: &mut dyn Progress,
 ) -> Result<Summary> {
     let started = Instant::now();
@@ -126,7 +126,7 @@ pub fn convert(
             opts.context
         )));
     }
-    let mut pkg = PackageWriter::create(output, overwrite)?;
+    let mut pkg = PackageWriter::create(output, write)?;
     let weights = store_weights(c, source.checkpoint.as_ref(), opts, pkg.weights(), progress)?;
     let mut program = ProgramBuilder::new(opts.target);
     let mut functions = Vec::new();

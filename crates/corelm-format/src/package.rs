@@ -336,10 +336,43 @@ fn item_id(path: &str) -> String {
     uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, path.as_bytes()).to_string()
 }
 
+/// How a package is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Replace an existing package.
+    pub overwrite: bool,
+    /// Weight files are split before they grow past this (a single tensor may exceed it, up to
+    /// [`MAX_WEIGHT_FILE_BYTES`]).
+    pub max_weight_file_bytes: u64,
+}
+
+/// One weight file over 2 GiB keeps Core ML off the Neural Engine (field notes §7).
+pub const MAX_WEIGHT_FILE_BYTES: u64 = 2 << 30;
+
+impl Default for WriteOptions {
+    /// No overwriting; weight files of at most 1 GiB, the size that stays safe on iOS.
+    fn default() -> WriteOptions {
+        WriteOptions { overwrite: false, max_weight_file_bytes: 1 << 30 }
+    }
+}
+
+impl WriteOptions {
+    pub fn overwriting() -> WriteOptions {
+        WriteOptions { overwrite: true, ..WriteOptions::default() }
+    }
+}
+
 impl PackageWriter {
     /// Starts a package at `path` (which must end in `.mlpackage`). An existing path is an
-    /// error unless `overwrite` is set.
-    pub fn create(path: impl AsRef<Path>, overwrite: bool) -> Result<PackageWriter> {
+    /// error unless `opts.overwrite` is set.
+    pub fn create(path: impl AsRef<Path>, opts: &WriteOptions) -> Result<PackageWriter> {
+        let overwrite = opts.overwrite;
+        if opts.max_weight_file_bytes == 0 || opts.max_weight_file_bytes > MAX_WEIGHT_FILE_BYTES {
+            return Err(Error::invalid(format!(
+                "weight files must be between 1 byte and 2 GiB, not {} bytes",
+                opts.max_weight_file_bytes
+            )));
+        }
         let final_path = path.as_ref().to_path_buf();
         if final_path.extension().and_then(|e| e.to_str()) != Some("mlpackage") {
             return Err(Error::invalid(format!("{}: the output name must end in .mlpackage", final_path.display())));
@@ -360,7 +393,7 @@ impl PackageWriter {
             final_path,
             temp_path,
             overwrite,
-            weights: Some(WeightStore::new(weights_dir)),
+            weights: Some(WeightStore::new(weights_dir).with_max_file_bytes(opts.max_weight_file_bytes)),
             extras: vec![],
             committed: false,
         })
@@ -369,12 +402,6 @@ impl PackageWriter {
     /// Where blobs are written while the program is built.
     pub fn weights(&mut self) -> &mut WeightStore {
         self.weights.as_mut().expect("weights are open until commit")
-    }
-
-    /// Starts new weight files past `bytes` (see `WeightStore::with_max_file_bytes`).
-    pub fn set_max_weight_file_bytes(&mut self, bytes: u64) {
-        let store = self.weights.take().expect("weights are open until commit");
-        self.weights = Some(store.with_max_file_bytes(bytes));
     }
 
     /// Adds a file under `Data/<author>/<name>`, listed in the manifest.

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::Result;
+use crate::package::WriteOptions;
 use crate::{Arg, DType, FunctionBuilder, InputShape, PackageWriter, ProgramBuilder, Target, Tensor, Var};
 
 /// A deterministic pseudo-random sequence in [-1, 1) (no RNG dependency needed).
@@ -42,7 +43,7 @@ fn int4_blockwise<'a>(f: &mut FunctionBuilder<'a>, name: &str, out: usize, inp: 
 /// Query length is flexible (1..=16).
 pub fn kv_cache(path: &Path) -> Result<PathBuf> {
     let (heads, ctx, dim) = (2, 16, 4);
-    let mut pkg = PackageWriter::create(path, true)?;
+    let mut pkg = PackageWriter::create(path, &WriteOptions::overwriting())?;
     let mut f = FunctionBuilder::new("main", Target::Ios18, pkg.weights())?;
     let x = f.input(
         "x",
@@ -99,7 +100,7 @@ pub fn kv_cache(path: &Path) -> Result<PathBuf> {
 
 /// A 4-bit palettized linear layer (per-grouped-channel LUTs) with enumerated input shapes.
 pub fn palettized(path: &Path) -> Result<PathBuf> {
-    let mut pkg = PackageWriter::create(path, true)?;
+    let mut pkg = PackageWriter::create(path, &WriteOptions::overwriting())?;
     let mut f = FunctionBuilder::new("main", Target::Ios18, pkg.weights())?;
     let x = f.input("x", DType::Fp32, InputShape::Enumerated(vec![vec![1, 16], vec![4, 16], vec![8, 16]]))?;
     let idx: Vec<i64> = wave(32 * 16, 7).iter().map(|v| ((v + 1.0) * 8.0).floor().clamp(0.0, 15.0) as i64).collect();
@@ -121,7 +122,7 @@ pub fn palettized(path: &Path) -> Result<PathBuf> {
 
 /// Two functions (`decode` with 1 token, `prefill` with 4) reading the same weight blobs.
 pub fn multifunction(path: &Path) -> Result<PathBuf> {
-    let mut pkg = PackageWriter::create(path, true)?;
+    let mut pkg = PackageWriter::create(path, &WriteOptions::overwriting())?;
     let embed = pkg.weights().store(&fp16(&[64, 8], 11))?;
     let w = pkg.weights().store(&fp16(&[8, 8], 12))?;
     let mut prog = ProgramBuilder::new(Target::Ios18);
@@ -158,7 +159,7 @@ pub fn multifunction(path: &Path) -> Result<PathBuf> {
 
 /// Many ordinary ops in one function, so type inference is compared with coremltools' widely.
 pub fn op_zoo(path: &Path) -> Result<PathBuf> {
-    let mut pkg = PackageWriter::create(path, true)?;
+    let mut pkg = PackageWriter::create(path, &WriteOptions::overwriting())?;
     let mut f = FunctionBuilder::new("main", Target::Ios18, pkg.weights())?;
     let x = f.input("x", DType::Fp32, InputShape::Fixed(vec![2, 3, 8]))?;
     let ids = f.input("ids", DType::Int32, InputShape::Fixed(vec![2, 3]))?;

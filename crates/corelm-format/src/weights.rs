@@ -70,6 +70,14 @@ impl WeightStore {
             return Err(Error::invalid(format!("{} tensors cannot be stored in a weight file", tensor.dtype())));
         }
         let needed = 128 + tensor.bytes().len() as u64;
+        if needed > crate::package::MAX_WEIGHT_FILE_BYTES {
+            return Err(Error::invalid(format!(
+                "a {:?} {} tensor takes {:.2} GiB: more than the 2 GiB one weight file may hold; compress it (--quantize)",
+                tensor.shape(),
+                tensor.dtype(),
+                needed as f64 / (1u64 << 30) as f64
+            )));
+        }
         let full = match (&self.current, self.max_file_bytes) {
             (None, _) => true,
             (Some((_, w)), Some(max)) => !w.is_empty() && w.len() + needed > max,

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use corelm_convert::convert::{convert, open_source};
 use corelm_convert::graph::{AttentionImpl, GraphOptions, Precision};
+use corelm_format::package::WriteOptions;
 use corelm_format::{Package, Target};
 use corelm_interp::lm::{argmax, LanguageModel};
 use serde_json::Value;
@@ -36,7 +37,7 @@ fn check(fixture: &str, gguf: &str, context: usize) {
             precision,
             compress: Default::default(),
         };
-        convert(&source, &out, &opts, true, &mut |_: &str, _: u64| {}).unwrap();
+        convert(&source, &out, &opts, &WriteOptions::overwriting(), &mut |_: &str, _: u64| {}).unwrap();
         let pkg = Package::open(&out).unwrap();
         for prompt in r["prompts"].as_array().unwrap() {
             let ids: Vec<u32> =

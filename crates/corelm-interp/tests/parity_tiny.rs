@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use corelm_convert::convert::{convert, open_source};
 use corelm_convert::graph::{AttentionImpl, GraphOptions, Precision};
+use corelm_format::package::WriteOptions;
 use corelm_format::{Package, Target};
 use corelm_interp::lm::{argmax, LanguageModel};
 use serde_json::Value;
@@ -44,7 +45,7 @@ fn convert_tiny(
 ) -> Package {
     let source = open_source(dir).unwrap();
     let opts = GraphOptions { target, context: 48, query_lengths, attention, precision, compress: Default::default() };
-    convert(&source, out, &opts, true, &mut |_: &str, _: u64| {}).unwrap();
+    convert(&source, out, &opts, &WriteOptions::overwriting(), &mut |_: &str, _: u64| {}).unwrap();
     Package::open(out).unwrap()
 }
 

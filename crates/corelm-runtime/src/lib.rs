@@ -1,9 +1,11 @@
 //! What turns a converted model into a text generator, meant to be embedded in apps: the
 //! tokenizer shipped inside the package, and measurements over token streams.
 
+pub mod bundle;
 pub mod chat;
 #[cfg(target_vendor = "apple")]
 pub mod coreml;
+pub mod fetch;
 pub mod generate;
 pub mod model;
 pub mod sampler;

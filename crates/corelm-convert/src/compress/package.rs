@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use corelm_format::mil::program::{Binding, Operation, Value, ValueData};
-use corelm_format::package::{ExtraItem, PackageWriter};
+use corelm_format::package::{ExtraItem, PackageWriter, WriteOptions};
 use corelm_format::{DType, Package, Target, Tensor};
 use serde::Serialize;
 
@@ -132,7 +132,7 @@ pub fn compress_package(
     input: &Path,
     output: &Path,
     policy: &Policy,
-    overwrite: bool,
+    write: &WriteOptions,
     progress: &mut dyn FnMut(&str, u64),
 ) -> Result<CompressSummary> {
     let started = Instant::now();
@@ -149,7 +149,7 @@ pub fn compress_package(
     }
     let uses = weight_uses(&pkg);
     let mut files = pkg.blob_files();
-    let mut out = PackageWriter::create(output, overwrite)?;
+    let mut out = PackageWriter::create(output, write)?;
     // Each stored value is rewritten once, so functions that shared a blob still share it.
     let mut copied: HashMap<(String, u64), Value> = HashMap::new();
     let mut replaced: HashMap<(String, u64), Operation> = HashMap::new();
