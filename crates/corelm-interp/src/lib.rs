@@ -347,7 +347,8 @@ fn packed_blockwise(
         values.chunks(2).map(|p| (p[0] as u8 & 0x0f) | ((p[1] as u8) << 4)).collect()
     };
     let bits = if cols % 2 != 0 { 8 } else { bits };
-    let packed = Packed::Blockwise { rows, cols, block: cols / blocks, bits, q, scales, offsets };
+    let fp16 = out.dtype == DType::Fp16;
+    let packed = Packed::Blockwise { rows, cols, block: cols / blocks, bits, fp16, q, scales, offsets };
     Ok(Some(Value { dtype: out.dtype, shape: vec![rows, cols], data: Data::Packed(Arc::new(packed)) }))
 }
 

@@ -19,6 +19,8 @@ pub enum WeightRows<'a> {
     Blockwise {
         q: &'a [u8],
         bits: u8,
+        /// Each rebuilt weight is rounded to fp16 (the op's output type).
+        fp16: bool,
         scales: &'a [f32],
         offsets: Option<&'a [f32]>,
         block: usize,
@@ -29,9 +31,14 @@ impl<'a> WeightRows<'a> {
     pub fn of(p: &'a Packed) -> WeightRows<'a> {
         match p {
             Packed::F16 { data, .. } => WeightRows::F16(data),
-            Packed::Blockwise { q, bits, scales, offsets, block, .. } => {
-                WeightRows::Blockwise { q, bits: *bits, scales, offsets: offsets.as_deref(), block: *block }
-            }
+            Packed::Blockwise { q, bits, fp16, scales, offsets, block, .. } => WeightRows::Blockwise {
+                q,
+                bits: *bits,
+                fp16: *fp16,
+                scales,
+                offsets: offsets.as_deref(),
+                block: *block,
+            },
         }
     }
 
@@ -40,7 +47,7 @@ impl<'a> WeightRows<'a> {
         match *self {
             WeightRows::F32(w) => out.copy_from_slice(&w[r * k..(r + 1) * k]),
             WeightRows::F16(w) => crate::value::f16_to_f32(&w[r * k..(r + 1) * k], out),
-            WeightRows::Blockwise { q, bits, scales, offsets, block } => {
+            WeightRows::Blockwise { q, bits, fp16, scales, offsets, block } => {
                 let blocks = k / block;
                 for (c, d) in out[..k].iter_mut().enumerate() {
                     let at = r * blocks + c / block;
@@ -49,7 +56,8 @@ impl<'a> WeightRows<'a> {
                         // Shifting the nibble to the top of a byte and back sign-extends it.
                         _ => ((q[(r * k + c) / 2] >> (4 * (c % 2))) << 4) as i8 >> 4,
                     };
-                    *d = scales[at] * (v as f32 - offsets.map_or(0.0, |o| o[at]));
+                    let w = scales[at] * (v as f32 - offsets.map_or(0.0, |o| o[at]));
+                    *d = if fp16 { half::f16::from_f32(w).to_f32() } else { w };
                 }
             }
         }
@@ -143,12 +151,12 @@ mod avx2 {
             match *w {
                 WeightRows::F32(v) => _mm256_loadu_ps(v.as_ptr().add(r * k + c)),
                 WeightRows::F16(v) => _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(r * k + c) as *const __m128i)),
-                WeightRows::Blockwise { q, bits: 8, .. } => {
+                WeightRows::Blockwise { q, bits: 8, fp16, .. } => {
                     let bytes = _mm_loadl_epi64(q.as_ptr().add(r * k + c) as *const __m128i);
                     let ints = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-                    _mm256_mul_ps(_mm256_sub_ps(ints, offset), scale)
+                    to_fp16_if(fp16, _mm256_mul_ps(_mm256_sub_ps(ints, offset), scale))
                 }
-                WeightRows::Blockwise { q, .. } => {
+                WeightRows::Blockwise { q, fp16, .. } => {
                     // Eight nibbles (four bytes), one to a lane, sign-extended from bit 3.
                     let word = (q.as_ptr().add((r * k + c) / 2) as *const i32).read_unaligned();
                     let lanes =
@@ -156,9 +164,20 @@ mod avx2 {
                     let nibbles = _mm256_and_si256(lanes, _mm256_set1_epi32(0x0f));
                     let eight = _mm256_set1_epi32(8);
                     let ints = _mm256_sub_epi32(_mm256_xor_si256(nibbles, eight), eight);
-                    _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(ints), offset), scale)
+                    to_fp16_if(fp16, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(ints), offset), scale))
                 }
             }
+        }
+    }
+
+    /// Rounds to fp16 and back when the weight is fp16-typed.
+    #[inline(always)]
+    unsafe fn to_fp16_if(fp16: bool, v: __m256) -> __m256 {
+        if fp16 {
+            // SAFETY: register-only F16C conversions, available under the caller's features.
+            unsafe { _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)) }
+        } else {
+            v
         }
     }
 
@@ -336,9 +355,10 @@ mod tests {
             let kinds = [
                 WeightRows::F32(&wf),
                 WeightRows::F16(&wh),
-                WeightRows::Blockwise { q: &q8, bits: 8, scales: &scales, offsets: None, block },
-                WeightRows::Blockwise { q: &q8, bits: 8, scales: &scales, offsets: Some(&offsets), block },
-                WeightRows::Blockwise { q: &q4, bits: 4, scales: &scales, offsets: Some(&offsets), block },
+                WeightRows::Blockwise { q: &q8, bits: 8, fp16: false, scales: &scales, offsets: None, block },
+                WeightRows::Blockwise { q: &q8, bits: 8, fp16: true, scales: &scales, offsets: Some(&offsets), block },
+                WeightRows::Blockwise { q: &q4, bits: 4, fp16: false, scales: &scales, offsets: Some(&offsets), block },
+                WeightRows::Blockwise { q: &q4, bits: 4, fp16: true, scales: &scales, offsets: None, block },
             ];
             for w in kinds {
                 let mut out = vec![f32::NAN; m * n];

@@ -243,6 +243,8 @@ pub enum Packed {
         cols: usize,
         block: usize,
         bits: u8,
+        /// The op's output is fp16: each rebuilt weight is rounded to it, as on the device.
+        fp16: bool,
         q: Vec<u8>,
         scales: Vec<f32>,
         offsets: Option<Vec<f32>>,
