@@ -1,0 +1,406 @@
+//! What the planner needs to know about a model, from a checkpoint's configuration (Hugging Face
+//! `config.json` or a GGUF file) or from a converted package (its metadata, weight blobs and KV
+//! cache states).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use corelm_convert::config::{Attention, ModelConfig, Norm};
+use corelm_format::mil::program::{Binding, Function, Operation, Value, ValueData};
+use corelm_format::model::FeatureKind;
+use corelm_format::tensor::{element_count, storage_bytes};
+use corelm_format::{Error, Package, Result};
+use serde::Serialize;
+
+/// A weight matrix that compression applies to (linear layers, the embedding table, the LM head).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Matrix {
+    pub rows: u64,
+    pub cols: u64,
+    /// The embedding table or an LM head of the vocabulary (compressed with the embedding scheme).
+    pub embedding: bool,
+    /// Gathered by the token ids (the embedding table).
+    pub gathered: bool,
+    /// Read by that gather only (an untied embedding table): one row per token.
+    pub gathered_only: bool,
+    /// Bytes as stored in a package (values plus scales, offsets or tables); `None` for sources.
+    pub stored_bytes: Option<u64>,
+}
+
+/// The KV cache of one layer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct KvLayer {
+    pub kv_heads: u64,
+    pub head_dim: u64,
+    /// Sliding-window length, for layers that only attend to the last `window` tokens.
+    pub window: Option<u64>,
+}
+
+/// A converted package's fixed properties.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PackageInfo {
+    /// Tokens its KV cache holds.
+    pub context: usize,
+    /// Bytes of distinct weight blobs the program references.
+    pub weight_bytes: u64,
+    /// Bytes of the KV cache states (or cache inputs) as declared.
+    pub kv_bytes: u64,
+    /// Fixed query lengths of its functions; empty when flexible.
+    pub query_lengths: Vec<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ModelShape {
+    pub name: String,
+    pub architecture: String,
+    /// Parameters in the checkpoint's layout (embeddings counted once when tied).
+    pub parameters: u64,
+    pub hidden: u64,
+    pub vocab: u64,
+    pub heads: u64,
+    pub intermediate: u64,
+    pub layers: u64,
+    /// The longest context the model can be converted for (learned positions, or a package's
+    /// own context); `None` when RoPE allows any.
+    pub max_context: Option<usize>,
+    /// `max_position_embeddings` of the configuration, when known.
+    pub trained_positions: Option<usize>,
+    pub tied_embeddings: bool,
+    #[serde(skip)]
+    pub matrices: Vec<Matrix>,
+    /// Values stored as fp32 whatever the scheme (norm weights: corelm computes norms in fp32).
+    pub fp32_values: u64,
+    /// Other values stored as fp16 (linear biases, zero or not; learned position embeddings).
+    pub fp16_values: u64,
+    /// Rotary dimension of each RoPE table pair (cos and sin, context × dim, fp16).
+    pub rope_dims: Vec<u64>,
+    #[serde(skip)]
+    pub kv_layers: Vec<KvLayer>,
+    pub package: Option<PackageInfo>,
+    /// What could not be read and was assumed.
+    pub notes: Vec<String>,
+}
+
+impl ModelShape {
+    /// From a configuration, with the weights laid out as `corelm convert` stores them.
+    pub fn from_config(c: &ModelConfig, name: &str) -> ModelShape {
+        let (h, i, v) = (c.hidden_size as u64, c.intermediate_size as u64, c.vocab_size as u64);
+        let hd = c.head_dim as u64;
+        let (q, kv) = (c.num_heads as u64 * hd, c.num_kv_heads as u64 * hd);
+        let m = |rows: u64, cols: u64| Matrix {
+            rows,
+            cols,
+            embedding: false,
+            gathered: false,
+            gathered_only: false,
+            stored_bytes: None,
+        };
+        let mut matrices = vec![Matrix {
+            rows: v,
+            cols: h,
+            embedding: true,
+            gathered: true,
+            gathered_only: !c.tie_word_embeddings,
+            stored_bytes: None,
+        }];
+        for _ in 0..c.num_layers {
+            matrices.extend([m(q, h), m(kv, h), m(kv, h), m(h, q)]);
+            if c.gated_mlp {
+                matrices.extend([m(i, h), m(i, h), m(h, i)]);
+            } else {
+                matrices.extend([m(i, h), m(h, i)]);
+            }
+        }
+        if !c.tie_word_embeddings {
+            matrices.push(Matrix { embedding: true, ..m(v, h) });
+        }
+        // Norm weights (and LayerNorm biases) as `store_weights` keeps them: fp32.
+        let layer_norm = matches!(c.norm, Norm::Layer { .. });
+        let per_norm = if layer_norm { 2 * h } else { h };
+        let mut norms = 2 * per_norm;
+        if c.sandwich_norms {
+            norms += 2 * h;
+        }
+        if c.qk_norm {
+            norms += 2 * hd;
+        }
+        let fp32_values = c.num_layers as u64 * norms + per_norm;
+        // Every `linear` op carries a bias of its output rows in fp16: the model's own, else the
+        // zeros the MIL builder writes for the optional input (as blobs from 10 values up).
+        let linear_rows: u64 = matrices.iter().filter(|m| !m.gathered_only).map(|m| m.rows).sum();
+        let position_embeddings = if c.rope.is_none() { c.max_position_embeddings as u64 * h } else { 0 };
+        let fp16_values = linear_rows + position_embeddings;
+        let rope_dims = c.rope.iter().chain(&c.rope_local).map(|r| r.rotary_dim as u64).collect();
+        let kv_layers = c
+            .layer_attention
+            .iter()
+            .map(|a| KvLayer {
+                kv_heads: c.num_kv_heads as u64,
+                head_dim: hd,
+                window: match a {
+                    Attention::Full => None,
+                    Attention::Sliding(w) => Some(*w as u64),
+                },
+            })
+            .collect();
+        ModelShape {
+            name: name.to_string(),
+            architecture: c.family.name().to_string(),
+            parameters: c.parameter_count(),
+            hidden: h,
+            vocab: v,
+            heads: c.num_heads as u64,
+            intermediate: i,
+            layers: c.num_layers as u64,
+            max_context: if c.rope.is_none() { Some(c.max_position_embeddings) } else { None },
+            trained_positions: Some(c.max_position_embeddings),
+            tied_embeddings: c.tie_word_embeddings,
+            matrices,
+            fp32_values,
+            fp16_values,
+            rope_dims,
+            kv_layers,
+            package: None,
+            notes: vec![],
+        }
+    }
+
+    /// Whether this describes a converted package (fixed context and stored weights).
+    pub fn is_package(&self) -> bool {
+        self.package.is_some()
+    }
+
+    /// From a package: its weight blobs, KV cache states and `corelm.*` metadata.
+    pub fn from_package(path: &Path) -> Result<ModelShape> {
+        let pkg = Package::open(path)?;
+        let model = pkg.model();
+        let ud = &model.description.metadata.user_defined;
+        let mut notes = Vec::new();
+        let default = model.description.default_function.clone().unwrap_or_else(|| "main".to_string());
+        let description = model
+            .description
+            .function(&default)
+            .or_else(|| model.description.functions.first())
+            .ok_or_else(|| Error::malformed(path, "the package describes no function"))?;
+
+        // Weight blobs, each counted once across functions.
+        let mut seen = HashSet::new();
+        let mut weight_bytes = 0u64;
+        for f in model.program.functions.values() {
+            for op in &f.block.operations {
+                for v in blob_values(op) {
+                    if let Some(key) = blob_key(v) {
+                        if seen.insert(key) {
+                            weight_bytes += value_bytes(v);
+                        }
+                    }
+                }
+            }
+        }
+
+        // The KV cache: `keyCache` / `valueCache` states (or inputs, for iOS 16/17 packages).
+        let caches: Vec<(String, Vec<usize>, u64)> = description
+            .states
+            .iter()
+            .chain(&description.inputs)
+            .filter(|f| f.name == "keyCache" || f.name == "valueCache" || matches!(f.kind, FeatureKind::State(_)))
+            .filter_map(|f| {
+                let a = f.array()?;
+                let bytes = storage_bytes(a.dtype?, element_count(&a.shape)?)? as u64;
+                Some((f.name.clone(), a.shape.clone(), bytes))
+            })
+            .collect();
+        let kv_bytes: u64 = caches.iter().map(|c| c.2).sum();
+        let key = caches.iter().find(|c| c.0 == "keyCache" && c.1.len() == 5);
+        let meta_usize = |k: &str| ud.get(k).and_then(|s| s.parse::<usize>().ok());
+        let context = match (meta_usize("corelm.context_length"), key) {
+            (Some(c), _) => c,
+            (None, Some(k)) => k.1[3],
+            (None, None) => {
+                return Err(Error::malformed(
+                    path,
+                    "cannot tell the context length: no corelm.context_length metadata and no keyCache state",
+                ))
+            }
+        };
+        let kv_layers = match key {
+            Some((_, s, _)) => {
+                vec![KvLayer { kv_heads: s[2] as u64, head_dim: s[4] as u64, window: None }; s[0]]
+            }
+            None => {
+                notes.push(
+                    "no keyCache state of shape (layers, 1, kv_heads, context, head_dim): the KV cache is the \
+                     declared state bytes, scaled linearly with the context"
+                        .into(),
+                );
+                vec![]
+            }
+        };
+        if key.is_some() && matches!(ud.get("corelm.architecture").map(String::as_str), Some("gemma2" | "gemma3_text"))
+        {
+            notes.push(
+                "the package does not record which layers slide: the sliding-window savings are not computed".into(),
+            );
+        }
+
+        let (matrices, hidden, vocab_seen) = package_matrices(model.program.functions.values());
+        let vocab = meta_usize("corelm.vocab_size").map(|v| v as u64).or(vocab_seen).unwrap_or(0);
+        let hidden = hidden.unwrap_or(0);
+        let head_dim = kv_layers.first().map(|l| l.head_dim).unwrap_or(0);
+        // The attention output projection is (hidden, heads × head_dim); the MLP's widest side
+        // is the intermediate size.
+        let intermediate = matrices
+            .iter()
+            .filter(|m| !m.embedding)
+            .map(|m| m.rows.max(m.cols))
+            .filter(|&d| d != hidden)
+            .max()
+            .unwrap_or(4 * hidden);
+        let heads = matrices
+            .iter()
+            .filter(|m| !m.embedding && m.rows == hidden && m.cols != intermediate)
+            .map(|m| m.cols)
+            .find(|&c| head_dim > 0 && c % head_dim == 0)
+            .map(|c| c / head_dim)
+            .unwrap_or_else(|| hidden.checked_div(head_dim).unwrap_or(0));
+        // Tied: the table the token ids gather is also the LM head's weight.
+        let tied = matrices.iter().any(|m| m.gathered && !m.gathered_only);
+        let parameters = matrices.iter().map(|m| m.rows * m.cols).sum();
+        let query_lengths = match ud.get("corelm.query_lengths").map(String::as_str) {
+            Some("flexible") | None => vec![],
+            Some(list) => list.split(',').filter_map(|s| s.trim().parse().ok()).collect(),
+        };
+        if matrices.is_empty() {
+            notes.push("no weight matrices found (linear weights or embeddings): --quantize cannot be planned".into());
+        }
+        Ok(ModelShape {
+            name: ud
+                .get("corelm.source")
+                .or_else(|| ud.get("co.huggingface.exporters.name"))
+                .cloned()
+                .unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()),
+            architecture: ud.get("corelm.architecture").cloned().unwrap_or_else(|| "unknown".into()),
+            parameters,
+            hidden,
+            vocab,
+            heads,
+            intermediate,
+            layers: kv_layers.len() as u64,
+            max_context: Some(context),
+            trained_positions: None,
+            tied_embeddings: tied,
+            matrices,
+            fp32_values: 0,
+            fp16_values: 0,
+            rope_dims: vec![],
+            kv_layers,
+            package: Some(PackageInfo { context, weight_bytes, kv_bytes, query_lengths }),
+            notes,
+        })
+    }
+}
+
+fn blob_key(v: &Value) -> Option<(String, u64)> {
+    match &v.data {
+        ValueData::Blob { file, offset } => Some((file.clone(), *offset)),
+        ValueData::Immediate(_) => None,
+    }
+}
+
+fn value_bytes(v: &Value) -> u64 {
+    v.ty.shape().and_then(|s| element_count(&s)).and_then(|n| storage_bytes(v.ty.dtype, n)).unwrap_or(0) as u64
+}
+
+/// Values stored in blobs that an op reads: attributes and inline inputs.
+fn blob_values(op: &Operation) -> impl Iterator<Item = &Value> {
+    let inline = op.inputs.values().flatten().filter_map(|b| match b {
+        Binding::Value(v) => Some(v),
+        Binding::Name(_) => None,
+    });
+    op.attributes.values().chain(inline).filter(|v| matches!(v.data, ValueData::Blob { .. }))
+}
+
+/// The value of parameter `name` of a constant op, as an attribute or an inline input.
+fn param<'a>(op: &'a Operation, name: &str) -> Option<&'a Value> {
+    op.attributes.get(name).or_else(|| match op.input(name) {
+        Some(Binding::Value(v)) => Some(v),
+        _ => None,
+    })
+}
+
+/// A constant matrix of a program and how the program uses it.
+#[derive(Clone)]
+struct Use {
+    rows: u64,
+    cols: u64,
+    /// Bytes of every blob the constant op reads (values, scales, offsets, tables).
+    stored: u64,
+    gathered: bool,
+    linear: bool,
+}
+
+/// The weight matrices of a program: constants (plain or compressed) used as `linear` weights
+/// or gathered by the token ids, each blob once. Returns them with the hidden size and the
+/// vocabulary (rows of the gathered table).
+fn package_matrices<'a>(functions: impl Iterator<Item = &'a Function>) -> (Vec<Matrix>, Option<u64>, Option<u64>) {
+    // Constant outputs → their matrix and blob.
+    let mut constants: HashMap<String, (Use, (String, u64))> = HashMap::new();
+    let mut uses: BTreeMap<(String, u64), Use> = BTreeMap::new();
+    let mut vocab = None;
+    for f in functions {
+        let mut ids: HashSet<String> = f.inputs.iter().map(|i| i.name.clone()).collect();
+        for op in &f.block.operations {
+            let out = op.outputs.first().map(|o| o.name.clone()).unwrap_or_default();
+            let matrix = match op.op_type.as_str() {
+                "const" => param(op, "val").filter(|v| v.ty.dtype.is_float()),
+                "constexpr_blockwise_shift_scale" => param(op, "data"),
+                "constexpr_lut_to_dense" => param(op, "indices"),
+                _ => None,
+            };
+            if let Some((shape, key)) = matrix.and_then(|v| Some((v.ty.shape()?, blob_key(v)?))) {
+                if let [rows, cols] = shape[..] {
+                    let stored = blob_values(op).map(value_bytes).sum();
+                    let u = Use { rows: rows as u64, cols: cols as u64, stored, gathered: false, linear: false };
+                    constants.insert(out.clone(), (u, key));
+                }
+            }
+            let name_of = |p: &str| match op.input(p) {
+                Some(Binding::Name(n)) => Some(n.as_str()),
+                _ => None,
+            };
+            let mut record = |weight: Option<&str>, gathered: bool| {
+                if let Some((u, key)) = weight.and_then(|w| constants.get(w)) {
+                    let e = uses.entry(key.clone()).or_insert_with(|| u.clone());
+                    if gathered {
+                        e.gathered = true;
+                        vocab = Some(u.rows);
+                    } else {
+                        e.linear = true;
+                    }
+                }
+            };
+            match op.op_type.as_str() {
+                // Casts of the token ids still carry token ids.
+                "cast" if name_of("x").is_some_and(|x| ids.contains(x)) => {
+                    ids.insert(out);
+                }
+                "linear" => record(name_of("weight"), false),
+                "gather" if name_of("indices").is_some_and(|i| ids.contains(i)) => record(name_of("x"), true),
+                _ => {}
+            }
+        }
+    }
+    let hidden = uses.values().find(|u| u.gathered).map(|u| u.cols);
+    let matrices = uses
+        .into_values()
+        .map(|u| Matrix {
+            rows: u.rows,
+            cols: u.cols,
+            embedding: u.gathered || Some(u.rows) == vocab,
+            gathered: u.gathered,
+            gathered_only: u.gathered && !u.linear,
+            stored_bytes: Some(u.stored),
+        })
+        .collect();
+    (matrices, hidden, vocab)
+}
