@@ -697,79 +697,98 @@ fn sdpa(inp: &Inputs) -> Result<Value> {
     let batch = broadcast_shape(&[&q.shape[..r - 2], &k.shape[..r - 2], &v.shape[..r - 2]])?;
     let nb: usize = batch.iter().product();
     let offs = broadcast_offsets(&batch, &[&q.shape[..r - 2], &k.shape[..r - 2], &v.shape[..r - 2]]);
-    // The mask, broadcast to (batch..., L, S), as additive values.
-    let mask: Option<Vec<f32>> = match inp.get("attn_mask") {
+    // The additive mask as (L, S) slabs, one per distinct batch index of the mask (usually one
+    // shared by every head): slab_of[bi] says which.
+    let mask: Option<(Vec<f32>, Vec<usize>)> = match inp.get("attn_mask") {
         None => None,
         Some(mk) => {
-            let mut full = batch.clone();
-            full.extend([l, s]);
+            // Rank below two: leading ones, as broadcasting reads it.
+            let mut mshape = vec![1; 2usize.saturating_sub(mk.rank())];
+            mshape.extend(&mk.shape);
             let add: Vec<f32> = match &mk.data {
                 Data::Bool(b) => b.iter().map(|&t| if t { 0.0 } else { f32::NEG_INFINITY }).collect(),
                 _ => mk.to_f32_vec(),
             };
-            let off = broadcast_offsets(&full, &[&mk.shape]);
-            Some(off[0].iter().map(|&i| add[i]).collect())
+            let (lead, tail) = mshape.split_at(mshape.len() - 2);
+            if lead.len() > batch.len() {
+                return Err(bad(format!("attn_mask {:?} has more dimensions than the attention", mk.shape)));
+            }
+            let slabs: usize = lead.iter().product();
+            // Each slab broadcast from its own (…, L or 1, S or 1) shape to (L, S).
+            let per_slab = tail.iter().product::<usize>().max(1);
+            let expand = broadcast_offsets(&[l, s], &[tail]);
+            let mut expanded = Vec::with_capacity(slabs * l * s);
+            for slab in 0..slabs {
+                expanded.extend(expand[0].iter().map(|&i| add[slab * per_slab + i]));
+            }
+            let slab_of = broadcast_offsets(&batch, &[lead]).swap_remove(0);
+            Some((expanded, slab_of))
         }
     };
     let (qv, kv, vv) = (q.as_f32()?, k.as_f32()?, v.as_f32()?);
     let scale = 1.0 / (e as f32).sqrt();
     let mut out = vec![0f32; nb * l * ev];
-    out.par_chunks_mut(l * ev).enumerate().for_each(|(bi, o)| {
-        let qb = &qv[offs[0][bi] * l * e..][..l * e];
+    // Work in blocks of query rows, so prefill keeps every core busy even with few heads.
+    const ROWS: usize = 64;
+    out.par_chunks_mut(l * ev).enumerate().for_each(|(bi, ob)| {
         let kb = &kv[offs[1][bi] * s * e..][..s * e];
         let vb = &vv[offs[2][bi] * s * ev..][..s * ev];
-        let mut scores = vec![0f32; l * s];
-        // SAFETY: in-bounds row-major views.
-        unsafe {
-            matrixmultiply::sgemm(
-                l,
-                e,
-                s,
-                scale,
-                qb.as_ptr(),
-                e as isize,
-                1,
-                kb.as_ptr(),
-                1,
-                e as isize,
-                0.0,
-                scores.as_mut_ptr(),
-                s as isize,
-                1,
-            );
-        }
-        if let Some(m) = &mask {
-            let mb = &m[bi * l * s..][..l * s];
-            scores.iter_mut().zip(mb).for_each(|(a, b)| *a += b);
-        }
-        for row in scores.chunks_mut(s) {
-            let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for x in row.iter_mut() {
-                *x = (*x - mx).exp();
-                sum += *x;
+        ob.par_chunks_mut(ROWS * ev).enumerate().for_each(|(chunk, o)| {
+            let (r0, rows) = (chunk * ROWS, o.len() / ev.max(1));
+            let qb = &qv[(offs[0][bi] * l + r0) * e..][..rows * e];
+            let mut scores = vec![0f32; rows * s];
+            // SAFETY: in-bounds row-major views.
+            unsafe {
+                matrixmultiply::sgemm(
+                    rows,
+                    e,
+                    s,
+                    scale,
+                    qb.as_ptr(),
+                    e as isize,
+                    1,
+                    kb.as_ptr(),
+                    1,
+                    e as isize,
+                    0.0,
+                    scores.as_mut_ptr(),
+                    s as isize,
+                    1,
+                );
             }
-            row.iter_mut().for_each(|x| *x /= sum);
-        }
-        // SAFETY: as above.
-        unsafe {
-            matrixmultiply::sgemm(
-                l,
-                s,
-                ev,
-                1.0,
-                scores.as_ptr(),
-                s as isize,
-                1,
-                vb.as_ptr(),
-                ev as isize,
-                1,
-                0.0,
-                o.as_mut_ptr(),
-                ev as isize,
-                1,
-            );
-        }
+            if let Some((m, slab_of)) = &mask {
+                let mb = &m[(slab_of[bi] * l + r0) * s..][..rows * s];
+                scores.iter_mut().zip(mb).for_each(|(a, b)| *a += b);
+            }
+            for row in scores.chunks_mut(s) {
+                let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for x in row.iter_mut() {
+                    *x = (*x - mx).exp();
+                    sum += *x;
+                }
+                row.iter_mut().for_each(|x| *x /= sum);
+            }
+            // SAFETY: as above.
+            unsafe {
+                matrixmultiply::sgemm(
+                    rows,
+                    s,
+                    ev,
+                    1.0,
+                    scores.as_ptr(),
+                    s as isize,
+                    1,
+                    vb.as_ptr(),
+                    ev as isize,
+                    1,
+                    0.0,
+                    o.as_mut_ptr(),
+                    ev as isize,
+                    1,
+                );
+            }
+        });
     });
     let mut shape = batch;
     shape.extend([l, ev]);
