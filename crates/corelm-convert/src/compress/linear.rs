@@ -24,6 +24,35 @@ fn stored(scale: f32, dtype: DType) -> f32 {
     }
 }
 
+/// Squared error of `chunk` on the grid `s · [qmin, qmax]`.
+fn grid_error(chunk: &[f32], s: f32, qmin: i64, qmax: i64) -> f64 {
+    chunk
+        .iter()
+        .map(|&v| {
+            let q = (v / s).round().clamp(qmin as f32, qmax as f32);
+            ((v - q * s) as f64).powi(2)
+        })
+        .sum()
+}
+
+/// The scale of a zero-point-free block: of a few candidates around `max |w| / qmax` (the plain
+/// symmetric choice, first, kept on ties), the one with the least squared error over the whole
+/// integer range (−2ᵇ⁻¹ included). Finer steps that clip a rare outlier usually win.
+fn symmetric_scale(chunk: &[f32], qmin: i64, qmax: i64, dtype: DType) -> f32 {
+    let max = chunk.iter().fold(0f32, |m, &v| m.max(v.abs()));
+    let mut best = (stored(max / qmax as f32, dtype), f64::INFINITY);
+    for divisor in [qmax as f32, qmax as f32 + 0.5] {
+        for shrink in [1.0f32, 0.95, 0.9, 0.85] {
+            let s = stored(max * shrink / divisor, dtype);
+            let err = grid_error(chunk, s, qmin, qmax);
+            if err < best.1 {
+                best = (s, err);
+            }
+        }
+    }
+    best.0
+}
+
 pub fn quantize(
     rows: usize,
     cols: usize,
@@ -50,11 +79,9 @@ pub fn quantize(
             offsets.push(zero as i8);
             data.extend(chunk.iter().map(|&v| ((v / s + zero).round().clamp(qmin as f32, qmax as f32)) as i8));
         } else {
-            // Symmetric: ±(2^(bits−1) − 1), as coremltools' linear_symmetric mode.
-            let max = chunk.iter().fold(0f32, |m, &v| m.max(v.abs()));
-            let s = stored(max / qmax as f32, dtype);
+            let s = symmetric_scale(chunk, qmin, qmax, dtype);
             scales.push(s as f64);
-            data.extend(chunk.iter().map(|&v| ((v / s).round().clamp(-qmax as f32, qmax as f32)) as i8));
+            data.extend(chunk.iter().map(|&v| ((v / s).round().clamp(qmin as f32, qmax as f32)) as i8));
         }
     }
     let int = if bits == 8 { DType::Int8 } else { DType::Int4 };
@@ -73,15 +100,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn symmetric_int4_blocks_reconstruct_within_half_a_step() {
-        let w: Vec<f32> = (0..128).map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0).collect();
-        let c = quantize(2, 64, &w, 4, 32, false, DType::Fp16).unwrap();
-        let (q, s) = (c.inputs[0].1.to_i64().unwrap(), c.inputs[1].1.to_f64().unwrap());
-        assert_eq!(c.inputs[1].1.shape(), &[2, 2]);
-        for (i, &v) in w.iter().enumerate() {
-            let step = s[(i / 64) * 2 + (i % 64) / 32];
-            assert!((q[i] as f64 * step - v as f64).abs() <= step / 2.0 + 1e-6, "element {i}");
-            assert!((-7..=7).contains(&q[i]));
+    fn symmetric_scales_beat_the_plain_max_over_qmax() {
+        // Blocks with an outlier, and plain ones.
+        let w: Vec<f32> =
+            (0..256).map(|i| if i % 61 == 0 { 3.0 } else { ((i * 37 % 101) as f32 - 50.0) / 40.0 }).collect();
+        for bits in [4u8, 8] {
+            let c = quantize(4, 64, &w, bits, 32, false, DType::Fp16).unwrap();
+            let (q, s) = (c.inputs[0].1.to_i64().unwrap(), c.inputs[1].1.to_f64().unwrap());
+            assert_eq!(c.inputs[1].1.shape(), &[4, 2]);
+            let (lo, hi) = (-(1i64 << (bits - 1)), (1i64 << (bits - 1)) - 1);
+            assert!(q.iter().all(|v| (lo..=hi).contains(v)));
+            for (b, chunk) in w.chunks(32).enumerate() {
+                let got: f64 =
+                    chunk.iter().enumerate().map(|(j, &v)| (q[b * 32 + j] as f64 * s[b] - v as f64).powi(2)).sum();
+                let max = chunk.iter().fold(0f32, |m, &v| m.max(v.abs()));
+                let plain = stored(max / hi as f32, DType::Fp16);
+                assert!(got <= grid_error(chunk, plain, -hi, hi) + 1e-9, "bits {bits} block {b}");
+            }
         }
     }
 
