@@ -35,14 +35,20 @@ fn grid_error(chunk: &[f32], s: f32, qmin: i64, qmax: i64) -> f64 {
         .sum()
 }
 
-/// The scale of a zero-point-free block: of a few candidates around `max |w| / qmax` (the plain
-/// symmetric choice, first, kept on ties), the one with the least squared error over the whole
-/// integer range (−2ᵇ⁻¹ included). Finer steps that clip a rare outlier usually win.
+/// The scale of a zero-point-free block: at 4 bits, of a few candidates around `max |w| / qmax`
+/// (the plain symmetric choice, first, kept on ties), the one with the least squared error over
+/// the whole integer range (−8 included); finer steps that clip a rare outlier usually win.
 fn symmetric_scale(chunk: &[f32], qmin: i64, qmax: i64, dtype: DType) -> f32 {
     let max = chunk.iter().fold(0f32, |m, &v| m.max(v.abs()));
     let mut best = (stored(max / qmax as f32, dtype), f64::INFINITY);
-    for divisor in [qmax as f32, qmax as f32 + 0.5] {
-        for shrink in [1.0f32, 0.95, 0.9, 0.85] {
+    // The search only pays at 4 bits: at 8 bits the squared-error winner (finer steps, clipped
+    // outliers) measured worse in the model's outputs on SmolLM2 than max/qmax (KL 0.0042 vs
+    // 0.0039), so 8 bits keeps the plain scale.
+    let (divisors, shrinks): (&[f32], &[f32]) =
+        if qmax > 7 { (&[0.0], &[1.0]) } else { (&[0.0, 0.5], &[1.0, 0.95, 0.9, 0.85]) };
+    for &extra in divisors {
+        let divisor = qmax as f32 + extra;
+        for &shrink in shrinks {
             let s = stored(max * shrink / divisor, dtype);
             let err = grid_error(chunk, s, qmin, qmax);
             if err < best.1 {
