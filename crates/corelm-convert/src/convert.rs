@@ -90,7 +90,8 @@ pub fn peak_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
-fn dir_size(path: &Path) -> u64 {
+/// Bytes of every file under `path`.
+pub(crate) fn dir_size(path: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(path) else { return 0 };
     entries
         .flatten()

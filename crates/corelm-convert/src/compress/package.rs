@@ -12,6 +12,7 @@ use corelm_format::{DType, Package, Target, Tensor};
 use serde::Serialize;
 
 use super::{compress, Policy};
+use crate::convert::dir_size;
 use crate::{Error, Result};
 
 #[derive(Debug, Serialize)]
@@ -109,21 +110,6 @@ fn floats(t: &Tensor) -> Result<Vec<f32>> {
         DType::Fp32 => Ok(t.bytes().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()),
         other => Err(Error::invalid(format!("cannot compress a {other} weight"))),
     }
-}
-
-fn dir_size(path: &Path) -> u64 {
-    std::fs::read_dir(path)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => dir_size(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// Writes `input` with its weights compressed per `policy` to `output`. `progress` hears of
