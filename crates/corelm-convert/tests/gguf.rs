@@ -307,15 +307,21 @@ fn metadata_of_every_type() {
 }
 
 /// Every tensor dequantizes to exactly the values `gguf.quants.dequantize` gave (bit for bit).
-#[test]
-fn dequantization_matches_gguf_py_bit_for_bit() {
-    let f = GgufFile::open(fixture("quants.gguf")).unwrap();
-    let manifest: Value = serde_json::from_slice(&std::fs::read(fixture("quants.expected.json")).unwrap()).unwrap();
-    let floats: Vec<f32> = std::fs::read(fixture("quants.expected.f32"))
+/// The gguf package's dequantization of quants.gguf: the manifest and the floats it indexes.
+fn gguf_py_dequantization() -> (Value, Vec<f32>) {
+    let manifest = serde_json::from_slice(&std::fs::read(fixture("quants.expected.json")).unwrap()).unwrap();
+    let floats = std::fs::read(fixture("quants.expected.f32"))
         .unwrap()
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect();
+    (manifest, floats)
+}
+
+#[test]
+fn dequantization_matches_gguf_py_bit_for_bit() {
+    let f = GgufFile::open(fixture("quants.gguf")).unwrap();
+    let (manifest, floats) = gguf_py_dequantization();
     let entries = manifest["tensors"].as_array().unwrap();
     assert_eq!(entries.len(), f.tensors().len());
     let mut types_seen = Vec::new();
@@ -350,12 +356,7 @@ fn dequantization_matches_gguf_py_bit_for_bit() {
 #[test]
 fn shift_scale_grids_rebuild_gguf_py_dequantization() {
     let f = GgufFile::open(fixture("quants.gguf")).unwrap();
-    let manifest: Value = serde_json::from_slice(&std::fs::read(fixture("quants.expected.json")).unwrap()).unwrap();
-    let floats: Vec<f32> = std::fs::read(fixture("quants.expected.f32"))
-        .unwrap()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let (manifest, floats) = gguf_py_dequantization();
     let mut checked = Vec::new();
     for entry in manifest["tensors"].as_array().unwrap() {
         let t = f.tensor(entry["name"].as_str().unwrap()).unwrap();
