@@ -50,7 +50,7 @@ fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>)]) {
         header.insert(name.to_string(), json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}));
     }
     let mut h = serde_json::to_vec(&header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
@@ -67,7 +67,7 @@ fn edit_header(model: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serd
     let mut header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     edit(&mut header);
     let mut h = serde_json::to_vec(&header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
@@ -225,7 +225,7 @@ fn tiny_gguf(path: &Path, ty: u32) {
     b.extend(32u64.to_le_bytes());
     b.extend(ty.to_le_bytes());
     b.extend(0u64.to_le_bytes());
-    while b.len() % 32 != 0 {
+    while !b.len().is_multiple_of(32) {
         b.push(0);
     }
     b.extend([0u8; 128]);

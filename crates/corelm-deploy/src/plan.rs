@@ -87,14 +87,14 @@ impl Quant {
     pub fn matrix_bytes(self, rows: u64, cols: u64, embedding: bool) -> u64 {
         let n = rows * cols;
         let lut = |bits: u64| {
-            let groups = if rows % 16 == 0 { rows / 16 } else { rows };
+            let groups = if rows.is_multiple_of(16) { rows / 16 } else { rows };
             (n * bits).div_ceil(8) + groups * (1 << bits) * 2
         };
         match self {
             Quant::Fp16 => 2 * n,
             Quant::Int8 => n + 2 * rows,
             Quant::Int4 => {
-                let scales = if cols % 32 == 0 { rows * (cols / 32) } else { rows };
+                let scales = if cols.is_multiple_of(32) { rows * (cols / 32) } else { rows };
                 n.div_ceil(2) + 2 * scales
             }
             Quant::Lut4 => lut(4),

@@ -181,7 +181,7 @@ impl BlobFile {
     /// Reads and checks the metadata record at `offset`.
     pub fn metadata(&self, offset: u64) -> Result<BlobMetadata> {
         let len = self.len();
-        if offset < HEADER_BYTES || offset % ALIGNMENT != 0 {
+        if offset < HEADER_BYTES || !offset.is_multiple_of(ALIGNMENT) {
             return Err(self.bad(format!("blob offset {offset} is not a 64-aligned record offset")));
         }
         let end = offset.checked_add(METADATA_BYTES).filter(|&e| e <= len).ok_or_else(|| {
@@ -214,11 +214,11 @@ impl BlobFile {
             size_in_bytes.checked_mul(8).ok_or_else(|| self.bad(format!("blob at offset {offset}: size overflows")))?;
         let padding_ok = if width < 8 {
             padding_bits < 8
-                && (width == 3 || width == 6 || padding_bits % width == 0)
+                && (width == 3 || width == 6 || padding_bits.is_multiple_of(width))
                 && (bits - padding_bits.min(bits)) % width == 0
                 && padding_bits <= bits
         } else {
-            padding_bits == 0 && size_in_bytes % (width / 8) == 0
+            padding_bits == 0 && size_in_bytes.is_multiple_of(width / 8)
         };
         if !padding_ok {
             return Err(self.bad(format!(

@@ -344,7 +344,7 @@ fn check_config(f: &Fields, c: &ModelConfig) -> Result<()> {
     if c.num_layers == 0 || c.vocab_size == 0 || c.head_dim == 0 || c.num_kv_heads == 0 {
         return bad("num_hidden_layers, vocab_size, head_dim and num_key_value_heads must be positive".into());
     }
-    if c.num_heads % c.num_kv_heads != 0 {
+    if !c.num_heads.is_multiple_of(c.num_kv_heads) {
         return bad(format!(
             "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
             c.num_heads, c.num_kv_heads

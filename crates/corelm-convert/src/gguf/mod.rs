@@ -442,7 +442,7 @@ impl GgufFile {
         let (block, size) = (t.dtype.block_size(), t.dtype.type_size());
         let n_elements = t.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
         let expected_bytes = n_elements.and_then(|n| (n / block).checked_mul(size));
-        if raw.len() != t.byte_len || t.row_len() % block != 0 || expected_bytes != Some(t.byte_len) {
+        if raw.len() != t.byte_len || !t.row_len().is_multiple_of(block) || expected_bytes != Some(t.byte_len) {
             return Err(Error::invalid(format!(
                 "tensor '{}' does not describe data of {}",
                 t.name,
@@ -602,7 +602,7 @@ impl GgufFile {
 /// Works on any element type: f32 values (`cols` = row length) or the raw bytes of quantized rows
 /// (`cols` = [`TensorInfo::row_bytes`]), since the permutation moves whole rows.
 pub fn unpermute_qk<T: Copy>(data: &[T], rows: usize, cols: usize, n_head: usize) -> Result<Vec<T>> {
-    let groups = n_head.checked_mul(2).filter(|&g| g > 0 && rows % g == 0).ok_or_else(|| {
+    let groups = n_head.checked_mul(2).filter(|&g| g > 0 && rows.is_multiple_of(g)).ok_or_else(|| {
         Error::invalid(format!(
             "cannot unpermute {rows} rows over {n_head} heads: rows must be a multiple of 2 × heads"
         ))

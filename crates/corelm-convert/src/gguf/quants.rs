@@ -145,7 +145,7 @@ fn half(b: &[u8], at: usize) -> f32 {
 /// dequantizer here.
 pub fn dequantize(dtype: GgmlType, data: &[u8]) -> Result<Vec<f32>> {
     let (block, size) = (dtype.block_size(), dtype.type_size());
-    if data.len() % size != 0 {
+    if !data.len().is_multiple_of(size) {
         return Err(Error::invalid(format!(
             "{} bytes of {dtype} data is not a whole number of {size}-byte blocks",
             data.len()
@@ -160,7 +160,7 @@ pub fn dequantize(dtype: GgmlType, data: &[u8]) -> Result<Vec<f32>> {
 /// Like [`dequantize`], writing into `out`, which must hold exactly the element count.
 pub fn dequantize_into(dtype: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
     let (block, size) = (dtype.block_size(), dtype.type_size());
-    if data.len() % size != 0 || data.len() / size * block != out.len() {
+    if !data.len().is_multiple_of(size) || data.len() / size * block != out.len() {
         return Err(Error::invalid(format!(
             "{} bytes of {dtype} data do not make {} elements ({block} per {size}-byte block)",
             data.len(),
