@@ -5,6 +5,7 @@ use std::fmt;
 
 use serde::Serialize;
 
+use crate::ane::{self, Finding, RULES};
 use crate::error::Result;
 use crate::mil::program::ValueData;
 use crate::mil::validate::blob_values;
@@ -37,6 +38,9 @@ pub struct FunctionReport {
     pub states: Vec<FeatureReport>,
     pub op_count: usize,
     pub op_histogram: BTreeMap<String, usize>,
+    /// Ops, inputs, states and weight files known to keep Core ML off the Neural Engine
+    /// (`docs/ane-rules.md`); empty when none is known.
+    pub ane_fallbacks: Vec<Finding>,
 }
 
 #[derive(Debug, Serialize)]
@@ -109,6 +113,7 @@ impl Report {
         let mut functions = BTreeMap::new();
         let mut seen_blobs = BTreeSet::new();
         let mut bytes_by_dtype: BTreeMap<String, u64> = BTreeMap::new();
+        let mut ane_fallbacks = ane::findings(package);
         for (name, f) in &model.program.functions {
             let mut op_histogram = BTreeMap::new();
             for op in &f.block.operations {
@@ -136,6 +141,7 @@ impl Report {
                     states: features(|d| &d.states),
                     op_count: f.block.operations.len(),
                     op_histogram,
+                    ane_fallbacks: ane_fallbacks.remove(name).unwrap_or_default(),
                 },
             );
         }
@@ -201,6 +207,26 @@ fn feature_line(f: &FeatureReport) -> String {
     format!("{} {} [{}]{flex}", f.name, f.dtype, shape.join(", "))
 }
 
+/// Subjects shown per rule; the count tells how many there are.
+const SHOWN_SUBJECTS: usize = 3;
+
+fn ane_lines(f: &mut fmt::Formatter<'_>, findings: &[Finding]) -> fmt::Result {
+    if findings.is_empty() {
+        return writeln!(f, "    Neural Engine: no known fallbacks");
+    }
+    writeln!(f, "    Neural Engine: known fallbacks (rules in docs/ane-rules.md)")?;
+    for rule in RULES {
+        let hits: Vec<&Finding> = findings.iter().filter(|h| h.rule == rule).collect();
+        if hits.is_empty() {
+            continue;
+        }
+        let shown: Vec<String> = hits.iter().take(SHOWN_SUBJECTS).map(|h| h.subject.to_string()).collect();
+        let more = if hits.len() > SHOWN_SUBJECTS { ", …" } else { "" };
+        writeln!(f, "      {rule} ×{}: {}{more}", hits.len(), shown.join(", "))?;
+    }
+    Ok(())
+}
+
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "{}", self.path)?;
@@ -223,6 +249,7 @@ impl fmt::Display for Report {
             }
             let ops: Vec<String> = func.op_histogram.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
             writeln!(f, "    ops    {}", ops.join(", "))?;
+            ane_lines(f, &func.ane_fallbacks)?;
         }
         let md = &self.metadata;
         for (k, v) in [

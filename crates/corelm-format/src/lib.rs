@@ -1,6 +1,7 @@
 //! The Core ML ML Program format: the protobuf schema, `.mlpackage` folders, blob storage,
 //! and a MIL builder, validator and printer. Everything else in corelm builds on this crate.
 
+pub mod ane;
 pub mod blob;
 pub mod bytes;
 pub mod dtype;
