@@ -8,6 +8,7 @@ use corelm_format::{DType, Dim};
 use rayon::prelude::*;
 
 use crate::matmul::{matmul_t, WeightRows};
+use crate::vmath;
 
 use crate::value::{Data, Value};
 use crate::{Error, Result};
@@ -148,6 +149,19 @@ impl Runs {
         Runs { outer: dims, outer_strides: merged, len, step }
     }
 
+    /// Each input's base offset for run number `run` (in output order).
+    fn base_of(&self, mut run: usize) -> Vec<usize> {
+        let mut base = vec![0usize; self.step.len()];
+        for d in (0..self.outer.len()).rev() {
+            let i = run % self.outer[d];
+            run /= self.outer[d];
+            for (b, st) in base.iter_mut().zip(&self.outer_strides) {
+                *b += i * st[d];
+            }
+        }
+        base
+    }
+
     /// Calls `f` with each input's base offset for every run, in output order.
     fn for_each(&self, mut f: impl FnMut(&[usize])) {
         if self.outer.iter().product::<usize>() == 0 || self.len == 0 {
@@ -197,26 +211,42 @@ fn zip2<A: Copy + Sync, B: Copy + Sync, O: Send>(
             return Ok((out, x.par_iter().with_min_len(PAR_MIN).map(|&a| f(a, b)).collect()));
         }
     }
-    // y broadcast along leading dims (e.g. a bias or a norm weight).
-    if xs == out.as_slice() && !y.is_empty() && x.len() % y.len() == 0 && ys.iter().product::<usize>() == y.len() {
-        let tail: usize = xs[xs.len().saturating_sub(ys.len())..].iter().product();
-        let trailing_match = xs.ends_with(ys.iter().skip_while(|&&d| d == 1).copied().collect::<Vec<_>>().as_slice());
-        if tail == y.len() && trailing_match {
-            let m = y.len();
-            return Ok((out, x.par_iter().with_min_len(PAR_MIN).enumerate().map(|(i, &a)| f(a, y[i % m])).collect()));
-        }
-    }
+    // Each run of output elements on its own, so long broadcasts (a norm's weight, a per-row
+    // scale) run in parallel without per-element index arithmetic.
     let runs = Runs::new(&out, &[xs, ys]);
-    let mut v = Vec::with_capacity(out.iter().product());
-    runs.for_each(|base| {
+    let total: usize = out.iter().product();
+    let mut v: Vec<O> = Vec::with_capacity(total);
+    let run = |base: &[usize], o: &mut [std::mem::MaybeUninit<O>]| {
         let (xr, yr) = (&x[base[0]..], &y[base[1]..]);
+        let n = o.len();
         match (runs.step[0], runs.step[1]) {
-            (1, 1) => v.extend(xr[..runs.len].iter().zip(&yr[..runs.len]).map(|(&a, &b)| f(a, b))),
-            (1, _) => v.extend(xr[..runs.len].iter().map(|&a| f(a, yr[0]))),
-            (_, 1) => v.extend(yr[..runs.len].iter().map(|&b| f(xr[0], b))),
-            _ => v.extend((0..runs.len).map(|_| f(xr[0], yr[0]))),
+            (1, 1) => o.iter_mut().zip(&xr[..n]).zip(&yr[..n]).for_each(|((o, &a), &b)| {
+                o.write(f(a, b));
+            }),
+            (1, _) => o.iter_mut().zip(&xr[..n]).for_each(|(o, &a)| {
+                o.write(f(a, yr[0]));
+            }),
+            (_, 1) => o.iter_mut().zip(&yr[..n]).for_each(|(o, &b)| {
+                o.write(f(xr[0], b));
+            }),
+            _ => o.iter_mut().for_each(|o| {
+                o.write(f(xr[0], yr[0]));
+            }),
         }
-    });
+    };
+    let slots = &mut v.spare_capacity_mut()[..total];
+    if runs.len >= 16 && total >= PAR_MIN {
+        slots
+            .par_chunks_mut(runs.len)
+            .with_min_len(PAR_MIN / runs.len)
+            .enumerate()
+            .for_each(|(i, o)| run(&runs.base_of(i), o));
+    } else {
+        let mut chunks = slots.chunks_mut(runs.len.max(1));
+        runs.for_each(|base| run(base, chunks.next().expect("one chunk per run")));
+    }
+    // SAFETY: every one of the `total` elements was written above (one chunk per run).
+    unsafe { v.set_len(total) };
     Ok((out, v))
 }
 
@@ -385,6 +415,17 @@ fn unary(op: &str, inp: &Inputs, x: &Value) -> Result<Value> {
                 other => return Err(bad(format!("unknown gelu mode `{other}`"))),
             }
         }
+        "exp" | "sigmoid" | "silu" => {
+            let negate = op != "exp";
+            let mut e: Vec<f32> = v.iter().map(|&a| if negate { -a } else { a }).collect();
+            e.par_chunks_mut(PAR_MIN).for_each(vmath::exp_in_place);
+            match op {
+                "sigmoid" => e.iter_mut().for_each(|e| *e = 1.0 / (1.0 + *e)),
+                "silu" => e.iter_mut().zip(v.iter()).for_each(|(e, &a)| *e = a / (1.0 + *e)),
+                _ => {}
+            }
+            e
+        }
         "clip" => {
             let (lo, hi) = (inp.float("alpha", f32::MIN)?, inp.float("beta", f32::MAX)?);
             v.iter().map(|&a| a.max(lo).min(hi)).collect()
@@ -400,12 +441,9 @@ fn unary(op: &str, inp: &Inputs, x: &Value) -> Result<Value> {
                 "sinh" => f32::sinh,
                 "cosh" => f32::cosh,
                 "atanh" => f32::atanh,
-                "exp" => f32::exp,
                 "exp2" => f32::exp2,
                 "sqrt" => f32::sqrt,
                 "tanh" => f32::tanh,
-                "sigmoid" => |a| 1.0 / (1.0 + (-a).exp()),
-                "silu" => |a| a / (1.0 + (-a).exp()),
                 "relu" => |a| a.max(0.0),
                 "relu6" => |a| a.clamp(0.0, 6.0),
                 "erf" => erf,
@@ -445,11 +483,20 @@ fn softmax(x: &Value, axis: i64) -> Result<Value> {
     let mut out = vec![0f32; v.len()];
     out.par_chunks_mut(n * inner).with_min_len(PAR_MIN / (n * inner).max(1)).enumerate().for_each(|(o, chunk)| {
         let base = o * n * inner;
+        if inner == 1 {
+            let row = &v[base..base + n];
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            chunk.iter_mut().zip(row).for_each(|(c, &a)| *c = a - m);
+            vmath::exp_in_place(chunk);
+            let sum: f32 = chunk.iter().sum();
+            chunk.iter_mut().for_each(|c| *c /= sum);
+            return;
+        }
         for i in 0..inner {
             let m = (0..n).map(|k| v[base + k * inner + i]).fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for k in 0..n {
-                let e = (v[base + k * inner + i] - m).exp();
+                let e = vmath::exp(v[base + k * inner + i] - m);
                 chunk[k * inner + i] = e;
                 sum += e;
             }
@@ -460,6 +507,20 @@ fn softmax(x: &Value, axis: i64) -> Result<Value> {
     });
     let _ = outer;
     Ok(Value::f32(x.dtype, x.shape.clone(), out))
+}
+
+/// `Σ pre(a)` in f64, over eight interleaved partial sums (which the compiler can vectorize).
+#[inline(always)]
+fn lanes_sum(c: &[f32], pre: impl Fn(f32) -> f32) -> f64 {
+    let mut lanes = [0f64; 8];
+    let mut chunks = c.chunks_exact(8);
+    for ch in &mut chunks {
+        for (l, &a) in lanes.iter_mut().zip(ch) {
+            *l += pre(a) as f64;
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&a| pre(a) as f64).sum();
+    lanes.iter().sum::<f64>() + tail
 }
 
 fn reduce(op: &str, inp: &Inputs, x: &Value) -> Result<Value> {
@@ -485,7 +546,7 @@ fn reduce(op: &str, inp: &Inputs, x: &Value) -> Result<Value> {
     let pre: fn(f32) -> f32 = match op {
         "reduce_l1_norm" => f32::abs,
         "reduce_l2_norm" | "reduce_sum_square" => |a| a * a,
-        "reduce_log_sum_exp" => f32::exp,
+        "reduce_log_sum_exp" => vmath::exp,
         _ => |a| a,
     };
     let mut acc = vec![init; n_out];
@@ -494,17 +555,37 @@ fn reduce(op: &str, inp: &Inputs, x: &Value) -> Result<Value> {
     let sumlike = init == 0.0;
     // Walk x in order; the output element of each run is a broadcast of the kept dimensions.
     let runs = Runs::new(&x.shape, &[&out_full]);
-    let mut at = 0;
-    runs.for_each(|base| {
-        let (o, chunk) = (base[0], &v[at..at + runs.len]);
-        at += runs.len;
-        match (runs.step[0], sumlike) {
-            (0, true) => acc64[o] += chunk.iter().map(|&a| pre(a) as f64).sum::<f64>(),
-            (0, false) => acc[o] = chunk.iter().fold(acc[o], |a, &b| f(a, pre(b))),
-            (_, true) => acc64[o..o + chunk.len()].iter_mut().zip(chunk).for_each(|(a, &b)| *a += pre(b) as f64),
-            (_, false) => acc[o..o + chunk.len()].iter_mut().zip(chunk).for_each(|(a, &b)| *a = f(*a, pre(b))),
-        }
-    });
+    if sumlike && runs.step[0] == 0 && runs.len == count && count >= 16 {
+        // Every output sums one contiguous run (the reduced axes are innermost, as in a norm):
+        // outputs in parallel, each an eight-lane f64 sum.
+        let sums: Vec<(usize, f64)> = v
+            .par_chunks(count)
+            .with_min_len((PAR_MIN / count).max(1))
+            .enumerate()
+            .map(|(r, c)| {
+                let sum = match op {
+                    "reduce_l1_norm" => lanes_sum(c, f32::abs),
+                    "reduce_l2_norm" | "reduce_sum_square" => lanes_sum(c, |a| a * a),
+                    "reduce_log_sum_exp" => lanes_sum(c, vmath::exp),
+                    _ => lanes_sum(c, |a| a),
+                };
+                (runs.base_of(r)[0], sum)
+            })
+            .collect();
+        sums.into_iter().for_each(|(o, sum)| acc64[o] = sum);
+    } else {
+        let mut at = 0;
+        runs.for_each(|base| {
+            let (o, chunk) = (base[0], &v[at..at + runs.len]);
+            at += runs.len;
+            match (runs.step[0], sumlike) {
+                (0, true) => acc64[o] += chunk.iter().map(|&a| pre(a) as f64).sum::<f64>(),
+                (0, false) => acc[o] = chunk.iter().fold(acc[o], |a, &b| f(a, pre(b))),
+                (_, true) => acc64[o..o + chunk.len()].iter_mut().zip(chunk).for_each(|(a, &b)| *a += pre(b) as f64),
+                (_, false) => acc[o..o + chunk.len()].iter_mut().zip(chunk).for_each(|(a, &b)| *a = f(*a, pre(b))),
+            }
+        });
+    }
     if sumlike {
         for (a, s) in acc.iter_mut().zip(&acc64) {
             *a = *s as f32;
@@ -736,13 +817,24 @@ fn sdpa(inp: &Inputs) -> Result<Value> {
         ob.par_chunks_mut(ROWS * ev).enumerate().for_each(|(chunk, o)| {
             let (r0, rows) = (chunk * ROWS, o.len() / ev.max(1));
             let qb = &qv[(offs[0][bi] * l + r0) * e..][..rows * e];
-            let mut scores = vec![0f32; rows * s];
+            let mask_rows = mask.as_ref().map(|(m, slab_of)| &m[(slab_of[bi] * l + r0) * s..][..rows * s]);
+            // Keys that every row of this block masks with -inf get exactly zero weight: leave
+            // them out (half the work of a causal prefill). A block that masks everything keeps
+            // all keys, so it still comes out as NaN.
+            let keys = match mask_rows {
+                Some(mb) => match mb.chunks(s).filter_map(|r| r.iter().rposition(|&a| a != f32::NEG_INFINITY)).max() {
+                    Some(last) => last + 1,
+                    None => s,
+                },
+                None => s,
+            };
+            let mut scores = vec![0f32; rows * keys];
             // SAFETY: in-bounds row-major views.
             unsafe {
                 matrixmultiply::sgemm(
                     rows,
                     e,
-                    s,
+                    keys,
                     scale,
                     qb.as_ptr(),
                     e as isize,
@@ -752,32 +844,31 @@ fn sdpa(inp: &Inputs) -> Result<Value> {
                     e as isize,
                     0.0,
                     scores.as_mut_ptr(),
-                    s as isize,
+                    keys as isize,
                     1,
                 );
             }
-            if let Some((m, slab_of)) = &mask {
-                let mb = &m[(slab_of[bi] * l + r0) * s..][..rows * s];
-                scores.iter_mut().zip(mb).for_each(|(a, b)| *a += b);
-            }
-            for row in scores.chunks_mut(s) {
-                let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for x in row.iter_mut() {
-                    *x = (*x - mx).exp();
-                    sum += *x;
+            if let Some(mb) = mask_rows {
+                for (row, m) in scores.chunks_mut(keys).zip(mb.chunks(s)) {
+                    row.iter_mut().zip(m).for_each(|(a, b)| *a += b);
                 }
+            }
+            for row in scores.chunks_mut(keys) {
+                let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                row.iter_mut().for_each(|x| *x -= mx);
+                vmath::exp_in_place(row);
+                let sum: f32 = row.iter().sum();
                 row.iter_mut().for_each(|x| *x /= sum);
             }
             // SAFETY: as above.
             unsafe {
                 matrixmultiply::sgemm(
                     rows,
-                    s,
+                    keys,
                     ev,
                     1.0,
                     scores.as_ptr(),
-                    s as isize,
+                    keys as isize,
                     1,
                     vb.as_ptr(),
                     ev as isize,
@@ -1162,7 +1253,7 @@ fn reshaped(x: &Value, shape: &[i64]) -> Result<Value> {
     }
     let known: usize = out.iter().product();
     if let Some(i) = infer {
-        if known == 0 || n % known != 0 {
+        if known == 0 || !n.is_multiple_of(known) {
             return Err(bad(format!("cannot reshape {:?} to {shape:?}", x.shape)));
         }
         out[i] = n / known;
@@ -1438,28 +1529,6 @@ fn conv(inp: &Inputs, x: &Value) -> Result<Value> {
         }
     }
     Ok(Value::f32(x.dtype, vec![nb, cout, oh, ow], out))
-}
-
-/// Ops that only move values around: their fp16 outputs need no rounding.
-pub fn moves_values(op: &str) -> bool {
-    matches!(
-        op,
-        "reshape"
-            | "transpose"
-            | "expand_dims"
-            | "squeeze"
-            | "slice_by_index"
-            | "slice_by_size"
-            | "slice_update"
-            | "gather"
-            | "gather_along_axis"
-            | "concat"
-            | "stack"
-            | "split"
-            | "tile"
-            | "identity"
-            | "select"
-    )
 }
 
 /// Runs one (non-state, non-constant) op.

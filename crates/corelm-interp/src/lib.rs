@@ -12,6 +12,7 @@ pub mod kernels;
 pub mod lm;
 pub mod matmul;
 pub mod value;
+mod vmath;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -678,9 +679,8 @@ impl Interpreter {
                         step.outputs.len()
                     )));
                 }
-                let round = !kernels::moves_values(op);
                 for (mut v, (slot, ty)) in outs.into_iter().zip(&step.outputs) {
-                    conform(&mut v, ty, round)?;
+                    conform(&mut v, ty)?;
                     slots[*slot] = Some(Arc::new(v));
                 }
             }
@@ -709,13 +709,14 @@ fn gather<'s>(step: &'s Step, slots: &[Option<Arc<Value>>], skip: Option<&str>) 
 }
 
 /// Gives a kernel's result the dtype the program declares (rounding floats to fp16 where
-/// declared) and checks its shape against the declared fixed dimensions.
-fn conform(v: &mut Value, ty: &TensorType, round: bool) -> Result<()> {
+/// declared) and checks its shape against the declared fixed dimensions. A result the kernel
+/// already typed fp16 holds fp16 values (see [`Value`]), so it is not rounded twice.
+fn conform(v: &mut Value, ty: &TensorType) -> Result<()> {
     if v.rank() != ty.rank() || v.shape.iter().zip(&ty.dims).any(|(&a, d)| matches!(d, Dim::Fixed(n) if *n != a)) {
         return Err(Error::invalid(format!("computed shape {:?}, but the program declares {ty}", v.shape)));
     }
     match (&mut v.data, ty.dtype) {
-        (Data::F32(d), DType::Fp16) if round || v.dtype != DType::Fp16 => value::round_f16(d),
+        (Data::F32(d), DType::Fp16) if v.dtype != DType::Fp16 => value::round_f16(d),
         (Data::F32(_), DType::Fp16) => {}
         (Data::F32(_) | Data::Packed(_), d) if d.is_float() => {}
         (Data::I32(_), d) if d.is_int() => {}

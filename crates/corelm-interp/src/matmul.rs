@@ -71,9 +71,26 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// The output element `offset` places from the start (a function, so closures capture the
+/// whole `OutPtr` rather than its raw pointer field).
+///
+/// # Safety
+/// `offset` must lie inside the output buffer.
+unsafe fn out_at(out: OutPtr, offset: usize) -> *mut f32 {
+    // SAFETY: the caller keeps `offset` in bounds.
+    unsafe { out.0.add(offset) }
+}
+
 /// `out[m×n] = x[m×k] · wᵀ`, parallel over blocks of weight rows.
 pub fn matmul_t(m: usize, k: usize, n: usize, x: &[f32], w: WeightRows, out: &mut [f32]) {
     assert!(x.len() >= m * k && out.len() >= m * n, "matmul_t: buffers smaller than m×k and m×n");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if m >= avx512::MIN_ROWS && avx512::usable(&w) {
+            avx512::matmul_t(m, k, n, x, w, out);
+            return;
+        }
+    }
     let threads = rayon::current_num_threads().max(1);
     // Several tasks per thread balance the load; whole tiles of rows keep the kernel busy.
     let rows_per_task = n.div_ceil(threads * 4).next_multiple_of(8).max(16);
@@ -145,7 +162,7 @@ mod avx2 {
     /// Eight weights of row `r` from column `c`, as f32 (`scale`/`offset` already broadcast for
     /// the row's current block).
     #[inline(always)]
-    unsafe fn load(w: &WeightRows, k: usize, r: usize, c: usize, scale: __m256, offset: __m256) -> __m256 {
+    pub(super) unsafe fn load(w: &WeightRows, k: usize, r: usize, c: usize, scale: __m256, offset: __m256) -> __m256 {
         // SAFETY (all arms): the caller keeps c + 8 <= k and r < rows, so reads stay in the row.
         unsafe {
             match *w {
@@ -165,6 +182,26 @@ mod avx2 {
                     let eight = _mm256_set1_epi32(8);
                     let ints = _mm256_sub_epi32(_mm256_xor_si256(nibbles, eight), eight);
                     to_fp16_if(fp16, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(ints), offset), scale))
+                }
+            }
+        }
+    }
+
+    /// Row `r` of a weight whose `usable` check passed, widened and dequantized into `out`
+    /// (`k` values) eight at a time.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dequant_row(w: &WeightRows, k: usize, r: usize, out: &mut [f32]) {
+        let WeightRows::Blockwise { scales, offsets, block, .. } = *w else {
+            return w.row_into(k, r, out);
+        };
+        let blocks = k / block;
+        // SAFETY: blocks are whole vectors (`usable`), so every load and store stays in the row.
+        unsafe {
+            for b in 0..blocks {
+                let scale = _mm256_set1_ps(scales[r * blocks + b]);
+                let offset = _mm256_set1_ps(offsets.map_or(0.0, |o| o[r * blocks + b]));
+                for c in (b * block..(b + 1) * block).step_by(8) {
+                    _mm256_storeu_ps(out.as_mut_ptr().add(c), load(w, k, r, c, scale, offset));
                 }
             }
         }
@@ -328,6 +365,125 @@ mod avx2 {
     }
 }
 
+/// Products with enough rows of `x` to reuse each weight many times (prefill): each group of
+/// weight rows is dequantized once into f32, `x` is transposed once into panels of 32 rows, and
+/// the kernel broadcasts one weight against 32 rows of `x` at a time, 12 weight rows × two
+/// vectors of accumulators held in registers over the whole of `k`.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    use rayon::prelude::*;
+
+    use super::{avx2, out_at, OutPtr, WeightRows};
+
+    /// Below this many rows of `x` the transposes cost more than the reuse gains.
+    pub const MIN_ROWS: usize = 16;
+    /// Weight rows per kernel call.
+    const GROUP: usize = 12;
+    /// Rows of `x` per panel (two vectors of 16).
+    const PANEL: usize = 32;
+
+    pub fn usable(w: &WeightRows) -> bool {
+        static FEATURES: OnceLock<bool> = OnceLock::new();
+        *FEATURES.get_or_init(|| is_x86_feature_detected!("avx512f")) && avx2::usable(w)
+    }
+
+    pub fn matmul_t(m: usize, k: usize, n: usize, x: &[f32], w: WeightRows, out: &mut [f32]) {
+        // x transposed: panel p holds, for each column c, the 32 values x[32p.., c] (zeros past m).
+        let panels = m.div_ceil(PANEL);
+        let mut xt = vec![0f32; panels * k * PANEL];
+        xt.par_chunks_mut(k * PANEL).enumerate().for_each(|(p, panel)| {
+            for lane in 0..PANEL.min(m - p * PANEL) {
+                let row = &x[(p * PANEL + lane) * k..][..k];
+                for (c, &v) in row.iter().enumerate() {
+                    panel[c * PANEL + lane] = v;
+                }
+            }
+        });
+        // A task dequantizes up to eight groups of weight rows (a few hundred KB, held in L2) and
+        // sweeps every panel of x against them, so each output row is written in runs of up to
+        // 96 columns rather than 12.
+        let groups = n.div_ceil(GROUP);
+        let groups_per_task = groups.div_ceil(rayon::current_num_threads().max(1) * 2).clamp(1, 8);
+        let ptr = OutPtr(out.as_mut_ptr());
+        let xt = &xt;
+        (0..groups.div_ceil(groups_per_task)).into_par_iter().for_each(|t| {
+            let task_groups = t * groups_per_task..((t + 1) * groups_per_task).min(groups);
+            let mut weights = vec![0f32; task_groups.len() * GROUP * k];
+            for (j, r) in (task_groups.start * GROUP..(task_groups.end * GROUP).min(n)).enumerate() {
+                // SAFETY: `usable` checked the CPU and the weight's block shape.
+                unsafe { avx2::dequant_row(&w, k, r, &mut weights[j * k..(j + 1) * k]) };
+            }
+            for p in 0..panels {
+                for (gi, g) in task_groups.clone().enumerate() {
+                    let rows = g * GROUP..((g + 1) * GROUP).min(n);
+                    let group_weights = &weights[gi * GROUP * k..][..GROUP * k];
+                    let lanes = PANEL.min(m - p * PANEL);
+                    // SAFETY: features checked in `usable`; the panel and weights hold k columns;
+                    // rows p·32.. of the output exist, and this task alone writes columns `rows`.
+                    unsafe {
+                        let at = out_at(ptr, p * PANEL * n + rows.start);
+                        group_panel(k, n, group_weights, &xt[p * k * PANEL..][..k * PANEL], lanes, rows.len(), at)
+                    };
+                }
+            }
+        });
+    }
+
+    /// One group of weight rows (`cols` of them) against one panel of x (`lanes` rows), written
+    /// at `out`: the panel's first output row at the group's first column, rows `n` apart.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn group_panel(
+        k: usize,
+        n: usize,
+        weights: &[f32],
+        panel: &[f32],
+        lanes: usize,
+        cols: usize,
+        out: *mut f32,
+    ) {
+        let mut tile = [[0f32; PANEL]; GROUP];
+        // SAFETY: weights hold GROUP×k values and the panel k×PANEL; loads stay inside them.
+        unsafe {
+            if lanes > 16 {
+                kernel::<2>(k, weights.as_ptr(), panel.as_ptr(), &mut tile);
+            } else {
+                kernel::<1>(k, weights.as_ptr(), panel.as_ptr(), &mut tile);
+            }
+        }
+        for lane in 0..lanes {
+            for (j, t) in tile.iter().take(cols).enumerate() {
+                // SAFETY: the caller vouches for `lanes` rows and `cols` columns at `out`.
+                unsafe { *out.add(lane * n + j) = t[lane] };
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn kernel<const NV: usize>(k: usize, w: *const f32, panel: *const f32, tile: &mut [[f32; PANEL]; GROUP]) {
+        // SAFETY: the caller guarantees GROUP×k weights and k×PANEL panel values.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); NV]; GROUP];
+            for c in 0..k {
+                let b: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(panel.add(c * PANEL + 16 * v)));
+                for (j, row) in acc.iter_mut().enumerate() {
+                    let a = _mm512_set1_ps(*w.add(j * k + c));
+                    for v in 0..NV {
+                        row[v] = _mm512_fmadd_ps(a, b[v], row[v]);
+                    }
+                }
+            }
+            for (j, row) in acc.iter().enumerate() {
+                for (v, &vec) in row.iter().enumerate() {
+                    _mm512_storeu_ps(tile[j].as_mut_ptr().add(16 * v), vec);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,8 +497,12 @@ mod tests {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
         };
-        for &(m, k, n) in
-            &[(1usize, 64usize, 37usize), (2, 72, 9), (3, 40, 50), (4, 64, 17), (5, 96, 130), (9, 19, 5), (1, 8, 1)]
+        for (m, k, n) in
+            [(1usize, 64usize, 37usize), (2, 72, 9), (3, 40, 50), (4, 64, 17), (5, 96, 130), (9, 19, 5), (1, 8, 1)]
+                .into_iter()
+                // Prefill-sized: panels of 32 rows of x with one or two vectors in the last, weight
+                // row groups of 12 with a partial last group.
+                .chain([(16, 64, 25), (37, 72, 30), (64, 19, 13), (70, 40, 12)])
         {
             let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
             let wf: Vec<f32> = (0..n * k).map(|_| rnd()).collect();

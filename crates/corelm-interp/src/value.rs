@@ -29,13 +29,16 @@ pub struct Value {
 /// Rounds every element to the nearest fp16 value (kept as f32).
 pub fn round_f16(v: &mut [f32]) {
     use half::slice::HalfFloatSliceExt;
+    use rayon::prelude::*;
     // Through a small buffer, so the slice conversions use the CPU's vector instructions.
-    let mut buf = [f16::ZERO; 256];
-    for chunk in v.chunks_mut(256) {
-        let b = &mut buf[..chunk.len()];
-        b.convert_from_f32_slice(chunk);
-        b.convert_to_f32_slice(chunk);
-    }
+    v.par_chunks_mut(1 << 15).for_each(|part| {
+        let mut buf = [f16::ZERO; 256];
+        for chunk in part.chunks_mut(256) {
+            let b = &mut buf[..chunk.len()];
+            b.convert_from_f32_slice(chunk);
+            b.convert_to_f32_slice(chunk);
+        }
+    });
 }
 
 impl Value {
