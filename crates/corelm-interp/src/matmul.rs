@@ -71,16 +71,6 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-/// The output element `offset` places from the start (a function, so closures capture the
-/// whole `OutPtr` rather than its raw pointer field).
-///
-/// # Safety
-/// `offset` must lie inside the output buffer.
-unsafe fn out_at(out: OutPtr, offset: usize) -> *mut f32 {
-    // SAFETY: the caller keeps `offset` in bounds.
-    unsafe { out.0.add(offset) }
-}
-
 /// `out[m×n] = x[m×k] · wᵀ`, parallel over blocks of weight rows.
 pub fn matmul_t(m: usize, k: usize, n: usize, x: &[f32], w: WeightRows, out: &mut [f32]) {
     assert!(x.len() >= m * k && out.len() >= m * n, "matmul_t: buffers smaller than m×k and m×n");
@@ -376,7 +366,7 @@ mod avx512 {
 
     use rayon::prelude::*;
 
-    use super::{avx2, out_at, OutPtr, WeightRows};
+    use super::{avx2, OutPtr, WeightRows};
 
     /// Below this many rows of `x` the transposes cost more than the reuse gains.
     pub const MIN_ROWS: usize = 16;
@@ -384,6 +374,16 @@ mod avx512 {
     const GROUP: usize = 12;
     /// Rows of `x` per panel (two vectors of 16).
     const PANEL: usize = 32;
+
+    /// The output element `offset` places from the start (a function, so closures capture the
+    /// whole `OutPtr` rather than its raw pointer field).
+    ///
+    /// # Safety
+    /// `offset` must lie inside the output buffer.
+    unsafe fn out_at(out: OutPtr, offset: usize) -> *mut f32 {
+        // SAFETY: the caller keeps `offset` in bounds.
+        unsafe { out.0.add(offset) }
+    }
 
     pub fn usable(w: &WeightRows) -> bool {
         static FEATURES: OnceLock<bool> = OnceLock::new();
