@@ -225,6 +225,11 @@ struct ConvertArgs {
     /// Compute precision.
     #[arg(long, value_enum, default_value_t = PrecisionArg::Fp16)]
     precision: PrecisionArg,
+    /// What the graph is shaped for: `ane` is the Neural Engine's form (fp16 throughout, fixed
+    /// query lengths 1 and 64 unless --query-lengths says otherwise, context padded to a
+    /// multiple of 32, vocabularies over 65536 split; see docs/ane-rules.md).
+    #[arg(long, value_enum, default_value_t = ProfileArg::Default)]
+    profile: ProfileArg,
     #[command(flatten)]
     compress: CompressArgs,
     #[command(flatten)]
@@ -555,8 +560,14 @@ enum PrecisionArg {
     Fp32,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ProfileArg {
+    Default,
+    Ane,
+}
+
 fn convert(args: ConvertArgs) -> Result<ExitCode> {
-    use corelm_convert::graph::{AttentionImpl, GraphOptions, Precision};
+    use corelm_convert::graph::{AttentionImpl, GraphOptions, Precision, Profile};
     let target = match args.target {
         TargetArg::Ios16 => corelm_format::Target::Ios16,
         TargetArg::Ios17 => corelm_format::Target::Ios17,
@@ -575,6 +586,10 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
             PrecisionArg::Fp32 => Precision::Fp32,
         },
         compress: args.compress.policy()?,
+        profile: match args.profile {
+            ProfileArg::Default => Profile::Default,
+            ProfileArg::Ane => Profile::Ane,
+        },
     };
     let source = corelm_convert::convert::open_source(&args.source)
         .with_context(|| format!("cannot read model {}", args.source.display()))?;
@@ -754,6 +769,7 @@ fn verify(
                 attention: AttentionImpl::Fused,
                 precision: Precision::Fp32,
                 compress: Policy::default(),
+                profile: Default::default(),
             };
             corelm_convert::convert::convert(
                 &source,

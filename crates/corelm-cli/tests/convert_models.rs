@@ -355,3 +355,87 @@ fn sharded_weights_load_everywhere_and_change_nothing() {
         assert!(code != 0 && err.contains(problem), "{size}: {err}");
     }
 }
+
+/// Greedy ids and last-position logits of `corelm run` on `pkg`.
+fn run_greedy(pkg: &Path, ids: &[u64], new_tokens: usize) -> (Vec<u64>, Vec<f64>) {
+    let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    let (code, stdout, stderr) = corelm(&[
+        "run",
+        pkg.to_str().unwrap(),
+        "--ids",
+        &ids.join(","),
+        "--max-new-tokens",
+        &new_tokens.to_string(),
+        "--json",
+        "--logits",
+    ]);
+    assert_eq!(code, 0, "run {}: {stderr}", pkg.display());
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    let list = |k: &str| -> Vec<Value> { v[k].as_array().unwrap().clone() };
+    (
+        list("generated_ids").iter().map(|t| t.as_u64().unwrap()).collect(),
+        list("logits").iter().map(|t| t.as_f64().unwrap()).collect(),
+    )
+}
+
+/// `--profile ane`: fixed-length decode and prefill functions, fp16 throughout, Gemma's 262k
+/// vocabulary split in blocks of 65536; no op on the Neural Engine fallback list, coremltools
+/// loads it, and it generates what the default profile does (the Gemma prompt runs past its
+/// 512-token window).
+#[test]
+fn ane_profile_matches_the_default_profile() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut ane_packages = Vec::new();
+    for (gguf, fixture, vocab_blocks) in
+        [("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2", 1), ("gemma-3-270m-q4_k_m.gguf", "gemma3_270m", 4)]
+    {
+        let default = tmp.path().join(format!("{fixture}.mlpackage"));
+        convert(&model(gguf), &default, &["--context", "1024"]);
+        let ane = tmp.path().join(format!("{fixture}-ane.mlpackage"));
+        // 1000 is padded to 1024, a multiple of 32.
+        convert(&model(gguf), &ane, &["--context", "1000", "--profile", "ane"]);
+
+        let report = inspect(&ane);
+        assert!(report["issues"].as_array().unwrap().is_empty(), "{}", report["issues"]);
+        let functions = report["functions"].as_object().unwrap();
+        assert_eq!(functions.keys().collect::<Vec<_>>(), ["length_1", "length_64"]);
+        for (name, f) in functions {
+            assert_eq!(f["ane_fallbacks"], serde_json::json!([]), "{fixture} {name}");
+            assert!(f["op_histogram"].get("cast").is_none(), "{fixture} {name}: casts mean fp32 compute");
+            for state in f["states"].as_array().unwrap() {
+                assert_eq!(state["shape"][3], 1024, "{fixture} {name}: context padded to a multiple of 32");
+            }
+            let outputs = f["outputs"].as_array().unwrap();
+            assert_eq!(outputs.len(), vocab_blocks);
+            assert!(outputs.iter().all(|o| o["shape"][2].as_u64().unwrap() <= 65536), "{outputs:?}");
+        }
+        // The check is live: the default profile's flexible shapes are on the list.
+        let flexible = &inspect(&default)["functions"]["main"]["ane_fallbacks"];
+        assert!(flexible.as_array().unwrap().iter().any(|f| f["rule"] == "ane-flexible-shape"), "{flexible}");
+
+        let reference: Value = serde_json::from_slice(
+            &std::fs::read(root().join("tests/fixtures/real").join(fixture).join("reference.json")).unwrap(),
+        )
+        .unwrap();
+        for prompt in reference["prompts"].as_array().unwrap() {
+            let ids: Vec<u64> = prompt["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+            let (want, want_logits) = run_greedy(&default, &ids, 16);
+            let (got, got_logits) = run_greedy(&ane, &ids, 16);
+            let range = want_logits.iter().cloned().fold(f64::MIN, f64::max)
+                - want_logits.iter().cloned().fold(f64::MAX, f64::min);
+            let err = want_logits.iter().zip(&got_logits).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            println!(
+                "{fixture} {} ({} tokens): ane vs default max|Δ| {err:.3e} ({:.2e} of range), greedy {}",
+                prompt["name"],
+                ids.len(),
+                err / range,
+                if got == want { "equal" } else { "differs" }
+            );
+            assert_eq!(got_logits.len(), want_logits.len());
+            assert_eq!(got, want, "{fixture}: the ane profile generates differently");
+            assert!(err < 1e-2 * range, "{fixture}: logits differ by {err} (range {range})");
+        }
+        ane_packages.push(ane);
+    }
+    coremltools_accepts(&ane_packages);
+}

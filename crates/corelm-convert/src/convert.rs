@@ -113,6 +113,7 @@ pub fn convert(
 ) -> Result<Summary> {
     let started = Instant::now();
     let c = &source.config;
+    let opts = &opts.resolved()?;
     if opts.context == 0 {
         return Err(Error::invalid("--context must be at least 1"));
     }
@@ -162,6 +163,7 @@ pub fn convert(
         },
     );
     ud.insert("corelm.vocab_size".into(), c.vocab_size.to_string());
+    ud.insert("corelm.profile".into(), format!("{:?}", opts.profile).to_lowercase());
     if let Some(b) = c.bos_token_id {
         ud.insert("corelm.bos_token_id".into(), b.to_string());
     }

@@ -46,6 +46,23 @@ impl Precision {
     }
 }
 
+/// What the graph is shaped for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Profile {
+    /// GPU and CPU: norms in fp32 (and Gemma's residual stream), any query-length scheme.
+    #[default]
+    Default,
+    /// The Neural Engine (docs/ane-rules.md): fp16 throughout, fixed query lengths, context a
+    /// multiple of 32, no tensor dimension over [`ANE_MAX_DIM`].
+    Ane,
+}
+
+/// The largest tensor dimension the Neural Engine takes (rule `ane-dim-over-65536`).
+pub const ANE_MAX_DIM: usize = 65536;
+
+/// The ane profile's prefill chunk when no query lengths are given.
+pub const ANE_PREFILL_CHUNK: usize = 64;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GraphOptions {
     pub target: Target,
@@ -58,6 +75,41 @@ pub struct GraphOptions {
     pub precision: Precision,
     /// How the linear layers and embeddings are compressed (default: not at all).
     pub compress: Policy,
+    pub profile: Profile,
+}
+
+impl GraphOptions {
+    /// The options with the profile's requirements applied: the ane profile takes fp16 and
+    /// states (iOS 18), pads the context to a multiple of 32 and, without explicit query
+    /// lengths, makes a decode function (1 token) and a prefill function (64).
+    pub fn resolved(&self) -> Result<GraphOptions> {
+        let mut o = self.clone();
+        if o.profile == Profile::Ane {
+            if o.precision != Precision::Fp16 {
+                return Err(Error::invalid("the ane profile computes in fp16 (drop --precision fp32)"));
+            }
+            if !o.target.supports_states() {
+                return Err(Error::invalid("the ane profile keeps the KV cache as states: it needs --target ios18"));
+            }
+            o.context = o.context.next_multiple_of(32);
+            if o.query_lengths.is_empty() {
+                o.query_lengths = vec![1, ANE_PREFILL_CHUNK.min(o.context)];
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// Gemma 2/3's residual stream passes fp16's 65504 (Gemma-3-270M peaks near 104 000 on the
+/// evaluation text); the ane profile keeps it in fp16 divided by this. The post-norms that feed
+/// the stream absorb the factor, and the norms that read the stream are scale-invariant (their
+/// epsilon is divided by its square), so only the representation changes.
+fn residual_divisor(c: &ModelConfig, opts: &GraphOptions) -> f64 {
+    if opts.profile == Profile::Ane && c.sandwich_norms {
+        8.0
+    } else {
+        1.0
+    }
 }
 
 /// Everything the graph reads from the weight files, stored once and shared by all functions.
@@ -65,7 +117,12 @@ pub struct GraphOptions {
 #[derive(Clone)]
 enum Stored {
     Plain(BlobRef),
-    Compressed { op: &'static str, inputs: Vec<(&'static str, BlobRef)> },
+    Compressed {
+        op: &'static str,
+        inputs: Vec<(&'static str, BlobRef)>,
+    },
+    /// A matrix too tall for the Neural Engine, as blocks of at most [`ANE_MAX_DIM`] rows.
+    Pieces(Vec<Stored>),
 }
 
 pub struct StoredWeights {
@@ -178,6 +235,15 @@ pub fn store_weights(
             }
             _ => None,
         };
+        let ane = opts.profile == Profile::Ane;
+        let split = ane && matches!(role, Role::Embed | Role::LmHead) && c.vocab_size > ANE_MAX_DIM;
+        if split && grid.is_some() {
+            return Err(Error::invalid(format!(
+                "the ane profile splits {} ({} rows) into blocks of {ANE_MAX_DIM}; a carried-over GGUF grid \
+                 cannot be split yet (drop --grid)",
+                spec.name, c.vocab_size
+            )));
+        }
         if let Some(g) = grid {
             let stored = store_compressed(store, g)?;
             progress.tensor_done(&spec.name, store.bytes_written() - bytes_before);
@@ -190,26 +256,24 @@ pub fn store_weights(
         if add_one && is_norm(role) {
             data.iter_mut().for_each(|v| *v += 1.0);
         }
+        if matches!(role, Role::Layer(_, LayerRole::PostAttnNorm | LayerRole::PostMlpNorm)) {
+            let d = residual_divisor(c, opts) as f32;
+            data.iter_mut().for_each(|v| *v /= d);
+        }
         let scheme = if is_matrix(role) { policy.scheme_for(&spec.name, embedding) } else { None };
-        let stored = match scheme {
-            Some(scheme) => {
-                let compressed = crate::compress::compress(&shape, &data, scheme, dtype)?;
-                drop(data);
-                store_compressed(store, compressed)?
+        // Norms are computed in fp32 except on the Neural Engine, which has no fp32.
+        let keep_f32 = (is_norm(role) && !ane) || dtype == DType::Fp32;
+        let stored = if split {
+            let cols = shape[1];
+            let mut pieces = Vec::new();
+            for rows in data.chunks(ANE_MAX_DIM * cols) {
+                pieces.push(store_matrix(store, vec![rows.len() / cols, cols], rows, scheme, keep_f32, dtype)?);
             }
-            None => {
-                // Encode straight to storage bytes: the f32 copy and the encoded copy are the
-                // only two of this tensor in memory, and only until it is written.
-                let t = if is_norm(role) || dtype == DType::Fp32 {
-                    Tensor::from_f32(shape, &data)?
-                } else {
-                    let bytes = data.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect();
-                    Tensor::from_bytes(DType::Fp16, shape, bytes)?
-                };
-                drop(data);
-                Stored::Plain(store.store(&t)?)
-            }
+            Stored::Pieces(pieces)
+        } else {
+            store_matrix(store, shape, &data, scheme, keep_f32, dtype)?
         };
+        drop(data);
         progress.tensor_done(&spec.name, store.bytes_written() - bytes_before);
         by_name.insert(key, stored.clone());
         tensors.insert(role, stored);
@@ -223,6 +287,31 @@ pub fn store_weights(
         None => None,
     };
     Ok(StoredWeights { tensors, rope, rope_local })
+}
+
+/// One weight: compressed by `scheme`, or plain (f32 when `keep_f32`, else `dtype`).
+fn store_matrix(
+    store: &mut WeightStore,
+    shape: Vec<usize>,
+    data: &[f32],
+    scheme: Option<crate::compress::Scheme>,
+    keep_f32: bool,
+    dtype: DType,
+) -> Result<Stored> {
+    match scheme {
+        Some(scheme) => store_compressed(store, crate::compress::compress(&shape, data, scheme, dtype)?),
+        None => {
+            // Encode straight to storage bytes: the f32 copy and the encoded copy are the only
+            // two of this tensor in memory, and only until it is written.
+            let t = if keep_f32 {
+                Tensor::from_f32(shape, data)?
+            } else {
+                let bytes = data.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect();
+                Tensor::from_bytes(DType::Fp16, shape, bytes)?
+            };
+            Ok(Stored::Plain(store.store(&t)?))
+        }
+    }
 }
 
 fn store_compressed(store: &mut WeightStore, c: Compressed) -> Result<Stored> {
@@ -246,7 +335,11 @@ struct Graph<'a, 'w> {
     f: FunctionBuilder<'w>,
     c: &'a ModelConfig,
     w: &'a StoredWeights,
-    weights: HashMap<Role, Var>,
+    weights: HashMap<Role, Vec<Var>>,
+    /// Neural Engine form: fp16 norms.
+    ane: bool,
+    /// What the residual stream is divided by (see [`residual_divisor`]).
+    residual_divisor: f64,
 }
 
 impl Graph<'_, '_> {
@@ -258,7 +351,8 @@ impl Graph<'_, '_> {
         Arg::Tensor(Tensor::from_floats(dtype, vec![], &[v]).expect("scalar"))
     }
 
-    fn weight(&mut self, role: Role) -> Result<Option<Var>> {
+    /// A weight as its blocks of rows (one, unless the ane profile split it).
+    fn pieces(&mut self, role: Role) -> Result<Option<Vec<Var>>> {
         if let Some(v) = self.weights.get(&role) {
             return Ok(Some(v.clone()));
         }
@@ -268,14 +362,36 @@ impl Graph<'_, '_> {
             other => format!("{other:?}"),
         }
         .to_lowercase();
-        let v = match stored {
-            Stored::Plain(blob) => self.f.weight(&name, blob),
-            Stored::Compressed { op, inputs } => {
-                self.f.op1(op, &name, inputs.iter().map(|(param, blob)| (*param, Arg::Blob(blob))).collect())?
+        let vars = match stored {
+            Stored::Pieces(parts) => {
+                let mut vars = Vec::new();
+                for (i, part) in parts.iter().enumerate() {
+                    vars.push(self.materialize(&format!("{name}_{i}"), part)?);
+                }
+                vars
             }
+            one => vec![self.materialize(&name, one)?],
         };
-        self.weights.insert(role, v.clone());
-        Ok(Some(v))
+        self.weights.insert(role, vars.clone());
+        Ok(Some(vars))
+    }
+
+    fn materialize(&mut self, name: &str, stored: &Stored) -> Result<Var> {
+        match stored {
+            Stored::Plain(blob) => Ok(self.f.weight(name, blob)),
+            Stored::Compressed { op, inputs } => {
+                self.f.op1(op, name, inputs.iter().map(|(param, blob)| (*param, Arg::Blob(blob))).collect())
+            }
+            Stored::Pieces(_) => Err(Error::invalid(format!("{name}: pieces inside pieces"))),
+        }
+    }
+
+    fn weight(&mut self, role: Role) -> Result<Option<Var>> {
+        match self.pieces(role)? {
+            None => Ok(None),
+            Some(v) if v.len() == 1 => Ok(v.into_iter().next()),
+            Some(_) => Err(Error::invalid(format!("{role:?} is split in blocks of rows; it is read piece by piece"))),
+        }
     }
 
     fn required(&mut self, role: Role) -> Result<Var> {
@@ -294,8 +410,21 @@ impl Graph<'_, '_> {
         self.op("mul", name, vec![("x", x.into()), ("y", y)])
     }
 
-    /// A norm over the last axis, computed in fp32; the result is cast to `out`.
-    fn norm(&mut self, x: &Var, weight: Role, bias: Option<Role>, out: DType, name: &str) -> Result<Var> {
+    /// A norm over the last axis, computed in fp32 (in fp16 for the Neural Engine); the result
+    /// is cast to `out`. `of_residual`: `x` is the residual stream, divided by the profile's
+    /// divisor, which the epsilon follows.
+    fn norm(
+        &mut self,
+        x: &Var,
+        weight: Role,
+        bias: Option<Role>,
+        out: DType,
+        of_residual: bool,
+        name: &str,
+    ) -> Result<Var> {
+        if self.ane {
+            return self.ane_norm(x, weight, bias, of_residual, name);
+        }
         let w = self.required(weight)?;
         let x32 = self.cast(x, DType::Fp32, &format!("{name}_in"))?;
         let y = match self.c.norm {
@@ -337,6 +466,53 @@ impl Graph<'_, '_> {
             }
         };
         self.cast(&y, out, name)
+    }
+
+    /// The Neural Engine form of a norm, all fp16. RMSNorm is a layer_norm over `[x, −x]`
+    /// (mean zero by construction, so its variance is mean(x²)): the sum of squares happens
+    /// inside one op, where fp16 squares cannot overflow (the form ANEMLL uses).
+    fn ane_norm(&mut self, x: &Var, weight: Role, bias: Option<Role>, of_residual: bool, name: &str) -> Result<Var> {
+        let w = self.required(weight)?;
+        let dt = x.dtype();
+        let scale = if of_residual { self.residual_divisor.powi(2) } else { 1.0 };
+        match self.c.norm {
+            Norm::Rms { eps, .. } => {
+                let neg = self.mul_s(x, -1.0, &format!("{name}_neg"))?;
+                let both = self.op(
+                    "concat",
+                    &format!("{name}_pm"),
+                    vec![("values", Arg::Tuple(vec![x, &neg])), ("axis", scalar_i32(-1))],
+                )?;
+                let ln = self.op(
+                    "layer_norm",
+                    &format!("{name}_ln"),
+                    vec![("x", (&both).into()), ("axes", i32s(&[-1])), ("epsilon", self.float(dt, eps / scale))],
+                )?;
+                let halves = self.f.op(
+                    "split",
+                    &format!("{name}_half"),
+                    vec![("x", (&ln).into()), ("num_splits", scalar_i32(2)), ("axis", scalar_i32(-1))],
+                )?;
+                self.op("mul", name, vec![("x", (&halves[0]).into()), ("y", (&w).into())])
+            }
+            Norm::Layer { eps } => {
+                let b = match bias {
+                    Some(b) => self.required(b)?,
+                    None => return Err(Error::invalid("layer norm without a bias weight")),
+                };
+                self.op(
+                    "layer_norm",
+                    name,
+                    vec![
+                        ("x", x.into()),
+                        ("axes", i32s(&[-1])),
+                        ("gamma", (&w).into()),
+                        ("beta", (&b).into()),
+                        ("epsilon", self.float(dt, eps / scale)),
+                    ],
+                )
+            }
+        }
     }
 
     fn linear(&mut self, x: &Var, weight: Role, bias: Option<Role>, name: &str) -> Result<Var> {
@@ -434,10 +610,13 @@ pub fn build_function(
     query_len: Option<usize>,
 ) -> Result<(Function, FunctionDescription)> {
     let dt = opts.precision.dtype();
-    // Gemma's residual stream passes fp16's 65504, so it stays fp32 (field notes, item 6).
-    let residual = if c.family.is_gemma() { DType::Fp32 } else { dt };
+    let ane = opts.profile == Profile::Ane;
+    // Gemma's residual stream passes fp16's 65504, so it stays fp32 (field notes, item 6),
+    // except on the Neural Engine, where it is scaled down instead.
+    let residual = if c.family.is_gemma() && !ane { DType::Fp32 } else { dt };
+    let divisor = residual_divisor(c, opts);
     let f = FunctionBuilder::new(name, opts.target, store)?;
-    let mut g = Graph { f, c, w: weights, weights: HashMap::new() };
+    let mut g = Graph { f, c, w: weights, weights: HashMap::new(), ane, residual_divisor: divisor };
     let ctx = opts.context;
     let (ids_shape, mask_shape) = match query_len {
         None => (
@@ -505,10 +684,48 @@ pub fn build_function(
         }
     };
 
-    // Embeddings.
-    let embed = g.required(Role::Embed)?;
-    let mut x =
-        g.op("gather", "embed", vec![("x", (&embed).into()), ("indices", (&ids).into()), ("axis", scalar_i32(0))])?;
+    // Embeddings; a table split in blocks of rows is read block by block, each id taken from
+    // the last block that starts at or below it.
+    let tables = g.pieces(Role::Embed)?.ok_or_else(|| Error::invalid("no embedding weight"))?;
+    let mut x: Option<Var> = None;
+    for (i, table) in tables.iter().enumerate() {
+        let tag = if tables.len() == 1 { "embed".to_string() } else { format!("embed{i}") };
+        // Ids outside this block are clamped into it (Core ML leaves out-of-range gathers
+        // undefined), then replaced by the block that holds them.
+        let local = if tables.len() == 1 {
+            ids.clone()
+        } else {
+            let first = (i * ANE_MAX_DIM) as i32;
+            let rows = table.ty().dims[0].fixed().expect("weights have fixed shapes") as i32;
+            let shifted = g.op("sub", &format!("{tag}_local"), vec![("x", (&ids).into()), ("y", scalar_i32(first))])?;
+            let lo = g.op("maximum", &format!("{tag}_lo"), vec![("x", (&shifted).into()), ("y", scalar_i32(0))])?;
+            g.op("minimum", &format!("{tag}_hi"), vec![("x", (&lo).into()), ("y", scalar_i32(rows - 1))])?
+        };
+        let rows = g.op(
+            "gather",
+            &format!("{tag}_rows"),
+            vec![("x", table.into()), ("indices", (&local).into()), ("axis", scalar_i32(0))],
+        )?;
+        x = Some(match x {
+            None => rows,
+            Some(below) => {
+                let first = (i * ANE_MAX_DIM) as i32;
+                let here = g.op(
+                    "greater_equal",
+                    &format!("{tag}_here"),
+                    vec![("x", (&ids).into()), ("y", scalar_i32(first))],
+                )?;
+                let here =
+                    g.op("expand_dims", &format!("{tag}_cond"), vec![("x", (&here).into()), ("axes", i32s(&[-1]))])?;
+                g.op(
+                    "select",
+                    &format!("{tag}_sel"),
+                    vec![("cond", (&here).into()), ("a", (&rows).into()), ("b", (&below).into())],
+                )?
+            }
+        });
+    }
+    let mut x = x.expect("at least one embedding block");
     if let Some(pos_table) = g.weight(Role::PositionEmbed)? {
         let pe = g.op(
             "gather",
@@ -518,10 +735,10 @@ pub fn build_function(
         x = g.op("add", "embed_sum", vec![("x", (&x).into()), ("y", (&pe).into())])?;
     }
     x = g.cast(&x, residual, "embed_res")?;
-    if let Some(s) = c.embedding_scale {
+    if c.embedding_scale.is_some() || divisor != 1.0 {
         // Hugging Face rounds the multiplier to the activation dtype first.
-        let s = if dt == DType::Fp16 { f16::from_f64(s).to_f64() } else { s };
-        x = g.mul_s(&x, s, "embed_scaled")?;
+        let s = c.embedding_scale.map_or(1.0, |s| if dt == DType::Fp16 { f16::from_f64(s).to_f64() } else { s });
+        x = g.mul_s(&x, s / divisor, "embed_scaled")?;
     }
 
     // RoPE tables gathered at the query positions: (1, 1, N, rotary_dim).
@@ -624,7 +841,7 @@ pub fn build_function(
         use LayerRole::*;
         let p = format!("l{l}");
         let lr = |r| Role::Layer(l, r);
-        let attn_in = g.norm(&x, lr(AttnNorm), Some(lr(AttnNormBias)), dt, &format!("{p}_attn_norm"))?;
+        let attn_in = g.norm(&x, lr(AttnNorm), Some(lr(AttnNormBias)), dt, true, &format!("{p}_attn_norm"))?;
         let q = g.linear(&attn_in, lr(Q), Some(lr(QBias)), &format!("{p}_q"))?;
         let k = g.linear(&attn_in, lr(K), Some(lr(KBias)), &format!("{p}_k"))?;
         let v = g.linear(&attn_in, lr(V), Some(lr(VBias)), &format!("{p}_v"))?;
@@ -632,8 +849,8 @@ pub fn build_function(
         let mut k = g.split_heads(&k, c.num_kv_heads, &format!("{p}_kh"))?;
         let v = g.split_heads(&v, c.num_kv_heads, &format!("{p}_vh"))?;
         if c.qk_norm {
-            q = g.norm(&q, lr(QNorm), None, dt, &format!("{p}_q_norm"))?;
-            k = g.norm(&k, lr(KNorm), None, dt, &format!("{p}_k_norm"))?;
+            q = g.norm(&q, lr(QNorm), None, dt, false, &format!("{p}_q_norm"))?;
+            k = g.norm(&k, lr(KNorm), None, dt, false, &format!("{p}_k_norm"))?;
         }
         let window = match c.layer_attention[l] {
             Attention::Sliding(w) => Some(w),
@@ -851,12 +1068,12 @@ pub fn build_function(
         )?;
         let mut o = g.linear(&flat, lr(O), Some(lr(OBias)), &format!("{p}_o"))?;
         if c.sandwich_norms {
-            o = g.norm(&o, lr(PostAttnNorm), None, residual, &format!("{p}_post_attn_norm"))?;
+            o = g.norm(&o, lr(PostAttnNorm), None, residual, false, &format!("{p}_post_attn_norm"))?;
         }
         let o = g.cast(&o, residual, &format!("{p}_o_res"))?;
         x = g.op("add", &format!("{p}_h"), vec![("x", (&x).into()), ("y", (&o).into())])?;
 
-        let mlp_in = g.norm(&x, lr(MlpNorm), Some(lr(MlpNormBias)), dt, &format!("{p}_mlp_norm"))?;
+        let mlp_in = g.norm(&x, lr(MlpNorm), Some(lr(MlpNormBias)), dt, true, &format!("{p}_mlp_norm"))?;
         let mut m = if c.gated_mlp {
             let gate = g.linear(&mlp_in, lr(Gate), None, &format!("{p}_gate"))?;
             let act = g.activation(&gate, &format!("{p}_act"))?;
@@ -869,23 +1086,30 @@ pub fn build_function(
             g.linear(&act, lr(Down), Some(lr(DownBias)), &format!("{p}_down"))?
         };
         if c.sandwich_norms {
-            m = g.norm(&m, lr(PostMlpNorm), None, residual, &format!("{p}_post_mlp_norm"))?;
+            m = g.norm(&m, lr(PostMlpNorm), None, residual, false, &format!("{p}_post_mlp_norm"))?;
         }
         let m = g.cast(&m, residual, &format!("{p}_mlp_res"))?;
         x = g.op("add", &format!("{p}_out"), vec![("x", (&x).into()), ("y", (&m).into())])?;
     }
 
-    let h = g.norm(&x, Role::FinalNorm, Some(Role::FinalNormBias), dt, "final_norm")?;
-    let logits = match c.final_logit_softcap {
-        None => g.linear(&h, Role::LmHead, None, "logits")?,
-        Some(cap) => {
-            let raw = g.linear(&h, Role::LmHead, None, "lm_head")?;
-            let s = g.mul_s(&raw, 1.0 / cap, "logit_cap_in")?;
-            let t = g.op("tanh", "logit_cap_tanh", vec![("x", (&s).into())])?;
-            g.mul_s(&t, cap, "logits")?
-        }
-    };
-    g.f.output(&logits, "logits")?;
+    let h = g.norm(&x, Role::FinalNorm, Some(Role::FinalNormBias), dt, true, "final_norm")?;
+    // A split LM head gives one output per block of rows, `logits_0`, `logits_1`, ... (joining
+    // them would make a tensor too wide for the Neural Engine); the runtime joins them.
+    let heads = g.pieces(Role::LmHead)?.ok_or_else(|| Error::invalid("no LM head weight"))?;
+    for (i, head) in heads.iter().enumerate() {
+        let out = if heads.len() == 1 { "logits".to_string() } else { format!("logits_{i}") };
+        let logits = match c.final_logit_softcap {
+            None => g.f.op1("linear", &out, vec![("x", (&h).into()), ("weight", head.into())])?,
+            Some(cap) => {
+                let raw =
+                    g.f.op1("linear", &format!("{out}_raw"), vec![("x", (&h).into()), ("weight", head.into())])?;
+                let s = g.mul_s(&raw, 1.0 / cap, &format!("{out}_cap_in"))?;
+                let t = g.op("tanh", &format!("{out}_cap_tanh"), vec![("x", (&s).into())])?;
+                g.mul_s(&t, cap, &out)?
+            }
+        };
+        g.f.output(&logits, &out)?;
+    }
     for (name, layers) in [("keyCacheOut", &updated_layers[0]), ("valueCacheOut", &updated_layers[1])] {
         if layers.is_empty() {
             continue;

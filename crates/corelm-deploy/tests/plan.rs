@@ -294,6 +294,7 @@ fn convert_tiny(arch: &str, quant: Option<Quant>, context: usize) -> (ModelShape
         attention: AttentionImpl::Fused,
         precision: Precision::Fp16,
         compress,
+        profile: Default::default(),
     };
     let out = scratch(&format!("{arch}-{}", quant.map_or("fp16", |q| q.name()))).join("model.mlpackage");
     let write = corelm_format::package::WriteOptions { overwrite: true, ..Default::default() };

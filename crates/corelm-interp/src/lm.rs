@@ -256,13 +256,31 @@ impl<E: Executor> LanguageModel<E> {
     }
 }
 
+/// Each position's logits: the `logits` output, or the blocks `logits_0`, `logits_1`, ... of a
+/// split LM head joined along the vocabulary.
 fn logits_rows(out: &BTreeMap<String, Value>) -> Result<Vec<Vec<f32>>> {
-    let logits = out.get("logits").ok_or_else(|| Error::invalid("the model has no `logits` output"))?;
-    let vocab = *logits.shape.last().ok_or_else(|| Error::invalid("logits have no dimensions"))?;
-    match &logits.data {
-        Data::F32(v) => Ok(v.chunks(vocab).map(|c| c.to_vec()).collect()),
-        _ => Err(Error::invalid("logits are not floats")),
+    let parts: Vec<&Value> = match out.get("logits") {
+        Some(l) => vec![l],
+        None => (0..).map_while(|i| out.get(&format!("logits_{i}"))).collect(),
+    };
+    if parts.is_empty() {
+        return Err(Error::invalid("the model has no `logits` (or `logits_0`, ...) output"));
     }
+    let mut rows: Vec<Vec<f32>> = Vec::new();
+    for part in parts {
+        let width = *part.shape.last().ok_or_else(|| Error::invalid("logits have no dimensions"))?;
+        let Data::F32(v) = &part.data else { return Err(Error::invalid("logits are not floats")) };
+        let n = v.len() / width.max(1);
+        if rows.is_empty() {
+            rows = vec![Vec::new(); n];
+        } else if rows.len() != n {
+            return Err(Error::invalid("the logits blocks cover different numbers of positions"));
+        }
+        for (row, chunk) in rows.iter_mut().zip(v.chunks(width)) {
+            row.extend_from_slice(chunk);
+        }
+    }
+    Ok(rows)
 }
 
 /// Index of the largest value (first on ties).

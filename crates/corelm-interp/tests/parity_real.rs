@@ -36,6 +36,7 @@ fn check(fixture: &str, gguf: &str, context: usize) {
             attention: AttentionImpl::Fused,
             precision,
             compress: Default::default(),
+            profile: Default::default(),
         };
         convert(&source, &out, &opts, &WriteOptions::overwriting(), &mut |_: &str, _: u64| {}).unwrap();
         let pkg = Package::open(&out).unwrap();

@@ -44,7 +44,15 @@ fn convert_tiny(
     target: Target,
 ) -> Package {
     let source = open_source(dir).unwrap();
-    let opts = GraphOptions { target, context: 48, query_lengths, attention, precision, compress: Default::default() };
+    let opts = GraphOptions {
+        target,
+        context: 48,
+        query_lengths,
+        attention,
+        precision,
+        compress: Default::default(),
+        profile: Default::default(),
+    };
     convert(&source, out, &opts, &WriteOptions::overwriting(), &mut |_: &str, _: u64| {}).unwrap();
     Package::open(out).unwrap()
 }
