@@ -164,6 +164,10 @@ pub fn convert(
     );
     ud.insert("corelm.vocab_size".into(), c.vocab_size.to_string());
     ud.insert("corelm.profile".into(), format!("{:?}", opts.profile).to_lowercase());
+    if let Some(slots) = crate::graph::ring_slots(c, opts) {
+        // The driver must start each chunk at a multiple of its length (see `ring_slots`).
+        ud.insert("corelm.ring_slots".into(), slots.to_string());
+    }
     if let Some(b) = c.bos_token_id {
         ud.insert("corelm.bos_token_id".into(), b.to_string());
     }

@@ -100,6 +100,35 @@ impl GraphOptions {
     }
 }
 
+/// Slots of the ring-buffer cache the ane profile gives sliding-window layers: the window plus
+/// the longest query, so writing a chunk never overwrites a key an earlier query of the same
+/// chunk still sees; rounded to a multiple of 32 and of every query length, so a chunk that
+/// starts at a multiple of its length never wraps around. `None`: full-length caches.
+pub fn ring_slots(c: &ModelConfig, opts: &GraphOptions) -> Option<usize> {
+    let window = c
+        .layer_attention
+        .iter()
+        .filter_map(|a| match a {
+            Attention::Sliding(w) => Some(*w),
+            Attention::Full => None,
+        })
+        .max()?;
+    let longest = opts.query_lengths.iter().copied().max().unwrap_or(1);
+    let unit = opts.query_lengths.iter().fold(32, |u, &n| lcm(u, n));
+    let slots = (window + longest).next_multiple_of(unit);
+    (opts.profile == Profile::Ane && slots < opts.context).then_some(slots)
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    let gcd = |mut x: usize, mut y: usize| {
+        while y != 0 {
+            (x, y) = (y, x % y);
+        }
+        x
+    };
+    a / gcd(a, b) * b
+}
+
 /// Gemma 2/3's residual stream passes fp16's 65504 (Gemma-3-270M peaks near 104 000 on the
 /// evaluation text); the ane profile keeps it in fp16 divided by this. The post-norms that feed
 /// the stream absorb the factor, and the norms that read the stream are scale-invariant (their
@@ -630,7 +659,18 @@ pub fn build_function(
     };
     let ids = g.f.input("inputIds", DType::Int32, ids_shape)?;
     let mask = g.f.input("causalMask", dt, mask_shape)?;
-    let cache_shape = [c.num_layers, 1, c.num_kv_heads, ctx, c.head_dim];
+    // Sliding-window layers of the ane profile keep a ring buffer of `ring` slots; every other
+    // layer a full-length cache. Each layer's index within its cache:
+    let ring = ring_slots(c, opts);
+    let in_ring = |l: usize| ring.is_some() && matches!(c.layer_attention[l], Attention::Sliding(_));
+    let mut cache_index = Vec::with_capacity(c.num_layers);
+    let (mut full_layers, mut ring_layers) = (0, 0);
+    for l in 0..c.num_layers {
+        let counter = if in_ring(l) { &mut ring_layers } else { &mut full_layers };
+        cache_index.push(*counter);
+        *counter += 1;
+    }
+    let cache_shape = [full_layers, 1, c.num_kv_heads, ctx, c.head_dim];
     // iOS 18 keeps the caches as states; older targets pass them in and return them updated.
     let stateful = opts.target.supports_states();
     // States are fp16 only, so fp32 compute keeps each cache as an fp16 pair (value, residual):
@@ -638,8 +678,15 @@ pub fn build_function(
     // caches (inputs/outputs) simply take the compute dtype.
     let split_cache = stateful && dt == DType::Fp32;
     let mut caches: Vec<Vec<Var>> = Vec::new();
+    let mut ring_caches: Vec<Vec<Var>> = Vec::new();
     for name in ["keyCache", "valueCache"] {
-        caches.push(if !stateful {
+        if let Some(slots) = ring {
+            let shape = [ring_layers, 1, c.num_kv_heads, slots, c.head_dim];
+            ring_caches.push(vec![g.f.state(&format!("{name}Local"), &shape)?]);
+        }
+        caches.push(if full_layers == 0 {
+            vec![]
+        } else if !stateful {
             vec![g.f.input(name, dt, InputShape::Fixed(cache_shape.to_vec()))?]
         } else if split_cache {
             vec![g.f.state(name, &cache_shape)?, g.f.state(&format!("{name}Residual"), &cache_shape)?]
@@ -768,7 +815,7 @@ pub fn build_function(
     // Masks: the causal mask for full layers; for each sliding window, positions further back
     // than the window are masked too.
     let mut window_masks: HashMap<usize, Var> = HashMap::new();
-    for att in &c.layer_attention {
+    for att in c.layer_attention.iter().filter(|_| ring.is_none()) {
         if let Attention::Sliding(wnd) = *att {
             if window_masks.contains_key(&wnd) {
                 continue;
@@ -804,10 +851,52 @@ pub fn build_function(
         }
     }
 
+    // The ring: this call writes slots [start mod R, + N) (the driver starts chunks at multiples
+    // of their length, so they never wrap). After the write, slot k holds the latest position
+    // p ≤ end − 1 with p ≡ k (mod R); query q sees it when 0 ≤ q − p < window and p ≥ 0.
+    let ring_write = match ring {
+        None => None,
+        Some(slots) => {
+            let n = query_len.ok_or_else(|| Error::invalid("ring-buffer caches need fixed query lengths"))?;
+            let window = c
+                .layer_attention
+                .iter()
+                .filter_map(|a| match a {
+                    Attention::Sliding(w) => Some(*w),
+                    Attention::Full => None,
+                })
+                .max()
+                .expect("a ring implies a sliding layer");
+            let r = slots as i32;
+            let first = g.op("mod", "ring_first", vec![("x", (&positions.start).into()), ("y", scalar_i32(r))])?;
+            let past = g.op("add", "ring_past", vec![("x", (&first).into()), ("y", scalar_i32(n as i32))])?;
+            let last = g.op("sub", "ring_last_pos", vec![("x", (&positions.end).into()), ("y", scalar_i32(1))])?;
+            let ks = g.f.constant("ring_slots", Tensor::from_i32(vec![slots], &(0..r).collect::<Vec<_>>())?)?;
+            let behind = g.op("sub", "ring_behind", vec![("x", (&last).into()), ("y", (&ks).into())])?;
+            let behind = g.op("add", "ring_behind_pos", vec![("x", (&behind).into()), ("y", scalar_i32(r))])?;
+            let behind = g.op("mod", "ring_age", vec![("x", (&behind).into()), ("y", scalar_i32(r))])?;
+            let held = g.op("sub", "ring_held", vec![("x", (&last).into()), ("y", (&behind).into())])?;
+            let q = g.op("expand_dims", "ring_q", vec![("x", (&positions.query).into()), ("axes", i32s(&[1]))])?;
+            let age = g.op("sub", "ring_key_age", vec![("x", (&q).into()), ("y", (&held).into())])?;
+            let seen = g.op("greater_equal", "ring_seen", vec![("x", (&age).into()), ("y", scalar_i32(0))])?;
+            let recent = g.op("less", "ring_recent", vec![("x", (&age).into()), ("y", scalar_i32(window as i32))])?;
+            let written = g.op("greater_equal", "ring_written", vec![("x", (&held).into()), ("y", scalar_i32(0))])?;
+            let ok = g.op("logical_and", "ring_in_window", vec![("x", (&seen).into()), ("y", (&recent).into())])?;
+            let ok = g.op("logical_and", "ring_visible", vec![("x", (&ok).into()), ("y", (&written).into())])?;
+            // select takes its shape from `a` and `b` (coremltools' typing), so one is full size.
+            let open = g.op("fill", "ring_open", vec![("shape", i32s(&[n as i32, r])), ("value", g.float(dt, 0.0))])?;
+            let shut = g.float(dt, f16::MIN.to_f64());
+            let m = g.op("select", "ring_mask_2d", vec![("cond", (&ok).into()), ("a", (&open).into()), ("b", shut)])?;
+            let m = g.op("expand_dims", "ring_mask", vec![("x", (&m).into()), ("axes", i32s(&[0, 1]))])?;
+            let span = g.f.constant("ring_span", Tensor::from_i32(vec![1], &[r])?)?;
+            Some((first, past, m, span))
+        }
+    };
+
     // Attention reads this layer's cache rows for positions [0, key_end): the written part when
     // the query length is flexible, the whole context when shapes are fixed (the mask hides what
     // is not written yet). One slice per layer and cache, ending at (index+1, 1, kv, key_end, hd).
-    let mut read_ends: HashMap<usize, Var> = HashMap::new();
+    let mut read_ends: HashMap<(usize, bool), Var> = HashMap::new();
     // For tensor caches: pad amounts placing this call's rows at [start, end) of the context,
     // and which context positions this call writes.
     let (positions_pad, positions_in_call) = if stateful {
@@ -837,7 +926,7 @@ pub fn build_function(
     // GQA without copying K/V: fold the query heads that share a KV head into the query axis,
     // and repeat the mask rows to match.
     let mut tiled_masks: HashMap<Option<usize>, Var> = HashMap::new();
-    for l in 0..c.num_layers {
+    for (l, &layer_slot) in cache_index.iter().enumerate() {
         use LayerRole::*;
         let p = format!("l{l}");
         let lr = |r| Role::Layer(l, r);
@@ -864,20 +953,26 @@ pub fn build_function(
 
         // Write this call's keys and values into the caches at [start, end), then read this
         // layer's keys and values for positions [0, key_end): (1, kv_heads, key_end, head_dim).
-        let head = g.f.constant(&format!("{p}_b0"), Tensor::from_i32(vec![3], &[l as i32, 0, 0])?)?;
+        let ring_layer = in_ring(l);
+        let ci = layer_slot as i32;
+        let (write_start, write_end) = match (&ring_write, ring_layer) {
+            (Some((first, past, _, _)), true) => (first.clone(), past.clone()),
+            _ => (positions.start.clone(), positions.end.clone()),
+        };
+        let head = g.f.constant(&format!("{p}_b0"), Tensor::from_i32(vec![3], &[ci, 0, 0])?)?;
         let zero = g.f.constant(&format!("{p}_b1"), Tensor::from_i32(vec![1], &[0])?)?;
         let begin = g.op(
             "concat",
             &format!("{p}_begin"),
-            vec![("values", Arg::Tuple(vec![&head, &positions.start, &zero])), ("axis", scalar_i32(0))],
+            vec![("values", Arg::Tuple(vec![&head, &write_start, &zero])), ("axis", scalar_i32(0))],
         )?;
         let ehead =
-            g.f.constant(&format!("{p}_e0"), Tensor::from_i32(vec![3], &[l as i32 + 1, 1, c.num_kv_heads as i32])?)?;
+            g.f.constant(&format!("{p}_e0"), Tensor::from_i32(vec![3], &[ci + 1, 1, c.num_kv_heads as i32])?)?;
         let etail = g.f.constant(&format!("{p}_e1"), Tensor::from_i32(vec![1], &[c.head_dim as i32])?)?;
         let end = g.op(
             "concat",
             &format!("{p}_end"),
-            vec![("values", Arg::Tuple(vec![&ehead, &positions.end, &etail])), ("axis", scalar_i32(0))],
+            vec![("values", Arg::Tuple(vec![&ehead, &write_end, &etail])), ("axis", scalar_i32(0))],
         )?;
         let mut layer_kv = Vec::new();
         for (i, (tag, val)) in [("k", &k), ("v", &v)].into_iter().enumerate() {
@@ -892,7 +987,8 @@ pub fn build_function(
                 parts.push(g.cast(&rest, DType::Fp16, &format!("{p}_{tag}_upd_lo"))?);
             }
             let mut seen_parts = Vec::new();
-            for (part, (upd, cache)) in parts.iter().zip(&caches[i]).enumerate() {
+            let layer_caches = if ring_layer { &ring_caches[i] } else { &caches[i] };
+            for (part, (upd, cache)) in parts.iter().zip(layer_caches).enumerate() {
                 let tag = if part == 0 { tag.to_string() } else { format!("{tag}_lo") };
                 let layer_range = |g: &mut Graph, x: &Var| {
                     g.op(
@@ -949,24 +1045,26 @@ pub fn build_function(
                     merged
                 };
                 // The stateful cache holds every layer; a merged tensor cache row holds just this one.
-                let index = if stateful { l } else { 0 };
-                let read_end = match read_ends.get(&index) {
+                let index = if stateful { layer_slot } else { 0 };
+                let read_end = match read_ends.get(&(index, ring_layer)) {
                     Some(v) => v.clone(),
                     None => {
+                        let tag = if ring_layer { "ring_" } else { "" };
                         let head = g.f.constant(
-                            &format!("read_end_{index}"),
+                            &format!("read_end_{tag}{index}"),
                             Tensor::from_i32(vec![3], &[index as i32 + 1, 1, c.num_kv_heads as i32])?,
                         )?;
                         let tail = g.f.constant("read_end_tail", Tensor::from_i32(vec![1], &[c.head_dim as i32])?)?;
+                        let key_end = match (&ring_write, ring_layer) {
+                            (Some((_, _, _, span)), true) => span.clone(),
+                            _ => positions.key_end.clone(),
+                        };
                         let v = g.op(
                             "concat",
-                            &format!("read_end_{index}_all"),
-                            vec![
-                                ("values", Arg::Tuple(vec![&head, &positions.key_end, &tail])),
-                                ("axis", scalar_i32(0)),
-                            ],
+                            &format!("read_end_{tag}{index}_all"),
+                            vec![("values", Arg::Tuple(vec![&head, &key_end, &tail])), ("axis", scalar_i32(0))],
                         )?;
-                        read_ends.insert(index, v.clone());
+                        read_ends.insert((index, ring_layer), v.clone());
                         v
                     }
                 };
@@ -994,9 +1092,10 @@ pub fn build_function(
         }
         let (keys, values) = (layer_kv[0].clone(), layer_kv[1].clone());
 
-        let base_mask = match window {
-            Some(w) => window_masks[&w].clone(),
-            None => mask.clone(),
+        let base_mask = match (window, &ring_write) {
+            (Some(_), Some((_, _, ring_mask, _))) => ring_mask.clone(),
+            (Some(w), None) => window_masks[&w].clone(),
+            (None, _) => mask.clone(),
         };
         let layer_mask = if rep > 1 {
             match tiled_masks.get(&window) {

@@ -47,8 +47,12 @@ impl Executor for Interpreter {
 
 enum Interface {
     Flexible,
-    /// (query length, function name), longest first.
-    Fixed(Vec<(usize, String)>),
+    /// (query length, function name), longest first; `aligned`: a chunk of length n must start
+    /// at a multiple of n (ring-buffer caches, metadata `corelm.ring_slots`).
+    Fixed {
+        lengths: Vec<(usize, String)>,
+        aligned: bool,
+    },
     /// The caches' dtype and shape.
     TensorCaches {
         dtype: DType,
@@ -96,7 +100,8 @@ fn detect(pkg: &Package) -> Result<(Interface, usize, DType)> {
         Interface::TensorCaches { dtype, shape }
     } else if !fixed.is_empty() {
         fixed.sort_by_key(|f| std::cmp::Reverse(f.0));
-        Interface::Fixed(fixed)
+        let aligned = description.metadata.user_defined.contains_key("corelm.ring_slots");
+        Interface::Fixed { lengths: fixed, aligned }
     } else {
         let ctx = description.metadata.user_defined.get("corelm.context_length");
         context = match ctx.and_then(|c| c.parse().ok()) {
@@ -119,7 +124,7 @@ impl Interface {
     /// the same states).
     fn state_function(&self) -> Option<&str> {
         match self {
-            Interface::Fixed(f) => Some(f[0].1.as_str()),
+            Interface::Fixed { lengths, .. } => Some(lengths[0].1.as_str()),
             _ => None,
         }
     }
@@ -201,15 +206,15 @@ impl<E: Executor> LanguageModel<E> {
             )));
         }
         match &self.interface {
-            Interface::Fixed(lengths) => {
-                let lengths = lengths.clone();
+            Interface::Fixed { lengths, aligned } => {
+                let (lengths, aligned) = (lengths.clone(), *aligned);
                 let mut rows = Vec::new();
                 let mut rest = ids;
                 while !rest.is_empty() {
                     // The longest length that fits, else the shortest one that covers the rest.
                     let (n, name) = lengths
                         .iter()
-                        .find(|(n, _)| *n <= rest.len())
+                        .find(|(n, _)| *n <= rest.len() && (!aligned || self.position.is_multiple_of(*n)))
                         .or_else(|| lengths.iter().rev().find(|(n, _)| *n >= rest.len()))
                         .cloned()
                         .ok_or_else(|| Error::invalid("no function length fits"))?;
