@@ -99,3 +99,15 @@ fn ops_must_exist_in_the_opset_and_types_must_agree() {
         op_named(m, "k_proj").attributes.insert("extra".into(), v);
     });
 }
+
+/// A fuzzer-found program: a `constexpr_lut_to_dense` whose indices are 64-bit integers made
+/// type inference shift past the width of usize. It is now reported as a problem.
+#[test]
+fn lut_indices_wider_than_a_byte_are_reported_not_a_panic() {
+    use prost::Message;
+    let bytes = include_bytes!("fixtures/fuzz/lut-indices-64-bit.mlmodel");
+    let message = corelm_format::proto::Model::decode(&bytes[..]).unwrap();
+    let model = Model::from_proto(&message).unwrap();
+    let issues = validate_model(&model);
+    assert!(issues.iter().any(|i| i.to_string().contains("lut indices must be uint1 to uint8")), "{issues:?}");
+}

@@ -819,6 +819,10 @@ fn lut_to_dense(a: &Args) -> Result<Vec<TensorType>> {
         return Err(bad(format!("lut {lut} must have rank {} for indices {idx}", idx.rank() + 2)));
     }
     let bits = idx.dtype.bit_width().expect("index dtypes have widths");
+    // Type checking reports a wrong index dtype separately; the entry count needs one that fits.
+    if bits > 8 {
+        return Err(bad(format!("lut indices must be uint1 to uint8, not {}", idx.dtype)));
+    }
     if lut.dims[idx.rank()] != Dim::Fixed(1 << bits) {
         return Err(bad(format!("lut {lut} must hold {} entries for {} indices", 1 << bits, idx.dtype)));
     }
