@@ -230,6 +230,10 @@ struct ConvertArgs {
     /// multiple of 32, vocabularies over 65536 split; see docs/ane-rules.md).
     #[arg(long, value_enum, default_value_t = ProfileArg::Default)]
     profile: ProfileArg,
+    /// Split the layer stack into this many packages, run in sequence as one model
+    /// (OUT_1ofK.mlpackage, ...; the tokenizer travels with the first).
+    #[arg(long, default_value_t = 1)]
+    chunks: usize,
     #[command(flatten)]
     compress: CompressArgs,
     #[command(flatten)]
@@ -590,6 +594,7 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
             ProfileArg::Default => Profile::Default,
             ProfileArg::Ane => Profile::Ane,
         },
+        chunks: args.chunks,
     };
     let source = corelm_convert::convert::open_source(&args.source)
         .with_context(|| format!("cannot read model {}", args.source.display()))?;
@@ -618,9 +623,10 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
     if args.json {
         emitln!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
+        let written: Vec<String> = summary.packages.iter().map(|p| p.display().to_string()).collect();
         emitln!(
             "{}: {} ({} parameters, {} layers, context {}), {:.1} MB in {:.1} s",
-            summary.output.display(),
+            written.join(", "),
             summary.architecture,
             summary.parameters,
             summary.layers,
@@ -770,6 +776,7 @@ fn verify(
                 precision: Precision::Fp32,
                 compress: Policy::default(),
                 profile: Default::default(),
+                chunks: 1,
             };
             corelm_convert::convert::convert(
                 &source,

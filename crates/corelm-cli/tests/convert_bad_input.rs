@@ -77,8 +77,13 @@ fn edit_header(model: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serd
 }
 
 fn convert(model: &Path, out: &Path) -> (i32, String) {
+    convert_with(model, out, &[])
+}
+
+fn convert_with(model: &Path, out: &Path, extra: &[&str]) -> (i32, String) {
     let o = Command::new(env!("CARGO_BIN_EXE_corelm"))
         .args(["convert", model.to_str().unwrap(), "-o", out.to_str().unwrap(), "--context", "16", "--json"])
+        .args(extra)
         .output()
         .unwrap();
     (o.status.code().unwrap(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
@@ -260,4 +265,25 @@ fn gguf_of_an_unsupported_architecture() {
     patched[at..at + 5].copy_from_slice(b"mamba");
     fs::write(&gguf, patched).unwrap();
     assert_rejected(dir.path(), &gguf, "m.gguf", "unsupported GGUF architecture `mamba`; supported: llama, qwen2");
+}
+
+/// Options the model or the profile cannot take: a clear error, nothing written.
+#[test]
+fn impossible_profile_and_chunk_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama(dir.path());
+    let out = dir.path().join("out.mlpackage");
+    for (extra, expect) in [
+        (&["--chunks", "2"][..], "--chunks must lie in 1..=1"),
+        (&["--chunks", "0"][..], "--chunks must lie in 1..=1"),
+        (&["--profile", "ane", "--precision", "fp32"][..], "the ane profile computes in fp16"),
+        (&["--profile", "ane", "--target", "ios17"][..], "the ane profile keeps the KV cache as states"),
+    ] {
+        let (code, text) = convert_with(&model, &out, extra);
+        assert_eq!(code, 2, "{extra:?}: {text}");
+        assert!(text.contains(expect), "{extra:?}: {text}");
+        assert!(!text.contains("panicked"), "{text}");
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left, ["tiny"], "{extra:?} left files behind");
+    }
 }

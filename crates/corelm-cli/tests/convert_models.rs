@@ -382,19 +382,42 @@ fn run_greedy(pkg: &Path, ids: &[u64], new_tokens: usize) -> (Vec<u64>, Vec<f64>
 /// vocabulary split in blocks of 65536 and its sliding-window layers on ring-buffer caches; no
 /// op on the Neural Engine fallback list, coremltools loads it, and it generates what the
 /// default profile (full caches) does. The Gemma prompt (625 tokens, then 16 generated) runs
-/// past its 512-token window, so the ring wraps around.
+/// past its 512-token window, so the ring wraps around. `--chunks` splits the layer stack into
+/// packages that run in sequence, and they generate the same.
 #[test]
 fn ane_profile_matches_the_default_profile() {
     let tmp = tempfile::tempdir().unwrap();
     let mut ane_packages = Vec::new();
-    for (gguf, fixture, vocab_blocks) in
-        [("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2", 1), ("gemma-3-270m-q4_k_m.gguf", "gemma3_270m", 4)]
+    for (gguf, fixture, vocab_blocks, chunks) in
+        [("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2", 1, 2), ("gemma-3-270m-q4_k_m.gguf", "gemma3_270m", 4, 3)]
     {
         let default = tmp.path().join(format!("{fixture}.mlpackage"));
         convert(&model(gguf), &default, &["--context", "1024"]);
         let ane = tmp.path().join(format!("{fixture}-ane.mlpackage"));
         // 1000 is padded to 1024, a multiple of 32.
         convert(&model(gguf), &ane, &["--context", "1000", "--profile", "ane"]);
+        // The same split in parts that run in sequence (the runtime opens the siblings).
+        let split = tmp.path().join(format!("{fixture}-ane-split.mlpackage"));
+        let chunk_arg = chunks.to_string();
+        let summary = convert(&model(gguf), &split, &["--context", "1000", "--profile", "ane", "--chunks", &chunk_arg]);
+        let parts: Vec<PathBuf> =
+            summary["packages"].as_array().unwrap().iter().map(|p| PathBuf::from(p.as_str().unwrap())).collect();
+        assert_eq!(parts.len(), chunks);
+        assert!(!split.exists(), "parts are named NAME_iofK.mlpackage");
+        for (i, part) in parts.iter().enumerate() {
+            assert!(part.ends_with(format!("{fixture}-ane-split_{}of{chunks}.mlpackage", i + 1)), "{part:?}");
+            let r = inspect(part);
+            for (name, f) in r["functions"].as_object().unwrap() {
+                assert_eq!(f["ane_fallbacks"], serde_json::json!([]), "{part:?} {name}");
+                let first_input = f["inputs"][0]["name"].as_str().unwrap();
+                assert_eq!(first_input, if i == 0 { "inputIds" } else { "hiddenStates" });
+                let last_output = f["outputs"][0]["name"].as_str().unwrap();
+                assert!(
+                    (i + 1 == chunks) == last_output.starts_with("logits"),
+                    "{part:?}: {last_output} (only the last part ends in logits)"
+                );
+            }
+        }
 
         let report = inspect(&ane);
         assert!(report["issues"].as_array().unwrap().is_empty(), "{}", report["issues"]);
@@ -432,22 +455,26 @@ fn ane_profile_matches_the_default_profile() {
         for prompt in reference["prompts"].as_array().unwrap() {
             let ids: Vec<u64> = prompt["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
             let (want, want_logits) = run_greedy(&default, &ids, 16);
-            let (got, got_logits) = run_greedy(&ane, &ids, 16);
-            let range = want_logits.iter().cloned().fold(f64::MIN, f64::max)
-                - want_logits.iter().cloned().fold(f64::MAX, f64::min);
-            let err = want_logits.iter().zip(&got_logits).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-            println!(
-                "{fixture} {} ({} tokens): ane vs default max|Δ| {err:.3e} ({:.2e} of range), greedy {}",
-                prompt["name"],
-                ids.len(),
-                err / range,
-                if got == want { "equal" } else { "differs" }
-            );
-            assert_eq!(got_logits.len(), want_logits.len());
-            assert_eq!(got, want, "{fixture}: the ane profile generates differently");
-            assert!(err < 1e-2 * range, "{fixture}: logits differ by {err} (range {range})");
+            // The split model runs from any of its parts.
+            for (label, pkg) in [("ane", &ane), ("ane split", &parts[0]), ("ane split", &parts[chunks - 1])] {
+                let (got, got_logits) = run_greedy(pkg, &ids, 16);
+                let range = want_logits.iter().cloned().fold(f64::MIN, f64::max)
+                    - want_logits.iter().cloned().fold(f64::MAX, f64::min);
+                let err = want_logits.iter().zip(&got_logits).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+                println!(
+                    "{fixture} {} ({} tokens): {label} vs default max|Δ| {err:.3e} ({:.2e} of range), greedy {}",
+                    prompt["name"],
+                    ids.len(),
+                    err / range,
+                    if got == want { "equal" } else { "differs" }
+                );
+                assert_eq!(got_logits.len(), want_logits.len());
+                assert_eq!(got, want, "{fixture}: {label} generates differently");
+                assert!(err < 1e-2 * range, "{fixture} {label}: logits differ by {err} (range {range})");
+            }
         }
         ane_packages.push(ane);
+        ane_packages.extend(parts);
     }
     coremltools_accepts(&ane_packages);
 }

@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::checkpoint::{Checkpoint, Safetensors};
 use crate::config::ModelConfig;
 use crate::gguf_source::GgufCheckpoint;
-use crate::graph::{build_function, store_weights, GraphOptions, Progress};
+use crate::graph::{build_function, store_weights, GraphOptions, Progress, Stage};
 use crate::{Error, Result};
 use corelm_format::error::IoContext;
 use corelm_format::package::{ExtraItem, WriteOptions};
@@ -20,7 +20,10 @@ pub const ITEM_AUTHOR: &str = "ai.corelm";
 /// What a conversion produced, for `--json`.
 #[derive(Debug, Serialize)]
 pub struct Summary {
+    /// The package (the first part, with --chunks).
     pub output: PathBuf,
+    /// Every package written: the output, or its parts in running order.
+    pub packages: Vec<PathBuf>,
     pub architecture: String,
     pub parameters: u64,
     pub layers: usize,
@@ -128,17 +131,83 @@ pub fn convert(
             opts.context
         )));
     }
+    if opts.chunks == 0 || opts.chunks > c.num_layers {
+        return Err(Error::invalid(format!("--chunks must lie in 1..={} (the model's layers)", c.num_layers)));
+    }
+    if opts.chunks > 1 && !opts.target.supports_states() {
+        return Err(Error::invalid("--chunks needs the KV cache as states (--target ios18)"));
+    }
+    let stages = Stage::split(c.num_layers, opts.chunks);
+    let paths = if opts.chunks == 1 { vec![output.to_path_buf()] } else { chunk_paths(output, opts.chunks)? };
+    // Either every part is written or none is left behind.
+    if !write.overwrite {
+        if let Some(p) = paths.iter().find(|p| std::fs::symlink_metadata(p).is_ok()) {
+            return Err(Error::OutputExists { path: p.clone() });
+        }
+    }
+    let mut written = Vec::new();
+    let mut functions = Vec::new();
+    for (stage, path) in stages.iter().zip(&paths) {
+        match write_stage(source, path, opts, write, progress, stage, &paths) {
+            Ok((p, f)) => {
+                written.push(p);
+                functions = f;
+            }
+            Err(e) => {
+                for p in &written {
+                    let _ = std::fs::remove_dir_all(p);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(Summary {
+        output_bytes: written.iter().map(|p| dir_size(p)).sum(),
+        output: written[0].clone(),
+        packages: written,
+        architecture: c.family.name().into(),
+        parameters: c.parameter_count(),
+        layers: c.num_layers,
+        context: opts.context,
+        functions,
+        seconds: started.elapsed().as_secs_f64(),
+        peak_memory_bytes: peak_memory(),
+        megabytes_per_second: c.parameter_count() as f64 * 4.0 / 1e6 / started.elapsed().as_secs_f64().max(1e-9),
+    })
+}
+
+/// `NAME.mlpackage` split in `k` parts: `NAME_1ofK.mlpackage`, ... beside it.
+fn chunk_paths(output: &Path, k: usize) -> Result<Vec<PathBuf>> {
+    let stem = output
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(".mlpackage"))
+        .ok_or_else(|| Error::invalid(format!("{}: the output name must end in .mlpackage", output.display())))?;
+    Ok((1..=k).map(|i| output.with_file_name(format!("{stem}_{i}of{k}.mlpackage"))).collect())
+}
+
+/// Writes the package for one stage of the layer stack; returns its path and function names.
+fn write_stage(
+    source: &Source,
+    output: &Path,
+    opts: &GraphOptions,
+    write: &WriteOptions,
+    progress: &mut dyn Progress,
+    stage: &Stage,
+    parts: &[PathBuf],
+) -> Result<(PathBuf, Vec<String>)> {
+    let c = &source.config;
     let mut pkg = PackageWriter::create(output, write)?;
-    let weights = store_weights(c, source.checkpoint.as_ref(), opts, pkg.weights(), progress)?;
+    let weights = store_weights(c, source.checkpoint.as_ref(), opts, pkg.weights(), stage, progress)?;
     let mut program = ProgramBuilder::new(opts.target);
     let mut functions = Vec::new();
     if opts.query_lengths.is_empty() {
-        program.add_function(build_function("main", c, &weights, opts, pkg.weights(), None)?)?;
+        program.add_function(build_function("main", c, &weights, opts, pkg.weights(), None, stage)?)?;
         functions.push("main".to_string());
     } else {
         for &n in &opts.query_lengths {
             let name = format!("length_{n}");
-            program.add_function(build_function(&name, c, &weights, opts, pkg.weights(), Some(n))?)?;
+            program.add_function(build_function(&name, c, &weights, opts, pkg.weights(), Some(n), stage)?)?;
             functions.push(name);
         }
         program.set_default_function(&functions[0]);
@@ -164,6 +233,13 @@ pub fn convert(
     );
     ud.insert("corelm.vocab_size".into(), c.vocab_size.to_string());
     ud.insert("corelm.profile".into(), format!("{:?}", opts.profile).to_lowercase());
+    if parts.len() > 1 {
+        // The driver opens the parts, siblings in one folder, and runs them in this order.
+        let names: Vec<String> =
+            parts.iter().map(|p| p.file_name().expect("named").to_string_lossy().into_owned()).collect();
+        ud.insert("corelm.chunks".into(), names.join(","));
+        ud.insert("corelm.layers".into(), format!("{}..{}", stage.layers.start, stage.layers.end));
+    }
     if let Some(slots) = crate::graph::ring_slots(c, opts) {
         // The driver must start each chunk at a multiple of its length (see `ring_slots`).
         ud.insert("corelm.ring_slots".into(), slots.to_string());
@@ -175,7 +251,8 @@ pub fn convert(
     if let Some(p) = c.pad_token_id {
         ud.insert("corelm.pad_token_id".into(), p.to_string());
     }
-    for (name, bytes) in &source.extras {
+    // The tokenizer and chat template travel with the first part, where the driver looks.
+    for (name, bytes) in source.extras.iter().filter(|_| stage.first) {
         pkg.add_item(ExtraItem {
             author: ITEM_AUTHOR.into(),
             name: name.clone(),
@@ -184,17 +261,5 @@ pub fn convert(
         })?;
     }
     let model = program.finish()?;
-    let written = pkg.commit(&model)?;
-    Ok(Summary {
-        output_bytes: dir_size(&written),
-        output: written,
-        architecture: c.family.name().into(),
-        parameters: c.parameter_count(),
-        layers: c.num_layers,
-        context: opts.context,
-        functions,
-        seconds: started.elapsed().as_secs_f64(),
-        peak_memory_bytes: peak_memory(),
-        megabytes_per_second: c.parameter_count() as f64 * 4.0 / 1e6 / started.elapsed().as_secs_f64().max(1e-9),
-    })
+    Ok((pkg.commit(&model)?, functions))
 }

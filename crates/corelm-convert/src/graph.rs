@@ -63,6 +63,38 @@ pub const ANE_MAX_DIM: usize = 65536;
 /// The ane profile's prefill chunk when no query lengths are given.
 pub const ANE_PREFILL_CHUNK: usize = 64;
 
+/// The part of the layer stack one package holds (`--chunks`): the first starts from token
+/// ids, the others from the previous part's hidden states (`hiddenStates` in,
+/// `nextHiddenStates` out); only the last ends in logits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stage {
+    pub layers: std::ops::Range<usize>,
+    pub first: bool,
+    pub last: bool,
+}
+
+impl Stage {
+    /// `parts` stages of consecutive layers whose sizes differ by at most one.
+    pub fn split(layers: usize, parts: usize) -> Vec<Stage> {
+        (0..parts)
+            .map(|i| Stage {
+                layers: i * layers / parts..(i + 1) * layers / parts,
+                first: i == 0,
+                last: i + 1 == parts,
+            })
+            .collect()
+    }
+
+    /// Whether this stage reads the weight.
+    pub fn holds(&self, role: Role) -> bool {
+        match role {
+            Role::Embed | Role::PositionEmbed => self.first,
+            Role::Layer(l, _) => self.layers.contains(&l),
+            Role::FinalNorm | Role::FinalNormBias | Role::LmHead => self.last,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GraphOptions {
     pub target: Target,
@@ -76,6 +108,8 @@ pub struct GraphOptions {
     /// How the linear layers and embeddings are compressed (default: not at all).
     pub compress: Policy,
     pub profile: Profile,
+    /// Packages the layer stack is split into (1: one package); see [`Stage`].
+    pub chunks: usize,
 }
 
 impl GraphOptions {
@@ -241,12 +275,13 @@ pub fn store_weights(
     ck: &dyn Checkpoint,
     opts: &GraphOptions,
     store: &mut WeightStore,
+    stage: &Stage,
     progress: &mut dyn Progress,
 ) -> Result<StoredWeights> {
     let dtype = opts.precision.dtype();
     let mut tensors = HashMap::new();
     let mut by_name: HashMap<String, Stored> = HashMap::new();
-    for role in roles(c) {
+    for role in roles(c).into_iter().filter(|r| stage.holds(*r)) {
         let Some(spec) = tensor_spec(c, role) else { continue };
         let key = format!("{}{:?}", spec.name, spec.take);
         if let Some(existing) = by_name.get(&key) {
@@ -544,6 +579,73 @@ impl Graph<'_, '_> {
         }
     }
 
+    /// Token embeddings, in the residual stream's dtype and scale. A table split in blocks of
+    /// rows is read block by block, each id taken from the last block that starts at or below it.
+    fn embed(&mut self, ids: &Var, query: &Var, compute: DType, residual: DType, divisor: f64) -> Result<Var> {
+        let c = self.c;
+        let tables = self.pieces(Role::Embed)?.ok_or_else(|| Error::invalid("no embedding weight"))?;
+        let mut x: Option<Var> = None;
+        for (i, table) in tables.iter().enumerate() {
+            let tag = if tables.len() == 1 { "embed".to_string() } else { format!("embed{i}") };
+            // Ids outside this block are clamped into it (Core ML leaves out-of-range gathers
+            // undefined), then replaced by the block that holds them.
+            let local = if tables.len() == 1 {
+                ids.clone()
+            } else {
+                let first = (i * ANE_MAX_DIM) as i32;
+                let rows = table.ty().dims[0].fixed().expect("weights have fixed shapes") as i32;
+                let shifted =
+                    self.op("sub", &format!("{tag}_local"), vec![("x", ids.into()), ("y", scalar_i32(first))])?;
+                let lo =
+                    self.op("maximum", &format!("{tag}_lo"), vec![("x", (&shifted).into()), ("y", scalar_i32(0))])?;
+                self.op("minimum", &format!("{tag}_hi"), vec![("x", (&lo).into()), ("y", scalar_i32(rows - 1))])?
+            };
+            let rows = self.op(
+                "gather",
+                &format!("{tag}_rows"),
+                vec![("x", table.into()), ("indices", (&local).into()), ("axis", scalar_i32(0))],
+            )?;
+            x = Some(match x {
+                None => rows,
+                Some(below) => {
+                    let first = (i * ANE_MAX_DIM) as i32;
+                    let here = self.op(
+                        "greater_equal",
+                        &format!("{tag}_here"),
+                        vec![("x", ids.into()), ("y", scalar_i32(first))],
+                    )?;
+                    let here = self.op(
+                        "expand_dims",
+                        &format!("{tag}_cond"),
+                        vec![("x", (&here).into()), ("axes", i32s(&[-1]))],
+                    )?;
+                    self.op(
+                        "select",
+                        &format!("{tag}_sel"),
+                        vec![("cond", (&here).into()), ("a", (&rows).into()), ("b", (&below).into())],
+                    )?
+                }
+            });
+        }
+        let mut x = x.expect("at least one embedding block");
+        if let Some(pos_table) = self.weight(Role::PositionEmbed)? {
+            let pe = self.op(
+                "gather",
+                "pos_embed",
+                vec![("x", (&pos_table).into()), ("indices", query.into()), ("axis", scalar_i32(0))],
+            )?;
+            x = self.op("add", "embed_sum", vec![("x", (&x).into()), ("y", (&pe).into())])?;
+        }
+        x = self.cast(&x, residual, "embed_res")?;
+        if c.embedding_scale.is_some() || divisor != 1.0 {
+            // Hugging Face rounds the multiplier to the activation dtype first.
+            let s =
+                c.embedding_scale.map_or(1.0, |s| if compute == DType::Fp16 { f16::from_f64(s).to_f64() } else { s });
+            x = self.mul_s(&x, s / divisor, "embed_scaled")?;
+        }
+        Ok(x)
+    }
+
     fn linear(&mut self, x: &Var, weight: Role, bias: Option<Role>, name: &str) -> Result<Var> {
         let w = self.required(weight)?;
         let mut args = vec![("x", Arg::Var(x)), ("weight", Arg::Var(&w))];
@@ -637,6 +739,7 @@ pub fn build_function(
     opts: &GraphOptions,
     store: &mut WeightStore,
     query_len: Option<usize>,
+    stage: &Stage,
 ) -> Result<(Function, FunctionDescription)> {
     let dt = opts.precision.dtype();
     let ane = opts.profile == Profile::Ane;
@@ -657,15 +760,32 @@ pub fn build_function(
         ),
         Some(n) => (InputShape::Fixed(vec![1, n]), InputShape::Fixed(vec![1, 1, n, ctx])),
     };
-    let ids = g.f.input("inputIds", DType::Int32, ids_shape)?;
+    // The first stage reads token ids; later ones the hidden states the one before returned.
+    let tokens = if stage.first {
+        g.f.input("inputIds", DType::Int32, ids_shape)?
+    } else {
+        let shape = match ids_shape {
+            InputShape::Range { mut default, mut ranges } => {
+                default.push(c.hidden_size);
+                ranges.push((c.hidden_size, Some(c.hidden_size)));
+                InputShape::Range { default, ranges }
+            }
+            InputShape::Fixed(mut dims) => {
+                dims.push(c.hidden_size);
+                InputShape::Fixed(dims)
+            }
+            other => other,
+        };
+        g.f.input("hiddenStates", residual, shape)?
+    };
     let mask = g.f.input("causalMask", dt, mask_shape)?;
     // Sliding-window layers of the ane profile keep a ring buffer of `ring` slots; every other
     // layer a full-length cache. Each layer's index within its cache:
     let ring = ring_slots(c, opts);
     let in_ring = |l: usize| ring.is_some() && matches!(c.layer_attention[l], Attention::Sliding(_));
-    let mut cache_index = Vec::with_capacity(c.num_layers);
+    let mut cache_index = Vec::with_capacity(stage.layers.len());
     let (mut full_layers, mut ring_layers) = (0, 0);
-    for l in 0..c.num_layers {
+    for l in stage.layers.clone() {
         let counter = if in_ring(l) { &mut ring_layers } else { &mut full_layers };
         cache_index.push(*counter);
         *counter += 1;
@@ -680,7 +800,7 @@ pub fn build_function(
     let mut caches: Vec<Vec<Var>> = Vec::new();
     let mut ring_caches: Vec<Vec<Var>> = Vec::new();
     for name in ["keyCache", "valueCache"] {
-        if let Some(slots) = ring {
+        if let Some(slots) = ring.filter(|_| ring_layers > 0) {
             let shape = [ring_layers, 1, c.num_kv_heads, slots, c.head_dim];
             ring_caches.push(vec![g.f.state(&format!("{name}Local"), &shape)?]);
         }
@@ -699,7 +819,7 @@ pub fn build_function(
     // Positions: end = mask.shape[3], start = end − N (flexible), or a `position` input (fixed).
     let positions = match query_len {
         None => {
-            let ids_shape = g.op("shape", "ids_shape", vec![("x", (&ids).into())])?;
+            let ids_shape = g.op("shape", "ids_shape", vec![("x", (&tokens).into())])?;
             let n = g.op(
                 "slice_by_index",
                 "query_len",
@@ -731,62 +851,7 @@ pub fn build_function(
         }
     };
 
-    // Embeddings; a table split in blocks of rows is read block by block, each id taken from
-    // the last block that starts at or below it.
-    let tables = g.pieces(Role::Embed)?.ok_or_else(|| Error::invalid("no embedding weight"))?;
-    let mut x: Option<Var> = None;
-    for (i, table) in tables.iter().enumerate() {
-        let tag = if tables.len() == 1 { "embed".to_string() } else { format!("embed{i}") };
-        // Ids outside this block are clamped into it (Core ML leaves out-of-range gathers
-        // undefined), then replaced by the block that holds them.
-        let local = if tables.len() == 1 {
-            ids.clone()
-        } else {
-            let first = (i * ANE_MAX_DIM) as i32;
-            let rows = table.ty().dims[0].fixed().expect("weights have fixed shapes") as i32;
-            let shifted = g.op("sub", &format!("{tag}_local"), vec![("x", (&ids).into()), ("y", scalar_i32(first))])?;
-            let lo = g.op("maximum", &format!("{tag}_lo"), vec![("x", (&shifted).into()), ("y", scalar_i32(0))])?;
-            g.op("minimum", &format!("{tag}_hi"), vec![("x", (&lo).into()), ("y", scalar_i32(rows - 1))])?
-        };
-        let rows = g.op(
-            "gather",
-            &format!("{tag}_rows"),
-            vec![("x", table.into()), ("indices", (&local).into()), ("axis", scalar_i32(0))],
-        )?;
-        x = Some(match x {
-            None => rows,
-            Some(below) => {
-                let first = (i * ANE_MAX_DIM) as i32;
-                let here = g.op(
-                    "greater_equal",
-                    &format!("{tag}_here"),
-                    vec![("x", (&ids).into()), ("y", scalar_i32(first))],
-                )?;
-                let here =
-                    g.op("expand_dims", &format!("{tag}_cond"), vec![("x", (&here).into()), ("axes", i32s(&[-1]))])?;
-                g.op(
-                    "select",
-                    &format!("{tag}_sel"),
-                    vec![("cond", (&here).into()), ("a", (&rows).into()), ("b", (&below).into())],
-                )?
-            }
-        });
-    }
-    let mut x = x.expect("at least one embedding block");
-    if let Some(pos_table) = g.weight(Role::PositionEmbed)? {
-        let pe = g.op(
-            "gather",
-            "pos_embed",
-            vec![("x", (&pos_table).into()), ("indices", (&positions.query).into()), ("axis", scalar_i32(0))],
-        )?;
-        x = g.op("add", "embed_sum", vec![("x", (&x).into()), ("y", (&pe).into())])?;
-    }
-    x = g.cast(&x, residual, "embed_res")?;
-    if c.embedding_scale.is_some() || divisor != 1.0 {
-        // Hugging Face rounds the multiplier to the activation dtype first.
-        let s = c.embedding_scale.map_or(1.0, |s| if dt == DType::Fp16 { f16::from_f64(s).to_f64() } else { s });
-        x = g.mul_s(&x, s / divisor, "embed_scaled")?;
-    }
+    let mut x = if stage.first { g.embed(&tokens, &positions.query, dt, residual, divisor)? } else { tokens.clone() };
 
     // RoPE tables gathered at the query positions: (1, 1, N, rotary_dim).
     let mut rope_vars = Vec::new();
@@ -815,7 +880,7 @@ pub fn build_function(
     // Masks: the causal mask for full layers; for each sliding window, positions further back
     // than the window are masked too.
     let mut window_masks: HashMap<usize, Var> = HashMap::new();
-    for att in c.layer_attention.iter().filter(|_| ring.is_none()) {
+    for att in c.layer_attention[stage.layers.clone()].iter().filter(|_| ring.is_none()) {
         if let Attention::Sliding(wnd) = *att {
             if window_masks.contains_key(&wnd) {
                 continue;
@@ -854,7 +919,7 @@ pub fn build_function(
     // The ring: this call writes slots [start mod R, + N) (the driver starts chunks at multiples
     // of their length, so they never wrap). After the write, slot k holds the latest position
     // p ≤ end − 1 with p ≡ k (mod R); query q sees it when 0 ≤ q − p < window and p ≥ 0.
-    let ring_write = match ring {
+    let ring_write = match ring.filter(|_| ring_layers > 0) {
         None => None,
         Some(slots) => {
             let n = query_len.ok_or_else(|| Error::invalid("ring-buffer caches need fixed query lengths"))?;
@@ -926,7 +991,7 @@ pub fn build_function(
     // GQA without copying K/V: fold the query heads that share a KV head into the query axis,
     // and repeat the mask rows to match.
     let mut tiled_masks: HashMap<Option<usize>, Var> = HashMap::new();
-    for (l, &layer_slot) in cache_index.iter().enumerate() {
+    for (l, &layer_slot) in stage.layers.clone().zip(&cache_index) {
         use LayerRole::*;
         let p = format!("l{l}");
         let lr = |r| Role::Layer(l, r);
@@ -1191,6 +1256,10 @@ pub fn build_function(
         x = g.op("add", &format!("{p}_out"), vec![("x", (&x).into()), ("y", (&m).into())])?;
     }
 
+    if !stage.last {
+        g.f.output(&x, "nextHiddenStates")?;
+        return g.f.finish();
+    }
     let h = g.norm(&x, Role::FinalNorm, Some(Role::FinalNormBias), dt, true, "final_norm")?;
     // A split LM head gives one output per block of rows, `logits_0`, `logits_1`, ... (joining
     // them would make a tensor too wide for the Neural Engine); the runtime joins them.

@@ -295,6 +295,7 @@ fn convert_tiny(arch: &str, quant: Option<Quant>, context: usize) -> (ModelShape
         precision: Precision::Fp16,
         compress,
         profile: Default::default(),
+        chunks: 1,
     };
     let out = scratch(&format!("{arch}-{}", quant.map_or("fp16", |q| q.name()))).join("model.mlpackage");
     let write = corelm_format::package::WriteOptions { overwrite: true, ..Default::default() };

@@ -139,30 +139,93 @@ impl Interface {
     }
 }
 
+/// The parts of a model converted with `--chunks` (siblings named in the `corelm.chunks`
+/// metadata of any part), opened in running order; `None` for a model in one package.
+pub fn chunk_packages(pkg: &Package) -> Result<Option<Vec<Package>>> {
+    let Some(names) = pkg.model().description.metadata.user_defined.get("corelm.chunks") else { return Ok(None) };
+    let folder = pkg.path().parent().unwrap_or(std::path::Path::new("."));
+    let mut parts = Vec::new();
+    for name in names.split(',') {
+        // Plain file names only: metadata must not point outside the model's folder.
+        if name.is_empty() || name.contains(['/', '\\']) || name == ".." {
+            return Err(Error::invalid(format!("corelm.chunks names `{name}`, not a package beside this one")));
+        }
+        let path = folder.join(name);
+        parts.push(Package::open(&path).map_err(|e| e.context(format!("part {name} of {}", pkg.path().display())))?);
+    }
+    Ok(Some(parts))
+}
+
 pub struct LanguageModel<E: Executor = Interpreter> {
-    executor: E,
+    /// Each package part's executor and state, run in order (one part unless `--chunks`).
+    stages: Vec<(E, E::State)>,
     interface: Interface,
     context: usize,
     mask_dtype: DType,
-    state: E::State,
     caches: Option<(Value, Value)>,
     position: usize,
 }
 
 impl LanguageModel {
-    /// Opens a package on the reference interpreter.
+    /// Opens a package (with its sibling parts, if it is one of several) on the reference
+    /// interpreter.
     pub fn open(pkg: &Package) -> Result<LanguageModel> {
-        LanguageModel::with_executor(pkg, Interpreter::load(pkg)?)
+        match chunk_packages(pkg)? {
+            None => LanguageModel::with_executor(pkg, Interpreter::load(pkg)?),
+            Some(parts) => {
+                let executors = parts.iter().map(Interpreter::load).collect::<Result<Vec<_>>>()?;
+                LanguageModel::with_executors(&parts.iter().collect::<Vec<_>>(), executors)
+            }
+        }
     }
 }
 
 impl<E: Executor> LanguageModel<E> {
     /// Drives `pkg`, whose functions `executor` runs.
     pub fn with_executor(pkg: &Package, executor: E) -> Result<LanguageModel<E>> {
-        let (interface, context, mask_dtype) = detect(pkg)?;
-        let state = executor.new_state(interface.state_function())?;
+        LanguageModel::with_executors(&[pkg], vec![executor])
+    }
+
+    /// Drives the parts of a split model (see [`chunk_packages`]), one executor each, in order:
+    /// the first takes the token ids, each later one the hidden states before it.
+    pub fn with_executors(parts: &[&Package], executors: Vec<E>) -> Result<LanguageModel<E>> {
+        let first = parts.first().ok_or_else(|| Error::invalid("no packages to run"))?;
+        let (interface, context, mask_dtype) = detect(first)?;
+        if parts.len() != executors.len() {
+            return Err(Error::invalid("one executor per package part"));
+        }
+        if parts.len() > 1 && matches!(interface, Interface::TensorCaches { .. }) {
+            return Err(Error::invalid("a split model keeps its caches as states"));
+        }
+        let mut stages = Vec::with_capacity(executors.len());
+        for executor in executors {
+            let state = executor.new_state(interface.state_function())?;
+            stages.push((executor, state));
+        }
         let caches = interface.zero_caches();
-        Ok(LanguageModel { executor, interface, context, mask_dtype, state, caches, position: 0 })
+        Ok(LanguageModel { stages, interface, context, mask_dtype, caches, position: 0 })
+    }
+
+    /// One prediction through every part: each later part takes the hidden states the one
+    /// before it returned in place of the token ids.
+    fn predict(
+        &mut self,
+        function: Option<&str>,
+        mut inputs: BTreeMap<String, Value>,
+    ) -> Result<BTreeMap<String, Value>> {
+        let last = self.stages.len() - 1;
+        for (i, (executor, state)) in self.stages.iter_mut().enumerate() {
+            let mut out = executor.predict(function, &inputs, state)?;
+            if i == last {
+                return Ok(out);
+            }
+            let hidden = out
+                .remove("nextHiddenStates")
+                .ok_or_else(|| Error::invalid(format!("part {} has no nextHiddenStates output", i + 1)))?;
+            inputs.remove("inputIds");
+            inputs.insert("hiddenStates".into(), hidden);
+        }
+        unreachable!("at least one part")
     }
 
     pub fn context(&self) -> usize {
@@ -175,7 +238,9 @@ impl<E: Executor> LanguageModel<E> {
 
     /// Forgets everything fed so far.
     pub fn reset(&mut self) -> Result<()> {
-        self.state = self.executor.new_state(self.interface.state_function())?;
+        for (executor, state) in &mut self.stages {
+            *state = executor.new_state(self.interface.state_function())?;
+        }
         self.caches = self.interface.zero_caches();
         self.position = 0;
         Ok(())
@@ -229,7 +294,7 @@ impl<E: Executor> LanguageModel<E> {
                         ("causalMask".to_string(), self.mask(n, self.context)),
                         ("position".to_string(), Value::i32(vec![1], vec![self.position as i32])),
                     ]);
-                    let out = self.executor.predict(Some(&name), &inputs, &mut self.state)?;
+                    let out = self.predict(Some(&name), inputs)?;
                     let mut r = logits_rows(&out)?;
                     r.truncate(take);
                     rows.extend(r);
@@ -248,7 +313,7 @@ impl<E: Executor> LanguageModel<E> {
                     inputs.insert("keyCache".into(), k);
                     inputs.insert("valueCache".into(), v);
                 }
-                let mut out = self.executor.predict(None, &inputs, &mut self.state)?;
+                let mut out = self.predict(None, inputs)?;
                 if matches!(self.interface, Interface::TensorCaches { .. }) {
                     let k = out.remove("keyCacheOut").ok_or_else(|| Error::invalid("no keyCacheOut output"))?;
                     let v = out.remove("valueCacheOut").ok_or_else(|| Error::invalid("no valueCacheOut output"))?;

@@ -37,6 +37,7 @@ fn check(fixture: &str, gguf: &str, context: usize) {
             precision,
             compress: Default::default(),
             profile: Default::default(),
+            chunks: 1,
         };
         convert(&source, &out, &opts, &WriteOptions::overwriting(), &mut |_: &str, _: u64| {}).unwrap();
         let pkg = Package::open(&out).unwrap();

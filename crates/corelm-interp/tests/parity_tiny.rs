@@ -52,6 +52,7 @@ fn convert_tiny(
         precision,
         compress: Default::default(),
         profile: Default::default(),
+        chunks: 1,
     };
     convert(&source, out, &opts, &WriteOptions::overwriting(), &mut |_: &str, _: u64| {}).unwrap();
     Package::open(out).unwrap()

@@ -29,12 +29,22 @@ impl TextModel {
         units: crate::coreml::ComputeUnits,
         cache_dir: &std::path::Path,
     ) -> Result<TextModel> {
-        let executor = crate::coreml::CoreMlExecutor::open(pkg, units, cache_dir)?;
-        let backend = Box::new(corelm_interp::lm::LanguageModel::with_executor(pkg, executor)?);
+        use corelm_interp::lm::{chunk_packages, LanguageModel};
+        let open = |p: &Package| crate::coreml::CoreMlExecutor::open(p, units, cache_dir);
+        let backend = Box::new(match chunk_packages(pkg)? {
+            None => LanguageModel::with_executor(pkg, open(pkg)?)?,
+            Some(parts) => {
+                let executors = parts.iter().map(open).collect::<Result<Vec<_>>>()?;
+                LanguageModel::with_executors(&parts.iter().collect::<Vec<_>>(), executors)?
+            }
+        });
         Self::with_backend(pkg, backend)
     }
 
     pub fn with_backend(pkg: &Package, backend: Box<dyn Backend>) -> Result<TextModel> {
+        // A split model's tokenizer and chat template travel with its first part.
+        let first = corelm_interp::lm::chunk_packages(pkg)?.map(|mut parts| parts.remove(0));
+        let pkg = first.as_ref().unwrap_or(pkg);
         let tokenizer = Tokenizer::from_package(pkg)?;
         let config = pkg.path().join(TOKENIZER_CONFIG_PATH);
         let template = if config.is_file() { ChatTemplate::from_tokenizer_config(&config)? } else { None };
