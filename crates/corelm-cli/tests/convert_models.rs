@@ -440,9 +440,15 @@ fn ane_profile_matches_the_default_profile() {
                 &[("keyCache", 1024), ("valueCache", 1024)]
             };
             assert_eq!(states, want, "{fixture} {name}");
-            let outputs = f["outputs"].as_array().unwrap();
-            assert_eq!(outputs.len(), vocab_blocks);
-            assert!(outputs.iter().all(|o| o["shape"][2].as_u64().unwrap() <= 65536), "{outputs:?}");
+            // The logits blocks, and with a split head the greedy token as `argmax`.
+            let outputs: Vec<&str> =
+                f["outputs"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
+            let want: Vec<String> = match vocab_blocks {
+                1 => vec!["logits".into()],
+                n => (0..n).map(|i| format!("logits_{i}")).chain(["argmax".into()]).collect(),
+            };
+            assert_eq!(outputs, want, "{fixture} {name}");
+            assert!(f["outputs"].as_array().unwrap().iter().all(|o| o["shape"][2].as_u64().unwrap_or(0) <= 65536));
         }
         // The check is live: the default profile's flexible shapes are on the list.
         let flexible = &inspect(&default)["functions"]["main"]["ane_fallbacks"];
@@ -452,6 +458,41 @@ fn ane_profile_matches_the_default_profile() {
             &std::fs::read(root().join("tests/fixtures/real").join(fixture).join("reference.json")).unwrap(),
         )
         .unwrap();
+        if vocab_blocks > 1 {
+            // The in-graph argmax across blocks equals the argmax of the joined logits, for a
+            // prefill chunk of the real prompt.
+            let ids = &reference["prompts"][0]["prompt_ids"].as_array().unwrap()[..64];
+            let mask: Vec<f32> =
+                (0..64).flat_map(|i| (0..1024).map(move |j| if j <= i { 0.0 } else { -65504.0 })).collect();
+            let calls = serde_json::json!([{
+                "inputIds": {"shape": [1, 64], "dtype": "int32", "data": ids},
+                "causalMask": {"shape": [1, 1, 64, 1024], "dtype": "fp16", "data": mask},
+                "position": {"shape": [1], "dtype": "int32", "data": [0]},
+            }]);
+            let calls_file = tmp.path().join("calls.json");
+            std::fs::write(&calls_file, calls.to_string()).unwrap();
+            let (code, stdout, stderr) = corelm(&[
+                "predict",
+                ane.to_str().unwrap(),
+                "--calls",
+                calls_file.to_str().unwrap(),
+                "--function",
+                "length_64",
+                "--json",
+            ]);
+            assert_eq!(code, 0, "{stderr}");
+            let out: Value = serde_json::from_str(&stdout).unwrap();
+            let floats =
+                |v: &Value| -> Vec<f64> { v["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
+            let blocks: Vec<Vec<f64>> = (0..vocab_blocks).map(|i| floats(&out[0][format!("logits_{i}")])).collect();
+            let argmax = floats(&out[0]["argmax"]);
+            for (row, &got) in argmax.iter().enumerate() {
+                let joined: Vec<f64> = blocks.iter().flat_map(|b| b[row * 65536..(row + 1) * 65536].to_vec()).collect();
+                let want =
+                    joined.iter().enumerate().fold((0, f64::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+                assert_eq!(got as usize, want, "{fixture}: in-graph argmax at row {row}");
+            }
+        }
         for prompt in reference["prompts"].as_array().unwrap() {
             let ids: Vec<u64> = prompt["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
             let (want, want_logits) = run_greedy(&default, &ids, 16);

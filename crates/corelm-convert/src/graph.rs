@@ -1262,8 +1262,10 @@ pub fn build_function(
     }
     let h = g.norm(&x, Role::FinalNorm, Some(Role::FinalNormBias), dt, true, "final_norm")?;
     // A split LM head gives one output per block of rows, `logits_0`, `logits_1`, ... (joining
-    // them would make a tensor too wide for the Neural Engine); the runtime joins them.
+    // them would make a tensor too wide for the Neural Engine), which the runtime joins, and the
+    // greedy token of each position as `argmax` (1, N), taken in the graph across the blocks.
     let heads = g.pieces(Role::LmHead)?.ok_or_else(|| Error::invalid("no LM head weight"))?;
+    let mut best: Option<(Var, Var)> = None;
     for (i, head) in heads.iter().enumerate() {
         let out = if heads.len() == 1 { "logits".to_string() } else { format!("logits_{i}") };
         let logits = match c.final_logit_softcap {
@@ -1277,6 +1279,59 @@ pub fn build_function(
             }
         };
         g.f.output(&logits, &out)?;
+        if heads.len() > 1 {
+            let top = g.op(
+                "reduce_max",
+                &format!("{out}_max"),
+                vec![
+                    ("x", (&logits).into()),
+                    ("axes", i32s(&[-1])),
+                    ("keep_dims", Arg::Tensor(Tensor::scalar_bool(false))),
+                ],
+            )?;
+            let at = g.op(
+                "reduce_argmax",
+                &format!("{out}_at"),
+                vec![
+                    ("x", (&logits).into()),
+                    ("axis", scalar_i32(-1)),
+                    ("keep_dims", Arg::Tensor(Tensor::scalar_bool(false))),
+                ],
+            )?;
+            let at = g.op(
+                "add",
+                &format!("{out}_token"),
+                vec![("x", (&at).into()), ("y", scalar_i32((i * ANE_MAX_DIM) as i32))],
+            )?;
+            best = Some(match best {
+                None => (top, at),
+                // Strictly greater: on a tie the lower token id wins, as in a joined argmax.
+                Some((best_top, best_at)) => {
+                    let wins =
+                        g.op("greater", &format!("{out}_wins"), vec![("x", (&top).into()), ("y", (&best_top).into())])?;
+                    let last = i + 1 == heads.len();
+                    let at_name = if last { "argmax".to_string() } else { format!("{out}_best_token") };
+                    let at = g.op(
+                        "select",
+                        &at_name,
+                        vec![("cond", (&wins).into()), ("a", (&at).into()), ("b", (&best_at).into())],
+                    )?;
+                    let top = if last {
+                        top
+                    } else {
+                        g.op(
+                            "select",
+                            &format!("{out}_best_max"),
+                            vec![("cond", (&wins).into()), ("a", (&top).into()), ("b", (&best_top).into())],
+                        )?
+                    };
+                    (top, at)
+                }
+            });
+        }
+    }
+    if let Some((_, argmax)) = best {
+        g.f.output(&argmax, "argmax")?;
     }
     for (name, layers) in [("keyCacheOut", &updated_layers[0]), ("valueCacheOut", &updated_layers[1])] {
         if layers.is_empty() {
