@@ -103,6 +103,10 @@ enum Command {
         /// Tokens of the text to use at most (default: all).
         #[arg(long)]
         max_tokens: Option<usize>,
+        /// Also write each position's KL and top-1 agreement to this JSON file (to compare two
+        /// packages position by position against the same reference).
+        #[arg(long)]
+        positions: Option<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -753,6 +757,7 @@ fn verify(
     against: &std::path::Path,
     text: Option<PathBuf>,
     max_tokens: Option<usize>,
+    positions: Option<PathBuf>,
     json: bool,
 ) -> Result<ExitCode> {
     use corelm_convert::graph::{AttentionImpl, GraphOptions, Precision};
@@ -799,6 +804,10 @@ fn verify(
     })();
     let _ = std::fs::remove_dir_all(&scratch);
     let a = result.with_context(|| format!("cannot verify against {}", against.display()))?;
+    if let Some(path) = positions {
+        std::fs::write(&path, serde_json::to_vec(&a.per_position)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     if json {
         emitln!("{}", serde_json::to_string_pretty(&a)?);
     } else {
@@ -1073,8 +1082,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Bundle { path, output, verify, force, json } => bundle(&path, output.as_deref(), verify, force, json),
         Command::Fetch { url, sha256, output, json } => fetch(&url, &sha256, &output, json),
-        Command::Verify { package, against, text, max_tokens, json } => {
-            verify(&package, &against, text, max_tokens, json)
+        Command::Verify { package, against, text, max_tokens, positions, json } => {
+            verify(&package, &against, text, max_tokens, positions, json)
         }
         Command::Plan { source, device, context, quantize, json } => plan(&source, device, context, quantize, json),
         Command::Validate { packages, json } => {

@@ -13,6 +13,19 @@ pub struct Agreement {
     pub mean_kl: f64,
     pub perplexity_package: f64,
     pub perplexity_reference: f64,
+    /// Each compared position in order (for paired comparisons of two packages against one
+    /// reference); not part of the summary JSON.
+    #[serde(skip)]
+    pub per_position: Vec<PositionScore>,
+}
+
+/// One position's figures.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PositionScore {
+    /// KL(reference ‖ package), in nats.
+    pub kl: f64,
+    /// The package's top token is the reference's.
+    pub top1: bool,
 }
 
 fn log_softmax(row: &[f32]) -> Vec<f64> {
@@ -35,6 +48,7 @@ pub struct Tally {
     nll_package: f64,
     nll_reference: f64,
     scored: usize,
+    per_position: Vec<PositionScore>,
 }
 
 impl Tally {
@@ -46,10 +60,13 @@ impl Tally {
             let r = reference.get(i);
             let lr = r.map(|r| log_softmax(r));
             if let (Some(r), Some(lr)) = (r, &lr) {
+                let top1 = argmax(p) == argmax(r);
+                let kl = lr.iter().zip(&lp).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
                 self.positions += 1;
-                self.agree += (argmax(p) == argmax(r)) as usize;
+                self.agree += top1 as usize;
                 self.max_err = p.iter().zip(r).map(|(a, b)| (a - b).abs() as f64).fold(self.max_err, f64::max);
-                self.kl += lr.iter().zip(&lp).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
+                self.kl += kl;
+                self.per_position.push(PositionScore { kl, top1 });
             }
             if let Some(&next) = tokens.get(i + 1) {
                 self.nll_package -= lp[next as usize];
@@ -76,6 +93,7 @@ impl Tally {
             mean_kl: per_position(self.kl),
             perplexity_package: ppl(self.nll_package),
             perplexity_reference: if self.positions == 0 { f64::NAN } else { ppl(self.nll_reference) },
+            per_position: self.per_position.clone(),
         }
     }
 }
