@@ -388,9 +388,11 @@ fn run_greedy(pkg: &Path, ids: &[u64], new_tokens: usize) -> (Vec<u64>, Vec<f64>
 fn ane_profile_matches_the_default_profile() {
     let tmp = tempfile::tempdir().unwrap();
     let mut ane_packages = Vec::new();
-    for (gguf, fixture, vocab_blocks, chunks) in
-        [("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2", 1, 2), ("gemma-3-270m-q4_k_m.gguf", "gemma3_270m", 4, 3)]
-    {
+    // (model, fixture, LM-head blocks, parts for --chunks, attention heads × layers)
+    for (gguf, fixture, vocab_blocks, chunks, head_layers) in [
+        ("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2", 1, 2, 9 * 30),
+        ("gemma-3-270m-q4_k_m.gguf", "gemma3_270m", 4, 3, 4 * 18),
+    ] {
         let default = tmp.path().join(format!("{fixture}.mlpackage"));
         convert(&model(gguf), &default, &["--context", "1024"]);
         let ane = tmp.path().join(format!("{fixture}-ane.mlpackage"));
@@ -426,6 +428,11 @@ fn ane_profile_matches_the_default_profile() {
         for (name, f) in functions {
             assert_eq!(f["ane_fallbacks"], serde_json::json!([]), "{fixture} {name}");
             assert!(f["op_histogram"].get("cast").is_none(), "{fixture} {name}: casts mean fp32 compute");
+            // Linear layers are 1×1 convolutions over channels-first activations.
+            assert!(f["op_histogram"].get("linear").is_none(), "{fixture} {name}: {}", f["op_histogram"]);
+            assert!(f["op_histogram"]["conv"].as_u64().unwrap() > 0);
+            // Attention head by head.
+            assert_eq!(f["op_histogram"]["scaled_dot_product_attention"], head_layers, "{fixture} {name}");
             // Full caches span the context, padded to a multiple of 32; Gemma's sliding-window
             // layers get ring buffers of window + prefill chunk = 576 slots.
             let states: Vec<(&str, u64)> = f["states"]

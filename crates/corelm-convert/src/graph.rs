@@ -535,8 +535,17 @@ impl Graph<'_, '_> {
     /// The Neural Engine form of a norm, all fp16. RMSNorm is a layer_norm over `[x, −x]`
     /// (mean zero by construction, so its variance is mean(x²)): the sum of squares happens
     /// inside one op, where fp16 squares cannot overflow (the form ANEMLL uses).
+    ///
+    /// Hidden states are channels-first, (1, C, 1, S), so those norms run over axis 1; the
+    /// q/k norms over the head dimension of (1, heads, S, head_dim), the last.
     fn ane_norm(&mut self, x: &Var, weight: Role, bias: Option<Role>, of_residual: bool, name: &str) -> Result<Var> {
-        let w = self.required(weight)?;
+        let per_head = matches!(weight, Role::Layer(_, LayerRole::QNorm | LayerRole::KNorm));
+        let axis = if per_head { -1 } else { 1 };
+        let mut w = self.required(weight)?;
+        if !per_head {
+            // (C,) → (C, 1, 1), to scale the channels of (1, C, 1, S).
+            w = self.op("expand_dims", &format!("{name}_w"), vec![("x", (&w).into()), ("axes", i32s(&[1, 2]))])?;
+        }
         let dt = x.dtype();
         let scale = if of_residual { self.residual_divisor.powi(2) } else { 1.0 };
         match self.c.norm {
@@ -545,17 +554,17 @@ impl Graph<'_, '_> {
                 let both = self.op(
                     "concat",
                     &format!("{name}_pm"),
-                    vec![("values", Arg::Tuple(vec![x, &neg])), ("axis", scalar_i32(-1))],
+                    vec![("values", Arg::Tuple(vec![x, &neg])), ("axis", scalar_i32(axis))],
                 )?;
                 let ln = self.op(
                     "layer_norm",
                     &format!("{name}_ln"),
-                    vec![("x", (&both).into()), ("axes", i32s(&[-1])), ("epsilon", self.float(dt, eps / scale))],
+                    vec![("x", (&both).into()), ("axes", i32s(&[axis])), ("epsilon", self.float(dt, eps / scale))],
                 )?;
                 let halves = self.f.op(
                     "split",
                     &format!("{name}_half"),
-                    vec![("x", (&ln).into()), ("num_splits", scalar_i32(2)), ("axis", scalar_i32(-1))],
+                    vec![("x", (&ln).into()), ("num_splits", scalar_i32(2)), ("axis", scalar_i32(axis))],
                 )?;
                 self.op("mul", name, vec![("x", (&halves[0]).into()), ("y", (&w).into())])
             }
@@ -564,13 +573,15 @@ impl Graph<'_, '_> {
                     Some(b) => self.required(b)?,
                     None => return Err(Error::invalid("layer norm without a bias weight")),
                 };
+                // gamma and beta scale the normalized axis, so they keep their (C,) shape.
+                let gamma = self.required(weight)?;
                 self.op(
                     "layer_norm",
                     name,
                     vec![
                         ("x", x.into()),
-                        ("axes", i32s(&[-1])),
-                        ("gamma", (&w).into()),
+                        ("axes", i32s(&[axis])),
+                        ("gamma", (&gamma).into()),
                         ("beta", (&b).into()),
                         ("epsilon", self.float(dt, eps / scale)),
                     ],
@@ -648,15 +659,39 @@ impl Graph<'_, '_> {
 
     fn linear(&mut self, x: &Var, weight: Role, bias: Option<Role>, name: &str) -> Result<Var> {
         let w = self.required(weight)?;
-        let mut args = vec![("x", Arg::Var(x)), ("weight", Arg::Var(&w))];
         let b = match bias {
             Some(b) => self.weight(b)?,
             None => None,
         };
-        if let Some(b) = &b {
+        self.project(x, &w, b.as_ref(), name)
+    }
+
+    /// `x·wᵀ + b`: a `linear` op, or for the Neural Engine a 1×1 `conv` over channels-first
+    /// (1, C, 1, S) activations, the weight viewed as (out, in, 1, 1).
+    fn project(&mut self, x: &Var, w: &Var, b: Option<&Var>, name: &str) -> Result<Var> {
+        let mut args = vec![("x", Arg::Var(x))];
+        let w4;
+        if self.ane {
+            w4 = self.op("expand_dims", &format!("{name}_w"), vec![("x", w.into()), ("axes", i32s(&[2, 3]))])?;
+            args.push(("weight", Arg::Var(&w4)));
+        } else {
+            args.push(("weight", Arg::Var(w)));
+        }
+        if let Some(b) = b {
             args.push(("bias", Arg::Var(b)));
         }
-        self.f.op1("linear", name, args)
+        self.f.op1(if self.ane { "conv" } else { "linear" }, name, args)
+    }
+
+    /// (1, S, C) ↔ (1, C, 1, S), the Neural Engine's channels-first layout.
+    fn channels_first(&mut self, x: &Var, name: &str) -> Result<Var> {
+        let t = self.op("transpose", &format!("{name}_t"), vec![("x", x.into()), ("perm", i32s(&[0, 2, 1]))])?;
+        self.op("expand_dims", name, vec![("x", (&t).into()), ("axes", i32s(&[2]))])
+    }
+
+    fn tokens_first(&mut self, x: &Var, name: &str) -> Result<Var> {
+        let t = self.op("squeeze", &format!("{name}_sq"), vec![("x", x.into()), ("axes", i32s(&[2]))])?;
+        self.op("transpose", name, vec![("x", (&t).into()), ("perm", i32s(&[0, 2, 1]))])
     }
 
     fn activation(&mut self, x: &Var, name: &str) -> Result<Var> {
@@ -673,15 +708,16 @@ impl Graph<'_, '_> {
         }
     }
 
-    /// (1, N, heads·head_dim) → (1, heads, N, head_dim).
+    /// (1, N, heads·head_dim), or channels-first (1, heads·head_dim, 1, N) → (1, heads, N, head_dim).
     fn split_heads(&mut self, x: &Var, heads: usize, name: &str) -> Result<Var> {
         let hd = self.c.head_dim as i32;
-        let r = self.op(
-            "reshape",
-            &format!("{name}_r"),
-            vec![("x", x.into()), ("shape", i32s(&[1, -1, heads as i32, hd]))],
-        )?;
-        self.op("transpose", name, vec![("x", (&r).into()), ("perm", i32s(&[0, 2, 1, 3]))])
+        let (shape, perm) = if self.ane {
+            ([1, heads as i32, hd, -1], [0, 1, 3, 2])
+        } else {
+            ([1, -1, heads as i32, hd], [0, 2, 1, 3])
+        };
+        let r = self.op("reshape", &format!("{name}_r"), vec![("x", x.into()), ("shape", i32s(&shape))])?;
+        self.op("transpose", name, vec![("x", (&r).into()), ("perm", i32s(&perm))])
     }
 
     /// x·cos + swap_halves(x)·sin over the rotated part of the head dimension.
@@ -852,6 +888,9 @@ pub fn build_function(
     };
 
     let mut x = if stage.first { g.embed(&tokens, &positions.query, dt, residual, divisor)? } else { tokens.clone() };
+    if ane {
+        x = g.channels_first(&x, "hidden_channels")?;
+    }
 
     // RoPE tables gathered at the query positions: (1, 1, N, rotary_dim).
     let mut rope_vars = Vec::new();
@@ -1162,7 +1201,10 @@ pub fn build_function(
             (Some(w), None) => window_masks[&w].clone(),
             (None, _) => mask.clone(),
         };
-        let layer_mask = if rep > 1 {
+        // The Neural Engine form attends head by head: each query head against its KV head
+        // with the plain (1, 1, N, keys) mask, as small separate products.
+        let per_head = ane && fused;
+        let layer_mask = if rep > 1 && !per_head {
             match tiled_masks.get(&window) {
                 Some(t) => t.clone(),
                 None => {
@@ -1180,9 +1222,46 @@ pub fn build_function(
         };
         let kvh = c.num_kv_heads as i32;
         let hd = c.head_dim as i32;
-        let qg =
-            g.op("reshape", &format!("{p}_q_groups"), vec![("x", (&q).into()), ("shape", i32s(&[1, kvh, -1, hd]))])?;
-        let attn = if fused {
+        let attn = if per_head {
+            let extra = c.attention_scale * (c.head_dim as f64).sqrt();
+            let qs = if (extra - 1.0).abs() > 1e-12 { g.mul_s(&q, extra, &format!("{p}_q_scaled"))? } else { q };
+            let split = |g: &mut Graph, x: &Var, n: usize, name: String| -> Result<Vec<Var>> {
+                if n == 1 {
+                    return Ok(vec![x.clone()]);
+                }
+                g.f.op(
+                    "split",
+                    &name,
+                    vec![("x", x.into()), ("num_splits", scalar_i32(n as i32)), ("axis", scalar_i32(1))],
+                )
+            };
+            let qh = split(&mut g, &qs, c.num_heads, format!("{p}_q_head"))?;
+            let kh = split(&mut g, &keys, c.num_kv_heads, format!("{p}_k_head"))?;
+            let vh = split(&mut g, &values, c.num_kv_heads, format!("{p}_v_head"))?;
+            let mut outs = Vec::with_capacity(c.num_heads);
+            for (h, qv) in qh.iter().enumerate() {
+                outs.push(g.op(
+                    "scaled_dot_product_attention",
+                    &format!("{p}_attn_h{h}"),
+                    vec![
+                        ("query", qv.into()),
+                        ("key", (&kh[h / rep]).into()),
+                        ("value", (&vh[h / rep]).into()),
+                        ("attn_mask", (&layer_mask).into()),
+                    ],
+                )?);
+            }
+            g.op(
+                "concat",
+                &format!("{p}_attn"),
+                vec![("values", Arg::Tuple(outs.iter().collect())), ("axis", scalar_i32(1))],
+            )?
+        } else if fused {
+            let qg = g.op(
+                "reshape",
+                &format!("{p}_q_groups"),
+                vec![("x", (&q).into()), ("shape", i32s(&[1, kvh, -1, hd]))],
+            )?;
             // SDPA divides by √head_dim itself; fold any other scale into Q.
             let extra = c.attention_scale * (c.head_dim as f64).sqrt();
             let qs = if (extra - 1.0).abs() > 1e-12 { g.mul_s(&qg, extra, &format!("{p}_q_scaled"))? } else { qg };
@@ -1197,6 +1276,11 @@ pub fn build_function(
                 ],
             )?
         } else {
+            let qg = g.op(
+                "reshape",
+                &format!("{p}_q_groups"),
+                vec![("x", (&q).into()), ("shape", i32s(&[1, kvh, -1, hd]))],
+            )?;
             let qs = g.mul_s(&qg, c.attention_scale, &format!("{p}_q_scaled"))?;
             let mut scores = g.op(
                 "matmul",
@@ -1223,13 +1307,15 @@ pub fn build_function(
             &format!("{p}_attn_heads"),
             vec![("x", (&attn).into()), ("shape", i32s(&[1, c.num_heads as i32, -1, hd]))],
         )?;
-        let tokens =
-            g.op("transpose", &format!("{p}_attn_t"), vec![("x", (&heads).into()), ("perm", i32s(&[0, 2, 1, 3]))])?;
-        let flat = g.op(
-            "reshape",
-            &format!("{p}_attn_flat"),
-            vec![("x", (&tokens).into()), ("shape", i32s(&[1, -1, c.num_heads as i32 * hd]))],
-        )?;
+        // Back to (1, N, heads·head_dim), or channels-first (1, heads·head_dim, 1, N).
+        let (perm, shape) = if ane {
+            ([0, 1, 3, 2], vec![1, c.num_heads as i32 * hd, 1, -1])
+        } else {
+            ([0, 2, 1, 3], vec![1, -1, c.num_heads as i32 * hd])
+        };
+        let tokens = g.op("transpose", &format!("{p}_attn_t"), vec![("x", (&heads).into()), ("perm", i32s(&perm))])?;
+        let flat =
+            g.op("reshape", &format!("{p}_attn_flat"), vec![("x", (&tokens).into()), ("shape", i32s(&shape))])?;
         let mut o = g.linear(&flat, lr(O), Some(lr(OBias)), &format!("{p}_o"))?;
         if c.sandwich_norms {
             o = g.norm(&o, lr(PostAttnNorm), None, residual, false, &format!("{p}_post_attn_norm"))?;
@@ -1257,7 +1343,8 @@ pub fn build_function(
     }
 
     if !stage.last {
-        g.f.output(&x, "nextHiddenStates")?;
+        let out = if ane { g.tokens_first(&x, "next_hidden")? } else { x };
+        g.f.output(&out, "nextHiddenStates")?;
         return g.f.finish();
     }
     let h = g.norm(&x, Role::FinalNorm, Some(Role::FinalNormBias), dt, true, "final_norm")?;
@@ -1268,11 +1355,18 @@ pub fn build_function(
     let mut best: Option<(Var, Var)> = None;
     for (i, head) in heads.iter().enumerate() {
         let out = if heads.len() == 1 { "logits".to_string() } else { format!("logits_{i}") };
+        // Logits are (1, N, vocab) in every layout.
+        let name = if c.final_logit_softcap.is_none() { out.clone() } else { format!("{out}_raw") };
+        let projected = if ane {
+            let ch = g.project(&h, head, None, &format!("{out}_channels"))?;
+            g.tokens_first(&ch, &name)?
+        } else {
+            g.project(&h, head, None, &name)?
+        };
         let logits = match c.final_logit_softcap {
-            None => g.f.op1("linear", &out, vec![("x", (&h).into()), ("weight", head.into())])?,
+            None => projected,
             Some(cap) => {
-                let raw =
-                    g.f.op1("linear", &format!("{out}_raw"), vec![("x", (&h).into()), ("weight", head.into())])?;
+                let raw = projected;
                 let s = g.mul_s(&raw, 1.0 / cap, &format!("{out}_cap_in"))?;
                 let t = g.op("tanh", &format!("{out}_cap_tanh"), vec![("x", (&s).into())])?;
                 g.mul_s(&t, cap, &out)?

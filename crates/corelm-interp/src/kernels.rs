@@ -893,15 +893,46 @@ fn layer_norm(inp: &Inputs, x: &Value) -> Result<Value> {
         None => (0..rank).collect(),
     };
     let first = *axes.iter().min().ok_or_else(|| bad("layer_norm needs axes"))?;
-    if axes.len() != rank - first || (first..rank).any(|a| !axes.contains(&a)) {
-        return Err(bad("layer_norm over non-trailing axes is not supported"));
+    let last = *axes.iter().max().expect("non-empty");
+    if axes.len() != last - first + 1 || (first..=last).any(|a| !axes.contains(&a)) {
+        return Err(bad("layer_norm over axes that are not consecutive is not supported"));
     }
-    let n: usize = x.shape[first..].iter().product();
+    let n: usize = x.shape[first..=last].iter().product();
+    let inner: usize = x.shape[last + 1..].iter().product();
     let eps = inp.float("epsilon", 1e-5)? as f64;
     let gamma = inp.get("gamma").map(|g| g.floats());
     let beta = inp.get("beta").map(|b| b.floats());
     let v = x.as_f32()?;
     let mut out = vec![0f32; v.len()];
+    if inner > 1 {
+        // Normalized axes followed by others, e.g. the channels of (1, C, 1, S): statistics per
+        // trailing position, accumulated row by row of the normalized axes.
+        out.par_chunks_mut(n * inner).zip(v.par_chunks(n * inner)).for_each(|(o, block)| {
+            let mut mean = vec![0f64; inner];
+            for row in block.chunks(inner) {
+                mean.iter_mut().zip(row).for_each(|(m, &a)| *m += a as f64);
+            }
+            mean.iter_mut().for_each(|m| *m /= n as f64);
+            let mut var = vec![0f64; inner];
+            for row in block.chunks(inner) {
+                var.iter_mut().zip(row).zip(&mean).for_each(|((s, &a), m)| *s += (a as f64 - m).powi(2));
+            }
+            let inv: Vec<f64> = var.iter().map(|s| 1.0 / (s / n as f64 + eps).sqrt()).collect();
+            for (k, (orow, row)) in o.chunks_mut(inner).zip(block.chunks(inner)).enumerate() {
+                for (i, (o, &a)) in orow.iter_mut().zip(row).enumerate() {
+                    let mut y = ((a as f64 - mean[i]) * inv[i]) as f32;
+                    if let Some(g) = &gamma {
+                        y *= g[k];
+                    }
+                    if let Some(b) = &beta {
+                        y += b[k];
+                    }
+                    *o = y;
+                }
+            }
+        });
+        return Ok(Value::f32(x.dtype, x.shape.clone(), out));
+    }
     out.par_chunks_mut(n).with_min_len(PAR_MIN / n.max(1)).zip(v.par_chunks(n)).for_each(|(o, row)| {
         let mean = row.iter().map(|&a| a as f64).sum::<f64>() / n as f64;
         let var = row.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / n as f64;
@@ -1463,6 +1494,43 @@ fn topk(inp: &Inputs, x: &Value) -> Result<Vec<Value>> {
     Ok(out)
 }
 
+/// A 1×1 convolution is a matrix product over channels (the Neural Engine's form of a linear
+/// layer): per batch, out (C_out × HW) = W (C_out × C_in) · x (C_in × HW), through the matrix
+/// kernel with the positions as rows, so compressed weights stay compressed.
+fn pointwise_conv(inp: &Inputs, x: &Value, w: &Value, cout: usize) -> Result<Value> {
+    let (nb, cin) = (x.shape[0], x.shape[1]);
+    let hw = x.shape[2] * x.shape[3];
+    let rows = match &w.data {
+        Data::Packed(p) => WeightRows::of(p),
+        _ => WeightRows::F32(w.as_f32()?),
+    };
+    let bias = inp.get("bias").map(|b| b.to_f32_vec());
+    let xv = x.as_f32()?;
+    let mut out = vec![0f32; nb * cout * hw];
+    let (mut positions, mut product) = (vec![0f32; hw * cin], vec![0f32; hw * cout]);
+    for b in 0..nb {
+        transpose_into(&xv[b * cin * hw..(b + 1) * cin * hw], cin, hw, &mut positions);
+        matmul_t(hw, cin, cout, &positions, rows, &mut product);
+        let ob = &mut out[b * cout * hw..(b + 1) * cout * hw];
+        transpose_into(&product, hw, cout, ob);
+        if let Some(bv) = &bias {
+            ob.chunks_mut(hw).zip(bv).for_each(|(row, &c)| row.iter_mut().for_each(|v| *v += c));
+        }
+    }
+    let mut shape = x.shape.clone();
+    shape[1] = cout;
+    Ok(Value::f32(x.dtype, shape, out))
+}
+
+/// `src` (rows × cols) transposed into `dst` (cols × rows).
+fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    dst.par_chunks_mut(rows).with_min_len((PAR_MIN / rows.max(1)).max(1)).enumerate().for_each(|(c, out)| {
+        for (r, v) in out.iter_mut().enumerate() {
+            *v = src[r * cols + c];
+        }
+    });
+}
+
 fn conv(inp: &Inputs, x: &Value) -> Result<Value> {
     let w = inp.req("weight")?;
     if x.rank() != 4 {
@@ -1495,6 +1563,9 @@ fn conv(inp: &Inputs, x: &Value) -> Result<Value> {
     };
     if cin_g * groups != cin {
         return Err(bad("conv: channels do not match groups"));
+    }
+    if (kh, kw, groups, sh, sw, pt, pl, oh, ow) == (1, 1, 1, 1, 1, 0, 0, h, wd) {
+        return pointwise_conv(inp, x, w, cout);
     }
     let (xv, wv) = (x.as_f32()?, w.to_f32_vec());
     let bias = inp.get("bias").map(|b| b.to_f32_vec());
@@ -1630,5 +1701,75 @@ pub fn run(op: &str, inp: &Inputs) -> Result<Vec<Value>> {
         "topk" => topk(inp, x()?),
         "conv" => one(conv(inp, x()?)?),
         _ => one(unary(op, inp, x()?)?),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(shape: &[usize], seed: u64) -> Value {
+        let mut s = seed;
+        let data = (0..shape.iter().product())
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect();
+        Value::f32(DType::Fp32, shape.to_vec(), data)
+    }
+
+    fn call(op: &str, args: Vec<(&'static str, Value)>) -> Value {
+        let bound: Vec<Bound> = args.into_iter().map(|(n, v)| (n, vec![Arc::new(v)])).collect();
+        run(op, &Inputs { map: &bound }).unwrap().remove(0)
+    }
+
+    /// The channels-first linear layer: a 1×1 conv over (B, C, 1, S), with a bias, against the
+    /// sum it stands for.
+    #[test]
+    fn pointwise_conv_is_a_product_over_channels() {
+        let (b, cin, cout, s) = (2, 24, 13, 37);
+        let x = value(&[b, cin, 1, s], 1);
+        let w = value(&[cout, cin, 1, 1], 2);
+        let bias = value(&[cout], 3);
+        let y = call("conv", vec![("x", x.clone()), ("weight", w.clone()), ("bias", bias.clone())]);
+        assert_eq!(y.shape, [b, cout, 1, s]);
+        let (xv, wv, bv, yv) = (x.as_f32().unwrap(), w.as_f32().unwrap(), bias.as_f32().unwrap(), y.as_f32().unwrap());
+        for n in 0..b {
+            for o in 0..cout {
+                for p in 0..s {
+                    let want: f64 = bv[o] as f64
+                        + (0..cin).map(|c| wv[o * cin + c] as f64 * xv[(n * cin + c) * s + p] as f64).sum::<f64>();
+                    let got = yv[(n * cout + o) * s + p] as f64;
+                    assert!((got - want).abs() < 1e-5, "({n},{o},{p}): {got} vs {want}");
+                }
+            }
+        }
+    }
+
+    /// layer_norm over the channels of (1, C, 1, S): each position normalized over C, scaled by
+    /// gamma and shifted by beta per channel.
+    #[test]
+    fn layer_norm_over_a_leading_axis() {
+        let (c, s) = (9, 11);
+        let x = value(&[1, c, 1, s], 4);
+        let (gamma, beta) = (value(&[c], 5), value(&[c], 6));
+        let axes = Value::i32(vec![1], vec![1]);
+        let eps = Value::f32(DType::Fp32, vec![], vec![1e-5]);
+        let y = call(
+            "layer_norm",
+            vec![("x", x.clone()), ("axes", axes), ("gamma", gamma.clone()), ("beta", beta.clone()), ("epsilon", eps)],
+        );
+        let (xv, g, b, yv) =
+            (x.as_f32().unwrap(), gamma.as_f32().unwrap(), beta.as_f32().unwrap(), y.as_f32().unwrap());
+        for p in 0..s {
+            let col: Vec<f64> = (0..c).map(|k| xv[k * s + p] as f64).collect();
+            let mean = col.iter().sum::<f64>() / c as f64;
+            let var = col.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / c as f64;
+            for k in 0..c {
+                let want = (col[k] - mean) / (var + 1e-5).sqrt() * g[k] as f64 + b[k] as f64;
+                assert!((yv[k * s + p] as f64 - want).abs() < 1e-5, "({k},{p})");
+            }
+        }
     }
 }
