@@ -511,23 +511,7 @@ impl Graph<'_, '_> {
                 let n = self.op("mul", &format!("{name}_n"), vec![("x", (&x32).into()), ("y", (&r).into())])?;
                 self.op("mul", &format!("{name}_w"), vec![("x", (&n).into()), ("y", (&w).into())])?
             }
-            Norm::Layer { eps } => {
-                let b = match bias {
-                    Some(b) => self.required(b)?,
-                    None => return Err(Error::invalid("layer norm without a bias weight")),
-                };
-                self.op(
-                    "layer_norm",
-                    &format!("{name}_ln"),
-                    vec![
-                        ("x", (&x32).into()),
-                        ("axes", i32s(&[-1])),
-                        ("gamma", (&w).into()),
-                        ("beta", (&b).into()),
-                        ("epsilon", self.float(DType::Fp32, eps)),
-                    ],
-                )?
-            }
+            Norm::Layer { eps } => self.layer_norm(&x32, -1, Some((weight, bias)), eps, &format!("{name}_ln"))?,
         };
         self.cast(&y, out, name)
     }
@@ -541,26 +525,22 @@ impl Graph<'_, '_> {
     fn ane_norm(&mut self, x: &Var, weight: Role, bias: Option<Role>, of_residual: bool, name: &str) -> Result<Var> {
         let per_head = matches!(weight, Role::Layer(_, LayerRole::QNorm | LayerRole::KNorm));
         let axis = if per_head { -1 } else { 1 };
-        let mut w = self.required(weight)?;
-        if !per_head {
-            // (C,) → (C, 1, 1), to scale the channels of (1, C, 1, S).
-            w = self.op("expand_dims", &format!("{name}_w"), vec![("x", (&w).into()), ("axes", i32s(&[1, 2]))])?;
-        }
-        let dt = x.dtype();
         let scale = if of_residual { self.residual_divisor.powi(2) } else { 1.0 };
         match self.c.norm {
             Norm::Rms { eps, .. } => {
+                let mut w = self.required(weight)?;
+                if !per_head {
+                    // (C,) → (C, 1, 1), to scale the channels of (1, C, 1, S).
+                    let axes = i32s(&[1, 2]);
+                    w = self.op("expand_dims", &format!("{name}_w"), vec![("x", (&w).into()), ("axes", axes)])?;
+                }
                 let neg = self.mul_s(x, -1.0, &format!("{name}_neg"))?;
                 let both = self.op(
                     "concat",
                     &format!("{name}_pm"),
                     vec![("values", Arg::Tuple(vec![x, &neg])), ("axis", scalar_i32(axis))],
                 )?;
-                let ln = self.op(
-                    "layer_norm",
-                    &format!("{name}_ln"),
-                    vec![("x", (&both).into()), ("axes", i32s(&[axis])), ("epsilon", self.float(dt, eps / scale))],
-                )?;
+                let ln = self.layer_norm(&both, axis, None, eps / scale, &format!("{name}_ln"))?;
                 let halves = self.f.op(
                     "split",
                     &format!("{name}_half"),
@@ -568,26 +548,30 @@ impl Graph<'_, '_> {
                 )?;
                 self.op("mul", name, vec![("x", (&halves[0]).into()), ("y", (&w).into())])
             }
-            Norm::Layer { eps } => {
-                let b = match bias {
-                    Some(b) => self.required(b)?,
-                    None => return Err(Error::invalid("layer norm without a bias weight")),
-                };
-                // gamma and beta scale the normalized axis, so they keep their (C,) shape.
-                let gamma = self.required(weight)?;
-                self.op(
-                    "layer_norm",
-                    name,
-                    vec![
-                        ("x", x.into()),
-                        ("axes", i32s(&[axis])),
-                        ("gamma", (&gamma).into()),
-                        ("beta", (&b).into()),
-                        ("epsilon", self.float(dt, eps / scale)),
-                    ],
-                )
-            }
+            Norm::Layer { eps } => self.layer_norm(x, axis, Some((weight, bias)), eps / scale, name),
         }
+    }
+
+    /// `layer_norm` over `axis`, scaled and shifted by the (weight, bias) roles when given
+    /// (they keep the normalized axis's (C,) shape).
+    fn layer_norm(
+        &mut self,
+        x: &Var,
+        axis: i32,
+        affine: Option<(Role, Option<Role>)>,
+        eps: f64,
+        name: &str,
+    ) -> Result<Var> {
+        let eps = self.float(x.dtype(), eps);
+        let mut args = vec![("x", Arg::Var(x)), ("axes", i32s(&[axis]))];
+        let (gamma, beta);
+        if let Some((weight, bias)) = affine {
+            gamma = self.required(weight)?;
+            beta = self.required(bias.ok_or_else(|| Error::invalid("layer norm without a bias weight"))?)?;
+            args.extend([("gamma", Arg::Var(&gamma)), ("beta", Arg::Var(&beta))]);
+        }
+        args.push(("epsilon", eps));
+        self.op("layer_norm", name, args)
     }
 
     /// Token embeddings, in the residual stream's dtype and scale. A table split in blocks of
