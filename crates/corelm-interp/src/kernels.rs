@@ -476,6 +476,15 @@ fn around(shape: &[usize], axis: usize) -> (usize, usize, usize) {
     (shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product())
 }
 
+/// Softmax of one contiguous row, in place (max subtracted first, so exp cannot overflow).
+fn softmax_in_place(row: &mut [f32]) {
+    let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    row.iter_mut().for_each(|x| *x -= mx);
+    vmath::exp_in_place(row);
+    let sum: f32 = row.iter().sum();
+    row.iter_mut().for_each(|x| *x /= sum);
+}
+
 fn softmax(x: &Value, axis: i64) -> Result<Value> {
     let ax = norm_axis(axis, x.rank())?;
     let (outer, n, inner) = around(&x.shape, ax);
@@ -484,12 +493,8 @@ fn softmax(x: &Value, axis: i64) -> Result<Value> {
     out.par_chunks_mut(n * inner).with_min_len(PAR_MIN / (n * inner).max(1)).enumerate().for_each(|(o, chunk)| {
         let base = o * n * inner;
         if inner == 1 {
-            let row = &v[base..base + n];
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            chunk.iter_mut().zip(row).for_each(|(c, &a)| *c = a - m);
-            vmath::exp_in_place(chunk);
-            let sum: f32 = chunk.iter().sum();
-            chunk.iter_mut().for_each(|c| *c /= sum);
+            chunk.copy_from_slice(&v[base..base + n]);
+            softmax_in_place(chunk);
             return;
         }
         for i in 0..inner {
@@ -853,13 +858,7 @@ fn sdpa(inp: &Inputs) -> Result<Value> {
                     row.iter_mut().zip(m).for_each(|(a, b)| *a += b);
                 }
             }
-            for row in scores.chunks_mut(keys) {
-                let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                row.iter_mut().for_each(|x| *x -= mx);
-                vmath::exp_in_place(row);
-                let sum: f32 = row.iter().sum();
-                row.iter_mut().for_each(|x| *x /= sum);
-            }
+            scores.chunks_mut(keys).for_each(softmax_in_place);
             // SAFETY: as above.
             unsafe {
                 matrixmultiply::sgemm(
