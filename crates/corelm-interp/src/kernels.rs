@@ -284,22 +284,19 @@ fn binary(op: &str, x: &Value, y: &Value) -> Result<Value> {
             },
         );
     }
-    float_binary(
-        x,
-        y,
-        match op {
-            "add" => |a: f32, b: f32| a + b,
-            "sub" => |a, b| a - b,
-            "mul" => |a, b| a * b,
-            "real_div" => |a, b| a / b,
-            "pow" => |a: f32, b| a.powf(b),
-            "maximum" => |a: f32, b| a.max(b),
-            "minimum" => |a: f32, b| a.min(b),
-            "floor_div" => |a: f32, b: f32| (a / b).floor(),
-            "mod" => |a: f32, b: f32| a - (a / b).floor() * b,
-            _ => return Err(bad(format!("unknown binary op `{op}`"))),
-        },
-    )
+    // One instance of the element loop per op (not a function pointer), so each vectorizes.
+    match op {
+        "add" => float_binary(x, y, |a, b| a + b),
+        "sub" => float_binary(x, y, |a, b| a - b),
+        "mul" => float_binary(x, y, |a, b| a * b),
+        "real_div" => float_binary(x, y, |a, b| a / b),
+        "pow" => float_binary(x, y, f32::powf),
+        "maximum" => float_binary(x, y, f32::max),
+        "minimum" => float_binary(x, y, f32::min),
+        "floor_div" => float_binary(x, y, |a, b| (a / b).floor()),
+        "mod" => float_binary(x, y, |a, b| a - (a / b).floor() * b),
+        _ => Err(bad(format!("unknown binary op `{op}`"))),
+    }
 }
 
 fn compare(op: &str, x: &Value, y: &Value) -> Result<Value> {
@@ -990,13 +987,17 @@ fn transpose(x: &Value, perm: &[i64]) -> Result<Value> {
     let shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
     let st = strides(&x.shape);
     let pst: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
-    let n = x.len();
-    let mut idx = Vec::with_capacity(n);
-    let mut counter = vec![0usize; rank];
+    // Trailing axes the permutation leaves in place move as contiguous runs (heads ↔ positions
+    // keeps the head dimension whole).
+    let outer = rank - (0..rank).rev().take_while(|&d| perm[d] == d).count();
+    let run: usize = x.shape[outer..].iter().product();
+    let blocks = x.len().checked_div(run).unwrap_or(0);
+    let mut starts = Vec::with_capacity(blocks);
+    let mut counter = vec![0usize; outer];
     let mut cur = 0usize;
-    for _ in 0..n {
-        idx.push(cur);
-        for d in (0..rank).rev() {
+    for _ in 0..blocks {
+        starts.push(cur);
+        for d in (0..outer).rev() {
             counter[d] += 1;
             cur += pst[d];
             if counter[d] < shape[d] {
@@ -1006,7 +1007,7 @@ fn transpose(x: &Value, perm: &[i64]) -> Result<Value> {
             counter[d] = 0;
         }
     }
-    Ok(take(x, shape, &idx))
+    Ok(if run == 1 { take(x, shape, &starts) } else { take_runs(x, shape, &starts, run) })
 }
 
 /// Python-style slice bounds of one dimension.
@@ -1721,6 +1722,32 @@ mod tests {
     fn call(op: &str, args: Vec<(&'static str, Value)>) -> Value {
         let bound: Vec<Bound> = args.into_iter().map(|(n, v)| (n, vec![Arc::new(v)])).collect();
         run(op, &Inputs { map: &bound }).unwrap().remove(0)
+    }
+
+    /// Transposes against index arithmetic: permutations that keep trailing axes in place
+    /// (copied as runs), ones that move the last axis, and the identity.
+    #[test]
+    fn transpose_matches_index_arithmetic() {
+        let shape = [2usize, 3, 4, 5];
+        let x = value(&shape, 9);
+        let xv = x.as_f32().unwrap();
+        for perm in [[0usize, 2, 1, 3], [1, 0, 2, 3], [3, 2, 1, 0], [0, 1, 3, 2], [0, 1, 2, 3], [2, 0, 3, 1]] {
+            let p = Value::i32(vec![4], perm.iter().map(|&a| a as i32).collect());
+            let y = call("transpose", vec![("x", x.clone()), ("perm", p)]);
+            let out_shape: Vec<usize> = perm.iter().map(|&a| shape[a]).collect();
+            assert_eq!(y.shape, out_shape);
+            let yv = y.as_f32().unwrap();
+            let st = strides(&shape);
+            for (flat, &got) in yv.iter().enumerate() {
+                let mut rest = flat;
+                let mut src = 0;
+                for d in (0..4).rev() {
+                    src += (rest % out_shape[d]) * st[perm[d]];
+                    rest /= out_shape[d];
+                }
+                assert_eq!(got, xv[src], "perm {perm:?} at {flat}");
+            }
+        }
     }
 
     /// The channels-first linear layer: a 1×1 conv over (B, C, 1, S), with a bias, against the
