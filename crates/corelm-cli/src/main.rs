@@ -1036,9 +1036,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut lm = corelm_interp::lm::LanguageModel::open(&pkg)
                 .with_context(|| format!("cannot run {}", package.display()))?;
             let started = std::time::Instant::now();
-            let rows = lm.feed(&ids)?;
+            let last = lm.feed_last(&ids)?;
             let prefill_s = started.elapsed().as_secs_f64();
-            let last = rows.last().cloned().unwrap_or_default();
             let mut next = corelm_interp::lm::argmax(&last) as u32;
             let mut generated = Vec::new();
             let decode_started = std::time::Instant::now();
@@ -1047,7 +1046,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 if i + 1 == max_new_tokens || lm.position() >= lm.context() {
                     break;
                 }
-                next = corelm_interp::lm::argmax(&lm.feed(&[next])?[0]) as u32;
+                next = corelm_interp::lm::argmax(&lm.feed_last(&[next])?) as u32;
             }
             let decode_s = decode_started.elapsed().as_secs_f64();
             if json {

@@ -26,7 +26,7 @@ pub use corelm_format::{Error, Result};
 use crate::kernels::Inputs;
 use crate::value::{Data, Packed, Value};
 
-/// Ops the interpreter runs (besides const, constexpr_*, read_state and write_state).
+/// Ops the interpreter runs (besides const, constexpr_*, read_state, write_state and [`UNARY_OPS`]).
 pub const SUPPORTED_OPS: &[&str] = &[
     "add",
     "sub",
@@ -88,38 +88,13 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "cumsum",
     "topk",
     "conv",
-    "identity",
-    "rsqrt",
-    "log",
-    "inverse",
-    "gelu",
-    "clip",
-    "sin",
-    "cos",
-    "tan",
-    "asin",
-    "acos",
-    "atan",
-    "sinh",
-    "cosh",
-    "atanh",
-    "exp",
-    "exp2",
-    "sqrt",
-    "tanh",
-    "sigmoid",
-    "silu",
-    "relu",
-    "relu6",
-    "erf",
-    "floor",
-    "ceil",
-    "round",
-    "sign",
-    "abs",
-    "square",
-    "softplus",
-    "softsign",
+];
+
+/// Elementwise ops of one tensor (their other parameters are scalars), also run by the interpreter.
+pub const UNARY_OPS: &[&str] = &[
+    "identity", "rsqrt", "log", "inverse", "gelu", "clip", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh",
+    "atanh", "exp", "exp2", "sqrt", "tanh", "sigmoid", "silu", "relu", "relu6", "erf", "floor", "ceil", "round",
+    "sign", "abs", "square", "softplus", "softsign",
 ];
 
 enum Src {
@@ -145,6 +120,18 @@ struct Step {
     outputs: Vec<(usize, TensorType)>,
     /// Slots whose last use is this step.
     free: Vec<usize>,
+    /// Set on the steps that end in a function output and work row by row along `axis`, the
+    /// output's second-to-last: when a caller wants one row of that output
+    /// ([`Interpreter::predict_row`]), they compute only that row.
+    row: Option<RowStep>,
+}
+
+#[derive(Clone, Copy)]
+struct RowStep {
+    axis: usize,
+    /// The projection (`linear`, or `matmul` by a constant) that starts the chain: its `x` is
+    /// cut to the one row before it runs. The steps after it are elementwise with scalars.
+    cut: bool,
 }
 
 struct Plan {
@@ -417,7 +404,7 @@ fn plan_function(pkg: &Package, fname: &str, f: &Function, files: &mut BlobFiles
                     Kind::WriteState(state)
                 }
             }
-            t if SUPPORTED_OPS.contains(&t) => Kind::Op(t.to_string()),
+            t if SUPPORTED_OPS.contains(&t) || UNARY_OPS.contains(&t) => Kind::Op(t.to_string()),
             t => return Err(Error::invalid(format!("{}: the interpreter does not support op `{t}`", ctx()))),
         };
         let mut step_inputs = Vec::new();
@@ -446,7 +433,7 @@ fn plan_function(pkg: &Package, fname: &str, f: &Function, files: &mut BlobFiles
             outputs.push((next, o.ty.tensor().clone()));
             next += 1;
         }
-        steps.push(Step { kind, label: ctx(), inputs: step_inputs, outputs, free: vec![] });
+        steps.push(Step { kind, label: ctx(), inputs: step_inputs, outputs, free: vec![], row: None });
     }
     let mut outputs = Vec::new();
     let mut consts = Vec::new();
@@ -482,6 +469,7 @@ fn plan_function(pkg: &Package, fname: &str, f: &Function, files: &mut BlobFiles
         steps[i].free.push(slot);
     }
     mark_in_place_state_updates(&mut steps);
+    mark_row_outputs(&mut steps, &outputs);
     let description = pkg.model().description.function(fname);
     let flexible = description
         .map(|d| {
@@ -533,6 +521,89 @@ fn mark_in_place_state_updates(steps: &mut [Step]) {
             steps[i].kind = Kind::ReadState { state, take: true };
         }
     }
+}
+
+/// Marks, for each function output, the chain of steps that computes it row by row from a
+/// projection: `linear` (or `matmul` by a constant) followed by elementwise ops with scalars,
+/// each value read only by the next step. That is how an LM head's logits are made; a caller
+/// that needs only the last position's logits then multiplies one row by the head, not all.
+fn mark_row_outputs(steps: &mut [Step], outputs: &[(String, usize)]) {
+    let mut producer = HashMap::new();
+    let mut readers: HashMap<usize, usize> = HashMap::new();
+    for (i, step) in steps.iter().enumerate() {
+        for (slot, _) in &step.outputs {
+            producer.insert(*slot, i);
+        }
+        for s in step.inputs.iter().flat_map(|(_, srcs)| srcs) {
+            if let Src::Slot(slot) = s {
+                *readers.entry(*slot).or_default() += 1;
+            }
+        }
+    }
+    for (_, slot) in outputs {
+        *readers.entry(*slot).or_default() += 1;
+    }
+    for (_, out) in outputs {
+        let mut chain: Vec<usize> = Vec::new();
+        let mut slot = *out;
+        while let Some(&i) = producer.get(&slot) {
+            let step = &steps[i];
+            let Kind::Op(op) = &step.kind else { break };
+            let [(_, ty)] = step.outputs.as_slice() else { break };
+            let slot_inputs: Vec<(&str, usize)> = step
+                .inputs
+                .iter()
+                .flat_map(|(p, srcs)| srcs.iter().map(move |s| (p.as_str(), s)))
+                .filter_map(|(p, s)| match s {
+                    Src::Slot(v) => Some((p, *v)),
+                    Src::Const(_) => None,
+                })
+                .collect();
+            let [(param, from)] = slot_inputs.as_slice() else { break };
+            if readers.get(&slot) != Some(&1) || ty.rank() < 2 {
+                break;
+            }
+            let params = || step.inputs.iter().flat_map(|(p, srcs)| srcs.iter().map(move |s| (p.as_str(), s)));
+            let is_const_false = |name: &str| {
+                params().all(|(p, s)| p != name || matches!(s, Src::Const(c) if c.ints().is_ok_and(|v| v == [0])))
+            };
+            let projection = *param == "x" && (op == "linear" || (op == "matmul" && is_const_false("transpose_x")));
+            let scalars = params().all(|(_, s)| match s {
+                Src::Const(c) => c.len() <= 1,
+                Src::Slot(_) => true,
+            });
+            let elementwise = scalars
+                && (UNARY_OPS.contains(&op.as_str())
+                    || ["add", "sub", "mul", "real_div", "maximum", "minimum", "cast"].contains(&op.as_str()));
+            if projection {
+                let axis = ty.rank() - 2;
+                steps[i].row = Some(RowStep { axis, cut: true });
+                for &j in &chain {
+                    steps[j].row = Some(RowStep { axis, cut: false });
+                }
+                break;
+            }
+            if !elementwise {
+                break;
+            }
+            chain.push(i);
+            slot = *from;
+        }
+    }
+}
+
+/// Row `row` of `v` along `axis` (the axis kept, with length 1).
+fn row_of(v: &Value, axis: usize, row: usize) -> Result<Value> {
+    let n = *v.shape.get(axis).ok_or_else(|| Error::invalid("no such axis"))?;
+    if row >= n {
+        return Err(Error::invalid(format!("row {row} of a value with {n} rows")));
+    }
+    let inner: usize = v.shape[axis + 1..].iter().product();
+    let data =
+        v.as_f32()?.chunks(n * inner).flat_map(|outer| &outer[row * inner..(row + 1) * inner]).copied().collect();
+    let mut shape = v.shape.clone();
+    shape[axis] = 1;
+    Ok(Value { shape, data: Data::F32(data), dtype: v.dtype })
 }
 
 impl Interpreter {
@@ -594,7 +665,21 @@ impl Interpreter {
     ) -> Result<BTreeMap<String, Value>> {
         // On a pool thread, each parallel kernel shares work with the other workers directly;
         // from outside the pool, every one would be a cross-thread hand-off and wake-up.
-        rayon::scope(|_| self.predict_on_worker(function, inputs, state))
+        rayon::scope(|_| self.predict_on_worker(function, inputs, state, None))
+    }
+
+    /// Like [`predict`](Self::predict), for a caller that needs only row `row` (along the
+    /// second-to-last axis: the query position) of the outputs a final projection computes,
+    /// such as an LM head's logits. Those outputs then hold that row alone, and the projection
+    /// multiplies just that row. Other outputs are complete.
+    pub fn predict_row(
+        &self,
+        function: Option<&str>,
+        inputs: &BTreeMap<String, Value>,
+        state: &mut State,
+        row: usize,
+    ) -> Result<BTreeMap<String, Value>> {
+        rayon::scope(|_| self.predict_on_worker(function, inputs, state, Some(row)))
     }
 
     fn predict_on_worker(
@@ -602,6 +687,7 @@ impl Interpreter {
         function: Option<&str>,
         inputs: &BTreeMap<String, Value>,
         state: &mut State,
+        row: Option<usize>,
     ) -> Result<BTreeMap<String, Value>> {
         let (fname, plan) = self.plan(function)?;
         let mut slots: Vec<Option<Arc<Value>>> = vec![None; plan.slots];
@@ -631,7 +717,8 @@ impl Interpreter {
             slots[*slot] = Some(v.clone());
         }
         for step in &plan.steps {
-            self.run_step(step, &mut slots, state).map_err(|e| e.context(&step.label))?;
+            let row = row.and_then(|r| step.row.map(|s| (s, r)));
+            self.run_step(step, &mut slots, state, row).map_err(|e| e.context(&step.label))?;
             for &s in &step.free {
                 slots[s] = None;
             }
@@ -644,7 +731,14 @@ impl Interpreter {
         Ok(out)
     }
 
-    fn run_step(&self, step: &Step, slots: &mut [Option<Arc<Value>>], state: &mut State) -> Result<()> {
+    /// `row`: compute only this row of a row-by-row step's output (see [`Step::row`]).
+    fn run_step(
+        &self,
+        step: &Step,
+        slots: &mut [Option<Arc<Value>>],
+        state: &mut State,
+        row: Option<(RowStep, usize)>,
+    ) -> Result<()> {
         match &step.kind {
             Kind::ReadState { state: name, take } => {
                 let v = if *take { state.values.remove(name) } else { state.values.get(name).cloned() };
@@ -670,7 +764,14 @@ impl Interpreter {
                     slots[step.outputs[0].0] = Some(x);
                     return Ok(());
                 }
-                let map = gather(step, slots, None)?;
+                let mut map = gather(step, slots, None)?;
+                if let Some((RowStep { axis, cut: true }, r)) = row {
+                    for (param, values) in &mut map {
+                        if *param == "x" {
+                            values[0] = Arc::new(row_of(&values[0], axis, r)?);
+                        }
+                    }
+                }
                 let outs = kernels::run(op, &Inputs { map: &map })?;
                 if outs.len() != step.outputs.len() {
                     return Err(Error::invalid(format!(
@@ -680,7 +781,7 @@ impl Interpreter {
                     )));
                 }
                 for (mut v, (slot, ty)) in outs.into_iter().zip(&step.outputs) {
-                    conform(&mut v, ty)?;
+                    conform(&mut v, ty, row.map(|(s, _)| s.axis))?;
                     slots[*slot] = Some(Arc::new(v));
                 }
             }
@@ -711,8 +812,10 @@ fn gather<'s>(step: &'s Step, slots: &[Option<Arc<Value>>], skip: Option<&str>) 
 /// Gives a kernel's result the dtype the program declares (rounding floats to fp16 where
 /// declared) and checks its shape against the declared fixed dimensions. A result the kernel
 /// already typed fp16 holds fp16 values (see [`Value`]), so it is not rounded twice.
-fn conform(v: &mut Value, ty: &TensorType) -> Result<()> {
-    if v.rank() != ty.rank() || v.shape.iter().zip(&ty.dims).any(|(&a, d)| matches!(d, Dim::Fixed(n) if *n != a)) {
+/// `one_row`: an axis computed for one row only, whose declared length is not checked.
+fn conform(v: &mut Value, ty: &TensorType, one_row: Option<usize>) -> Result<()> {
+    let fits = |(i, (&a, d)): (usize, (&usize, &Dim))| Some(i) == one_row || !matches!(d, Dim::Fixed(n) if *n != a);
+    if v.rank() != ty.rank() || !v.shape.iter().zip(&ty.dims).enumerate().all(fits) {
         return Err(Error::invalid(format!("computed shape {:?}, but the program declares {ty}", v.shape)));
     }
     match (&mut v.data, ty.dtype) {

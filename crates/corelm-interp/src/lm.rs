@@ -26,6 +26,18 @@ pub trait Executor {
         inputs: &BTreeMap<String, Value>,
         state: &mut Self::State,
     ) -> Result<BTreeMap<String, Value>>;
+    /// Like `predict` for a caller that needs only query position `row` of the logits. The
+    /// logits may then hold that row alone; by default they hold every row.
+    fn predict_row(
+        &mut self,
+        function: Option<&str>,
+        inputs: &BTreeMap<String, Value>,
+        state: &mut Self::State,
+        row: usize,
+    ) -> Result<BTreeMap<String, Value>> {
+        let _ = row;
+        self.predict(function, inputs, state)
+    }
 }
 
 impl Executor for Interpreter {
@@ -42,6 +54,16 @@ impl Executor for Interpreter {
         state: &mut State,
     ) -> Result<BTreeMap<String, Value>> {
         Interpreter::predict(self, function, inputs, state)
+    }
+
+    fn predict_row(
+        &mut self,
+        function: Option<&str>,
+        inputs: &BTreeMap<String, Value>,
+        state: &mut State,
+        row: usize,
+    ) -> Result<BTreeMap<String, Value>> {
+        Interpreter::predict_row(self, function, inputs, state, row)
     }
 }
 
@@ -207,18 +229,23 @@ impl<E: Executor> LanguageModel<E> {
     }
 
     /// One prediction through every part: each later part takes the hidden states the one
-    /// before it returned in place of the token ids.
+    /// before it returned in place of the token ids. With `row`, only that query position's
+    /// logits are needed (see [`Executor::predict_row`]).
     fn predict(
         &mut self,
         function: Option<&str>,
         mut inputs: BTreeMap<String, Value>,
+        row: Option<usize>,
     ) -> Result<BTreeMap<String, Value>> {
         let last = self.stages.len() - 1;
         for (i, (executor, state)) in self.stages.iter_mut().enumerate() {
-            let mut out = executor.predict(function, &inputs, state)?;
             if i == last {
-                return Ok(out);
+                return match row {
+                    None => executor.predict(function, &inputs, state),
+                    Some(r) => executor.predict_row(function, &inputs, state, r),
+                };
             }
+            let mut out = executor.predict(function, &inputs, state)?;
             let hidden = out
                 .remove("nextHiddenStates")
                 .ok_or_else(|| Error::invalid(format!("part {} has no nextHiddenStates output", i + 1)))?;
@@ -259,6 +286,17 @@ impl<E: Executor> LanguageModel<E> {
 
     /// Feeds tokens; returns the logits of each fed position.
     pub fn feed(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+        self.feed_rows(ids, false)
+    }
+
+    /// Feeds tokens; returns the logits of the last one (empty if `ids` is). What generation
+    /// needs: the interpreter then applies the LM head to that position alone.
+    pub fn feed_last(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        Ok(self.feed_rows(ids, true)?.pop().unwrap_or_default())
+    }
+
+    /// `last_only`: the logits of the last token alone are needed (and returned).
+    fn feed_rows(&mut self, ids: &[u32], last_only: bool) -> Result<Vec<Vec<f32>>> {
         if ids.is_empty() {
             return Ok(vec![]);
         }
@@ -296,10 +334,16 @@ impl<E: Executor> LanguageModel<E> {
                         ("causalMask".to_string(), self.mask(n, self.context)),
                         ("position".to_string(), Value::i32(vec![1], vec![self.position as i32])),
                     ]);
-                    let out = self.predict(Some(&name), inputs)?;
-                    let mut r = logits_rows(&out)?;
+                    let finished = take == rest.len();
+                    // Only the last token's logits wanted: of an earlier chunk, any one row
+                    // (the cheapest request), none of them kept.
+                    let row = last_only.then_some(if finished { take - 1 } else { 0 });
+                    let out = self.predict(Some(&name), inputs, row)?;
+                    let mut r = logits_rows(&out, row)?;
                     r.truncate(take);
-                    rows.extend(r);
+                    if !last_only || finished {
+                        rows.extend(r);
+                    }
                     self.position += take;
                     rest = &rest[take..];
                 }
@@ -315,22 +359,23 @@ impl<E: Executor> LanguageModel<E> {
                     inputs.insert("keyCache".into(), k);
                     inputs.insert("valueCache".into(), v);
                 }
-                let mut out = self.predict(None, inputs)?;
+                let row = last_only.then_some(n - 1);
+                let mut out = self.predict(None, inputs, row)?;
                 if matches!(self.interface, Interface::TensorCaches { .. }) {
                     let k = out.remove("keyCacheOut").ok_or_else(|| Error::invalid("no keyCacheOut output"))?;
                     let v = out.remove("valueCacheOut").ok_or_else(|| Error::invalid("no valueCacheOut output"))?;
                     self.caches = Some((k, v));
                 }
                 self.position += n;
-                logits_rows(&out)
+                logits_rows(&out, row)
             }
         }
     }
 }
 
-/// Each position's logits: the `logits` output, or the blocks `logits_0`, `logits_1`, ... of a
-/// split LM head joined along the vocabulary.
-fn logits_rows(out: &BTreeMap<String, Value>) -> Result<Vec<Vec<f32>>> {
+/// Each position's logits (with `row`, that position's alone): the `logits` output, or the
+/// blocks `logits_0`, `logits_1`, ... of a split LM head joined along the vocabulary.
+fn logits_rows(out: &BTreeMap<String, Value>, row: Option<usize>) -> Result<Vec<Vec<f32>>> {
     let parts: Vec<&Value> = match out.get("logits") {
         Some(l) => vec![l],
         None => (0..).map_while(|i| out.get(&format!("logits_{i}"))).collect(),
@@ -352,7 +397,14 @@ fn logits_rows(out: &BTreeMap<String, Value>) -> Result<Vec<Vec<f32>>> {
             row.extend_from_slice(chunk);
         }
     }
-    Ok(rows)
+    // An executor that computed every row, asked for one.
+    match row {
+        Some(r) if rows.len() > 1 => {
+            let n = rows.len();
+            Ok(vec![rows.into_iter().nth(r).ok_or_else(|| Error::invalid(format!("no row {r} of {n} logits rows")))?])
+        }
+        _ => Ok(rows),
+    }
 }
 
 /// Index of the largest value (first on ties).

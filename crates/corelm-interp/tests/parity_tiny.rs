@@ -152,3 +152,44 @@ fn prefill_then_decode_equals_full_recompute() {
         }
     }
 }
+
+/// Asking for the last position's logits alone (what generation does) gives that row of the
+/// full logits, for every interface; on the interpreter the LM head then computes one row. gemma2
+/// ends in a logit soft-cap (div, tanh, mul after the head), which must follow the cut.
+#[test]
+fn last_position_logits_alone_equal_that_row_of_all() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["llama_rope_llama3", "gemma2", "gpt2"] {
+        let dir = fixtures().join(name);
+        let r = reference(&dir);
+        for (label, lengths, target) in [
+            ("flexible", vec![], Target::Ios18),
+            ("lengths 1,4", vec![1, 4], Target::Ios18),
+            ("tensor caches", vec![], Target::Ios16),
+        ] {
+            let out = tmp.path().join(format!("{name}-{}.mlpackage", label.replace([' ', ','], "-")));
+            let pkg = convert_tiny(&dir, &out, Precision::Fp32, AttentionImpl::Fused, lengths, target);
+            for t in [1, 6, 13] {
+                let all = LanguageModel::open(&pkg).unwrap().feed(&r.prompt[..t]).unwrap().pop().unwrap();
+                let last = LanguageModel::open(&pkg).unwrap().feed_last(&r.prompt[..t]).unwrap();
+                let scale = all.iter().map(|v| v.abs()).fold(0.0, f32::max);
+                let err = last.iter().zip(&all).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                assert_eq!(last.len(), all.len(), "{name} {label} t={t}");
+                assert!(err <= 1e-5 * scale, "{name} {label} t={t}: last row differs by {err}");
+            }
+        }
+        // The flexible package through the interpreter directly: one row of logits comes back.
+        let pkg = Package::open(tmp.path().join(format!("{name}-flexible.mlpackage"))).unwrap();
+        let interp = corelm_interp::Interpreter::load(&pkg).unwrap();
+        let mut state = interp.new_state(None).unwrap();
+        let n = 7;
+        let ids = corelm_interp::value::Value::i32(vec![1, n], r.prompt[..n].iter().map(|&t| t as i32).collect());
+        let mask: Vec<f32> = (0..n * n).map(|k| if k % n <= k / n { 0.0 } else { f32::NEG_INFINITY }).collect();
+        let mask = corelm_interp::value::Value::f32(corelm_format::DType::Fp32, vec![1, 1, n, n], mask);
+        let inputs =
+            std::collections::BTreeMap::from([("inputIds".to_string(), ids), ("causalMask".to_string(), mask)]);
+        let out = interp.predict_row(None, &inputs, &mut state, n - 1).unwrap();
+        let logits = &out["logits"];
+        assert_eq!(logits.shape[..2], [1, 1], "{name}: the head computed {:?}", logits.shape);
+    }
+}

@@ -14,6 +14,9 @@ use crate::{Error, Result};
 pub trait Backend {
     /// Feeds tokens after those already fed; returns the logits of each.
     fn feed(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>>;
+    /// Feeds tokens after those already fed; returns the logits of the last one, which may
+    /// cost less than all of them.
+    fn feed_last(&mut self, ids: &[u32]) -> Result<Vec<f32>>;
     /// Forgets everything fed so far.
     fn reset(&mut self) -> Result<()>;
     fn context(&self) -> usize;
@@ -23,6 +26,9 @@ pub trait Backend {
 impl<E: Executor> Backend for LanguageModel<E> {
     fn feed(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
         LanguageModel::feed(self, ids)
+    }
+    fn feed_last(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        LanguageModel::feed_last(self, ids)
     }
     fn reset(&mut self) -> Result<()> {
         LanguageModel::reset(self)
@@ -119,11 +125,10 @@ pub fn generate(
         return Err(Error::invalid("the prompt is empty"));
     }
     let started = Instant::now();
-    let rows = backend.feed(&prompt)?;
+    let mut logits = backend.feed_last(&prompt)?;
     let prefill = started.elapsed().as_secs_f64();
     let mut sampler = Sampler::new(params.sampling.clone());
     let mut history = prompt.clone();
-    let mut logits = rows.last().cloned().ok_or_else(|| Error::invalid("no logits"))?;
     let mut stream = TextStream::new(tokenizer);
     let hold = params.stop_strings.iter().map(|s| s.len()).max().unwrap_or(1).saturating_sub(1);
     let mut generated = Vec::new();
@@ -165,7 +170,7 @@ pub fn generate(
             reason = StopReason::ContextFull;
             break;
         }
-        logits = backend.feed(&[next])?.pop().ok_or_else(|| Error::invalid("no logits"))?;
+        logits = backend.feed_last(&[next])?;
     }
     if text.len() > stream.emitted {
         on_text(&text[stream.emitted..]);
