@@ -434,7 +434,7 @@ mod avx512 {
 
     /// One group of weight rows (`cols` of them) against one panel of x (`lanes` rows), written
     /// at `out`: the panel's first output row at the group's first column, rows `n` apart.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn group_panel(
         k: usize,
         n: usize,
@@ -446,11 +446,15 @@ mod avx512 {
     ) {
         let mut tile = [[0f32; PANEL]; GROUP];
         // SAFETY: weights hold GROUP×k values and the panel k×PANEL; loads stay inside them.
+        // A short panel (a prompt's tail) uses the narrowest vectors that cover it: 8-lane
+        // FMAs issue twice as fast as 16-lane ones on CPUs that split them.
         unsafe {
             if lanes > 16 {
-                kernel::<2>(k, weights.as_ptr(), panel.as_ptr(), &mut tile);
+                kernel::<__m512, 2>(k, weights.as_ptr(), panel.as_ptr(), &mut tile);
+            } else if lanes > 8 {
+                kernel::<__m512, 1>(k, weights.as_ptr(), panel.as_ptr(), &mut tile);
             } else {
-                kernel::<1>(k, weights.as_ptr(), panel.as_ptr(), &mut tile);
+                kernel::<__m256, 1>(k, weights.as_ptr(), panel.as_ptr(), &mut tile);
             }
         }
         for lane in 0..lanes {
@@ -461,23 +465,89 @@ mod avx512 {
         }
     }
 
+    /// A vector of f32 lanes the kernel accumulates in.
+    trait Lanes: Copy {
+        const WIDTH: usize;
+        unsafe fn zero() -> Self;
+        unsafe fn load(p: *const f32) -> Self;
+        unsafe fn splat(v: f32) -> Self;
+        unsafe fn fma(a: Self, b: Self, acc: Self) -> Self;
+        unsafe fn store(self, p: *mut f32);
+    }
+
+    // SAFETY (both impls): callers run these only where AVX-512F (hence AVX2 and FMA) was
+    // detected, with pointers valid for WIDTH floats.
+    impl Lanes for __m512 {
+        const WIDTH: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            unsafe { _mm512_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> Self {
+            unsafe { _mm512_set1_ps(v) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self, b: Self, acc: Self) -> Self {
+            unsafe { _mm512_fmadd_ps(a, b, acc) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe { _mm512_storeu_ps(p, self) }
+        }
+    }
+
+    impl Lanes for __m256 {
+        const WIDTH: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            unsafe { _mm256_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> Self {
+            unsafe { _mm256_set1_ps(v) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self, b: Self, acc: Self) -> Self {
+            unsafe { _mm256_fmadd_ps(a, b, acc) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe { _mm256_storeu_ps(p, self) }
+        }
+    }
+
+    /// GROUP weight rows against the first NV·WIDTH lanes of a panel, into `tile`.
     #[inline(always)]
-    unsafe fn kernel<const NV: usize>(k: usize, w: *const f32, panel: *const f32, tile: &mut [[f32; PANEL]; GROUP]) {
+    unsafe fn kernel<V: Lanes, const NV: usize>(
+        k: usize,
+        w: *const f32,
+        panel: *const f32,
+        tile: &mut [[f32; PANEL]; GROUP],
+    ) {
         // SAFETY: the caller guarantees GROUP×k weights and k×PANEL panel values.
         unsafe {
-            let mut acc = [[_mm512_setzero_ps(); NV]; GROUP];
+            let mut acc = [[V::zero(); NV]; GROUP];
             for c in 0..k {
-                let b: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(panel.add(c * PANEL + 16 * v)));
+                let b: [V; NV] = std::array::from_fn(|v| V::load(panel.add(c * PANEL + V::WIDTH * v)));
                 for (j, row) in acc.iter_mut().enumerate() {
-                    let a = _mm512_set1_ps(*w.add(j * k + c));
+                    let a = V::splat(*w.add(j * k + c));
                     for v in 0..NV {
-                        row[v] = _mm512_fmadd_ps(a, b[v], row[v]);
+                        row[v] = V::fma(a, b[v], row[v]);
                     }
                 }
             }
             for (j, row) in acc.iter().enumerate() {
-                for (v, &vec) in row.iter().enumerate() {
-                    _mm512_storeu_ps(tile[j].as_mut_ptr().add(16 * v), vec);
+                for (v, vec) in row.iter().enumerate() {
+                    vec.store(tile[j].as_mut_ptr().add(V::WIDTH * v));
                 }
             }
         }
@@ -500,9 +570,9 @@ mod tests {
         for (m, k, n) in
             [(1usize, 64usize, 37usize), (2, 72, 9), (3, 40, 50), (4, 64, 17), (5, 96, 130), (9, 19, 5), (1, 8, 1)]
                 .into_iter()
-                // Prefill-sized: panels of 32 rows of x with one or two vectors in the last, weight
-                // row groups of 12 with a partial last group.
-                .chain([(16, 64, 25), (37, 72, 30), (64, 19, 13), (70, 40, 12)])
+                // Prefill-sized: panels of 32 rows of x whose last takes two 16-lane vectors, one,
+                // or one 8-lane vector; weight row groups of 12 with a partial last group.
+                .chain([(16, 64, 25), (37, 72, 30), (41, 24, 14), (64, 19, 13), (70, 40, 12), (56, 16, 7)])
         {
             let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
             let wf: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
