@@ -7,6 +7,7 @@
 //! computed in f32 and rounded to fp16 wherever the program types a value fp16, so results
 //! resemble the device's.
 
+pub mod calibrate;
 pub mod json;
 pub mod kernels;
 pub mod lm;
@@ -124,6 +125,8 @@ struct Step {
     /// output's second-to-last: when a caller wants one row of that output
     /// ([`Interpreter::predict_row`]), they compute only that row.
     row: Option<RowStep>,
+    /// The constant weight of a `linear` step, by name (see [`Interpreter::predict_observed`]).
+    weight: Option<String>,
 }
 
 #[derive(Clone, Copy)]
@@ -156,6 +159,9 @@ impl State {
         self.values.get(name).map(|v| v.as_ref())
     }
 }
+
+/// Sees each `linear` layer's input with its weight's name ([`Interpreter::predict_observed`]).
+pub type Observer<'a> = dyn FnMut(&str, &Arc<Value>) + Send + 'a;
 
 pub struct Interpreter {
     plans: BTreeMap<String, Plan>,
@@ -433,7 +439,13 @@ fn plan_function(pkg: &Package, fname: &str, f: &Function, files: &mut BlobFiles
             outputs.push((next, o.ty.tensor().clone()));
             next += 1;
         }
-        steps.push(Step { kind, label: ctx(), inputs: step_inputs, outputs, free: vec![], row: None });
+        let weight = match op.input("weight") {
+            Some(Binding::Name(n)) if op.op_type == "linear" && const_values.contains_key(n.as_str()) => {
+                Some(n.clone())
+            }
+            _ => None,
+        };
+        steps.push(Step { kind, label: ctx(), inputs: step_inputs, outputs, free: vec![], row: None, weight });
     }
     let mut outputs = Vec::new();
     let mut consts = Vec::new();
@@ -665,7 +677,7 @@ impl Interpreter {
     ) -> Result<BTreeMap<String, Value>> {
         // On a pool thread, each parallel kernel shares work with the other workers directly;
         // from outside the pool, every one would be a cross-thread hand-off and wake-up.
-        rayon::scope(|_| self.predict_on_worker(function, inputs, state, None))
+        rayon::scope(|_| self.predict_on_worker(function, inputs, state, None, None))
     }
 
     /// Like [`predict`](Self::predict), for a caller that needs only row `row` (along the
@@ -679,7 +691,20 @@ impl Interpreter {
         state: &mut State,
         row: usize,
     ) -> Result<BTreeMap<String, Value>> {
-        rayon::scope(|_| self.predict_on_worker(function, inputs, state, Some(row)))
+        rayon::scope(|_| self.predict_on_worker(function, inputs, state, Some(row), None))
+    }
+
+    /// Like [`predict`](Self::predict), and shows `observe` the input `x` of each `linear` layer
+    /// with a constant weight, with that weight's name, before the layer runs: what calibrated
+    /// compression measures ([`calibrate`]).
+    pub fn predict_observed(
+        &self,
+        function: Option<&str>,
+        inputs: &BTreeMap<String, Value>,
+        state: &mut State,
+        observe: &mut Observer<'_>,
+    ) -> Result<BTreeMap<String, Value>> {
+        rayon::scope(|_| self.predict_on_worker(function, inputs, state, None, Some(observe)))
     }
 
     fn predict_on_worker(
@@ -688,6 +713,7 @@ impl Interpreter {
         inputs: &BTreeMap<String, Value>,
         state: &mut State,
         row: Option<usize>,
+        mut observe: Option<&mut Observer<'_>>,
     ) -> Result<BTreeMap<String, Value>> {
         let (fname, plan) = self.plan(function)?;
         let mut slots: Vec<Option<Arc<Value>>> = vec![None; plan.slots];
@@ -717,6 +743,11 @@ impl Interpreter {
             slots[*slot] = Some(v.clone());
         }
         for step in &plan.steps {
+            if let (Some(observe), Some(weight)) = (observe.as_deref_mut(), &step.weight) {
+                if let Some((_, srcs)) = step.inputs.iter().find(|(p, _)| p == "x") {
+                    observe(weight, &fetch(&slots, &srcs[0])?);
+                }
+            }
             let row = row.and_then(|r| step.row.map(|s| (s, r)));
             self.run_step(step, &mut slots, state, row).map_err(|e| e.context(&step.label))?;
             for &s in &step.free {
