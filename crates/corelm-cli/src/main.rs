@@ -138,6 +138,15 @@ enum Command {
         output: PathBuf,
         #[command(flatten)]
         compress: CompressArgs,
+        /// Calibrate on this text: the package reads it first (on the interpreter), and integer
+        /// schemes round each layer's weights to keep that layer's outputs on the text close
+        /// (GPTQ-style error feedback) instead of taking the nearest integers. Not the embedding
+        /// table or LM head.
+        #[arg(long, value_name = "TEXT")]
+        calibrate: Option<PathBuf>,
+        /// Tokens of the calibration text to read at most.
+        #[arg(long, default_value_t = 8192, requires = "calibrate")]
+        calibration_tokens: usize,
         #[command(flatten)]
         write: WriteArgs,
         /// Print a JSON summary.
@@ -716,6 +725,9 @@ fn chat(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Tokens per calibration window (each read from an empty cache), or the context if shorter.
+const CALIBRATION_WINDOW: usize = 512;
+
 /// The opening of "A Tale of Two Cities" (Charles Dickens, 1859; public domain).
 const DEFAULT_TEXT: &str = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, it was the season of Darkness, it was the spring of hope, it was the winter of despair, we had everything before us, we had nothing before us, we were all going direct to Heaven, we were all going direct the other way - in short, the period was so far like the present period, that some of its noisiest authorities insisted on its being received, for good or for evil, in the superlative degree of comparison only.";
 
@@ -875,6 +887,7 @@ fn compress(
     input: &std::path::Path,
     output: &std::path::Path,
     args: &CompressArgs,
+    calibration: Option<(&PathBuf, usize)>,
     write: &WriteArgs,
     json: bool,
 ) -> Result<ExitCode> {
@@ -882,6 +895,24 @@ fn compress(
         anyhow::bail!("--grid applies when converting from GGUF, not to packages");
     }
     let policy = args.policy()?;
+    let grams = match calibration {
+        None => Default::default(),
+        Some((text, max_tokens)) => {
+            let pkg = open(&input.to_path_buf())?;
+            let tokens = text_tokens(&pkg, Some(text), Some(max_tokens))?;
+            let window = corelm_interp::lm::LanguageModel::open(&pkg)
+                .with_context(|| format!("cannot run {}", input.display()))?
+                .context()
+                .min(CALIBRATION_WINDOW);
+            let windows: Vec<&[u32]> = tokens.chunks(window).collect();
+            let bar = progress_bar(tokens.len() as u64, json, "calibrating on tokens");
+            let grams =
+                corelm_interp::calibrate::input_grams(&pkg, &windows, &mut |done| bar.set_position(done as u64))
+                    .with_context(|| format!("cannot calibrate {} on {}", input.display(), text.display()))?;
+            bar.finish_and_clear();
+            grams
+        }
+    };
     let bar = if json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new_spinner() };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} compressing: {pos} weights {msg}").expect("valid"),
@@ -890,6 +921,7 @@ fn compress(
         input,
         output,
         &policy,
+        &grams,
         &write.options(),
         &mut |name, _| {
             bar.set_message(name.to_string());
@@ -1076,8 +1108,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             chat(&package, system, max_new_tokens, sampling, backend)
         }
         Command::Eval { package, text, window, max_tokens, json } => eval(&package, &text, window, max_tokens, json),
-        Command::Compress { input, output, compress: args, write, json } => {
-            compress(&input, &output, &args, &write, json)
+        Command::Compress { input, output, compress: args, calibrate, calibration_tokens, write, json } => {
+            let calibration = calibrate.as_ref().map(|text| (text, calibration_tokens));
+            compress(&input, &output, &args, calibration, &write, json)
         }
         Command::Bundle { path, output, verify, force, json } => bundle(&path, output.as_deref(), verify, force, json),
         Command::Fetch { url, sha256, output, json } => fetch(&url, &sha256, &output, json),

@@ -110,6 +110,51 @@ fn compress_our_package() {
     assert!(!other.exists(), "nothing is left behind");
 }
 
+/// Calibrated compression (`--calibrate`): the package reads a text first and rounds each
+/// layer's integers to keep its outputs close. On a different text than it calibrated on, the
+/// int8 package stays closer to fp16 (KL) than the nearest-integer one, at the same size.
+#[test]
+fn calibrated_compression_is_closer_to_fp16() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fp16 = tmp.path().join("fp16.mlpackage");
+    ok_json(&["convert", path(&smollm2()), "-o", path(&fp16), "--context", "512", "--json"]);
+    let calibration = root().join("bench/data/calibration.txt");
+    let eval = root().join("bench/data/eval.txt");
+    let mut scores = Vec::new();
+    for calibrate in [false, true] {
+        let out = tmp.path().join(format!("int8-{calibrate}.mlpackage"));
+        let mut args = vec!["compress", path(&fp16), "-o", path(&out), "--quantize", "int8", "--json"];
+        if calibrate {
+            args.extend(["--calibrate", path(&calibration), "--calibration-tokens", "2048"]);
+        }
+        let s = ok_json(&args);
+        let a = ok_json(&[
+            "verify",
+            path(&out),
+            "--against",
+            path(&fp16),
+            "--text",
+            path(&eval),
+            "--max-tokens",
+            "1024",
+            "--json",
+        ]);
+        println!("int8 calibrated {calibrate}: KL {} top-1 {}", a["mean_kl"], a["top1_agreement"]);
+        scores.push((s["output_bytes"].as_u64().unwrap(), a["mean_kl"].as_f64().unwrap()));
+    }
+    let ((size, nearest), (calibrated_size, calibrated)) = (scores[0], scores[1]);
+    assert_eq!(size, calibrated_size, "the same scales and integers' width");
+    assert!(calibrated < 0.9 * nearest, "KL {calibrated} calibrated vs {nearest}");
+
+    // Bad input: a calibration text that is not there.
+    let other = tmp.path().join("other.mlpackage");
+    let missing = tmp.path().join("missing.txt");
+    let (code, _, err) =
+        corelm(&["compress", path(&fp16), "-o", path(&other), "--quantize", "int8", "--calibrate", path(&missing)]);
+    assert!(code != 0 && err.contains("missing.txt"), "{err}");
+    assert!(!other.exists(), "nothing is left behind");
+}
+
 /// A package coremltools made from a traced torch module: its linear weights are found and
 /// compressed, and it still computes torch's outputs (to int8 precision).
 #[test]

@@ -363,7 +363,7 @@ fn store_matrix(
     dtype: DType,
 ) -> Result<Stored> {
     match scheme {
-        Some(scheme) => store_compressed(store, crate::compress::compress(&shape, data, scheme, dtype)?),
+        Some(scheme) => store_compressed(store, crate::compress::compress(&shape, data, scheme, dtype, None)?),
         None => {
             // Encode straight to storage bytes: the f32 copy and the encoded copy are the only
             // two of this tensor in memory, and only until it is written.

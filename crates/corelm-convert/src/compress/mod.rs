@@ -104,8 +104,10 @@ pub struct Compressed {
 }
 
 /// Compresses a (rows, cols) matrix; scales and tables are stored in `dtype` (the precision the
-/// rebuilt weight has).
-pub fn compress(shape: &[usize], w: &[f32], scheme: Scheme, dtype: DType) -> Result<Compressed> {
+/// rebuilt weight has). `gram`: Σ x xᵀ (cols × cols, row-major) over calibration inputs of the
+/// layer, with which integer schemes round to keep the layer's outputs close rather than each
+/// weight (palettization does not use it).
+pub fn compress(shape: &[usize], w: &[f32], scheme: Scheme, dtype: DType, gram: Option<&[f64]>) -> Result<Compressed> {
     let &[rows, cols] = shape else {
         return Err(Error::invalid(format!("only matrices are compressed, not shape {shape:?}")));
     };
@@ -116,7 +118,7 @@ pub fn compress(shape: &[usize], w: &[f32], scheme: Scheme, dtype: DType) -> Res
         Scheme::Linear { bits, block, offset } => {
             // A block that does not divide the row falls back to one scale per channel.
             let block = block.filter(|b| cols % b == 0).unwrap_or(cols);
-            linear::quantize(rows, cols, w, bits, block, offset, dtype)
+            linear::quantize(rows, cols, w, bits, block, offset, dtype, gram)
         }
         Scheme::Lut { bits, group } => {
             let group = if rows % group == 0 { group } else { 1 };
@@ -182,7 +184,8 @@ mod tests {
     #[test]
     fn more_bits_and_smaller_blocks_cost_less_error() {
         let w = matrix(32, 128);
-        let err = |s: Scheme| rms_error(&w, &decompress(&compress(&[32, 128], &w, s, DType::Fp32).unwrap()).unwrap());
+        let err =
+            |s: Scheme| rms_error(&w, &decompress(&compress(&[32, 128], &w, s, DType::Fp32, None).unwrap()).unwrap());
         let int8 = err(Scheme::Linear { bits: 8, block: None, offset: false });
         let int4_ch = err(Scheme::Linear { bits: 4, block: None, offset: false });
         let int4_32 = err(Scheme::Linear { bits: 4, block: Some(32), offset: false });
@@ -200,10 +203,12 @@ mod tests {
     #[test]
     fn rejects_what_core_ml_cannot_express() {
         let w = matrix(4, 8);
-        assert!(compress(&[4, 8], &w, Scheme::Linear { bits: 5, block: None, offset: false }, DType::Fp16).is_err());
-        assert!(compress(&[4, 8], &w, Scheme::Lut { bits: 5, group: 1 }, DType::Fp16).is_err());
-        assert!(compress(&[32], &w, Scheme::Lut { bits: 4, group: 1 }, DType::Fp16).is_err());
-        assert!(compress(&[4, 9], &w, Scheme::Lut { bits: 4, group: 1 }, DType::Fp16).is_err());
+        assert!(
+            compress(&[4, 8], &w, Scheme::Linear { bits: 5, block: None, offset: false }, DType::Fp16, None).is_err()
+        );
+        assert!(compress(&[4, 8], &w, Scheme::Lut { bits: 5, group: 1 }, DType::Fp16, None).is_err());
+        assert!(compress(&[32], &w, Scheme::Lut { bits: 4, group: 1 }, DType::Fp16, None).is_err());
+        assert!(compress(&[4, 9], &w, Scheme::Lut { bits: 4, group: 1 }, DType::Fp16, None).is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use corelm_format::mil::program::{Binding, Operation, Value, ValueData};
@@ -112,12 +113,19 @@ fn floats(t: &Tensor) -> Result<Vec<f32>> {
     }
 }
 
-/// Writes `input` with its weights compressed per `policy` to `output`. `progress` hears of
-/// each weight as it is done (name, bytes written for it).
+/// Calibration statistics by weight name: Σ x xᵀ over the inputs a linear layer saw (cols ×
+/// cols, row-major), as `corelm_interp::calibrate` collects them.
+pub type Grams = HashMap<String, Arc<Vec<f64>>>;
+
+/// Writes `input` with its weights compressed per `policy` to `output`. Layer weights found in
+/// `grams` are rounded to keep their layer's outputs close (integer schemes; see
+/// [`super::compress`]); the embedding table and LM head are not, since a tied table serves as
+/// both. `progress` hears of each weight as it is done (name, bytes written for it).
 pub fn compress_package(
     input: &Path,
     output: &Path,
     policy: &Policy,
+    grams: &Grams,
     write: &WriteOptions,
     progress: &mut dyn FnMut(&str, u64),
 ) -> Result<CompressSummary> {
@@ -160,7 +168,8 @@ pub fn compress_package(
                         }
                         let t = files.read(v).map_err(|e| e.context(format!("weight `{out_name}`")))?;
                         let before = out.weights().bytes_written();
-                        let c = compress(t.shape(), &floats(&t)?, scheme, t.dtype())
+                        let gram = grams.get(&out_name).filter(|_| u == Use::Layer).map(|g| g.as_slice());
+                        let c = compress(t.shape(), &floats(&t)?, scheme, t.dtype(), gram)
                             .map_err(|e| e.context(format!("weight `{out_name}`")))?;
                         compressed_input_bytes += t.bytes().len() as u64;
                         let mut inputs = BTreeMap::new();
