@@ -87,6 +87,19 @@ COMPRESS_ROWS = [
      ["--quantize", "int4", "--block-size", "32"]),
     ("compress-lut4", "corelm compress of the fp16 package: lut4 per 16 channels", ["--quantize", "lut4"]),
     ("compress-lut6", "corelm compress of the fp16 package: lut6 per 16 channels", ["--quantize", "lut6"]),
+] + [
+    # Calibrated: the package reads bench/data/calibration.txt (chapters III-IV of the book the
+    # evaluation text's chapters I-II come from; no overlap) and the layers' integers are rounded
+    # with error feedback. Same scales, same size as the uncalibrated row.
+    (f"calibrated-{name}", f"corelm compress of the fp16 package, calibrated: {what}",
+     [*flags, "--calibrate", str(REPO / "bench" / "data" / "calibration.txt")])
+    for name, what, flags in [
+        ("int8", "int8 per channel, symmetric", ["--quantize", "int8"]),
+        ("int4-b32", "int4 per block 32, symmetric", ["--quantize", "int4", "--block-size", "32"]),
+        ("int4-b64", "int4 per block 64, symmetric", ["--quantize", "int4", "--block-size", "64"]),
+        ("int4-b32-offset", "int4 per block 32, with zero points",
+         ["--quantize", "int4", "--block-size", "32", "--offset"]),
+    ]
 ]
 
 # coremltools rows: (name, description, function, config kwargs). weight_threshold is coremltools'
@@ -123,6 +136,10 @@ PEERS = {
     "compress-int4-b32": "ct-int4-b32",
     "compress-lut4": "ct-lut4",
     "compress-lut6": "ct-lut6",
+    "calibrated-int8": "ct-int8",
+    "calibrated-int4-b32": "ct-int4-b32",
+    "calibrated-int4-b64": "ct-int4-b64",
+    "calibrated-int4-b32-offset": "ct-int4-b32-offset",
 }
 
 
