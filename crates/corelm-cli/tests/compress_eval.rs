@@ -95,6 +95,16 @@ fn compress_our_package() {
     assert_eq!(code, 0, "{err}");
     assert!(text.contains("Paris"), "{text}");
 
+    // The Neural Engine layout: 1×1 convs whose weights pass through expand_dims are found too.
+    let ane = tmp.path().join("ane.mlpackage");
+    ok_json(&["convert", path(&smollm2()), "-o", path(&ane), "--context", "256", "--profile", "ane", "--json"]);
+    let ane8 = tmp.path().join("ane-int8.mlpackage");
+    let s = ok_json(&["compress", path(&ane), "-o", path(&ane8), "--quantize", "int8", "--json"]);
+    assert_eq!((s["compressed"].as_u64(), s["kept"].as_u64()), (Some(211), Some(0)), "{s}");
+    assert!(s["output_bytes"].as_f64().unwrap() < 0.55 * s["input_bytes"].as_f64().unwrap(), "{s}");
+    let (code, _, err) = corelm(&["validate", path(&ane8)]);
+    assert_eq!(code, 0, "{err}");
+
     // Bad input: existing output, --grid on a package, nothing to do, an iOS 17 package.
     let (code, _, err) = corelm(&["compress", path(&fp16), "-o", path(&int8), "--quantize", "int8"]);
     assert!(code != 0 && err.contains("exists"), "{err}");

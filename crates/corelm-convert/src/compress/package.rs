@@ -46,8 +46,9 @@ fn blob_key(v: &Value) -> Option<(String, u64)> {
     }
 }
 
-/// Finds the weight matrices of a program: `const` outputs used as `linear` weights, or
-/// gathered by the model's token ids (embeddings); LM heads are linear weights with as many
+/// Finds the weight matrices of a program: `const` outputs used as `linear` weights or, given
+/// two unit dimensions by `expand_dims`, as 1×1 `conv` weights (the Neural Engine layout), or
+/// gathered by the model's token ids (embeddings); LM heads are layer weights with as many
 /// rows as an embedding table. Rope tables and other gathered constants are not weights.
 fn weight_uses(pkg: &Package) -> HashMap<String, Use> {
     let program = &pkg.model().program;
@@ -58,6 +59,8 @@ fn weight_uses(pkg: &Package) -> HashMap<String, Use> {
         let inputs: HashSet<&str> = f.inputs.iter().map(|i| i.name.as_str()).collect();
         // Casts of inputs still carry token ids.
         let mut ids: HashSet<String> = inputs.iter().map(|s| s.to_string()).collect();
+        // expand_dims outputs by the name of the value they reshape.
+        let mut expanded: HashMap<String, String> = HashMap::new();
         for op in &f.block.operations {
             if op.op_type == "const" {
                 if let (Some(out), Some(v)) = (op.outputs.first(), op.attributes.get("val")) {
@@ -78,8 +81,14 @@ fn weight_uses(pkg: &Package) -> HashMap<String, Use> {
                         }
                     }
                 }
-                "linear" => {
+                "expand_dims" => {
+                    if let (Some(x), Some(out)) = (name_of("x"), op.outputs.first()) {
+                        expanded.insert(out.name.clone(), x);
+                    }
+                }
+                "linear" | "conv" => {
                     if let Some(w) = name_of("weight") {
+                        let w = expanded.get(&w).cloned().unwrap_or(w);
                         uses.entry(w).or_insert(Use::Layer);
                     }
                 }
