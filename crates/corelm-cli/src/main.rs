@@ -725,9 +725,6 @@ fn chat(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Tokens per calibration window (each read from an empty cache), or the context if shorter.
-const CALIBRATION_WINDOW: usize = 512;
-
 /// The opening of "A Tale of Two Cities" (Charles Dickens, 1859; public domain).
 const DEFAULT_TEXT: &str = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, it was the season of Darkness, it was the spring of hope, it was the winter of despair, we had everything before us, we had nothing before us, we were all going direct to Heaven, we were all going direct the other way - in short, the period was so far like the present period, that some of its noisiest authorities insisted on its being received, for good or for evil, in the superlative degree of comparison only.";
 
@@ -900,15 +897,9 @@ fn compress(
         Some((text, max_tokens)) => {
             let pkg = open(&input.to_path_buf())?;
             let tokens = text_tokens(&pkg, Some(text), Some(max_tokens))?;
-            let window = corelm_interp::lm::LanguageModel::open(&pkg)
-                .with_context(|| format!("cannot run {}", input.display()))?
-                .context()
-                .min(CALIBRATION_WINDOW);
-            let windows: Vec<&[u32]> = tokens.chunks(window).collect();
             let bar = progress_bar(tokens.len() as u64, json, "calibrating on tokens");
-            let grams =
-                corelm_interp::calibrate::input_grams(&pkg, &windows, &mut |done| bar.set_position(done as u64))
-                    .with_context(|| format!("cannot calibrate {} on {}", input.display(), text.display()))?;
+            let grams = corelm_interp::calibrate::input_grams(&pkg, &tokens, &mut |done| bar.set_position(done as u64))
+                .with_context(|| format!("cannot calibrate {} on {}", input.display(), text.display()))?;
             bar.finish_and_clear();
             grams
         }

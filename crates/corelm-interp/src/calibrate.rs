@@ -1,5 +1,6 @@
-//! Calibration statistics for compression: the Gram matrix Σ x xᵀ of the inputs each linear
-//! layer sees while the model reads a text, by weight name. With them, integer quantization
+//! Calibration statistics for compression: the Gram matrix Σ x xᵀ of the inputs each layer
+//! (`linear`, or 1×1 `conv` in the Neural Engine layout) sees while the model reads a text, by
+//! weight name. With them, integer quantization
 //! rounds a layer's weights so that its outputs, rather than each weight, stay close (GPTQ;
 //! `corelm_convert::compress`).
 
@@ -11,7 +12,7 @@ use corelm_format::Package;
 use crate::lm::{chunk_packages, Executor, LanguageModel};
 use crate::matmul::{matmul_t, WeightRows};
 use crate::value::Value;
-use crate::{Error, Interpreter, Result, State};
+use crate::{Error, Features, Interpreter, Result, State};
 
 /// Σ x xᵀ (cols × cols, row-major) by the name of the weight the inputs x met. Layers that read
 /// the same value (q, k and v projections) share one matrix.
@@ -26,14 +27,21 @@ struct Sums {
 }
 
 impl Sums {
-    fn add(&mut self, weight: &str, x: &Arc<Value>) -> Result<()> {
+    fn add(&mut self, weight: &str, x: &Arc<Value>, features: Features) -> Result<()> {
         if let Some((seen, g)) = &self.last {
             if Arc::ptr_eq(seen, x) {
                 self.index.entry(weight.to_string()).or_insert(*g);
                 return Ok(());
             }
         }
-        let cols = *x.shape.last().ok_or_else(|| Error::invalid(format!("`{weight}`: a scalar linear input")))?;
+        let axis = match features {
+            Features::Last => x.rank().checked_sub(1),
+            Features::Channels => (x.rank() > 1).then_some(1),
+        };
+        let axis = axis.ok_or_else(|| Error::invalid(format!("`{weight}`: an input of shape {:?}", x.shape)))?;
+        let cols = x.shape[axis];
+        // Each feature vector: `cols` values `inner` apart, in `outer` runs.
+        let inner: usize = x.shape[axis + 1..].iter().product();
         let xs = x.as_f32()?;
         let rows = xs.len() / cols.max(1);
         let g = *self.index.entry(weight.to_string()).or_insert_with(|| {
@@ -45,9 +53,9 @@ impl Sums {
         }
         // XᵀX as (Xᵀ)(Xᵀ)ᵀ through the matrix kernel, which multiplies by a transposed operand.
         let mut xt = vec![0f32; cols * rows];
-        for (r, row) in xs.chunks(cols).enumerate() {
-            for (c, &v) in row.iter().enumerate() {
-                xt[c * rows + r] = v;
+        for (o, block) in xs.chunks(cols * inner).enumerate() {
+            for (c, run) in block.chunks(inner).enumerate() {
+                xt[c * rows + o * inner..][..inner].copy_from_slice(run);
             }
         }
         let mut product = vec![0f32; cols * cols];
@@ -84,19 +92,24 @@ impl Executor for Observing<'_> {
         // Values of an earlier call may have been freed and their addresses reused.
         sums.last = None;
         let mut failed = None;
-        let out = self.interpreter.predict_observed(function, inputs, state, &mut |weight, x| {
+        let out = self.interpreter.predict_observed(function, inputs, state, &mut |weight, x, features| {
             if failed.is_none() {
-                failed = sums.add(weight, x).err();
+                failed = sums.add(weight, x, features).err();
             }
         })?;
         failed.map_or(Ok(out), Err)
     }
 }
 
-/// Runs each window of token ids through the package (and its sibling parts), from an empty
-/// cache, on the interpreter, and returns Σ x xᵀ of every linear layer's inputs over all of
-/// them. `progress` hears the tokens done after each window.
-pub fn input_grams(pkg: &Package, windows: &[&[u32]], progress: &mut dyn FnMut(usize)) -> Result<Grams> {
+/// Tokens per calibration window, at most.
+const WINDOW: usize = 512;
+
+/// Runs `tokens` through the package (and its sibling parts) on the interpreter, in windows
+/// that each start from an empty cache, and returns Σ x xᵀ of every layer's inputs over them.
+/// The windows are whole multiples of 64 tokens (as the context allows) and a short tail is
+/// left out, so fixed-length functions (the Neural Engine profile's 64-token prefill) see no
+/// padding rows. `progress` hears the tokens done after each window.
+pub fn input_grams(pkg: &Package, tokens: &[u32], progress: &mut dyn FnMut(usize)) -> Result<Grams> {
     let sums = Mutex::new(Sums::default());
     let siblings = chunk_packages(pkg)?;
     let parts: Vec<&Package> = match &siblings {
@@ -108,6 +121,12 @@ pub fn input_grams(pkg: &Package, windows: &[&[u32]], progress: &mut dyn FnMut(u
         .map(|p| Ok(Observing { interpreter: Interpreter::load(p)?, sums: &sums }))
         .collect::<Result<Vec<_>>>()?;
     let mut lm = LanguageModel::with_executors(&parts, executors)?;
+    let fit = lm.context().min(WINDOW);
+    let window = if fit >= 64 { fit / 64 * 64 } else { fit };
+    let windows: Vec<&[u32]> = match tokens.len() >= window {
+        true => tokens.chunks_exact(window).collect(),
+        false => vec![tokens],
+    };
     let mut done = 0;
     for window in windows {
         lm.reset()?;

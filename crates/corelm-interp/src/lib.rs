@@ -125,8 +125,9 @@ struct Step {
     /// output's second-to-last: when a caller wants one row of that output
     /// ([`Interpreter::predict_row`]), they compute only that row.
     row: Option<RowStep>,
-    /// The constant weight of a `linear` step, by name (see [`Interpreter::predict_observed`]).
-    weight: Option<String>,
+    /// The constant weight of a `linear` or 1×1 `conv` step, by name, and where its input keeps
+    /// the features (see [`Interpreter::predict_observed`]).
+    weight: Option<(String, Features)>,
 }
 
 #[derive(Clone, Copy)]
@@ -160,8 +161,17 @@ impl State {
     }
 }
 
-/// Sees each `linear` layer's input with its weight's name ([`Interpreter::predict_observed`]).
-pub type Observer<'a> = dyn FnMut(&str, &Arc<Value>) + Send + 'a;
+/// Which axis of a layer's input holds the features its weight rows multiply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Features {
+    /// The last (`linear`).
+    Last,
+    /// Axis 1 (a 1×1 `conv` over (B, C, H, W): the Neural Engine layout).
+    Channels,
+}
+
+/// Sees each layer's input with its weight's name ([`Interpreter::predict_observed`]).
+pub type Observer<'a> = dyn FnMut(&str, &Arc<Value>, Features) + Send + 'a;
 
 pub struct Interpreter {
     plans: BTreeMap<String, Plan>,
@@ -364,6 +374,7 @@ fn plan_function(pkg: &Package, fname: &str, f: &Function, files: &mut BlobFiles
     }
     let state_names: Vec<&str> = states.iter().map(|(n, _)| n.as_str()).collect();
     let mut steps: Vec<Step> = Vec::new();
+    let mut expanded_matrices: HashMap<String, String> = HashMap::new();
     for op in &f.block.operations {
         let ctx = || context(fname, op);
         // Constants: decoded once, here.
@@ -439,10 +450,19 @@ fn plan_function(pkg: &Package, fname: &str, f: &Function, files: &mut BlobFiles
             outputs.push((next, o.ty.tensor().clone()));
             next += 1;
         }
-        let weight = match op.input("weight") {
-            Some(Binding::Name(n)) if op.op_type == "linear" && const_values.contains_key(n.as_str()) => {
-                Some(n.clone())
+        // A conv's weight reaches it through expand_dims of the (out, in) matrix.
+        if let (Some(Binding::Name(x)), "expand_dims", Some(o)) =
+            (op.input("x"), op.op_type.as_str(), op.outputs.first())
+        {
+            if const_values.get(x.as_str()).is_some_and(|c| c.rank() == 2) {
+                expanded_matrices.insert(o.name.clone(), x.clone());
             }
+        }
+        let weight = match (op.op_type.as_str(), op.input("weight")) {
+            ("linear", Some(Binding::Name(n))) if const_values.contains_key(n.as_str()) => {
+                Some((n.clone(), Features::Last))
+            }
+            ("conv", Some(Binding::Name(n))) => expanded_matrices.get(n).map(|m| (m.clone(), Features::Channels)),
             _ => None,
         };
         steps.push(Step { kind, label: ctx(), inputs: step_inputs, outputs, free: vec![], row: None, weight });
@@ -694,9 +714,9 @@ impl Interpreter {
         rayon::scope(|_| self.predict_on_worker(function, inputs, state, Some(row), None))
     }
 
-    /// Like [`predict`](Self::predict), and shows `observe` the input `x` of each `linear` layer
-    /// with a constant weight, with that weight's name, before the layer runs: what calibrated
-    /// compression measures ([`calibrate`]).
+    /// Like [`predict`](Self::predict), and shows `observe` the input `x` of each layer with a
+    /// constant weight matrix (`linear`, or a 1×1 `conv` of one), with that matrix's name,
+    /// before the layer runs: what calibrated compression measures ([`calibrate`]).
     pub fn predict_observed(
         &self,
         function: Option<&str>,
@@ -743,9 +763,9 @@ impl Interpreter {
             slots[*slot] = Some(v.clone());
         }
         for step in &plan.steps {
-            if let (Some(observe), Some(weight)) = (observe.as_deref_mut(), &step.weight) {
+            if let (Some(observe), Some((weight, features))) = (observe.as_deref_mut(), &step.weight) {
                 if let Some((_, srcs)) = step.inputs.iter().find(|(p, _)| p == "x") {
-                    observe(weight, &fetch(&slots, &srcs[0])?);
+                    observe(weight, &fetch(&slots, &srcs[0])?, *features);
                 }
             }
             let row = row.and_then(|r| step.row.map(|s| (s, r)));

@@ -193,3 +193,43 @@ fn last_position_logits_alone_equal_that_row_of_all() {
         assert_eq!(logits.shape[..2], [1, 1], "{name}: the head computed {:?}", logits.shape);
     }
 }
+
+/// Calibration reads every layer's inputs in both layouts: a linear's (…, features) and a 1×1
+/// conv's (1, channels, 1, positions) in the Neural Engine profile give the same Σ x xᵀ for
+/// each weight, over the same tokens (to fp16 precision: the profiles round differently).
+#[test]
+fn calibration_sees_the_same_inputs_in_both_layouts() {
+    use corelm_convert::graph::Profile;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixtures().join("llama_rope_llama3");
+    let r = reference(&dir);
+    let source = open_source(&dir).unwrap();
+    let mut grams = Vec::new();
+    for (profile, lengths) in [(Profile::Default, vec![]), (Profile::Ane, vec![1, 8])] {
+        let out = tmp.path().join(format!("{profile:?}.mlpackage"));
+        let opts = GraphOptions {
+            target: Target::Ios18,
+            context: 64,
+            query_lengths: lengths,
+            attention: AttentionImpl::Fused,
+            precision: Precision::Fp16,
+            compress: Default::default(),
+            profile,
+            chunks: 1,
+        };
+        convert(&source, &out, &opts, &WriteOptions::overwriting(), &mut |_: &str, _: u64| {}).unwrap();
+        let pkg = Package::open(&out).unwrap();
+        grams.push(corelm_interp::calibrate::input_grams(&pkg, &r.prompt, &mut |_| {}).unwrap());
+    }
+    let (linear, conv) = (&grams[0], &grams[1]);
+    // 2 layers × q, k, v, o, gate, up, down.
+    let layers: Vec<&String> = linear.keys().filter(|n| n.starts_with("layers_")).collect();
+    assert_eq!(layers.len(), 14, "{:?}", linear.keys().collect::<Vec<_>>());
+    for name in layers {
+        let (a, b) = (&linear[name], conv.get(name).unwrap_or_else(|| panic!("{name} not observed as a conv")));
+        assert_eq!(a.len(), b.len(), "{name}");
+        let norm = a.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let diff = a.iter().zip(b.iter()).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+        assert!(norm > 0.0 && diff < 1e-2 * norm, "{name}: {diff} of {norm}");
+    }
+}
