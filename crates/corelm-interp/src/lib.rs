@@ -1,9 +1,10 @@
 //! A reference interpreter for Core ML ML Programs. It runs any package on the CPU — ours and
 //! coremltools' alike — so conversions can be checked without a Mac.
 //!
-//! Loading plans each function once: constants (and `constexpr_*` ops) are decoded, every
-//! variable gets a slot, and each slot is freed after its last use. KV-cache states are updated
-//! in place when a `read_state → slice_update → write_state` chain allows it. Floats are
+//! Loading plans each function once: constants (and `constexpr_*` ops) are decoded, ops of
+//! constants alone are evaluated, every variable gets a slot, and each slot is freed after its
+//! last use. KV-cache states are updated in place when a `read_state → slice_update →
+//! write_state` chain allows it. Floats are
 //! computed in f32 and rounded to fp16 wherever the program types a value fp16, so results
 //! resemble the device's.
 
@@ -444,12 +445,6 @@ fn plan_function(pkg: &Package, fname: &str, f: &Function, files: &mut BlobFiles
             }
             step_inputs.push((param.clone(), srcs));
         }
-        let mut outputs = Vec::new();
-        for o in &op.outputs {
-            slot_of.insert(&o.name, next);
-            outputs.push((next, o.ty.tensor().clone()));
-            next += 1;
-        }
         // A conv's weight reaches it through expand_dims of the (out, in) matrix.
         if let (Some(Binding::Name(x)), "expand_dims", Some(o)) =
             (op.input("x"), op.op_type.as_str(), op.outputs.first())
@@ -457,6 +452,39 @@ fn plan_function(pkg: &Package, fname: &str, f: &Function, files: &mut BlobFiles
             if const_values.get(x.as_str()).is_some_and(|c| c.rank() == 2) {
                 expanded_matrices.insert(o.name.clone(), x.clone());
             }
+        }
+        // An op of constants only is evaluated once, here (the Neural Engine profile reshapes
+        // every weight matrix for its conv: per call, that copied all the weights).
+        if let Kind::Op(t) = &kind {
+            let constants: Option<Vec<kernels::Bound>> = step_inputs
+                .iter()
+                .map(|(p, srcs)| {
+                    srcs.iter()
+                        .map(|s| match s {
+                            Src::Const(c) => Some(c.clone()),
+                            Src::Slot(_) => None,
+                        })
+                        .collect::<Option<Vec<_>>>()
+                        .map(|v| (p.as_str(), v))
+                })
+                .collect();
+            if let Some(args) = constants {
+                let outs = kernels::run(t, &Inputs { map: &args }).map_err(|e| e.context(ctx()))?;
+                if outs.len() != op.outputs.len() {
+                    return Err(Error::invalid(format!("{}: {} outputs computed", ctx(), outs.len())));
+                }
+                for (mut v, o) in outs.into_iter().zip(&op.outputs) {
+                    conform(&mut v, o.ty.tensor(), None).map_err(|e| e.context(ctx()))?;
+                    const_values.insert(&o.name, Arc::new(v));
+                }
+                continue;
+            }
+        }
+        let mut outputs = Vec::new();
+        for o in &op.outputs {
+            slot_of.insert(&o.name, next);
+            outputs.push((next, o.ty.tensor().clone()));
+            next += 1;
         }
         let weight = match (op.op_type.as_str(), op.input("weight")) {
             ("linear", Some(Binding::Name(n))) if const_values.contains_key(n.as_str()) => {
