@@ -4,9 +4,8 @@
 //! Loading plans each function once: constants (and `constexpr_*` ops) are decoded, ops of
 //! constants alone are evaluated, every variable gets a slot, and each slot is freed after its
 //! last use. KV-cache states are updated in place when a `read_state → slice_update →
-//! write_state` chain allows it. Floats are
-//! computed in f32 and rounded to fp16 wherever the program types a value fp16, so results
-//! resemble the device's.
+//! write_state` chain allows it. Floats are computed in f32 and rounded to fp16 wherever the
+//! program types a value fp16, so results resemble the device's.
 
 pub mod calibrate;
 pub mod json;
