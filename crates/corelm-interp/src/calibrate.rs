@@ -43,7 +43,10 @@ impl Sums {
         // Each feature vector: `cols` values `inner` apart, in `outer` runs.
         let inner: usize = x.shape[axis + 1..].iter().product();
         let xs = x.as_f32()?;
-        let rows = xs.len() / cols.max(1);
+        if xs.is_empty() {
+            return Ok(());
+        }
+        let rows = xs.len() / cols;
         let g = *self.index.entry(weight.to_string()).or_insert_with(|| {
             self.grams.push(vec![0.0; cols * cols]);
             self.grams.len() - 1
