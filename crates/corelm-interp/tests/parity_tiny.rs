@@ -122,6 +122,24 @@ fn every_architecture_matches_transformers() {
     assert!(failures.is_empty(), "fp32 parity fails for: {failures:?}");
 }
 
+/// fp32 conversions of `dir` for every interface corelm writes: a flexible query length, fixed
+/// lengths as functions, and caches passed as inputs and outputs (iOS 16), written under `tmp`
+/// as `<fixture>-flexible.mlpackage`, ...
+fn every_interface(dir: &Path, tmp: &Path) -> Vec<(&'static str, Package)> {
+    let name = dir.file_name().unwrap().to_string_lossy();
+    [
+        ("flexible", vec![], Target::Ios18),
+        ("lengths 1,4", vec![1, 4], Target::Ios18),
+        ("tensor caches", vec![], Target::Ios16),
+    ]
+    .into_iter()
+    .map(|(label, lengths, target)| {
+        let out = tmp.join(format!("{name}-{}.mlpackage", label.replace([' ', ','], "-")));
+        (label, convert_tiny(dir, &out, Precision::Fp32, AttentionImpl::Fused, lengths, target))
+    })
+    .collect()
+}
+
 /// The logits of token t+1 after a prefill of t tokens and one decode step equal those of a
 /// prefill of t+1 tokens, for every interface corelm writes (flexible, fixed lengths, caches as
 /// inputs and outputs).
@@ -131,13 +149,7 @@ fn prefill_then_decode_equals_full_recompute() {
     for name in ["llama_rope_llama3", "gemma3_text", "qwen2", "phi3", "gpt2"] {
         let dir = fixtures().join(name);
         let r = reference(&dir);
-        for (label, lengths, target) in [
-            ("flexible", vec![], Target::Ios18),
-            ("lengths 1,4", vec![1, 4], Target::Ios18),
-            ("tensor caches", vec![], Target::Ios16),
-        ] {
-            let out = tmp.path().join(format!("{name}-{}.mlpackage", label.replace([' ', ','], "-")));
-            let pkg = convert_tiny(&dir, &out, Precision::Fp32, AttentionImpl::Fused, lengths, target);
+        for (label, pkg) in every_interface(&dir, tmp.path()) {
             for t in [5, 12, 20] {
                 let mut lm = LanguageModel::open(&pkg).unwrap();
                 lm.feed(&r.prompt[..t]).unwrap();
@@ -162,13 +174,7 @@ fn last_position_logits_alone_equal_that_row_of_all() {
     for name in ["llama_rope_llama3", "gemma2", "gpt2"] {
         let dir = fixtures().join(name);
         let r = reference(&dir);
-        for (label, lengths, target) in [
-            ("flexible", vec![], Target::Ios18),
-            ("lengths 1,4", vec![1, 4], Target::Ios18),
-            ("tensor caches", vec![], Target::Ios16),
-        ] {
-            let out = tmp.path().join(format!("{name}-{}.mlpackage", label.replace([' ', ','], "-")));
-            let pkg = convert_tiny(&dir, &out, Precision::Fp32, AttentionImpl::Fused, lengths, target);
+        for (label, pkg) in every_interface(&dir, tmp.path()) {
             for t in [1, 6, 13] {
                 let all = LanguageModel::open(&pkg).unwrap().feed(&r.prompt[..t]).unwrap().pop().unwrap();
                 let last = LanguageModel::open(&pkg).unwrap().feed_last(&r.prompt[..t]).unwrap();
