@@ -475,55 +475,38 @@ mod avx512 {
         unsafe fn store(self, p: *mut f32);
     }
 
-    // SAFETY (both impls): callers run these only where AVX-512F (hence AVX2 and FMA) was
-    // detected, with pointers valid for WIDTH floats.
-    impl Lanes for __m512 {
-        const WIDTH: usize = 16;
-        #[inline(always)]
-        unsafe fn zero() -> Self {
-            unsafe { _mm512_setzero_ps() }
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> Self {
-            unsafe { _mm512_loadu_ps(p) }
-        }
-        #[inline(always)]
-        unsafe fn splat(v: f32) -> Self {
-            unsafe { _mm512_set1_ps(v) }
-        }
-        #[inline(always)]
-        unsafe fn fma(a: Self, b: Self, acc: Self) -> Self {
-            unsafe { _mm512_fmadd_ps(a, b, acc) }
-        }
-        #[inline(always)]
-        unsafe fn store(self, p: *mut f32) {
-            unsafe { _mm512_storeu_ps(p, self) }
-        }
+    /// Implements [`Lanes`] for a vector type from its width and intrinsics.
+    macro_rules! lanes {
+        ($v:ty, $width:expr, $zero:ident, $load:ident, $splat:ident, $fma:ident, $store:ident) => {
+            // SAFETY: callers run these only where AVX-512F (hence AVX2 and FMA) was detected,
+            // with pointers valid for WIDTH floats.
+            impl Lanes for $v {
+                const WIDTH: usize = $width;
+                #[inline(always)]
+                unsafe fn zero() -> Self {
+                    unsafe { $zero() }
+                }
+                #[inline(always)]
+                unsafe fn load(p: *const f32) -> Self {
+                    unsafe { $load(p) }
+                }
+                #[inline(always)]
+                unsafe fn splat(v: f32) -> Self {
+                    unsafe { $splat(v) }
+                }
+                #[inline(always)]
+                unsafe fn fma(a: Self, b: Self, acc: Self) -> Self {
+                    unsafe { $fma(a, b, acc) }
+                }
+                #[inline(always)]
+                unsafe fn store(self, p: *mut f32) {
+                    unsafe { $store(p, self) }
+                }
+            }
+        };
     }
-
-    impl Lanes for __m256 {
-        const WIDTH: usize = 8;
-        #[inline(always)]
-        unsafe fn zero() -> Self {
-            unsafe { _mm256_setzero_ps() }
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> Self {
-            unsafe { _mm256_loadu_ps(p) }
-        }
-        #[inline(always)]
-        unsafe fn splat(v: f32) -> Self {
-            unsafe { _mm256_set1_ps(v) }
-        }
-        #[inline(always)]
-        unsafe fn fma(a: Self, b: Self, acc: Self) -> Self {
-            unsafe { _mm256_fmadd_ps(a, b, acc) }
-        }
-        #[inline(always)]
-        unsafe fn store(self, p: *mut f32) {
-            unsafe { _mm256_storeu_ps(p, self) }
-        }
-    }
+    lanes!(__m512, 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps);
+    lanes!(__m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps);
 
     /// GROUP weight rows against the first NV·WIDTH lanes of a panel, into `tile`.
     #[inline(always)]
