@@ -38,7 +38,15 @@ pub fn round_f16(v: &mut [f32]) {
                 return;
             }
         }
-        part.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32());
+        // Elsewhere through a small buffer, so `half`'s slice conversions use the CPU's vector
+        // instructions where it has them.
+        use half::slice::HalfFloatSliceExt;
+        let mut buf = [f16::ZERO; 256];
+        for chunk in part.chunks_mut(256) {
+            let b = &mut buf[..chunk.len()];
+            b.convert_from_f32_slice(chunk);
+            b.convert_to_f32_slice(chunk);
+        }
     });
 }
 
