@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use corelm_format::Package;
 
-use crate::lm::{chunk_packages, Executor, LanguageModel};
+use crate::lm::{Executor, LanguageModel};
 use crate::matmul::{matmul_t, WeightRows};
 use crate::value::Value;
 use crate::{Error, Features, Interpreter, Result, State};
@@ -114,16 +114,7 @@ const WINDOW: usize = 512;
 /// padding rows. `progress` hears the tokens done after each window.
 pub fn input_grams(pkg: &Package, tokens: &[u32], progress: &mut dyn FnMut(usize)) -> Result<Grams> {
     let sums = Mutex::new(Sums::default());
-    let siblings = chunk_packages(pkg)?;
-    let parts: Vec<&Package> = match &siblings {
-        Some(parts) => parts.iter().collect(),
-        None => vec![pkg],
-    };
-    let executors = parts
-        .iter()
-        .map(|p| Ok(Observing { interpreter: Interpreter::load(p)?, sums: &sums }))
-        .collect::<Result<Vec<_>>>()?;
-    let mut lm = LanguageModel::with_executors(&parts, executors)?;
+    let mut lm = LanguageModel::open_with(pkg, |p| Ok(Observing { interpreter: Interpreter::load(p)?, sums: &sums }))?;
     let fit = lm.context().min(WINDOW);
     let window = if fit >= 64 { fit / 64 * 64 } else { fit };
     let windows: Vec<&[u32]> = match tokens.len() >= window {

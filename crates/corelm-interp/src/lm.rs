@@ -192,17 +192,23 @@ impl LanguageModel {
     /// Opens a package (with its sibling parts, if it is one of several) on the reference
     /// interpreter.
     pub fn open(pkg: &Package) -> Result<LanguageModel> {
-        match chunk_packages(pkg)? {
-            None => LanguageModel::with_executor(pkg, Interpreter::load(pkg)?),
-            Some(parts) => {
-                let executors = parts.iter().map(Interpreter::load).collect::<Result<Vec<_>>>()?;
-                LanguageModel::with_executors(&parts.iter().collect::<Vec<_>>(), executors)
-            }
-        }
+        LanguageModel::open_with(pkg, Interpreter::load)
     }
 }
 
 impl<E: Executor> LanguageModel<E> {
+    /// Opens a package with its sibling parts, if it is one of several, each run by the
+    /// executor `load` makes for it.
+    pub fn open_with(pkg: &Package, mut load: impl FnMut(&Package) -> Result<E>) -> Result<LanguageModel<E>> {
+        match chunk_packages(pkg)? {
+            None => LanguageModel::with_executor(pkg, load(pkg)?),
+            Some(parts) => {
+                let executors = parts.iter().map(&mut load).collect::<Result<Vec<_>>>()?;
+                LanguageModel::with_executors(&parts.iter().collect::<Vec<_>>(), executors)
+            }
+        }
+    }
+
     /// Drives `pkg`, whose functions `executor` runs.
     pub fn with_executor(pkg: &Package, executor: E) -> Result<LanguageModel<E>> {
         LanguageModel::with_executors(&[pkg], vec![executor])

@@ -29,16 +29,10 @@ impl TextModel {
         units: crate::coreml::ComputeUnits,
         cache_dir: &std::path::Path,
     ) -> Result<TextModel> {
-        use corelm_interp::lm::{chunk_packages, LanguageModel};
-        let open = |p: &Package| crate::coreml::CoreMlExecutor::open(p, units, cache_dir);
-        let backend = Box::new(match chunk_packages(pkg)? {
-            None => LanguageModel::with_executor(pkg, open(pkg)?)?,
-            Some(parts) => {
-                let executors = parts.iter().map(open).collect::<Result<Vec<_>>>()?;
-                LanguageModel::with_executors(&parts.iter().collect::<Vec<_>>(), executors)?
-            }
-        });
-        Self::with_backend(pkg, backend)
+        let backend = corelm_interp::lm::LanguageModel::open_with(pkg, |p| {
+            crate::coreml::CoreMlExecutor::open(p, units, cache_dir)
+        })?;
+        Self::with_backend(pkg, Box::new(backend))
     }
 
     pub fn with_backend(pkg: &Package, backend: Box<dyn Backend>) -> Result<TextModel> {
