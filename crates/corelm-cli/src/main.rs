@@ -222,9 +222,10 @@ struct ConvertArgs {
     /// Output package (must end in .mlpackage).
     #[arg(short, long)]
     output: PathBuf,
-    /// Tokens the KV cache holds.
-    #[arg(long, default_value_t = 2048)]
-    context: usize,
+    /// Tokens the KV cache holds [default: 2048, or the positions the model was trained for when
+    /// fewer].
+    #[arg(long)]
+    context: Option<usize>,
     /// Fixed query lengths, one function each sharing the weights (e.g. 1,64); default: one
     /// function with a flexible query length.
     #[arg(long, value_delimiter = ',')]
@@ -590,9 +591,12 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
         TargetArg::Ios17 => corelm_format::Target::Ios17,
         TargetArg::Ios18 => corelm_format::Target::Ios18,
     };
+    let source = corelm_convert::convert::open_source(&args.source)
+        .with_context(|| format!("cannot read model {}", args.source.display()))?;
+    let context = args.context.unwrap_or_else(|| corelm_convert::convert::default_context(&source.config));
     let opts = GraphOptions {
         target,
-        context: args.context,
+        context,
         query_lengths: args.query_lengths,
         attention: match args.attention {
             AttentionArg::Fused => AttentionImpl::Fused,
@@ -609,8 +613,6 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
         },
         chunks: args.chunks,
     };
-    let source = corelm_convert::convert::open_source(&args.source)
-        .with_context(|| format!("cannot read model {}", args.source.display()))?;
     let total = corelm_convert::graph::roles(&source.config)
         .into_iter()
         .filter(|r| corelm_convert::arch::tensor_spec(&source.config, *r).is_some())
@@ -637,8 +639,15 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
         emitln!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         let written: Vec<String> = summary.packages.iter().map(|p| p.display().to_string()).collect();
+        let context_note = match args.context {
+            Some(_) => String::new(),
+            None if summary.context < corelm_convert::convert::DEFAULT_CONTEXT => {
+                format!(" (default: the {} positions the model was trained for)", source.config.max_position_embeddings)
+            }
+            None => " (default)".to_string(),
+        };
         emitln!(
-            "{}: {} ({} parameters, {} layers, context {}), {:.1} MB in {:.1} s",
+            "{}: {} ({} parameters, {} layers, context {}{context_note}), {:.1} MB in {:.1} s",
             written.join(", "),
             summary.architecture,
             summary.parameters,

@@ -526,3 +526,33 @@ fn ane_profile_matches_the_default_profile() {
     }
     coremltools_accepts(&ane_packages);
 }
+
+/// Without --context the cache holds 2048 tokens or, when fewer, the positions the model was
+/// trained for: the tiny GPT-2 has a learned table of 64, and converts (it used to fail on 2048).
+/// An explicit --context past learned positions stays an error; RoPE models take the default.
+#[test]
+fn default_context_is_what_the_model_can_address() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tiny = root().join("tests/fixtures/tiny");
+    let gpt2 = tmp.path().join("gpt2.mlpackage");
+    let (code, stdout, stderr) =
+        corelm(&["convert", tiny.join("gpt2").to_str().unwrap(), "-o", gpt2.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("context 64 (default: the 64 positions the model was trained for)"), "{stdout}");
+    assert_eq!(inspect(&gpt2)["metadata"]["user_defined"]["corelm.context_length"], "64");
+    let (code, _, stderr) = corelm(&[
+        "convert",
+        tiny.join("gpt2").to_str().unwrap(),
+        "-o",
+        gpt2.to_str().unwrap(),
+        "--force",
+        "--context",
+        "65",
+    ]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("gpt2 has learned positions for 64 tokens; --context 65 is too long"), "{stderr}");
+    // max_position_embeddings 64 bounds the default of a RoPE model too (what it was trained for).
+    let llama = tmp.path().join("llama.mlpackage");
+    let s = convert(&tiny.join("llama_rope_linear"), &llama, &[]);
+    assert_eq!(s["context"], 64);
+}

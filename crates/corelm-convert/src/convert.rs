@@ -14,8 +14,14 @@ use corelm_format::error::IoContext;
 use corelm_format::package::{ExtraItem, WriteOptions};
 use corelm_format::{PackageWriter, ProgramBuilder};
 
-/// The manifest author of files corelm ships inside packages.
-pub const ITEM_AUTHOR: &str = "ai.corelm";
+/// Tokens the KV cache holds when `--context` is not given, unless the model was trained on fewer.
+pub const DEFAULT_CONTEXT: usize = 2048;
+
+/// The context a conversion gets without `--context`: [`DEFAULT_CONTEXT`], or the positions the
+/// model was trained for when those are fewer (GPT-2's learned table has 1024, a tiny one 64).
+pub fn default_context(c: &ModelConfig) -> usize {
+    DEFAULT_CONTEXT.min(c.max_position_embeddings).max(1)
+}
 
 /// What a conversion produced, for `--json`.
 #[derive(Debug, Serialize)]
@@ -254,7 +260,7 @@ fn write_stage(
     // The tokenizer and chat template travel with the first part, where the driver looks.
     for (name, bytes) in source.extras.iter().filter(|_| stage.first) {
         pkg.add_item(ExtraItem {
-            author: ITEM_AUTHOR.into(),
+            author: corelm_format::package::CORELM_AUTHOR.into(),
             name: name.clone(),
             description: format!("{name} of the source model"),
             bytes: bytes.clone(),
