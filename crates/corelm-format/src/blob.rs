@@ -6,6 +6,8 @@ use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use sha2::{Digest, Sha256};
+
 use crate::bytes::FileBytes;
 use crate::dtype::DType;
 use crate::error::{Error, IoContext, Result};
@@ -27,6 +29,39 @@ pub struct BlobWriter {
     out: BufWriter<File>,
     end: u64,
     count: u32,
+    /// SHA-256 of every byte after the header, as it is written (see [`weight_file_digest`]).
+    body: Sha256,
+}
+
+/// A weight file's content digest: SHA-256 of its 64-byte header followed by the SHA-256 of the
+/// rest of the file. The writer finishes the header (the blob count) last, so this form lets it
+/// compute the digest while writing, without reading gigabytes back.
+pub fn digest_of(header: &[u8], body_sha256: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(header);
+    h.update(body_sha256);
+    hex(&h.finalize())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// [`digest_of`] a weight file on disk, reading it once (for packages that carry no record).
+pub fn weight_file_digest(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut file = File::open(path).at(path)?;
+    let mut header = [0u8; HEADER_BYTES as usize];
+    let mut filled = 0;
+    while filled < header.len() {
+        match file.read(&mut header[filled..]).at(path)? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    let mut body = Sha256::new();
+    std::io::copy(&mut file, &mut body).at(path)?;
+    Ok(digest_of(&header[..filled], &body.finalize()))
 }
 
 impl BlobWriter {
@@ -34,7 +69,7 @@ impl BlobWriter {
     pub fn create(path: impl AsRef<Path>) -> Result<BlobWriter> {
         let path = path.as_ref().to_path_buf();
         let file = File::create(&path).at(&path)?;
-        let mut writer = BlobWriter { path, out: BufWriter::new(file), end: 0, count: 0 };
+        let mut writer = BlobWriter { path, out: BufWriter::new(file), end: 0, count: 0, body: Sha256::new() };
         writer.write_header()?;
         writer.end = HEADER_BYTES;
         Ok(writer)
@@ -53,11 +88,21 @@ impl BlobWriter {
         self.count == 0
     }
 
-    fn write_header(&mut self) -> Result<()> {
+    fn header(&self) -> [u8; HEADER_BYTES as usize] {
         let mut header = [0u8; HEADER_BYTES as usize];
         header[0..4].copy_from_slice(&self.count.to_le_bytes());
         header[4..8].copy_from_slice(&VERSION.to_le_bytes());
+        header
+    }
+
+    fn write_header(&mut self) -> Result<()> {
+        let header = self.header();
         self.out.write_all(&header).at(&self.path)
+    }
+
+    fn write_body(&mut self, bytes: &[u8]) -> Result<()> {
+        self.body.update(bytes);
+        self.out.write_all(bytes).at(&self.path)
     }
 
     /// Appends one tensor; returns the offset of its metadata record.
@@ -76,7 +121,7 @@ impl BlobWriter {
         let padding_bits = ((8 - (count * width) % 8) % 8) as u64;
         let meta_offset = align_up(self.end).expect("file offsets stay far below u64::MAX");
         let gap = (meta_offset - self.end) as usize;
-        self.out.write_all(&[0u8; ALIGNMENT as usize][..gap]).at(&self.path)?;
+        self.write_body(&[0u8; ALIGNMENT as usize][..gap])?;
         let data_offset = meta_offset + METADATA_BYTES;
         let mut meta = [0u8; METADATA_BYTES as usize];
         meta[0..4].copy_from_slice(&SENTINEL.to_le_bytes());
@@ -84,8 +129,8 @@ impl BlobWriter {
         meta[8..16].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
         meta[16..24].copy_from_slice(&data_offset.to_le_bytes());
         meta[24..32].copy_from_slice(&padding_bits.to_le_bytes());
-        self.out.write_all(&meta).at(&self.path)?;
-        self.out.write_all(bytes).at(&self.path)?;
+        self.write_body(&meta)?;
+        self.write_body(bytes)?;
         self.end = data_offset + bytes.len() as u64;
         self.count =
             self.count.checked_add(1).ok_or_else(|| Error::invalid("a blob file holds at most 2^32-1 blobs"))?;
@@ -93,13 +138,15 @@ impl BlobWriter {
     }
 
     /// Writes the final blob count into the header and flushes; the file is not padded at the end.
-    pub fn finish(mut self) -> Result<u64> {
+    /// Returns the file's size and content digest ([`digest_of`]).
+    pub fn finish(mut self) -> Result<(u64, String)> {
         self.out.flush().at(&self.path)?;
         let file = self.out.get_mut();
         file.seek(SeekFrom::Start(0)).at(&self.path)?;
         file.write_all(&self.count.to_le_bytes()).at(&self.path)?;
         file.sync_all().at(&self.path)?;
-        Ok(self.end)
+        let digest = digest_of(&self.header(), &self.body.clone().finalize());
+        Ok((self.end, digest))
     }
 }
 
@@ -291,7 +338,10 @@ mod tests {
         assert_eq!(w.append(&int4).unwrap(), 64);
         assert_eq!(w.append(&a).unwrap(), 192);
         assert_eq!(w.append(&b).unwrap(), 320);
-        assert_eq!(w.finish().unwrap(), 416);
+        let (len, digest) = w.finish().unwrap();
+        assert_eq!(len, 416);
+        // The digest computed while writing is the one a reader computes from the file.
+        assert_eq!(digest, weight_file_digest(&path).unwrap());
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes.len(), 416);
         assert_eq!(&bytes[0..8], &[3, 0, 0, 0, 2, 0, 0, 0]);

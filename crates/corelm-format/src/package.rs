@@ -8,6 +8,7 @@ use std::path::{Component, Path, PathBuf};
 
 use prost::Message;
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 
 use crate::blob::BlobFile;
 use crate::error::{Error, IoContext, Result};
@@ -15,7 +16,7 @@ use crate::mil::program::{Value, ValueData};
 use crate::mil::validate::{blob_values, validate_model, Issue};
 use crate::model::Model;
 use crate::tensor::{element_count, Tensor};
-use crate::weights::WeightStore;
+use crate::weights::{WeightFile, WeightStore};
 
 pub const MANIFEST: &str = "Manifest.json";
 pub const DATA: &str = "Data";
@@ -24,6 +25,12 @@ pub const MODEL_FILE: &str = "model.mlmodel";
 pub const WEIGHTS_DIR: &str = "weights";
 const MODEL_DESCRIPTION: &str = "CoreML Model Specification";
 const WEIGHTS_DESCRIPTION: &str = "CoreML Model Weights";
+/// The manifest author of the files corelm ships inside packages (tokenizer, digests, ...).
+pub const CORELM_AUTHOR: &str = "ai.corelm";
+/// corelm's record of each weight file's size and digest, written with the weights.
+pub const WEIGHT_DIGESTS_FILE: &str = "weight-digests.json";
+/// A digest record lists a few files; anything this large is not one.
+const MAX_DIGESTS_BYTES: u64 = 1 << 20;
 const FORMAT_VERSION: (u64, u64, u64) = (1, 0, 0);
 /// Manifests are a few hundred bytes; anything this large is not one.
 const MAX_MANIFEST_BYTES: u64 = 16 << 20;
@@ -231,6 +238,47 @@ impl Package {
         Ok(files)
     }
 
+    /// What defines the compiled model, as one SHA-256: the manifest, the model spec and each
+    /// weight file's name, size and content digest. corelm's packages record the digests as
+    /// they write the weights (`Data/ai.corelm/weight-digests.json`), so opening one hashes no
+    /// weights; a file the record does not list at its current size (foreign packages,
+    /// files replaced since) is read and hashed.
+    pub fn content_hash(&self) -> Result<String> {
+        let recorded = self.recorded_digests()?;
+        let mut h = sha2::Sha256::new();
+        for rel in [self.path.join(MANIFEST), self.model_path.clone()] {
+            h.update(fs::read(&rel).at(&rel)?);
+        }
+        for (rel, bytes) in self.weight_files()? {
+            let name = rel.strip_prefix(&format!("{WEIGHTS_DIR}/")).unwrap_or(&rel);
+            let digest = match recorded.iter().find(|f| f.name == name && f.bytes == bytes) {
+                Some(f) => f.digest.clone(),
+                None => crate::blob::weight_file_digest(&self.weights_dir().join(name))?,
+            };
+            h.update(rel.as_bytes());
+            h.update(bytes.to_le_bytes());
+            h.update(digest.as_bytes());
+        }
+        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// The weight digests the package records; empty when it has no record.
+    pub fn recorded_digests(&self) -> Result<Vec<WeightFile>> {
+        let Some(item) = self
+            .manifest
+            .item_info_entries
+            .values()
+            .find(|i| i.author == CORELM_AUTHOR && i.name == WEIGHT_DIGESTS_FILE)
+        else {
+            return Ok(vec![]);
+        };
+        let path = self.path.join(DATA).join(&item.path);
+        let text = read_capped(&path, MAX_DIGESTS_BYTES)?;
+        let record: DigestRecord =
+            serde_json::from_slice(&text).map_err(|e| Error::malformed(&path, format!("not a digest record: {e}")))?;
+        Ok(record.files.into_iter().map(|(name, f)| WeightFile { name, bytes: f.bytes, digest: f.digest }).collect())
+    }
+
     /// Opens the blob files the program refers to, once each.
     pub fn blob_files(&self) -> BlobFiles<'_> {
         BlobFiles { package: self, open: HashMap::new() }
@@ -309,6 +357,18 @@ fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
         return Err(Error::malformed(path, format!("{len} bytes is more than the {cap} this file may have")));
     }
     fs::read(path).at(path)
+}
+
+/// `weight-digests.json`: weight file name → size and digest.
+#[derive(Serialize, Deserialize)]
+struct DigestRecord {
+    files: BTreeMap<String, DigestEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DigestEntry {
+    bytes: u64,
+    digest: String,
 }
 
 /// An extra file carried inside the package (tokenizer, chat template, ...).
@@ -409,6 +469,9 @@ impl PackageWriter {
         if !is_safe_relative(&item.author) || !is_safe_relative(&item.name) {
             return Err(Error::invalid(format!("item {}/{} must be a plain relative name", item.author, item.name)));
         }
+        if item.author == CORELM_AUTHOR && item.name == WEIGHT_DIGESTS_FILE {
+            return Err(Error::invalid(format!("{CORELM_AUTHOR}/{WEIGHT_DIGESTS_FILE} is written with the weights")));
+        }
         self.extras.push(item);
         Ok(())
     }
@@ -420,7 +483,19 @@ impl PackageWriter {
         if !issues.is_empty() {
             return Err(Error::invalid(format!("the model is not valid:\n  {}", join_issues(&issues))));
         }
-        self.weights.take().expect("commit runs once").finish()?;
+        let weight_files = self.weights.take().expect("commit runs once").finish()?;
+        let record = DigestRecord {
+            files: weight_files
+                .into_iter()
+                .map(|f| (f.name, DigestEntry { bytes: f.bytes, digest: f.digest }))
+                .collect(),
+        };
+        self.extras.push(ExtraItem {
+            author: CORELM_AUTHOR.into(),
+            name: WEIGHT_DIGESTS_FILE.into(),
+            description: "Size and content digest of each weight file".into(),
+            bytes: serde_json::to_vec_pretty(&record).expect("the record serializes"),
+        });
         let coreml_dir = self.temp_path.join(DATA).join(COREML_AUTHOR);
         let model_path = coreml_dir.join(MODEL_FILE);
         fs::write(&model_path, model.to_proto().encode_to_vec()).at(&model_path)?;

@@ -26,11 +26,20 @@ impl BlobRef {
     }
 }
 
+/// A finished weight file: its name in `weights/`, size and content digest
+/// ([`digest_of`](crate::blob::digest_of)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WeightFile {
+    pub name: String,
+    pub bytes: u64,
+    pub digest: String,
+}
+
 pub struct WeightStore {
     dir: PathBuf,
     max_file_bytes: Option<u64>,
     current: Option<(String, BlobWriter)>,
-    finished: Vec<(String, u64)>,
+    finished: Vec<WeightFile>,
 }
 
 impl WeightStore {
@@ -55,9 +64,7 @@ impl WeightStore {
     }
 
     fn open_next(&mut self) -> Result<()> {
-        if let Some((name, w)) = self.current.take() {
-            self.finished.push((name, w.finish()?));
-        }
+        self.close_current()?;
         let name = Self::file_name(self.finished.len());
         let writer = BlobWriter::create(self.dir.join(&name))?;
         self.current = Some((name, writer));
@@ -98,18 +105,24 @@ impl WeightStore {
 
     /// Bytes written to all weight files so far.
     pub fn bytes_written(&self) -> u64 {
-        self.finished.iter().map(|(_, n)| n).sum::<u64>() + self.current.as_ref().map_or(0, |(_, w)| w.len())
+        self.finished.iter().map(|f| f.bytes).sum::<u64>() + self.current.as_ref().map_or(0, |(_, w)| w.len())
     }
 
-    /// Closes the files; returns each file name and size. A store that received no blob
-    /// still writes an empty `weight.bin`, as coremltools does.
-    pub fn finish(mut self) -> Result<Vec<(String, u64)>> {
+    fn close_current(&mut self) -> Result<()> {
+        if let Some((name, w)) = self.current.take() {
+            let (bytes, digest) = w.finish()?;
+            self.finished.push(WeightFile { name, bytes, digest });
+        }
+        Ok(())
+    }
+
+    /// Closes the files; returns each one's name, size and digest. A store that received no
+    /// blob still writes an empty `weight.bin`, as coremltools does.
+    pub fn finish(mut self) -> Result<Vec<WeightFile>> {
         if self.current.is_none() && self.finished.is_empty() {
             self.open_next()?;
         }
-        if let Some((name, w)) = self.current.take() {
-            self.finished.push((name, w.finish()?));
-        }
+        self.close_current()?;
         Ok(self.finished)
     }
 }

@@ -22,7 +22,6 @@ use objc2_core_ml::{
     MLMultiArray, MLMultiArrayDataType, MLState,
 };
 use objc2_foundation::{NSArray, NSDictionary, NSError, NSNumber, NSString, NSURL};
-use sha2::{Digest, Sha256};
 
 use crate::{Error, Result};
 
@@ -54,33 +53,12 @@ fn file_url(path: &Path) -> Retained<NSURL> {
     NSURL::fileURLWithPath(&NSString::from_str(&path.to_string_lossy()))
 }
 
-/// A hash of what defines the compiled model: the model spec, the manifest, and each weight
-/// file's name and size (hashing gigabytes of weights on every launch would cost more than the
-/// compilation it saves).
-fn content_hash(package: &Path) -> Result<String> {
-    let mut h = Sha256::new();
-    for rel in ["Manifest.json", "Data/com.apple.CoreML/model.mlmodel"] {
-        let p = package.join(rel);
-        h.update(std::fs::read(&p).map_err(|e| Error::io(&p, e))?);
-    }
-    let weights = package.join("Data/com.apple.CoreML/weights");
-    if let Ok(entries) = std::fs::read_dir(&weights) {
-        let mut files: Vec<(String, u64)> = entries
-            .flatten()
-            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().map(|m| m.len()).unwrap_or(0)))
-            .collect();
-        files.sort();
-        for (name, len) in files {
-            h.update(name.as_bytes());
-            h.update(len.to_le_bytes());
-        }
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Compiles `package` into `cache_dir/<hash>.mlmodelc` unless it is there already.
-pub fn compiled_model(package: &Path, cache_dir: &Path) -> Result<PathBuf> {
-    let target = cache_dir.join(format!("{}.mlmodelc", content_hash(package)?));
+/// Compiles `pkg` into `cache_dir/<content hash>.mlmodelc` unless it is there already: two
+/// packages that differ in any weight value get their own compiled model
+/// ([`Package::content_hash`]).
+pub fn compiled_model(pkg: &Package, cache_dir: &Path) -> Result<PathBuf> {
+    let package = pkg.path();
+    let target = cache_dir.join(format!("{}.mlmodelc", pkg.content_hash()?));
     if target.is_dir() {
         return Ok(target);
     }
@@ -130,7 +108,7 @@ pub struct CoreMlExecutor {
 impl CoreMlExecutor {
     /// Compiles `pkg` (once) and loads each of its functions with `units`.
     pub fn open(pkg: &Package, units: ComputeUnits, cache_dir: &Path) -> Result<CoreMlExecutor> {
-        let compiled = compiled_model(pkg.path(), cache_dir)?;
+        let compiled = compiled_model(pkg, cache_dir)?;
         let description = &pkg.model().description;
         let mut functions = BTreeMap::new();
         for f in &description.functions {

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use corelm_format::mil::program::{Binding, Operation, Value, ValueData};
-use corelm_format::package::{ExtraItem, PackageWriter, WriteOptions};
+use corelm_format::package::{
+    ExtraItem, PackageWriter, WriteOptions, CORELM_AUTHOR, COREML_AUTHOR, WEIGHT_DIGESTS_FILE,
+};
 use corelm_format::{DType, Package, Target, Tensor};
 use serde::Serialize;
 
@@ -230,9 +232,11 @@ pub fn compress_package(
     if compressed == 0 {
         return Err(Error::invalid(format!("{}: found no weight matrices to compress", input.display())));
     }
-    // Tokenizer, chat template and other items travel with the model.
+    // Tokenizer, chat template and other items travel with the model; the weights and their
+    // digests are new.
     for item in pkg.manifest().item_info_entries.values() {
-        if item.author == "com.apple.CoreML" {
+        let digests = item.author == CORELM_AUTHOR && item.name == WEIGHT_DIGESTS_FILE;
+        if item.author == COREML_AUTHOR || digests {
             continue;
         }
         let path = pkg.path().join("Data").join(&item.path);
