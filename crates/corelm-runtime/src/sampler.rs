@@ -7,7 +7,7 @@ use std::collections::HashMap;
 pub struct SamplingParams {
     /// 0 means greedy.
     pub temperature: f32,
-    /// Keep the k most likely tokens (0 = no limit).
+    /// Keep the k most likely tokens, and any tied with the k-th (0 = no limit).
     pub top_k: usize,
     /// Keep the smallest set of tokens whose probability reaches p (1 = no limit).
     pub top_p: f32,
@@ -37,6 +37,11 @@ impl Default for SamplingParams {
     }
 }
 
+fn normalize(probs: &mut [(u32, f64)]) {
+    let total: f64 = probs.iter().map(|(_, q)| q).sum();
+    probs.iter_mut().for_each(|(_, q)| *q /= total);
+}
+
 /// SplitMix64: small, fast and reproducible; sampling needs no cryptographic strength.
 struct Rng(u64);
 
@@ -62,6 +67,28 @@ impl Sampler {
     }
 
     /// The tokens that survive the filters, with their probabilities (sorted, most likely first).
+    ///
+    /// The steps, their order and their definitions are those of Hugging Face transformers'
+    /// `generate` (`_get_logits_processor` in generation/utils.py, which adds the repetition
+    /// processor before the warpers and the warpers as temperature, top-k, top-p, min-p; each
+    /// defined in generation/logits_process.py), with frequency and presence penalties as OpenAI
+    /// defines them and llama.cpp applies them (right after the repetition penalty):
+    ///
+    /// 1. repetition penalty, once per distinct token in `history`: a negative logit is multiplied
+    ///    by it, any other divided (RepetitionPenaltyLogitsProcessor);
+    /// 2. `logit -= count × frequency_penalty + (count > 0) × presence_penalty`;
+    /// 3. temperature 0: greedy, the lowest id among the largest logits;
+    /// 4. `logit / temperature` (TemperatureLogitsWarper);
+    /// 5. top-k: drops the logits below the k-th largest, so tokens tied with the k-th all stay
+    ///    (TopKLogitsWarper);
+    /// 6. top-p over what top-k kept, renormalized: the smallest set of most likely tokens whose
+    ///    probability reaches `top_p`, at least one (TopPLogitsWarper); a tie across the cut, which
+    ///    transformers leaves to its sort, is cut by token id here;
+    /// 7. min-p over what top-p kept: drops tokens less likely than `min_p` × the most likely one
+    ///    (MinPLogitsWarper).
+    ///
+    /// tests/sampling_stats.rs checks the draws against an independent implementation of these
+    /// definitions (python/make_sampling_reference.py).
     pub fn candidates(&self, logits: &[f32], history: &[u32]) -> Vec<(u32, f64)> {
         let p = &self.params;
         let mut adjusted: Vec<f64> = logits.iter().map(|&x| x as f64).collect();
@@ -73,7 +100,7 @@ impl Sampler {
             let Some(l) = adjusted.get_mut(t as usize) else { continue };
             if p.repetition_penalty != 1.0 {
                 let r = p.repetition_penalty as f64;
-                *l = if *l > 0.0 { *l / r } else { *l * r };
+                *l = if *l < 0.0 { *l * r } else { *l / r };
             }
             *l -= p.frequency_penalty as f64 * n as f64 + p.presence_penalty as f64;
         }
@@ -82,18 +109,15 @@ impl Sampler {
         if p.temperature <= 0.0 {
             return vec![(order[0], 1.0)];
         }
-        if p.top_k > 0 {
-            order.truncate(p.top_k);
+        if p.top_k > 0 && p.top_k < order.len() {
+            let kth = adjusted[order[p.top_k - 1] as usize];
+            let kept = order.iter().take_while(|&&i| adjusted[i as usize] >= kth).count();
+            order.truncate(kept);
         }
         let t = p.temperature as f64;
         let max = adjusted[order[0] as usize];
-        let weights: Vec<f64> = order.iter().map(|&i| ((adjusted[i as usize] - max) / t).exp()).collect();
-        let total: f64 = weights.iter().sum();
-        let mut probs: Vec<(u32, f64)> = order.iter().zip(&weights).map(|(&i, &w)| (i, w / total)).collect();
-        if p.min_p > 0.0 {
-            let floor = probs[0].1 * p.min_p as f64;
-            probs.retain(|&(_, q)| q >= floor);
-        }
+        let mut probs: Vec<(u32, f64)> = order.iter().map(|&i| (i, ((adjusted[i as usize] - max) / t).exp())).collect();
+        normalize(&mut probs);
         if p.top_p < 1.0 {
             let mut cumulative = 0.0;
             let keep = probs
@@ -104,9 +128,13 @@ impl Sampler {
                 })
                 .map_or(probs.len(), |i| i + 1);
             probs.truncate(keep);
+            normalize(&mut probs);
         }
-        let kept: f64 = probs.iter().map(|(_, q)| q).sum();
-        probs.iter_mut().for_each(|(_, q)| *q /= kept);
+        if p.min_p > 0.0 {
+            let floor = probs[0].1 * p.min_p as f64;
+            probs.retain(|&(_, q)| q >= floor);
+            normalize(&mut probs);
+        }
         probs
     }
 
@@ -167,19 +195,20 @@ mod tests {
     }
 
     #[test]
-    fn top_k_never_emits_beyond_k() {
+    fn top_k_keeps_the_k_largest_and_their_ties() {
         let l = logits();
         let mut sorted = l.clone();
         sorted.sort_by(|a, b| b.total_cmp(a));
-        let kth = sorted[4];
-        // Ties at the k-th value are broken by token id; allow exactly the 5 chosen.
-        let mut order: Vec<u32> = (0..l.len() as u32).collect();
-        order.sort_by(|&a, &b| l[b as usize].total_cmp(&l[a as usize]).then(a.cmp(&b)));
-        let top: Vec<u32> = order[..5].to_vec();
-        assert!(l[top[4] as usize] == kth);
-        only_allowed(SamplingParams { temperature: 1.5, top_k: 5, seed: 1, ..Default::default() }, |t, _| {
-            top.contains(&t)
-        });
+        // The 4th largest value is shared by the 3rd, 4th and 5th tokens: all three stay, as in
+        // transformers' TopKLogitsWarper.
+        let kth = sorted[3];
+        let top: Vec<u32> = (0..l.len() as u32).filter(|&t| l[t as usize] >= kth).collect();
+        assert_eq!(top.len(), 5, "the fixture should tie at the k-th value");
+        let params = SamplingParams { temperature: 1.5, top_k: 4, seed: 1, ..Default::default() };
+        let mut kept: Vec<u32> = Sampler::new(params.clone()).candidates(&l, &[]).iter().map(|c| c.0).collect();
+        kept.sort();
+        assert_eq!(kept, top);
+        only_allowed(params, |t, _| top.contains(&t));
     }
 
     #[test]
@@ -198,6 +227,17 @@ mod tests {
             let m = l.iter().cloned().fold(f32::MIN, f32::max);
             ((l[t as usize] - m) as f64).exp() >= 0.3 - 1e-9
         });
+    }
+
+    #[test]
+    fn top_p_cuts_before_min_p() {
+        // Probabilities 0.5, 0.3, 0.1, 0.1. Top-p 0.6 keeps the first two and min-p 0.3 (floor
+        // 0.15) keeps both; top-p over what min-p kept, renormalized to 0.625, 0.375, would keep
+        // only the first.
+        let l: Vec<f32> = [0.5f32, 0.3, 0.1, 0.1].iter().map(|p| p.ln()).collect();
+        let params = SamplingParams { temperature: 1.0, top_p: 0.6, min_p: 0.3, ..Default::default() };
+        let kept: Vec<u32> = Sampler::new(params).candidates(&l, &[]).iter().map(|c| c.0).collect();
+        assert_eq!(kept, [0, 1]);
     }
 
     #[test]
