@@ -9,18 +9,14 @@
 #include <stdlib.h>
 
 /**
- * Where the model runs.
+ * `backend` of `corelm_model_open`: corelm's reference interpreter (any platform).
  */
-typedef enum CorelmBackend {
-  /**
-   * corelm's reference interpreter (any platform).
-   */
-  CorelmBackendReference = 0,
-  /**
-   * Core ML (Apple platforms), with all compute units.
-   */
-  CorelmBackendCoreMl = 1,
-} CorelmBackend;
+#define CORELM_BACKEND_REFERENCE 0
+
+/**
+ * `backend` of `corelm_model_open`: Core ML (Apple platforms), with all compute units.
+ */
+#define CORELM_BACKEND_COREML 1
 
 /**
  * A loaded model (opaque).
@@ -40,7 +36,8 @@ typedef struct CorelmSampling {
 } CorelmSampling;
 
 /**
- * Receives each new piece of generated text (UTF-8, not NUL-terminated).
+ * Receives each new piece of generated text (UTF-8, not NUL-terminated). It must not call
+ * back into corelm with the same model (such a call fails with an error).
  */
 typedef void (*CorelmTextCallback)(const char *text, uintptr_t len, void *user_data);
 
@@ -54,22 +51,26 @@ extern "C" {
 struct CorelmSampling corelm_sampling_default(void);
 
 /**
- * Opens a package converted by corelm. Returns null on failure (see `error`).
+ * Opens a package converted by corelm on `backend` (`CORELM_BACKEND_REFERENCE` or
+ * `CORELM_BACKEND_COREML`). `cache_dir` is where Core ML's compiled model is kept (null:
+ * `~/Library/Application Support/corelm/compiled`). Returns null on failure (see `error`).
  */
 struct CorelmModel *corelm_model_open(const char *package_path,
-                                      enum CorelmBackend backend,
+                                      int32_t backend,
+                                      const char *cache_dir,
                                       char **error);
 
 /**
  * Frees a model (null is ignored).
  *
  * # Safety
- * `model` is null or a pointer from `corelm_model_open` not yet freed.
+ * `model` is null or a pointer from `corelm_model_open` not yet freed, and no call on it runs.
  */
 void corelm_model_free(struct CorelmModel *model);
 
 /**
- * Forgets the conversation (messages and KV cache). Returns 0, or -1 on failure.
+ * Forgets the conversation (messages and KV cache), also after a failed call. Returns 0, or
+ * -1 on failure.
  *
  * # Safety
  * `model` is null or a live model, used by one thread at a time; `error` is null or writable.
@@ -78,11 +79,12 @@ int32_t corelm_reset(struct CorelmModel *model, char **error);
 
 /**
  * Adds a user message to the conversation and streams the assistant's reply through
- * `on_text`. `system` may be null. Returns the number of tokens generated, or -1 on failure.
+ * `on_text`. `system` may be null. Returns the number of tokens generated, or -1 on failure,
+ * in which case the conversation is as it was before the call.
  *
  * # Safety
  * `model` is null or a live model, used by one thread at a time; the strings are null or
- * NUL-terminated; `error` is null or writable.
+ * NUL-terminated; `error` is null or writable; `on_text` does not call corelm with `model`.
  */
 int64_t corelm_chat(struct CorelmModel *model,
                     const char *system,
