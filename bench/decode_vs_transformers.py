@@ -430,7 +430,7 @@ def main(argv=None):
             run = {"repeat": rep}
             for which, ids in prompt_set.items():
                 cmd = [corelm, "run", rec["package"], "--ids", ",".join(map(str, ids)),
-                       "--max-new-tokens", str(args.new_tokens), "--json"]
+                       "--max-new-tokens", str(args.new_tokens), "--ignore-eos", "--json"]
                 log = work / f"corelm-{name}-{which}-{rep}.log"
                 rc, wall, use, out = run_measured(cmd, log)
                 if rc != 0:

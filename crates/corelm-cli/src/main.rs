@@ -287,6 +287,9 @@ struct RunArgs {
     /// With --ids: include the logits at the last prompt position in the JSON.
     #[arg(long)]
     logits: bool,
+    /// With --ids: keep generating past the package's end-of-sequence ids.
+    #[arg(long)]
+    ignore_eos: bool,
     /// Print JSON instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -1060,22 +1063,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(prompt) = args.prompt.clone() {
                 return run_text(args, prompt);
             }
-            let RunArgs { package, ids, max_new_tokens, sampling, logits, json, .. } = args;
+            let RunArgs { package, ids, max_new_tokens, sampling, logits, json, ignore_eos, .. } = args;
             if sampling.temperature != 0.0 {
                 anyhow::bail!("--ids decodes greedily; use --prompt for sampling");
             }
             let pkg = open(&package)?;
             let mut lm = corelm_interp::lm::LanguageModel::open(&pkg)
                 .with_context(|| format!("cannot run {}", package.display()))?;
+            let eos = if ignore_eos { vec![] } else { corelm_runtime::model::eos_ids(&pkg) };
             let started = std::time::Instant::now();
             let last = lm.feed_last(&ids)?;
             let prefill_s = started.elapsed().as_secs_f64();
             let mut next = corelm_interp::lm::argmax(&last) as u32;
             let mut generated = Vec::new();
+            let mut stop = "max_new_tokens";
             let decode_started = std::time::Instant::now();
             for i in 0..max_new_tokens {
+                // As with --prompt, the end-of-sequence token ends generation and is not listed.
+                if eos.contains(&next) {
+                    stop = "eos";
+                    break;
+                }
                 generated.push(next);
-                if i + 1 == max_new_tokens || lm.position() >= lm.context() {
+                if i + 1 == max_new_tokens {
+                    break;
+                }
+                if lm.position() >= lm.context() {
+                    stop = "context";
                     break;
                 }
                 next = corelm_interp::lm::argmax(&lm.feed_last(&[next])?) as u32;
@@ -1085,6 +1099,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let mut out = serde_json::json!({
                     "prompt_ids": ids,
                     "generated_ids": generated,
+                    "stop_reason": stop,
                     "prefill_seconds": prefill_s,
                     "decode_seconds": decode_s,
                 });

@@ -331,6 +331,7 @@ fn sharded_weights_load_everywhere_and_change_nothing() {
             "4",
             "--json",
             "--logits",
+            "--ignore-eos",
         ]);
         assert_eq!(code, 0, "{err}");
         let v: Value = serde_json::from_str(&out).unwrap();
@@ -368,6 +369,7 @@ fn run_greedy(pkg: &Path, ids: &[u64], new_tokens: usize) -> (Vec<u64>, Vec<f64>
         &new_tokens.to_string(),
         "--json",
         "--logits",
+        "--ignore-eos",
     ]);
     assert_eq!(code, 0, "run {}: {stderr}", pkg.display());
     let v: Value = serde_json::from_str(&stdout).unwrap();

@@ -121,6 +121,25 @@ fn the_default_model_answers_with_transformers_greedy_tokens() {
     assert_eq!(g["stop_reason"], "eos");
     assert!(got.len() >= 5 && want.starts_with(&got) && want[got.len()] == 2, "{got:?} vs {want:?}");
     assert!(g["text"].as_str().unwrap().contains("Paris"), "{}", g["text"]);
+
+    // `run --ids` stops at the package's end-of-sequence id too, unless told to go on.
+    let ids: Vec<String> = prompt["prompt_ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
+    let ids = ids.join(",");
+    let run_ids = |extra: &[&str]| -> Value {
+        let out = Command::new(corelm)
+            .args(["run", pkg.to_str().unwrap(), "--ids", &ids, "--max-new-tokens", "32", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let stopped = run_ids(&[]);
+    assert_eq!(stopped["stop_reason"], "eos");
+    assert_eq!(stopped["generated_ids"], g["generated_ids"]);
+    let forced = run_ids(&["--ignore-eos"]);
+    assert_eq!(forced["stop_reason"], "max_new_tokens");
+    assert_eq!(forced["generated_ids"], prompt["greedy_ids"]);
 }
 
 /// `corelm chat` in a pseudo-terminal: two turns, the second referring to the first.

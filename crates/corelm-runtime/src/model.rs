@@ -42,15 +42,7 @@ impl TextModel {
         let tokenizer = Tokenizer::from_package(pkg)?;
         let config = pkg.path().join(TOKENIZER_CONFIG_PATH);
         let template = if config.is_file() { ChatTemplate::from_tokenizer_config(&config)? } else { None };
-        let eos_ids = pkg
-            .model()
-            .description
-            .metadata
-            .user_defined
-            .get("corelm.eos_token_ids")
-            .map(|s| s.split(',').filter_map(|t| t.trim().parse().ok()).collect())
-            .unwrap_or_default();
-        Ok(TextModel { backend, tokenizer, template, eos_ids })
+        Ok(TextModel { backend, tokenizer, template, eos_ids: eos_ids(pkg) })
     }
 
     /// Token ids for a conversation, through the chat template.
@@ -63,4 +55,15 @@ impl TextModel {
         // The template already places BOS and other special tokens.
         self.tokenizer.encode(&text, false)
     }
+}
+
+/// The end-of-sequence ids a package declares (`corelm.eos_token_ids`); none when it declares none.
+pub fn eos_ids(pkg: &Package) -> Vec<u32> {
+    pkg.model()
+        .description
+        .metadata
+        .user_defined
+        .get("corelm.eos_token_ids")
+        .map(|s| s.split(',').filter_map(|t| t.trim().parse().ok()).collect())
+        .unwrap_or_default()
 }
