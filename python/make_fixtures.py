@@ -197,6 +197,10 @@ def make_tiny(name, spec):
     last = logits[-1]
     std = float(last.std())
     argmax = logits.argmax(-1).tolist()
+    # How far the top logit stands above the second at each position: where this is smaller than
+    # twice a conversion's logit error, its argmax may legitimately differ.
+    top2 = logits.topk(2, dim=-1).values
+    top2_gap = (top2[:, 0] - top2[:, 1]).tolist()
     prefix = model(torch.tensor([prompt[: PREFIX_T + 1]])).logits[0, -1]
     new = greedy(model, prompt, NEW_TOKENS)
     if std < 0.1 or len(set(argmax)) < 8 or len(set(new)) < 8:
@@ -211,6 +215,7 @@ def make_tiny(name, spec):
             "model_type": model_type,
             "prompt_ids": prompt,
             "argmax": argmax,
+            "top2_gap": top2_gap,
             "last_logits": floats(last),
             "logits_range": float(last.max() - last.min()),
             "greedy_ids": new,
@@ -218,8 +223,45 @@ def make_tiny(name, spec):
             **versions(),
         },
     )
+    write_legacy_config(out, model_type)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"{name:18s} logits std {std:5.2f}, {len(set(new)):2d} distinct greedy ids, {size / 1024:6.1f} KiB")
+
+
+def legacy_config(config):
+    """The same configuration in the layout transformers 4.x wrote (and most published checkpoints
+    still have): `rope_theta` + `rope_scaling` instead of `rope_parameters` (Gemma 3's local base as
+    `rope_local_base_freq`), `torch_dtype` for `dtype`, and no `layer_types` where 4.x derived them
+    (Gemma 2: even layers slide; Qwen2: layers from `max_window_layers` on; Mistral/Phi-3: all)."""
+    c = dict(config)
+    params = c.pop("rope_parameters", None)
+    if params is not None:
+        if "full_attention" in params:  # keyed by layer type (Gemma 3)
+            c["rope_local_base_freq"] = params["sliding_attention"]["rope_theta"]
+            params = params["full_attention"]
+        params = dict(params)
+        c["rope_theta"] = params.pop("rope_theta")
+        c["rope_scaling"] = None if params.get("rope_type", "default") == "default" else params
+    if "dtype" in c:
+        c["torch_dtype"] = c.pop("dtype")
+    if c["model_type"] in ("gemma2", "qwen2", "mistral", "phi3"):
+        c.pop("layer_types", None)
+    return c
+
+
+def write_legacy_config(out, model_type):
+    """Writes config.legacy.json beside config.json and checks, with transformers itself, that both
+    layouts describe the same model (so the same reference outputs hold for both)."""
+    config = json.loads((out / "config.json").read_text())
+    legacy = legacy_config(config)
+    path = out / "config.legacy.json"
+    write_json(path, legacy)
+    new = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
+    old = AutoConfig.for_model(model_type, **{k: v for k, v in legacy.items() if k != "model_type"})
+    for key in ("rope_parameters", "layer_types", "sliding_window", "max_position_embeddings"):
+        if getattr(new, key, None) != getattr(old, key, None):
+            raise RuntimeError(f"{out.name}: legacy layout gives {key}={getattr(old, key, None)!r}, "
+                               f"not {getattr(new, key, None)!r}")
 
 
 # ---------------------------------------------------------------- real models
