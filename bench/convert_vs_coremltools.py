@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import provenance
+
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache"
 RESULTS = REPO / "bench" / "results"
@@ -532,6 +534,7 @@ def main(argv=None):
         "validation": validation,
         "runs": runs,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "provenance": provenance(args.corelm),
     }
     for tool in runs:
         for r in runs[tool]:

@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import provenance
+
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache"
 RESULTS = REPO / "bench" / "results"
@@ -603,6 +605,7 @@ def main(argv=None):
         "greedy_agreement_with_transformers_fp32": agreement,
         "corelm": variants,
         "transformers": tf,
+        "provenance": provenance(corelm),
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")

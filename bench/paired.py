@@ -8,8 +8,8 @@ bench/results/paired-smollm2.json.
 
     bench/paired.py [--schemes int8,int4-b32] [--max-tokens N]
 
-Packages are made as bench/quality.py makes them: `corelm convert <gguf> --context 1024
-[--quantize ...]`, and coremltools' compression of corelm's fp16 package by quality.py's
+Packages are made as bench/quality.py makes its like-for-like rows: `corelm compress` of corelm's fp16
+package (`corelm convert <gguf> --context 1024`), and coremltools' compression of the same package by quality.py's
 `_ct-compress` child (same configs, same excluded RoPE tables, tokenizer items copied over).
 Positions within one window are correlated, so the standard error (computed as if they were
 independent) is a lower bound; a difference inside two of them is not evidence either way.
@@ -22,6 +22,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from provenance import provenance
+
 REPO = Path(__file__).resolve().parent.parent
 CORELM = REPO / "target" / "release" / "corelm"
 PYTHON = REPO / ".cache" / "venv" / "bin" / "python"
@@ -29,7 +31,7 @@ GGUF = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = REPO / "bench" / "data" / "eval.txt"
 OUT = REPO / "bench" / "results" / "paired-smollm2.json"
 
-# scheme: corelm convert flags, bench/quality.py coremltools row.
+# scheme: `corelm compress` flags, bench/quality.py coremltools row; both compress the same fp16 package.
 SCHEMES = {
     "int8": (["--quantize", "int8"], "ct-int8"),
     "int4-b32": (["--quantize", "int4"], "ct-int4-b32"),
@@ -53,7 +55,7 @@ def main():
     p.add_argument("--schemes", default="int8", help="comma-separated: " + ", ".join(SCHEMES))
     p.add_argument("--max-tokens", type=int)
     args = p.parse_args()
-    results = {"model": GGUF.name, "text": TEXT.name, "schemes": []}
+    results = {"model": GGUF.name, "text": TEXT.name, "schemes": [], "provenance": provenance(CORELM)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         fp16 = tmp / "fp16.mlpackage"
@@ -61,7 +63,7 @@ def main():
         for scheme in args.schemes.split(","):
             flags, ct_row = SCHEMES[scheme]
             ours, theirs = tmp / f"{scheme}.mlpackage", tmp / f"{ct_row}.mlpackage"
-            run([CORELM, "convert", GGUF, "-o", ours, "--context", "1024", "--json", *flags])
+            run([CORELM, "compress", fp16, "-o", ours, "--json", *flags])
             run([PYTHON, REPO / "bench" / "quality.py", "_ct-compress", "--row", ct_row, "--input", fp16,
                  "--output", theirs])
             a = positions(ours, fp16, tmp / "ours.json", args.max_tokens)

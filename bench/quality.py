@@ -54,6 +54,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import provenance
+
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache"
 RESULTS = REPO / "bench" / "results"
@@ -85,6 +87,10 @@ COMPRESS_ROWS = [
     ("compress-int8", "corelm compress of the fp16 package: int8 per channel, symmetric", ["--quantize", "int8"]),
     ("compress-int4-b32", "corelm compress of the fp16 package: int4 per block 32, symmetric",
      ["--quantize", "int4", "--block-size", "32"]),
+    ("compress-int4-b64", "corelm compress of the fp16 package: int4 per block 64, symmetric",
+     ["--quantize", "int4", "--block-size", "64"]),
+    ("compress-int4-b32-offset", "corelm compress of the fp16 package: int4 per block 32, with zero points",
+     ["--quantize", "int4", "--block-size", "32", "--offset"]),
     ("compress-lut4", "corelm compress of the fp16 package: lut4 per 16 channels", ["--quantize", "lut4"]),
     ("compress-lut6", "corelm compress of the fp16 package: lut6 per 16 channels", ["--quantize", "lut6"]),
 ] + [
@@ -124,16 +130,14 @@ CT_ROWS = [
       "weight_threshold": 2048}),
 ]
 
-# Which coremltools row each corelm row is compared with (equal scheme, so near-equal size).
+# Which coremltools row each corelm row is compared with: like for like, both compress the same fp16
+# package with the same scheme (so near-equal size). The `corelm convert --quantize` rows start from
+# the GGUF's f32 values instead, so they are listed but not set against coremltools.
 PEERS = {
-    "int8": "ct-int8",
-    "int4-b32": "ct-int4-b32",
-    "int4-b64": "ct-int4-b64",
-    "int4-b32-offset": "ct-int4-b32-offset",
-    "lut4": "ct-lut4",
-    "lut6": "ct-lut6",
     "compress-int8": "ct-int8",
     "compress-int4-b32": "ct-int4-b32",
+    "compress-int4-b64": "ct-int4-b64",
+    "compress-int4-b32-offset": "ct-int4-b32-offset",
     "compress-lut4": "ct-lut4",
     "compress-lut6": "ct-lut6",
     "calibrated-int8": "ct-int8",
@@ -517,6 +521,7 @@ def main_driver(args):
             "rows": rows,
             "comparisons": comparisons,
             "versions": {"corelm": version, **(ct_versions or {}), "python": platform.python_version()},
+            "provenance": provenance(args.corelm),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
                         "kmeans_workers": args.kmeans_workers},

@@ -7,8 +7,9 @@ bench/results/weight-error-smollm2.json.
 
     .cache/venv/bin/python bench/weight_error.py
 
-Runs in the coremltools venv (scripts/setup-python.sh). Packages: `corelm convert <gguf> --context 256
-[--quantize int8|int4]` and coremltools' compression of corelm's fp16 package with the configs of
+Runs in the coremltools venv (scripts/setup-python.sh). Packages: `corelm convert <gguf> --context 256`
+(fp16), then `corelm compress` of it with `--quantize int8|int4` and coremltools' compression of the same
+fp16 package with the configs of
 bench/quality.py (CT_ROWS, imported from it). Every package is read with coremltools' own milproto
 loader; each `linear` op's weight is materialized by coremltools (constexpr ops'
 `materialized_val_inference`, i.e. its decompression, in the op's fp16 output type) and compared with
@@ -24,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from provenance import provenance
+
 import numpy as np
 import coremltools as ct
 import coremltools.optimize.coreml as cto
@@ -35,7 +38,8 @@ CORELM = REPO / "target" / "release" / "corelm"
 GGUF = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 OUT = REPO / "bench" / "results" / "weight-error-smollm2.json"
 
-# The schemes compared: corelm's convert flags and the matching bench/quality.py coremltools row.
+# The schemes compared: `corelm compress` flags and the matching bench/quality.py coremltools row. Both
+# tools compress the same fp16 package, so the comparison is like for like.
 SCHEMES = [("int8", ["--quantize", "int8"], "ct-int8"), ("int4-b32", ["--quantize", "int4"], "ct-int4-b32")]
 
 
@@ -73,7 +77,7 @@ def compress_with_coremltools(fp16, out, row):
 
 def main():
     rows = quality_rows()
-    results = {"model": GGUF.name, "schemes": []}
+    results = {"model": GGUF.name, "schemes": [], "provenance": provenance(CORELM)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
 
@@ -83,9 +87,13 @@ def main():
                             "--force", *extra], check=True, capture_output=True)
             return out
 
-        reference = linear_weights(convert("fp16", []))
+        fp16 = convert("fp16", [])
+        reference = linear_weights(fp16)
         for name, flags, ct_row in SCHEMES:
-            ours = linear_weights(convert(name, flags))
+            ours_pkg = tmp / f"{name}.mlpackage"
+            subprocess.run([str(CORELM), "compress", str(fp16), "-o", str(ours_pkg), "--json", *flags],
+                           check=True, capture_output=True)
+            ours = linear_weights(ours_pkg)
             ct_pkg = tmp / f"{ct_row}.mlpackage"
             compress_with_coremltools(tmp / "fp16.mlpackage", ct_pkg, rows[ct_row])
             theirs = linear_weights(ct_pkg)
