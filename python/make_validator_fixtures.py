@@ -317,6 +317,11 @@ def save(prog, target, path):
     info["itemInfoEntries"] = {ids[k]: v for k, v in info["itemInfoEntries"].items()}
     info["rootModelIdentifier"] = ids[info["rootModelIdentifier"]]
     manifest.write_text(json.dumps(info, indent=4, sort_keys=True) + "\n")
+    # A program without large constants gets an empty weights/ directory, which git would drop;
+    # the manifest lists it and readers require it, so keep it with an empty marker file.
+    weights = path / "Data" / "com.apple.CoreML" / "weights"
+    if not any(weights.iterdir()):
+        (weights / ".gitkeep").write_bytes(b"")
 
 
 def main():
