@@ -28,6 +28,9 @@ const STRING: &[DType] = &[DType::String];
 const DATA: &[DType] = &[Fp16, Fp32, Int32, Int16, Uint16, Int8, Uint8, Bool];
 const INDEX: &[DType] = &[Int32, Int16, Uint16, Int8, Uint8];
 const SLICE_INDEX: &[DType] = &[Int32, Int16, Int8];
+const INDEX_IOS16: &[DType] = &[Int32, Uint16, Int16];
+/// iOS 17's wider data types for topk's input (iOS17/tensor_operation.py).
+const TOPK_DATA: &[DType] = &[Fp16, Fp32, Int8, Int16, Int32, Uint8, Uint16];
 const QUANT_SRC: &[DType] = &[Int4, Uint4, Int8, Uint8, Fp16, Fp32];
 const LUT_INDEX: &[DType] = &[Uint1, Uint2, Uint3, Uint4, Uint6, Uint8];
 const LUT_VALUE: &[DType] = &[Int8, Uint8, Fp16, Fp32];
@@ -156,6 +159,11 @@ impl Args {
     fn const_ints(&self, name: &str) -> Result<Vec<i64>> {
         self.ints(name).ok_or_else(|| Error::invalid(format!("`{name}` must be a constant integer tensor")))
     }
+
+    /// A required constant integer (the first of its values).
+    fn const_int(&self, name: &str) -> Result<i64> {
+        self.const_ints(name)?.first().copied().ok_or_else(|| Error::invalid(format!("`{name}` is empty")))
+    }
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -252,7 +260,33 @@ fn arg_reduce(a: &Args) -> Result<Vec<TensorType>> {
     let ax = a.int("axis").unwrap_or(-1);
     let keep = a.boolean("keep_dims").unwrap_or(false);
     let dtype = output_dtype(a, "output_dtype", Int32)?;
+    if !matches!(dtype, Int32 | Uint16) {
+        return Err(bad(format!("output_dtype must be int32 or uint16, not {dtype}")));
+    }
     Ok(vec![TensorType::new(dtype, reduced_dims(&x.dims, Some(vec![ax]), keep)?)])
+}
+
+fn gelu(a: &Args) -> Result<Vec<TensorType>> {
+    match a.string("mode") {
+        None | Some("EXACT" | "TANH_APPROXIMATION" | "SIGMOID_APPROXIMATION") => same_as_x(a),
+        Some(m) => Err(bad(format!("gelu: unknown mode \"{m}\""))),
+    }
+}
+
+/// iOS 17's clip also wants alpha below beta (iOS17/elementwise_unary.py).
+fn clip_ios17(a: &Args) -> Result<Vec<TensorType>> {
+    let bound = |name: &str| a.value(name).and_then(|t| t.to_f64()).and_then(|v| v.first().copied());
+    if let (Some(lo), Some(hi)) = (bound("alpha"), bound("beta")) {
+        if lo >= hi {
+            return Err(bad(format!("clip: alpha {lo} must be below beta {hi}")));
+        }
+    }
+    same_as_x(a)
+}
+
+fn cumsum(a: &Args) -> Result<Vec<TensorType>> {
+    axis(a.int("axis").unwrap_or(0), a.ty("x")?.rank())?;
+    same_as_x(a)
 }
 
 fn matmul(a: &Args) -> Result<Vec<TensorType>> {
@@ -296,8 +330,10 @@ fn matmul(a: &Args) -> Result<Vec<TensorType>> {
 
 fn linear(a: &Args) -> Result<Vec<TensorType>> {
     let (x, w) = (a.ty("x")?, a.ty("weight")?);
-    if !(1..=3).contains(&x.rank()) || w.rank() != 2 {
-        return Err(bad(format!("linear needs x of rank 1..3 and a rank-2 weight, got {x} and {w}")));
+    // Any rank of x: coremltools' type inference only reads its last dim, and its torch
+    // frontend emits `linear` for inputs of every rank (iOS15/linear.py).
+    if x.rank() == 0 || w.rank() != 2 {
+        return Err(bad(format!("linear needs x of rank 1 or more and a rank-2 weight, got {x} and {w}")));
     }
     if let (Some(Dim::Fixed(din)), Dim::Fixed(wdin)) = (x.dims.last(), w.dims[1]) {
         if *din != wdin {
@@ -317,7 +353,11 @@ fn linear(a: &Args) -> Result<Vec<TensorType>> {
 fn linear_bias_default(a: &Args) -> Result<Tensor> {
     let w = a.ty("weight")?;
     let out = w.dims.first().and_then(|d| d.fixed()).ok_or_else(|| bad("linear weight needs a fixed shape"))?;
-    Tensor::from_floats(if w.dtype == Fp32 { Fp32 } else { Fp16 }, vec![out], &vec![0.0; out])
+    match w.dtype {
+        Int32 => Tensor::from_i32(vec![out], &vec![0; out]),
+        Fp32 => Tensor::from_floats(Fp32, vec![out], &vec![0.0; out]),
+        _ => Tensor::from_floats(Fp16, vec![out], &vec![0.0; out]),
+    }
 }
 
 fn layer_norm_axes_default(a: &Args) -> Result<Tensor> {
@@ -367,6 +407,14 @@ fn gather_along_axis(a: &Args) -> Result<Vec<TensorType>> {
     if x.rank() != idx.rank() {
         return Err(bad("gather_along_axis: x and indices must have the same rank"));
     }
+    let ax = axis(a.int("axis").unwrap_or(0), x.rank())?;
+    for (i, (d, k)) in x.dims.iter().zip(&idx.dims).enumerate() {
+        if let (Dim::Fixed(d), Dim::Fixed(k)) = (d, k) {
+            if i != ax && d != k {
+                return Err(bad(format!("gather_along_axis: x {x} and indices {idx} differ at dim {i}")));
+            }
+        }
+    }
     Ok(vec![TensorType::new(x.dtype, idx.dims.clone())])
 }
 
@@ -375,20 +423,25 @@ fn gather_nd(a: &Args) -> Result<Vec<TensorType>> {
     let bd = a.int("batch_dims").unwrap_or(0).max(0) as usize;
     let last =
         idx.dims.last().and_then(|d| d.fixed()).ok_or_else(|| bad("gather_nd: last indices dim must be fixed"))?;
+    if bd + last > x.rank() {
+        return Err(bad(format!("gather_nd: {last} index components and {bd} batch dims exceed the rank of {x}")));
+    }
     let mut dims = idx.dims[..idx.rank() - 1].to_vec();
     dims.extend_from_slice(x.dims.get(bd + last..).unwrap_or(&[]));
     Ok(vec![TensorType::new(x.dtype, dims)])
 }
 
 fn concat(a: &Args) -> Result<Vec<TensorType>> {
-    // coremltools concatenates scalars as length-1 vectors.
+    // coremltools concatenates scalars as length-1 vectors, whatever the axis.
+    let all_scalars = a.tuple("values").iter().all(|v| v.ty.rank() == 0);
     let values: Vec<TensorType> = a
         .tuple("values")
         .iter()
         .map(|v| if v.ty.rank() == 0 { TensorType::new(v.ty.dtype, vec![Dim::Fixed(1)]) } else { v.ty.clone() })
         .collect();
     let first = values.first().ok_or_else(|| bad("concat needs at least one value"))?;
-    let ax = axis(a.const_ints("axis")?[0], first.rank())?;
+    let ax = a.const_int("axis")?;
+    let ax = if all_scalars { 0 } else { axis(ax, first.rank())? };
     let mut total = Some(0usize);
     for v in &values {
         if v.rank() != first.rank() || v.dtype != first.dtype {
@@ -407,7 +460,7 @@ fn concat(a: &Args) -> Result<Vec<TensorType>> {
 fn stack(a: &Args) -> Result<Vec<TensorType>> {
     let values = a.tuple("values");
     let first = &values.first().ok_or_else(|| bad("stack needs at least one value"))?.ty;
-    let ax = axis(a.const_ints("axis")?[0], first.rank() + 1)?;
+    let ax = axis(a.const_int("axis")?, first.rank() + 1)?;
     let mut dims = first.dims.clone();
     dims.insert(ax, Dim::Fixed(values.len()));
     Ok(vec![TensorType::new(first.dtype, dims)])
@@ -415,7 +468,7 @@ fn stack(a: &Args) -> Result<Vec<TensorType>> {
 
 fn split(a: &Args) -> Result<Vec<TensorType>> {
     let x = a.ty("x")?;
-    let ax = axis(a.const_ints("axis")?[0], x.rank())?;
+    let ax = axis(a.const_int("axis")?, x.rank())?;
     let sizes: Vec<Dim> = if let Some(sizes) = a.ints("split_sizes") {
         sizes.into_iter().map(|s| Dim::Fixed(s.max(0) as usize)).collect()
     } else {
@@ -441,18 +494,33 @@ fn split(a: &Args) -> Result<Vec<TensorType>> {
 }
 
 fn reshape(a: &Args) -> Result<Vec<TensorType>> {
+    reshape_with(a, false)
+}
+
+/// iOS 17's reshape: a 0 copies the dim of x at the same place counted from the end (1 past
+/// x's rank), so the ranks may differ (iOS17/tensor_transformation.py).
+fn reshape_ios17(a: &Args) -> Result<Vec<TensorType>> {
+    reshape_with(a, true)
+}
+
+fn reshape_with(a: &Args, zeros_from_end: bool) -> Result<Vec<TensorType>> {
     let x = a.ty("x")?;
     let shape_ty = a.ty("shape")?;
     let Some(shape) = a.ints("shape") else {
         let k = shape_ty.dims.first().and_then(|d| d.fixed()).ok_or_else(|| bad("reshape: shape length unknown"))?;
         return Ok(vec![TensorType::new(x.dtype, vec![Dim::Unknown; k])]);
     };
+    if shape.contains(&0) && shape.len() != x.rank() && !zeros_from_end {
+        return Err(bad(format!("reshape: a 0 in shape {shape:?} needs it to have the rank of {x}")));
+    }
     let mut dims: Vec<Dim> = shape
         .iter()
         .enumerate()
         .map(|(i, &s)| match s {
-            0 if shape.len() == x.rank() => Ok(x.dims[i]),
-            0 => Ok(Dim::Unknown),
+            0 => {
+                let from_end = shape.len() - 1 - i;
+                Ok(if from_end < x.rank() { x.dims[x.rank() - 1 - from_end] } else { Dim::Fixed(1) })
+            }
             -1 => Ok(Dim::Unknown),
             s if s > 0 => Ok(Dim::Fixed(s as usize)),
             s => Err(bad(format!("reshape: invalid target dimension {s}"))),
@@ -510,54 +578,89 @@ fn expand_dims(a: &Args) -> Result<Vec<TensorType>> {
 fn squeeze(a: &Args) -> Result<Vec<TensorType>> {
     let x = a.ty("x")?;
     let dims = match a.ints("axes") {
-        // Listed axes go (they must be 1 at run time); unknown ones are taken to be 1.
+        // As coremltools (iOS15/tensor_transformation.py): a listed axis goes when its size is
+        // known to be 1; one of unknown size stays in the type (it is 1 at run time).
         Some(v) => {
             let axes: Vec<usize> = v.into_iter().map(|v| axis(v, x.rank())).collect::<Result<_>>()?;
             if let Some(&i) = axes.iter().find(|&&i| matches!(x.dims[i], Dim::Fixed(n) if n != 1)) {
                 return Err(bad(format!("cannot squeeze axis {i} of {x}: its size is not 1")));
             }
-            x.dims.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, d)| *d).collect()
+            x.dims
+                .iter()
+                .enumerate()
+                .filter(|&(i, d)| !(axes.contains(&i) && *d == Dim::Fixed(1)))
+                .map(|(_, d)| *d)
+                .collect()
         }
         None => x.dims.iter().filter(|d| **d != Dim::Fixed(1)).copied().collect(),
     };
     Ok(vec![TensorType::new(x.dtype, dims)])
 }
 
-/// Python slice length for a known dimension.
-fn slice_len(dim: usize, begin: i64, end: i64, stride: i64) -> usize {
-    let d = dim as i64;
-    let clamp = |v: i64, lo: i64, hi: i64| v.max(lo).min(hi);
-    let norm = |v: i64| if v < 0 { v + d } else { v };
-    if stride > 0 {
-        let (b, e) = (clamp(norm(begin), 0, d), clamp(norm(end), 0, d));
-        if e > b {
-            ((e - b + stride - 1) / stride) as usize
-        } else {
-            0
+/// The length coremltools gives one sliced dimension of known size `n` when begin and end are
+/// constants (`solve_slice_by_index_shape` in ops/defs/_utils.py). It is Python's slice length
+/// except at the edges: a begin past the end is an error, a size-1 dim always gives 1, and a
+/// negative end is clamped at 0 before a negative stride walks down to it.
+fn slice_len(n: usize, (b, e, s): (i64, i64, i64), (bm, em): (bool, bool)) -> Result<usize> {
+    // Bounded so that no arithmetic below overflows on hostile inputs.
+    let (b, e, s) = (bounded(b), bounded(e), bounded(s));
+    let n = n as i64;
+    if bm && em {
+        return Ok(((n + s.abs() - 1) / s.abs()) as usize);
+    }
+    if !bm && !em {
+        let mut out = None;
+        if b >= 0 && e >= 0 && s > 0 {
+            if e < b {
+                return Err(bad(format!("slice: end {e} before begin {b} with stride {s}")));
+            }
+            out = Some(floor_div(e - b + s - 1, s).max(0));
         }
-    } else {
-        let (b, e) = (clamp(norm(begin), -1, d - 1), clamp(norm(end), -1, d - 1));
-        if b > e {
-            ((b - e - stride - 1) / -stride) as usize
-        } else {
-            0
+        if b < 0 && e < 0 && s < 0 {
+            if b < e {
+                return Err(bad(format!("slice: begin {b} before end {e} with stride {s}")));
+            }
+            out = Some(floor_div(-(b - e - s - 1), s).max(0));
+        }
+        if let Some(o @ (0 | 1)) = out {
+            return Ok(o as usize);
         }
     }
+    if !bm && em && ((b == 0 && s < 0) || (b == -1 && s > 0)) {
+        return Ok(1);
+    }
+    if n == 1 {
+        return Ok(1);
+    }
+    let b = if b < 0 { (b + n).max(0) } else { b };
+    let e = if e < 0 { (e + n).max(0) } else { e };
+    let (lo, hi) = if s > 0 { (0, n) } else { (-1, n - 1) };
+    let (from, to, from_masked, to_masked) = if s > 0 { (b, e, bm, em) } else { (e, b, em, bm) };
+    let from = if from_masked { lo } else { from };
+    let to = if to_masked { hi } else { to.min(hi) };
+    let span = to - from;
+    Ok(if span <= 0 { 0 } else { ((span + s.abs() - 1) / s.abs()) as usize })
 }
 
-/// Output dims of `slice_by_index`/`slice_update` with Python semantics per dimension.
+/// Output dims of `slice_by_index`/`slice_update` as coremltools infers them.
 fn sliced_dims(a: &Args, x: &TensorType) -> Result<Vec<Dim>> {
     let r = x.rank();
     let mask = |name: &str| a.ints(name).unwrap_or_else(|| vec![0; r]);
     let (bm, em, sm) = (mask("begin_mask"), mask("end_mask"), mask("squeeze_mask"));
     let stride = a.ints("stride").unwrap_or_else(|| vec![1; r]);
     let (begin, end) = (a.ints("begin"), a.ints("end"));
+    // coremltools reads one entry per dim: longer lists pass, shorter ones do not.
     for (n, v) in [("begin_mask", &bm), ("end_mask", &em), ("squeeze_mask", &sm), ("stride", &stride)] {
-        if v.len() != r {
+        if v.len() < r {
             return Err(bad(format!("`{n}` has {} entries for rank {r}", v.len())));
         }
     }
-    if stride.contains(&0) {
+    for (n, v) in [("begin", &begin), ("end", &end)] {
+        if let Some(v) = v.as_ref().filter(|v| v.len() != r) {
+            return Err(bad(format!("`{n}` has {} entries for rank {r}", v.len())));
+        }
+    }
+    if stride[..r].contains(&0) {
         return Err(bad("slice stride 0"));
     }
     let mut dims = Vec::new();
@@ -566,27 +669,8 @@ fn sliced_dims(a: &Args, x: &TensorType) -> Result<Vec<Dim>> {
             continue;
         }
         let d = match (x.dims[i], &begin, &end) {
-            (Dim::Fixed(n), Some(b), Some(e)) if b.len() == r && e.len() == r => {
-                let s = stride[i];
-                let bi = if bm[i] != 0 {
-                    if s > 0 {
-                        0
-                    } else {
-                        -1
-                    }
-                } else {
-                    b[i]
-                };
-                let ei = if em[i] != 0 {
-                    if s > 0 {
-                        n as i64
-                    } else {
-                        -(n as i64) - 1
-                    }
-                } else {
-                    e[i]
-                };
-                Dim::Fixed(slice_len(n, bi, ei, s))
+            (Dim::Fixed(n), Some(b), Some(e)) => {
+                Dim::Fixed(slice_len(n, (b[i], e[i], stride[i]), (bm[i] != 0, em[i] != 0))?)
             }
             (Dim::Fixed(n), _, _) if bm[i] != 0 && em[i] != 0 && stride[i] == 1 => Dim::Fixed(n),
             _ => Dim::Unknown,
@@ -617,6 +701,12 @@ fn slice_update(a: &Args) -> Result<Vec<TensorType>> {
 
 fn slice_by_size(a: &Args) -> Result<Vec<TensorType>> {
     let x = a.ty("x")?;
+    for name in ["begin", "size"] {
+        let t = a.ty(name)?;
+        if t.rank() != 1 || matches!(t.dims[0], Dim::Fixed(n) if n != x.rank()) {
+            return Err(bad(format!("slice_by_size: `{name}` {t} must be a vector of one entry per dim of {x}")));
+        }
+    }
     let dims = match (a.ints("begin"), a.ints("size")) {
         (Some(b), Some(s)) if b.len() == x.rank() && s.len() == x.rank() => x
             .dims
@@ -692,6 +782,9 @@ fn shape_op(a: &Args) -> Result<Vec<TensorType>> {
 fn tile(a: &Args) -> Result<Vec<TensorType>> {
     let x = a.ty("x")?;
     let dims = match a.ints("reps") {
+        Some(r) if r.iter().any(|&k| k <= 0) || r.is_empty() => {
+            return Err(bad(format!("tile: reps {r:?} must be one positive count per dim")))
+        }
         Some(r) if r.len() == x.rank() => x
             .dims
             .iter()
@@ -706,6 +799,23 @@ fn tile(a: &Args) -> Result<Vec<TensorType>> {
 
 fn pad(a: &Args) -> Result<Vec<TensorType>> {
     let x = a.ty("x")?;
+    // coremltools' checks (iOS15/tensor_operation.py).
+    let mode = a.string("mode").unwrap_or("constant");
+    if !matches!(mode, "constant" | "reflect" | "replicate") {
+        return Err(bad(format!("pad: unknown mode \"{mode}\"")));
+    }
+    let pad_ty = a.ty("pad")?;
+    if pad_ty.rank() != 1 {
+        return Err(bad(format!("pad: `pad` {pad_ty} must be a vector")));
+    }
+    if let (None, Dim::Fixed(n)) = (a.value("pad"), pad_ty.dims[0]) {
+        if n != 2 * x.rank() {
+            return Err(bad(format!("pad: a `pad` computed at run time needs {} values, not {n}", 2 * x.rank())));
+        }
+    }
+    if let Some(v) = a.ints("pad").and_then(|p| p.into_iter().find(|&v| v < 0)) {
+        return Err(bad(format!("pad: padding {v} must not be negative")));
+    }
     let dims = match a.ints("pad") {
         Some(p) if p.len() % 2 == 0 && p.len() / 2 <= x.rank() => {
             let k = p.len() / 2;
@@ -733,9 +843,17 @@ fn topk(a: &Args) -> Result<Vec<TensorType>> {
     let x = a.ty("x")?;
     let ax = axis(a.int("axis").unwrap_or(-1), x.rank())?;
     let k = a.int("k").unwrap_or(1);
+    if let Dim::Fixed(n) = x.dims[ax] {
+        if k > n as i64 {
+            return Err(bad(format!("topk: k = {k} is larger than axis {ax} of size {n}")));
+        }
+    }
     let mut dims = x.dims.clone();
     dims[ax] = if k >= 0 { Dim::Fixed(k as usize) } else { Dim::Unknown };
     let idx = output_dtype(a, "output_indices_dtype", Int32)?;
+    if !matches!(idx, Int32 | Uint16) {
+        return Err(bad(format!("topk: output_indices_dtype must be int32 or uint16, not {idx}")));
+    }
     let mut out = vec![TensorType::new(x.dtype, dims.clone())];
     if a.boolean("return_indices").unwrap_or(true) {
         out.push(TensorType::new(idx, dims));
@@ -743,29 +861,96 @@ fn topk(a: &Args) -> Result<Vec<TensorType>> {
     Ok(out)
 }
 
+/// Clamps a constant from the program to ±2^40, far beyond any real size, so that shape
+/// arithmetic on it cannot overflow.
+fn bounded(v: i64) -> i64 {
+    v.clamp(-(1 << 40), 1 << 40)
+}
+
+/// Python's `//` (rounds toward negative infinity), as coremltools' shape formulas use it.
+fn floor_div(a: i64, b: i64) -> i64 {
+    let q = a / b;
+    if a % b != 0 && ((a < 0) != (b < 0)) {
+        q - 1
+    } else {
+        q
+    }
+}
+
 fn conv(a: &Args) -> Result<Vec<TensorType>> {
     let (x, w) = (a.ty("x")?, a.ty("weight")?);
-    if x.rank() < 3 || w.rank() != x.rank() {
-        return Err(bad(format!("conv needs x (N, C, *spatial) and weight of the same rank: {x}, {w}")));
+    // As coremltools (iOS15/conv.py): C_in is x's dim 1, x's and the weight's spatial dims pair up.
+    if x.rank() < 2 || w.rank() != x.rank() {
+        return Err(bad(format!("conv needs x (N, C, *spatial) and a weight of the same rank: {x}, {w}")));
     }
     let spatial = x.rank() - 2;
-    let ones = vec![1i64; spatial];
-    let strides = a.ints("strides").unwrap_or_else(|| ones.clone());
-    let dil = a.ints("dilations").unwrap_or_else(|| ones.clone());
-    let pads = a.ints("pad").unwrap_or_else(|| vec![0; 2 * spatial]);
+    let groups = a.int("groups").unwrap_or(1);
+    if groups <= 0 {
+        return Err(bad(format!("conv: groups must be positive, not {groups}")));
+    }
+    if let Dim::Fixed(c_in) = x.dims[1] {
+        let g = groups as usize;
+        if c_in % g != 0 {
+            return Err(bad(format!("conv: x has {c_in} input channels, not divisible by {g} groups")));
+        }
+        if let Dim::Fixed(per_group) = w.dims[1] {
+            if c_in / g != per_group {
+                return Err(bad(format!(
+                    "conv: x has {c_in} input channels; with {g} groups the weight needs {} per group, not {per_group}",
+                    c_in / g
+                )));
+            }
+        }
+    }
+    if let Some(b) = a.get("bias") {
+        let fits = b.ty.rank() == 1
+            && match (b.ty.dims[0], w.dims[0]) {
+                (Dim::Fixed(n), Dim::Fixed(m)) => n == m,
+                _ => true,
+            };
+        if !fits {
+            return Err(bad(format!("conv: bias {} does not match the {} output channels of {w}", b.ty, w.dims[0])));
+        }
+    }
+    let ints = |name: &str, default: Vec<i64>| a.ints(name).map_or(default, |v| v.into_iter().map(bounded).collect());
+    let strides = ints("strides", vec![1; spatial]);
+    let dil = ints("dilations", vec![1; spatial]);
     let pad_type = a.string("pad_type").unwrap_or("valid");
+    if !matches!(pad_type, "valid" | "same" | "same_lower" | "custom") {
+        return Err(bad(format!("conv: unknown pad_type \"{pad_type}\"")));
+    }
+    let pads = match pad_type {
+        "custom" => ints("pad", vec![0; 2 * spatial]),
+        _ => vec![0; 2 * spatial],
+    };
+    if strides.len() != spatial || dil.len() != spatial || pads.len() != 2 * spatial {
+        return Err(bad(format!(
+            "conv: {spatial} spatial dims, but {} strides, {} dilations and {} pad values",
+            strides.len(),
+            dil.len(),
+            pads.len()
+        )));
+    }
+    if let Some(s) = strides.iter().find(|&&s| s <= 0) {
+        return Err(bad(format!("conv: stride {s} must be positive")));
+    }
     let mut dims = vec![x.dims[0], w.dims[0]];
     for i in 0..spatial {
         let d = match (x.dims[2 + i], w.dims[2 + i]) {
             (Dim::Fixed(n), Dim::Fixed(k)) => {
-                let (s, dl) = (strides[i].max(1), dil[i].max(1));
-                let n = n as i64;
-                let eff = dl * (k as i64 - 1) + 1;
-                Dim::Fixed(match pad_type {
-                    "same" | "same_lower" => (n + s - 1) / s,
-                    "custom" => (n + pads[2 * i] + pads[2 * i + 1] - eff) / s + 1,
-                    _ => (n - eff) / s + 1,
-                } as usize)
+                let (n, s) = (n as i64, strides[i]);
+                let eff = dil[i] * (k as i64 - 1) + 1;
+                // coremltools' aggregated padding and output size (_utils.py).
+                let pad = match pad_type {
+                    "same" | "same_lower" => (s * floor_div(n + s - 1, s) - n + eff - s).max(0),
+                    "custom" => pads[2 * i] + pads[2 * i + 1],
+                    _ => 0,
+                };
+                let out = floor_div(n + pad - eff, s) + 1;
+                if out <= 0 {
+                    return Err(bad(format!("conv: spatial dimension {i} has no output ({out}) for {x} and {w}")));
+                }
+                Dim::Fixed(out as usize)
             }
             _ => Dim::Unknown,
         };
@@ -814,15 +999,22 @@ fn blockwise_shift_scale(a: &Args) -> Result<Vec<TensorType>> {
 }
 
 fn lut_to_dense(a: &Args) -> Result<Vec<TensorType>> {
-    let (idx, lut) = (a.ty("indices")?, a.ty("lut")?);
+    let idx = a.ty("indices")?;
+    Ok(vec![TensorType::new(a.ty("lut")?.dtype, lut_dims(a, idx)?)])
+}
+
+/// Checks `lut` against the indices it decodes (`idx`: their shape and dtype) and returns the
+/// decoded shape: the indices' shape, times the vector size along `vector_axis`.
+fn lut_dims(a: &Args, idx: &TensorType) -> Result<Vec<Dim>> {
+    let lut = a.ty("lut")?;
     if lut.rank() != idx.rank() + 2 {
         return Err(bad(format!("lut {lut} must have rank {} for indices {idx}", idx.rank() + 2)));
     }
-    let bits = idx.dtype.bit_width().expect("index dtypes have widths");
     // Type checking reports a wrong index dtype separately; the entry count needs one that fits.
-    if bits > 8 {
+    let bits = idx.dtype.bit_width().filter(|&b| b <= 8);
+    let Some(bits) = bits else {
         return Err(bad(format!("lut indices must be uint1 to uint8, not {}", idx.dtype)));
-    }
+    };
     if lut.dims[idx.rank()] != Dim::Fixed(1 << bits) {
         return Err(bad(format!("lut {lut} must hold {} entries for {} indices", 1 << bits, idx.dtype)));
     }
@@ -834,14 +1026,19 @@ fn lut_to_dense(a: &Args) -> Result<Vec<TensorType>> {
         }
     }
     let mut dims = idx.dims.clone();
-    if let Some(Dim::Fixed(v)) = lut.dims.last().copied().filter(|d| *d != Dim::Fixed(1)) {
+    if let Some(v) = lut_vector_size(lut) {
         let ax = axis(
             a.int("vector_axis").ok_or_else(|| bad("vector_axis is required when the lut holds vectors"))?,
             idx.rank(),
         )?;
         dims[ax] = dims[ax].fixed().map_or(Dim::Unknown, |n| Dim::Fixed(n * v));
     }
-    Ok(vec![TensorType::new(lut.dtype, dims)])
+    Ok(dims)
+}
+
+/// The number of values per lut entry, when more than one.
+fn lut_vector_size(lut: &TensorType) -> Option<usize> {
+    lut.dims.last().and_then(|d| d.fixed()).filter(|&v| v != 1)
 }
 
 fn shape_attribute_output(a: &Args, dtype_from: &str) -> Result<Vec<TensorType>> {
@@ -866,6 +1063,9 @@ fn affine_dequantize(a: &Args) -> Result<Vec<TensorType>> {
 
 fn constexpr_cast(a: &Args) -> Result<Vec<TensorType>> {
     let dtype = output_dtype(a, "output_dtype", Fp32)?;
+    if dtype != Fp32 {
+        return Err(bad(format!("constexpr_cast only casts to fp32, not {dtype}")));
+    }
     Ok(vec![a.ty("source_val")?.with_dtype(dtype)])
 }
 
@@ -874,8 +1074,13 @@ fn sparse_to_dense(a: &Args) -> Result<Vec<TensorType>> {
 }
 
 fn lut_to_sparse(a: &Args) -> Result<Vec<TensorType>> {
-    let mask = a.ty("indices_mask")?;
-    Ok(vec![mask.clone(), TensorType::new(a.ty("lut")?.dtype, vec![Dim::Unknown])])
+    let (mask, nonzero, lut) = (a.ty("indices_mask")?, a.ty("indices_nonzero_data")?, a.ty("lut")?);
+    // The mask grows along vector_axis and each non-zero index becomes a vector of values,
+    // as in coremltools (iOS18/compression.py).
+    let mask_dims = lut_dims(a, &mask.with_dtype(nonzero.dtype))?;
+    let v = lut_vector_size(lut).unwrap_or(1);
+    let values = nonzero.dims.iter().map(|d| d.fixed().map_or(Dim::Unknown, |n| Dim::Fixed(n * v))).collect();
+    Ok(vec![TensorType::new(mask.dtype, mask_dims), TensorType::new(lut.dtype, values)])
 }
 
 fn sparse_blockwise_shift_scale(a: &Args) -> Result<Vec<TensorType>> {
@@ -944,7 +1149,13 @@ fn registry() -> Vec<OpDef> {
         vec![req("x", t(FLOAT)), req_c("alpha", u(FLOAT)), req_c("beta", u(FLOAT))],
         same_as_x,
     ));
-    ops.push(def("gelu", Ios15, vec![req("x", t(FLOAT)), opt_c("mode", free(STRING), D::Str("EXACT"))], same_as_x));
+    ops.push(def(
+        "clip",
+        Ios17,
+        vec![req("x", t(FLOAT)), req_c("alpha", u(FLOAT)), req_c("beta", u(FLOAT))],
+        clip_ios17,
+    ));
+    ops.push(def("gelu", Ios15, vec![req("x", t(FLOAT)), opt_c("mode", free(STRING), D::Str("EXACT"))], gelu));
     ops.push(def("softmax", Ios15, vec![req("x", t(FLOAT)), opt_c("axis", free(I32), D::Int(-1))], same_as_x));
     ops.push(def(
         "layer_norm",
@@ -1007,7 +1218,11 @@ fn registry() -> Vec<OpDef> {
     ops.push(def(
         "linear",
         Ios15,
-        vec![req("x", t(FLOAT)), req_c("weight", u(FLOAT)), opt_c("bias", u(FLOAT), D::Computed(linear_bias_default))],
+        vec![
+            req("x", t(NUMERIC)),
+            req_c("weight", u(NUMERIC)),
+            opt_c("bias", u(NUMERIC), D::Computed(linear_bias_default)),
+        ],
         linear,
     ));
     ops.push(def(
@@ -1032,6 +1247,27 @@ fn registry() -> Vec<OpDef> {
             opt_c("validate_indices", free(BOOL), D::Bool(false)),
         ],
         gather,
+    ));
+    // iOS 15 has gather_along_axis and gather_nd with int32 indices; iOS 16 adds int16/uint16
+    // indices and gather_nd's batch_dims (iOS15/ and iOS16/scatter_gather.py).
+    ops.push(def(
+        "gather_along_axis",
+        Ios15,
+        vec![req("x", t(NUMERIC)), req("indices", u(I32)), opt_c("axis", free(I32), D::Int(0))],
+        gather_along_axis,
+    ));
+    ops.push(def(
+        "gather_along_axis",
+        Ios16,
+        vec![req("x", t(NUMERIC)), req("indices", u(INDEX_IOS16)), opt_c("axis", free(I32), D::Int(0))],
+        gather_along_axis,
+    ));
+    ops.push(def("gather_nd", Ios15, vec![req("x", t(NUMERIC)), req("indices", u(I32))], gather_nd));
+    ops.push(def(
+        "gather_nd",
+        Ios16,
+        vec![req("x", t(NUMERIC)), req("indices", u(INDEX_IOS16)), opt_c("batch_dims", free(I32), D::Int(0))],
+        gather_nd,
     ));
     ops.push(def(
         "gather_along_axis",
@@ -1058,10 +1294,11 @@ fn registry() -> Vec<OpDef> {
     ops.push(def(
         "concat",
         Ios15,
-        vec![tuple("values", t(DATA)), req_c("axis", free(I32)), opt_c("interleave", free(BOOL), D::Bool(false))],
+        // Tuples have no dtype domain in coremltools (TupleInputType), only equal dtypes.
+        vec![tuple("values", t(ANY)), req_c("axis", free(I32)), opt_c("interleave", free(BOOL), D::Bool(false))],
         concat,
     ));
-    ops.push(def("stack", Ios15, vec![tuple("values", t(DATA)), req_c("axis", free(I32))], stack));
+    ops.push(def("stack", Ios15, vec![tuple("values", t(ANY)), req_c("axis", free(I32))], stack));
     ops.push(def(
         "split",
         Ios15,
@@ -1074,6 +1311,7 @@ fn registry() -> Vec<OpDef> {
         split,
     ));
     ops.push(def("reshape", Ios15, vec![req("x", t(DATA)), req("shape", free(I32))], reshape));
+    ops.push(def("reshape", Ios17, vec![req("x", t(DATA)), req("shape", free(SLICE_INDEX))], reshape_ios17));
     ops.push(def("transpose", Ios15, vec![req("x", t(DATA)), req_c("perm", free(I32))], transpose));
     ops.push(def("expand_dims", Ios15, vec![req("x", t(DATA)), req_c("axes", free(I32))], expand_dims));
     ops.push(def("squeeze", Ios15, vec![req("x", t(DATA)), opt_c("axes", free(I32), D::None)], squeeze));
@@ -1096,6 +1334,13 @@ fn registry() -> Vec<OpDef> {
         "slice_by_size",
         Ios15,
         vec![req("x", t(DATA)), req("begin", u(I32)), req("size", u(I32))],
+        slice_by_size,
+    ));
+    // iOS 17: begin and size may be int8 or int16 too (iOS17/tensor_transformation.py).
+    ops.push(def(
+        "slice_by_size",
+        Ios17,
+        vec![req("x", t(DATA)), req("begin", u(SLICE_INDEX)), req("size", u(SLICE_INDEX))],
         slice_by_size,
     ));
     ops.push(def("cast", Ios15, vec![req("x", t(DATA)), req_c("dtype", free(STRING))], cast));
@@ -1146,14 +1391,40 @@ fn registry() -> Vec<OpDef> {
             opt_c("exclusive", free(BOOL), D::Bool(false)),
             opt_c("reverse", free(BOOL), D::Bool(false)),
         ],
-        same_as_x,
+        cumsum,
+    ));
+    // topk is in iOS 15; iOS 16 adds sort and return_indices; iOS 17 small integer inputs, a
+    // k of int8/int16/int32 and the indices' dtype (iOS15/, iOS16/, iOS17/tensor_operation.py).
+    ops.push(def(
+        "topk",
+        Ios15,
+        vec![
+            req("x", t(NUMERIC)),
+            opt_c("k", free(I32), D::Int(1)),
+            opt_c("axis", free(I32), D::Int(-1)),
+            opt_c("ascending", free(BOOL), D::Bool(false)),
+        ],
+        topk,
+    ));
+    ops.push(def(
+        "topk",
+        Ios16,
+        vec![
+            req("x", t(NUMERIC)),
+            opt_c("k", free(I32), D::Int(1)),
+            opt_c("axis", free(I32), D::Int(-1)),
+            opt_c("ascending", free(BOOL), D::Bool(false)),
+            opt_c("sort", free(BOOL), D::Bool(true)),
+            opt_c("return_indices", free(BOOL), D::Bool(true)),
+        ],
+        topk,
     ));
     ops.push(def(
         "topk",
         Ios17,
         vec![
-            req("x", t(NUMERIC)),
-            opt_c("k", free(I32), D::Int(1)),
+            req("x", t(TOPK_DATA)),
+            opt_c("k", free(SLICE_INDEX), D::Int(1)),
             opt_c("axis", free(I32), D::Int(-1)),
             opt_c("ascending", free(BOOL), D::Bool(false)),
             opt_c("sort", free(BOOL), D::Bool(true)),
@@ -1170,6 +1441,22 @@ fn registry() -> Vec<OpDef> {
             req("x", t(FLOAT)),
             req("weight", u(FLOAT)),
             opt_c("bias", u(FLOAT), D::None),
+            opt_c("strides", free(I32), D::None),
+            opt_c("pad_type", free(STRING), D::Str("valid")),
+            opt_c("pad", free(I32), D::None),
+            opt_c("dilations", free(I32), D::None),
+            opt_c("groups", free(I32), D::Int(1)),
+        ],
+        conv,
+    ));
+    // iOS 17 made the bias an ordinary input, no longer a constant (iOS17/conv.py).
+    ops.push(def(
+        "conv",
+        Ios17,
+        vec![
+            req("x", t(FLOAT)),
+            req("weight", u(FLOAT)),
+            opt("bias", u(FLOAT), D::None),
             opt_c("strides", free(I32), D::None),
             opt_c("pad_type", free(STRING), D::Str("valid")),
             opt_c("pad", free(I32), D::None),
