@@ -203,7 +203,8 @@ enum Command {
         /// One device, or every device whose name contains this text (default: all devices).
         #[arg(long)]
         device: Option<String>,
-        /// Tokens the KV cache holds (default: the package's context, else 2048).
+        /// Tokens the KV cache holds (default: the package's context, else what `convert` would
+        /// give the source: 2048, or the positions it was trained for when fewer).
         #[arg(long)]
         context: Option<usize>,
         /// Weight compression to plan (default: fp16, or a package as stored).

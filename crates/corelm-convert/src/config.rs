@@ -161,6 +161,27 @@ impl ModelConfig {
     }
 }
 
+/// The largest value corelm accepts for an integer config field. Each bound is far above every
+/// published model (Llama 3.1 405B: 126 layers, hidden 16384, intermediate 53248; Gemma 3:
+/// vocabulary 262144; the longest contexts: 10M positions), and small enough that products of
+/// them (parameter counts, cache sizes in bytes) stay far inside 64 bits.
+pub fn config_limit(key: &str) -> u64 {
+    match key {
+        "num_hidden_layers"
+        | "n_layer"
+        | "max_window_layers"
+        | "sliding_window_pattern"
+        | "_sliding_window_pattern" => 1 << 12,
+        "num_attention_heads" | "n_head" | "num_key_value_heads" => 1 << 12,
+        "hidden_size" | "n_embd" | "head_dim" => 1 << 17,
+        "intermediate_size" | "n_inner" => 1 << 20,
+        "vocab_size" => 1 << 24,
+        "max_position_embeddings" | "n_positions" | "sliding_window" | "original_max_position_embeddings" => 1 << 26,
+        // Token ids and anything else: they must at least fit the int32 the graph uses.
+        _ => i32::MAX as u64,
+    }
+}
+
 /// Typed access to one JSON object, naming the file and field in every error.
 pub struct Fields<'a> {
     path: PathBuf,
@@ -193,11 +214,18 @@ impl<'a> Fields<'a> {
         self.map.get(key).filter(|v| !v.is_null())
     }
 
+    /// A non-negative integer field, at most its [`config_limit`]: a config is a stranger's file,
+    /// and sizes from it become allocations and loop counts.
     pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
-        match self.raw(key) {
-            None => Ok(None),
-            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| self.wrong(key, "a non-negative integer", v)),
+        let Some(v) = self.raw(key) else { return Ok(None) };
+        let n = v.as_u64().ok_or_else(|| self.wrong(key, "a non-negative integer", v))?;
+        let limit = config_limit(key);
+        if n > limit {
+            return Err(self.error(format!(
+                "field `{key}` is {n}; corelm takes at most {limit} (the bounds are listed in docs/security.md)"
+            )));
         }
+        Ok(Some(n as usize))
     }
 
     pub fn usize(&self, key: &str) -> Result<usize> {
@@ -252,9 +280,17 @@ impl<'a> Fields<'a> {
             None => Ok(vec![]),
             Some(Value::Array(items)) => items
                 .iter()
-                .map(|v| v.as_u64().map(|n| n as u32).ok_or_else(|| self.wrong(key, "a list of token ids", v)))
+                .map(|v| {
+                    v.as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or_else(|| self.wrong(key, "a list of token ids", v))
+                })
                 .collect(),
-            Some(v) => v.as_u64().map(|n| vec![n as u32]).ok_or_else(|| self.wrong(key, "a token id", v)),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .map(|n| vec![n])
+                .ok_or_else(|| self.wrong(key, "a token id", v)),
         }
     }
 

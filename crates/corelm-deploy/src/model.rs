@@ -213,8 +213,20 @@ impl ModelShape {
         let kv_bytes: u64 = caches.iter().map(|c| c.2).sum();
         let key = caches.iter().find(|c| c.0 == "keyCache" && c.1.len() == 5);
         let meta_usize = |k: &str| ud.get(k).and_then(|s| s.parse::<usize>().ok());
+        // Sizes from a package are a stranger's numbers too: bound them as config fields are.
+        let limit = |what: &str, n: usize, field: &str| -> Result<usize> {
+            let max = corelm_convert::config::config_limit(field);
+            if n as u64 > max {
+                return Err(Error::malformed(path, format!("{what} is {n}; corelm plans for at most {max}")));
+            }
+            Ok(n)
+        };
+        if let Some((_, s, _)) = key {
+            limit("the keyCache state's layer count", s[0], "num_hidden_layers")?;
+            limit("the keyCache state's context", s[3], "max_position_embeddings")?;
+        }
         let context = match (meta_usize("corelm.context_length"), key) {
-            (Some(c), _) => c,
+            (Some(c), _) => limit("corelm.context_length", c, "max_position_embeddings")?,
             (None, Some(k)) => k.1[3],
             (None, None) => {
                 return Err(Error::malformed(

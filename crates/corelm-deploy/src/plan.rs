@@ -269,13 +269,15 @@ pub fn compute_units(kind: Kind, low_bit_weights: bool) -> &'static str {
     }
 }
 
-/// The context a plan uses when none is given: a package's own, else 2048 (the `convert`
-/// default), capped by learned positions.
+/// The context a plan uses when none is given: a package's own, else what `corelm convert` gives
+/// the source (2048, or fewer positions when the model was trained on fewer).
 pub fn default_context(model: &ModelShape) -> usize {
-    match (&model.package, model.max_context) {
+    // A source plans for the context `corelm convert` would give it.
+    let default = corelm_convert::convert::DEFAULT_CONTEXT;
+    match (&model.package, model.trained_positions) {
         (Some(p), _) => p.context,
-        (None, Some(max)) => max.min(2048),
-        (None, None) => 2048,
+        (None, Some(trained)) => default.min(trained).max(1),
+        (None, None) => default,
     }
 }
 
@@ -498,6 +500,10 @@ pub fn plan(
         return Err(Error::invalid("the package has no weight matrices the planner can re-quantize"));
     }
     let context = context.unwrap_or_else(|| default_context(model));
+    let max = corelm_convert::config::config_limit("max_position_embeddings");
+    if context == 0 || context as u64 > max {
+        return Err(Error::invalid(format!("--context {context} is outside 1..={max}")));
+    }
     let b = breakdown(model, scheme, context, a)?;
     let low = low_bit(model, scheme);
     let devices = devices

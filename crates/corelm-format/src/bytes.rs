@@ -7,7 +7,18 @@ use std::path::Path;
 
 use memmap2::Mmap;
 
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
+
+/// Checks that `path` is a regular file (after links) before anything opens it: opening a FIFO
+/// blocks until a writer appears, and a device has no end.
+pub fn ensure_regular_file(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).at(path)?;
+    if meta.is_file() {
+        Ok(())
+    } else {
+        Err(Error::malformed(path, "not a regular file (a folder, FIFO, socket or device is refused)"))
+    }
+}
 
 pub enum FileBytes {
     Mapped(Mmap),
@@ -17,6 +28,7 @@ pub enum FileBytes {
 impl FileBytes {
     /// Maps `path` read-only.
     pub fn map(path: &Path) -> Result<FileBytes> {
+        ensure_regular_file(path)?;
         let file = File::open(path).at(path)?;
         // SAFETY: read-only map; callers bounds-check every access (see the module docs).
         let map = unsafe { Mmap::map(&file) }.at(path)?;

@@ -212,13 +212,28 @@ impl Package {
             .unwrap_or_else(|| self.model_dir().join(WEIGHTS_DIR))
     }
 
-    /// Resolves a program's blob file name (`@model_path/weights/weight.bin`) safely.
+    /// Resolves a program's blob file name (`@model_path/weights/weight.bin`) safely: a relative
+    /// name, a regular file, and through any symbolic link still inside the package.
     pub fn blob_path(&self, file: &str) -> Result<PathBuf> {
         let rel = file.strip_prefix("@model_path/").unwrap_or(file);
         if !is_safe_relative(rel) {
             return Err(Error::malformed(&self.model_path, format!("blob file \"{file}\" points outside the package")));
         }
-        Ok(self.model_dir().join(rel))
+        let path = self.model_dir().join(rel);
+        self.inside(&path)?;
+        Ok(path)
+    }
+
+    /// Checks that `path` is a regular file whose real location (links followed) is inside the
+    /// package: a link to `/etc/passwd` or to another package's weights is refused.
+    fn inside(&self, path: &Path) -> Result<()> {
+        crate::bytes::ensure_regular_file(path)?;
+        let real = fs::canonicalize(path).at(path)?;
+        let root = fs::canonicalize(&self.path).at(&self.path)?;
+        if !real.starts_with(&root) {
+            return Err(Error::malformed(path, format!("is a link to {}, outside the package", real.display())));
+        }
+        Ok(())
     }
 
     /// Every weight file with its size in bytes, relative to the model folder.
@@ -351,7 +366,9 @@ impl BlobFiles<'_> {
     }
 }
 
-fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
+/// Reads a whole file that must be a regular file of at most `cap` bytes (checked before reading).
+pub fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
+    crate::bytes::ensure_regular_file(path)?;
     let len = fs::metadata(path).at(path)?.len();
     if len > cap {
         return Err(Error::malformed(path, format!("{len} bytes is more than the {cap} this file may have")));

@@ -13,9 +13,13 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
 }
 
+/// The largest tokenizer.json read (Gemma 3's, with 262k tokens, is 33 MB).
+pub const MAX_TOKENIZER_BYTES: u64 = 256 << 20;
+
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
-        let inner = tokenizers::Tokenizer::from_file(path)
+        let bytes = corelm_format::package::read_capped(path, MAX_TOKENIZER_BYTES)?;
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| Error::malformed(path, format!("not a usable tokenizer.json: {e}")))?;
         Ok(Tokenizer { inner })
     }

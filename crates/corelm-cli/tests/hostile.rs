@@ -1,0 +1,185 @@
+//! Hostile inputs (issue 25): packages, checkpoints and chat templates crafted to hang corelm,
+//! exhaust its memory or make it abort. Each is made here, small, from a tiny fixture, and run
+//! through the release binary under a 4 GiB address-space limit (`ulimit -v`) with a 60 s kill
+//! switch: the outcome must be a clean error (exit 1 or 2) naming the input and the limit, with no
+//! panic and no abort. docs/security.md lists the limits.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+struct Outcome {
+    code: i32,
+    text: String,
+    elapsed: Duration,
+}
+
+/// Runs `corelm args` with at most 4 GiB of address space, killed after 60 s.
+fn corelm_limited(args: &[&str]) -> Outcome {
+    let started = Instant::now();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 4194304 && exec timeout -k 5 60 \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_corelm"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    Outcome {
+        code: out.status.code().unwrap_or(-1),
+        text: format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        elapsed: started.elapsed(),
+    }
+}
+
+/// The run failed cleanly, in time, saying each of `expect`.
+fn assert_clean_error(o: &Outcome, expect: &[&str]) {
+    assert!(o.code == 1 || o.code == 2, "exit {} after {:?} (124: killed at 60 s):\n{}", o.code, o.elapsed, o.text);
+    assert!(!o.text.contains("panicked") && !o.text.contains("memory allocation"), "{}", o.text);
+    for e in expect {
+        assert!(o.text.contains(e), "the message does not say `{e}`:\n{}", o.text);
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A word-level tokenizer.json for the tiny fixtures' 128-token vocabulary: "w1" … "w127".
+fn tiny_tokenizer() -> Value {
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("<unk>".into(), json!(0));
+    for i in 1..128 {
+        vocab.insert(format!("w{i}"), json!(i));
+    }
+    json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    })
+}
+
+/// The tiny Llama fixture with a tokenizer and `template` as its chat template, converted.
+fn package_with_template(dir: &Path, template: &str) -> PathBuf {
+    let src = dir.join("tiny");
+    copy_dir(&root().join("tests/fixtures/tiny/llama_rope_linear"), &src);
+    fs::write(src.join("tokenizer.json"), tiny_tokenizer().to_string()).unwrap();
+    let config = json!({"chat_template": template, "bos_token": "w1", "eos_token": "w2"});
+    fs::write(src.join("tokenizer_config.json"), config.to_string()).unwrap();
+    let pkg = dir.join("tiny.mlpackage");
+    let o = corelm_limited(&["convert", src.to_str().unwrap(), "-o", pkg.to_str().unwrap(), "--context", "32"]);
+    assert_eq!(o.code, 0, "{}", o.text);
+    pkg
+}
+
+#[test]
+fn a_chat_template_that_loops_without_end_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}w3";
+    let pkg = package_with_template(dir.path(), template);
+    let o = corelm_limited(&["run", pkg.to_str().unwrap(), "--prompt", "w5", "--max-new-tokens", "2"]);
+    assert_clean_error(&o, &["tokenizer_config.json", "ran past 20000000 instructions"]);
+}
+
+#[test]
+fn a_chat_template_that_writes_without_end_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = "{% set s = 'x' * 100000000 %}{% for i in range(100000) %}{{ s }}{% endfor %}";
+    let pkg = package_with_template(dir.path(), template);
+    let o = corelm_limited(&["run", pkg.to_str().unwrap(), "--prompt", "w5", "--max-new-tokens", "2"]);
+    assert_clean_error(&o, &["tokenizer_config.json", "output would exceed"]);
+}
+
+/// A sound template still renders through the same limits.
+#[test]
+fn a_sound_template_renders() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w3{% endif %}";
+    let pkg = package_with_template(dir.path(), template);
+    let o = corelm_limited(&["run", pkg.to_str().unwrap(), "--prompt", "w5 w6", "--max-new-tokens", "2", "--json"]);
+    assert_eq!(o.code, 0, "{}", o.text);
+    assert!(o.text.contains("\"prompt_ids\":[5,6,3]"), "{}", o.text);
+}
+
+/// A config field far past any real model: convert and plan refuse it at parse time, naming
+/// the field and the bound (they used to allocate 16 TB, or wrap to "0.00 B parameters").
+#[test]
+fn config_numbers_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    for (field, value, bound) in [
+        ("num_hidden_layers", json!(1u64 << 40), "at most 4096"),
+        ("hidden_size", json!(1u64 << 40), "at most 131072"),
+        ("vocab_size", json!(1u64 << 62), "at most 16777216"),
+        ("intermediate_size", json!(u64::MAX), "at most 1048576"),
+        ("max_position_embeddings", json!(1u64 << 50), "at most 67108864"),
+    ] {
+        let src = dir.path().join(field);
+        copy_dir(&root().join("tests/fixtures/tiny/llama_rope_linear"), &src);
+        let path = src.join("config.json");
+        let mut config: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        config[field] = value;
+        fs::write(&path, config.to_string()).unwrap();
+        let out = dir.path().join(format!("{field}.mlpackage"));
+        let o = corelm_limited(&["convert", src.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+        assert_clean_error(&o, &["config.json", &format!("field `{field}`"), bound]);
+        assert!(!out.exists());
+        let o = corelm_limited(&["plan", src.to_str().unwrap()]);
+        assert_clean_error(&o, &["config.json", &format!("field `{field}`"), bound]);
+    }
+}
+
+/// A converted tiny package whose weight file is replaced by `replace`.
+fn package_with_weight_file(dir: &Path, replace: impl FnOnce(&Path)) -> PathBuf {
+    let pkg = dir.join("w.mlpackage");
+    let src = root().join("tests/fixtures/tiny/qwen3");
+    let o = corelm_limited(&["convert", src.to_str().unwrap(), "-o", pkg.to_str().unwrap(), "--context", "16"]);
+    assert_eq!(o.code, 0, "{}", o.text);
+    let weights = pkg.join("Data/com.apple.CoreML/weights/weight.bin");
+    fs::remove_file(&weights).unwrap();
+    replace(&weights);
+    pkg
+}
+
+#[test]
+fn a_fifo_in_place_of_a_weight_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = package_with_weight_file(dir.path(), |w| {
+        assert!(Command::new("mkfifo").arg(w).status().unwrap().success());
+    });
+    for command in ["validate", "inspect"] {
+        let o = corelm_limited(&[command, pkg.to_str().unwrap()]);
+        assert_clean_error(&o, &["weight.bin", "not a regular file"]);
+    }
+    let o = corelm_limited(&["run", pkg.to_str().unwrap(), "--ids", "5,6"]);
+    assert_clean_error(&o, &["weight.bin", "not a regular file"]);
+}
+
+#[test]
+fn a_weight_file_linking_outside_the_package_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // A real weight file, but another package's: it must not be read through the link.
+    let other = dir.path().join("other.bin");
+    let pkg = package_with_weight_file(dir.path(), |w| {
+        fs::copy(root().join("tests/fixtures/tiny/qwen3/model.safetensors"), &other).unwrap();
+        std::os::unix::fs::symlink(&other, w).unwrap();
+    });
+    for command in ["validate", "inspect"] {
+        let o = corelm_limited(&[command, pkg.to_str().unwrap()]);
+        assert_clean_error(&o, &["weight.bin", "outside the package"]);
+    }
+}
