@@ -175,6 +175,21 @@ fn residual_divisor(c: &ModelConfig, opts: &GraphOptions) -> f64 {
     }
 }
 
+/// The width of the Neural Engine form of an RMSNorm whose gain is `role`, when it is one: the
+/// gain is stored times √(n/(n+1)), undoing the n+1 that the epsilon pair adds to the count
+/// (see `Graph::ane_norm`).
+fn ane_rms_width(c: &ModelConfig, role: Role) -> Option<usize> {
+    use LayerRole::*;
+    if !matches!(c.norm, Norm::Rms { .. }) {
+        return None;
+    }
+    match role {
+        Role::Layer(_, QNorm | KNorm) => Some(c.head_dim),
+        Role::Layer(_, AttnNorm | PostAttnNorm | MlpNorm | PostMlpNorm) | Role::FinalNorm => Some(c.hidden_size),
+        _ => None,
+    }
+}
+
 /// Everything the graph reads from the weight files, stored once and shared by all functions.
 /// A weight as stored: plain, or compressed (a constexpr op over stored tensors).
 #[derive(Clone)]
@@ -324,6 +339,10 @@ pub fn store_weights(
             let d = residual_divisor(c, opts) as f32;
             data.iter_mut().for_each(|v| *v /= d);
         }
+        if let Some(n) = ane_rms_width(c, role).filter(|_| ane) {
+            let k = (n as f64 / (n as f64 + 1.0)).sqrt() as f32;
+            data.iter_mut().for_each(|v| *v *= k);
+        }
         let scheme = if is_matrix(role) { policy.scheme_for(&spec.name, embedding) } else { None };
         // Norms are computed in fp32 except on the Neural Engine, which has no fp32.
         let keep_f32 = (is_norm(role) && !ane) || dtype == DType::Fp32;
@@ -404,6 +423,8 @@ struct Graph<'a, 'w> {
     ane: bool,
     /// What the residual stream is divided by (see [`residual_divisor`]).
     residual_divisor: f64,
+    /// The Neural Engine norms' epsilon pairs, by shape, axis and value (see `ane_norm`).
+    epsilon_pairs: HashMap<(Vec<usize>, usize, u64), Var>,
 }
 
 impl Graph<'_, '_> {
@@ -520,6 +541,16 @@ impl Graph<'_, '_> {
     /// (mean zero by construction, so its variance is mean(x²)): the sum of squares happens
     /// inside one op, where fp16 squares cannot overflow (the form ANEMLL uses).
     ///
+    /// The epsilon travels as data, not as layer_norm's fp16 `epsilon`: the norms of Gemma's
+    /// residual stream, divided by 8, need eps/64 = 1.6e-8 for eps 1e-6, which fp16 (smallest
+    /// subnormal 6e-8) rounds to 0, and a row of zeros (a pad token's zero embedding; the
+    /// runtime pads every partial chunk with id 0) then normalizes to 0/0 = NaN, which the
+    /// cache hands to every later query. Two more entries, +c and −c with c = √(n·eps) for n
+    /// entries of x, make layer_norm's variance (Σx² + n·eps)/(n + 1): that of RMSNorm times
+    /// n/(n + 1), which the stored gain undoes ([`ane_rms_width`]). c is an fp16 normal
+    /// (≥ 6.1e-5) whenever n·eps ≥ 3.8e-9: Gemma-3-270M's residual norms have
+    /// c = √(640 · 1e-6/64) = 3.2e-3, the tiny fixtures' 1e-3.
+    ///
     /// Hidden states are channels-first, (1, C, 1, S), so those norms run over axis 1; the
     /// q/k norms over the head dimension of (1, heads, S, head_dim), the last.
     fn ane_norm(&mut self, x: &Var, weight: Role, bias: Option<Role>, of_residual: bool, name: &str) -> Result<Var> {
@@ -534,22 +565,56 @@ impl Graph<'_, '_> {
                     let axes = i32s(&[1, 2]);
                     w = self.op("expand_dims", &format!("{name}_w"), vec![("x", (&w).into()), ("axes", axes)])?;
                 }
+                let (pair, n) = self.epsilon_pair(x, axis, eps / scale)?;
                 let neg = self.mul_s(x, -1.0, &format!("{name}_neg"))?;
                 let both = self.op(
                     "concat",
                     &format!("{name}_pm"),
-                    vec![("values", Arg::Tuple(vec![x, &neg])), ("axis", scalar_i32(axis))],
+                    vec![("values", Arg::Tuple(vec![x, &neg, &pair])), ("axis", scalar_i32(axis))],
                 )?;
-                let ln = self.layer_norm(&both, axis, None, eps / scale, &format!("{name}_ln"))?;
+                let ln = self.layer_norm(&both, axis, None, 0.0, &format!("{name}_ln"))?;
                 let halves = self.f.op(
                     "split",
                     &format!("{name}_half"),
-                    vec![("x", (&ln).into()), ("num_splits", scalar_i32(2)), ("axis", scalar_i32(axis))],
+                    vec![
+                        ("x", (&ln).into()),
+                        ("split_sizes", i32s(&[n as i32, n as i32 + 2])),
+                        ("axis", scalar_i32(axis)),
+                    ],
                 )?;
                 self.op("mul", name, vec![("x", (&halves[0]).into()), ("y", (&w).into())])
             }
             Norm::Layer { eps } => self.layer_norm(x, axis, Some((weight, bias)), eps / scale, name),
         }
+    }
+
+    /// The constant `[c, −c]` along `axis`, shaped like `x` along the other axes, where
+    /// c = √(n·eps) for the n entries of `x` along `axis` (see [`Graph::ane_norm`]); and n. One
+    /// constant per shape and value in a function.
+    fn epsilon_pair(&mut self, x: &Var, axis: i32, eps: f64) -> Result<(Var, usize)> {
+        let name = x.name().to_string();
+        let mut shape =
+            x.ty().shape().ok_or_else(|| Error::invalid(format!("{name}: the ane profile needs fixed shapes")))?;
+        let ax = if axis < 0 { shape.len() as i32 + axis } else { axis } as usize;
+        let n = shape[ax];
+        let c = f16::from_f64((n as f64 * eps).sqrt());
+        shape[ax] = 2;
+        let key = (shape.clone(), ax, c.to_bits() as u64);
+        if let Some(v) = self.epsilon_pairs.get(&key) {
+            return Ok((v.clone(), n));
+        }
+        let (outer, inner): (usize, usize) = (shape[..ax].iter().product(), shape[ax + 1..].iter().product());
+        let mut data = Vec::with_capacity(outer * 2 * inner);
+        for _ in 0..outer {
+            data.extend(std::iter::repeat_n(c.to_f64(), inner));
+            data.extend(std::iter::repeat_n(-c.to_f64(), inner));
+        }
+        let v = self.f.constant(
+            &format!("norm_eps_{}", self.epsilon_pairs.len()),
+            Tensor::from_floats(DType::Fp16, shape, &data)?,
+        )?;
+        self.epsilon_pairs.insert(key, v.clone());
+        Ok((v, n))
     }
 
     /// `layer_norm` over `axis`, scaled and shifted by the (weight, bias) roles when given
@@ -768,7 +833,15 @@ pub fn build_function(
     let residual = if c.family.is_gemma() && !ane { DType::Fp32 } else { dt };
     let divisor = residual_divisor(c, opts);
     let f = FunctionBuilder::new(name, opts.target, store)?;
-    let mut g = Graph { f, c, w: weights, weights: HashMap::new(), ane, residual_divisor: divisor };
+    let mut g = Graph {
+        f,
+        c,
+        w: weights,
+        weights: HashMap::new(),
+        ane,
+        residual_divisor: divisor,
+        epsilon_pairs: HashMap::new(),
+    };
     let ctx = opts.context;
     let (ids_shape, mask_shape) = match query_len {
         None => (
