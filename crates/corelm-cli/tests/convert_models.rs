@@ -78,6 +78,11 @@ fn check_interface(report: &Value, config: &Value, context: usize) {
         assert_eq!(state["shape"], serde_json::json!([layers, 1, kv, context, head_dim]));
     }
     assert_eq!(f["outputs"][0]["name"], "logits");
+    // Declared without a shape (flexible); inspect derives it from the program.
+    let vocab: u64 = report["metadata"]["user_defined"]["corelm.vocab_size"].as_str().unwrap().parse().unwrap();
+    let derived = &f["outputs"][0]["from_program"];
+    assert_eq!(derived["shape"], serde_json::json!([1, 1, vocab]));
+    assert_eq!(derived["flexibility"]["ranges"], serde_json::json!([[1, 1], [1, context], [vocab, vocab]]));
     let ops = &f["op_histogram"];
     for op in ["read_state", "slice_update", "write_state", "gather", "linear"] {
         assert!(ops[op].as_u64().unwrap_or(0) > 0, "no {op} in {ops}");

@@ -264,3 +264,25 @@ fn coremltools_packages_pass_our_validator() {
         assert_eq!(out.code, 0, "{pkg}: {}{}", out.stdout, out.stderr);
     }
 }
+
+/// The package declares `logits` without a shape (it is flexible); inspect shows it from the
+/// program at the inputs' range ends: torch's logits are (1, query length, 64), the query 1..16.
+#[test]
+fn inspect_shows_the_flexible_output_shape() {
+    let pkg = fixtures().join("stateful_torch.mlpackage");
+    let o = corelm(&["inspect", pkg.to_str().unwrap()]);
+    assert!(
+        o.stdout.contains("output logits fp16 [1, 1, 64]  range (1, 1..16, 64)  (from the program)"),
+        "{}",
+        o.stdout
+    );
+    let torch_vocab = read_json(&fixtures().join("expected.json"))[0]["logits"]["shape"][2].as_u64().unwrap();
+    assert_eq!(torch_vocab, 64);
+    let o = corelm(&["inspect", "--json", pkg.to_str().unwrap()]);
+    let report: Value = serde_json::from_str(&o.stdout).unwrap();
+    let logits = &report["functions"]["main"]["outputs"][0];
+    assert_eq!(logits["shape"], serde_json::json!([]), "the description's own shape stays as declared");
+    let derived = &logits["from_program"];
+    assert_eq!(derived["shape"], serde_json::json!([1, 1, 64]));
+    assert_eq!(derived["flexibility"]["ranges"], serde_json::json!([[1, 1], [1, 16], [64, 64]]));
+}

@@ -7,9 +7,11 @@ use serde::Serialize;
 
 use crate::ane::{self, Finding, RULES};
 use crate::error::Result;
+use crate::mil::program::Function;
 use crate::mil::program::ValueData;
-use crate::mil::validate::blob_values;
-use crate::model::{Feature, FeatureKind, Flexibility};
+use crate::mil::types::TensorType;
+use crate::mil::validate::{blob_values, output_types_at};
+use crate::model::{Feature, FeatureKind, Flexibility, FunctionDescription};
 use crate::package::Package;
 use crate::target::Target;
 use crate::tensor::{element_count, storage_bytes};
@@ -49,6 +51,17 @@ pub struct FeatureReport {
     /// `fp16`, `fp32`, `int32`, ...; the kind's name for non-array features.
     pub dtype: String,
     /// Default shape; empty when only known at run time.
+    pub shape: Vec<usize>,
+    pub flexibility: Option<FlexibilityReport>,
+    /// Where the description declares no shape (flexible outputs): the shape the program's types
+    /// give at the inputs' smallest and largest shapes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_program: Option<ProgramShape>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProgramShape {
+    /// At the inputs' smallest shapes.
     pub shape: Vec<usize>,
     pub flexibility: Option<FlexibilityReport>,
 }
@@ -94,15 +107,20 @@ fn feature_report(f: &Feature) -> FeatureReport {
             name: f.name.clone(),
             dtype: a.dtype.map_or("unknown".into(), |d| d.name().into()),
             shape: a.shape.clone(),
+            from_program: None,
             flexibility: match &a.flexibility {
                 Flexibility::Fixed => None,
                 Flexibility::Range(r) => Some(FlexibilityReport::Range { ranges: r.clone() }),
                 Flexibility::Enumerated(s) => Some(FlexibilityReport::Enumerated { shapes: s.clone() }),
             },
         },
-        FeatureKind::Other(kind) => {
-            FeatureReport { name: f.name.clone(), dtype: (*kind).into(), shape: vec![], flexibility: None }
-        }
+        FeatureKind::Other(kind) => FeatureReport {
+            name: f.name.clone(),
+            dtype: (*kind).into(),
+            shape: vec![],
+            flexibility: None,
+            from_program: None,
+        },
     }
 }
 
@@ -132,12 +150,16 @@ impl Report {
             let features = |pick: fn(&crate::model::FunctionDescription) -> &Vec<Feature>| {
                 described.map(|d| pick(d).iter().map(feature_report).collect()).unwrap_or_default()
             };
+            let mut outputs: Vec<FeatureReport> = features(|d| &d.outputs);
+            if let (Some(d), Some(t)) = (described, target) {
+                shapes_from_program(f, t, d, &mut outputs);
+            }
             functions.insert(
                 name.clone(),
                 FunctionReport {
                     opset: f.opset.clone(),
                     inputs: features(|d| &d.inputs),
-                    outputs: features(|d| &d.outputs),
+                    outputs,
                     states: features(|d| &d.states),
                     op_count: f.block.operations.len(),
                     op_histogram,
@@ -170,6 +192,50 @@ impl Report {
     }
 }
 
+/// Fills in the shape of outputs the description leaves open (coremltools and corelm declare
+/// flexible outputs without one), from the program: its types inferred with every flexible input
+/// at the low and at the high end of its ranges. A dim that differs between the two is a range.
+fn shapes_from_program(f: &Function, target: Target, d: &FunctionDescription, outputs: &mut [FeatureReport]) {
+    if outputs.iter().all(|o| !o.shape.is_empty()) {
+        return;
+    }
+    let at = |high: bool| -> Option<Vec<TensorType>> {
+        let mut inputs = BTreeMap::new();
+        for feature in &d.inputs {
+            let a = feature.array()?;
+            let shape = match (&a.flexibility, high) {
+                (Flexibility::Range(r), false) => r.iter().map(|&(lo, _)| lo).collect(),
+                // An unbounded range has no high end to show.
+                (Flexibility::Range(r), true) => r.iter().map(|&(_, hi)| hi).collect::<Option<Vec<_>>>()?,
+                _ => a.shape.clone(),
+            };
+            inputs.insert(feature.name.clone(), TensorType::fixed(a.dtype?, &shape));
+        }
+        Some(output_types_at(f, target, &inputs))
+    };
+    let (Some(low), high) = (at(false), at(true)) else { return };
+    let declared = f.var_types();
+    for (i, out) in outputs.iter_mut().enumerate().filter(|(_, o)| o.shape.is_empty()) {
+        let Some(lo) = low.get(i).and_then(|t| t.shape()) else { continue };
+        let hi = high.as_ref().and_then(|h| h.get(i)).and_then(|t| t.shape()).filter(|h| h.len() == lo.len());
+        // Without a high end, a dim the program leaves open is unbounded; the others are fixed.
+        let open = |k: usize| {
+            f.block
+                .outputs
+                .get(i)
+                .and_then(|n| declared.get(n.as_str()))
+                .is_none_or(|t| t.tensor().dims.get(k).is_none_or(|d| d.fixed().is_none()))
+        };
+        let ranges: Vec<(usize, Option<usize>)> = match hi {
+            Some(hi) => lo.iter().zip(&hi).map(|(&l, &h)| (l, Some(h))).collect(),
+            None => lo.iter().enumerate().map(|(k, &l)| (l, if open(k) { None } else { Some(l) })).collect(),
+        };
+        let flexible = ranges.iter().any(|&(l, h)| h != Some(l));
+        out.from_program =
+            Some(ProgramShape { shape: lo, flexibility: flexible.then_some(FlexibilityReport::Range { ranges }) });
+    }
+}
+
 fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -186,8 +252,12 @@ fn human_bytes(n: u64) -> String {
 }
 
 fn feature_line(f: &FeatureReport) -> String {
-    let shape: Vec<String> = f.shape.iter().map(|d| d.to_string()).collect();
-    let flex = match &f.flexibility {
+    let (shape, flexibility, note) = match &f.from_program {
+        Some(p) => (&p.shape, &p.flexibility, "  (from the program)"),
+        None => (&f.shape, &f.flexibility, ""),
+    };
+    let shape: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let flex = match flexibility {
         None => String::new(),
         Some(FlexibilityReport::Range { ranges }) => {
             let r: Vec<String> = ranges
@@ -204,7 +274,7 @@ fn feature_line(f: &FeatureReport) -> String {
         }
         Some(FlexibilityReport::Enumerated { shapes }) => format!("  enumerated {shapes:?}"),
     };
-    format!("{} {} [{}]{flex}", f.name, f.dtype, shape.join(", "))
+    format!("{} {} [{}]{flex}{note}", f.name, f.dtype, shape.join(", "))
 }
 
 /// Subjects shown per rule; the count tells how many there are.

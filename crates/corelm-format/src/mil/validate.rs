@@ -67,7 +67,7 @@ pub fn validate_model(model: &Model) -> Vec<Issue> {
         if !names::is_valid(name) {
             r.add(&location, "invalid function name");
         }
-        check_function(&mut r, &location, function, target);
+        check_function(&mut r, &location, function, target, None);
         match desc.functions.iter().find(|f| f.name == *name) {
             Some(fd) => check_description(&mut r, &location, function, fd, target),
             None => r.add(&location, "not in the model description"),
@@ -109,7 +109,28 @@ struct VarState {
     constant: Option<Option<Tensor>>,
 }
 
-fn check_function(r: &mut Report, location: &str, f: &Function, model_target: Target) {
+/// The types of `f`'s outputs when its inputs take the given types (the others as declared),
+/// inferred op by op rather than read from the ops' declared outputs: what a flexible output's
+/// shape is at given input shapes. A dim inference cannot tell stays unknown.
+pub fn output_types_at(f: &Function, target: Target, inputs: &BTreeMap<String, TensorType>) -> Vec<TensorType> {
+    let mut r = Report { issues: vec![] };
+    let vars = check_function(&mut r, "", f, target, Some(inputs));
+    f.block
+        .outputs
+        .iter()
+        .map(|o| vars.get(o.as_str()).map_or_else(|| TensorType::new(DType::Fp32, vec![]), |v| v.ty.tensor().clone()))
+        .collect()
+}
+
+/// Checks `f`; with `instantiate`, those inputs take the given types and every op's outputs the
+/// types inference gives them. Returns the variables' final states.
+fn check_function<'a>(
+    r: &mut Report,
+    location: &str,
+    f: &'a Function,
+    model_target: Target,
+    instantiate: Option<&BTreeMap<String, TensorType>>,
+) -> HashMap<&'a str, VarState> {
     let target = match Target::from_opset(&f.opset) {
         Some(t) => {
             if t != model_target {
@@ -130,7 +151,11 @@ fn check_function(r: &mut Report, location: &str, f: &Function, model_target: Ta
         if !names::is_valid(&input.name) {
             r.add(location, format!("input `{}` is not a valid identifier", input.name));
         }
-        if vars.insert(&input.name, VarState { ty: input.ty.clone(), constant: None }).is_some() {
+        let ty = match instantiate.and_then(|i| i.get(&input.name)) {
+            Some(t) if !input.ty.is_state() => ValueType::Tensor(t.clone()),
+            _ => input.ty.clone(),
+        };
+        if vars.insert(&input.name, VarState { ty, constant: None }).is_some() {
             r.add(location, format!("input `{}` is declared twice", input.name));
         }
         check_type(r, location, &format!("input `{}`", input.name), input.ty.tensor());
@@ -145,7 +170,7 @@ fn check_function(r: &mut Report, location: &str, f: &Function, model_target: Ta
     }
     for op in &f.block.operations {
         let op_location = format!("{location}, op `{}` ({})", op.label(), op.op_type);
-        check_operation(r, &op_location, op, target, &mut vars);
+        check_operation(r, &op_location, op, target, &mut vars, instantiate.is_some());
     }
     for out in &f.block.outputs {
         match vars.get(out.as_str()) {
@@ -154,6 +179,7 @@ fn check_function(r: &mut Report, location: &str, f: &Function, model_target: Ta
             _ => {}
         }
     }
+    vars
 }
 
 fn declare<'a>(
@@ -184,6 +210,7 @@ fn check_operation<'a>(
     op: &'a Operation,
     target: Target,
     vars: &mut HashMap<&'a str, VarState>,
+    propagate_inferred: bool,
 ) {
     if let Some(name) = &op.name {
         if !names::is_valid(name) {
@@ -291,25 +318,100 @@ fn check_operation<'a>(
             ok = false;
         }
     }
+    let mut inferred = vec![];
     if ok {
         if let Err(e) = ops::check_domains(def, &args) {
             r.add(loc, e.to_string());
         }
         match (def.infer)(&args) {
-            Ok(inferred) => {
-                if inferred.len() != op.outputs.len() {
-                    r.add(loc, format!("declares {} outputs, the op has {}", op.outputs.len(), inferred.len()));
+            Ok(types) => {
+                if types.len() != op.outputs.len() {
+                    r.add(loc, format!("declares {} outputs, the op has {}", op.outputs.len(), types.len()));
                 }
-                for (o, t) in op.outputs.iter().zip(&inferred) {
+                for (o, t) in op.outputs.iter().zip(&types) {
                     if !o.ty.tensor().accepts(t) {
                         r.add(loc, format!("output `{}` is declared {} but the inputs give {t}", o.name, o.ty));
                     }
                 }
+                inferred = types;
             }
             Err(e) => r.add(loc, e.to_string()),
         }
     }
     declare(r, loc, vars, constexpr.then_some(None), op);
+    if propagate_inferred {
+        let folded = match (inferred.as_slice(), op.outputs.len()) {
+            ([t], 1) => fold_shape_value(&op.op_type, &args, t),
+            _ => None,
+        };
+        for (o, t) in op.outputs.iter().zip(inferred) {
+            if let Some(v) = vars.get_mut(o.name.as_str()).filter(|v| !v.ty.is_state()) {
+                v.ty = ValueType::Tensor(t);
+                if folded.is_some() {
+                    v.constant = Some(folded.clone());
+                }
+            }
+        }
+    }
+}
+
+/// The value of a small integer op of shape arithmetic (`shape`, then slices, squeezes and sums
+/// of its result), when its inputs are known: what lets inference at concrete input shapes see
+/// through `range_1d(start, end)` to a concrete length. Other ops: `None`.
+fn fold_shape_value(op_type: &str, a: &Args, out: &TensorType) -> Option<Tensor> {
+    let shape = out.shape()?;
+    let integer = matches!(out.dtype, DType::Int32 | DType::Int16 | DType::Uint16 | DType::Int8 | DType::Uint8);
+    if !integer || shape.len() > 1 {
+        return None;
+    }
+    let values: Vec<i64> = match op_type {
+        "shape" => a.ty("x").ok()?.shape()?.iter().map(|&d| d as i64).collect(),
+        "squeeze" | "expand_dims" | "reshape" | "identity" | "cast" => a.ints("x")?,
+        "gather" if a.int("axis").unwrap_or(0) == 0 && a.int("batch_dims").unwrap_or(0) == 0 => {
+            let x = a.ints("x")?;
+            let n = x.len() as i64;
+            a.ints("indices")?
+                .iter()
+                .map(|&i| x.get((if i < 0 { i + n } else { i }) as usize).copied())
+                .collect::<Option<_>>()?
+        }
+        "slice_by_index" => {
+            let x = a.ints("x")?;
+            let strided = a.ints("stride").is_some_and(|s| s.iter().any(|&v| v != 1));
+            let masked = ["begin_mask", "end_mask", "squeeze_mask"]
+                .iter()
+                .any(|m| a.ints(m).is_some_and(|v| v.iter().any(|&b| b != 0)));
+            let (begin, end) = (*a.ints("begin")?.first()?, *a.ints("end")?.first()?);
+            let n = x.len() as i64;
+            let at = |v: i64| if v < 0 { (v + n).clamp(0, n) } else { v.min(n) } as usize;
+            if strided || masked || at(begin) > at(end) {
+                return None;
+            }
+            x[at(begin)..at(end)].to_vec()
+        }
+        "add" | "sub" | "mul" => {
+            let (x, y) = (a.ints("x")?, a.ints("y")?);
+            let pick = |v: &[i64], i: usize| if v.len() == 1 { v[0] } else { v[i] };
+            let n = x.len().max(y.len());
+            if (x.len() != n && x.len() != 1) || (y.len() != n && y.len() != 1) {
+                return None;
+            }
+            (0..n)
+                .map(|i| {
+                    let (p, q) = (pick(&x, i), pick(&y, i));
+                    match op_type {
+                        "add" => p.checked_add(q),
+                        "sub" => p.checked_sub(q),
+                        _ => p.checked_mul(q),
+                    }
+                })
+                .collect::<Option<_>>()?
+        }
+        "concat" => a.tuple("values").iter().map(|v| v.value.as_ref()?.to_i64()).collect::<Option<Vec<_>>>()?.concat(),
+        _ => return None,
+    };
+    (values.len() == shape.iter().product::<usize>())
+        .then(|| Tensor::from_ints(out.dtype, shape.clone(), &values).ok())?
 }
 
 fn dims_match(mil: &[Dim], feature: &ArrayFeature) -> Result<(), String> {
