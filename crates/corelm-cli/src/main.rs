@@ -639,6 +639,7 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
     let summary = corelm_convert::convert::convert(&source, &args.output, &opts, &args.write.options(), &mut progress)
         .with_context(|| format!("cannot convert {}", args.source.display()))?;
     bar.finish_and_clear();
+    warn_grids_not_kept(&summary.grids_not_kept);
     if args.json {
         emitln!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -662,6 +663,23 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Says on stderr which GGUF grids `--grid gguf` could not keep, by type, with examples.
+fn warn_grids_not_kept(notes: &[corelm_convert::graph::GridNotKept]) {
+    let mut by_type: std::collections::BTreeMap<(&str, &str, &str), Vec<&str>> = Default::default();
+    for n in notes {
+        by_type.entry((&n.source_type, &n.stored_as, &n.reason)).or_default().push(&n.tensor);
+    }
+    for ((source_type, stored_as, reason), tensors) in by_type {
+        let shown: Vec<&str> = tensors.iter().take(3).copied().collect();
+        let more = if tensors.len() > shown.len() { ", …" } else { "" };
+        eprintln!(
+            "warning: --grid gguf: {} {source_type} tensor(s) stored as {stored_as}, not on their grid: {reason} ({}{more})",
+            tensors.len(),
+            shown.join(", ")
+        );
+    }
 }
 
 fn chat(

@@ -264,6 +264,46 @@ fn real_gguf_models_convert_and_load_in_coremltools() {
 /// `--grid gguf` stores SmolLM2's Q4_1 weights on their own grid: every rebuilt weight equals
 /// the GGUF's dequantization (our reader, bit-exact with the gguf package; Q/K rows unpermuted)
 /// within the fp16 rounding of −m/d that Q4_1's offsets need, |m|·2⁻¹¹.
+/// `--grid gguf` on a K-quant file: every quantized matrix whose grid is not carried is reported
+/// (it was silently stored as fp16), counted per type as gguf-py reads the file's tensor types.
+#[test]
+fn grids_not_kept_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = model("gemma-3-270m-q4_k_m.gguf");
+    let script = "import collections, json, sys, gguf\n\
+        r = gguf.GGUFReader(sys.argv[1])\n\
+        print(json.dumps(collections.Counter(t.tensor_type.name for t in r.tensors if len(t.shape) == 2)))";
+    let out = Command::new(python()).args(["-c", script]).arg(&src).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let types: std::collections::BTreeMap<String, usize> = serde_json::from_slice(&out.stdout).unwrap();
+    let carried = ["Q4_0", "Q4_1", "Q8_0"];
+    let want: std::collections::BTreeMap<String, usize> =
+        types.into_iter().filter(|(t, _)| !carried.contains(&t.as_str())).collect();
+    assert!(!want.is_empty(), "the Q4_K_M file has K-quant matrices");
+    let pkg = tmp.path().join("g.mlpackage");
+    let mut args = vec!["convert", src.to_str().unwrap(), "-o", pkg.to_str().unwrap(), "--json"];
+    args.extend(["--context", "64", "--grid", "gguf"]);
+    let (code, stdout, stderr) = corelm(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let summary: Value = serde_json::from_str(&stdout).unwrap();
+    let mut got = std::collections::BTreeMap::new();
+    for n in summary["grids_not_kept"].as_array().unwrap() {
+        *got.entry(n["source_type"].as_str().unwrap().to_string()).or_insert(0) += 1;
+        assert_eq!(n["stored_as"], "fp16", "{n}");
+        assert!(n["reason"].as_str().unwrap().contains("no form for"), "{n}");
+    }
+    assert_eq!(got, want);
+    for (t, n) in &want {
+        assert!(stderr.contains(&format!("warning: --grid gguf: {n} {t} tensor(s) stored as fp16")), "{stderr}");
+    }
+    // A safetensors folder has no grids to keep: asking is an error, not a silent no-op.
+    let tiny = root().join("tests/fixtures/tiny/qwen3");
+    let (code, _, stderr) =
+        corelm(&["convert", tiny.to_str().unwrap(), "-o", pkg.to_str().unwrap(), "--force", "--grid", "gguf"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("the source is not a .gguf file"), "{stderr}");
+}
+
 #[test]
 fn gguf_q4_1_grid_is_carried_over_without_requantizing() {
     use corelm_convert::checkpoint::Checkpoint;

@@ -29,6 +29,10 @@ pub trait Checkpoint {
     fn read_grid(&self, _name: &str, _dtype: DType) -> Result<Option<Compressed>> {
         Ok(None)
     }
+    /// How `name` is stored (`F32`, `BF16`, `Q4_K`, ...) and whether that is a quantized grid.
+    fn storage(&self, _name: &str) -> Option<(String, bool)> {
+        None
+    }
 }
 
 /// One memory-mapped safetensors file with its validated header.
@@ -176,7 +180,7 @@ pub fn expected_shape(c: &ModelConfig, role: Role) -> Vec<usize> {
 }
 
 /// Finds `name`, or the same name without its first component (`transformer.h.0` vs `h.0`).
-fn resolve<'a>(ck: &dyn Checkpoint, name: &'a str) -> Option<&'a str> {
+pub fn resolve<'a>(ck: &dyn Checkpoint, name: &'a str) -> Option<&'a str> {
     if ck.shape(name).is_some() {
         return Some(name);
     }

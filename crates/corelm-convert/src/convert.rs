@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::checkpoint::{Checkpoint, Safetensors};
 use crate::config::ModelConfig;
 use crate::gguf_source::GgufCheckpoint;
-use crate::graph::{build_function, store_weights, GraphOptions, Progress, Stage};
+use crate::graph::{build_function, store_weights, GraphOptions, GridNotKept, Progress, Stage};
 use crate::{Error, Result};
 use corelm_format::error::IoContext;
 use corelm_format::package::{ExtraItem, WriteOptions};
@@ -35,6 +35,8 @@ pub struct Summary {
     pub layers: usize,
     pub context: usize,
     pub functions: Vec<String>,
+    /// With `--grid gguf`: quantized tensors whose grid was not kept, and why.
+    pub grids_not_kept: Vec<GridNotKept>,
     pub output_bytes: u64,
     pub seconds: f64,
     /// Peak resident memory of this process (VmHWM), when the OS reports it.
@@ -140,6 +142,9 @@ pub fn convert(
     if opts.chunks == 0 || opts.chunks > c.num_layers {
         return Err(Error::invalid(format!("--chunks must lie in 1..={} (the model's layers)", c.num_layers)));
     }
+    if opts.compress.source_grid && source.checkpoint.source().extension().is_none_or(|e| e != "gguf") {
+        return Err(Error::invalid("--grid gguf keeps a GGUF file's grids: the source is not a .gguf file"));
+    }
     if opts.chunks > 1 && !opts.target.supports_states() {
         return Err(Error::invalid("--chunks needs the KV cache as states (--target ios18)"));
     }
@@ -153,11 +158,13 @@ pub fn convert(
     }
     let mut written = Vec::new();
     let mut functions = Vec::new();
+    let mut grids_not_kept = Vec::new();
     for (stage, path) in stages.iter().zip(&paths) {
         match write_stage(source, path, opts, write, progress, stage, &paths) {
-            Ok((p, f)) => {
+            Ok((p, f, g)) => {
                 written.push(p);
                 functions = f;
+                grids_not_kept.extend(g);
             }
             Err(e) => {
                 for p in &written {
@@ -176,6 +183,7 @@ pub fn convert(
         layers: c.num_layers,
         context: opts.context,
         functions,
+        grids_not_kept,
         seconds: started.elapsed().as_secs_f64(),
         peak_memory_bytes: peak_memory(),
         megabytes_per_second: c.parameter_count() as f64 * 4.0 / 1e6 / started.elapsed().as_secs_f64().max(1e-9),
@@ -192,7 +200,8 @@ fn chunk_paths(output: &Path, k: usize) -> Result<Vec<PathBuf>> {
     Ok((1..=k).map(|i| output.with_file_name(format!("{stem}_{i}of{k}.mlpackage"))).collect())
 }
 
-/// Writes the package for one stage of the layer stack; returns its path and function names.
+/// Writes the package for one stage of the layer stack; returns its path, function names and
+/// the grids it could not keep.
 fn write_stage(
     source: &Source,
     output: &Path,
@@ -201,7 +210,7 @@ fn write_stage(
     progress: &mut dyn Progress,
     stage: &Stage,
     parts: &[PathBuf],
-) -> Result<(PathBuf, Vec<String>)> {
+) -> Result<(PathBuf, Vec<String>, Vec<GridNotKept>)> {
     let c = &source.config;
     let mut pkg = PackageWriter::create(output, write)?;
     let weights = store_weights(c, source.checkpoint.as_ref(), opts, pkg.weights(), stage, progress)?;
@@ -267,5 +276,5 @@ fn write_stage(
         })?;
     }
     let model = program.finish()?;
-    Ok((pkg.commit(&model)?, functions))
+    Ok((pkg.commit(&model)?, functions, weights.grids_not_kept))
 }

@@ -212,6 +212,10 @@ impl Checkpoint for GgufCheckpoint {
         self.hf_rows(info, data, info.shape.get(1).copied().unwrap_or(1))
     }
 
+    fn storage(&self, name: &str) -> Option<(String, bool)> {
+        self.info(name).map(|i| (i.dtype.name().to_string(), i.dtype.is_quantized()))
+    }
+
     fn read_grid(&self, name: &str, dtype: DType) -> Result<Option<Compressed>> {
         let Some(info) = self.info(name) else { return Ok(None) };
         let &[rows, cols] = info.shape.as_slice() else { return Ok(None) };

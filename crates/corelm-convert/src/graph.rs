@@ -207,6 +207,33 @@ pub struct StoredWeights {
     tensors: HashMap<Role, Stored>,
     rope: Option<(BlobRef, BlobRef)>,
     rope_local: Option<(BlobRef, BlobRef)>,
+    /// With `--grid gguf`: the quantized source tensors whose grid was not kept.
+    pub grids_not_kept: Vec<GridNotKept>,
+}
+
+/// A quantized source tensor that `--grid gguf` asked to keep on its grid but that was stored
+/// otherwise, and why: nothing changes silently.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct GridNotKept {
+    pub tensor: String,
+    /// The ggml type it was stored as (`Q4_K`, ...).
+    pub source_type: String,
+    /// What it became in the package (`fp16`, `int4`, ...).
+    pub stored_as: String,
+    pub reason: String,
+}
+
+/// Why a quantized tensor's grid is not carried.
+fn grid_not_kept_reason(source_type: &str, take: Take, kept: bool) -> String {
+    if kept {
+        "its name matches --keep".into()
+    } else if take != Take::Whole {
+        "it is a slice of a fused tensor".into()
+    } else if ["Q4_0", "Q4_1", "Q8_0"].contains(&source_type) {
+        "its rows are not whole 32-value blocks".into()
+    } else {
+        format!("Core ML has no form for {source_type} grids in corelm yet (Q4_0, Q4_1 and Q8_0 are carried)")
+    }
 }
 
 /// Progress of weight loading, for progress bars.
@@ -296,6 +323,7 @@ pub fn store_weights(
     let dtype = opts.precision.dtype();
     let mut tensors = HashMap::new();
     let mut by_name: HashMap<String, Stored> = HashMap::new();
+    let mut grids_not_kept = Vec::new();
     for role in roles(c).into_iter().filter(|r| stage.holds(*r)) {
         let Some(spec) = tensor_spec(c, role) else { continue };
         let key = format!("{}{:?}", spec.name, spec.take);
@@ -323,6 +351,16 @@ pub fn store_weights(
                 spec.name, c.vocab_size
             )));
         }
+        let scheme = if is_matrix(role) { policy.scheme_for(&spec.name, embedding) } else { None };
+        let storage = crate::checkpoint::resolve(ck, &spec.name).and_then(|n| ck.storage(n));
+        if let (true, true, None, Some((source_type, true))) = (policy.source_grid, is_matrix(role), &grid, storage) {
+            grids_not_kept.push(GridNotKept {
+                tensor: spec.name.clone(),
+                stored_as: scheme.map_or_else(|| dtype.name().to_string(), |s| format!("{s} (rounded again)")),
+                reason: grid_not_kept_reason(&source_type, spec.take, policy.keeps(&spec.name)),
+                source_type,
+            });
+        }
         if let Some(g) = grid {
             let stored = store_compressed(store, g)?;
             progress.tensor_done(&spec.name, store.bytes_written() - bytes_before);
@@ -343,7 +381,6 @@ pub fn store_weights(
             let k = (n as f64 / (n as f64 + 1.0)).sqrt() as f32;
             data.iter_mut().for_each(|v| *v *= k);
         }
-        let scheme = if is_matrix(role) { policy.scheme_for(&spec.name, embedding) } else { None };
         // Norms are computed in fp32 except on the Neural Engine, which has no fp32.
         let keep_f32 = (is_norm(role) && !ane) || dtype == DType::Fp32;
         let stored = if split {
@@ -369,7 +406,7 @@ pub fn store_weights(
         Some(r) => Some(rope_tables(store, r, opts.context, dtype)?),
         None => None,
     };
-    Ok(StoredWeights { tensors, rope, rope_local })
+    Ok(StoredWeights { tensors, rope, rope_local, grids_not_kept })
 }
 
 /// One weight: compressed by `scheme`, or plain (f32 when `keep_f32`, else `dtype`).
