@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# Bounded fuzz run of every reader (manifest, model protobuf, blob storage), seeded with the
-# sample packages. Usage: scripts/fuzz.sh [SECONDS_PER_TARGET]
+# Bounded fuzz run of every reader of untrusted bytes, each seeded with inputs the repository has
+# (fuzz/seeds.py): package manifest, model protobuf, blob storage, GGUF, safetensors, config.json,
+# tokenizer files, bundle.json, bundle tars and predict calls.
+# Usage: scripts/fuzz.sh [SECONDS_PER_TARGET]
+# CORELM_FUZZ_EXTRA=1 also runs chat_template and package_plan, which can still hang or exhaust
+# memory on hostile input (being fixed); they are built either way.
+# A target that crashes, hangs (10 s per input) or passes 4 GB fails the run after the others ran;
+# its input is under fuzz/artifacts/TARGET/.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 seconds="${1:-20}"
@@ -12,6 +18,11 @@ else
   export RUSTC_BOOTSTRAP=1
   fuzz=(cargo fuzz)
 fi
+targets=(manifest model_proto blob_storage gguf safetensors config_json tokenizer bundle_json bundle_tar predict_calls)
+if [[ "${CORELM_FUZZ_EXTRA:-}" == 1 ]]; then
+  targets+=(chat_template package_plan)
+fi
+
 seeds="$root/target/fuzz-seeds"
 rm -rf "$seeds"
 cargo run --quiet --manifest-path "$root/Cargo.toml" -p corelm-format --example write_samples -- "$seeds/packages" >/dev/null
@@ -22,8 +33,28 @@ for pkg in "$seeds"/packages/*.mlpackage; do
   cp "$pkg/Data/com.apple.CoreML/model.mlmodel" "$root/fuzz/corpus/model_proto/$name"
   cp "$pkg/Data/com.apple.CoreML/weights/weight.bin" "$root/fuzz/corpus/blob_storage/$name"
 done
+python3 "$root/fuzz/seeds.py" "$seeds/packages" "$root/fuzz/corpus"
+
+# Targets reading paths write their input into scratch folders under here.
+export CORELM_FUZZ_TMP="$root/target/fuzz-tmp"
+rm -rf "$CORELM_FUZZ_TMP"
+mkdir -p "$CORELM_FUZZ_TMP"
 cd "$root/fuzz"
-for target in manifest model_proto blob_storage; do
+# One build for every target, so each target's seconds are spent fuzzing.
+"${fuzz[@]}" build
+failed=()
+for target in "${targets[@]}"; do
   echo "fuzzing $target for ${seconds}s"
-  "${fuzz[@]}" run "$target" -- -max_total_time="$seconds" -rss_limit_mb=4096 2>&1 | tail -n 2
+  log="$CORELM_FUZZ_TMP/$target.log"
+  if "${fuzz[@]}" run "$target" -- -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 >"$log" 2>&1; then
+    grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -n 1
+  else
+    tail -n 40 "$log"
+    failed+=("$target")
+  fi
 done
+rm -rf "$CORELM_FUZZ_TMP"
+if ((${#failed[@]})); then
+  echo "fuzz: ${failed[*]} failed; inputs under fuzz/artifacts/" >&2
+  exit 1
+fi

@@ -18,7 +18,7 @@ for target in aarch64-apple-darwin aarch64-apple-ios; do
 done
 log="$(mktemp)"
 cargo test --workspace --release 2>&1 | tee "$log"
-bash scripts/fuzz.sh "${CORELM_FUZZ_SECONDS:-30}"
+bash scripts/fuzz.sh "${CORELM_FUZZ_SECONDS:-20}"
 # One closing line for the whole run (cargo prints one per test binary).
 passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
