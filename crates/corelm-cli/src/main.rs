@@ -256,6 +256,10 @@ struct ConvertArgs {
     /// Print a JSON summary instead of the progress bar and text.
     #[arg(long)]
     json: bool,
+    /// Skip the check that runs the new package on a few tokens and refuses it when a logit is
+    /// NaN or infinite.
+    #[arg(long)]
+    no_check: bool,
 }
 
 #[derive(clap::Args)]
@@ -639,6 +643,17 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
     let summary = corelm_convert::convert::convert(&source, &args.output, &opts, &args.write.options(), &mut progress)
         .with_context(|| format!("cannot convert {}", args.source.display()))?;
     bar.finish_and_clear();
+    if !args.no_check {
+        if let Err(e) = check_finite(&summary.packages[0]) {
+            for p in &summary.packages {
+                let _ = std::fs::remove_dir_all(p);
+            }
+            return Err(e.context(format!(
+                "{} was converted but fails its check, so it was removed (--no-check keeps it)",
+                args.source.display()
+            )));
+        }
+    }
     warn_grids_not_kept(&summary.grids_not_kept);
     if args.json {
         emitln!("{}", serde_json::to_string_pretty(&summary)?);
@@ -663,6 +678,28 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Tokens the check after a conversion feeds: more than a Neural Engine profile's decode chunk and
+/// not a whole prefill chunk, so padding is exercised, yet cheap at any model size.
+const CHECK_TOKENS: usize = 37;
+
+/// Runs a new package (all its parts) on a few tokens and fails when any logit is NaN or
+/// infinite: such a package must not ship unnoticed.
+fn check_finite(package: &std::path::Path) -> Result<()> {
+    let pkg = open(package)?;
+    let mut lm = corelm_interp::lm::LanguageModel::open(&pkg)?;
+    let ud = &pkg.model().description.metadata.user_defined;
+    let number = |k: &str| ud.get(k).and_then(|v| v.parse::<u32>().ok());
+    let vocab = number("corelm.vocab_size").unwrap_or(1) as usize;
+    let ids =
+        corelm_runtime::verify::probe_ids(vocab, number("corelm.pad_token_id"), CHECK_TOKENS.min(lm.context() - 1));
+    let mut rows = lm.feed(&ids)?;
+    rows.extend(lm.feed(&[ids[ids.len() / 2]])?);
+    if let Some(at) = corelm_runtime::verify::first_non_finite(&rows) {
+        anyhow::bail!("the package gives NaN or infinite logits at position {at} of a {}-token probe", rows.len());
+    }
+    Ok(())
 }
 
 /// Says on stderr which GGUF grids `--grid gguf` could not keep, by type, with examples.
@@ -862,6 +899,15 @@ fn verify(
             if is_package(against) { "reference package" } else { "float32 reference" }
         );
     }
+    if a.non_finite_positions > 0 {
+        eprintln!(
+            "error: {}: NaN or infinite logits at {} of {} positions: the package is broken",
+            package.display(),
+            a.non_finite_positions,
+            a.positions
+        );
+        return Ok(ExitCode::from(1));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -1034,7 +1080,7 @@ fn fetch(url: &str, sha256: &str, cache: &std::path::Path, json: bool) -> Result
     Ok(ExitCode::SUCCESS)
 }
 
-fn open(path: &PathBuf) -> Result<Package> {
+fn open(path: &std::path::Path) -> Result<Package> {
     Package::open(path).with_context(|| format!("cannot read package {}", path.display()))
 }
 

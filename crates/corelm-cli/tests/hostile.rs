@@ -183,3 +183,47 @@ fn a_weight_file_linking_outside_the_package_is_refused() {
         assert_clean_error(&o, &["weight.bin", "outside the package"]);
     }
 }
+
+/// A checkpoint whose final norm holds a NaN converts into a package that gives NaN logits: the
+/// conversion's check refuses it and removes it; with --no-check it is written, and `verify`
+/// then fails on it.
+#[test]
+fn a_package_with_non_finite_logits_is_not_shipped_unnoticed() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("llama_rope_linear");
+    copy_dir(&root().join("tests/fixtures/tiny/llama_rope_linear"), &src);
+    fs::write(src.join("tokenizer.json"), tiny_tokenizer().to_string()).unwrap();
+    // Overwrite model.norm.weight's first value with a NaN, in place.
+    let st = src.join("model.safetensors");
+    let mut bytes = fs::read(&st).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let start = header["model.norm.weight"]["data_offsets"][0].as_u64().unwrap() as usize + 8 + n;
+    bytes[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    fs::write(&st, bytes).unwrap();
+    let pkg = dir.path().join("nan.mlpackage");
+    let o = corelm_limited(&["convert", src.to_str().unwrap(), "-o", pkg.to_str().unwrap(), "--context", "48"]);
+    assert_clean_error(&o, &["fails its check", "NaN or infinite logits at position"]);
+    assert!(!pkg.exists(), "the broken package was left behind");
+    let o = corelm_limited(&[
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        pkg.to_str().unwrap(),
+        "--context",
+        "48",
+        "--no-check",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.text);
+    let text = dir.path().join("text.txt");
+    fs::write(&text, "w1 w2 w3").unwrap();
+    let o = corelm_limited(&[
+        "verify",
+        pkg.to_str().unwrap(),
+        "--against",
+        src.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+    ]);
+    assert_clean_error(&o, &["nan.mlpackage", "NaN or infinite logits"]);
+}

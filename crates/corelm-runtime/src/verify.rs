@@ -13,6 +13,9 @@ pub struct Agreement {
     pub mean_kl: f64,
     pub perplexity_package: f64,
     pub perplexity_reference: f64,
+    /// Positions where the package gave a NaN or infinite logit: a broken package (an fp16
+    /// overflow, a fully masked row), never a matter of tolerance.
+    pub non_finite_positions: usize,
     /// Each compared position in order (for paired comparisons of two packages against one
     /// reference); not part of the summary JSON.
     #[serde(skip)]
@@ -48,6 +51,7 @@ pub struct Tally {
     nll_package: f64,
     nll_reference: f64,
     scored: usize,
+    non_finite: usize,
     per_position: Vec<PositionScore>,
 }
 
@@ -56,6 +60,7 @@ impl Tally {
     /// may be empty to score the package alone.
     pub fn add(&mut self, tokens: &[u32], package: &[Vec<f32>], reference: &[Vec<f32>]) {
         for (i, p) in package.iter().enumerate() {
+            self.non_finite += p.iter().any(|v| !v.is_finite()) as usize;
             let lp = log_softmax(p);
             let r = reference.get(i);
             let lr = r.map(|r| log_softmax(r));
@@ -93,9 +98,24 @@ impl Tally {
             mean_kl: per_position(self.kl),
             perplexity_package: ppl(self.nll_package),
             perplexity_reference: if self.positions == 0 { f64::NAN } else { ppl(self.nll_reference) },
+            non_finite_positions: self.non_finite,
             per_position: self.per_position.clone(),
         }
     }
+}
+
+/// Token ids that exercise a package on a few positions: the pad id first (the driver pads
+/// partial chunks with it, so a bad row of it reaches every chunk), then ids spread over the
+/// whole vocabulary.
+pub fn probe_ids(vocab: usize, pad: Option<u32>, len: usize) -> Vec<u32> {
+    let vocab = vocab.max(1) as u64;
+    let spread = (0..len as u64).map(|k| ((k * 7919 + 1) % vocab) as u32);
+    pad.into_iter().chain(spread).take(len).collect()
+}
+
+/// The first row holding a NaN or an infinite logit.
+pub fn first_non_finite(rows: &[Vec<f32>]) -> Option<usize> {
+    rows.iter().position(|r| r.iter().any(|v| !v.is_finite()))
 }
 
 /// Compares logits rows for `tokens` (row i predicts token i+1).
