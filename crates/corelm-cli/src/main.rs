@@ -830,7 +830,7 @@ fn is_package(path: &std::path::Path) -> bool {
 }
 
 fn verify(
-    package: &PathBuf,
+    package: &std::path::Path,
     against: &std::path::Path,
     text: Option<PathBuf>,
     max_tokens: Option<usize>,
@@ -912,7 +912,7 @@ fn verify(
 }
 
 fn eval(
-    package: &PathBuf,
+    package: &std::path::Path,
     text: &PathBuf,
     window: Option<usize>,
     max_tokens: Option<usize>,
@@ -972,7 +972,7 @@ fn compress(
     let grams = match calibration {
         None => Default::default(),
         Some((text, max_tokens)) => {
-            let pkg = open(&input.to_path_buf())?;
+            let pkg = open(input)?;
             let tokens = text_tokens(&pkg, Some(text), Some(max_tokens))?;
             let bar = progress_bar(tokens.len() as u64, json, "calibrating on tokens");
             let grams = corelm_interp::calibrate::input_grams(&pkg, &tokens, &mut |done| bar.set_position(done as u64))
