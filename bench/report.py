@@ -178,7 +178,7 @@ def paired_section():
 
 def render():
     lines = [BEGIN, ""]
-    for section in (convert_section, decode_section, quality_section, weight_error_section, paired_section):
+    for section in (convert_section, decode_section, quality_section, weight_error_section):
         lines += section() + [""]
     return "\n".join(lines + [END])
 

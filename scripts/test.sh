@@ -8,6 +8,8 @@ cd "$root"
 bash scripts/setup-python.sh
 bash scripts/fetch-models.sh
 export CORELM_PYTHON="$root/.cache/venv/bin/python"
+# The README's measured figures must be what bench/results says (with provenance).
+python3 bench/report.py --check
 cargo fmt --all -- --check
 (cd fuzz && cargo fmt -- --check)
 cargo clippy --workspace --all-targets -- -D warnings
