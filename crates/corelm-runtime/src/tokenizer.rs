@@ -19,8 +19,10 @@ pub const MAX_TOKENIZER_BYTES: u64 = 256 << 20;
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
         let bytes = corelm_format::package::read_capped(path, MAX_TOKENIZER_BYTES)?;
-        let inner = tokenizers::Tokenizer::from_bytes(bytes)
-            .map_err(|e| Error::malformed(path, format!("not a usable tokenizer.json: {e}")))?;
+        // tokenizers panics on some malformed `decoder` objects instead of returning an error.
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
+            .map_err(|_| Error::malformed(path, "not a usable tokenizer.json: the tokenizers crate rejected it"))?;
+        let inner = parsed.map_err(|e| Error::malformed(path, format!("not a usable tokenizer.json: {e}")))?;
         Ok(Tokenizer { inner })
     }
 
@@ -45,5 +47,18 @@ impl Tokenizer {
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner.decode(ids, skip_special).map_err(|e| Error::invalid(format!("cannot decode: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A malformed decoder made the tokenizers crate panic (found by the tokenizer fuzz target).
+    #[test]
+    fn a_tokenizer_the_library_panics_on_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, r#"{"decoder": {"1": 2}}"#).unwrap();
+        let e = super::Tokenizer::from_file(&path).err().expect("refused");
+        assert!(e.to_string().contains("not a usable tokenizer.json"), "{e}");
     }
 }
