@@ -112,6 +112,23 @@ pub struct GraphOptions {
     pub chunks: usize,
 }
 
+impl Default for GraphOptions {
+    /// What `corelm convert` does without flags: a stateful iOS 18 package, fused attention,
+    /// fp16, no compression, the default profile, one package, the default context.
+    fn default() -> GraphOptions {
+        GraphOptions {
+            target: Target::Ios18,
+            context: crate::convert::DEFAULT_CONTEXT,
+            query_lengths: vec![],
+            attention: AttentionImpl::Fused,
+            precision: Precision::Fp16,
+            compress: Policy::default(),
+            profile: Profile::Default,
+            chunks: 1,
+        }
+    }
+}
+
 impl GraphOptions {
     /// The options with the profile's requirements applied: the ane profile takes fp16 and
     /// states (iOS 18), pads the context to a multiple of 32 and, without explicit query

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use corelm_convert::convert::{convert, open_source};
-use corelm_convert::graph::{AttentionImpl, GraphOptions, Precision};
+use corelm_convert::graph::GraphOptions;
 use corelm_format::package::WriteOptions;
 use corelm_format::Package;
 
@@ -28,16 +28,7 @@ fn copy_dir(from: &Path, to: &Path) {
 /// Converts `checkpoint` (a folder) into `out` with default options and a 32-token context.
 fn convert_tiny(checkpoint: &Path, out: &Path) -> Package {
     let source = open_source(checkpoint).unwrap();
-    let opts = GraphOptions {
-        target: corelm_format::Target::Ios18,
-        context: 32,
-        query_lengths: vec![],
-        attention: AttentionImpl::Fused,
-        precision: Precision::Fp16,
-        compress: Default::default(),
-        profile: Default::default(),
-        chunks: 1,
-    };
+    let opts = GraphOptions { context: 32, ..GraphOptions::default() };
     convert(&source, out, &opts, &WriteOptions::overwriting(), &mut |_: &str, _: u64| {}).unwrap();
     Package::open(out).unwrap()
 }

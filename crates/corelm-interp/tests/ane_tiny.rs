@@ -14,9 +14,9 @@
 use std::path::{Path, PathBuf};
 
 use corelm_convert::convert::{convert, open_source};
-use corelm_convert::graph::{AttentionImpl, GraphOptions, Precision, Profile};
+use corelm_convert::graph::{GraphOptions, Profile};
 use corelm_format::package::WriteOptions;
-use corelm_format::{Package, Target};
+use corelm_format::Package;
 use corelm_interp::lm::{argmax, LanguageModel};
 use serde_json::Value;
 
@@ -58,16 +58,7 @@ fn both_profiles(dir: &Path, tmp: &Path) -> (Package, Package) {
     let mut packages =
         [(Profile::Default, vec![]), (Profile::Ane, LENGTHS.to_vec())].into_iter().map(|(profile, query_lengths)| {
             let out = tmp.join(format!("{name}-{profile:?}.mlpackage"));
-            let opts = GraphOptions {
-                target: Target::Ios18,
-                context: CONTEXT,
-                query_lengths,
-                attention: AttentionImpl::Fused,
-                precision: Precision::Fp16,
-                compress: Default::default(),
-                profile,
-                chunks: 1,
-            };
+            let opts = GraphOptions { context: CONTEXT, query_lengths, profile, ..GraphOptions::default() };
             convert(&source, &out, &opts, &WriteOptions::overwriting(), &mut |_: &str, _: u64| {}).unwrap();
             Package::open(&out).unwrap()
         });
