@@ -3,10 +3,8 @@
 //! planned: constants and constexpr ops decoded against the weight file, constant ops folded,
 //! slots assigned), then each function's inputs and fresh state. The input's first byte picks
 //! which sample package (and so which weight file) the model goes into. Ok or an error, never a
-//! panic, never a hang or unbounded memory.
-//!
-//! Runs only with CORELM_FUZZ_EXTRA=1 for now: loading does not yet bound what a model can ask
-//! it to allocate or fold.
+//! panic, never a hang or unbounded memory (scripts/fuzz.sh sets CORELM_MAX_TENSOR_BYTES below
+//! libFuzzer's memory limit, so a declared shape past it must be refused, not allocated).
 #![no_main]
 use std::path::PathBuf;
 use std::sync::OnceLock;

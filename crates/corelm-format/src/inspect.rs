@@ -236,7 +236,8 @@ fn shapes_from_program(f: &Function, target: Target, d: &FunctionDescription, ou
     }
 }
 
-fn human_bytes(n: u64) -> String {
+/// Bytes for people, in binary units ("1.5 GiB").
+pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut unit = 0;

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use crate::matmul::{matmul_t, WeightRows};
 use crate::vmath;
 
-use crate::value::{Data, Value};
+use crate::value::{checked_len, Data, Value};
 use crate::{Error, Result};
 
 /// One parameter's values (several for tuple parameters), by name.
@@ -84,7 +84,10 @@ fn norm_axis(axis: i64, rank: usize) -> Result<usize> {
 fn broadcast_shape(shapes: &[&[usize]]) -> Result<Vec<usize>> {
     let dims: Vec<Vec<Dim>> = shapes.iter().map(|s| s.iter().map(|&d| Dim::Fixed(d)).collect()).collect();
     let refs: Vec<&[Dim]> = dims.iter().map(|d| d.as_slice()).collect();
-    Ok(broadcast_dims(&refs)?.into_iter().map(|d| d.fixed().unwrap_or(1)).collect())
+    let out: Vec<usize> = broadcast_dims(&refs)?.into_iter().map(|d| d.fixed().unwrap_or(1)).collect();
+    // Broadcasting multiplies sizes: [n, 1] against [1, n] is n² elements.
+    checked_len(&out, &"the broadcast result")?;
+    Ok(out)
 }
 
 /// Flat offsets into each input for every output element, in row-major output order (for
@@ -753,7 +756,7 @@ fn matmul(inp: &Inputs) -> Result<Value> {
     let offs = broadcast_offsets(&batch, &[&xs[..xr - 2], &ys[..yr - 2]]);
     let (xv, yv) = (x.floats(), y.floats());
     let (xm, ym) = (xs[xr - 2] * xs[xr - 1], ys[yr - 2] * ys[yr - 1]);
-    let mut out = vec![0f32; nb * m * n];
+    let mut out = vec![0f32; checked_len(&[nb, m, n], &"the matmul result")?];
     let (rsa, csa) = if tx { (1, m as isize) } else { (k as isize, 1) };
     let (rsb, csb) = if ty { (1, k as isize) } else { (n as isize, 1) };
     for bi in 0..nb {
@@ -775,10 +778,20 @@ fn matmul(inp: &Inputs) -> Result<Value> {
 fn sdpa(inp: &Inputs) -> Result<Value> {
     let (q, k, v) = (inp.req("query")?, inp.req("key")?, inp.req("value")?);
     let r = q.rank();
+    if r < 2 || k.rank() != r || v.rank() != r {
+        return Err(bad(format!(
+            "attention of query {:?}, key {:?}, value {:?}: ranks differ",
+            q.shape, k.shape, v.shape
+        )));
+    }
     let (l, e) = (q.shape[r - 2], q.shape[r - 1]);
     let (s, ev) = (k.shape[r - 2], v.shape[r - 1]);
+    if k.shape[r - 1] != e || v.shape[r - 2] != s {
+        return Err(bad(format!("attention of query {:?}, key {:?}, value {:?}", q.shape, k.shape, v.shape)));
+    }
     let batch = broadcast_shape(&[&q.shape[..r - 2], &k.shape[..r - 2], &v.shape[..r - 2]])?;
     let nb: usize = batch.iter().product();
+    checked_len(&[nb, l, ev.max(s)], &"the attention")?;
     let offs = broadcast_offsets(&batch, &[&q.shape[..r - 2], &k.shape[..r - 2], &v.shape[..r - 2]]);
     // The additive mask as (L, S) slabs, one per distinct batch index of the mask (usually one
     // shared by every head): slab_of[bi] says which.
@@ -793,8 +806,15 @@ fn sdpa(inp: &Inputs) -> Result<Value> {
                 _ => mk.to_f32_vec(),
             };
             let (lead, tail) = mshape.split_at(mshape.len() - 2);
-            if lead.len() > batch.len() {
-                return Err(bad(format!("attn_mask {:?} has more dimensions than the attention", mk.shape)));
+            let fits = |have: &[usize], want: &[usize]| {
+                have.len() <= want.len() && have.iter().rev().zip(want.iter().rev()).all(|(&h, &w)| h == 1 || h == w)
+            };
+            if !fits(lead, &batch) || !fits(tail, &[l, s]) {
+                return Err(bad(format!(
+                    "attn_mask {:?} does not broadcast to the attention's {:?}",
+                    mk.shape,
+                    [batch.as_slice(), &[l, s]].concat()
+                )));
             }
             let slabs: usize = lead.iter().product();
             // Each slab broadcast from its own (…, L or 1, S or 1) shape to (L, S).
@@ -1296,7 +1316,8 @@ fn reshaped(x: &Value, shape: &[i64]) -> Result<Value> {
 }
 
 fn tile(x: &Value, reps: &[i64]) -> Result<Value> {
-    let shape: Vec<usize> = x.shape.iter().zip(reps).map(|(&d, &r)| d * r.max(0) as usize).collect();
+    let shape: Vec<usize> = x.shape.iter().zip(reps).map(|(&d, &r)| d.saturating_mul(r.max(0) as usize)).collect();
+    checked_len(&shape, &format_args!("tile of {:?} by {reps:?}", x.shape))?;
     let dims: Vec<Vec<usize>> = shape.iter().zip(&x.shape).map(|(&n, &d)| (0..n).map(|i| i % d).collect()).collect();
     let offs = product_offsets(&dims, &x.shape);
     Ok(take(x, shape, &offs))
@@ -1314,9 +1335,10 @@ fn pad(inp: &Inputs, x: &Value) -> Result<Value> {
     let first = x.rank() - k;
     let mut shape = x.shape.clone();
     for j in 0..k {
-        shape[first + j] = (x.shape[first + j] as i64 + p[2 * j] + p[2 * j + 1]).max(0) as usize;
+        let padded = (x.shape[first + j] as i64).saturating_add(p[2 * j]).saturating_add(p[2 * j + 1]);
+        shape[first + j] = padded.max(0) as usize;
     }
-    let n: usize = shape.iter().product();
+    let n = checked_len(&shape, &format_args!("pad of {:?} by {p:?}", x.shape))?;
     let ost = strides(&shape);
     let ist = strides(&x.shape);
     let v = x.as_f32()?;
@@ -1390,19 +1412,16 @@ fn range_1d(inp: &Inputs) -> Result<Value> {
         if c == 0 {
             return Err(bad("range_1d step 0"));
         }
-        let mut v = Vec::new();
-        let mut i = a;
-        while (c > 0 && i < b) || (c < 0 && i > b) {
-            v.push(i);
-            i += c;
-        }
-        return Ok(Value::i32(vec![v.len()], v));
+        let (a, b, c) = (a as i64, b as i64, c as i64);
+        let n = if (b - a).signum() == c.signum() { ((b - a).abs() + c.abs() - 1) / c.abs() } else { 0 };
+        let n = checked_len(&[n as usize], &format_args!("range_1d({a}, {b}, {c})"))?;
+        return Ok(Value::i32(vec![n], (0..n as i64).map(|i| (a + i * c) as i32).collect()));
     }
     let (a, b, c) = (s.scalar_f32()?, e.scalar_f32()?, st.scalar_f32()?);
     if c == 0.0 {
         return Err(bad("range_1d step 0"));
     }
-    let n = ((b - a) / c).ceil().max(0.0) as usize;
+    let n = checked_len(&[((b - a) / c).ceil().max(0.0) as usize], &format_args!("range_1d({a}, {b}, {c})"))?;
     Ok(Value::f32(e.dtype, vec![n], (0..n).map(|i| a + i as f32 * c).collect()))
 }
 
@@ -1543,14 +1562,31 @@ fn conv(inp: &Inputs, x: &Value) -> Result<Value> {
     let dil = inp.ints_or("dilations")?.unwrap_or_else(|| vec![1, 1]);
     let pad_type =
         inp.get("pad_type").map(|p| p.string().map(str::to_string)).transpose()?.unwrap_or_else(|| "valid".into());
-    let (sh, sw, dh, dw) = (strides[0] as usize, strides[1] as usize, dil[0] as usize, dil[1] as usize);
-    let (eh, ew) = (dh * (kh - 1) + 1, dw * (kw - 1) + 1);
+    let positive = |v: &[i64], what: &str| match v {
+        [a, b, ..] if *a > 0 && *b > 0 => Ok((*a as usize, *b as usize)),
+        _ => Err(bad(format!("conv: {what} {v:?} must be two positive numbers"))),
+    };
+    let ((sh, sw), (dh, dw)) = (positive(&strides, "strides")?, positive(&dil, "dilations")?);
+    if kh == 0 || kw == 0 {
+        return Err(bad(format!("conv: empty kernel {:?}", w.shape)));
+    }
+    let (eh, ew) = (dh.saturating_mul(kh - 1).saturating_add(1), dw.saturating_mul(kw - 1).saturating_add(1));
+    // Output length along one axis; a kernel wider than the padded input is an error.
+    let out_len = |len: usize, pad: usize, extent: usize, stride: usize| {
+        len.saturating_add(pad)
+            .checked_sub(extent)
+            .map(|d| d / stride + 1)
+            .ok_or_else(|| bad(format!("conv: kernel extent {extent} exceeds the padded input {}", len + pad)))
+    };
     let (pt, pl, oh, ow) = match pad_type.as_str() {
-        "valid" => (0, 0, (h - eh) / sh + 1, (wd - ew) / sw + 1),
+        "valid" => (0, 0, out_len(h, 0, eh, sh)?, out_len(wd, 0, ew, sw)?),
         "custom" => {
             let p = inp.req("pad")?.ints()?;
-            let (pt, pb, pl, pr) = (p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize);
-            (pt, pl, (h + pt + pb - eh) / sh + 1, (wd + pl + pr - ew) / sw + 1)
+            let [pt, pb, pl, pr] = match p.as_slice() {
+                &[a, b, c, d] if a >= 0 && b >= 0 && c >= 0 && d >= 0 => [a, b, c, d].map(|v| v as usize),
+                _ => return Err(bad(format!("conv: pad {p:?} must be four non-negative numbers"))),
+            };
+            (pt, pl, out_len(h, pt + pb, eh, sh)?, out_len(wd, pl + pr, ew, sw)?)
         }
         "same" | "same_lower" => {
             let (oh, ow) = (h.div_ceil(sh), wd.div_ceil(sw));
@@ -1570,7 +1606,7 @@ fn conv(inp: &Inputs, x: &Value) -> Result<Value> {
     let (xv, wv) = (x.as_f32()?, w.to_f32_vec());
     let bias = inp.get("bias").map(|b| b.to_f32_vec());
     let cout_g = cout / groups;
-    let mut out = vec![0f32; nb * cout * oh * ow];
+    let mut out = vec![0f32; checked_len(&[nb, cout, oh, ow], &"the conv result")?];
     for b in 0..nb {
         for co in 0..cout {
             let g = co / cout_g;
@@ -1684,7 +1720,7 @@ pub fn run(op: &str, inp: &Inputs) -> Result<Vec<Value>> {
         "fill" => {
             let shape: Vec<usize> = inp.req("shape")?.ints()?.into_iter().map(|d| d.max(0) as usize).collect();
             let value = inp.get("value");
-            let n = shape.iter().product();
+            let n = checked_len(&shape, &"fill")?;
             one(match value.map(|v| &v.data) {
                 Some(Data::I32(v)) => Value::i32(shape, vec![v[0]; n]),
                 Some(Data::Bool(v)) => Value::bool(shape, vec![v[0]; n]),
@@ -1719,9 +1755,63 @@ mod tests {
         Value::f32(DType::Fp32, shape.to_vec(), data)
     }
 
-    fn call(op: &str, args: Vec<(&'static str, Value)>) -> Value {
+    fn try_call(op: &str, args: Vec<(&'static str, Value)>) -> Result<Value> {
         let bound: Vec<Bound> = args.into_iter().map(|(n, v)| (n, vec![Arc::new(v)])).collect();
-        run(op, &Inputs { map: &bound }).unwrap().remove(0)
+        Ok(run(op, &Inputs { map: &bound })?.remove(0))
+    }
+
+    fn call(op: &str, args: Vec<(&'static str, Value)>) -> Value {
+        try_call(op, args).unwrap()
+    }
+
+    fn ints(v: &[i32]) -> Value {
+        Value::i32(vec![v.len()], v.to_vec())
+    }
+
+    /// Shapes that come from a program's data (fill, tile, range_1d, pad, broadcasting) are
+    /// checked before anything is allocated: past the machine, or overflowing, is an error that
+    /// says so, not an abort or a wrapped size.
+    #[test]
+    fn sizes_from_data_are_checked_before_allocating() {
+        let refused = |op: &str, args: Vec<(&'static str, Value)>| {
+            let e = try_call(op, args).expect_err(op).to_string();
+            assert!(e.contains("this machine can hold") || e.contains("more elements than memory"), "{op}: {e}");
+        };
+        let big = i32::MAX;
+        refused("fill", vec![("shape", ints(&[big, big, big])), ("value", Value::f32(DType::Fp32, vec![], vec![1.0]))]);
+        refused("tile", vec![("x", value(&[2, 2], 1)), ("reps", ints(&[big, big]))]);
+        let scalar = |v: f32| Value::f32(DType::Fp32, vec![], vec![v]);
+        refused("range_1d", vec![("start", scalar(0.0)), ("end", scalar(1e30)), ("step", scalar(1.0))]);
+        refused("pad", vec![("x", value(&[2, 2], 1)), ("pad", ints(&[0, big, 0, big]))]);
+        let (col, row) = (value(&[1 << 20, 1], 2), value(&[1, 1 << 20], 3));
+        refused("add", vec![("x", col.clone()), ("y", row.clone())]);
+        refused("matmul", vec![("x", col), ("y", row)]);
+        // A range reaching i32::MAX ends (it used to wrap and loop).
+        let r = call(
+            "range_1d",
+            vec![("start", ints(&[big - 2])), ("end", ints(&[big])), ("step", ints(&[5]))]
+                .into_iter()
+                .map(|(n, v)| (n, Value { shape: vec![], ..v }))
+                .collect(),
+        );
+        assert_eq!(r.data, Data::I32(vec![big - 2]));
+    }
+
+    /// An attention mask that neither matches the queries nor broadcasts to them is an error
+    /// (it used to index out of bounds): a (1, 1, 3, 8) mask for 4 queries over 8 keys.
+    #[test]
+    fn a_mask_of_the_wrong_shape_is_an_error() {
+        let (q, kv) = (value(&[1, 2, 4, 8], 1), value(&[1, 2, 8, 8], 2));
+        let attention = |mask: Value| {
+            try_call(
+                "scaled_dot_product_attention",
+                vec![("query", q.clone()), ("key", kv.clone()), ("value", kv.clone()), ("attn_mask", mask)],
+            )
+        };
+        let e = attention(value(&[1, 1, 3, 8], 3)).unwrap_err().to_string();
+        assert!(e.contains("does not broadcast"), "{e}");
+        assert!(attention(value(&[1, 1, 4, 8], 3)).is_ok());
+        assert!(attention(value(&[1, 8], 3)).is_ok());
     }
 
     /// Transposes against index arithmetic: permutations that keep trailing axes in place

@@ -186,7 +186,7 @@ fn context(f: &str, op: &Operation) -> String {
 fn constexpr(op: &Operation, args: &BTreeMap<String, Arc<Value>>, out: &TensorType) -> Result<Value> {
     let get = |n: &str| args.get(n).map(|v| v.as_ref()).ok_or_else(|| Error::invalid(format!("missing `{n}`")));
     let shape = out.shape().ok_or_else(|| Error::invalid("constexpr output must have a fixed shape"))?;
-    let n: usize = shape.iter().product();
+    let n = value::checked_len(&shape, &"the output")?;
     let strides = kernels::strides(&shape);
     // Index of the (block-)parameter element for output element `flat`, per parameter shape.
     let block_index = |flat: usize, pshape: &[usize]| -> usize {
@@ -363,6 +363,8 @@ fn plan_function(pkg: &Package, fname: &str, f: &Function, files: &mut BlobFiles
     let mut inputs = Vec::new();
     let mut states = Vec::new();
     for input in &f.inputs {
+        let kind = if matches!(input.ty, ValueType::State(_)) { "state" } else { "input" };
+        check_declared(input.ty.tensor(), &format_args!("function `{fname}`: {kind} `{}`", input.name))?;
         match &input.ty {
             ValueType::Tensor(t) => {
                 slot_of.insert(&input.name, next);
@@ -481,6 +483,7 @@ fn plan_function(pkg: &Package, fname: &str, f: &Function, files: &mut BlobFiles
         }
         let mut outputs = Vec::new();
         for o in &op.outputs {
+            check_declared(o.ty.tensor(), &format_args!("{}: output `{}`", ctx(), o.name))?;
             slot_of.insert(&o.name, next);
             outputs.push((next, o.ty.tensor().clone()));
             next += 1;
@@ -542,6 +545,14 @@ fn plan_function(pkg: &Package, fname: &str, f: &Function, files: &mut BlobFiles
         })
         .unwrap_or_default();
     Ok(Plan { inputs, states, steps, outputs, slots: next, consts, flexible })
+}
+
+/// Refuses a declared type no machine could hold (its fixed dimensions alone), before anything
+/// runs: a package that declares a 132 GB state fails here, naming it, rather than aborting on
+/// the allocation.
+fn check_declared(t: &TensorType, what: &dyn std::fmt::Display) -> Result<()> {
+    let fixed: Vec<usize> = t.dims.iter().map(|d| d.fixed().unwrap_or(1)).collect();
+    value::checked_len(&fixed, what).map(drop)
 }
 
 /// Marks `read_state` steps whose value only feeds a `slice_update` that is written back to the
@@ -708,9 +719,16 @@ impl Interpreter {
     pub fn new_state(&self, function: Option<&str>) -> Result<State> {
         let (_, plan) = self.plan(function)?;
         let mut values = BTreeMap::new();
+        let mut shapes = Vec::with_capacity(plan.states.len());
         for (name, t) in &plan.states {
             let shape = t.shape().ok_or_else(|| Error::invalid(format!("state `{name}` has no fixed shape")))?;
-            values.insert(name.clone(), Arc::new(Value::zeros(t.dtype, shape)));
+            shapes.push(value::checked_len(&shape, &format_args!("state `{name}`"))?);
+        }
+        // Each state fits on its own (checked at load); together they must too.
+        value::checked_len(&[shapes.iter().sum()], &"the states together")?;
+        for (name, t) in &plan.states {
+            let shape = t.shape().expect("checked above");
+            values.insert(name.clone(), Arc::new(Value::zeros(t.dtype, shape, &format_args!("state `{name}`"))?));
         }
         Ok(State { values })
     }

@@ -151,12 +151,13 @@ impl Interface {
         }
     }
 
-    fn zero_caches(&self) -> Option<(Value, Value)> {
+    fn zero_caches(&self) -> Result<Option<(Value, Value)>> {
         match self {
-            Interface::TensorCaches { dtype, shape } => {
-                Some((Value::zeros(*dtype, shape.clone()), Value::zeros(*dtype, shape.clone())))
-            }
-            _ => None,
+            Interface::TensorCaches { dtype, shape } => Ok(Some((
+                Value::zeros(*dtype, shape.clone(), &"input `keyCache`")?,
+                Value::zeros(*dtype, shape.clone(), &"input `valueCache`")?,
+            ))),
+            _ => Ok(None),
         }
     }
 }
@@ -230,7 +231,7 @@ impl<E: Executor> LanguageModel<E> {
             let state = executor.new_state(interface.state_function())?;
             stages.push((executor, state));
         }
-        let caches = interface.zero_caches();
+        let caches = interface.zero_caches()?;
         Ok(LanguageModel { stages, interface, context, mask_dtype, caches, position: 0 })
     }
 
@@ -274,7 +275,7 @@ impl<E: Executor> LanguageModel<E> {
         for (executor, state) in &mut self.stages {
             *state = executor.new_state(self.interface.state_function())?;
         }
-        self.caches = self.interface.zero_caches();
+        self.caches = self.interface.zero_caches()?;
         self.position = 0;
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! Run-time values: floats computed in f32 (rounded to fp16 where the program types them fp16),
 //! integers of every width widened to i32, bools, and strings for constant parameters.
 
+use corelm_format::inspect::human_bytes;
 use corelm_format::tensor::element_count;
 use corelm_format::{DType, Tensor};
 use half::f16;
@@ -70,6 +71,51 @@ unsafe fn round_f16_f16c(v: &mut [f32]) {
     }
 }
 
+/// Sets a lower [`memory_budget`] (bytes) for embedders and fuzzing.
+pub const MEMORY_BUDGET_ENV: &str = "CORELM_MAX_TENSOR_BYTES";
+
+/// The most bytes one tensor (or a function's states together) may take: the machine's physical
+/// memory, or the process's address-space limit if that is lower, or `CORELM_MAX_TENSOR_BYTES`.
+/// Shapes come from the package (declared) or from its data (`fill`, `tile`, broadcasting),
+/// which may lie; past this an allocation would abort the process.
+pub fn memory_budget() -> u64 {
+    static BUDGET: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        let mut budget = std::env::var(MEMORY_BUDGET_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(u64::MAX);
+        #[cfg(unix)]
+        {
+            // SAFETY: sysconf and getrlimit only read process and system settings.
+            let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+            if pages > 0 && page > 0 {
+                budget = budget.min((pages as u64).saturating_mul(page as u64));
+            }
+            let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            // SAFETY: `limit` is a valid rlimit to write.
+            if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } == 0 && limit.rlim_cur != libc::RLIM_INFINITY {
+                budget = budget.min(limit.rlim_cur);
+            }
+        }
+        budget
+    })
+}
+
+/// The element count of `shape`, checked before anything is allocated for it: the product must
+/// not overflow, and its values (at most 4 bytes each at run time) must fit [`memory_budget`].
+/// The error names `what` and its size.
+pub fn checked_len(shape: &[usize], what: &dyn std::fmt::Display) -> Result<usize> {
+    let n = element_count(shape)
+        .ok_or_else(|| Error::invalid(format!("{what}: shape {shape:?} has more elements than memory can address")))?;
+    let bytes = (n as u64).saturating_mul(4);
+    if bytes > memory_budget() {
+        return Err(Error::invalid(format!(
+            "{what}: shape {shape:?} needs {}, more than the {} this machine can hold",
+            human_bytes(bytes),
+            human_bytes(memory_budget())
+        )));
+    }
+    Ok(n)
+}
+
 impl Value {
     pub fn f32(dtype: DType, shape: Vec<usize>, mut data: Vec<f32>) -> Value {
         if dtype == DType::Fp16 {
@@ -86,13 +132,14 @@ impl Value {
         Value { dtype: DType::Bool, shape, data: Data::Bool(data) }
     }
 
-    pub fn zeros(dtype: DType, shape: Vec<usize>) -> Value {
-        let n = shape.iter().product();
-        match dtype {
+    /// A zeroed tensor; `what` names it if its shape is too large to hold ([`checked_len`]).
+    pub fn zeros(dtype: DType, shape: Vec<usize>, what: &dyn std::fmt::Display) -> Result<Value> {
+        let n = checked_len(&shape, what)?;
+        Ok(match dtype {
             d if d.is_float() => Value::f32(dtype, shape, vec![0.0; n]),
             DType::Bool => Value::bool(shape, vec![false; n]),
             _ => Value { dtype, shape, data: Data::I32(vec![0; n]) },
-        }
+        })
     }
 
     pub fn len(&self) -> usize {
