@@ -181,6 +181,14 @@ enum Command {
         /// The cache folder.
         #[arg(short, long)]
         output: PathBuf,
+        /// Stop and discard the download past this many bytes (the bundle's size, when
+        /// published with its SHA-256). Default: 64 GiB.
+        #[arg(long, default_value_t = corelm_runtime::fetch::DEFAULT_MAX_SIZE)]
+        max_size: u64,
+        /// Seconds connecting, waiting for the response, or any one read may take before the
+        /// attempt is retried (4 attempts in all).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        timeout: u64,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -1055,7 +1063,13 @@ fn bundle(
     Ok(ExitCode::SUCCESS)
 }
 
-fn fetch(url: &str, sha256: &str, cache: &std::path::Path, json: bool) -> Result<ExitCode> {
+fn fetch(
+    url: &str,
+    sha256: &str,
+    cache: &std::path::Path,
+    opts: &corelm_runtime::fetch::FetchOptions,
+    json: bool,
+) -> Result<ExitCode> {
     let bar = if json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(0) };
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -1064,7 +1078,7 @@ fn fetch(url: &str, sha256: &str, cache: &std::path::Path, json: bool) -> Result
         .expect("valid template")
         .progress_chars("=> "),
     );
-    let installed = corelm_runtime::fetch::fetch(url, sha256, cache, &mut |done, total| {
+    let installed = corelm_runtime::fetch::fetch(url, sha256, cache, opts, &mut |done, total| {
         if let Some(t) = total {
             bar.set_length(t);
         }
@@ -1193,7 +1207,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             compress(&input, &output, &args, calibration, &write, json)
         }
         Command::Bundle { path, output, verify, force, json } => bundle(&path, output.as_deref(), verify, force, json),
-        Command::Fetch { url, sha256, output, json } => fetch(&url, &sha256, &output, json),
+        Command::Fetch { url, sha256, output, max_size, timeout, json } => {
+            let opts =
+                corelm_runtime::fetch::FetchOptions { max_size, timeout: std::time::Duration::from_secs(timeout) };
+            fetch(&url, &sha256, &output, &opts, json)
+        }
         Command::Verify { package, against, text, max_tokens, positions, json } => {
             verify(&package, &against, text, max_tokens, positions, json)
         }

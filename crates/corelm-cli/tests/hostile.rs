@@ -227,3 +227,105 @@ fn a_package_with_non_finite_logits_is_not_shipped_unnoticed() {
     ]);
     assert_clean_error(&o, &["nan.mlpackage", "NaN or infinite logits"]);
 }
+
+/// A stateful package of one `read_state`, its state declared with `shape`: what a package that
+/// lies about its sizes asks the interpreter to allocate.
+fn package_with_state(path: &Path, shape: &[usize]) {
+    use corelm_format::package::WriteOptions;
+    use corelm_format::{DType, FunctionBuilder, InputShape, PackageWriter, ProgramBuilder, Target};
+    let mut pkg = PackageWriter::create(path, &WriteOptions::overwriting()).unwrap();
+    let mut f = FunctionBuilder::new("main", Target::Ios18, pkg.weights()).unwrap();
+    let x = f.input("x", DType::Fp16, InputShape::Fixed(vec![1])).unwrap();
+    let cache = f.state("keyCache", shape).unwrap();
+    let now = f.op1("read_state", "cache_now", vec![("input", (&cache).into())]).unwrap();
+    let y = f.op1("identity", "y", vec![("x", (&x).into())]).unwrap();
+    f.output(&now, "cache").unwrap();
+    f.output(&y, "y").unwrap();
+    let mut prog = ProgramBuilder::new(Target::Ios18);
+    prog.add_function(f.finish().unwrap()).unwrap();
+    pkg.commit(&prog.finish().unwrap()).unwrap();
+}
+
+/// Declared sizes are checked before anything is allocated: a state of 127⁵ fp16 values
+/// (132 GB) and one whose element count overflows (a dimension of 2⁶⁰+16) are refused, naming
+/// the state and its size, where they used to abort on the allocation or wrap to a small buffer.
+#[test]
+fn declared_sizes_past_the_machine_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let calls = dir.path().join("calls.json");
+    fs::write(&calls, r#"[{"x": {"shape": [1], "dtype": "fp16", "data": [1.0]}}]"#).unwrap();
+    for (name, shape, size) in [
+        ("huge", vec![127; 5], "needs 123.1 GiB"),
+        ("overflow", vec![(1 << 60) + 16, 16], "has more elements than memory can address"),
+    ] {
+        let pkg = dir.path().join(format!("{name}.mlpackage"));
+        package_with_state(&pkg, &shape);
+        let o = corelm_limited(&["predict", pkg.to_str().unwrap(), "--calls", calls.to_str().unwrap()]);
+        assert_clean_error(&o, &[&format!("{name}.mlpackage"), "state `keyCache`", size]);
+    }
+}
+
+/// A server on localhost that answers every request by reading its headers, then `respond`.
+fn hostile_server(respond: fn(&mut std::net::TcpStream)) -> String {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                    line.clear();
+                }
+                respond(&mut stream);
+            });
+        }
+    });
+    format!("http://{addr}/model.tar")
+}
+
+/// A server that streams without end is stopped at --max-size, and what arrived is discarded;
+/// one that stalls is given up on after --timeout per attempt (4 attempts), in seconds.
+#[test]
+fn fetch_is_bounded_in_size_and_time() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let sha = "0".repeat(64);
+    let endless = hostile_server(|s| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+        let chunk = vec![b'x'; 1 << 16];
+        while s.write_all(&chunk).is_ok() {}
+    });
+    let o =
+        corelm_limited(&["fetch", &endless, "--sha256", &sha, "-o", cache.to_str().unwrap(), "--max-size", "1048576"]);
+    assert_clean_error(&o, &[&endless, "1048576-byte limit (--max-size)"]);
+    assert!(o.elapsed < Duration::from_secs(20), "{:?}", o.elapsed);
+    let partial = cache.join(".partial");
+    assert!(fs::read_dir(&partial).map(|d| d.count()).unwrap_or(0) == 0, "the oversized download was kept");
+
+    let announced = hostile_server(|s| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\nConnection: close\r\n\r\n");
+    });
+    let o = corelm_limited(&[
+        "fetch",
+        &announced,
+        "--sha256",
+        &sha,
+        "-o",
+        cache.to_str().unwrap(),
+        "--max-size",
+        "1048576",
+    ]);
+    assert_clean_error(&o, &["announces 99999999999 bytes", "--max-size"]);
+
+    let stalled = hostile_server(|s| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nabc");
+        std::thread::sleep(Duration::from_secs(120));
+    });
+    let o = corelm_limited(&["fetch", &stalled, "--sha256", &sha, "-o", cache.to_str().unwrap(), "--timeout", "1"]);
+    assert_clean_error(&o, &[&stalled, "kept breaking off (4 attempts", "timeout"]);
+    assert!(o.elapsed < Duration::from_secs(20), "{:?}", o.elapsed);
+}

@@ -105,7 +105,8 @@ fn an_interrupted_download_resumes_and_installs() {
     let url = serve(bytes.clone(), script.clone());
     let cache = tmp.path().join("cache");
     let mut seen = Vec::new();
-    let pkg = fetch::fetch(&url, &sha, &cache, &mut |done, total| seen.push((done, total))).unwrap();
+    let pkg =
+        fetch::fetch(&url, &sha, &cache, &Default::default(), &mut |done, total| seen.push((done, total))).unwrap();
     let requests = script.lock().unwrap().requests.clone();
     assert_eq!(requests, [None, Some(format!("bytes={}-", bytes.len() / 3))], "resumed with a Range request");
     assert_eq!(seen.last(), Some(&(bytes.len() as u64, Some(bytes.len() as u64))));
@@ -114,7 +115,7 @@ fn an_interrupted_download_resumes_and_installs() {
     bundle::verify(&cache.join(&sha)).unwrap();
     assert!(std::fs::read_dir(cache.join(".partial")).unwrap().next().is_none(), "no partial download left");
     // Installed: a second fetch does not download again.
-    fetch::fetch(&url, &sha, &cache, &mut |_, _| {}).unwrap();
+    fetch::fetch(&url, &sha, &cache, &Default::default(), &mut |_, _| {}).unwrap();
     assert_eq!(script.lock().unwrap().requests.len(), 2);
 }
 
@@ -125,17 +126,17 @@ fn a_corrupted_byte_or_a_wrong_checksum_is_rejected() {
     let cache = tmp.path().join("cache");
     let url =
         serve(bytes.clone(), Arc::new(Mutex::new(Script { corrupt: Some(bytes.len() / 2), ..Script::default() })));
-    let err = fetch::fetch(&url, &sha, &cache, &mut |_, _| {}).unwrap_err().to_string();
+    let err = fetch::fetch(&url, &sha, &cache, &Default::default(), &mut |_, _| {}).unwrap_err().to_string();
     assert!(err.contains("SHA-256") && err.contains(&sha), "{err}");
     assert!(visible_entries(&cache).is_empty(), "nothing installed: {:?}", visible_entries(&cache));
     assert!(!cache.join(".partial").join(format!("{sha}.tar")).exists(), "a corrupt download is not kept to resume");
 
     let url = serve(bytes, Arc::new(Mutex::new(Script::default())));
     let wrong = "0".repeat(64);
-    let err = fetch::fetch(&url, &wrong, &cache, &mut |_, _| {}).unwrap_err().to_string();
+    let err = fetch::fetch(&url, &wrong, &cache, &Default::default(), &mut |_, _| {}).unwrap_err().to_string();
     assert!(err.contains("SHA-256") && err.contains(&wrong), "{err}");
     assert!(visible_entries(&cache).is_empty());
-    let err = fetch::fetch(&url, "abc", &cache, &mut |_, _| {}).unwrap_err().to_string();
+    let err = fetch::fetch(&url, "abc", &cache, &Default::default(), &mut |_, _| {}).unwrap_err().to_string();
     assert!(err.contains("64 hex digits"), "{err}");
 }
 
@@ -148,12 +149,12 @@ fn a_transfer_that_keeps_breaking_installs_nothing_and_resumes_later() {
     let script =
         Arc::new(Mutex::new(Script { cut_at: Some(bytes.len() / 10), cut_times: usize::MAX, ..Script::default() }));
     let url = serve(bytes.clone(), script.clone());
-    let err = fetch::fetch(&url, &sha, &cache, &mut |_, _| {}).unwrap_err().to_string();
+    let err = fetch::fetch(&url, &sha, &cache, &Default::default(), &mut |_, _| {}).unwrap_err().to_string();
     assert!(err.contains("breaking off"), "{err}");
     assert!(visible_entries(&cache).is_empty(), "a partial model is never installed");
     // The server recovers: the next run resumes from what arrived.
     script.lock().unwrap().cut_times = 0;
-    let pkg = fetch::fetch(&url, &sha, &cache, &mut |_, _| {}).unwrap();
+    let pkg = fetch::fetch(&url, &sha, &cache, &Default::default(), &mut |_, _| {}).unwrap();
     corelm_format::Package::open(pkg).unwrap();
     let requests = script.lock().unwrap().requests.clone();
     assert!(requests.last().unwrap().as_ref().is_some_and(|r| r.starts_with("bytes=")), "{requests:?}");
@@ -199,4 +200,129 @@ fn tampered_bundles_fail_verification() {
     let bytes = std::fs::read(&good).unwrap();
     std::fs::write(&good, &bytes[..bytes.len() / 2]).unwrap();
     assert!(bundle::verify(&good).is_err());
+}
+
+/// A folder planted (or changed) under `cache/<sha256>` is not served: it is checked against the
+/// SHA-256 it is filed under, rebuilt from the installed files, and fetched again when it fails.
+#[test]
+fn a_planted_or_changed_cache_folder_is_not_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (bytes, sha) = make_bundle(tmp.path());
+    let script = Arc::new(Mutex::new(Script::default()));
+    let url = serve(bytes, script.clone());
+    let cache = tmp.path().join("cache");
+    let installed = cache.join(&sha);
+    // Another package's bundle, self-consistent, planted where the asked-for one would be.
+    let other = fixture_package().with_file_name("stateful_torch_fp32.mlpackage");
+    bundle::write(&other, &installed, false).unwrap();
+    bundle::verify(&installed).unwrap();
+    let err = bundle::verify_installed(&installed, &sha).unwrap_err().to_string();
+    assert!(err.contains(bundle::TAR_LAYOUT), "{err}");
+    let pkg = fetch::fetch(&url, &sha, &cache, &Default::default(), &mut |_, _| {}).unwrap();
+    assert_eq!(pkg, installed.join("stateful_torch.mlpackage"));
+    assert!(!installed.join("stateful_torch_fp32.mlpackage").exists(), "the planted package is gone");
+    assert_eq!(script.lock().unwrap().requests.len(), 1);
+    bundle::verify_installed(&installed, &sha).unwrap();
+    // One changed byte in an installed file: not served either.
+    let victim = pkg.join("Manifest.json");
+    let mut data = std::fs::read(&victim).unwrap();
+    data[0] ^= 1;
+    std::fs::write(&victim, &data).unwrap();
+    let err = bundle::verify_installed(&installed, &sha).unwrap_err().to_string();
+    assert!(err.contains("holds the bundle with SHA-256"), "{err}");
+    fetch::fetch(&url, &sha, &cache, &Default::default(), &mut |_, _| {}).unwrap();
+    assert_eq!(script.lock().unwrap().requests.len(), 2);
+    bundle::verify_installed(&installed, &sha).unwrap();
+}
+
+/// A tar bundle made of `entries` (path, directory?, contents) after a bundle.json of `manifest`.
+fn tar_of(path: &Path, manifest: &bundle::BundleManifest, entries: &[(&str, bool, &[u8])]) {
+    let json = serde_json::to_vec(manifest).unwrap();
+    let mut tar = tar::Builder::new(std::fs::File::create(path).unwrap());
+    let mut append = |name: &str, dir: bool, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(if dir { tar::EntryType::Directory } else { tar::EntryType::Regular });
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        // Written raw, so the names are exactly what a hostile tool would put there.
+        h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_cksum();
+        tar.append(&h, data).unwrap();
+    };
+    append(bundle::MANIFEST, false, &json);
+    for (name, dir, data) in entries {
+        append(name, *dir, data);
+    }
+    tar.finish().unwrap();
+}
+
+/// Paths have one spelling: `a/./b` and `a//b` aliases, a listing twice over and directory
+/// entries outside what the manifest lists are refused; a sound hand-made tar verifies.
+#[test]
+fn bundle_paths_are_canonical_and_every_entry_is_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = b"weights";
+    let (sha, _) = bundle::sha256_of(&data[..]).unwrap();
+    let file = |path: &str| bundle::BundleFile { path: path.into(), size: data.len() as u64, sha256: sha.clone() };
+    let manifest = |files: Vec<bundle::BundleFile>| bundle::BundleManifest {
+        format: 1,
+        model_id: "m".into(),
+        version: "1".into(),
+        minimum_os: "iOS 18".into(),
+        package: "m.mlpackage".into(),
+        files,
+    };
+    let sound = manifest(vec![file("m.mlpackage/Data/w.bin")]);
+    let tar = tmp.path().join("b.tar");
+    tar_of(
+        &tar,
+        &sound,
+        &[("m.mlpackage/", true, b""), ("m.mlpackage/Data/", true, b""), ("m.mlpackage/Data/w.bin", false, data)],
+    );
+    assert_eq!(bundle::verify(&tar).unwrap(), sound);
+    for (what, m, entries, expect) in [
+        (
+            "dot alias",
+            manifest(vec![file("m.mlpackage/./Data/w.bin")]),
+            vec![("m.mlpackage/./Data/w.bin", false, &data[..])],
+            "unsafe path",
+        ),
+        (
+            "double slash",
+            manifest(vec![file("m.mlpackage//Data/w.bin")]),
+            vec![("m.mlpackage//Data/w.bin", false, &data[..])],
+            "unsafe path",
+        ),
+        (
+            "listed twice",
+            manifest(vec![file("m.mlpackage/Data/w.bin"), file("m.mlpackage/Data/w.bin")]),
+            vec![],
+            "listed twice",
+        ),
+        (
+            "stray folder",
+            sound.clone(),
+            vec![("../outside/", true, &b""[..]), ("m.mlpackage/Data/w.bin", false, &data[..])],
+            "`../outside/` is not listed",
+        ),
+        (
+            "unlisted folder",
+            sound.clone(),
+            vec![("m.mlpackage/Other/", true, &b""[..]), ("m.mlpackage/Data/w.bin", false, &data[..])],
+            "not listed",
+        ),
+        (
+            "entry twice",
+            sound.clone(),
+            vec![("m.mlpackage/Data/w.bin", false, &data[..]), ("m.mlpackage/Data/w.bin", false, &data[..])],
+            "appears twice",
+        ),
+    ] {
+        tar_of(&tar, &m, &entries);
+        let err = bundle::verify(&tar).expect_err(what).to_string();
+        assert!(err.contains(expect), "{what}: {err}");
+        let cache = tmp.path().join("cache");
+        assert!(bundle::install(&tar, &cache, &"0".repeat(64)).is_err(), "{what}");
+        assert!(!cache.join("0".repeat(64)).exists(), "{what}");
+    }
 }
