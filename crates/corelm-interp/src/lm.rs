@@ -16,8 +16,9 @@ use crate::{Error, Interpreter, Result, State};
 
 /// What runs a package's functions, one prediction at a time.
 pub trait Executor {
-    /// What predictions carry from one call to the next (the KV-cache states).
-    type State;
+    /// What predictions carry from one call to the next (the KV-cache states); the default is
+    /// empty (holding no memory), what a reset leaves before the fresh state is made.
+    type State: Default;
     /// A fresh, zeroed state for `function` (`None`: the default function).
     fn new_state(&self, function: Option<&str>) -> Result<Self::State>;
     fn predict(
@@ -26,6 +27,14 @@ pub trait Executor {
         inputs: &BTreeMap<String, Value>,
         state: &mut Self::State,
     ) -> Result<BTreeMap<String, Value>>;
+    /// Whether this executor carries a package's KV caches passed as inputs and outputs (iOS
+    /// 16/17: output `keyCacheOut` is the next call's input `keyCache`, likewise `valueCache`)
+    /// inside its state, in its own form, so the driver neither passes nor reads them: Core ML
+    /// feeds the arrays it returned straight back, never converting or copying them. By default
+    /// the driver carries them as values.
+    fn carries_caches(&self) -> bool {
+        false
+    }
     /// Like `predict` for a caller that needs only query position `row` of the logits. The
     /// logits may then hold that row alone; by default they hold every row.
     fn predict_row(
@@ -185,7 +194,10 @@ pub struct LanguageModel<E: Executor = Interpreter> {
     interface: Interface,
     context: usize,
     mask_dtype: DType,
+    /// KV caches passed as inputs and outputs, when the driver carries them.
     caches: Option<(Value, Value)>,
+    /// The executor carries them instead ([`Executor::carries_caches`]).
+    carried: bool,
     position: usize,
 }
 
@@ -231,8 +243,9 @@ impl<E: Executor> LanguageModel<E> {
             let state = executor.new_state(interface.state_function())?;
             stages.push((executor, state));
         }
-        let caches = interface.zero_caches()?;
-        Ok(LanguageModel { stages, interface, context, mask_dtype, caches, position: 0 })
+        let carried = stages[0].0.carries_caches();
+        let caches = if carried { None } else { interface.zero_caches()? };
+        Ok(LanguageModel { stages, interface, context, mask_dtype, caches, carried, position: 0 })
     }
 
     /// One prediction through every part: each later part takes the hidden states the one
@@ -270,12 +283,17 @@ impl<E: Executor> LanguageModel<E> {
         self.position
     }
 
-    /// Forgets everything fed so far.
+    /// Forgets everything fed so far. Each old state (a KV cache: gigabytes for a large model)
+    /// is dropped before its fresh one is made, so two are never alive at once.
     pub fn reset(&mut self) -> Result<()> {
         for (executor, state) in &mut self.stages {
+            *state = E::State::default();
             *state = executor.new_state(self.interface.state_function())?;
         }
-        self.caches = self.interface.zero_caches()?;
+        self.caches = None;
+        if !self.carried {
+            self.caches = self.interface.zero_caches()?;
+        }
         self.position = 0;
         Ok(())
     }
@@ -368,7 +386,7 @@ impl<E: Executor> LanguageModel<E> {
                 }
                 let row = last_only.then_some(n - 1);
                 let mut out = self.predict(None, inputs, row)?;
-                if matches!(self.interface, Interface::TensorCaches { .. }) {
+                if matches!(self.interface, Interface::TensorCaches { .. }) && !self.carried {
                     let k = out.remove("keyCacheOut").ok_or_else(|| Error::invalid("no keyCacheOut output"))?;
                     let v = out.remove("valueCacheOut").ok_or_else(|| Error::invalid("no valueCacheOut output"))?;
                     self.caches = Some((k, v));

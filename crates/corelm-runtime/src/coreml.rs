@@ -6,6 +6,7 @@
 //! are passed in and out like any other tensor (iOS 16/17 packages).
 
 use std::collections::BTreeMap;
+use std::ffi::c_void;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
@@ -15,7 +16,8 @@ use corelm_interp::value::{Data, Value};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use objc2::rc::{autoreleasepool, Retained};
-use objc2::runtime::{AnyObject, ProtocolObject};
+use objc2::runtime::{AnyObject, NSObjectProtocol, ProtocolObject, Sel};
+use objc2::sel;
 use objc2::AnyThread;
 use objc2_core_ml::{
     MLComputeUnits, MLDictionaryFeatureProvider, MLFeatureProvider, MLFeatureValue, MLModel, MLModelConfiguration,
@@ -23,6 +25,8 @@ use objc2_core_ml::{
 };
 use objc2_foundation::{NSArray, NSDictionary, NSError, NSNumber, NSString, NSURL};
 
+use crate::compile_cache::cached_compile;
+use crate::strided;
 use crate::{Error, Result};
 
 /// Which processors Core ML may use.
@@ -55,40 +59,19 @@ fn file_url(path: &Path) -> Retained<NSURL> {
 
 /// Compiles `pkg` into `cache_dir/<content hash>.mlmodelc` unless it is there already: two
 /// packages that differ in any weight value get their own compiled model
-/// ([`Package::content_hash`]).
+/// ([`Package::content_hash`]). Core ML compiles into a temporary folder, which
+/// [`cached_compile`] moves into place.
 pub fn compiled_model(pkg: &Package, cache_dir: &Path) -> Result<PathBuf> {
     let package = pkg.path();
-    let target = cache_dir.join(format!("{}.mlmodelc", pkg.content_hash()?));
-    if target.is_dir() {
-        return Ok(target);
-    }
-    std::fs::create_dir_all(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
-    // SAFETY: a plain Objective-C call with a valid file URL. The synchronous form is deprecated
-    // in favour of a completion handler; compiling once, up front, is what this cache is for.
-    #[allow(deprecated)]
-    let compiled = unsafe { MLModel::compileModelAtURL_error(&file_url(package)) }
-        .map_err(|e| ns_error(&format!("Core ML cannot compile {}", package.display()), e))?;
-    let from =
-        compiled.path().map(|p| PathBuf::from(p.to_string())).ok_or_else(|| Error::invalid("no compiled path"))?;
-    // Compile into a temporary name first so a half-copied model is never picked up.
-    let partial = cache_dir.join(format!(".{}.partial", std::process::id()));
-    copy_dir(&from, &partial)?;
-    std::fs::rename(&partial, &target).map_err(|e| Error::io(&target, e))?;
-    Ok(target)
-}
-
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
-    for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
-        let entry = entry.map_err(|e| Error::io(from, e))?;
-        let (src, dst) = (entry.path(), to.join(entry.file_name()));
-        if src.is_dir() {
-            copy_dir(&src, &dst)?;
-        } else {
-            std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
-        }
-    }
-    Ok(())
+    cached_compile(cache_dir, &pkg.content_hash()?, || {
+        // SAFETY: a plain Objective-C call with a valid file URL. The synchronous form is
+        // deprecated in favour of a completion handler; compiling once, up front (off the main
+        // thread: docs/swift.md), is what this cache is for.
+        #[allow(deprecated)]
+        let compiled = unsafe { MLModel::compileModelAtURL_error(&file_url(package)) }
+            .map_err(|e| ns_error(&format!("Core ML cannot compile {}", package.display()), e))?;
+        compiled.path().map(|p| PathBuf::from(p.to_string())).ok_or_else(|| Error::invalid("no compiled path"))
+    })
 }
 
 /// One function of the package, loaded as its own `MLModel` (Core ML binds a model instance
@@ -97,6 +80,18 @@ struct Function {
     model: Retained<MLModel>,
     stateful: bool,
     outputs: Vec<String>,
+    /// Inputs that the output named `<input>Out` feeds on the next call (iOS 16/17 KV caches),
+    /// with their shapes and element types: carried as Core ML returns them.
+    carried: Vec<(String, Vec<usize>, MLMultiArrayDataType)>,
+}
+
+/// What predictions carry from one call to the next: the `MLState` of an iOS 18 package, or the
+/// KV-cache arrays an iOS 16/17 package returned, fed back as they are (no conversion, no copy,
+/// fp16 stays fp16).
+#[derive(Default)]
+pub struct CoreMlState {
+    state: Option<Retained<MLState>>,
+    carried: Vec<(String, Retained<MLMultiArray>)>,
 }
 
 /// Runs a package's functions on Core ML.
@@ -117,16 +112,31 @@ impl CoreMlExecutor {
                 let config = MLModelConfiguration::new();
                 config.setComputeUnits(units.to_ml());
                 // Only multifunction packages (iOS 18, where `functionName` exists) name the
-                // function to load; a single-function package loads its one function.
+                // function to load; a single-function package loads its one function. On an
+                // older OS the selector is missing: an error, not an unrecognized-selector abort.
                 if description.is_multifunction() {
+                    require(&*config, sel!(setFunctionName:), "multifunction packages")?;
                     config.setFunctionName(Some(&NSString::from_str(&f.name)));
                 }
                 MLModel::modelWithContentsOfURL_configuration_error(&file_url(&compiled), &config).map_err(|e| {
                     ns_error(&format!("Core ML cannot load function `{}` of {}", f.name, compiled.display()), e)
                 })?
             };
-            let outputs = f.outputs.iter().map(|o| o.name.clone()).collect();
-            functions.insert(f.name.clone(), Function { model, stateful: !f.states.is_empty(), outputs });
+            let outputs: Vec<String> = f.outputs.iter().map(|o| o.name.clone()).collect();
+            let mut carried = Vec::new();
+            for input in &f.inputs {
+                let (Some(array), true) = (input.array(), outputs.contains(&format!("{}Out", input.name))) else {
+                    continue;
+                };
+                let dtype = match array.dtype {
+                    Some(DType::Fp16) => MLMultiArrayDataType::Float16,
+                    Some(DType::Fp32) => MLMultiArrayDataType::Float32,
+                    _ => return Err(Error::invalid(format!("input `{}`: a cache corelm does not carry", input.name))),
+                };
+                carried.push((input.name.clone(), array.shape.clone(), dtype));
+            }
+            let stateful = !f.states.is_empty();
+            functions.insert(f.name.clone(), Function { model, stateful, outputs, carried });
         }
         let default = description
             .default_function
@@ -144,16 +154,33 @@ impl CoreMlExecutor {
 
 impl Executor for CoreMlExecutor {
     /// `None` for functions without states (iOS 16/17 packages, where `MLState` does not exist).
-    type State = Option<Retained<MLState>>;
+    type State = CoreMlState;
 
     /// The functions of a fixed-length package declare the same states, so the state one
     /// function's model makes serves them all: predictions with every function read and write
     /// the one KV cache (as ANEMLL's Core ML runtime shares its prefill function's state with its
     /// decode function).
-    fn new_state(&self, function: Option<&str>) -> Result<Self::State> {
+    fn new_state(&self, function: Option<&str>) -> Result<CoreMlState> {
         let f = self.function(function)?;
-        // SAFETY: a plain Objective-C call on a model with states (so iOS 18 or later).
-        Ok(f.stateful.then(|| unsafe { f.model.newState() }))
+        let mut carried = Vec::with_capacity(f.carried.len());
+        for (name, shape, dtype) in &f.carried {
+            let zeros = if *dtype == MLMultiArrayDataType::Float16 {
+                multi_array(shape, *dtype, |a: &mut [f16]| a.fill(f16::ZERO))?
+            } else {
+                multi_array(shape, *dtype, |a: &mut [f32]| a.fill(0.0))?
+            };
+            carried.push((name.clone(), zeros));
+        }
+        if !f.stateful {
+            return Ok(CoreMlState { state: None, carried });
+        }
+        require(&*f.model, sel!(newState), "stateful packages")?;
+        // SAFETY: a plain Objective-C call, which the model was just found to answer.
+        Ok(CoreMlState { state: Some(unsafe { f.model.newState() }), carried })
+    }
+
+    fn carries_caches(&self) -> bool {
+        true
     }
 
     fn predict(
@@ -162,29 +189,82 @@ impl Executor for CoreMlExecutor {
         inputs: &BTreeMap<String, Value>,
         state: &mut Self::State,
     ) -> Result<BTreeMap<String, Value>> {
+        self.predict_rows(function, inputs, state, None)
+    }
+
+    /// Reads only query position `row` of the logits: of a prefill's N×V logits (V = 262k for
+    /// Gemma), one row is converted, not N.
+    fn predict_row(
+        &mut self,
+        function: Option<&str>,
+        inputs: &BTreeMap<String, Value>,
+        state: &mut Self::State,
+        row: usize,
+    ) -> Result<BTreeMap<String, Value>> {
+        self.predict_rows(function, inputs, state, Some(row))
+    }
+}
+
+/// Fails, naming `what`, unless `object` answers `selector`: newer Core ML calls are checked
+/// before they are made, so an older OS gives an error instead of aborting the app.
+fn require(object: &(impl NSObjectProtocol + objc2::Message), selector: Sel, what: &str) -> Result<()> {
+    if object.respondsToSelector(selector) {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "this OS's Core ML has no `{}`: {what} need iOS 18 / macOS 15 or later",
+            selector.name().to_string_lossy()
+        )))
+    }
+}
+
+/// Whether an output is logits (`logits`, or a split LM head's `logits_0`, `logits_1`, ...).
+fn is_logits(name: &str) -> bool {
+    name == "logits" || name.strip_prefix("logits_").is_some_and(|i| i.parse::<usize>().is_ok())
+}
+
+impl CoreMlExecutor {
+    /// One prediction; with `row`, only that query position of the logits outputs is read.
+    fn predict_rows(
+        &self,
+        function: Option<&str>,
+        inputs: &BTreeMap<String, Value>,
+        state: &mut CoreMlState,
+        row: Option<usize>,
+    ) -> Result<BTreeMap<String, Value>> {
         let f = self.function(function)?;
+        if state.carried.len() != f.carried.len() {
+            return Err(Error::invalid("the state was made for another function"));
+        }
         // A pool per prediction, so Core ML's autoreleased temporaries do not pile up over a
         // long generation on a thread without one.
         autoreleasepool(|_| {
-            let provider = feature_provider(inputs)?;
+            let provider = feature_provider(inputs, &state.carried)?;
             let provider = ProtocolObject::<dyn MLFeatureProvider>::from_ref(&*provider);
             // SAFETY: plain Objective-C calls on objects we own; the state came from `new_state`.
             let out = unsafe {
-                match state.as_deref() {
+                match state.state.as_deref() {
                     Some(state) => f.model.predictionFromFeatures_usingState_error(provider, state),
                     None => f.model.predictionFromFeatures_error(provider),
                 }
             }
             .map_err(|e| ns_error("Core ML prediction failed", e))?;
+            // The carried caches: the returned arrays themselves, kept for the next call.
+            for (input, array) in &mut state.carried {
+                // SAFETY: plain Objective-C calls on the prediction's result.
+                *array = unsafe { out.featureValueForName(&NSString::from_str(&format!("{input}Out"))) }
+                    .and_then(|v| unsafe { v.multiArrayValue() })
+                    .ok_or_else(|| Error::invalid(format!("the model returned no `{input}Out` array")))?;
+            }
             let mut values = BTreeMap::new();
-            for name in &f.outputs {
+            for name in f.outputs.iter().filter(|o| !f.carried.iter().any(|(i, ..)| **o == format!("{i}Out"))) {
                 // SAFETY: plain Objective-C calls; the array is read within its shape and strides.
                 let value = unsafe {
                     let array = out
                         .featureValueForName(&NSString::from_str(name))
                         .and_then(|v| v.multiArrayValue())
                         .ok_or_else(|| Error::invalid(format!("the model returned no `{name}` array")))?;
-                    value_from_array(name, &array)?
+                    value_from_array(name, &array, row.filter(|_| is_logits(name)))?
                 };
                 values.insert(name.clone(), value);
             }
@@ -204,15 +284,28 @@ fn multi_array<T>(
     dtype: MLMultiArrayDataType,
     fill: impl FnOnce(&mut [T]),
 ) -> Result<Retained<MLMultiArray>> {
+    let count: usize = shape.iter().product();
+    let fill = std::cell::Cell::new(Some(fill));
+    let filled = std::cell::Cell::new(false);
     // SAFETY: an array made with initWithShape:dataType:error: is contiguous and row-major
-    // (MLMultiArray.h: "The scalars will use the first-major contiguous layout"), holding the
-    // product of `shape` elements of `dtype`, whose size is `T`'s.
+    // (MLMultiArray.h: "The scalars will use the first-major contiguous layout"), holding
+    // `count` elements of `dtype`, whose size is `T`'s; the handler runs before
+    // getMutableBytesWithHandler returns, with exclusive access to the buffer.
     unsafe {
         let array = MLMultiArray::initWithShape_dataType_error(MLMultiArray::alloc(), &shape_array(shape), dtype)
             .map_err(|e| ns_error("cannot allocate an MLMultiArray", e))?;
-        #[allow(deprecated)]
-        let ptr: NonNull<T> = array.dataPointer().cast();
-        fill(std::slice::from_raw_parts_mut(ptr.as_ptr(), shape.iter().product()));
+        let handler = block2::StackBlock::new(|ptr: NonNull<c_void>, bytes: isize, _strides| {
+            if let Some(fill) = fill.take() {
+                if bytes as usize >= count * std::mem::size_of::<T>() {
+                    fill(std::slice::from_raw_parts_mut(ptr.cast::<T>().as_ptr(), count));
+                    filled.set(true);
+                }
+            }
+        });
+        array.getMutableBytesWithHandler(&handler);
+        if !filled.get() {
+            return Err(Error::invalid(format!("Core ML gave a buffer too small for an array of shape {shape:?}")));
+        }
         Ok(array)
     }
 }
@@ -228,62 +321,67 @@ fn array_from_value(name: &str, v: &Value) -> Result<Retained<MLMultiArray>> {
     }
 }
 
-/// The elements of a strided array in row-major order.
+/// Copies an output array, whatever its strides (Core ML may pad them), into a value; with
+/// `row`, only that index of its second-to-last axis ([`strided::gather`]). Read through
+/// getBytesWithHandler, which gives the buffer Core ML may share with the device once it is
+/// synchronized, and its length, which bounds every read.
 ///
 /// # Safety
-/// `base` must point to an array of `shape` with element strides `strides`.
-unsafe fn gather<T: Copy, U>(base: NonNull<T>, shape: &[usize], strides: &[usize], convert: impl Fn(T) -> U) -> Vec<U> {
-    let mut out = Vec::with_capacity(shape.iter().product());
-    if shape.contains(&0) {
-        return out;
-    }
-    let (inner, inner_stride) = (shape.last().copied().unwrap_or(1), strides.last().copied().unwrap_or(1));
-    // An odometer over every dimension but the last.
-    let mut index = vec![0usize; shape.len()];
-    loop {
-        let offset: usize = index.iter().zip(strides).map(|(i, s)| i * s).sum();
-        out.extend((0..inner).map(|k| convert(base.as_ptr().add(offset + k * inner_stride).read())));
-        let mut d = shape.len().saturating_sub(1);
-        loop {
-            if d == 0 {
-                return out;
-            }
-            d -= 1;
-            index[d] += 1;
-            if index[d] < shape[d] {
-                break;
-            }
-            index[d] = 0;
-        }
-    }
-}
-
-/// Copies an output array, whatever its strides (Core ML may pad them), into a value.
-///
-/// # Safety
-/// `array` must be a valid multi-array whose storage nobody writes meanwhile.
-unsafe fn value_from_array(name: &str, array: &MLMultiArray) -> Result<Value> {
+/// `array` must be a valid multi-array.
+unsafe fn value_from_array(name: &str, array: &MLMultiArray, row: Option<usize>) -> Result<Value> {
     let shape: Vec<usize> = array.shape().iter().map(|d| d.integerValue() as usize).collect();
     let strides: Vec<usize> = array.strides().iter().map(|d| d.integerValue() as usize).collect();
-    #[allow(deprecated)]
-    let base = array.dataPointer();
     let dtype = array.dataType();
-    let (dtype, data) = if dtype == MLMultiArrayDataType::Float16 {
-        (DType::Fp16, Data::F32(gather(base.cast::<f16>(), &shape, &strides, f16::to_f32)))
-    } else if dtype == MLMultiArrayDataType::Float32 {
-        (DType::Fp32, Data::F32(gather(base.cast::<f32>(), &shape, &strides, |x| x)))
-    } else if dtype == MLMultiArrayDataType::Int32 {
-        (DType::Int32, Data::I32(gather(base.cast::<i32>(), &shape, &strides, |x| x)))
-    } else {
-        return Err(Error::invalid(format!("output `{name}` has an array type corelm does not read")));
-    };
+    let result = std::cell::RefCell::new(None);
+    let handler = block2::StackBlock::new(|ptr: NonNull<c_void>, bytes: isize| {
+        let bytes = bytes.max(0) as usize;
+        // SAFETY: Core ML hands over `bytes` readable bytes at `ptr` for the handler's duration.
+        let read = |size: usize| unsafe { std::slice::from_raw_parts(ptr.as_ptr().cast::<u8>(), bytes / size * size) };
+        let value = if dtype == MLMultiArrayDataType::Float16 {
+            elements::<f16>(read(2)).and_then(|data| {
+                strided::gather(data, &shape, &strides, row, f16::to_f32).map(|(s, d)| (DType::Fp16, s, Data::F32(d)))
+            })
+        } else if dtype == MLMultiArrayDataType::Float32 {
+            elements::<f32>(read(4)).and_then(|data| {
+                strided::gather(data, &shape, &strides, row, |x| x).map(|(s, d)| (DType::Fp32, s, Data::F32(d)))
+            })
+        } else if dtype == MLMultiArrayDataType::Int32 {
+            elements::<i32>(read(4)).and_then(|data| {
+                strided::gather(data, &shape, &strides, row, |x| x).map(|(s, d)| (DType::Int32, s, Data::I32(d)))
+            })
+        } else {
+            Err(Error::invalid(format!("output `{name}` has an array type corelm does not read")))
+        };
+        *result.borrow_mut() = Some(value);
+    });
+    array.getBytesWithHandler(&handler);
+    let (dtype, shape, data) =
+        result.into_inner().ok_or_else(|| Error::invalid(format!("Core ML gave no buffer for output `{name}`")))??;
     Ok(Value { dtype, shape, data })
 }
 
+/// Views bytes as elements of `T`, a plain 2- or 4-byte number (Core ML aligns its buffers for
+/// their element type; one that is not is an error).
+fn elements<T>(bytes: &[u8]) -> Result<&[T]> {
+    if !bytes.as_ptr().cast::<T>().is_aligned() {
+        return Err(Error::invalid("Core ML returned a misaligned buffer"));
+    }
+    // SAFETY: aligned (checked), `len / size` whole elements of a plain number type.
+    Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / std::mem::size_of::<T>()) })
+}
+
 /// The inputs as Core ML features.
-fn feature_provider(inputs: &BTreeMap<String, Value>) -> Result<Retained<MLDictionaryFeatureProvider>> {
+fn feature_provider(
+    inputs: &BTreeMap<String, Value>,
+    carried: &[(String, Retained<MLMultiArray>)],
+) -> Result<Retained<MLDictionaryFeatureProvider>> {
     let mut keys = Vec::new();
     let mut values = Vec::new();
+    for (name, array) in carried {
+        keys.push(NSString::from_str(name));
+        // SAFETY: a plain Objective-C call with an array we hold.
+        values.push(unsafe { MLFeatureValue::featureValueWithMultiArray(array) });
+    }
     for (name, value) in inputs {
         keys.push(NSString::from_str(name));
         let array = array_from_value(name, value)?;

@@ -3,12 +3,14 @@
 
 pub mod bundle;
 pub mod chat;
+pub mod compile_cache;
 #[cfg(target_vendor = "apple")]
 pub mod coreml;
 pub mod fetch;
 pub mod generate;
 pub mod model;
 pub mod sampler;
+pub mod strided;
 pub mod tokenizer;
 pub mod verify;
 
