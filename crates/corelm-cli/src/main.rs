@@ -335,15 +335,21 @@ enum ComputeUnitsArg {
 }
 
 impl BackendArgs {
+    /// The package with its tokenizer and chat template, on the chosen backend.
     fn open(&self, pkg: &Package) -> Result<corelm_runtime::model::TextModel> {
+        Ok(corelm_runtime::model::TextModel::with_backend(pkg, self.open_backend(pkg)?)?)
+    }
+
+    /// The package alone (no tokenizer needed), on the chosen backend.
+    fn open_backend(&self, pkg: &Package) -> Result<Box<dyn corelm_runtime::generate::Backend>> {
         match self.backend {
-            BackendArg::Reference => Ok(corelm_runtime::model::TextModel::open_reference(pkg)?),
+            BackendArg::Reference => Ok(corelm_runtime::model::reference_backend(pkg)?),
             BackendArg::Coreml => self.open_coreml(pkg),
         }
     }
 
     #[cfg(target_vendor = "apple")]
-    fn open_coreml(&self, pkg: &Package) -> Result<corelm_runtime::model::TextModel> {
+    fn open_coreml(&self, pkg: &Package) -> Result<Box<dyn corelm_runtime::generate::Backend>> {
         use corelm_runtime::coreml::ComputeUnits;
         let units = match self.compute_units {
             ComputeUnitsArg::All => ComputeUnits::All,
@@ -354,11 +360,11 @@ impl BackendArgs {
         let cache = std::env::var_os("CORELM_CACHE").map(PathBuf::from).unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join("Library/Caches/corelm/compiled")
         });
-        Ok(corelm_runtime::model::TextModel::open_coreml(pkg, units, &cache)?)
+        Ok(corelm_runtime::model::coreml_backend(pkg, units, &cache)?)
     }
 
     #[cfg(not(target_vendor = "apple"))]
-    fn open_coreml(&self, _pkg: &Package) -> Result<corelm_runtime::model::TextModel> {
+    fn open_coreml(&self, _pkg: &Package) -> Result<Box<dyn corelm_runtime::generate::Backend>> {
         let _ = self.compute_units;
         anyhow::bail!("the Core ML backend runs on Apple platforms only; use --backend reference here")
     }
@@ -1142,18 +1148,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(prompt) = args.prompt.clone() {
                 return run_text(args, prompt);
             }
-            let RunArgs { package, ids, max_new_tokens, sampling, logits, json, ignore_eos, .. } = args;
+            let RunArgs { package, ids, max_new_tokens, sampling, logits, json, ignore_eos, backend, .. } = args;
             if sampling.temperature != 0.0 {
                 anyhow::bail!("--ids decodes greedily; use --prompt for sampling");
             }
             let pkg = open(&package)?;
-            let mut lm = corelm_interp::lm::LanguageModel::open(&pkg)
-                .with_context(|| format!("cannot run {}", package.display()))?;
+            let mut lm = backend.open_backend(&pkg).with_context(|| format!("cannot run {}", package.display()))?;
             let eos = if ignore_eos { vec![] } else { corelm_runtime::model::eos_ids(&pkg) };
+            // Greedy, through the sampler: the lowest id among the largest logits, and NaN
+            // logits an error rather than a token.
+            let mut greedy = corelm_runtime::sampler::Sampler::new(Default::default());
             let started = std::time::Instant::now();
             let last = lm.feed_last(&ids)?;
             let prefill_s = started.elapsed().as_secs_f64();
-            let mut next = corelm_interp::lm::argmax(&last) as u32;
+            let mut next = greedy.sample(&last, &[])?;
             let mut generated = Vec::new();
             let mut stop = "max_new_tokens";
             let decode_started = std::time::Instant::now();
@@ -1171,7 +1179,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     stop = "context";
                     break;
                 }
-                next = corelm_interp::lm::argmax(&lm.feed_last(&[next])?) as u32;
+                next = greedy.sample(&lm.feed_last(&[next])?, &[])?;
             }
             let decode_s = decode_started.elapsed().as_secs_f64();
             if json {

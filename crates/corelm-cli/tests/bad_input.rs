@@ -212,3 +212,18 @@ fn not_a_package_at_all() {
     assert_rejected(&file, "x.mlpackage", "not a directory");
     assert_rejected(&dir.path().join("missing.mlpackage"), "missing.mlpackage", "No such file");
 }
+
+/// `--backend coreml` off Apple platforms is an error, for `run --ids` as for `run --prompt`:
+/// never a silent run on the reference interpreter (which would make a Core ML check pass).
+#[cfg(not(target_vendor = "apple"))]
+#[test]
+fn the_core_ml_backend_is_never_silently_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = dir.path().join("tiny.mlpackage");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny/qwen3");
+    let out = corelm(&["convert", src.to_str().unwrap(), "-o", pkg.to_str().unwrap(), "--context", "16"]);
+    assert_eq!(out.code, 0, "{}", out.text);
+    let out = corelm(&["run", pkg.to_str().unwrap(), "--ids", "1,2", "--backend", "coreml"]);
+    assert!(out.code == 1 || out.code == 2, "{}", out.text);
+    assert!(out.text.contains("runs on Apple platforms only"), "{}", out.text);
+}

@@ -226,6 +226,9 @@ fn a_package_with_non_finite_logits_is_not_shipped_unnoticed() {
         text.to_str().unwrap(),
     ]);
     assert_clean_error(&o, &["nan.mlpackage", "NaN or infinite logits"]);
+    // Generation refuses NaN logits rather than taking one for the greedy token.
+    let o = corelm_limited(&["run", pkg.to_str().unwrap(), "--ids", "1,2,3", "--max-new-tokens", "4"]);
+    assert_clean_error(&o, &["logits are NaN"]);
 }
 
 /// A stateful package of one `read_state`, its state declared with `shape`: what a package that

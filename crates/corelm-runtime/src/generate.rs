@@ -137,7 +137,7 @@ pub fn generate(
     let mut first_token = None;
     let decode_started = Instant::now();
     while generated.len() < params.max_new_tokens {
-        let next = sampler.sample(&logits, &history);
+        let next = sampler.sample(&logits, &history)?;
         first_token.get_or_insert_with(|| started.elapsed().as_secs_f64());
         if params.eos_ids.contains(&next) {
             reason = StopReason::Eos;

@@ -14,25 +14,38 @@ pub struct TextModel {
     pub eos_ids: Vec<u32>,
 }
 
+/// A package (with its sibling parts) on the reference interpreter, as a generation backend.
+pub fn reference_backend(pkg: &Package) -> Result<Box<dyn Backend>> {
+    Ok(Box::new(corelm_interp::lm::LanguageModel::open(pkg)?))
+}
+
+/// A package on Core ML (Apple platforms): compiled once into `cache_dir`, driven like the
+/// reference interpreter (same interface detection, chunking and masks).
+#[cfg(target_vendor = "apple")]
+pub fn coreml_backend(
+    pkg: &Package,
+    units: crate::coreml::ComputeUnits,
+    cache_dir: &std::path::Path,
+) -> Result<Box<dyn Backend>> {
+    let backend =
+        corelm_interp::lm::LanguageModel::open_with(pkg, |p| crate::coreml::CoreMlExecutor::open(p, units, cache_dir))?;
+    Ok(Box::new(backend))
+}
+
 impl TextModel {
     /// Opens a package on the reference interpreter.
     pub fn open_reference(pkg: &Package) -> Result<TextModel> {
-        let backend = Box::new(corelm_interp::lm::LanguageModel::open(pkg)?);
-        Self::with_backend(pkg, backend)
+        Self::with_backend(pkg, reference_backend(pkg)?)
     }
 
-    /// Opens a package on Core ML (Apple platforms): compiled once into `cache_dir`, driven like
-    /// the reference interpreter (same interface detection, chunking and masks).
+    /// Opens a package on Core ML (see [`coreml_backend`]).
     #[cfg(target_vendor = "apple")]
     pub fn open_coreml(
         pkg: &Package,
         units: crate::coreml::ComputeUnits,
         cache_dir: &std::path::Path,
     ) -> Result<TextModel> {
-        let backend = corelm_interp::lm::LanguageModel::open_with(pkg, |p| {
-            crate::coreml::CoreMlExecutor::open(p, units, cache_dir)
-        })?;
-        Self::with_backend(pkg, Box::new(backend))
+        Self::with_backend(pkg, coreml_backend(pkg, units, cache_dir)?)
     }
 
     pub fn with_backend(pkg: &Package, backend: Box<dyn Backend>) -> Result<TextModel> {

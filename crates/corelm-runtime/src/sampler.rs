@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 
+use crate::{Error, Result};
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy.
@@ -89,7 +91,65 @@ impl Sampler {
     ///
     /// tests/sampling_stats.rs checks the draws against an independent implementation of these
     /// definitions (python/make_sampling_reference.py).
+    ///
+    /// Nothing sorts the whole vocabulary (262k tokens for Gemma): greedy is one scan, top-k a
+    /// selection, top-p sorts a growing prefix until it holds the mass it needs.
     pub fn candidates(&self, logits: &[f32], history: &[u32]) -> Vec<(u32, f64)> {
+        let p = &self.params;
+        let adjusted = self.penalized(logits, history);
+        // Most likely first; among equals, the lowest id.
+        let better = |a: &u32, b: &u32| adjusted[*b as usize].total_cmp(&adjusted[*a as usize]).then(a.cmp(b));
+        if p.temperature <= 0.0 {
+            let best = (0..adjusted.len() as u32).min_by(better).expect("logits are not empty");
+            return vec![(best, 1.0)];
+        }
+        let mut order: Vec<u32> = (0..adjusted.len() as u32).collect();
+        if p.top_k > 0 && p.top_k < order.len() {
+            sort_best(&mut order, p.top_k, better);
+            let kth = adjusted[order[p.top_k - 1] as usize];
+            // Tokens tied with the k-th stay too.
+            let ties: Vec<u32> = order[p.top_k..].iter().copied().filter(|&i| adjusted[i as usize] >= kth).collect();
+            order.truncate(p.top_k);
+            order.extend(ties);
+        }
+        let t = p.temperature as f64;
+        let best = order.iter().copied().min_by(better).expect("at least one token");
+        let max = adjusted[best as usize];
+        let weight = |i: u32| ((adjusted[i as usize] - max) / t).exp();
+        let total: f64 = order.iter().map(|&i| weight(i)).sum();
+        if p.top_p < 1.0 {
+            // Sort a prefix, four times longer each round, until it reaches top_p of the mass.
+            let mut k = 64.min(order.len());
+            loop {
+                sort_best(&mut order, k, better);
+                let mut cumulative = 0.0;
+                if let Some(cut) = order[..k].iter().position(|&i| {
+                    cumulative += weight(i) / total;
+                    cumulative >= p.top_p as f64
+                }) {
+                    order.truncate(cut + 1);
+                    break;
+                }
+                if k == order.len() {
+                    break;
+                }
+                k = (k * 4).min(order.len());
+            }
+        }
+        if p.min_p > 0.0 {
+            // Relative to the most likely token, so before or after normalizing alike.
+            let floor = p.min_p as f64;
+            order.retain(|&i| weight(i) >= floor);
+        }
+        let k = order.len();
+        sort_best(&mut order, k, better);
+        let mut probs: Vec<(u32, f64)> = order.iter().map(|&i| (i, weight(i))).collect();
+        normalize(&mut probs);
+        probs
+    }
+
+    /// The logits as f64, after the repetition, frequency and presence penalties.
+    fn penalized(&self, logits: &[f32], history: &[u32]) -> Vec<f64> {
         let p = &self.params;
         let mut adjusted: Vec<f64> = logits.iter().map(|&x| x as f64).collect();
         let mut counts: HashMap<u32, usize> = HashMap::new();
@@ -104,55 +164,43 @@ impl Sampler {
             }
             *l -= p.frequency_penalty as f64 * n as f64 + p.presence_penalty as f64;
         }
-        let mut order: Vec<u32> = (0..adjusted.len() as u32).collect();
-        order.sort_by(|&a, &b| adjusted[b as usize].total_cmp(&adjusted[a as usize]).then(a.cmp(&b)));
-        if p.temperature <= 0.0 {
-            return vec![(order[0], 1.0)];
-        }
-        if p.top_k > 0 && p.top_k < order.len() {
-            let kth = adjusted[order[p.top_k - 1] as usize];
-            let kept = order.iter().take_while(|&&i| adjusted[i as usize] >= kth).count();
-            order.truncate(kept);
-        }
-        let t = p.temperature as f64;
-        let max = adjusted[order[0] as usize];
-        let mut probs: Vec<(u32, f64)> = order.iter().map(|&i| (i, ((adjusted[i as usize] - max) / t).exp())).collect();
-        normalize(&mut probs);
-        if p.top_p < 1.0 {
-            let mut cumulative = 0.0;
-            let keep = probs
-                .iter()
-                .position(|&(_, q)| {
-                    cumulative += q;
-                    cumulative >= p.top_p as f64
-                })
-                .map_or(probs.len(), |i| i + 1);
-            probs.truncate(keep);
-            normalize(&mut probs);
-        }
-        if p.min_p > 0.0 {
-            let floor = probs[0].1 * p.min_p as f64;
-            probs.retain(|&(_, q)| q >= floor);
-            normalize(&mut probs);
-        }
-        probs
+        adjusted
     }
 
-    /// Picks the next token.
-    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+    /// Picks the next token. NaN logits (a model that overflowed fp16, say) are an error, never
+    /// a token; so are empty ones.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
+        if let Some(i) = logits.iter().position(|x| x.is_nan()) {
+            return Err(Error::invalid(format!(
+                "the model's logits are NaN (first at token {i} of {}): a numeric overflow in the model",
+                logits.len()
+            )));
+        }
+        if logits.is_empty() {
+            return Err(Error::invalid("the model returned no logits"));
+        }
         let probs = self.candidates(logits, history);
         if probs.len() == 1 {
-            return probs[0].0;
+            return Ok(probs[0].0);
         }
         let mut u = self.rng.next_f64();
         for &(t, q) in &probs {
             if u < q {
-                return t;
+                return Ok(t);
             }
             u -= q;
         }
-        probs.last().expect("at least one candidate").0
+        Ok(probs.last().expect("at least one candidate").0)
     }
+}
+
+/// Puts the `k` best of `order` first, sorted, leaving the rest after them in any order: a
+/// selection (linear) and a sort of `k`, not a sort of everything.
+fn sort_best(order: &mut [u32], k: usize, better: impl Fn(&u32, &u32) -> std::cmp::Ordering + Copy) {
+    if k < order.len() {
+        order.select_nth_unstable_by(k, better);
+    }
+    order[..k].sort_unstable_by(better);
 }
 
 #[cfg(test)]
@@ -167,7 +215,62 @@ mod tests {
     fn greedy_takes_the_argmax() {
         let l = logits();
         let best = (0..l.len()).max_by(|&a, &b| l[a].total_cmp(&l[b]).then(b.cmp(&a))).unwrap() as u32;
-        assert_eq!(Sampler::new(SamplingParams::default()).sample(&l, &[]), best);
+        assert_eq!(Sampler::new(SamplingParams::default()).sample(&l, &[]).unwrap(), best);
+    }
+
+    /// NaN logits (an fp16 overflow on the Neural Engine, say) are an error, never the greedy
+    /// token (`total_cmp` ranks NaN above everything).
+    #[test]
+    fn nan_logits_are_an_error_not_a_token() {
+        let mut l = logits();
+        l[7] = f32::NAN;
+        for temperature in [0.0, 1.0] {
+            let mut s = Sampler::new(SamplingParams { temperature, ..Default::default() });
+            let e = s.sample(&l, &[]).unwrap_err().to_string();
+            assert!(e.contains("NaN (first at token 7 of 50)"), "{e}");
+        }
+        assert!(Sampler::new(SamplingParams::default()).sample(&[], &[]).is_err());
+    }
+
+    /// Selection instead of a full sort changes nothing: on a 20 000-token vocabulary with
+    /// ties, the candidates equal the definitions applied to the fully sorted vocabulary.
+    #[test]
+    fn partial_selection_matches_a_full_sort() {
+        let l: Vec<f32> = (0..20_000u64).map(|i| ((i * 2_654_435_761) % 1009) as f32 / 97.0).collect();
+        let full = |p: &SamplingParams| -> Vec<(u32, f64)> {
+            let mut order: Vec<u32> = (0..l.len() as u32).collect();
+            order.sort_by(|&a, &b| l[b as usize].total_cmp(&l[a as usize]).then(a.cmp(&b)));
+            if p.top_k > 0 {
+                let kth = l[order[p.top_k - 1] as usize];
+                order.retain(|&i| l[i as usize] >= kth);
+            }
+            let max = l[order[0] as usize] as f64;
+            let mut probs: Vec<(u32, f64)> =
+                order.iter().map(|&i| (i, ((l[i as usize] as f64 - max) / p.temperature as f64).exp())).collect();
+            normalize(&mut probs);
+            let mut cumulative = 0.0;
+            if let Some(cut) = probs.iter().position(|&(_, q)| {
+                cumulative += q;
+                cumulative >= p.top_p as f64
+            }) {
+                probs.truncate(cut + 1);
+            }
+            let floor = probs[0].1 * p.min_p as f64;
+            probs.retain(|&(_, q)| q >= floor);
+            normalize(&mut probs);
+            probs
+        };
+        for (top_k, top_p, min_p, temperature) in
+            [(0, 0.9, 0.0, 0.7), (0, 0.999, 0.0, 2.0), (40, 1.0, 0.0, 1.0), (40, 0.5, 0.05, 1.0), (0, 1.0, 0.2, 1.0)]
+        {
+            let p = SamplingParams { temperature, top_k, top_p, min_p, ..Default::default() };
+            let (got, want) = (Sampler::new(p.clone()).candidates(&l, &[]), full(&p));
+            assert_eq!(got.len(), want.len(), "{p:?}");
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g.0, w.0, "{p:?}");
+                assert!((g.1 - w.1).abs() < 1e-9, "{p:?}: {g:?} vs {w:?}");
+            }
+        }
     }
 
     #[test]
@@ -175,7 +278,7 @@ mod tests {
         let params = SamplingParams { temperature: 1.0, seed: 42, ..Default::default() };
         let draw = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone());
-            (0..200).map(|_| s.sample(&logits(), &[])).collect::<Vec<_>>()
+            (0..200).map(|_| s.sample(&logits(), &[]).unwrap()).collect::<Vec<_>>()
         };
         assert_eq!(draw(&params), draw(&params));
         assert_ne!(draw(&params), draw(&SamplingParams { seed: 43, ..params.clone() }));
@@ -187,7 +290,7 @@ mod tests {
         let mut s = Sampler::new(params);
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..5000 {
-            let t = s.sample(&l, &[]);
+            let t = s.sample(&l, &[]).unwrap();
             assert!(allowed(t, &l), "token {t} should have been filtered out");
             seen.insert(t);
         }

@@ -88,7 +88,7 @@ fn draw(r: &Reference, params: SamplingParams) -> Vec<u64> {
     let mut sampler = Sampler::new(params);
     let mut counts = vec![0u64; r.logits.len()];
     for _ in 0..DRAWS {
-        counts[sampler.sample(&r.logits, &r.history) as usize] += 1;
+        counts[sampler.sample(&r.logits, &r.history).unwrap() as usize] += 1;
     }
     counts
 }
