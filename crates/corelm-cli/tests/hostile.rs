@@ -332,3 +332,70 @@ fn fetch_is_bounded_in_size_and_time() {
     assert_clean_error(&o, &[&stalled, "kept breaking off (4 attempts", "timeout"]);
     assert!(o.elapsed < Duration::from_secs(20), "{:?}", o.elapsed);
 }
+
+/// A bundle folder `corelm bundle` wrote for the coremltools fixture package, and its manifest.
+fn written_bundle(dir: &Path) -> (PathBuf, Value) {
+    let pkg = root().join("tests/fixtures/coremltools/stateful_torch.mlpackage");
+    let bundle = dir.join("bundle");
+    let o = corelm_limited(&["bundle", pkg.to_str().unwrap(), "-o", bundle.to_str().unwrap()]);
+    assert_eq!(o.code, 0, "{}", o.text);
+    let manifest = serde_json::from_slice(&fs::read(bundle.join("bundle.json")).unwrap()).unwrap();
+    (bundle, manifest)
+}
+
+/// Bundle paths have one spelling and every tar entry is accounted for: a manifest listing
+/// `a/./b`, and a tar with a directory entry outside the bundle, are refused by `bundle --verify`.
+#[test]
+fn bundle_aliases_and_stray_entries_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bundle, manifest) = written_bundle(dir.path());
+    let first = manifest["files"][0]["path"].as_str().unwrap().to_string();
+    // The folder, its first file listed as an alias of itself.
+    let mut aliased = manifest.clone();
+    let alias = first.replacen('/', "/./", 1);
+    aliased["files"][0]["path"] = json!(alias);
+    fs::write(bundle.join("bundle.json"), aliased.to_string()).unwrap();
+    let o = corelm_limited(&["bundle", "--verify", bundle.to_str().unwrap()]);
+    assert_clean_error(&o, &["unsafe path", &alias]);
+    // A tar of the sound manifest and files, with a directory entry `../escape/` among them.
+    let tar_path = dir.path().join("stray.tar");
+    let mut tar = tar::Builder::new(fs::File::create(&tar_path).unwrap());
+    let json = manifest.to_string();
+    let mut append = |name: &str, kind: tar::EntryType, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_cksum();
+        tar.append(&h, data).unwrap();
+    };
+    append("bundle.json", tar::EntryType::Regular, json.as_bytes());
+    append("../escape/", tar::EntryType::Directory, b"");
+    for f in manifest["files"].as_array().unwrap() {
+        let path = f["path"].as_str().unwrap();
+        append(path, tar::EntryType::Regular, &fs::read(bundle.join(path)).unwrap());
+    }
+    tar.finish().unwrap();
+    drop(tar);
+    let o = corelm_limited(&["bundle", "--verify", tar_path.to_str().unwrap()]);
+    assert_clean_error(&o, &["stray.tar", "`../escape/` is not listed"]);
+}
+
+/// A folder planted in the cache under the SHA-256 asked for is not served: with the server
+/// unreachable, fetch fails (naming the URL) instead of printing the planted package.
+#[test]
+fn a_planted_cache_folder_is_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bundle, _) = written_bundle(dir.path());
+    let sha = "ab".repeat(32);
+    let cache = dir.path().join("cache");
+    fs::create_dir_all(&cache).unwrap();
+    copy_dir(&bundle, &cache.join(&sha));
+    // Nothing listens on a port just released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}/model.tar");
+    let o = corelm_limited(&["fetch", &url, "--sha256", &sha, "-o", cache.to_str().unwrap(), "--timeout", "2"]);
+    assert_clean_error(&o, &[&url]);
+    assert!(!o.text.contains(".mlpackage"), "the planted package was served:\n{}", o.text);
+}
