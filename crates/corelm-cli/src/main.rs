@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use corelm_contract::keys;
 use corelm_convert::compress::{Policy, Scheme};
 use corelm_format::inspect::Report;
 use corelm_format::mil::printer::program_text;
@@ -705,9 +706,8 @@ fn check_finite(package: &std::path::Path) -> Result<()> {
     let mut lm = corelm_interp::lm::LanguageModel::open(&pkg)?;
     let ud = &pkg.model().description.metadata.user_defined;
     let number = |k: &str| ud.get(k).and_then(|v| v.parse::<u32>().ok());
-    let vocab = number("corelm.vocab_size").unwrap_or(1) as usize;
-    let ids =
-        corelm_runtime::verify::probe_ids(vocab, number("corelm.pad_token_id"), CHECK_TOKENS.min(lm.context() - 1));
+    let vocab = number(keys::VOCAB_SIZE).unwrap_or(1) as usize;
+    let ids = corelm_runtime::verify::probe_ids(vocab, number(keys::PAD_TOKEN_ID), CHECK_TOKENS.min(lm.context() - 1));
     let mut rows = lm.feed(&ids)?;
     rows.extend(lm.feed(&[ids[ids.len() / 2]])?);
     if let Some(at) = corelm_runtime::verify::first_non_finite(&rows) {

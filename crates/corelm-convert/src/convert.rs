@@ -10,6 +10,7 @@ use crate::config::ModelConfig;
 use crate::gguf_source::GgufCheckpoint;
 use crate::graph::{build_function, store_weights, GraphOptions, GridNotKept, Progress, Stage};
 use crate::{Error, Result};
+use corelm_contract::keys;
 use corelm_format::error::IoContext;
 use corelm_format::package::{ExtraItem, WriteOptions};
 use corelm_format::{PackageWriter, ProgramBuilder};
@@ -233,38 +234,38 @@ fn write_stage(
     md.short_description = format!("{} converted by corelm", source.id);
     let ud = &mut md.user_defined;
     let ids = |v: &[u32]| v.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
-    ud.insert("co.huggingface.exporters.name".into(), source.id.clone());
-    ud.insert("corelm.source".into(), source.id.clone());
-    ud.insert("corelm.architecture".into(), c.family.name().into());
-    ud.insert("corelm.context_length".into(), opts.context.to_string());
-    ud.insert("corelm.version".into(), env!("CARGO_PKG_VERSION").into());
+    ud.insert(keys::HF_EXPORTERS_NAME.into(), source.id.clone());
+    ud.insert(keys::SOURCE.into(), source.id.clone());
+    ud.insert(keys::ARCHITECTURE.into(), c.family.name().into());
+    ud.insert(keys::CONTEXT_LENGTH.into(), opts.context.to_string());
+    ud.insert(keys::VERSION.into(), env!("CARGO_PKG_VERSION").into());
     ud.insert(
-        "corelm.query_lengths".into(),
+        keys::QUERY_LENGTHS.into(),
         if opts.query_lengths.is_empty() {
             "flexible".into()
         } else {
             ids(&opts.query_lengths.iter().map(|&n| n as u32).collect::<Vec<_>>())
         },
     );
-    ud.insert("corelm.vocab_size".into(), c.vocab_size.to_string());
-    ud.insert("corelm.profile".into(), format!("{:?}", opts.profile).to_lowercase());
+    ud.insert(keys::VOCAB_SIZE.into(), c.vocab_size.to_string());
+    ud.insert(keys::PROFILE.into(), format!("{:?}", opts.profile).to_lowercase());
     if parts.len() > 1 {
         // The driver opens the parts, siblings in one folder, and runs them in this order.
         let names: Vec<String> =
             parts.iter().map(|p| p.file_name().expect("named").to_string_lossy().into_owned()).collect();
-        ud.insert("corelm.chunks".into(), names.join(","));
-        ud.insert("corelm.layers".into(), format!("{}..{}", stage.layers.start, stage.layers.end));
+        ud.insert(keys::CHUNKS.into(), names.join(","));
+        ud.insert(keys::LAYERS.into(), format!("{}..{}", stage.layers.start, stage.layers.end));
     }
     if let Some(slots) = crate::graph::ring_slots(c, opts) {
         // The driver must start each chunk at a multiple of its length (see `ring_slots`).
-        ud.insert("corelm.ring_slots".into(), slots.to_string());
+        ud.insert(keys::RING_SLOTS.into(), slots.to_string());
     }
     if let Some(b) = c.bos_token_id {
-        ud.insert("corelm.bos_token_id".into(), b.to_string());
+        ud.insert(keys::BOS_TOKEN_ID.into(), b.to_string());
     }
-    ud.insert("corelm.eos_token_ids".into(), ids(&c.eos_token_ids));
+    ud.insert(keys::EOS_TOKEN_IDS.into(), ids(&c.eos_token_ids));
     if let Some(p) = c.pad_token_id {
-        ud.insert("corelm.pad_token_id".into(), p.to_string());
+        ud.insert(keys::PAD_TOKEN_ID.into(), p.to_string());
     }
     // The tokenizer and chat template travel with the first part, where the driver looks.
     for (name, bytes) in source.extras.iter().filter(|_| stage.first) {

@@ -16,6 +16,7 @@ use crate::checkpoint::{load, Checkpoint};
 use crate::compress::{Compressed, Policy};
 use crate::config::{Activation, Attention, ModelConfig, Norm, Rope};
 use crate::{Error, Result};
+use corelm_contract::names;
 use corelm_format::mil::builder::Arg;
 use corelm_format::mil::program::Function;
 use corelm_format::model::FunctionDescription;
@@ -909,7 +910,7 @@ pub fn build_function(
     };
     // The first stage reads token ids; later ones the hidden states the one before returned.
     let tokens = if stage.first {
-        g.f.input("inputIds", DType::Int32, ids_shape)?
+        g.f.input(names::INPUT_IDS, DType::Int32, ids_shape)?
     } else {
         let shape = match ids_shape {
             InputShape::Range { mut default, mut ranges } => {
@@ -923,9 +924,9 @@ pub fn build_function(
             }
             other => other,
         };
-        g.f.input("hiddenStates", residual, shape)?
+        g.f.input(names::HIDDEN_STATES, residual, shape)?
     };
-    let mask = g.f.input("causalMask", dt, mask_shape)?;
+    let mask = g.f.input(names::CAUSAL_MASK, dt, mask_shape)?;
     // Sliding-window layers of the ane profile keep a ring buffer of `ring` slots; every other
     // layer a full-length cache. Each layer's index within its cache:
     let ring = ring_slots(c, opts);
@@ -946,7 +947,7 @@ pub fn build_function(
     let split_cache = stateful && dt == DType::Fp32;
     let mut caches: Vec<Vec<Var>> = Vec::new();
     let mut ring_caches: Vec<Vec<Var>> = Vec::new();
-    for name in ["keyCache", "valueCache"] {
+    for name in [names::KEY_CACHE, names::VALUE_CACHE] {
         if let Some(slots) = ring.filter(|_| ring_layers > 0) {
             let shape = [ring_layers, 1, c.num_kv_heads, slots, c.head_dim];
             ring_caches.push(vec![g.f.state(&format!("{name}Local"), &shape)?]);
@@ -989,7 +990,7 @@ pub fn build_function(
             Positions { start, key_end: end.clone(), end, query }
         }
         Some(n) => {
-            let start = g.f.input("position", DType::Int32, InputShape::Fixed(vec![1]))?;
+            let start = g.f.input(names::POSITION, DType::Int32, InputShape::Fixed(vec![1]))?;
             let end = g.op("add", "end_pos", vec![("x", (&start).into()), ("y", i32s(&[n as i32]))])?;
             let steps = g.f.constant("steps", Tensor::from_i32(vec![n], &(0..n as i32).collect::<Vec<_>>())?)?;
             let query = g.op("add", "positions", vec![("x", (&steps).into()), ("y", (&start).into())])?;
@@ -1455,7 +1456,7 @@ pub fn build_function(
 
     if !stage.last {
         let out = if ane { g.tokens_first(&x, "next_hidden")? } else { x };
-        g.f.output(&out, "nextHiddenStates")?;
+        g.f.output(&out, names::NEXT_HIDDEN_STATES)?;
         return g.f.finish();
     }
     let h = g.norm(&x, Role::FinalNorm, Some(Role::FinalNormBias), dt, true, "final_norm")?;
@@ -1465,7 +1466,7 @@ pub fn build_function(
     let heads = g.pieces(Role::LmHead)?.ok_or_else(|| Error::invalid("no LM head weight"))?;
     let mut best: Option<(Var, Var)> = None;
     for (i, head) in heads.iter().enumerate() {
-        let out = if heads.len() == 1 { "logits".to_string() } else { format!("logits_{i}") };
+        let out = if heads.len() == 1 { names::LOGITS.to_string() } else { names::logits_block(i) };
         // Logits are (1, N, vocab) in every layout.
         let name = if c.final_logit_softcap.is_none() { out.clone() } else { format!("{out}_raw") };
         let projected = if ane {
@@ -1515,7 +1516,7 @@ pub fn build_function(
                     let wins =
                         g.op("greater", &format!("{out}_wins"), vec![("x", (&top).into()), ("y", (&best_top).into())])?;
                     let last = i + 1 == heads.len();
-                    let at_name = if last { "argmax".to_string() } else { format!("{out}_best_token") };
+                    let at_name = if last { names::ARGMAX.to_string() } else { format!("{out}_best_token") };
                     let at = g.op(
                         "select",
                         &at_name,
@@ -1536,12 +1537,13 @@ pub fn build_function(
         }
     }
     if let Some((_, argmax)) = best {
-        g.f.output(&argmax, "argmax")?;
+        g.f.output(&argmax, names::ARGMAX)?;
     }
-    for (name, layers) in [("keyCacheOut", &updated_layers[0]), ("valueCacheOut", &updated_layers[1])] {
+    for (input, layers) in [(names::KEY_CACHE, &updated_layers[0]), (names::VALUE_CACHE, &updated_layers[1])] {
         if layers.is_empty() {
             continue;
         }
+        let name = &names::carried_output(input);
         let all =
             g.op("concat", name, vec![("values", Arg::Tuple(layers.iter().collect())), ("axis", scalar_i32(0))])?;
         g.f.output(&all, name)?;

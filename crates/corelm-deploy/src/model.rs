@@ -2,11 +2,13 @@
 //! `config.json` or a GGUF file) or from a converted package (its metadata, weight blobs and KV
 //! cache states).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
+use corelm_contract::weights::{WeightMatrices, WeightMatrix};
+use corelm_contract::{keys, names};
 use corelm_convert::config::{Attention, ModelConfig, Norm};
-use corelm_format::mil::program::{Binding, Function, Operation, Value, ValueData};
+use corelm_format::mil::program::{Binding, Operation, Program, Value, ValueData};
 use corelm_format::model::FeatureKind;
 use corelm_format::tensor::{element_count, storage_bytes};
 use corelm_format::{Error, Package, Result};
@@ -203,7 +205,9 @@ impl ModelShape {
             .states
             .iter()
             .chain(&description.inputs)
-            .filter(|f| f.name == "keyCache" || f.name == "valueCache" || matches!(f.kind, FeatureKind::State(_)))
+            .filter(|f| {
+                f.name == names::KEY_CACHE || f.name == names::VALUE_CACHE || matches!(f.kind, FeatureKind::State(_))
+            })
             .filter_map(|f| {
                 let a = f.array()?;
                 let bytes = storage_bytes(a.dtype?, element_count(&a.shape)?)? as u64;
@@ -211,7 +215,7 @@ impl ModelShape {
             })
             .collect();
         let kv_bytes: u64 = caches.iter().map(|c| c.2).sum();
-        let key = caches.iter().find(|c| c.0 == "keyCache" && c.1.len() == 5);
+        let key = caches.iter().find(|c| c.0 == names::KEY_CACHE && c.1.len() == 5);
         let meta_usize = |k: &str| ud.get(k).and_then(|s| s.parse::<usize>().ok());
         // Sizes from a package are a stranger's numbers too: bound them as config fields are.
         let limit = |what: &str, n: usize, field: &str| -> Result<usize> {
@@ -225,8 +229,8 @@ impl ModelShape {
             limit("the keyCache state's layer count", s[0], "num_hidden_layers")?;
             limit("the keyCache state's context", s[3], "max_position_embeddings")?;
         }
-        let context = match (meta_usize("corelm.context_length"), key) {
-            (Some(c), _) => limit("corelm.context_length", c, "max_position_embeddings")?,
+        let context = match (meta_usize(keys::CONTEXT_LENGTH), key) {
+            (Some(c), _) => limit(keys::CONTEXT_LENGTH, c, "max_position_embeddings")?,
             (None, Some(k)) => k.1[3],
             (None, None) => {
                 return Err(Error::malformed(
@@ -248,15 +252,14 @@ impl ModelShape {
                 vec![]
             }
         };
-        if key.is_some() && matches!(ud.get("corelm.architecture").map(String::as_str), Some("gemma2" | "gemma3_text"))
-        {
+        if key.is_some() && matches!(ud.get(keys::ARCHITECTURE).map(String::as_str), Some("gemma2" | "gemma3_text")) {
             notes.push(
                 "the package does not record which layers slide: the sliding-window savings are not computed".into(),
             );
         }
 
-        let (matrices, hidden, vocab_seen) = package_matrices(model.program.functions.values());
-        let vocab = meta_usize("corelm.vocab_size").map(|v| v as u64).or(vocab_seen).unwrap_or(0);
+        let (matrices, hidden, vocab_seen) = package_matrices(&model.program);
+        let vocab = meta_usize(keys::VOCAB_SIZE).map(|v| v as u64).or(vocab_seen).unwrap_or(0);
         let hidden = hidden.unwrap_or(0);
         let head_dim = kv_layers.first().map(|l| l.head_dim).unwrap_or(0);
         // The attention output projection is (hidden, heads × head_dim); the MLP's widest side
@@ -278,7 +281,7 @@ impl ModelShape {
         // Tied: the table the token ids gather is also the LM head's weight.
         let tied = matrices.iter().any(|m| m.gathered && !m.gathered_only);
         let parameters = matrices.iter().map(|m| m.rows * m.cols).sum();
-        let query_lengths = match ud.get("corelm.query_lengths").map(String::as_str) {
+        let query_lengths = match ud.get(keys::QUERY_LENGTHS).map(String::as_str) {
             Some("flexible") | None => vec![],
             Some(list) => list.split(',').filter_map(|s| s.trim().parse().ok()).collect(),
         };
@@ -287,11 +290,11 @@ impl ModelShape {
         }
         Ok(ModelShape {
             name: ud
-                .get("corelm.source")
-                .or_else(|| ud.get("co.huggingface.exporters.name"))
+                .get(keys::SOURCE)
+                .or_else(|| ud.get(keys::HF_EXPORTERS_NAME))
                 .cloned()
                 .unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()),
-            architecture: ud.get("corelm.architecture").cloned().unwrap_or_else(|| "unknown".into()),
+            architecture: ud.get(keys::ARCHITECTURE).cloned().unwrap_or_else(|| "unknown".into()),
             parameters,
             hidden,
             vocab,
@@ -340,79 +343,44 @@ fn param<'a>(op: &'a Operation, name: &str) -> Option<&'a Value> {
     })
 }
 
-/// A constant matrix of a program and how the program uses it.
-#[derive(Clone)]
-struct Use {
-    rows: u64,
-    cols: u64,
-    /// Bytes of every blob the constant op reads (values, scales, offsets, tables).
-    stored: u64,
-    gathered: bool,
-    linear: bool,
-}
-
-/// The weight matrices of a program: constants (plain or compressed) used as `linear` weights
-/// or gathered by the token ids, each blob once. Returns them with the hidden size and the
-/// vocabulary (rows of the gathered table).
-fn package_matrices<'a>(functions: impl Iterator<Item = &'a Function>) -> (Vec<Matrix>, Option<u64>, Option<u64>) {
-    // Constant outputs → their matrix and blob.
-    let mut constants: HashMap<String, (Use, (String, u64))> = HashMap::new();
-    let mut uses: BTreeMap<(String, u64), Use> = BTreeMap::new();
-    let mut vocab = None;
-    for f in functions {
-        let mut ids: HashSet<String> = f.inputs.iter().map(|i| i.name.clone()).collect();
+/// The weight matrices of a program ([`WeightMatrices`]: constants, plain or compressed, that
+/// a `linear` or 1×1 `conv` multiplies or the token ids gather), each blob once, with the bytes
+/// stored for it. Returns them with the hidden size and the vocabulary (rows of the gathered
+/// table).
+fn package_matrices(program: &Program) -> (Vec<Matrix>, Option<u64>, Option<u64>) {
+    let weights = WeightMatrices::find(program);
+    // Functions share blobs, and a tied table is one blob read by two constant ops (gathered
+    // and multiplied): each matrix once, by the blob its values are stored in, its uses merged.
+    let mut by_blob: BTreeMap<(String, u64), (WeightMatrix, u64)> = BTreeMap::new();
+    for f in program.functions.values() {
         for op in &f.block.operations {
-            let out = op.outputs.first().map(|o| o.name.clone()).unwrap_or_default();
-            let matrix = match op.op_type.as_str() {
-                "const" => param(op, "val").filter(|v| v.ty.dtype.is_float()),
+            let Some(m) = op.outputs.first().and_then(|o| weights.matrices.get(&o.name)) else { continue };
+            let values = match op.op_type.as_str() {
+                "const" => param(op, "val"),
                 "constexpr_blockwise_shift_scale" => param(op, "data"),
                 "constexpr_lut_to_dense" => param(op, "indices"),
                 _ => None,
             };
-            if let Some((shape, key)) = matrix.and_then(|v| Some((v.ty.shape()?, blob_key(v)?))) {
-                if let [rows, cols] = shape[..] {
-                    let stored = blob_values(op).map(value_bytes).sum();
-                    let u = Use { rows: rows as u64, cols: cols as u64, stored, gathered: false, linear: false };
-                    constants.insert(out.clone(), (u, key));
-                }
-            }
-            let name_of = |p: &str| match op.input(p) {
-                Some(Binding::Name(n)) => Some(n.as_str()),
-                _ => None,
-            };
-            let mut record = |weight: Option<&str>, gathered: bool| {
-                if let Some((u, key)) = weight.and_then(|w| constants.get(w)) {
-                    let e = uses.entry(key.clone()).or_insert_with(|| u.clone());
-                    if gathered {
-                        e.gathered = true;
-                        vocab = Some(u.rows);
-                    } else {
-                        e.linear = true;
-                    }
-                }
-            };
-            match op.op_type.as_str() {
-                // Casts of the token ids still carry token ids.
-                "cast" if name_of("x").is_some_and(|x| ids.contains(x)) => {
-                    ids.insert(out);
-                }
-                "linear" => record(name_of("weight"), false),
-                "gather" if name_of("indices").is_some_and(|i| ids.contains(i)) => record(name_of("x"), true),
-                _ => {}
-            }
+            let Some(key) = values.and_then(blob_key) else { continue };
+            let stored = blob_values(op).map(value_bytes).sum();
+            let (seen, _) = by_blob.entry(key).or_insert_with(|| (m.clone(), stored));
+            seen.multiplied |= m.multiplied;
+            seen.gathered |= m.gathered;
+            seen.embedding |= m.embedding;
         }
     }
-    let hidden = uses.values().find(|u| u.gathered).map(|u| u.cols);
-    let matrices = uses
+    let matrices: Vec<Matrix> = by_blob
         .into_values()
-        .map(|u| Matrix {
-            rows: u.rows,
-            cols: u.cols,
-            embedding: u.gathered || Some(u.rows) == vocab,
-            gathered: u.gathered,
-            gathered_only: u.gathered && !u.linear,
-            stored_bytes: Some(u.stored),
+        .map(|(m, stored)| Matrix {
+            rows: m.rows as u64,
+            cols: m.cols as u64,
+            embedding: m.embedding,
+            gathered: m.gathered,
+            gathered_only: m.gathered && !m.multiplied,
+            stored_bytes: Some(stored),
         })
         .collect();
+    let gathered = matrices.iter().find(|m| m.gathered);
+    let (hidden, vocab) = (gathered.map(|m| m.cols), gathered.map(|m| m.rows));
     (matrices, hidden, vocab)
 }

@@ -18,6 +18,7 @@ mod vmath;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use corelm_contract::weights::WeightMatrices;
 use corelm_format::mil::program::{Binding, Function, Operation};
 use corelm_format::model::{FeatureKind, Flexibility};
 use corelm_format::package::BlobFiles;
@@ -356,7 +357,13 @@ fn packed_blockwise(
     Ok(Some(Value { dtype: out.dtype, shape: vec![rows, cols], data: Data::Packed(Arc::new(packed)) }))
 }
 
-fn plan_function(pkg: &Package, fname: &str, f: &Function, files: &mut BlobFiles) -> Result<Plan> {
+fn plan_function(
+    pkg: &Package,
+    fname: &str,
+    f: &Function,
+    weights: &WeightMatrices,
+    files: &mut BlobFiles,
+) -> Result<Plan> {
     let mut slot_of: HashMap<&str, usize> = HashMap::new();
     let mut const_values: HashMap<&str, Arc<Value>> = HashMap::new();
     let mut next = 0usize;
@@ -376,7 +383,6 @@ fn plan_function(pkg: &Package, fname: &str, f: &Function, files: &mut BlobFiles
     }
     let state_names: Vec<&str> = states.iter().map(|(n, _)| n.as_str()).collect();
     let mut steps: Vec<Step> = Vec::new();
-    let mut expanded_matrices: HashMap<String, String> = HashMap::new();
     for op in &f.block.operations {
         let ctx = || context(fname, op);
         // Constants: decoded once, here.
@@ -446,14 +452,6 @@ fn plan_function(pkg: &Package, fname: &str, f: &Function, files: &mut BlobFiles
             }
             step_inputs.push((param.clone(), srcs));
         }
-        // A conv's weight reaches it through expand_dims of the (out, in) matrix.
-        if let (Some(Binding::Name(x)), "expand_dims", Some(o)) =
-            (op.input("x"), op.op_type.as_str(), op.outputs.first())
-        {
-            if const_values.get(x.as_str()).is_some_and(|c| c.rank() == 2) {
-                expanded_matrices.insert(o.name.clone(), x.clone());
-            }
-        }
         // An op of constants only is evaluated once, here (the Neural Engine profile reshapes
         // every weight matrix for its conv: per call, that copied all the weights).
         if let Kind::Op(t) = &kind {
@@ -488,13 +486,9 @@ fn plan_function(pkg: &Package, fname: &str, f: &Function, files: &mut BlobFiles
             outputs.push((next, o.ty.tensor().clone()));
             next += 1;
         }
-        let weight = match (op.op_type.as_str(), op.input("weight")) {
-            ("linear", Some(Binding::Name(n))) if const_values.contains_key(n.as_str()) => {
-                Some((n.clone(), Features::Last))
-            }
-            ("conv", Some(Binding::Name(n))) => expanded_matrices.get(n).map(|m| (m.clone(), Features::Channels)),
-            _ => None,
-        };
+        // The weight matrix a linear layer (or a 1×1 conv, through expand_dims) multiplies.
+        let features = if op.op_type == "conv" { Features::Channels } else { Features::Last };
+        let weight = weights.multiplied_by(fname, op).map(|m| (m.to_string(), features));
         steps.push(Step { kind, label: ctx(), inputs: step_inputs, outputs, free: vec![], row: None, weight });
     }
     let mut outputs = Vec::new();
@@ -681,8 +675,9 @@ impl Interpreter {
     pub fn load(pkg: &Package) -> Result<Interpreter> {
         let mut files = pkg.blob_files();
         let mut plans = BTreeMap::new();
+        let weights = WeightMatrices::find(&pkg.model().program);
         for (name, f) in &pkg.model().program.functions {
-            plans.insert(name.clone(), plan_function(pkg, name, f, &mut files)?);
+            plans.insert(name.clone(), plan_function(pkg, name, f, &weights, &mut files)?);
         }
         let default = pkg
             .model()

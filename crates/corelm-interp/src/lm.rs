@@ -8,7 +8,8 @@
 
 use std::collections::BTreeMap;
 
-use corelm_format::model::{ArrayFeature, Flexibility, FunctionDescription};
+use corelm_contract::interface::{chunk_packages, Interface, PackageInterface};
+use corelm_contract::names;
 use corelm_format::{DType, Package};
 
 use crate::value::{Data, Value};
@@ -76,116 +77,15 @@ impl Executor for Interpreter {
     }
 }
 
-enum Interface {
-    Flexible,
-    /// (query length, function name), longest first; `aligned`: a chunk of length n must start
-    /// at a multiple of n (ring-buffer caches, metadata `corelm.ring_slots`).
-    Fixed {
-        lengths: Vec<(usize, String)>,
-        aligned: bool,
-    },
-    /// The caches' dtype and shape.
-    TensorCaches {
-        dtype: DType,
-        shape: Vec<usize>,
-    },
-}
-
-fn input<'a>(f: &'a FunctionDescription, name: &str) -> Option<&'a ArrayFeature> {
-    f.inputs.iter().find(|i| i.name == name).and_then(|i| i.array())
-}
-
-fn fixed_shape<'a>(a: &'a ArrayFeature, name: &str) -> Result<&'a [usize]> {
-    match a.flexibility {
-        Flexibility::Fixed => Ok(&a.shape),
-        _ => Err(Error::invalid(format!("{name} needs a fixed shape"))),
+/// Zeroed KV caches for an interface that passes them as inputs and outputs.
+fn zero_caches(interface: &Interface) -> Result<Option<(Value, Value)>> {
+    match interface {
+        Interface::TensorCaches { dtype, shape } => Ok(Some((
+            Value::zeros(*dtype, shape.clone(), &format_args!("input `{}`", names::KEY_CACHE))?,
+            Value::zeros(*dtype, shape.clone(), &format_args!("input `{}`", names::VALUE_CACHE))?,
+        ))),
+        _ => Ok(None),
     }
-}
-
-/// The interface, context length and mask dtype a package declares.
-fn detect(pkg: &Package) -> Result<(Interface, usize, DType)> {
-    let description = &pkg.model().description;
-    let mut fixed = Vec::new();
-    let mut caches = None;
-    let mut context = 0;
-    let mut mask_dtype = DType::Fp16;
-    for f in &description.functions {
-        let name = &f.name;
-        let required =
-            |n: &str| input(f, n).ok_or_else(|| Error::invalid(format!("function `{name}` has no {n} input")));
-        let ids = required("inputIds")?;
-        let mask = required("causalMask")?;
-        mask_dtype = mask.dtype.ok_or_else(|| Error::invalid("causalMask has a dtype corelm does not know"))?;
-        if let Some(cache) = input(f, "keyCache") {
-            let shape = fixed_shape(cache, "keyCache")?;
-            let dtype = cache.dtype.ok_or_else(|| Error::invalid("keyCache has a dtype corelm does not know"))?;
-            context = shape.get(3).copied().unwrap_or(0);
-            caches = Some((dtype, shape.to_vec()));
-        } else if input(f, "position").is_some() {
-            let n = fixed_shape(ids, "inputIds of a fixed-length function")?.get(1).copied();
-            fixed.push((n.ok_or_else(|| Error::invalid("inputIds needs two dimensions"))?, name.clone()));
-            context = fixed_shape(mask, "causalMask of a fixed-length function")?.get(3).copied().unwrap_or(0);
-        }
-    }
-    let interface = if let Some((dtype, shape)) = caches {
-        Interface::TensorCaches { dtype, shape }
-    } else if !fixed.is_empty() {
-        fixed.sort_by_key(|f| std::cmp::Reverse(f.0));
-        let aligned = description.metadata.user_defined.contains_key("corelm.ring_slots");
-        Interface::Fixed { lengths: fixed, aligned }
-    } else {
-        let ctx = description.metadata.user_defined.get("corelm.context_length");
-        context = match ctx.and_then(|c| c.parse().ok()) {
-            Some(c) => c,
-            None => {
-                let f = description.functions.first().ok_or_else(|| Error::invalid("no functions"))?;
-                f.states.first().and_then(|s| s.array()).and_then(|a| a.shape.get(3).copied()).unwrap_or(0)
-            }
-        };
-        Interface::Flexible
-    };
-    if context == 0 {
-        return Err(Error::invalid("cannot tell the model's context length"));
-    }
-    Ok((interface, context, mask_dtype))
-}
-
-impl Interface {
-    /// The function whose states every prediction shares (fixed lengths: all functions declare
-    /// the same states).
-    fn state_function(&self) -> Option<&str> {
-        match self {
-            Interface::Fixed { lengths, .. } => Some(lengths[0].1.as_str()),
-            _ => None,
-        }
-    }
-
-    fn zero_caches(&self) -> Result<Option<(Value, Value)>> {
-        match self {
-            Interface::TensorCaches { dtype, shape } => Ok(Some((
-                Value::zeros(*dtype, shape.clone(), &"input `keyCache`")?,
-                Value::zeros(*dtype, shape.clone(), &"input `valueCache`")?,
-            ))),
-            _ => Ok(None),
-        }
-    }
-}
-
-/// The parts of a model converted with `--chunks` (siblings named in the `corelm.chunks`
-/// metadata of any part), opened in running order; `None` for a model in one package.
-pub fn chunk_packages(pkg: &Package) -> Result<Option<Vec<Package>>> {
-    let Some(names) = pkg.model().description.metadata.user_defined.get("corelm.chunks") else { return Ok(None) };
-    let folder = pkg.path().parent().unwrap_or(std::path::Path::new("."));
-    let mut parts = Vec::new();
-    for name in names.split(',') {
-        // Plain file names only: metadata must not point outside the model's folder.
-        if name.is_empty() || name.contains(['/', '\\']) || name == ".." {
-            return Err(Error::invalid(format!("corelm.chunks names `{name}`, not a package beside this one")));
-        }
-        let path = folder.join(name);
-        parts.push(Package::open(&path).map_err(|e| e.context(format!("part {name} of {}", pkg.path().display())))?);
-    }
-    Ok(Some(parts))
 }
 
 pub struct LanguageModel<E: Executor = Interpreter> {
@@ -231,7 +131,7 @@ impl<E: Executor> LanguageModel<E> {
     /// the first takes the token ids, each later one the hidden states before it.
     pub fn with_executors(parts: &[&Package], executors: Vec<E>) -> Result<LanguageModel<E>> {
         let first = parts.first().ok_or_else(|| Error::invalid("no packages to run"))?;
-        let (interface, context, mask_dtype) = detect(first)?;
+        let PackageInterface { interface, context, mask_dtype } = PackageInterface::read(first)?;
         if parts.len() != executors.len() {
             return Err(Error::invalid("one executor per package part"));
         }
@@ -244,7 +144,7 @@ impl<E: Executor> LanguageModel<E> {
             stages.push((executor, state));
         }
         let carried = stages[0].0.carries_caches();
-        let caches = if carried { None } else { interface.zero_caches()? };
+        let caches = if carried { None } else { zero_caches(&interface)? };
         Ok(LanguageModel { stages, interface, context, mask_dtype, caches, carried, position: 0 })
     }
 
@@ -267,10 +167,10 @@ impl<E: Executor> LanguageModel<E> {
             }
             let mut out = executor.predict(function, &inputs, state)?;
             let hidden = out
-                .remove("nextHiddenStates")
+                .remove(names::NEXT_HIDDEN_STATES)
                 .ok_or_else(|| Error::invalid(format!("part {} has no nextHiddenStates output", i + 1)))?;
-            inputs.remove("inputIds");
-            inputs.insert("hiddenStates".into(), hidden);
+            inputs.remove(names::INPUT_IDS);
+            inputs.insert(names::HIDDEN_STATES.into(), hidden);
         }
         unreachable!("at least one part")
     }
@@ -292,7 +192,7 @@ impl<E: Executor> LanguageModel<E> {
         }
         self.caches = None;
         if !self.carried {
-            self.caches = self.interface.zero_caches()?;
+            self.caches = zero_caches(&self.interface)?;
         }
         self.position = 0;
         Ok(())
@@ -355,9 +255,9 @@ impl<E: Executor> LanguageModel<E> {
                     let mut chunk: Vec<i32> = rest[..take].iter().map(|&t| t as i32).collect();
                     chunk.resize(n, 0);
                     let inputs = BTreeMap::from([
-                        ("inputIds".to_string(), Value::i32(vec![1, n], chunk)),
-                        ("causalMask".to_string(), self.mask(n, self.context)),
-                        ("position".to_string(), Value::i32(vec![1], vec![self.position as i32])),
+                        (names::INPUT_IDS.to_string(), Value::i32(vec![1, n], chunk)),
+                        (names::CAUSAL_MASK.to_string(), self.mask(n, self.context)),
+                        (names::POSITION.to_string(), Value::i32(vec![1], vec![self.position as i32])),
                     ]);
                     let finished = take == rest.len();
                     // Only the last token's logits wanted: of an earlier chunk, any one row
@@ -377,18 +277,21 @@ impl<E: Executor> LanguageModel<E> {
             Interface::Flexible | Interface::TensorCaches { .. } => {
                 let n = ids.len();
                 let mut inputs = BTreeMap::from([
-                    ("inputIds".to_string(), Value::i32(vec![1, n], ids.iter().map(|&t| t as i32).collect())),
-                    ("causalMask".to_string(), self.mask(n, self.position + n)),
+                    (names::INPUT_IDS.to_string(), Value::i32(vec![1, n], ids.iter().map(|&t| t as i32).collect())),
+                    (names::CAUSAL_MASK.to_string(), self.mask(n, self.position + n)),
                 ]);
                 if let Some((k, v)) = self.caches.take() {
-                    inputs.insert("keyCache".into(), k);
-                    inputs.insert("valueCache".into(), v);
+                    inputs.insert(names::KEY_CACHE.into(), k);
+                    inputs.insert(names::VALUE_CACHE.into(), v);
                 }
                 let row = last_only.then_some(n - 1);
                 let mut out = self.predict(None, inputs, row)?;
                 if matches!(self.interface, Interface::TensorCaches { .. }) && !self.carried {
-                    let k = out.remove("keyCacheOut").ok_or_else(|| Error::invalid("no keyCacheOut output"))?;
-                    let v = out.remove("valueCacheOut").ok_or_else(|| Error::invalid("no valueCacheOut output"))?;
+                    let mut carried = |input: &str| {
+                        let name = names::carried_output(input);
+                        out.remove(&name).ok_or_else(|| Error::invalid(format!("no {name} output")))
+                    };
+                    let (k, v) = (carried(names::KEY_CACHE)?, carried(names::VALUE_CACHE)?);
                     self.caches = Some((k, v));
                 }
                 self.position += n;
@@ -401,9 +304,9 @@ impl<E: Executor> LanguageModel<E> {
 /// Each position's logits (with `row`, that position's alone): the `logits` output, or the
 /// blocks `logits_0`, `logits_1`, ... of a split LM head joined along the vocabulary.
 fn logits_rows(out: &BTreeMap<String, Value>, row: Option<usize>) -> Result<Vec<Vec<f32>>> {
-    let parts: Vec<&Value> = match out.get("logits") {
+    let parts: Vec<&Value> = match out.get(names::LOGITS) {
         Some(l) => vec![l],
-        None => (0..).map_while(|i| out.get(&format!("logits_{i}"))).collect(),
+        None => (0..).map_while(|i| out.get(&names::logits_block(i))).collect(),
     };
     if parts.is_empty() {
         return Err(Error::invalid("the model has no `logits` (or `logits_0`, ...) output"));

@@ -7,6 +7,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 
+use corelm_contract::keys;
 use corelm_format::Package;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -96,7 +97,7 @@ pub fn manifest_for(package: &Path) -> Result<BundleManifest> {
         .ok_or_else(|| Error::invalid(format!("{}: a package folder ends in .mlpackage", package.display())))?;
     let meta = &pkg.model().description.metadata;
     let model_id =
-        meta.user_defined.get("corelm.source").cloned().unwrap_or_else(|| name.trim_end_matches(".mlpackage").into());
+        meta.user_defined.get(keys::SOURCE).cloned().unwrap_or_else(|| name.trim_end_matches(".mlpackage").into());
     let minimum_os = match pkg.model().target() {
         Some(t) => t.os_releases().to_string(),
         None => format!("specification {}", pkg.model().spec_version),

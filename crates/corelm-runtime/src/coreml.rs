@@ -10,6 +10,7 @@ use std::ffi::c_void;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
+use corelm_contract::names;
 use corelm_format::{DType, Package};
 use corelm_interp::lm::Executor;
 use corelm_interp::value::{Data, Value};
@@ -125,7 +126,7 @@ impl CoreMlExecutor {
             let outputs: Vec<String> = f.outputs.iter().map(|o| o.name.clone()).collect();
             let mut carried = Vec::new();
             for input in &f.inputs {
-                let (Some(array), true) = (input.array(), outputs.contains(&format!("{}Out", input.name))) else {
+                let (Some(array), true) = (input.array(), outputs.contains(&names::carried_output(&input.name))) else {
                     continue;
                 };
                 let dtype = match array.dtype {
@@ -218,11 +219,6 @@ fn require(object: &(impl NSObjectProtocol + objc2::Message), selector: Sel, wha
     }
 }
 
-/// Whether an output is logits (`logits`, or a split LM head's `logits_0`, `logits_1`, ...).
-fn is_logits(name: &str) -> bool {
-    name == "logits" || name.strip_prefix("logits_").is_some_and(|i| i.parse::<usize>().is_ok())
-}
-
 impl CoreMlExecutor {
     /// One prediction; with `row`, only that query position of the logits outputs is read.
     fn predict_rows(
@@ -252,19 +248,20 @@ impl CoreMlExecutor {
             // The carried caches: the returned arrays themselves, kept for the next call.
             for (input, array) in &mut state.carried {
                 // SAFETY: plain Objective-C calls on the prediction's result.
-                *array = unsafe { out.featureValueForName(&NSString::from_str(&format!("{input}Out"))) }
+                let output = names::carried_output(input);
+                *array = unsafe { out.featureValueForName(&NSString::from_str(&output)) }
                     .and_then(|v| unsafe { v.multiArrayValue() })
-                    .ok_or_else(|| Error::invalid(format!("the model returned no `{input}Out` array")))?;
+                    .ok_or_else(|| Error::invalid(format!("the model returned no `{output}` array")))?;
             }
             let mut values = BTreeMap::new();
-            for name in f.outputs.iter().filter(|o| !f.carried.iter().any(|(i, ..)| **o == format!("{i}Out"))) {
+            for name in f.outputs.iter().filter(|o| !f.carried.iter().any(|(i, ..)| **o == names::carried_output(i))) {
                 // SAFETY: plain Objective-C calls; the array is read within its shape and strides.
                 let value = unsafe {
                     let array = out
                         .featureValueForName(&NSString::from_str(name))
                         .and_then(|v| v.multiArrayValue())
                         .ok_or_else(|| Error::invalid(format!("the model returned no `{name}` array")))?;
-                    value_from_array(name, &array, row.filter(|_| is_logits(name)))?
+                    value_from_array(name, &array, row.filter(|_| names::is_logits(name)))?
                 };
                 values.insert(name.clone(), value);
             }

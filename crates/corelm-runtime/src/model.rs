@@ -1,5 +1,6 @@
 //! A package opened for text generation: its backend, tokenizer, chat template and EOS ids.
 
+use corelm_contract::keys;
 use corelm_format::Package;
 
 use crate::chat::{ChatTemplate, Message, TOKENIZER_CONFIG_PATH};
@@ -50,7 +51,7 @@ impl TextModel {
 
     pub fn with_backend(pkg: &Package, backend: Box<dyn Backend>) -> Result<TextModel> {
         // A split model's tokenizer and chat template travel with its first part.
-        let first = corelm_interp::lm::chunk_packages(pkg)?.map(|mut parts| parts.remove(0));
+        let first = corelm_contract::interface::chunk_packages(pkg)?.map(|mut parts| parts.remove(0));
         let pkg = first.as_ref().unwrap_or(pkg);
         let tokenizer = Tokenizer::from_package(pkg)?;
         let config = pkg.path().join(TOKENIZER_CONFIG_PATH);
@@ -76,7 +77,7 @@ pub fn eos_ids(pkg: &Package) -> Vec<u32> {
         .description
         .metadata
         .user_defined
-        .get("corelm.eos_token_ids")
+        .get(keys::EOS_TOKEN_IDS)
         .map(|s| s.split(',').filter_map(|t| t.trim().parse().ok()).collect())
         .unwrap_or_default()
 }

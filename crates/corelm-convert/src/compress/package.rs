@@ -2,11 +2,12 @@
 //! replaced by its compressed constexpr form, every other stored value is copied, and the
 //! result is written as a new package (through a temporary folder, like a conversion).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use corelm_contract::weights::{WeightMatrices, WeightUse};
 use corelm_format::mil::program::{Binding, Operation, Value, ValueData};
 use corelm_format::package::{
     ExtraItem, PackageWriter, WriteOptions, CORELM_AUTHOR, COREML_AUTHOR, WEIGHT_DIGESTS_FILE,
@@ -32,87 +33,12 @@ pub struct CompressSummary {
     pub megabytes_per_second: f64,
 }
 
-/// How a weight matrix is used, which decides the scheme it gets.
-#[derive(Clone, Copy, PartialEq)]
-enum Use {
-    Layer,
-    /// The embedding table (gathered by token ids) or an LM head of the same vocabulary.
-    Embedding,
-}
-
 /// The blob a const op reads, as an identity shared across functions.
 fn blob_key(v: &Value) -> Option<(String, u64)> {
     match &v.data {
         ValueData::Blob { file, offset } => Some((file.clone(), *offset)),
         ValueData::Immediate(_) => None,
     }
-}
-
-/// Finds the weight matrices of a program: `const` outputs used as `linear` weights or, given
-/// two unit dimensions by `expand_dims`, as 1×1 `conv` weights (the Neural Engine layout), or
-/// gathered by the model's token ids (embeddings); LM heads are layer weights with as many
-/// rows as an embedding table. Rope tables and other gathered constants are not weights.
-fn weight_uses(pkg: &Package) -> HashMap<String, Use> {
-    let program = &pkg.model().program;
-    let mut uses = HashMap::new();
-    let mut vocab = HashSet::new();
-    let mut rows_of = HashMap::new();
-    for f in program.functions.values() {
-        let inputs: HashSet<&str> = f.inputs.iter().map(|i| i.name.as_str()).collect();
-        // Casts of inputs still carry token ids.
-        let mut ids: HashSet<String> = inputs.iter().map(|s| s.to_string()).collect();
-        // expand_dims outputs by the name of the value they reshape.
-        let mut expanded: HashMap<String, String> = HashMap::new();
-        for op in &f.block.operations {
-            if op.op_type == "const" {
-                if let (Some(out), Some(v)) = (op.outputs.first(), op.attributes.get("val")) {
-                    if v.ty.rank() == 2 && v.ty.dtype.is_float() {
-                        rows_of.insert(out.name.clone(), v.ty.shape().map(|s| s[0]).unwrap_or(0));
-                    }
-                }
-            }
-            let name_of = |p: &str| match op.input(p) {
-                Some(Binding::Name(n)) => Some(n.clone()),
-                _ => None,
-            };
-            match op.op_type.as_str() {
-                "cast" => {
-                    if let (Some(x), Some(out)) = (name_of("x"), op.outputs.first()) {
-                        if ids.contains(&x) {
-                            ids.insert(out.name.clone());
-                        }
-                    }
-                }
-                "expand_dims" => {
-                    if let (Some(x), Some(out)) = (name_of("x"), op.outputs.first()) {
-                        expanded.insert(out.name.clone(), x);
-                    }
-                }
-                "linear" | "conv" => {
-                    if let Some(w) = name_of("weight") {
-                        let w = expanded.get(&w).cloned().unwrap_or(w);
-                        uses.entry(w).or_insert(Use::Layer);
-                    }
-                }
-                "gather" => {
-                    if let (Some(x), Some(i)) = (name_of("x"), name_of("indices")) {
-                        if ids.contains(&i) {
-                            uses.insert(x.clone(), Use::Embedding);
-                            vocab.insert(rows_of.get(&x).copied().unwrap_or(0));
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-    uses.retain(|name, _| rows_of.contains_key(name));
-    for (name, u) in uses.iter_mut() {
-        if vocab.contains(&rows_of[name]) {
-            *u = Use::Embedding;
-        }
-    }
-    uses
 }
 
 /// Stored floats as f32.
@@ -152,7 +78,7 @@ pub fn compress_package(
     if policy.body.is_none() && policy.embeddings.is_none() {
         return Err(Error::invalid("no compression scheme given (--quantize)"));
     }
-    let uses = weight_uses(&pkg);
+    let uses = WeightMatrices::find(&pkg.model().program);
     let mut files = pkg.blob_files();
     let mut out = PackageWriter::create(output, write)?;
     // Each stored value is rewritten once, so functions that shared a blob still share it.
@@ -163,11 +89,11 @@ pub fn compress_package(
     for f in model.program.functions.values_mut() {
         for op in f.block.operations.iter_mut() {
             let out_name = op.outputs.first().map(|o| o.name.clone()).unwrap_or_default();
-            let weight_use = if op.op_type == "const" { uses.get(&out_name).copied() } else { None };
+            let weight_use = if op.op_type == "const" { uses.use_of(&out_name) } else { None };
             let val = op.attributes.get("val").cloned();
             if let (Some(u), Some(v)) = (weight_use, &val) {
                 let key = blob_key(v);
-                let scheme = policy.scheme_for(&out_name, u == Use::Embedding);
+                let scheme = policy.scheme_for(&out_name, u == WeightUse::Embedding);
                 match (scheme, key) {
                     (Some(scheme), Some(key)) => {
                         if let Some(done) = replaced.get(&key) {
@@ -179,7 +105,7 @@ pub fn compress_package(
                         }
                         let t = files.read(v).map_err(|e| e.context(format!("weight `{out_name}`")))?;
                         let before = out.weights().bytes_written();
-                        let gram = grams.get(&out_name).filter(|_| u == Use::Layer).map(|g| g.as_slice());
+                        let gram = grams.get(&out_name).filter(|_| u == WeightUse::Layer).map(|g| g.as_slice());
                         let c = compress(t.shape(), &floats(&t)?, scheme, t.dtype(), gram)
                             .map_err(|e| e.context(format!("weight `{out_name}`")))?;
                         compressed_input_bytes += t.bytes().len() as u64;
