@@ -16,6 +16,7 @@ use crate::mil::program::{Value, ValueData};
 use crate::mil::validate::{blob_values, validate_model, Issue};
 use crate::model::Model;
 use crate::tensor::{element_count, Tensor};
+pub use crate::weights::MAX_WEIGHT_FILE_BYTES;
 use crate::weights::{WeightFile, WeightStore};
 
 pub const MANIFEST: &str = "Manifest.json";
@@ -422,9 +423,6 @@ pub struct WriteOptions {
     /// [`MAX_WEIGHT_FILE_BYTES`]).
     pub max_weight_file_bytes: u64,
 }
-
-/// One weight file over 2 GiB keeps Core ML off the Neural Engine (field notes §7).
-pub const MAX_WEIGHT_FILE_BYTES: u64 = 2 << 30;
 
 impl Default for WriteOptions {
     /// No overwriting; weight files of at most 1 GiB, the size that stays safe on iOS.

@@ -9,6 +9,9 @@ use crate::mil::program::{Value, ValueData};
 use crate::mil::types::TensorType;
 use crate::tensor::Tensor;
 
+/// One weight file over 2 GiB keeps Core ML off the Neural Engine (field notes §7).
+pub const MAX_WEIGHT_FILE_BYTES: u64 = 2 << 30;
+
 /// How programs name a file in the weights directory.
 pub fn blob_file_name(file: &str) -> String {
     format!("@model_path/weights/{file}")
@@ -77,7 +80,7 @@ impl WeightStore {
             return Err(Error::invalid(format!("{} tensors cannot be stored in a weight file", tensor.dtype())));
         }
         let needed = 128 + tensor.bytes().len() as u64;
-        if needed > crate::package::MAX_WEIGHT_FILE_BYTES {
+        if needed > MAX_WEIGHT_FILE_BYTES {
             return Err(Error::invalid(format!(
                 "a {:?} {} tensor takes {:.2} GiB: more than the 2 GiB one weight file may hold; compress it (--quantize)",
                 tensor.shape(),

@@ -537,6 +537,23 @@ mod avx512 {
     }
 }
 
+impl Packed {
+    /// Expands row `r` into `out` (length `cols`). These two live here rather than in `value`,
+    /// so the matrix kernels depend on the values and not the other way round.
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        WeightRows::of(self).row_into(self.cols(), r, out);
+    }
+
+    pub fn dense(&self) -> Vec<f32> {
+        let cols = self.cols();
+        let mut out = vec![0f32; self.rows() * cols];
+        for (r, row) in out.chunks_mut(cols.max(1)).enumerate() {
+            self.row_into(r, row);
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

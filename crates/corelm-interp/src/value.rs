@@ -343,20 +343,6 @@ impl Packed {
         }
     }
 
-    /// Expands row `r` into `out` (length `cols`).
-    pub fn row_into(&self, r: usize, out: &mut [f32]) {
-        crate::matmul::WeightRows::of(self).row_into(self.cols(), r, out);
-    }
-
-    pub fn dense(&self) -> Vec<f32> {
-        let cols = self.cols();
-        let mut out = vec![0f32; self.rows() * cols];
-        for (r, row) in out.chunks_mut(cols.max(1)).enumerate() {
-            self.row_into(r, row);
-        }
-        out
-    }
-
     /// Bytes held in memory.
     pub fn bytes(&self) -> usize {
         match self {
