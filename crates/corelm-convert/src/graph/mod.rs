@@ -1,0 +1,263 @@
+//! The decoder-only transformer as an ML Program: one graph, parameterised by the model
+//! configuration, covering every supported family.
+//!
+//! Interface (stateful, iOS 18): inputs `inputIds` int32 (1, N) and `causalMask` (1, 1, N, end);
+//! the write position is end − N; states `keyCache`/`valueCache` (layers, 1, kv_heads, context,
+//! head_dim) fp16; output `logits` (1, N, vocab). Fixed query lengths become functions of one
+//! multifunction model sharing the weights; those take fixed shapes throughout (the mask is
+//! (1, 1, N, context)) and an extra `position` input.
+
+mod attention;
+mod cache;
+mod emitter;
+mod head;
+mod inputs;
+mod layer;
+mod masks;
+mod norms;
+mod weights;
+
+pub use weights::{roles, store_weights, GridNotKept, Progress, StoredWeights};
+
+use crate::arch::Role;
+use crate::compress::Policy;
+use crate::config::{Attention, ModelConfig};
+use crate::{Error, Result};
+use attention::AttentionForm;
+use cache::KvCache;
+use corelm_contract::names;
+use corelm_format::mil::program::Function;
+use corelm_format::model::FunctionDescription;
+use corelm_format::weights::WeightStore;
+use corelm_format::{DType, FunctionBuilder, Target};
+use emitter::Graph;
+use inputs::{Inputs, Positions, RopeRows};
+use layer::LayerContext;
+use masks::Masks;
+
+/// How attention is emitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionImpl {
+    /// `scaled_dot_product_attention` (iOS 18), the scale folded into Q.
+    Fused,
+    /// matmul + softmax + matmul (always used where soft-capping is needed).
+    Decomposed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    Fp16,
+    Fp32,
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::Fp16 => DType::Fp16,
+            Precision::Fp32 => DType::Fp32,
+        }
+    }
+}
+
+/// What the graph is shaped for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Profile {
+    /// GPU and CPU: norms in fp32 (and Gemma's residual stream), any query-length scheme.
+    #[default]
+    Default,
+    /// The Neural Engine (docs/ane-rules.md): fp16 throughout, fixed query lengths, context a
+    /// multiple of 32, no tensor dimension over [`ANE_MAX_DIM`].
+    Ane,
+}
+
+/// The largest tensor dimension the Neural Engine takes (rule `ane-dim-over-65536`).
+pub const ANE_MAX_DIM: usize = 65536;
+
+/// The ane profile's prefill chunk when no query lengths are given.
+pub const ANE_PREFILL_CHUNK: usize = 64;
+
+/// The part of the layer stack one package holds (`--chunks`): the first starts from token
+/// ids, the others from the previous part's hidden states (`hiddenStates` in,
+/// `nextHiddenStates` out); only the last ends in logits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stage {
+    pub layers: std::ops::Range<usize>,
+    pub first: bool,
+    pub last: bool,
+}
+
+impl Stage {
+    /// `parts` stages of consecutive layers whose sizes differ by at most one.
+    pub fn split(layers: usize, parts: usize) -> Vec<Stage> {
+        (0..parts)
+            .map(|i| Stage {
+                layers: i * layers / parts..(i + 1) * layers / parts,
+                first: i == 0,
+                last: i + 1 == parts,
+            })
+            .collect()
+    }
+
+    /// Whether this stage reads the weight.
+    pub fn holds(&self, role: Role) -> bool {
+        match role {
+            Role::Embed | Role::PositionEmbed => self.first,
+            Role::Layer(l, _) => self.layers.contains(&l),
+            Role::FinalNorm | Role::FinalNormBias | Role::LmHead => self.last,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GraphOptions {
+    pub target: Target,
+    /// Tokens the KV cache holds.
+    pub context: usize,
+    /// Empty: one function with a flexible query length (1..=context). Otherwise one function
+    /// per length, named `length_<N>`, sharing weights.
+    pub query_lengths: Vec<usize>,
+    pub attention: AttentionImpl,
+    pub precision: Precision,
+    /// How the linear layers and embeddings are compressed (default: not at all).
+    pub compress: Policy,
+    pub profile: Profile,
+    /// Packages the layer stack is split into (1: one package); see [`Stage`].
+    pub chunks: usize,
+}
+
+impl Default for GraphOptions {
+    /// What `corelm convert` does without flags: a stateful iOS 18 package, fused attention,
+    /// fp16, no compression, the default profile, one package, the default context.
+    fn default() -> GraphOptions {
+        GraphOptions {
+            target: Target::Ios18,
+            context: crate::convert::DEFAULT_CONTEXT,
+            query_lengths: vec![],
+            attention: AttentionImpl::Fused,
+            precision: Precision::Fp16,
+            compress: Policy::default(),
+            profile: Profile::Default,
+            chunks: 1,
+        }
+    }
+}
+
+impl GraphOptions {
+    /// The options with the profile's requirements applied: the ane profile takes fp16 and
+    /// states (iOS 18), pads the context to a multiple of 32 and, without explicit query
+    /// lengths, makes a decode function (1 token) and a prefill function (64).
+    pub fn resolved(&self) -> Result<GraphOptions> {
+        let mut o = self.clone();
+        if o.profile == Profile::Ane {
+            if o.precision != Precision::Fp16 {
+                return Err(Error::invalid("the ane profile computes in fp16 (drop --precision fp32)"));
+            }
+            if !o.target.supports_states() {
+                return Err(Error::invalid("the ane profile keeps the KV cache as states: it needs --target ios18"));
+            }
+            o.context = o.context.next_multiple_of(32);
+            if o.query_lengths.is_empty() {
+                o.query_lengths = vec![1, ANE_PREFILL_CHUNK.min(o.context)];
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// Slots of the ring-buffer cache the ane profile gives sliding-window layers: the window plus
+/// the longest query, so writing a chunk never overwrites a key an earlier query of the same
+/// chunk still sees; rounded to a multiple of 32 and of every query length, so a chunk that
+/// starts at a multiple of its length never wraps around. `None`: full-length caches.
+pub fn ring_slots(c: &ModelConfig, opts: &GraphOptions) -> Option<usize> {
+    let window = c
+        .layer_attention
+        .iter()
+        .filter_map(|a| match a {
+            Attention::Sliding(w) => Some(*w),
+            Attention::Full => None,
+        })
+        .max()?;
+    let longest = opts.query_lengths.iter().copied().max().unwrap_or(1);
+    let unit = opts.query_lengths.iter().fold(32, |u, &n| lcm(u, n));
+    let slots = (window + longest).next_multiple_of(unit);
+    (opts.profile == Profile::Ane && slots < opts.context).then_some(slots)
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    let gcd = |mut x: usize, mut y: usize| {
+        while y != 0 {
+            (x, y) = (y, x % y);
+        }
+        x
+    };
+    a / gcd(a, b) * b
+}
+
+/// Gemma 2/3's residual stream passes fp16's 65504 (Gemma-3-270M peaks near 104 000 on the
+/// evaluation text); the ane profile keeps it in fp16 divided by this. The post-norms that feed
+/// the stream absorb the factor, and the norms that read the stream are scale-invariant (their
+/// epsilon is divided by its square), so only the representation changes.
+pub(super) fn residual_divisor(c: &ModelConfig, opts: &GraphOptions) -> f64 {
+    if opts.profile == Profile::Ane && c.sandwich_norms {
+        8.0
+    } else {
+        1.0
+    }
+}
+
+/// Builds one function; `query_len` `None` means a flexible query length. The parts, in the
+/// order their ops are emitted: inputs, caches, positions, embedding, RoPE rows, masks, the
+/// cache writes' shared values, the layers, then the head (or the hidden states for the next
+/// stage).
+pub fn build_function(
+    name: &str,
+    c: &ModelConfig,
+    weights: &StoredWeights,
+    opts: &GraphOptions,
+    store: &mut WeightStore,
+    query_len: Option<usize>,
+    stage: &Stage,
+) -> Result<(Function, FunctionDescription)> {
+    let compute = opts.precision.dtype();
+    let ane = opts.profile == Profile::Ane;
+    // Gemma's residual stream passes fp16's 65504, so it stays fp32 (field notes, item 6),
+    // except on the Neural Engine, where it is scaled down instead.
+    let residual = if c.family.is_gemma() && !ane { DType::Fp32 } else { compute };
+    let divisor = residual_divisor(c, opts);
+    let mut g = Graph::new(FunctionBuilder::new(name, opts.target, store)?, c, weights, ane, divisor);
+    let inputs = Inputs::declare(&mut g, opts.context, query_len, stage, residual, compute)?;
+    let mut kv = KvCache::declare(&mut g, c, opts, stage)?;
+    let positions = Positions::new(&mut g, &inputs, query_len, opts.context)?;
+    let mut x = if stage.first {
+        g.embed(&inputs.tokens, &positions.query, compute, residual, divisor)?
+    } else {
+        inputs.tokens.clone()
+    };
+    if ane {
+        x = g.channels_first(&x, "hidden_channels")?;
+    }
+    let rope = RopeRows::gather(&mut g, weights, &positions.query)?;
+    let layers = &c.layer_attention[stage.layers.clone()];
+    let mut masks = Masks::new(&mut g, layers, &inputs.mask, &positions, kv.has_ring(), compute)?;
+    kv.prepare_writes(&mut g, &positions, query_len)?;
+    masks.set_ring(kv.ring_mask());
+    let fused =
+        opts.attention == AttentionImpl::Fused && c.attn_logit_softcap.is_none() && opts.target >= Target::Ios18;
+    let attention = match (fused, ane) {
+        (false, _) => AttentionForm::Decomposed,
+        (true, false) => AttentionForm::Fused,
+        (true, true) => AttentionForm::PerHead,
+    };
+    let cx = LayerContext { compute, residual, attention, positions: &positions, rope: &rope };
+    for l in stage.layers.clone() {
+        x = layer::decoder_layer(&mut g, &cx, &mut kv, &mut masks, l, x)?;
+    }
+    if !stage.last {
+        let out = if ane { g.tokens_first(&x, "next_hidden")? } else { x };
+        g.f.output(&out, names::NEXT_HIDDEN_STATES)?;
+        return g.f.finish();
+    }
+    head::logits(&mut g, &x, compute)?;
+    kv.output_updates(&mut g)?;
+    g.f.finish()
+}
