@@ -21,37 +21,10 @@ pub enum Family {
     Gpt2,
 }
 
-pub const SUPPORTED_MODEL_TYPES: &[&str] =
-    &["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "gpt2"];
-
 impl Family {
-    pub fn from_model_type(model_type: &str) -> Option<Family> {
-        Some(match model_type {
-            "llama" => Family::Llama,
-            "mistral" => Family::Mistral,
-            "qwen2" => Family::Qwen2,
-            "qwen3" => Family::Qwen3,
-            "gemma" => Family::Gemma,
-            "gemma2" => Family::Gemma2,
-            "gemma3_text" | "gemma3" => Family::Gemma3,
-            "phi3" => Family::Phi3,
-            "gpt2" => Family::Gpt2,
-            _ => return None,
-        })
-    }
-
+    /// The `model_type` corelm writes for this family (the first its registration lists).
     pub fn name(self) -> &'static str {
-        match self {
-            Family::Llama => "llama",
-            Family::Mistral => "mistral",
-            Family::Qwen2 => "qwen2",
-            Family::Qwen3 => "qwen3",
-            Family::Gemma => "gemma",
-            Family::Gemma2 => "gemma2",
-            Family::Gemma3 => "gemma3_text",
-            Family::Phi3 => "phi3",
-            Family::Gpt2 => "gpt2",
-        }
+        crate::arch::registration(self).model_types[0]
     }
 
     pub fn is_gemma(self) -> bool {

@@ -4,7 +4,7 @@ use crate::arch::{token_ids, LayerRole, Role, Take, TensorSpec};
 use crate::config::{Activation, Attention, Family, Fields, ModelConfig, Norm};
 use crate::Result;
 
-pub fn config(f: &Fields) -> Result<ModelConfig> {
+pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
     let hidden = f.usize_any(&["n_embd", "hidden_size"])?;
     let heads = f.usize_any(&["n_head", "num_attention_heads"])?;
     let layers = f.usize_any(&["n_layer", "num_hidden_layers"])?;
@@ -20,7 +20,7 @@ pub fn config(f: &Fields) -> Result<ModelConfig> {
     let (bos_token_id, eos_token_ids, pad_token_id) = token_ids(f)?;
     let head_dim = hidden / heads;
     Ok(ModelConfig {
-        family: Family::Gpt2,
+        family,
         vocab_size: f.usize("vocab_size")?,
         hidden_size: hidden,
         intermediate_size: f.opt_usize("n_inner")?.unwrap_or(4 * hidden),

@@ -11,9 +11,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::config::{
-    Activation, Attention, Family, Fields, ModelConfig, Norm, Rope, RopeScaling, SUPPORTED_MODEL_TYPES,
-};
+use crate::config::{Activation, Attention, Family, Fields, ModelConfig, Norm, Rope, RopeScaling};
 use crate::{Error, Result};
 
 /// A weight of the common decoder graph.
@@ -85,17 +83,73 @@ impl TensorSpec {
     }
 }
 
+/// A family as corelm knows it: the `model_type`s that name it in `config.json` (the first is
+/// the one corelm writes), how its config is read, and where each weight lives. Adding a
+/// family is a module with these two functions and a row in [`FAMILIES`].
+pub struct Registration {
+    pub family: Family,
+    pub model_types: &'static [&'static str],
+    config: fn(&Fields, Family) -> Result<ModelConfig>,
+    tensor_spec: fn(&ModelConfig, Role) -> Option<TensorSpec>,
+}
+
+const FAMILIES: &[Registration] = &[
+    Registration {
+        family: Family::Llama,
+        model_types: &["llama"],
+        config: llama::config,
+        tensor_spec: hf_decoder_spec,
+    },
+    Registration {
+        family: Family::Mistral,
+        model_types: &["mistral"],
+        config: llama::config,
+        tensor_spec: hf_decoder_spec,
+    },
+    Registration { family: Family::Qwen2, model_types: &["qwen2"], config: qwen::config, tensor_spec: hf_decoder_spec },
+    Registration { family: Family::Qwen3, model_types: &["qwen3"], config: qwen::config, tensor_spec: hf_decoder_spec },
+    Registration {
+        family: Family::Gemma,
+        model_types: &["gemma"],
+        config: gemma::config,
+        tensor_spec: hf_decoder_spec,
+    },
+    Registration {
+        family: Family::Gemma2,
+        model_types: &["gemma2"],
+        config: gemma::config,
+        tensor_spec: hf_decoder_spec,
+    },
+    // Multimodal Gemma 3 (`gemma3`) keeps the language model's settings under `text_config`.
+    Registration {
+        family: Family::Gemma3,
+        model_types: &["gemma3_text", "gemma3"],
+        config: gemma::config,
+        tensor_spec: hf_decoder_spec,
+    },
+    Registration { family: Family::Phi3, model_types: &["phi3"], config: phi3::config, tensor_spec: phi3::tensor_spec },
+    Registration { family: Family::Gpt2, model_types: &["gpt2"], config: gpt2::config, tensor_spec: gpt2::tensor_spec },
+];
+
+/// The registration of `family`.
+pub fn registration(family: Family) -> &'static Registration {
+    FAMILIES.iter().find(|r| r.family == family).expect("every family is registered")
+}
+
+/// Every `model_type` corelm converts.
+pub fn supported_model_types() -> Vec<&'static str> {
+    FAMILIES.iter().flat_map(|r| r.model_types.iter().copied()).collect()
+}
+
 /// Reads `config.json` (already parsed) into a model configuration for a supported family.
 pub fn read_config(path: &Path, json: &Value) -> Result<ModelConfig> {
     let f = Fields::new(path, json)?;
-    let model_type = f.opt_str("model_type")?.ok_or_else(|| {
-        f.error(format!("no `model_type` field; supported model types: {}", SUPPORTED_MODEL_TYPES.join(", ")))
-    })?;
-    let family = Family::from_model_type(model_type).ok_or_else(|| {
-        f.error(format!(
-            "unsupported architecture `{model_type}`; supported model types: {}",
-            SUPPORTED_MODEL_TYPES.join(", ")
-        ))
+    let supported = || supported_model_types().join(", ");
+    let model_type = f
+        .opt_str("model_type")?
+        .ok_or_else(|| f.error(format!("no `model_type` field; supported model types: {}", supported())))?;
+    let registration = FAMILIES.iter().find(|r| r.model_types.contains(&model_type)).ok_or_else(|| {
+        f.error(format!("unsupported architecture `{model_type}`; supported model types: {}", supported()))
     })?;
     // Multimodal Gemma 3 keeps the language model's settings under `text_config`.
     let text;
@@ -105,30 +159,14 @@ pub fn read_config(path: &Path, json: &Value) -> Result<ModelConfig> {
     } else {
         f
     };
-    let config = match family {
-        Family::Llama | Family::Mistral => llama::config(&f, family)?,
-        Family::Qwen2 | Family::Qwen3 => qwen::config(&f, family)?,
-        Family::Gemma | Family::Gemma2 | Family::Gemma3 => gemma::config(&f, family)?,
-        Family::Phi3 => phi3::config(&f)?,
-        Family::Gpt2 => gpt2::config(&f)?,
-    };
+    let config = (registration.config)(&f, registration.family)?;
     check_config(&f, &config)?;
     Ok(config)
 }
 
 /// Where each role's tensor lives for this family; `None` when the family has no such weight.
 pub fn tensor_spec(config: &ModelConfig, role: Role) -> Option<TensorSpec> {
-    match config.family {
-        Family::Llama
-        | Family::Mistral
-        | Family::Qwen2
-        | Family::Qwen3
-        | Family::Gemma
-        | Family::Gemma2
-        | Family::Gemma3 => hf_decoder_spec(config, role),
-        Family::Phi3 => phi3::tensor_spec(config, role),
-        Family::Gpt2 => gpt2::tensor_spec(config, role),
-    }
+    (registration(config.family).tensor_spec)(config, role)
 }
 
 /// The `model.layers.N.self_attn.q_proj.weight` naming shared by most families.
