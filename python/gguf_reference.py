@@ -15,6 +15,9 @@ quants.gguf
 quants.expected.f32 / quants.expected.json
     `gguf.quants.dequantize` of every tensor, as little-endian f32 concatenated in manifest order;
     the manifest gives name, type, shape (row-major) and the offset in floats.
+grids.gguf
+    A small llama whose matrices use every block type corelm carries into Core ML (see
+    write_grid_model): converted with and without --dequantize by the CLI tests.
 tok_*.gguf
     Vocabulary-only files for the tokenizer builders (byte-level BPE, SentencePiece with scores,
     Gemma 3, Phi-3).
@@ -45,14 +48,15 @@ def f16_bytes(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float16).view(np.uint8).reshape(*values.shape, 2)
 
 
-def random_k_blocks(rng: np.random.Generator, qtype: T, n_blocks: int) -> np.ndarray:
-    """Random blocks with random bits and finite f16 scales at the places the layout keeps them."""
+def random_k_blocks(rng: np.random.Generator, qtype: T, n_blocks: int, scale: float = 0.02) -> np.ndarray:
+    """Random blocks with random bits and finite f16 scales (normal, std `scale`) at the places
+    the layout keeps them."""
     from gguf.constants import GGML_QUANT_SIZES
 
     _, size = GGML_QUANT_SIZES[qtype]
     b = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
-    d = f16_bytes(rng.normal(0, 0.02, size=n_blocks))
-    dmin = f16_bytes(np.abs(rng.normal(0, 0.02, size=n_blocks)))
+    d = f16_bytes(rng.normal(0, scale, size=n_blocks))
+    dmin = f16_bytes(np.abs(rng.normal(0, scale, size=n_blocks)))
     if qtype == T.Q2_K:  # scales[16] qs[64] d dmin
         b[:, 80:82], b[:, 82:84] = d, dmin
     elif qtype == T.Q3_K:  # hmask[32] qs[64] scales[12] d
@@ -61,6 +65,8 @@ def random_k_blocks(rng: np.random.Generator, qtype: T, n_blocks: int) -> np.nda
         b[:, 0:2], b[:, 2:4] = d, dmin
     elif qtype == T.Q6_K:  # ql[128] qh[64] scales[16] d
         b[:, 208:210] = d
+    elif qtype in (T.IQ4_NL, T.IQ4_XS):  # d ... (IQ4_XS: d scales_h scales_l[4] qs[128])
+        b[:, 0:2] = d
     else:
         raise ValueError(qtype)
     return b
@@ -117,10 +123,12 @@ def write_quants(out: Path) -> None:
         x[2, 32:64] = np.linspace(-1, 1, 32)
         add(f"quant.{qtype.name}", quantize(x, qtype), qtype, x.shape)
 
-    # K-quants: random valid blocks (gguf can dequantize but not quantize them).
-    for qtype in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K):
+    # K-quants and IQ4: random valid blocks (gguf can dequantize but not quantize them).
+    from gguf.constants import GGML_QUANT_SIZES
+
+    for qtype in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS):
         rows, cols = 3, 512
-        blocks = random_k_blocks(rng, qtype, rows * cols // 256)
+        blocks = random_k_blocks(rng, qtype, rows * cols // GGML_QUANT_SIZES[qtype][0])
         data = blocks.reshape(rows, -1)
         add(f"kquant.{qtype.name}", data, qtype, (rows, cols))
 
@@ -229,6 +237,76 @@ def write_tokenizers(out: Path) -> list[str]:
     return names
 
 
+# grids.gguf: one tensor of every block type Core ML carries, in a small llama model.
+GRID_LAYERS = [
+    {"attn_q": T.Q2_K, "attn_k": T.Q3_K, "attn_v": T.Q4_K, "attn_output": T.Q5_K,
+     "ffn_gate": T.Q6_K, "ffn_up": T.IQ4_NL, "ffn_down": T.IQ4_XS},
+    {"attn_q": T.Q4_0, "attn_k": T.Q4_1, "attn_v": T.Q5_0, "attn_output": T.Q5_1,
+     "ffn_gate": T.Q8_0, "ffn_up": T.IQ4_XS, "ffn_down": T.Q4_K},
+]
+
+
+def write_grid_model(out: Path) -> None:
+    """A 2-layer llama (hidden 256, 4 heads, 2 KV heads, MLP 256) whose matrices use every block
+    type corelm carries into Core ML (GRID_LAYERS; the embedding is Q6_K): random valid blocks
+    with small scales for the types gguf cannot quantize, gguf's quantizer on random weights for
+    the others, and the tok_llama SentencePiece vocabulary."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    rng = np.random.default_rng(SEED + 1)
+    hidden, ffn, heads, kv_heads = 256, 256, 4, 2
+    letters = list("abcdefghijklmnopqrstuvwxyzTHE")
+    pieces = ["▁", "▁t", "he", "▁the", "▁a", "an", "▁an", "in", "▁in", "er", "▁▁", "▁▁▁▁", "ab", "abc", "bc"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces + letters
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(pieces) + len(letters))
+    scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(pieces))] + [-100.0 - i for i in range(len(letters))]
+    w = GGUFWriter(str(out / "grids.gguf"), "llama")
+    w.add_block_count(len(GRID_LAYERS))
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(len(tokens))
+    w.add_string("tokenizer.ggml.model", "llama")
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_key_value("tokenizer.ggml.token_type", types, V.ARRAY, sub_type=V.INT32)
+    w.add_key_value("tokenizer.ggml.scores", scores, V.ARRAY, sub_type=V.FLOAT32)
+    w.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    w.add_uint32("tokenizer.ggml.unknown_token_id", 0)
+
+    def matrix(name: str, qtype: T, rows: int, cols: int) -> None:
+        if qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0):
+            data = quantize(rng.normal(0, 0.05, size=(rows, cols)).astype(np.float32), qtype)
+        else:
+            block = GGML_QUANT_SIZES[qtype][0]
+            # The block scale that makes weights of about 0.05 (random bits give integers and
+            # sub-block scales of these typical sizes), so activations stay in range.
+            typical = {T.Q2_K: 12, T.Q3_K: 32, T.Q4_K: 240, T.Q5_K: 480, T.Q6_K: 1000, T.IQ4_NL: 60, T.IQ4_XS: 1000}
+            data = random_k_blocks(rng, qtype, rows * cols // block, scale=0.05 / typical[qtype]).reshape(rows, -1)
+        w.add_tensor(name, data, raw_dtype=qtype)
+
+    matrix("token_embd.weight", T.Q6_K, len(tokens), hidden)
+    w.add_tensor("output_norm.weight", (1 + rng.normal(0, 0.1, size=hidden)).astype(np.float32))
+    for layer, kinds in enumerate(GRID_LAYERS):
+        p = f"blk.{layer}"
+        for norm in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"{p}.{norm}.weight", (1 + rng.normal(0, 0.1, size=hidden)).astype(np.float32))
+        head_dim = hidden // heads
+        shapes = {"attn_q": (hidden, hidden), "attn_k": (kv_heads * head_dim, hidden),
+                  "attn_v": (kv_heads * head_dim, hidden), "attn_output": (hidden, hidden),
+                  "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn)}
+        for kind, qtype in kinds.items():
+            matrix(f"{p}.{kind}.weight", qtype, *shapes[kind])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def hf_tokenizers(out: Path, names: list[str]) -> None:
     """tokenizer.json as transformers builds it from each file (tokenizer only: no torch needed)."""
     import tempfile
@@ -256,6 +334,7 @@ def main() -> None:
     out = Path(args[0]) if args else DEFAULT_OUT
     out.mkdir(parents=True, exist_ok=True)
     write_quants(out)
+    write_grid_model(out)
     names = write_tokenizers(out)
     if "--hf-tokenizers" in sys.argv:
         hf_tokenizers(out, names)

@@ -41,7 +41,7 @@ done
   --quantize int8 >/dev/null
 if [[ -f .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf ]]; then
   "$corelm" convert .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf -o "$work/smollm2.gguf.mlpackage" --context 256 >/dev/null
-  "$corelm" convert .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf -o "$work/smollm2.grid.mlpackage" --context 256 --grid gguf >/dev/null
+  "$corelm" convert .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf -o "$work/smollm2.fp16.mlpackage" --context 256 --dequantize >/dev/null
 fi
 python3 - "$work" "$out" <<'PY'
 import hashlib, json, os, sys

@@ -1,6 +1,6 @@
 //! Arbitrary bytes as a `.gguf` file, through what `corelm convert`/`plan` do with one: the
 //! header, metadata and tensor table (`GgufFile`), the tokenizer and chat template rebuilt from
-//! the metadata, every tensor dequantized or taken as a shift-scale grid, then `open_source` on
+//! the metadata, every tensor dequantized and taken as the grid Core ML carries, then `open_source` on
 //! the file (config.json equivalent, model configuration, tokenizer files) and every weight the
 //! configuration asks for read as the graph builder reads it. Ok or an error, never a panic.
 #![no_main]
@@ -33,7 +33,9 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(values) = f.dequantize(t) {
             assert_eq!(values.len(), t.n_elements(), "tensor `{}` dequantizes to its element count", t.name);
         }
-        let _ = gguf::shift_scale_grid(t.dtype, f.raw(t));
+        if let Some(g) = gguf::carried_grid(t.dtype, f.raw(t)) {
+            assert_eq!(g.values.len(), t.n_elements(), "tensor `{}`'s grid holds its element count", t.name);
+        }
     }
     drop(f);
 

@@ -516,10 +516,10 @@ struct CompressArgs {
     /// e.g. `layers.0.` or `down_proj`).
     #[arg(long, value_name = "TEXT")]
     keep: Vec<String>,
-    /// From GGUF: store Q4_0 / Q4_1 / Q8_0 weights on their own grid (no second rounding);
-    /// other weights follow --quantize.
-    #[arg(long, value_enum)]
-    grid: Option<GridArg>,
+    /// From GGUF: dequantize every weight to the compute precision instead of keeping each grid
+    /// Core ML can hold (the default: what you downloaded is what you get).
+    #[arg(long)]
+    dequantize: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -540,11 +540,6 @@ enum EmbeddingSchemeArg {
     Lut4,
     Lut6,
     Lut8,
-}
-
-#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
-enum GridArg {
-    Gguf,
 }
 
 impl CompressArgs {
@@ -578,7 +573,7 @@ impl CompressArgs {
         for s in body.iter().chain(&embeddings) {
             s.check()?;
         }
-        Ok(Policy { body, embeddings, keep: self.keep.clone(), source_grid: self.grid == Some(GridArg::Gguf) })
+        Ok(Policy { body, embeddings, keep: self.keep.clone(), keep_grids: !self.dequantize })
     }
 }
 
@@ -614,6 +609,9 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
         TargetArg::Ios17 => corelm_format::Target::Ios17,
         TargetArg::Ios18 => corelm_format::Target::Ios18,
     };
+    if args.compress.dequantize && args.source.extension().is_none_or(|e| e != "gguf") {
+        anyhow::bail!("--dequantize applies to GGUF files; {} is not one", args.source.display());
+    }
     let source = corelm_convert::convert::open_source(&args.source)
         .with_context(|| format!("cannot read model {}", args.source.display()))?;
     let context = args.context.unwrap_or_else(|| corelm_convert::convert::default_context(&source.config));
@@ -669,7 +667,7 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
             )));
         }
     }
-    warn_grids_not_kept(&summary.grids_not_kept);
+    warn_grids_not_carried(&summary.source_grids);
     if args.json {
         emitln!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -691,6 +689,9 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
             summary.output_bytes as f64 / 1e6,
             summary.seconds
         );
+        for line in grid_lines(&summary.grid_types) {
+            emitln!("{line}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -716,21 +717,53 @@ fn check_finite(package: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// Says on stderr which GGUF grids `--grid gguf` could not keep, by type, with examples.
-fn warn_grids_not_kept(notes: &[corelm_convert::graph::GridNotKept]) {
+/// Says on stderr which quantized source tensors were not carried on their grid, by type and
+/// reason, with examples.
+fn warn_grids_not_carried(grids: &[corelm_convert::graph::SourceGrid]) {
     let mut by_type: std::collections::BTreeMap<(&str, &str, &str), Vec<&str>> = Default::default();
-    for n in notes {
-        by_type.entry((&n.source_type, &n.stored_as, &n.reason)).or_default().push(&n.tensor);
+    for g in grids {
+        if let Some(reason) = &g.reason {
+            by_type.entry((&g.source_type, &g.stored_as, reason)).or_default().push(&g.tensor);
+        }
     }
     for ((source_type, stored_as, reason), tensors) in by_type {
         let shown: Vec<&str> = tensors.iter().take(3).copied().collect();
         let more = if tensors.len() > shown.len() { ", …" } else { "" };
         eprintln!(
-            "warning: --grid gguf: {} {source_type} tensor(s) stored as {stored_as}, not on their grid: {reason} ({}{more})",
+            "warning: {} {source_type} tensor(s) stored as {stored_as}, not on their grid: {reason} ({}{more})",
             tensors.len(),
             shown.join(", ")
         );
     }
+}
+
+/// One line per ggml type of a quantized source: how its tensors were carried and their bytes.
+fn grid_lines(types: &[corelm_convert::graph::GridType]) -> Vec<String> {
+    types
+        .iter()
+        .map(|t| {
+            let mut how = Vec::new();
+            for (n, what) in [
+                (t.exact, "exact".to_string()),
+                (t.scale_rounded, format!("fp16-rounded scales, max error {:.1e}", t.max_error)),
+                (t.dequantized, "dequantized".to_string()),
+                (t.requantized, "re-quantized".to_string()),
+            ] {
+                if n > 0 {
+                    how.push(format!("{n} {what}"));
+                }
+            }
+            format!(
+                "  {}: {} tensors ({}), {:.1} MB in the GGUF, {:.1} MB in the package ({:.2}×)",
+                t.source_type,
+                t.tensors,
+                how.join(", "),
+                t.source_bytes as f64 / 1e6,
+                t.package_bytes as f64 / 1e6,
+                t.package_bytes as f64 / t.source_bytes.max(1) as f64
+            )
+        })
+        .collect()
 }
 
 fn chat(
@@ -979,8 +1012,8 @@ fn compress(
     write: &WriteArgs,
     json: bool,
 ) -> Result<ExitCode> {
-    if args.grid.is_some() {
-        anyhow::bail!("--grid applies when converting from GGUF, not to packages");
+    if args.dequantize {
+        anyhow::bail!("--dequantize applies when converting from GGUF, not to packages");
     }
     let policy = args.policy()?;
     let grams = match calibration {

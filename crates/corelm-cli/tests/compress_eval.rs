@@ -55,6 +55,8 @@ fn eval_matches_transformers_perplexity() {
             &window,
             "--precision",
             precision,
+            // transformers dequantizes the GGUF: compare like for like.
+            "--dequantize",
             "--json",
         ]);
         let got = ok_json(&[
@@ -81,7 +83,7 @@ fn eval_matches_transformers_perplexity() {
 fn compress_our_package() {
     let tmp = tempfile::tempdir().unwrap();
     let fp16 = tmp.path().join("fp16.mlpackage");
-    ok_json(&["convert", path(&smollm2()), "-o", path(&fp16), "--context", "256", "--json"]);
+    ok_json(&["convert", path(&smollm2()), "-o", path(&fp16), "--context", "256", "--dequantize", "--json"]);
     let int8 = tmp.path().join("int8.mlpackage");
     let s = ok_json(&["compress", path(&fp16), "-o", path(&int8), "--quantize", "int8", "--json"]);
     // 30 layers × 7 matrices, and the embedding shared with the tied LM head.
@@ -97,7 +99,18 @@ fn compress_our_package() {
 
     // The Neural Engine layout: 1×1 convs whose weights pass through expand_dims are found too.
     let ane = tmp.path().join("ane.mlpackage");
-    ok_json(&["convert", path(&smollm2()), "-o", path(&ane), "--context", "256", "--profile", "ane", "--json"]);
+    ok_json(&[
+        "convert",
+        path(&smollm2()),
+        "-o",
+        path(&ane),
+        "--context",
+        "256",
+        "--profile",
+        "ane",
+        "--dequantize",
+        "--json",
+    ]);
     let ane8 = tmp.path().join("ane-int8.mlpackage");
     let s = ok_json(&["compress", path(&ane), "-o", path(&ane8), "--quantize", "int8", "--json"]);
     assert_eq!((s["compressed"].as_u64(), s["kept"].as_u64()), (Some(211), Some(0)), "{s}");
@@ -105,16 +118,27 @@ fn compress_our_package() {
     let (code, _, err) = corelm(&["validate", path(&ane8)]);
     assert_eq!(code, 0, "{err}");
 
-    // Bad input: existing output, --grid on a package, nothing to do, an iOS 17 package.
+    // Bad input: existing output, --dequantize on a package, nothing to do, an iOS 17 package.
     let (code, _, err) = corelm(&["compress", path(&fp16), "-o", path(&int8), "--quantize", "int8"]);
     assert!(code != 0 && err.contains("exists"), "{err}");
     let other = tmp.path().join("other.mlpackage");
-    let (code, _, err) = corelm(&["compress", path(&fp16), "-o", path(&other), "--quantize", "int4", "--grid", "gguf"]);
-    assert!(code != 0 && err.contains("--grid"), "{err}");
+    let (code, _, err) = corelm(&["compress", path(&fp16), "-o", path(&other), "--quantize", "int4", "--dequantize"]);
+    assert!(code != 0 && err.contains("--dequantize"), "{err}");
     let (code, _, err) = corelm(&["compress", path(&fp16), "-o", path(&other)]);
     assert!(code != 0 && err.contains("--quantize"), "{err}");
     let ios17 = tmp.path().join("ios17.mlpackage");
-    ok_json(&["convert", path(&smollm2()), "-o", path(&ios17), "--context", "64", "--target", "ios17", "--json"]);
+    ok_json(&[
+        "convert",
+        path(&smollm2()),
+        "-o",
+        path(&ios17),
+        "--context",
+        "64",
+        "--target",
+        "ios17",
+        "--dequantize",
+        "--json",
+    ]);
     let (code, _, err) = corelm(&["compress", path(&ios17), "-o", path(&other), "--quantize", "int8"]);
     assert!(code != 0 && err.contains("iOS 18") && err.contains("ios17.mlpackage"), "{err}");
     assert!(!other.exists(), "nothing is left behind");
@@ -127,7 +151,7 @@ fn compress_our_package() {
 fn calibrated_compression_is_closer_to_fp16() {
     let tmp = tempfile::tempdir().unwrap();
     let fp16 = tmp.path().join("fp16.mlpackage");
-    ok_json(&["convert", path(&smollm2()), "-o", path(&fp16), "--context", "512", "--json"]);
+    ok_json(&["convert", path(&smollm2()), "-o", path(&fp16), "--context", "512", "--dequantize", "--json"]);
     let calibration = root().join("bench/data/calibration.txt");
     let eval = root().join("bench/data/eval.txt");
     let mut scores = Vec::new();

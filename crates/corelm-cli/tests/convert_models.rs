@@ -261,47 +261,136 @@ fn real_gguf_models_convert_and_load_in_coremltools() {
     coremltools_accepts(&[smol, gemma]);
 }
 
-/// `--grid gguf` stores SmolLM2's Q4_1 weights on their own grid: every rebuilt weight equals
-/// the GGUF's dequantization (our reader, bit-exact with the gguf package; Q/K rows unpermuted)
-/// within the fp16 rounding of −m/d that Q4_1's offsets need, |m|·2⁻¹¹.
-/// `--grid gguf` on a K-quant file: every quantized matrix whose grid is not carried is reported
-/// (it was silently stored as fp16), counted per type as gguf-py reads the file's tensor types.
-#[test]
-fn grids_not_kept_are_reported() {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = model("gemma-3-270m-q4_k_m.gguf");
+/// A GGUF's tensors per ggml type, as gguf-py reads the file: matrices (2-d) and their bytes.
+fn gguf_py_matrix_types(src: &Path) -> std::collections::BTreeMap<String, (usize, u64)> {
     let script = "import collections, json, sys, gguf\n\
         r = gguf.GGUFReader(sys.argv[1])\n\
-        print(json.dumps(collections.Counter(t.tensor_type.name for t in r.tensors if len(t.shape) == 2)))";
-    let out = Command::new(python()).args(["-c", script]).arg(&src).output().unwrap();
+        out = collections.defaultdict(lambda: [0, 0])\n\
+        for t in r.tensors:\n\
+        \x20   if len(t.shape) == 2:\n\
+        \x20       out[t.tensor_type.name][0] += 1\n\
+        \x20       out[t.tensor_type.name][1] += int(t.n_bytes)\n\
+        print(json.dumps(out))";
+    let out = Command::new(python()).args(["-c", script]).arg(src).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let types: std::collections::BTreeMap<String, usize> = serde_json::from_slice(&out.stdout).unwrap();
-    let carried = ["Q4_0", "Q4_1", "Q8_0"];
-    let want: std::collections::BTreeMap<String, usize> =
-        types.into_iter().filter(|(t, _)| !carried.contains(&t.as_str())).collect();
-    assert!(!want.is_empty(), "the Q4_K_M file has K-quant matrices");
+    let raw: std::collections::BTreeMap<String, (usize, u64)> = serde_json::from_slice(&out.stdout).unwrap();
+    raw
+}
+
+/// Per-type rows of a conversion summary: (tensors, source bytes, package bytes, how carried).
+fn grid_types(summary: &Value) -> std::collections::BTreeMap<String, &Value> {
+    summary["grid_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["source_type"].as_str().unwrap().to_string(), t))
+        .collect()
+}
+
+/// A GGUF converts keeping its grids (what you downloaded is what you get): on Gemma-3 Q4_K_M
+/// every matrix stays on its grid — Q5_0 and Q8_0 exactly, Q4_K and Q6_K with fp16-rounded
+/// derived scales — counted and sized per type as gguf-py reads the file, and the package's
+/// weights stay within 1.3× of the file's. `--dequantize` stores fp16 and says so per type;
+/// `--quantize int4` keeps the Q4_K grid (already int4 in blocks of 32) and re-quantizes the rest.
+#[test]
+fn gguf_grids_are_carried_and_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = model("gemma-3-270m-q4_k_m.gguf");
+    let want = gguf_py_matrix_types(&src);
+    assert!(want.contains_key("Q4_K") && want.contains_key("Q6_K"), "{want:?}");
     let pkg = tmp.path().join("g.mlpackage");
-    let mut args = vec!["convert", src.to_str().unwrap(), "-o", pkg.to_str().unwrap(), "--json"];
-    args.extend(["--context", "64", "--grid", "gguf"]);
-    let (code, stdout, stderr) = corelm(&args);
+    let summary = convert(&src, &pkg, &["--context", "64"]);
+    let types = grid_types(&summary);
+    assert_eq!(types.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+    let (mut source_bytes, mut package_bytes) = (0, 0);
+    for (name, &(tensors, bytes)) in &want {
+        let t = types[name];
+        assert_eq!((t["tensors"].as_u64(), t["source_bytes"].as_u64()), (Some(tensors as u64), Some(bytes)), "{t}");
+        let exact = ["Q4_0", "Q5_0", "Q8_0"].contains(&name.as_str());
+        let carried = if exact { &t["exact"] } else { &t["scale_rounded"] };
+        assert_eq!(carried.as_u64(), Some(tensors as u64), "{t}");
+        source_bytes += bytes;
+        package_bytes += t["package_bytes"].as_u64().unwrap();
+    }
+    let ratio = package_bytes as f64 / source_bytes as f64;
+    println!("Gemma-3 Q4_K_M: {package_bytes} package bytes for {source_bytes} GGUF bytes ({ratio:.3}×)");
+    assert!(ratio <= 1.3, "{ratio}");
+    for g in summary["source_grids"].as_array().unwrap() {
+        assert!(g["reason"].is_null() && g["max_error"].as_f64().unwrap() < 1e-3, "{g}");
+    }
+
+    let (code, stdout, stderr) = corelm(&[
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        pkg.to_str().unwrap(),
+        "--json",
+        "--force",
+        "--context",
+        "64",
+        "--dequantize",
+    ]);
     assert_eq!(code, 0, "{stderr}");
     let summary: Value = serde_json::from_str(&stdout).unwrap();
-    let mut got = std::collections::BTreeMap::new();
-    for n in summary["grids_not_kept"].as_array().unwrap() {
-        *got.entry(n["source_type"].as_str().unwrap().to_string()).or_insert(0) += 1;
-        assert_eq!(n["stored_as"], "fp16", "{n}");
-        assert!(n["reason"].as_str().unwrap().contains("no form for"), "{n}");
+    for (name, t) in grid_types(&summary) {
+        assert_eq!(t["dequantized"], t["tensors"], "{t}");
+        let n = want[&name].0;
+        assert!(
+            stderr.contains(&format!("warning: {n} {name} tensor(s) stored as fp16, not on their grid: --dequantize")),
+            "{stderr}"
+        );
     }
-    assert_eq!(got, want);
-    for (t, n) in &want {
-        assert!(stderr.contains(&format!("warning: --grid gguf: {n} {t} tensor(s) stored as fp16")), "{stderr}");
+
+    let summary = convert(&src, &pkg, &["--context", "64", "--quantize", "int4"]);
+    for (name, t) in grid_types(&summary) {
+        let field = if name == "Q4_K" { "scale_rounded" } else { "requantized" };
+        assert_eq!(t[field], t["tensors"], "{t}");
     }
-    // A safetensors folder has no grids to keep: asking is an error, not a silent no-op.
+
+    // A safetensors folder has no grids: asking to dequantize one is an error, not a no-op.
     let tiny = root().join("tests/fixtures/tiny/qwen3");
     let (code, _, stderr) =
-        corelm(&["convert", tiny.to_str().unwrap(), "-o", pkg.to_str().unwrap(), "--force", "--grid", "gguf"]);
+        corelm(&["convert", tiny.to_str().unwrap(), "-o", pkg.to_str().unwrap(), "--force", "--dequantize"]);
     assert_eq!(code, 2, "{stderr}");
-    assert!(stderr.contains("the source is not a .gguf file"), "{stderr}");
+    assert!(stderr.contains("--dequantize applies to GGUF files"), "{stderr}");
+}
+
+/// Every block type corelm carries, one tensor each (the grids.gguf fixture, made by
+/// python/gguf_reference.py): the package passes coremltools' loader, each type is reported
+/// carried with the per-type form, and its logits equal those of the --dequantize package up to
+/// fp16 rounding (KL ≤ 1e-4, greedy tokens the same).
+#[test]
+fn every_carried_grid_loads_in_coremltools_and_matches_dequantization() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = root().join("crates/corelm-convert/tests/fixtures/gguf/grids.gguf");
+    let (carried, dequantized) = (tmp.path().join("carried.mlpackage"), tmp.path().join("fp16.mlpackage"));
+    let summary = convert(&src, &carried, &[]);
+    convert(&src, &dequantized, &["--dequantize"]);
+    let want = gguf_py_matrix_types(&src);
+    let types = grid_types(&summary);
+    for name in ["Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "IQ4_NL", "IQ4_XS"] {
+        let t = types[name];
+        assert_eq!(t["tensors"].as_u64(), Some(want[name].0 as u64), "{t}");
+        let exact = ["Q4_0", "Q5_0", "Q8_0", "IQ4_NL"].contains(&name);
+        assert_eq!(t[if exact { "exact" } else { "scale_rounded" }], t["tensors"], "{t}");
+    }
+    coremltools_accepts(std::slice::from_ref(&carried));
+    let (code, stdout, stderr) =
+        corelm(&["verify", carried.to_str().unwrap(), "--against", dequantized.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    println!("carried vs dequantized grids.gguf: {v}");
+    assert!(v["mean_kl"].as_f64().unwrap() <= 1e-4, "{v}");
+    assert!(v["top1_agreement"].as_f64().unwrap() >= 0.99, "{v}");
+    let ids = ["--ids", "1,40,50,60", "--max-new-tokens", "12", "--ignore-eos"];
+    let run = |p: &Path| {
+        let mut args = vec!["run", p.to_str().unwrap()];
+        args.extend(ids);
+        let (code, stdout, stderr) = corelm(&args);
+        assert_eq!(code, 0, "{stderr}");
+        stdout
+    };
+    assert_eq!(run(&carried), run(&dequantized));
 }
 
 #[test]
@@ -311,7 +400,7 @@ fn gguf_q4_1_grid_is_carried_over_without_requantizing() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("grid.mlpackage");
     let src = model("SmolLM2-135M-Instruct.Q4_1.gguf");
-    convert(&src, &out, &["--context", "64", "--grid", "gguf"]);
+    convert(&src, &out, &["--context", "64"]);
     let pkg = corelm_format::Package::open(&out).unwrap();
     let (ck, _) = corelm_convert::gguf_source::GgufCheckpoint::open(&src).unwrap();
     let main = pkg.model().program.functions.values().next().unwrap();

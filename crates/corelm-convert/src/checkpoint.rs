@@ -26,13 +26,34 @@ pub trait Checkpoint {
     fn read_f32(&self, name: &str) -> Result<Vec<f32>>;
     /// `name` in the compressed form it is stored in, when Core ML can express that form
     /// (scales in `dtype`); `None` for plain tensors and forms it cannot.
-    fn read_grid(&self, _name: &str, _dtype: DType) -> Result<Option<Compressed>> {
+    fn read_grid(&self, _name: &str, _dtype: DType) -> Result<Option<CarriedWeight>> {
         Ok(None)
     }
-    /// How `name` is stored (`F32`, `BF16`, `Q4_K`, ...) and whether that is a quantized grid.
-    fn storage(&self, _name: &str) -> Option<(String, bool)> {
+    /// How `name` is stored, for sources that say (GGUF).
+    fn storage(&self, _name: &str) -> Option<SourceStorage> {
         None
     }
+}
+
+/// How a source stores a tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceStorage {
+    /// `F32`, `BF16`, `Q4_K`, ...
+    pub type_name: String,
+    /// A grid of blocks with shared scales.
+    pub quantized: bool,
+    /// Bytes in the source file.
+    pub bytes: u64,
+}
+
+/// A source tensor carried on its own grid: the constexpr op(s) that rebuild it, and how far
+/// the rebuilt weights may lie from the source's own dequantization (0: not at all).
+#[derive(Debug)]
+pub struct CarriedWeight {
+    pub compressed: Compressed,
+    pub max_error: f32,
+    /// The form, for reports: `uint4 × fp16 scale − fp16 offset per 32`, ...
+    pub description: String,
 }
 
 /// One memory-mapped safetensors file with its validated header.
@@ -195,10 +216,16 @@ pub fn load_grid(
     role: Role,
     spec: &TensorSpec,
     dtype: DType,
-) -> Result<Option<Compressed>> {
+) -> Result<Option<CarriedWeight>> {
     let Some(name) = resolve(ck, &spec.name) else { return Ok(None) };
     let Some(grid) = ck.read_grid(name, dtype)? else { return Ok(None) };
-    let shape = grid.inputs.first().map(|(_, t)| t.shape().to_vec()).unwrap_or_default();
+    let shape = match grid.compressed.data_from.as_deref() {
+        Some(inner) => &inner.inputs,
+        None => &grid.compressed.inputs,
+    }
+    .first()
+    .map(|(_, t)| t.shape().to_vec())
+    .unwrap_or_default();
     let expected = expected_shape(c, role);
     if shape != expected {
         return Err(Error::malformed(

@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::checkpoint::{Checkpoint, Safetensors};
 use crate::config::ModelConfig;
 use crate::gguf_source::GgufCheckpoint;
-use crate::graph::{build_function, store_weights, GraphOptions, GridNotKept, Progress, Stage};
+use crate::graph::{build_function, store_weights, GraphOptions, GridType, Progress, SourceGrid, Stage};
 use crate::{Error, Result};
 use corelm_contract::keys;
 use corelm_format::error::IoContext;
@@ -36,8 +36,10 @@ pub struct Summary {
     pub layers: usize,
     pub context: usize,
     pub functions: Vec<String>,
-    /// With `--grid gguf`: quantized tensors whose grid was not kept, and why.
-    pub grids_not_kept: Vec<GridNotKept>,
+    /// Quantized source tensors (GGUF) by ggml type: how each was carried, the error, the bytes.
+    pub grid_types: Vec<GridType>,
+    /// The same, tensor by tensor.
+    pub source_grids: Vec<SourceGrid>,
     pub output_bytes: u64,
     pub seconds: f64,
     /// Peak resident memory of this process (VmHWM), when the OS reports it.
@@ -143,9 +145,6 @@ pub fn convert(
     if opts.chunks == 0 || opts.chunks > c.num_layers {
         return Err(Error::invalid(format!("--chunks must lie in 1..={} (the model's layers)", c.num_layers)));
     }
-    if opts.compress.source_grid && source.checkpoint.source().extension().is_none_or(|e| e != "gguf") {
-        return Err(Error::invalid("--grid gguf keeps a GGUF file's grids: the source is not a .gguf file"));
-    }
     if opts.chunks > 1 && !opts.target.supports_states() {
         return Err(Error::invalid("--chunks needs the KV cache as states (--target ios18)"));
     }
@@ -159,13 +158,13 @@ pub fn convert(
     }
     let mut written = Vec::new();
     let mut functions = Vec::new();
-    let mut grids_not_kept = Vec::new();
+    let mut source_grids = Vec::new();
     for (stage, path) in stages.iter().zip(&paths) {
         match write_stage(source, path, opts, write, progress, stage, &paths) {
             Ok((p, f, g)) => {
                 written.push(p);
                 functions = f;
-                grids_not_kept.extend(g);
+                source_grids.extend(g);
             }
             Err(e) => {
                 for p in &written {
@@ -184,7 +183,8 @@ pub fn convert(
         layers: c.num_layers,
         context: opts.context,
         functions,
-        grids_not_kept,
+        grid_types: GridType::summarize(&source_grids),
+        source_grids,
         seconds: started.elapsed().as_secs_f64(),
         peak_memory_bytes: peak_memory(),
         megabytes_per_second: c.parameter_count() as f64 * 4.0 / 1e6 / started.elapsed().as_secs_f64().max(1e-9),
@@ -211,7 +211,7 @@ fn write_stage(
     progress: &mut dyn Progress,
     stage: &Stage,
     parts: &[PathBuf],
-) -> Result<(PathBuf, Vec<String>, Vec<GridNotKept>)> {
+) -> Result<(PathBuf, Vec<String>, Vec<SourceGrid>)> {
     let c = &source.config;
     let mut pkg = PackageWriter::create(output, write)?;
     let weights = store_weights(c, source.checkpoint.as_ref(), opts, pkg.weights(), stage, progress)?;
@@ -277,5 +277,5 @@ fn write_stage(
         })?;
     }
     let model = program.finish()?;
-    Ok((pkg.commit(&model)?, functions, weights.grids_not_kept))
+    Ok((pkg.commit(&model)?, functions, weights.source_grids))
 }

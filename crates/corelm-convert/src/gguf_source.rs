@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{CarriedWeight, Checkpoint, SourceStorage};
 use crate::compress::Compressed;
 use crate::gguf::{self, GgufFile};
 use crate::{Error, Result};
@@ -212,40 +212,63 @@ impl Checkpoint for GgufCheckpoint {
         self.hf_rows(info, data, info.shape.get(1).copied().unwrap_or(1))
     }
 
-    fn storage(&self, name: &str) -> Option<(String, bool)> {
-        self.info(name).map(|i| (i.dtype.name().to_string(), i.dtype.is_quantized()))
+    fn storage(&self, name: &str) -> Option<SourceStorage> {
+        self.info(name).map(|i| SourceStorage {
+            type_name: i.dtype.name().to_string(),
+            quantized: i.dtype.is_quantized(),
+            bytes: self.file.raw(i).len() as u64,
+        })
     }
 
-    fn read_grid(&self, name: &str, dtype: DType) -> Result<Option<Compressed>> {
+    fn read_grid(&self, name: &str, dtype: DType) -> Result<Option<CarriedWeight>> {
         let Some(info) = self.info(name) else { return Ok(None) };
         let &[rows, cols] = info.shape.as_slice() else { return Ok(None) };
-        if cols % 32 != 0 {
+        let Some(form) = info.dtype.grid_form() else { return Ok(None) };
+        if cols % form.run != 0 {
             return Ok(None);
         }
-        let Some(g) = gguf::shift_scale_grid(info.dtype, self.file.raw(info)) else { return Ok(None) };
-        if g.q.len() != rows * cols {
+        let Some(g) = gguf::carried_grid(info.dtype, self.file.raw(info)) else { return Ok(None) };
+        if g.values.len() != rows * cols {
             return Err(Error::malformed(
                 self.file.path(),
                 format!("tensor `{}` holds the wrong number of blocks", info.name),
             ));
         }
-        let blocks = cols / 32;
-        let ints = if g.nibbles { DType::Uint4 } else { DType::Int8 };
+        let runs = cols / form.run;
         let floats = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
-        let mut inputs = vec![
-            ("data", Tensor::from_ints(ints, vec![rows, cols], &self.hf_rows(info, g.q, cols)?)?),
-            ("scale", Tensor::from_floats(dtype, vec![rows, blocks], &floats(self.hf_rows(info, g.scales, blocks)?))?),
-        ];
+        let values = Tensor::from_ints(form.container, vec![rows, cols], &self.hf_rows(info, g.values, cols)?)?;
+        let scale = Tensor::from_floats(dtype, vec![rows, runs], &floats(self.hf_rows(info, g.scales, runs)?))?;
+        let mut inputs = vec![("scale", scale)];
         if let Some(offsets) = g.offsets {
-            let offsets = self.hf_rows(info, offsets, blocks)?;
-            let t = if g.integer_offsets {
-                Tensor::from_ints(ints, vec![rows, blocks], &offsets.iter().map(|&o| o as i64).collect::<Vec<_>>())?
-            } else {
-                Tensor::from_floats(dtype, vec![rows, blocks], &floats(offsets))?
-            };
-            inputs.push(("offset", t));
+            inputs.push((
+                "offset",
+                Tensor::from_floats(dtype, vec![rows, runs], &floats(self.hf_rows(info, offsets, runs)?))?,
+            ));
         }
-        Ok(Some(Compressed { op: "constexpr_blockwise_shift_scale", inputs }))
+        let data_from = match form.lut {
+            // The indices expand over the grid's one table first; the block scales apply after.
+            Some(lut) => {
+                let levels: Vec<f64> = lut.iter().map(|&v| f64::from(v)).collect();
+                Some(Box::new(Compressed {
+                    op: "constexpr_lut_to_dense",
+                    inputs: vec![("indices", values), ("lut", Tensor::from_floats(dtype, vec![1, 1, 16, 1], &levels)?)],
+                    data_from: None,
+                }))
+            }
+            None => {
+                inputs.insert(0, ("data", values));
+                None
+            }
+        };
+        let compressed = Compressed { op: "constexpr_blockwise_shift_scale", inputs, data_from };
+        let description = format!(
+            "{}{} × {dtype} scale{} per {}",
+            form.container.name(),
+            if form.lut.is_some() { " index into the IQ4 table" } else { "" },
+            if form.min { " − offset" } else { "" },
+            form.run
+        );
+        Ok(Some(CarriedWeight { compressed, max_error: g.max_error, description }))
     }
 }
 

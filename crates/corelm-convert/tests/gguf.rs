@@ -342,47 +342,90 @@ fn dequantization_matches_gguf_py_bit_for_bit() {
         types_seen.push(t.dtype);
     }
     use GgmlType::*;
-    for ty in [F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K] {
+    for ty in [F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS] {
         assert!(types_seen.contains(&ty), "fixture has no {ty} tensor");
     }
     let t = f.tensor("shape3d.Q8_0").unwrap();
     assert_eq!((t.shape.clone(), t.ggml_dims(), t.n_rows(), t.row_len()), (vec![2, 3, 64], vec![64, 3, 2], 6, 64));
 }
 
-/// Q4_0 / Q4_1 / Q8_0 rewritten as Core ML's `scale · (q − offset)` rebuild the gguf package's
-/// dequantized values: bit for bit for Q4_0 and Q8_0 (their scales are fp16 already, and f32
-/// holds every product exactly); for Q4_1 within the fp16 rounding of −m/d, |m|·2⁻¹¹ (plus one
-/// f32 rounding of each side).
+/// Every grid Core ML carries rebuilds the gguf package's dequantized values: bit for bit where
+/// the scales are the file's own fp16 values and there is no minimum (Q4_0, Q5_0, Q8_0,
+/// IQ4_NL); otherwise within the fp16 rounding of the derived scale `a` and offset `b/a`, that is
+/// 2⁻¹¹·(|a·q| + |b|) per weight (plus f32 rounding), which in terms of what is stored is
+/// 2⁻¹¹·(|scale·q| + |scale·offset|)·(1 + 2⁻¹⁰). `max_error` covers every weight.
 #[test]
-fn shift_scale_grids_rebuild_gguf_py_dequantization() {
+fn carried_grids_rebuild_gguf_py_dequantization() {
     let f = GgufFile::open(fixture("quants.gguf")).unwrap();
     let (manifest, floats) = gguf_py_dequantization();
     let mut checked = Vec::new();
     for entry in manifest["tensors"].as_array().unwrap() {
         let t = f.tensor(entry["name"].as_str().unwrap()).unwrap();
-        let Some(g) = gguf::shift_scale_grid(t.dtype, f.raw(t)) else {
-            assert!(!matches!(t.dtype, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0), "{}", t.name);
+        let Some(g) = gguf::carried_grid(t.dtype, f.raw(t)) else {
+            assert!(!t.dtype.is_quantized(), "{} has no grid form", t.name);
             continue;
         };
         let offset = entry["offset"].as_u64().unwrap() as usize;
         let want = &floats[offset..offset + t.n_elements()];
-        let raw = f.raw(t);
+        let exact = g.form.exact_scales && !g.form.min;
+        let mut worst = 0f32;
         for (i, &w) in want.iter().enumerate() {
-            let b = i / 32;
+            let b = i / g.form.run;
             let o = g.offsets.as_ref().map_or(0.0, |o| o[b]);
-            let got = g.scales[b] * (g.q[i] as f32 - o);
-            if t.dtype == GgmlType::Q4_1 {
-                let m = half::f16::from_le_bytes([raw[b * 20 + 2], raw[b * 20 + 3]]).to_f32();
-                let bound = m.abs() * 2f32.powi(-11) + 2.0 * f32::EPSILON * w.abs().max(m.abs());
-                assert!((got - w).abs() <= bound, "{}[{i}]: {got} vs {w} (bound {bound})", t.name);
-            } else {
+            let level = g.form.lut.map_or(f32::from(g.values[i]), |lut| f32::from(lut[g.values[i] as usize]));
+            let got = g.scales[b] * (level - o);
+            if exact {
                 assert_eq!(got.to_bits(), w.to_bits(), "{}[{i}]: {got} vs {w}", t.name);
+            } else {
+                let stored = (g.scales[b] * level).abs() + (g.scales[b] * o).abs();
+                let bound = stored * 2f32.powi(-11) * (1.0 + 2f32.powi(-10))
+                    + 4.0 * f32::EPSILON * w.abs().max(stored)
+                    + 32.0 * 2f32.powi(-24);
+                assert!((got - w).abs() <= bound, "{}[{i}]: {got} vs {w} (bound {bound})", t.name);
             }
+            worst = worst.max((got - w).abs());
+        }
+        assert!(worst <= g.max_error, "{}: max_error {} < observed {worst}", t.name, g.max_error);
+        if exact {
+            assert_eq!(g.max_error, 0.0, "{}", t.name);
         }
         checked.push(t.dtype);
     }
-    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+    use GgmlType::*;
+    for ty in [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS] {
         assert!(checked.contains(&ty), "no {ty} tensor checked");
+    }
+}
+
+/// Arbitrary bytes in every block type with a grid (NaN and infinite scales included): both
+/// decoders run without panicking, agree on the element count, and wherever the dequantized
+/// weight is finite the grid's integers are in the container's range.
+#[test]
+fn block_decoders_take_arbitrary_bytes() {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut byte = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state as u8
+    };
+    for &ty in GgmlType::ALL.iter().filter(|t| t.grid_form().is_some()) {
+        for blocks in [1usize, 3] {
+            let data: Vec<u8> = (0..ty.type_size() * blocks).map(|_| byte()).collect();
+            let values = gguf::dequantize_bytes(ty, &data).unwrap();
+            let g = gguf::carried_grid(ty, &data).unwrap();
+            assert_eq!((values.len(), g.values.len()), (blocks * ty.block_size(), blocks * ty.block_size()), "{ty}");
+            assert_eq!(g.scales.len(), values.len() / g.form.run, "{ty}");
+            let (lo, hi) = match g.form.container {
+                corelm_format::DType::Int4 => (-8, 7),
+                corelm_format::DType::Uint4 => (0, 15),
+                corelm_format::DType::Int8 => (-128, 127),
+                _ => (0, 127),
+            };
+            assert!(g.values.iter().all(|&v| (lo..=hi).contains(&i32::from(v))), "{ty}: values outside {lo}..={hi}");
+        }
+        let e = gguf::dequantize_bytes(ty, &vec![0u8; ty.type_size() + 1]).unwrap_err().to_string();
+        assert!(e.contains("not a whole number"), "{ty}: {e}");
     }
 }
 

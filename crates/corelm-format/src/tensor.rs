@@ -193,6 +193,22 @@ impl Tensor {
         Ok(self)
     }
 
+    /// Rows `start..start + len` along the first axis; each row must fill whole bytes.
+    pub fn rows(&self, start: usize, len: usize) -> Result<Tensor> {
+        let (&first, rest) = self.shape.split_first().ok_or_else(|| Error::invalid("a scalar has no rows"))?;
+        let row_bits = element_count(rest).and_then(|n| n.checked_mul(self.dtype.bit_width()?));
+        let row_bytes = match row_bits {
+            Some(bits) if bits % 8 == 0 => bits / 8,
+            _ => return Err(Error::invalid(format!("{} rows of shape {rest:?} are not whole bytes", self.dtype))),
+        };
+        if start.checked_add(len).is_none_or(|end| end > first) {
+            return Err(Error::invalid(format!("rows {start}..{} of {first}", start.saturating_add(len))));
+        }
+        let mut shape = self.shape.clone();
+        shape[0] = len;
+        Tensor::from_bytes(self.dtype, shape, self.bytes()[start * row_bytes..(start + len) * row_bytes].to_vec())
+    }
+
     /// Integer (or bool) elements, sign-extended for signed types.
     pub fn to_i64(&self) -> Option<Vec<i64>> {
         let width = self.dtype.bit_width()?;

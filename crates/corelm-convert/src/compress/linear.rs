@@ -121,7 +121,7 @@ pub fn quantize(
         let zeros: Vec<i8> = params.iter().map(|&(_, z)| z as i8).collect();
         inputs.push(("offset", Tensor::from_ints(int, vec![rows, blocks], &zeros)?));
     }
-    Ok(Compressed { op: "constexpr_blockwise_shift_scale", inputs })
+    Ok(Compressed { op: "constexpr_blockwise_shift_scale", inputs, data_from: None })
 }
 
 /// The layer-output error of a row's rounding errors e over calibration inputs X is

@@ -191,6 +191,7 @@ pub fn palettize(rows: usize, cols: usize, w: &[f32], bits: u8, group: usize, dt
             ("indices", Tensor::from_ints(index_dtype, vec![rows, cols], &indices)?),
             ("lut", Tensor::from_floats(dtype, vec![groups, 1, entries, 1], &lut)?),
         ],
+        data_from: None,
     })
 }
 

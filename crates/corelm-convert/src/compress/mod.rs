@@ -45,6 +45,16 @@ impl fmt::Display for Scheme {
 }
 
 impl Scheme {
+    /// Whether a source grid of ggml type `source_type` is this scheme already (int4 in blocks
+    /// of 32: Q4_0, Q4_1, Q4_K; int8: Q8_0), so it is kept instead of rounded a second time.
+    pub fn is_grid(self, source_type: &str) -> bool {
+        match self {
+            Scheme::Linear { bits: 4, block: Some(32), .. } => matches!(source_type, "Q4_0" | "Q4_1" | "Q4_K"),
+            Scheme::Linear { bits: 8, .. } => source_type == "Q8_0",
+            _ => false,
+        }
+    }
+
     /// Checks the parameters Core ML can express.
     pub fn check(self) -> Result<Scheme> {
         match self {
@@ -56,7 +66,7 @@ impl Scheme {
 }
 
 /// Which scheme each weight gets.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     /// Linear layers; `None` keeps them in the compute precision.
     pub body: Option<Scheme>,
@@ -64,18 +74,23 @@ pub struct Policy {
     pub embeddings: Option<Scheme>,
     /// Weights whose name contains any of these strings stay uncompressed.
     pub keep: Vec<String>,
-    /// From GGUF sources, keep Q4_0 / Q4_1 / Q8_0 grids as they are instead of re-quantizing.
-    pub source_grid: bool,
+    /// From quantized sources (GGUF), keep each weight's grid when Core ML can hold it and the
+    /// weight's scheme is none or that grid already ([`Scheme::is_grid`]); otherwise the
+    /// weight is dequantized (and compressed by its scheme, rounding a second time).
+    pub keep_grids: bool,
+}
+
+impl Default for Policy {
+    /// No compression, source grids kept: what you downloaded is what you get.
+    fn default() -> Policy {
+        Policy { body: None, embeddings: None, keep: Vec::new(), keep_grids: true }
+    }
 }
 
 impl Policy {
     /// The same scheme everywhere.
     pub fn uniform(scheme: Scheme) -> Policy {
         Policy { body: Some(scheme), embeddings: Some(scheme), ..Policy::default() }
-    }
-
-    pub fn is_none(&self) -> bool {
-        self.body.is_none() && self.embeddings.is_none() && !self.source_grid
     }
 
     /// Weight `name` stays uncompressed.
@@ -101,6 +116,28 @@ impl Policy {
 pub struct Compressed {
     pub op: &'static str,
     pub inputs: Vec<(&'static str, Tensor)>,
+    /// The op whose output is this op's `data`: a LUT expanded before a block scale, the form
+    /// IQ4 grids are carried in. `None` for a single op (everything [`compress`] makes).
+    pub data_from: Option<Box<Compressed>>,
+}
+
+impl Compressed {
+    /// The ops rebuilding rows `start..start + len` of a matrix of `rows` rows: every input
+    /// laid out by rows (data, indices, scales, offsets) sliced, shared tables as they are.
+    pub fn rows(&self, rows: usize, start: usize, len: usize) -> Result<Compressed> {
+        let inputs = self
+            .inputs
+            .iter()
+            .map(|(name, t)| {
+                Ok((*name, if t.shape().first() == Some(&rows) { t.rows(start, len)? } else { t.clone() }))
+            })
+            .collect::<Result<_>>()?;
+        let data_from = match &self.data_from {
+            Some(inner) => Some(Box::new(inner.rows(rows, start, len)?)),
+            None => None,
+        };
+        Ok(Compressed { op: self.op, inputs, data_from })
+    }
 }
 
 /// Compresses a (rows, cols) matrix; scales and tables are stored in `dtype` (the precision the
@@ -215,7 +252,7 @@ mod tests {
     fn keep_list_and_embedding_override() {
         let int4 = Scheme::Linear { bits: 4, block: Some(32), offset: false };
         let int8 = Scheme::Linear { bits: 8, block: None, offset: false };
-        let p = Policy { body: Some(int4), embeddings: Some(int8), keep: vec!["layers.0.".into()], source_grid: false };
+        let p = Policy { body: Some(int4), embeddings: Some(int8), keep: vec!["layers.0.".into()], keep_grids: false };
         assert_eq!(p.scheme_for("model.layers.1.mlp.up_proj.weight", false), Some(int4));
         assert_eq!(p.scheme_for("model.embed_tokens.weight", true), Some(int8));
         assert_eq!(p.scheme_for("model.layers.0.mlp.up_proj.weight", false), None);

@@ -108,6 +108,9 @@ pub fn compress_package(
                         let gram = grams.get(&out_name).filter(|_| u == WeightUse::Layer).map(|g| g.as_slice());
                         let c = compress(t.shape(), &floats(&t)?, scheme, t.dtype(), gram)
                             .map_err(|e| e.context(format!("weight `{out_name}`")))?;
+                        if c.data_from.is_some() {
+                            return Err(Error::invalid(format!("weight `{out_name}`: a chain of constexpr ops")));
+                        }
                         compressed_input_bytes += t.bytes().len() as u64;
                         let mut inputs = BTreeMap::new();
                         for (param, tensor) in &c.inputs {

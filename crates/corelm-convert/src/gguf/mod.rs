@@ -15,8 +15,8 @@ mod quants;
 mod tokenizer;
 
 pub use quants::{
-    dequantize as dequantize_bytes, dequantize_into as dequantize_bytes_into, shift_scale_grid, GgmlType,
-    ShiftScaleGrid, QK_K,
+    carried_grid, dequantize as dequantize_bytes, dequantize_into as dequantize_bytes_into, CarriedGrid, GgmlType,
+    GridForm, IQ4_VALUES, QK_K,
 };
 pub use tokenizer::{chat_template, special_token_ids, tokenizer_config_json, tokenizer_json, SpecialTokenIds};
 

@@ -1,9 +1,10 @@
-//! GGML tensor types and their dequantization to f32.
+//! GGML tensor types, their dequantization to f32 and their grids in Core ML's form.
 //!
 //! Every `dequantize_*` routine follows ggml's reference `dequantize_row_*` (ggml-quants.c) operation
 //! for operation, in f32, without fused multiply-adds, so the results are bit-identical to it.
 
 use crate::{Error, Result};
+use corelm_format::DType;
 use half::f16;
 
 /// Elements per super-block of the K-quants.
@@ -100,31 +101,35 @@ impl GgmlType {
     /// Whether [`dequantize`] handles this type.
     pub fn can_dequantize(self) -> bool {
         use GgmlType::*;
-        matches!(
-            self,
-            F32 | F16
-                | BF16
-                | F64
-                | I8
-                | I16
-                | I32
-                | Q4_0
-                | Q4_1
-                | Q5_0
-                | Q5_1
-                | Q8_0
-                | Q2_K
-                | Q3_K
-                | Q4_K
-                | Q5_K
-                | Q6_K
-                | Q8_K
-        )
+        matches!(self, F32 | F16 | BF16 | F64 | I8 | I16 | I32) || self.grid_form().is_some()
     }
 
     /// Whether this type stores blocks of several elements with shared scales.
     pub fn is_quantized(self) -> bool {
         self.block_size() > 1
+    }
+
+    /// How this block type's grid is carried into Core ML, if it can be (see [`GridForm`]).
+    pub fn grid_form(self) -> Option<GridForm> {
+        use DType::{Int4, Int8, Uint4, Uint8};
+        use GgmlType::*;
+        let form = |container, run, min, exact_scales, lut| GridForm { container, run, min, exact_scales, lut };
+        Some(match self {
+            Q4_0 => form(Int4, 32, false, true, None),
+            Q4_1 => form(Uint4, 32, true, true, None),
+            Q5_0 => form(Int8, 32, false, true, None),
+            Q5_1 => form(Uint8, 32, true, true, None),
+            Q8_0 => form(Int8, 32, false, true, None),
+            Q2_K => form(Uint4, 16, true, false, None),
+            Q3_K => form(Int4, 16, false, false, None),
+            Q4_K => form(Uint4, 32, true, false, None),
+            Q5_K => form(Uint8, 32, true, false, None),
+            Q6_K => form(Int8, 16, false, false, None),
+            Q8_K => form(Int8, QK_K, false, false, None),
+            IQ4_NL => form(Uint4, 32, false, true, Some(&IQ4_VALUES)),
+            IQ4_XS => form(Uint4, 32, false, false, Some(&IQ4_VALUES)),
+            _ => return None,
+        })
     }
 }
 
@@ -132,6 +137,85 @@ impl std::fmt::Display for GgmlType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// The non-linear grid of IQ4_NL and IQ4_XS (ggml's `kvalues_iq4nl`): each 4-bit index selects
+/// one of these, times the block's scale.
+pub const IQ4_VALUES: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+
+/// How a block type's weights map onto Core ML's iOS 18 constexpr ops. Every block type here
+/// is a sequence of runs of `run` weights, each weight `a·q − b` with one integer `q` per
+/// weight and `a`, `b` per run (for the IQ4 types `q` is `lut[index]`). Core ML's
+/// `constexpr_blockwise_shift_scale` computes `scale·(data − offset)` with fp16 `scale` and
+/// `offset` per block of `run` weights: `data` holds the integers in `container` (the narrowest
+/// type that op accepts for their range), `scale` = fp16(a), `offset` = fp16(b / scale). For the
+/// IQ4 types `data` is the output of a `constexpr_lut_to_dense` of the indices over `lut`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GridForm {
+    pub container: DType,
+    /// Weights per scale.
+    pub run: usize,
+    /// Whether runs have a minimum `b` (carried as an fp16 offset).
+    pub min: bool,
+    /// Whether every `a` is an fp16 value already (the block's own scale), so that without a
+    /// minimum the grid is carried exactly.
+    pub exact_scales: bool,
+    pub lut: Option<&'static [i8; 16]>,
+}
+
+/// A tensor's grid as Core ML stores it (see [`GridForm`]).
+#[derive(Debug, PartialEq)]
+pub struct CarriedGrid {
+    pub form: GridForm,
+    /// One integer per weight, in storage order (LUT indices for the IQ4 types).
+    pub values: Vec<i8>,
+    /// One per run, fp16 values.
+    pub scales: Vec<f32>,
+    pub offsets: Option<Vec<f32>>,
+    /// The largest |carried − dequantized| over the tensor, both in f32 (0: exact).
+    pub max_error: f32,
+}
+
+/// The grid of `data` (whole blocks of `dtype`) in Core ML's form, `None` if the type has none.
+pub fn carried_grid(dtype: GgmlType, data: &[u8]) -> Option<CarriedGrid> {
+    let form = dtype.grid_form()?;
+    let size = dtype.type_size();
+    let n = data.len() / size * dtype.block_size();
+    let mut g = CarriedGrid {
+        form,
+        values: Vec::with_capacity(n),
+        scales: Vec::with_capacity(n / form.run),
+        offsets: form.min.then(|| Vec::with_capacity(n / form.run)),
+        max_error: 0.0,
+    };
+    let level = |q: i8| form.lut.map_or(f32::from(q), |lut| f32::from(lut[q as u8 as usize]));
+    let mut carry = |a: f32, b: Option<f32>, q: &[i8]| {
+        let scale = f16::from_f32(a).to_f32();
+        let (scale, offset, ones) = match (b, scale == 0.0) {
+            // Every weight of the run is −b: carried as 1·(−b) − 0.
+            (Some(b), true) => (f16::from_f32(-b).to_f32(), 0.0, true),
+            (Some(b), false) => (scale, f16::from_f32(b / scale).to_f32(), false),
+            (None, _) => (scale, 0.0, false),
+        };
+        for &qi in q {
+            let exact = a * level(qi) - b.unwrap_or(0.0);
+            let carried = if ones { scale } else { scale * (level(qi) - offset) };
+            g.max_error = g.max_error.max((carried - exact).abs());
+        }
+        if ones {
+            g.values.extend(std::iter::repeat_n(1, q.len()));
+        } else {
+            g.values.extend_from_slice(q);
+        }
+        g.scales.push(scale);
+        if let Some(o) = g.offsets.as_mut() {
+            o.push(offset);
+        }
+    };
+    for b in data.chunks_exact(size) {
+        decode_block(dtype, b, &mut carry);
+    }
+    Some(g)
 }
 
 #[inline]
@@ -178,176 +262,118 @@ pub fn dequantize_into(dtype: GgmlType, data: &[u8], out: &mut [f32]) -> Result<
         GgmlType::I8 => blocks.for_each(|(b, y)| y[0] = f32::from(b[0] as i8)),
         GgmlType::I16 => blocks.for_each(|(b, y)| y[0] = f32::from(i16::from_le_bytes([b[0], b[1]]))),
         GgmlType::I32 => blocks.for_each(|(b, y)| y[0] = i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32),
-        GgmlType::Q4_0 => blocks.for_each(|(b, y)| q4_0(b, y)),
-        GgmlType::Q4_1 => blocks.for_each(|(b, y)| q4_1(b, y)),
-        GgmlType::Q5_0 => blocks.for_each(|(b, y)| q5_0(b, y)),
-        GgmlType::Q5_1 => blocks.for_each(|(b, y)| q5_1(b, y)),
-        GgmlType::Q8_0 => blocks.for_each(|(b, y)| q8_0(b, y)),
-        GgmlType::Q2_K => blocks.for_each(|(b, y)| q2_k(b, y)),
-        GgmlType::Q3_K => blocks.for_each(|(b, y)| q3_k(b, y)),
-        GgmlType::Q4_K => blocks.for_each(|(b, y)| q4_k(b, y)),
-        GgmlType::Q5_K => blocks.for_each(|(b, y)| q5_k(b, y)),
-        GgmlType::Q6_K => blocks.for_each(|(b, y)| q6_k(b, y)),
-        GgmlType::Q8_K => blocks.for_each(|(b, y)| q8_k(b, y)),
-        other => return Err(Error::invalid(format!("dequantizing {other} is not supported"))),
+        t => {
+            let lut = t.grid_form().ok_or_else(|| Error::invalid(format!("dequantizing {t} is not supported")))?.lut;
+            let level = |q: i8| lut.map_or(f32::from(q), |lut| f32::from(lut[q as u8 as usize]));
+            for (b, y) in blocks {
+                let mut at = 0;
+                decode_block(t, b, &mut |a, min, q| {
+                    for (yj, &qj) in y[at..at + q.len()].iter_mut().zip(q) {
+                        // ggml's order: a·q, then − b (no fused multiply-add).
+                        *yj = match min {
+                            Some(b) => a * level(qj) - b,
+                            None => a * level(qj),
+                        };
+                    }
+                    at += q.len();
+                });
+            }
+        }
     }
     Ok(())
 }
 
-// block_q4_0 { f16 d; u8 qs[16]; }
-fn q4_0(b: &[u8], y: &mut [f32]) {
-    let d = half(b, 0);
-    let qs = &b[2..18];
-    for j in 0..16 {
-        let x0 = i32::from(qs[j] & 0x0F) - 8;
-        let x1 = i32::from(qs[j] >> 4) - 8;
-        y[j] = x0 as f32 * d;
-        y[j + 16] = x1 as f32 * d;
-    }
-}
+/// Receives the runs of a block: `(a, b, q)` for weights `a·q − b`.
+type Runs<'a> = dyn FnMut(f32, Option<f32>, &[i8]) + 'a;
 
-/// A block-32 grid that `scale · (q − offset)` rebuilds: what Q4_0, Q4_1 and Q8_0 store,
-/// rewritten as Core ML's blockwise shift-scale. Values in storage order, one scale (and
-/// offset) per block of 32.
-#[derive(Debug, PartialEq)]
-pub struct ShiftScaleGrid {
-    pub q: Vec<i8>,
-    /// 4-bit unsigned (Q4_0, Q4_1) rather than 8-bit signed (Q8_0) values.
-    pub nibbles: bool,
-    pub scales: Vec<f32>,
-    pub offsets: Option<Vec<f32>>,
-    /// The offsets are whole numbers (Q4_0's 8) rather than fp16 fractions (Q4_1's −m/d).
-    pub integer_offsets: bool,
-}
-
-/// The grid of `data` if its type maps onto a shift-scale (Q4_0 and Q8_0 exactly; Q4_1 up to
-/// the fp16 rounding of −m/d, i.e. within |m|·2⁻¹¹ per weight).
-pub fn shift_scale_grid(dtype: GgmlType, data: &[u8]) -> Option<ShiftScaleGrid> {
-    let size = dtype.type_size();
-    let blocks = data.chunks_exact(size);
-    let n = data.len() / size;
-    let mut g = ShiftScaleGrid {
-        q: Vec::with_capacity(n * 32),
-        nibbles: dtype != GgmlType::Q8_0,
-        scales: Vec::with_capacity(n),
-        offsets: None,
-        integer_offsets: dtype == GgmlType::Q4_0,
-    };
-    let nibbles = |qs: &[u8], q: &mut Vec<i8>| {
-        q.extend(qs.iter().map(|&b| (b & 0x0F) as i8));
-        q.extend(qs.iter().map(|&b| (b >> 4) as i8));
-    };
+/// Hands each run of one block to `run(a, b, q)`, in storage order: the weights are `a·q − b`
+/// (`b` `None`: `a·q`). Follows ggml's `dequantize_row_*` (ggml-quants.c) for how the bits and
+/// the run parameters are laid out and computed (in f32, as ggml does).
+fn decode_block(dtype: GgmlType, b: &[u8], run: &mut Runs) {
     match dtype {
-        GgmlType::Q4_0 => {
-            for b in blocks {
-                g.scales.push(half(b, 0));
-                nibbles(&b[2..18], &mut g.q);
-            }
-            g.offsets = Some(vec![8.0; n]);
-        }
-        GgmlType::Q4_1 => {
-            let mut offsets = Vec::with_capacity(n);
-            for b in blocks {
-                let (d, m) = (half(b, 0), half(b, 2));
-                if d == 0.0 {
-                    // Every weight of the block is m: 1 · m with offset 0.
-                    g.scales.push(m);
-                    offsets.push(0.0);
-                    g.q.extend([1; 32]);
-                } else {
-                    g.scales.push(d);
-                    offsets.push(f16::from_f32(-m / d).to_f32());
-                    nibbles(&b[4..20], &mut g.q);
-                }
-            }
-            g.offsets = Some(offsets);
-        }
-        GgmlType::Q8_0 => {
-            for b in blocks {
-                g.scales.push(half(b, 0));
-                g.q.extend(b[2..34].iter().map(|&q| q as i8));
-            }
-        }
-        _ => return None,
+        GgmlType::Q4_0 => q4_0(b, run),
+        GgmlType::Q4_1 => q4_1(b, run),
+        GgmlType::Q5_0 => q5_0(b, run),
+        GgmlType::Q5_1 => q5_1(b, run),
+        GgmlType::Q8_0 => run(half(b, 0), None, &as_i8(&b[2..34])),
+        GgmlType::Q2_K => q2_k(b, run),
+        GgmlType::Q3_K => q3_k(b, run),
+        GgmlType::Q4_K | GgmlType::Q5_K => q4_q5_k(dtype == GgmlType::Q5_K, b, run),
+        GgmlType::Q6_K => q6_k(b, run),
+        GgmlType::Q8_K => run(f32::from_le_bytes([b[0], b[1], b[2], b[3]]), None, &as_i8(&b[4..4 + QK_K])),
+        GgmlType::IQ4_NL => run(half(b, 0), None, &nibbles(&b[2..18])),
+        GgmlType::IQ4_XS => iq4_xs(b, run),
+        other => unreachable!("{other} has no grid form"),
     }
-    Some(g)
 }
 
-// block_q4_1 { f16 d; f16 m; u8 qs[16]; }
-fn q4_1(b: &[u8], y: &mut [f32]) {
-    let (d, m) = (half(b, 0), half(b, 2));
-    let qs = &b[4..20];
+fn as_i8(b: &[u8]) -> Vec<i8> {
+    b.iter().map(|&v| v as i8).collect()
+}
+
+/// 16 bytes of packed 4-bit values: the low nibbles are values 0..16, the high ones 16..32.
+fn nibbles(qs: &[u8]) -> [i8; 32] {
+    let mut q = [0i8; 32];
+    for (j, &byte) in qs.iter().enumerate() {
+        q[j] = (byte & 0x0F) as i8;
+        q[j + 16] = (byte >> 4) as i8;
+    }
+    q
+}
+
+// block_q4_0 { f16 d; u8 qs[16]; }: d·(q − 8)
+fn q4_0(b: &[u8], run: &mut Runs) {
+    run(half(b, 0), None, &nibbles(&b[2..18]).map(|q| q - 8));
+}
+
+// block_q4_1 { f16 d; f16 m; u8 qs[16]; }: d·q + m
+fn q4_1(b: &[u8], run: &mut Runs) {
+    run(half(b, 0), Some(-half(b, 2)), &nibbles(&b[4..20]));
+}
+
+/// The 32 5-bit values of Q5_0/Q5_1: low nibbles from `qs`, fifth bits from `qh`.
+fn five_bit(qh: u32, qs: &[u8]) -> [i8; 32] {
+    let mut q = nibbles(qs);
     for j in 0..16 {
-        y[j] = f32::from(qs[j] & 0x0F) * d + m;
-        y[j + 16] = f32::from(qs[j] >> 4) * d + m;
+        q[j] |= ((((qh >> j) << 4) & 0x10) as u8) as i8;
+        q[j + 16] |= (((qh >> (j + 12)) & 0x10) as u8) as i8;
     }
+    q
 }
 
-// block_q5_0 { f16 d; u8 qh[4]; u8 qs[16]; }
-fn q5_0(b: &[u8], y: &mut [f32]) {
-    let d = half(b, 0);
+// block_q5_0 { f16 d; u8 qh[4]; u8 qs[16]; }: d·(q − 16)
+fn q5_0(b: &[u8], run: &mut Runs) {
     let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-    let qs = &b[6..22];
-    for j in 0..16 {
-        let xh_0 = (((qh >> j) << 4) & 0x10) as u8;
-        let xh_1 = ((qh >> (j + 12)) & 0x10) as u8;
-        let x0 = i32::from((qs[j] & 0x0F) | xh_0) - 16;
-        let x1 = i32::from((qs[j] >> 4) | xh_1) - 16;
-        y[j] = x0 as f32 * d;
-        y[j + 16] = x1 as f32 * d;
-    }
+    run(half(b, 0), None, &five_bit(qh, &b[6..22]).map(|q| q - 16));
 }
 
-// block_q5_1 { f16 d; f16 m; u8 qh[4]; u8 qs[16]; }
-fn q5_1(b: &[u8], y: &mut [f32]) {
-    let (d, m) = (half(b, 0), half(b, 2));
+// block_q5_1 { f16 d; f16 m; u8 qh[4]; u8 qs[16]; }: d·q + m
+fn q5_1(b: &[u8], run: &mut Runs) {
     let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-    let qs = &b[8..24];
-    for j in 0..16 {
-        let xh_0 = (((qh >> j) << 4) & 0x10) as u8;
-        let xh_1 = ((qh >> (j + 12)) & 0x10) as u8;
-        let x0 = (qs[j] & 0x0F) | xh_0;
-        let x1 = (qs[j] >> 4) | xh_1;
-        y[j] = f32::from(x0) * d + m;
-        y[j + 16] = f32::from(x1) * d + m;
-    }
+    run(half(b, 0), Some(-half(b, 2)), &five_bit(qh, &b[8..24]));
 }
 
-// block_q8_0 { f16 d; i8 qs[32]; }
-fn q8_0(b: &[u8], y: &mut [f32]) {
-    let d = half(b, 0);
-    for (yj, &q) in y.iter_mut().zip(&b[2..34]) {
-        *yj = f32::from(q as i8) * d;
-    }
-}
-
-// block_q2_K { u8 scales[16]; u8 qs[64]; f16 d; f16 dmin; }
-fn q2_k(b: &[u8], y: &mut [f32]) {
+// block_q2_K { u8 scales[16]; u8 qs[64]; f16 d; f16 dmin; }: runs of 16, d·(sc & 15)·q − dmin·(sc >> 4)
+fn q2_k(b: &[u8], run: &mut Runs) {
     let scales = &b[0..16];
     let qs = &b[16..80];
     let (d, min) = (half(b, 80), half(b, 82));
     let mut is = 0;
-    let mut out = 0;
     for n in 0..2 {
         let q = &qs[32 * n..32 * n + 32];
         for shift in [0u32, 2, 4, 6] {
             for half_idx in 0..2 {
                 let sc = scales[is];
                 is += 1;
-                let dl = d * f32::from(sc & 0x0F);
-                let ml = min * f32::from(sc >> 4);
-                for l in 0..16 {
-                    let v = (q[l + 16 * half_idx] >> shift) & 3;
-                    y[out] = dl * f32::from(v) - ml;
-                    out += 1;
-                }
+                let values: Vec<i8> = (0..16).map(|l| ((q[l + 16 * half_idx] >> shift) & 3) as i8).collect();
+                run(d * f32::from(sc & 0x0F), Some(min * f32::from(sc >> 4)), &values);
             }
         }
     }
 }
 
-// block_q3_K { u8 hmask[32]; u8 qs[64]; u8 scales[12]; f16 d; }
-fn q3_k(b: &[u8], y: &mut [f32]) {
+// block_q3_K { u8 hmask[32]; u8 qs[64]; u8 scales[12]; f16 d; }: runs of 16, d·(sc − 32)·q
+fn q3_k(b: &[u8], run: &mut Runs) {
     const KMASK1: u32 = 0x0303_0303;
     const KMASK2: u32 = 0x0f0f_0f0f;
     let hm = &b[0..32];
@@ -371,7 +397,6 @@ fn q3_k(b: &[u8], y: &mut [f32]) {
     }
 
     let mut is = 0;
-    let mut out = 0;
     let mut m: u8 = 1;
     for n in 0..2 {
         let q = &qs[32 * n..32 * n + 32];
@@ -379,13 +404,14 @@ fn q3_k(b: &[u8], y: &mut [f32]) {
             for half_idx in 0..2 {
                 let dl = d_all * f32::from(i16::from(scales[is]) - 32);
                 is += 1;
-                for l in 0..16 {
-                    let i = l + 16 * half_idx;
-                    let low = i32::from((q[i] >> shift) & 3);
-                    let high = if hm[i] & m != 0 { 0 } else { 4 };
-                    y[out] = dl * (low - high) as f32;
-                    out += 1;
-                }
+                let values: Vec<i8> = (0..16)
+                    .map(|l| {
+                        let i = l + 16 * half_idx;
+                        let high = if hm[i] & m != 0 { 0 } else { 4 };
+                        ((q[i] >> shift) & 3) as i8 - high
+                    })
+                    .collect();
+                run(dl, None, &values);
             }
             m <<= 1;
         }
@@ -403,77 +429,61 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 }
 
 // block_q4_K { f16 d; f16 dmin; u8 scales[12]; u8 qs[128]; }
-fn q4_k(b: &[u8], y: &mut [f32]) {
-    let (d, min) = (half(b, 0), half(b, 2));
-    let scales = &b[4..16];
-    let qs = &b[16..144];
-    for j in 0..4 {
-        let (sc, m) = scale_min_k4(2 * j, scales);
-        let (d1, m1) = (d * f32::from(sc), min * f32::from(m));
-        let (sc, m) = scale_min_k4(2 * j + 1, scales);
-        let (d2, m2) = (d * f32::from(sc), min * f32::from(m));
-        let q = &qs[32 * j..32 * j + 32];
-        let y = &mut y[64 * j..64 * j + 64];
-        for l in 0..32 {
-            y[l] = d1 * f32::from(q[l] & 0x0F) - m1;
-            y[l + 32] = d2 * f32::from(q[l] >> 4) - m2;
-        }
-    }
-}
-
 // block_q5_K { f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]; }
-fn q5_k(b: &[u8], y: &mut [f32]) {
+// Runs of 32: d·sc·q − dmin·m, q 4-bit (Q4_K) or 5-bit with its fifth bit from qh (Q5_K).
+fn q4_q5_k(five: bool, b: &[u8], run: &mut Runs) {
     let (d, min) = (half(b, 0), half(b, 2));
     let scales = &b[4..16];
-    let qh = &b[16..48];
-    let qs = &b[48..176];
-    let (mut u1, mut u2) = (1u8, 2u8);
+    let (qh, qs) = if five { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
     for j in 0..4 {
-        let (sc, m) = scale_min_k4(2 * j, scales);
-        let (d1, m1) = (d * f32::from(sc), min * f32::from(m));
-        let (sc, m) = scale_min_k4(2 * j + 1, scales);
-        let (d2, m2) = (d * f32::from(sc), min * f32::from(m));
         let ql = &qs[32 * j..32 * j + 32];
-        let y = &mut y[64 * j..64 * j + 64];
-        for l in 0..32 {
-            let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
-            let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };
-            y[l] = d1 * f32::from((ql[l] & 0x0F) + h1) - m1;
-            y[l + 32] = d2 * f32::from((ql[l] >> 4) + h2) - m2;
+        for (k, shift) in [(0, 0), (1, 4)] {
+            let (sc, m) = scale_min_k4(2 * j + k, scales);
+            let high_bit = 1u8 << (2 * j + k);
+            let values: Vec<i8> = (0..32)
+                .map(|l| {
+                    let high = if five && qh[l] & high_bit != 0 { 16 } else { 0 };
+                    (((ql[l] >> shift) & 0x0F) + high) as i8
+                })
+                .collect();
+            run(d * f32::from(sc), Some(min * f32::from(m)), &values);
         }
-        u1 <<= 2;
-        u2 <<= 2;
     }
 }
 
-// block_q6_K { u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d; }
-fn q6_k(b: &[u8], y: &mut [f32]) {
+// block_q6_K { u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d; }: runs of 16, d·sc·(q − 32)
+fn q6_k(b: &[u8], run: &mut Runs) {
     let d = half(b, 208);
     for n in 0..2 {
         let ql = &b[64 * n..64 * n + 64];
         let qh = &b[128 + 32 * n..128 + 32 * n + 32];
         let sc = &b[192 + 8 * n..192 + 8 * n + 8];
-        let y = &mut y[128 * n..128 * n + 128];
-        for l in 0..32 {
-            let is = l / 16;
-            let q1 = i32::from((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) - 32;
-            let q2 = i32::from((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
-            let q3 = i32::from((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-            let q4 = i32::from((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-            let s = |k: usize| d * f32::from(sc[is + k] as i8);
-            y[l] = s(0) * q1 as f32;
-            y[l + 32] = s(2) * q2 as f32;
-            y[l + 64] = s(4) * q3 as f32;
-            y[l + 96] = s(6) * q4 as f32;
+        // Weight 32·k + l of this half takes the low or high nibble of ql[l] or ql[l + 32]
+        // and bits 2k, 2k+1 of qh[l].
+        let value = |k: usize, l: usize| {
+            let byte = if k.is_multiple_of(2) { ql[l] } else { ql[l + 32] };
+            let low = if k < 2 { byte & 0x0F } else { byte >> 4 };
+            (low | (((qh[l] >> (2 * k)) & 3) << 4)) as i8 - 32
+        };
+        for k in 0..4 {
+            for h in 0..2 {
+                let values: Vec<i8> = (16 * h..16 * h + 16).map(|l| value(k, l)).collect();
+                run(d * f32::from(sc[2 * k + h] as i8), None, &values);
+            }
         }
     }
 }
 
-// block_q8_K { f32 d; i8 qs[256]; i16 bsums[16]; }
-fn q8_k(b: &[u8], y: &mut [f32]) {
-    let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    for (yj, &q) in y.iter_mut().zip(&b[4..4 + QK_K]) {
-        *yj = d * f32::from(q as i8);
+// block_iq4_xs { f16 d; u16 scales_h; u8 scales_l[4]; u8 qs[128]; }: runs of 32,
+// d·(ls − 32)·lut[q], ls 6-bit (4 bits from scales_l, 2 from scales_h)
+fn iq4_xs(b: &[u8], run: &mut Runs) {
+    let d = half(b, 0);
+    let scales_h = u16::from_le_bytes([b[2], b[3]]);
+    let scales_l = &b[4..8];
+    for ib in 0..8 {
+        let low = (scales_l[ib / 2] >> (4 * (ib % 2))) & 0x0F;
+        let ls = i32::from(low) | ((i32::from(scales_h >> (2 * ib)) & 3) << 4);
+        run(d * (ls - 32) as f32, None, &nibbles(&b[8 + 16 * ib..8 + 16 * ib + 16]));
     }
 }
 

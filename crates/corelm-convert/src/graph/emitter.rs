@@ -179,8 +179,16 @@ impl Graph<'_, '_> {
     pub(super) fn materialize(&mut self, name: &str, stored: &Stored) -> Result<Var> {
         match stored {
             Stored::Plain(blob) => Ok(self.f.weight(name, blob)),
-            Stored::Compressed { op, inputs } => {
-                self.f.op1(op, name, inputs.iter().map(|(param, blob)| (*param, Arg::Blob(blob))).collect())
+            Stored::Compressed { op, inputs, data_from } => {
+                let data = match data_from {
+                    Some(inner) => Some(self.materialize(&format!("{name}_data"), inner)?),
+                    None => None,
+                };
+                let mut args: Vec<(&str, Arg)> = inputs.iter().map(|(param, blob)| (*param, Arg::Blob(blob))).collect();
+                if let Some(data) = &data {
+                    args.insert(0, ("data", Arg::Var(data)));
+                }
+                self.f.op1(op, name, args)
             }
             Stored::Pieces(_) => Err(Error::invalid(format!("{name}: pieces inside pieces"))),
         }

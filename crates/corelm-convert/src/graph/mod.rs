@@ -10,6 +10,7 @@
 mod attention;
 mod cache;
 mod emitter;
+mod grids;
 mod head;
 mod inputs;
 mod layer;
@@ -17,7 +18,8 @@ mod masks;
 mod norms;
 mod weights;
 
-pub use weights::{roles, store_weights, GridNotKept, Progress, StoredWeights};
+pub use grids::{GridCarry, GridType, SourceGrid};
+pub use weights::{roles, store_weights, Progress, StoredWeights};
 
 use crate::arch::Role;
 use crate::compress::Policy;

@@ -5,12 +5,13 @@ use std::collections::HashMap;
 
 use half::f16;
 
+use super::grids::{self, SourceGrid};
 use super::{residual_divisor, GraphOptions, Profile, Stage, ANE_MAX_DIM};
-use crate::arch::{tensor_spec, LayerRole, Role, Take};
-use crate::checkpoint::{load, Checkpoint};
+use crate::arch::{tensor_spec, LayerRole, Role, TensorSpec};
+use crate::checkpoint::{load, load_grid, Checkpoint};
 use crate::compress::Compressed;
 use crate::config::{ModelConfig, Norm, Rope};
-use crate::{Error, Result};
+use crate::Result;
 use corelm_format::weights::{BlobRef, WeightStore};
 use corelm_format::{DType, Tensor};
 
@@ -37,6 +38,8 @@ pub(super) enum Stored {
     Compressed {
         op: &'static str,
         inputs: Vec<(&'static str, BlobRef)>,
+        /// The op whose output is `data` (see [`Compressed::data_from`]).
+        data_from: Option<Box<Stored>>,
     },
     /// A matrix too tall for the Neural Engine, as blocks of at most [`ANE_MAX_DIM`] rows.
     Pieces(Vec<Stored>),
@@ -46,33 +49,8 @@ pub struct StoredWeights {
     pub(super) tensors: HashMap<Role, Stored>,
     pub(super) rope: Option<(BlobRef, BlobRef)>,
     pub(super) rope_local: Option<(BlobRef, BlobRef)>,
-    /// With `--grid gguf`: the quantized source tensors whose grid was not kept.
-    pub grids_not_kept: Vec<GridNotKept>,
-}
-
-/// A quantized source tensor that `--grid gguf` asked to keep on its grid but that was stored
-/// otherwise, and why: nothing changes silently.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct GridNotKept {
-    pub tensor: String,
-    /// The ggml type it was stored as (`Q4_K`, ...).
-    pub source_type: String,
-    /// What it became in the package (`fp16`, `int4`, ...).
-    pub stored_as: String,
-    pub reason: String,
-}
-
-/// Why a quantized tensor's grid is not carried.
-fn grid_not_kept_reason(source_type: &str, take: Take, kept: bool) -> String {
-    if kept {
-        "its name matches --keep".into()
-    } else if take != Take::Whole {
-        "it is a slice of a fused tensor".into()
-    } else if ["Q4_0", "Q4_1", "Q8_0"].contains(&source_type) {
-        "its rows are not whole 32-value blocks".into()
-    } else {
-        format!("Core ML has no form for {source_type} grids in corelm yet (Q4_0, Q4_1 and Q8_0 are carried)")
-    }
+    /// What became of each quantized source tensor.
+    pub source_grids: Vec<SourceGrid>,
 }
 
 /// Progress of weight loading, for progress bars.
@@ -162,7 +140,7 @@ pub fn store_weights(
     let dtype = opts.precision.dtype();
     let mut tensors = HashMap::new();
     let mut by_name: HashMap<String, Stored> = HashMap::new();
-    let mut grids_not_kept = Vec::new();
+    let mut source_grids = Vec::new();
     for role in roles(c).into_iter().filter(|r| stage.holds(*r)) {
         let Some(spec) = tensor_spec(c, role) else { continue };
         let key = format!("{}{:?}", spec.name, spec.take);
@@ -173,67 +151,36 @@ pub fn store_weights(
         }
         let bytes_before = store.bytes_written();
         let embedding = matches!(role, Role::Embed | Role::LmHead);
-        let policy = &opts.compress;
-        // A source grid Core ML can express is stored as it is: no second rounding.
-        let grid = match (policy.source_grid, is_matrix(role), spec.take) {
-            (true, true, Take::Whole) if !policy.keeps(&spec.name) => {
-                crate::checkpoint::load_grid(ck, c, role, &spec, dtype)?
-            }
+        let scheme = if is_matrix(role) { opts.compress.scheme_for(&spec.name, embedding) } else { None };
+        // The ane profile stores a table taller than it takes in blocks of rows.
+        let split = (opts.profile == Profile::Ane && embedding && c.vocab_size > ANE_MAX_DIM).then_some(ANE_MAX_DIM);
+        let source = crate::checkpoint::resolve(ck, &spec.name).and_then(|n| ck.storage(n)).filter(|s| s.quantized);
+        let refused = source.as_ref().map(|s| {
+            let refused = if is_matrix(role) { None } else { Some("it is not a matrix the graph multiplies".into()) };
+            refused.or_else(|| grids::refusal(&opts.compress, &spec, scheme, &s.type_name))
+        });
+        // A source grid Core ML can hold is stored as it is: no second rounding.
+        let carried = match refused {
+            Some(None) => load_grid(ck, c, role, &spec, dtype)?,
             _ => None,
         };
-        let ane = opts.profile == Profile::Ane;
-        let split = ane && matches!(role, Role::Embed | Role::LmHead) && c.vocab_size > ANE_MAX_DIM;
-        if split && grid.is_some() {
-            return Err(Error::invalid(format!(
-                "the ane profile splits {} ({} rows) into blocks of {ANE_MAX_DIM}; a carried-over GGUF grid \
-                 cannot be split yet (drop --grid)",
-                spec.name, c.vocab_size
-            )));
-        }
-        let scheme = if is_matrix(role) { policy.scheme_for(&spec.name, embedding) } else { None };
-        let storage = crate::checkpoint::resolve(ck, &spec.name).and_then(|n| ck.storage(n));
-        if let (true, true, None, Some((source_type, true))) = (policy.source_grid, is_matrix(role), &grid, storage) {
-            grids_not_kept.push(GridNotKept {
-                tensor: spec.name.clone(),
-                stored_as: scheme.map_or_else(|| dtype.name().to_string(), |s| format!("{s} (rounded again)")),
-                reason: grid_not_kept_reason(&source_type, spec.take, policy.keeps(&spec.name)),
-                source_type,
+        let stored = match &carried {
+            Some(grid) => store_grid(store, &grid.compressed, split)?,
+            None => store_values(c, ck, opts, store, role, &spec, scheme, split)?,
+        };
+        let package_bytes = store.bytes_written() - bytes_before;
+        progress.tensor_done(&spec.name, package_bytes);
+        if let Some(source) = source {
+            source_grids.push(match carried {
+                Some(grid) => SourceGrid::carried(&spec, &source, &grid, package_bytes),
+                None => {
+                    let reason = refused
+                        .flatten()
+                        .unwrap_or_else(|| format!("Core ML has no form for {} grids", source.type_name));
+                    SourceGrid::not_carried(&spec, &source, dtype.name().to_string(), scheme, reason, package_bytes)
+                }
             });
         }
-        if let Some(g) = grid {
-            let stored = store_compressed(store, g)?;
-            progress.tensor_done(&spec.name, store.bytes_written() - bytes_before);
-            by_name.insert(key, stored.clone());
-            tensors.insert(role, stored);
-            continue;
-        }
-        let (shape, mut data) = load(ck, c, role, &spec)?;
-        let add_one = matches!(c.norm, Norm::Rms { add_one: true, .. });
-        if add_one && is_norm(role) {
-            data.iter_mut().for_each(|v| *v += 1.0);
-        }
-        if matches!(role, Role::Layer(_, LayerRole::PostAttnNorm | LayerRole::PostMlpNorm)) {
-            let d = residual_divisor(c, opts) as f32;
-            data.iter_mut().for_each(|v| *v /= d);
-        }
-        if let Some(n) = ane_rms_width(c, role).filter(|_| ane) {
-            let k = (n as f64 / (n as f64 + 1.0)).sqrt() as f32;
-            data.iter_mut().for_each(|v| *v *= k);
-        }
-        // Norms are computed in fp32 except on the Neural Engine, which has no fp32.
-        let keep_f32 = (is_norm(role) && !ane) || dtype == DType::Fp32;
-        let stored = if split {
-            let cols = shape[1];
-            let mut pieces = Vec::new();
-            for rows in data.chunks(ANE_MAX_DIM * cols) {
-                pieces.push(store_matrix(store, vec![rows.len() / cols, cols], rows, scheme, keep_f32, dtype)?);
-            }
-            Stored::Pieces(pieces)
-        } else {
-            store_matrix(store, shape, &data, scheme, keep_f32, dtype)?
-        };
-        drop(data);
-        progress.tensor_done(&spec.name, store.bytes_written() - bytes_before);
         by_name.insert(key, stored.clone());
         tensors.insert(role, stored);
     }
@@ -245,7 +192,66 @@ pub fn store_weights(
         Some(r) => Some(rope_tables(store, r, opts.context, dtype)?),
         None => None,
     };
-    Ok(StoredWeights { tensors, rope, rope_local, grids_not_kept })
+    Ok(StoredWeights { tensors, rope, rope_local, source_grids })
+}
+
+/// A carried grid, in blocks of `split` rows when given.
+fn store_grid(store: &mut WeightStore, grid: &Compressed, split: Option<usize>) -> Result<Stored> {
+    let Some(block) = split else { return store_compressed(store, grid) };
+    let rows = match grid.data_from.as_deref() {
+        Some(inner) => &inner.inputs,
+        None => &grid.inputs,
+    }[0]
+    .1
+    .shape()[0];
+    let mut pieces = Vec::new();
+    for start in (0..rows).step_by(block) {
+        pieces.push(store_compressed(store, &grid.rows(rows, start, block.min(rows - start))?)?);
+    }
+    Ok(Stored::Pieces(pieces))
+}
+
+/// A weight read as values: norms with the graph's folds applied (Gemma's `1 + w`, the residual
+/// divisor, the Neural Engine norm's gain), matrices compressed by `scheme`.
+#[allow(clippy::too_many_arguments)]
+fn store_values(
+    c: &ModelConfig,
+    ck: &dyn Checkpoint,
+    opts: &GraphOptions,
+    store: &mut WeightStore,
+    role: Role,
+    spec: &TensorSpec,
+    scheme: Option<crate::compress::Scheme>,
+    split: Option<usize>,
+) -> Result<Stored> {
+    let dtype = opts.precision.dtype();
+    let ane = opts.profile == Profile::Ane;
+    let (shape, mut data) = load(ck, c, role, spec)?;
+    let add_one = matches!(c.norm, Norm::Rms { add_one: true, .. });
+    if add_one && is_norm(role) {
+        data.iter_mut().for_each(|v| *v += 1.0);
+    }
+    if matches!(role, Role::Layer(_, LayerRole::PostAttnNorm | LayerRole::PostMlpNorm)) {
+        let d = residual_divisor(c, opts) as f32;
+        data.iter_mut().for_each(|v| *v /= d);
+    }
+    if let Some(n) = ane_rms_width(c, role).filter(|_| ane) {
+        let k = (n as f64 / (n as f64 + 1.0)).sqrt() as f32;
+        data.iter_mut().for_each(|v| *v *= k);
+    }
+    // Norms are computed in fp32 except on the Neural Engine, which has no fp32.
+    let keep_f32 = (is_norm(role) && !ane) || dtype == DType::Fp32;
+    match split {
+        Some(block) => {
+            let cols = shape[1];
+            let mut pieces = Vec::new();
+            for rows in data.chunks(block * cols) {
+                pieces.push(store_matrix(store, vec![rows.len() / cols, cols], rows, scheme, keep_f32, dtype)?);
+            }
+            Ok(Stored::Pieces(pieces))
+        }
+        None => store_matrix(store, shape, &data, scheme, keep_f32, dtype),
+    }
 }
 
 /// One weight: compressed by `scheme`, or plain (f32 when `keep_f32`, else `dtype`).
@@ -258,7 +264,7 @@ fn store_matrix(
     dtype: DType,
 ) -> Result<Stored> {
     match scheme {
-        Some(scheme) => store_compressed(store, crate::compress::compress(&shape, data, scheme, dtype, None)?),
+        Some(scheme) => store_compressed(store, &crate::compress::compress(&shape, data, scheme, dtype, None)?),
         None => {
             // Encode straight to storage bytes: the f32 copy and the encoded copy are the only
             // two of this tensor in memory, and only until it is written.
@@ -273,10 +279,14 @@ fn store_matrix(
     }
 }
 
-fn store_compressed(store: &mut WeightStore, c: Compressed) -> Result<Stored> {
+fn store_compressed(store: &mut WeightStore, c: &Compressed) -> Result<Stored> {
     let mut inputs = Vec::with_capacity(c.inputs.len());
     for (name, t) in &c.inputs {
         inputs.push((*name, store.store(t)?));
     }
-    Ok(Stored::Compressed { op: c.op, inputs })
+    let data_from = match &c.data_from {
+        Some(inner) => Some(Box::new(store_compressed(store, inner)?)),
+        None => None,
+    };
+    Ok(Stored::Compressed { op: c.op, inputs, data_from })
 }
