@@ -309,7 +309,7 @@ impl<'w> FunctionBuilder<'w> {
         // Explicit arguments first, so computed defaults can look at them.
         let mut bind = |this: &mut Self, args: &mut Args, pname: &'static str, arg: Arg| -> Result<()> {
             let param = def.param(pname).expect("checked above");
-            let (infos, binds) = this.bind_arg(op_type, &op_name, param, arg, constexpr)?;
+            let (infos, binds) = this.bind_arg(&op_name, param, arg, constexpr)?;
             args.args.insert(pname.to_string(), infos);
             bindings.insert(pname.to_string(), binds);
             Ok(())
@@ -369,7 +369,6 @@ impl<'w> FunctionBuilder<'w> {
 
     fn bind_arg(
         &mut self,
-        op_type: &str,
         op_name: &str,
         param: &ops::Param,
         arg: Arg,
@@ -408,8 +407,7 @@ impl<'w> FunctionBuilder<'w> {
         let mut binds = Vec::new();
         for v in vars {
             let info = self.var_info(v)?;
-            let state_param = matches!(op_type, "read_state" | "write_state") && param.name == "input";
-            match (&info.ty, state_param) {
+            match (&info.ty, param.state) {
                 (ValueType::State(_), false) => {
                     return Err(Error::invalid(format!(
                         "state `{}` can only be read by read_state or written by write_state",

@@ -69,24 +69,29 @@ pub struct Param {
     pub constant: bool,
     /// A tuple parameter (`concat.values`): one binding per element.
     pub tuple: bool,
+    /// Takes a state (`read_state.input`, `write_state.input`); no other parameter may.
+    pub state: bool,
     pub domain: Domain,
     pub default: ParamDefault,
 }
 
 const fn req(name: &'static str, domain: Domain) -> Param {
-    Param { name, required: true, constant: false, tuple: false, domain, default: ParamDefault::None }
+    Param { name, required: true, constant: false, tuple: false, state: false, domain, default: ParamDefault::None }
 }
 const fn req_c(name: &'static str, domain: Domain) -> Param {
-    Param { name, required: true, constant: true, tuple: false, domain, default: ParamDefault::None }
+    Param { name, required: true, constant: true, tuple: false, state: false, domain, default: ParamDefault::None }
 }
 const fn tuple(name: &'static str, domain: Domain) -> Param {
-    Param { name, required: true, constant: false, tuple: true, domain, default: ParamDefault::None }
+    Param { name, required: true, constant: false, tuple: true, state: false, domain, default: ParamDefault::None }
+}
+const fn req_state(name: &'static str, domain: Domain) -> Param {
+    Param { name, required: true, constant: false, tuple: false, state: true, domain, default: ParamDefault::None }
 }
 const fn opt(name: &'static str, domain: Domain, default: ParamDefault) -> Param {
-    Param { name, required: false, constant: false, tuple: false, domain, default }
+    Param { name, required: false, constant: false, tuple: false, state: false, domain, default }
 }
 const fn opt_c(name: &'static str, domain: Domain, default: ParamDefault) -> Param {
-    Param { name, required: false, constant: true, tuple: false, domain, default }
+    Param { name, required: false, constant: true, tuple: false, state: false, domain, default }
 }
 
 pub type InferFn = fn(&Args) -> Result<Vec<TensorType>>;
@@ -1465,8 +1470,8 @@ fn registry() -> Vec<OpDef> {
         ],
         conv,
     ));
-    ops.push(def("read_state", Ios18, vec![req("input", free(DATA))], read_state));
-    ops.push(def("write_state", Ios18, vec![req("input", t(DATA)), req("data", t(DATA))], write_state));
+    ops.push(def("read_state", Ios18, vec![req_state("input", free(DATA))], read_state));
+    ops.push(def("write_state", Ios18, vec![req_state("input", t(DATA)), req("data", t(DATA))], write_state));
     ops.push(def(
         "scaled_dot_product_attention",
         Ios18,

@@ -284,10 +284,8 @@ fn check_operation<'a>(
                         ok = false;
                     }
                     Some(v) => {
-                        let takes_state =
-                            matches!(op.op_type.as_str(), "read_state" | "write_state") && *pname == "input";
-                        if v.ty.is_state() != takes_state {
-                            let msg = if takes_state {
+                        if v.ty.is_state() != param.state {
+                            let msg = if param.state {
                                 format!("`{pname}` must be a state, `{n}` is not")
                             } else {
                                 format!("state `{n}` can only be used by read_state and write_state")
