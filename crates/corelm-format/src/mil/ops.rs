@@ -1,6 +1,6 @@
-//! Op signatures (parameters, type domains, defaults, the opset each version starts in) and
-//! output type inference. The builder uses them to check inputs and type outputs as ops are
-//! added; the validator re-runs them over programs read from disk.
+//! Op signatures (parameters, type domains, defaults, the opset each version starts in), output
+//! type inference and the folding of shape arithmetic. The builder uses them to check inputs and
+//! type outputs as ops are added; the validator re-runs them over programs read from disk.
 
 use std::collections::BTreeMap;
 
@@ -96,6 +96,9 @@ const fn opt_c(name: &'static str, domain: Domain, default: ParamDefault) -> Par
 
 pub type InferFn = fn(&Args) -> Result<Vec<TensorType>>;
 
+/// The integer values of an op's output from the constant values of its inputs, or `None`.
+pub type FoldFn = fn(&Args) -> Option<Vec<i64>>;
+
 /// One version of an op.
 pub struct OpDef {
     pub name: &'static str,
@@ -105,11 +108,19 @@ pub struct OpDef {
     /// Parameters serialized as attributes rather than inputs (iOS 16/17 `constexpr_*` forms).
     pub params_as_attributes: bool,
     pub infer: InferFn,
+    /// Set on the small integer ops of shape arithmetic (`shape`, then slices, squeezes and sums
+    /// of its result): what lets inference at concrete input shapes see through
+    /// `range_1d(start, end)` to a concrete length.
+    pub fold: Option<FoldFn>,
 }
 
 impl OpDef {
     pub fn param(&self, name: &str) -> Option<&Param> {
         self.params.iter().find(|p| p.name == name)
+    }
+
+    fn folding(self, fold: FoldFn) -> OpDef {
+        OpDef { fold: Some(fold), ..self }
     }
 }
 
@@ -1094,17 +1105,89 @@ fn sparse_blockwise_shift_scale(a: &Args) -> Result<Vec<TensorType>> {
     Ok(vec![mask.clone(), nz.with_dtype(a.ty("scale")?.dtype)])
 }
 
+// ---------------------------------------------------------------- folding shape arithmetic
+
+fn fold_shape(a: &Args) -> Option<Vec<i64>> {
+    Some(a.ty("x").ok()?.shape()?.iter().map(|&d| d as i64).collect())
+}
+
+/// Ops that keep the values of `x` (squeeze, expand_dims, reshape, identity, cast).
+fn fold_values_of_x(a: &Args) -> Option<Vec<i64>> {
+    a.ints("x")
+}
+
+fn fold_gather(a: &Args) -> Option<Vec<i64>> {
+    if a.int("axis").unwrap_or(0) != 0 || a.int("batch_dims").unwrap_or(0) != 0 {
+        return None;
+    }
+    let x = a.ints("x")?;
+    let n = x.len() as i64;
+    a.ints("indices")?.iter().map(|&i| x.get((if i < 0 { i + n } else { i }) as usize).copied()).collect()
+}
+
+fn fold_slice_by_index(a: &Args) -> Option<Vec<i64>> {
+    let x = a.ints("x")?;
+    let strided = a.ints("stride").is_some_and(|s| s.iter().any(|&v| v != 1));
+    let masked =
+        ["begin_mask", "end_mask", "squeeze_mask"].iter().any(|m| a.ints(m).is_some_and(|v| v.iter().any(|&b| b != 0)));
+    let (begin, end) = (*a.ints("begin")?.first()?, *a.ints("end")?.first()?);
+    let n = x.len() as i64;
+    let at = |v: i64| if v < 0 { (v + n).clamp(0, n) } else { v.min(n) } as usize;
+    if strided || masked || at(begin) > at(end) {
+        return None;
+    }
+    Some(x[at(begin)..at(end)].to_vec())
+}
+
+/// `x` and `y` combined elementwise, a single value broadcasting against a list.
+fn fold_elementwise(a: &Args, f: fn(i64, i64) -> Option<i64>) -> Option<Vec<i64>> {
+    let (x, y) = (a.ints("x")?, a.ints("y")?);
+    let pick = |v: &[i64], i: usize| if v.len() == 1 { v[0] } else { v[i] };
+    let n = x.len().max(y.len());
+    if (x.len() != n && x.len() != 1) || (y.len() != n && y.len() != 1) {
+        return None;
+    }
+    (0..n).map(|i| f(pick(&x, i), pick(&y, i))).collect()
+}
+
+fn fold_add(a: &Args) -> Option<Vec<i64>> {
+    fold_elementwise(a, i64::checked_add)
+}
+
+fn fold_sub(a: &Args) -> Option<Vec<i64>> {
+    fold_elementwise(a, i64::checked_sub)
+}
+
+fn fold_mul(a: &Args) -> Option<Vec<i64>> {
+    fold_elementwise(a, i64::checked_mul)
+}
+
+fn fold_concat(a: &Args) -> Option<Vec<i64>> {
+    Some(a.tuple("values").iter().map(|v| v.value.as_ref()?.to_i64()).collect::<Option<Vec<_>>>()?.concat())
+}
+
 // ---------------------------------------------------------------- the registry
 
 fn def(name: &'static str, since: Target, params: Vec<Param>, infer: InferFn) -> OpDef {
-    OpDef { name, since, params, params_as_attributes: false, infer }
+    OpDef { name, since, params, params_as_attributes: false, infer, fold: None }
 }
 
 fn unary(name: &'static str, domain: &'static [DType]) -> OpDef {
     def(name, Target::Ios15, vec![req("x", t(domain))], same_as_x)
 }
 
-const BINARY_OPS: &[&str] = &["add", "sub", "mul", "real_div", "pow", "maximum", "minimum", "floor_div", "mod"];
+/// The binary ops, with the folding of those shape arithmetic uses.
+const BINARY_OPS: &[(&str, Option<FoldFn>)] = &[
+    ("add", Some(fold_add)),
+    ("sub", Some(fold_sub)),
+    ("mul", Some(fold_mul)),
+    ("real_div", None),
+    ("pow", None),
+    ("maximum", None),
+    ("minimum", None),
+    ("floor_div", None),
+    ("mod", None),
+];
 const COMPARE_OPS: &[&str] = &["equal", "not_equal", "less", "less_equal", "greater", "greater_equal"];
 const LOGICAL_OPS: &[&str] = &["logical_and", "logical_or", "logical_xor"];
 const FLOAT_UNARY_OPS: &[&str] = &[
@@ -1129,8 +1212,8 @@ fn registry() -> Vec<OpDef> {
     use ParamDefault as D;
     use Target::*;
     let mut ops = Vec::new();
-    for &name in BINARY_OPS {
-        ops.push(def(name, Ios15, vec![req("x", t(NUMERIC)), req("y", t(NUMERIC))], binary));
+    for &(name, fold) in BINARY_OPS {
+        ops.push(OpDef { fold, ..def(name, Ios15, vec![req("x", t(NUMERIC)), req("y", t(NUMERIC))], binary) });
     }
     for &name in COMPARE_OPS {
         ops.push(def(name, Ios15, vec![req("x", t(NUMERIC_BOOL)), req("y", t(NUMERIC_BOOL))], compare));
@@ -1230,29 +1313,35 @@ fn registry() -> Vec<OpDef> {
         ],
         linear,
     ));
-    ops.push(def(
-        "gather",
-        Ios15,
-        vec![
-            req("x", t(DATA)),
-            req("indices", u(INDEX)),
-            opt_c("axis", free(I32), D::Int(0)),
-            opt_c("batch_dims", free(I32), D::Int(0)),
-        ],
-        gather,
-    ));
-    ops.push(def(
-        "gather",
-        Ios17,
-        vec![
-            req("x", t(DATA)),
-            req("indices", u(INDEX)),
-            opt_c("axis", free(I32), D::Int(0)),
-            opt_c("batch_dims", free(I32), D::Int(0)),
-            opt_c("validate_indices", free(BOOL), D::Bool(false)),
-        ],
-        gather,
-    ));
+    ops.push(
+        def(
+            "gather",
+            Ios15,
+            vec![
+                req("x", t(DATA)),
+                req("indices", u(INDEX)),
+                opt_c("axis", free(I32), D::Int(0)),
+                opt_c("batch_dims", free(I32), D::Int(0)),
+            ],
+            gather,
+        )
+        .folding(fold_gather),
+    );
+    ops.push(
+        def(
+            "gather",
+            Ios17,
+            vec![
+                req("x", t(DATA)),
+                req("indices", u(INDEX)),
+                opt_c("axis", free(I32), D::Int(0)),
+                opt_c("batch_dims", free(I32), D::Int(0)),
+                opt_c("validate_indices", free(BOOL), D::Bool(false)),
+            ],
+            gather,
+        )
+        .folding(fold_gather),
+    );
     // iOS 15 has gather_along_axis and gather_nd with int32 indices; iOS 16 adds int16/uint16
     // indices and gather_nd's batch_dims (iOS15/ and iOS16/scatter_gather.py).
     ops.push(def(
@@ -1296,13 +1385,16 @@ fn registry() -> Vec<OpDef> {
         ],
         gather_nd,
     ));
-    ops.push(def(
-        "concat",
-        Ios15,
-        // Tuples have no dtype domain in coremltools (TupleInputType), only equal dtypes.
-        vec![tuple("values", t(ANY)), req_c("axis", free(I32)), opt_c("interleave", free(BOOL), D::Bool(false))],
-        concat,
-    ));
+    ops.push(
+        def(
+            "concat",
+            Ios15,
+            // Tuples have no dtype domain in coremltools (TupleInputType), only equal dtypes.
+            vec![tuple("values", t(ANY)), req_c("axis", free(I32)), opt_c("interleave", free(BOOL), D::Bool(false))],
+            concat,
+        )
+        .folding(fold_concat),
+    );
     ops.push(def("stack", Ios15, vec![tuple("values", t(ANY)), req_c("axis", free(I32))], stack));
     ops.push(def(
         "split",
@@ -1315,11 +1407,22 @@ fn registry() -> Vec<OpDef> {
         ],
         split,
     ));
-    ops.push(def("reshape", Ios15, vec![req("x", t(DATA)), req("shape", free(I32))], reshape));
-    ops.push(def("reshape", Ios17, vec![req("x", t(DATA)), req("shape", free(SLICE_INDEX))], reshape_ios17));
+    ops.push(
+        def("reshape", Ios15, vec![req("x", t(DATA)), req("shape", free(I32))], reshape).folding(fold_values_of_x),
+    );
+    ops.push(
+        def("reshape", Ios17, vec![req("x", t(DATA)), req("shape", free(SLICE_INDEX))], reshape_ios17)
+            .folding(fold_values_of_x),
+    );
     ops.push(def("transpose", Ios15, vec![req("x", t(DATA)), req_c("perm", free(I32))], transpose));
-    ops.push(def("expand_dims", Ios15, vec![req("x", t(DATA)), req_c("axes", free(I32))], expand_dims));
-    ops.push(def("squeeze", Ios15, vec![req("x", t(DATA)), opt_c("axes", free(I32), D::None)], squeeze));
+    ops.push(
+        def("expand_dims", Ios15, vec![req("x", t(DATA)), req_c("axes", free(I32))], expand_dims)
+            .folding(fold_values_of_x),
+    );
+    ops.push(
+        def("squeeze", Ios15, vec![req("x", t(DATA)), opt_c("axes", free(I32), D::None)], squeeze)
+            .folding(fold_values_of_x),
+    );
     let slice_masks = || {
         vec![
             opt_c("stride", u(SLICE_INDEX), D::None),
@@ -1330,7 +1433,7 @@ fn registry() -> Vec<OpDef> {
     };
     let mut p = vec![req("x", t(DATA)), req("begin", u(SLICE_INDEX)), req("end", u(SLICE_INDEX))];
     p.extend(slice_masks());
-    ops.push(def("slice_by_index", Ios15, p, slice_by_index));
+    ops.push(def("slice_by_index", Ios15, p, slice_by_index).folding(fold_slice_by_index));
     let mut p =
         vec![req("x", t(DATA)), req("update", t(DATA)), req("begin", u(SLICE_INDEX)), req("end", u(SLICE_INDEX))];
     p.extend(slice_masks());
@@ -1348,7 +1451,7 @@ fn registry() -> Vec<OpDef> {
         vec![req("x", t(DATA)), req("begin", u(SLICE_INDEX)), req("size", u(SLICE_INDEX))],
         slice_by_size,
     ));
-    ops.push(def("cast", Ios15, vec![req("x", t(DATA)), req_c("dtype", free(STRING))], cast));
+    ops.push(def("cast", Ios15, vec![req("x", t(DATA)), req_c("dtype", free(STRING))], cast).folding(fold_values_of_x));
     ops.push(def(
         "band_part",
         Ios15,
@@ -1368,7 +1471,7 @@ fn registry() -> Vec<OpDef> {
         vec![req("end", t(NUMERIC)), req("start", t(NUMERIC)), req("step", t(NUMERIC))],
         range_1d,
     ));
-    ops.push(def("shape", Ios15, vec![req("x", free(DATA))], shape_op));
+    ops.push(def("shape", Ios15, vec![req("x", free(DATA))], shape_op).folding(fold_shape));
     ops.push(def(
         "select",
         Ios15,
@@ -1438,7 +1541,7 @@ fn registry() -> Vec<OpDef> {
         ],
         topk,
     ));
-    ops.push(def("identity", Ios15, vec![req("x", free(ANY))], same_as_x));
+    ops.push(def("identity", Ios15, vec![req("x", free(ANY))], same_as_x).folding(fold_values_of_x));
     ops.push(def(
         "conv",
         Ios15,
@@ -1528,7 +1631,8 @@ fn registry() -> Vec<OpDef> {
         ],
         sparse_blockwise_shift_scale,
     ));
-    let attr_form = |name, params, infer| OpDef { name, since: Ios16, params, params_as_attributes: true, infer };
+    let attr_form =
+        |name, params, infer| OpDef { name, since: Ios16, params, params_as_attributes: true, infer, fold: None };
     ops.push(attr_form(
         "constexpr_affine_dequantize",
         vec![

@@ -7,7 +7,7 @@ use std::fmt;
 
 use crate::dtype::DType;
 use crate::mil::names;
-use crate::mil::ops::{self, ArgInfo, Args};
+use crate::mil::ops::{self, ArgInfo, Args, OpDef};
 use crate::mil::program::{Binding, Function, Operation, Value, ValueData};
 use crate::mil::types::{Dim, TensorType, ValueType};
 use crate::model::{ArrayFeature, Feature, FeatureKind, Flexibility, FunctionDescription, Model};
@@ -339,7 +339,7 @@ fn check_operation<'a>(
     declare(r, loc, vars, constexpr.then_some(None), op);
     if propagate_inferred {
         let folded = match (inferred.as_slice(), op.outputs.len()) {
-            ([t], 1) => fold_shape_value(&op.op_type, &args, t),
+            ([t], 1) => fold_shape_value(def, &args, t),
             _ => None,
         };
         for (o, t) in op.outputs.iter().zip(inferred) {
@@ -353,61 +353,16 @@ fn check_operation<'a>(
     }
 }
 
-/// The value of a small integer op of shape arithmetic (`shape`, then slices, squeezes and sums
-/// of its result), when its inputs are known: what lets inference at concrete input shapes see
-/// through `range_1d(start, end)` to a concrete length. Other ops: `None`.
-fn fold_shape_value(op_type: &str, a: &Args, out: &TensorType) -> Option<Tensor> {
+/// The value of an op of shape arithmetic (see [`OpDef::fold`]) with a small integer output,
+/// when its inputs are known. Other ops: `None`.
+fn fold_shape_value(def: &OpDef, a: &Args, out: &TensorType) -> Option<Tensor> {
+    let fold = def.fold?;
     let shape = out.shape()?;
     let integer = matches!(out.dtype, DType::Int32 | DType::Int16 | DType::Uint16 | DType::Int8 | DType::Uint8);
     if !integer || shape.len() > 1 {
         return None;
     }
-    let values: Vec<i64> = match op_type {
-        "shape" => a.ty("x").ok()?.shape()?.iter().map(|&d| d as i64).collect(),
-        "squeeze" | "expand_dims" | "reshape" | "identity" | "cast" => a.ints("x")?,
-        "gather" if a.int("axis").unwrap_or(0) == 0 && a.int("batch_dims").unwrap_or(0) == 0 => {
-            let x = a.ints("x")?;
-            let n = x.len() as i64;
-            a.ints("indices")?
-                .iter()
-                .map(|&i| x.get((if i < 0 { i + n } else { i }) as usize).copied())
-                .collect::<Option<_>>()?
-        }
-        "slice_by_index" => {
-            let x = a.ints("x")?;
-            let strided = a.ints("stride").is_some_and(|s| s.iter().any(|&v| v != 1));
-            let masked = ["begin_mask", "end_mask", "squeeze_mask"]
-                .iter()
-                .any(|m| a.ints(m).is_some_and(|v| v.iter().any(|&b| b != 0)));
-            let (begin, end) = (*a.ints("begin")?.first()?, *a.ints("end")?.first()?);
-            let n = x.len() as i64;
-            let at = |v: i64| if v < 0 { (v + n).clamp(0, n) } else { v.min(n) } as usize;
-            if strided || masked || at(begin) > at(end) {
-                return None;
-            }
-            x[at(begin)..at(end)].to_vec()
-        }
-        "add" | "sub" | "mul" => {
-            let (x, y) = (a.ints("x")?, a.ints("y")?);
-            let pick = |v: &[i64], i: usize| if v.len() == 1 { v[0] } else { v[i] };
-            let n = x.len().max(y.len());
-            if (x.len() != n && x.len() != 1) || (y.len() != n && y.len() != 1) {
-                return None;
-            }
-            (0..n)
-                .map(|i| {
-                    let (p, q) = (pick(&x, i), pick(&y, i));
-                    match op_type {
-                        "add" => p.checked_add(q),
-                        "sub" => p.checked_sub(q),
-                        _ => p.checked_mul(q),
-                    }
-                })
-                .collect::<Option<_>>()?
-        }
-        "concat" => a.tuple("values").iter().map(|v| v.value.as_ref()?.to_i64()).collect::<Option<Vec<_>>>()?.concat(),
-        _ => return None,
-    };
+    let values = fold(a)?;
     (values.len() == shape.iter().product::<usize>())
         .then(|| Tensor::from_ints(out.dtype, shape.clone(), &values).ok())?
 }
