@@ -217,24 +217,8 @@ fn check_operation<'a>(
             r.add(loc, "op name is not a valid identifier");
         }
     }
-    let is_const = op.op_type == "const";
-    if is_const {
-        if !op.inputs.is_empty() {
-            r.add(loc, "const ops take no inputs");
-        }
-        match op.attributes.get("val") {
-            Some(val) => {
-                check_type(r, loc, "value", &val.ty);
-                if op.outputs.len() != 1 || !val.ty.accepts(op.outputs[0].ty.tensor()) {
-                    r.add(loc, "the output type differs from the type of `val`");
-                }
-                declare(r, loc, vars, Some(const_kept(val)), op);
-            }
-            None => r.add(loc, "const op without a `val` attribute"),
-        }
-        if op.attributes.keys().any(|k| k != "val") {
-            r.add(loc, "const ops carry only `name` and `val` attributes");
-        }
+    if op.op_type == "const" {
+        check_const(r, loc, op, vars);
         return;
     }
     let def = match ops::lookup(&op.op_type, target) {
@@ -255,6 +239,42 @@ fn check_operation<'a>(
             ),
         );
     }
+    let args = op_args(r, loc, op, def, vars, constexpr);
+    let inferred = args.as_ref().map(|a| infer_outputs(r, loc, op, def, a)).unwrap_or_default();
+    declare(r, loc, vars, constexpr.then_some(None), op);
+    if let (true, Some(args)) = (propagate_inferred, &args) {
+        assign_inferred(vars, op, def, args, inferred);
+    }
+}
+
+fn check_const<'a>(r: &mut Report, loc: &str, op: &'a Operation, vars: &mut HashMap<&'a str, VarState>) {
+    if !op.inputs.is_empty() {
+        r.add(loc, "const ops take no inputs");
+    }
+    match op.attributes.get("val") {
+        Some(val) => {
+            check_type(r, loc, "value", &val.ty);
+            if op.outputs.len() != 1 || !val.ty.accepts(op.outputs[0].ty.tensor()) {
+                r.add(loc, "the output type differs from the type of `val`");
+            }
+            declare(r, loc, vars, Some(const_kept(val)), op);
+        }
+        None => r.add(loc, "const op without a `val` attribute"),
+    }
+    if op.attributes.keys().any(|k| k != "val") {
+        r.add(loc, "const ops carry only `name` and `val` attributes");
+    }
+}
+
+/// The arguments of `op` as inference sees them, or `None` when one is unusable (reported).
+fn op_args(
+    r: &mut Report,
+    loc: &str,
+    op: &Operation,
+    def: &OpDef,
+    vars: &HashMap<&str, VarState>,
+    constexpr: bool,
+) -> Option<Args> {
     // Parameters arrive as input bindings, or as attributes for iOS 16/17 constexpr forms.
     let mut params: BTreeMap<&str, Vec<Binding>> = op.inputs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     if constexpr {
@@ -277,35 +297,9 @@ fn check_operation<'a>(
         }
         let mut infos = Vec::new();
         for b in binds {
-            match b {
-                Binding::Name(n) => match vars.get(n.as_str()) {
-                    None => {
-                        r.add(loc, format!("`{pname}` refers to `{n}`, which is not defined before this op"));
-                        ok = false;
-                    }
-                    Some(v) => {
-                        if v.ty.is_state() != param.state {
-                            let msg = if param.state {
-                                format!("`{pname}` must be a state, `{n}` is not")
-                            } else {
-                                format!("state `{n}` can only be used by read_state and write_state")
-                            };
-                            r.add(loc, msg);
-                            ok = false;
-                        }
-                        if param.constant && v.constant.is_none() {
-                            r.add(loc, format!("`{pname}` must be a constant, but `{n}` is computed at run time"));
-                        }
-                        infos.push(ArgInfo { ty: v.ty.tensor().clone(), value: v.constant.clone().flatten() });
-                    }
-                },
-                Binding::Value(v) => {
-                    if !constexpr && matches!(v.data, ValueData::Blob { .. }) {
-                        r.add(loc, format!("`{pname}`: blob values may only feed constants"));
-                    }
-                    check_type(r, loc, &format!("`{pname}`"), &v.ty);
-                    infos.push(ArgInfo { ty: v.ty.clone(), value: const_kept(v) });
-                }
+            match arg_info(r, loc, param, b, vars, constexpr) {
+                Some(info) => infos.push(info),
+                None => ok = false,
             }
         }
         args.args.insert(pname.to_string(), infos);
@@ -316,38 +310,91 @@ fn check_operation<'a>(
             ok = false;
         }
     }
-    let mut inferred = vec![];
-    if ok {
-        if let Err(e) = ops::check_domains(def, &args) {
-            r.add(loc, e.to_string());
-        }
-        match (def.infer)(&args) {
-            Ok(types) => {
-                if types.len() != op.outputs.len() {
-                    r.add(loc, format!("declares {} outputs, the op has {}", op.outputs.len(), types.len()));
-                }
-                for (o, t) in op.outputs.iter().zip(&types) {
-                    if !o.ty.tensor().accepts(t) {
-                        r.add(loc, format!("output `{}` is declared {} but the inputs give {t}", o.name, o.ty));
-                    }
-                }
-                inferred = types;
+    ok.then_some(args)
+}
+
+/// What inference knows of one binding of `param`, or `None` when it cannot be typed (reported).
+fn arg_info(
+    r: &mut Report,
+    loc: &str,
+    param: &ops::Param,
+    b: &Binding,
+    vars: &HashMap<&str, VarState>,
+    constexpr: bool,
+) -> Option<ArgInfo> {
+    let pname = param.name;
+    match b {
+        Binding::Name(n) => {
+            let Some(v) = vars.get(n.as_str()) else {
+                r.add(loc, format!("`{pname}` refers to `{n}`, which is not defined before this op"));
+                return None;
+            };
+            let state_ok = v.ty.is_state() == param.state;
+            if !state_ok {
+                let msg = if param.state {
+                    format!("`{pname}` must be a state, `{n}` is not")
+                } else {
+                    format!("state `{n}` can only be used by read_state and write_state")
+                };
+                r.add(loc, msg);
             }
-            Err(e) => r.add(loc, e.to_string()),
+            if param.constant && v.constant.is_none() {
+                r.add(loc, format!("`{pname}` must be a constant, but `{n}` is computed at run time"));
+            }
+            state_ok.then(|| ArgInfo { ty: v.ty.tensor().clone(), value: v.constant.clone().flatten() })
+        }
+        Binding::Value(v) => {
+            if !constexpr && matches!(v.data, ValueData::Blob { .. }) {
+                r.add(loc, format!("`{pname}`: blob values may only feed constants"));
+            }
+            check_type(r, loc, &format!("`{pname}`"), &v.ty);
+            Some(ArgInfo { ty: v.ty.clone(), value: const_kept(v) })
         }
     }
-    declare(r, loc, vars, constexpr.then_some(None), op);
-    if propagate_inferred {
-        let folded = match (inferred.as_slice(), op.outputs.len()) {
-            ([t], 1) => fold_shape_value(def, &args, t),
-            _ => None,
-        };
-        for (o, t) in op.outputs.iter().zip(inferred) {
-            if let Some(v) = vars.get_mut(o.name.as_str()).filter(|v| !v.ty.is_state()) {
-                v.ty = ValueType::Tensor(t);
-                if folded.is_some() {
-                    v.constant = Some(folded.clone());
+}
+
+/// Checks the arguments' dtypes, and the declared outputs against the inferred ones, which it
+/// returns (none when inference fails).
+fn infer_outputs(r: &mut Report, loc: &str, op: &Operation, def: &OpDef, args: &Args) -> Vec<TensorType> {
+    if let Err(e) = ops::check_domains(def, args) {
+        r.add(loc, e.to_string());
+    }
+    match (def.infer)(args) {
+        Ok(types) => {
+            if types.len() != op.outputs.len() {
+                r.add(loc, format!("declares {} outputs, the op has {}", op.outputs.len(), types.len()));
+            }
+            for (o, t) in op.outputs.iter().zip(&types) {
+                if !o.ty.tensor().accepts(t) {
+                    r.add(loc, format!("output `{}` is declared {} but the inputs give {t}", o.name, o.ty));
                 }
+            }
+            types
+        }
+        Err(e) => {
+            r.add(loc, e.to_string());
+            vec![]
+        }
+    }
+}
+
+/// Gives `op`'s outputs their inferred types, and the value of shape arithmetic when it folds.
+fn assign_inferred(
+    vars: &mut HashMap<&str, VarState>,
+    op: &Operation,
+    def: &OpDef,
+    args: &Args,
+    inferred: Vec<TensorType>,
+) {
+    let folded = match (inferred.as_slice(), op.outputs.len()) {
+        ([t], 1) => fold_shape_value(def, args, t),
+        _ => None,
+    };
+    for (o, t) in op.outputs.iter().zip(inferred) {
+        if let Some(v) = vars.get_mut(o.name.as_str()).filter(|v| !v.ty.is_state()) {
+            v.ty = ValueType::Tensor(t);
+            if folded.is_some() {
+                v.constant = Some(folded.clone());
             }
         }
     }
