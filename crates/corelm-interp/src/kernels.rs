@@ -1638,106 +1638,232 @@ fn conv(inp: &Inputs, x: &Value) -> Result<Value> {
     Ok(Value::f32(x.dtype, vec![nb, cout, oh, ow], out))
 }
 
-/// Runs one (non-state, non-constant) op.
-pub fn run(op: &str, inp: &Inputs) -> Result<Vec<Value>> {
-    let x = || inp.req("x");
-    let one = |v: Value| Ok(vec![v]);
-    match op {
-        "add" | "sub" | "mul" | "real_div" | "pow" | "maximum" | "minimum" | "floor_div" | "mod" => {
-            one(binary(op, x()?, inp.req("y")?)?)
-        }
-        "equal" | "not_equal" | "less" | "less_equal" | "greater" | "greater_equal" => {
-            one(compare(op, x()?, inp.req("y")?)?)
-        }
-        "logical_and" | "logical_or" | "logical_xor" => one(logical(op, x()?, inp.req("y")?)?),
-        "softmax" => one(softmax(x()?, inp.int("axis", -1)?)?),
-        "linear" => one(linear(x()?, inp.req("weight")?, inp.get("bias"))?),
-        "matmul" => one(matmul(inp)?),
-        "scaled_dot_product_attention" => one(sdpa(inp)?),
-        "layer_norm" => one(layer_norm(inp, x()?)?),
-        "reduce_argmax" | "reduce_argmin" => one(arg_reduce(op, inp, x()?)?),
-        o if o.starts_with("reduce_") => one(reduce(op, inp, x()?)?),
-        "reshape" => one(reshaped(x()?, &inp.req("shape")?.ints()?)?),
-        "transpose" => one(transpose(x()?, &inp.req("perm")?.ints()?)?),
-        "expand_dims" => {
-            let x = x()?;
-            let axes = inp.req("axes")?.ints()?;
-            let rank = x.rank() + axes.len();
-            let mut pos: Vec<usize> = axes.iter().map(|&a| norm_axis(a, rank)).collect::<Result<_>>()?;
-            pos.sort_unstable();
-            let mut shape = x.shape.clone();
-            for p in pos {
-                shape.insert(p, 1);
-            }
-            one(Value { shape, ..x.clone() })
-        }
-        "squeeze" => {
-            let x = x()?;
-            let shape = match inp.ints_or("axes")? {
-                Some(a) => {
-                    let axes: Vec<usize> = a.into_iter().map(|v| norm_axis(v, x.rank())).collect::<Result<_>>()?;
-                    x.shape.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect()
-                }
-                None => x.shape.iter().copied().filter(|&d| d != 1).collect(),
-            };
-            one(Value { shape, ..x.clone() })
-        }
-        "slice_by_index" => one(slice_by_index(inp, x()?)?),
-        "slice_by_size" => one(slice_by_size(inp, x()?)?),
-        "slice_update" => {
-            let mut out = x()?.clone();
-            slice_update_in_place(inp, &mut out)?;
-            one(out)
-        }
-        "gather" => one(gather(inp, x()?, false)?),
-        "gather_along_axis" => one(gather(inp, x()?, true)?),
-        "concat" => one(concat(inp)?),
-        "stack" => {
-            let ax = inp.int("axis", 0)?;
-            let values = inp.tuple("values");
-            let expanded: Vec<Arc<Value>> = values
-                .iter()
-                .map(|v| {
-                    let a = norm_axis(ax, v.rank() + 1)?;
-                    let mut shape = v.shape.clone();
-                    shape.insert(a, 1);
-                    Ok(Arc::new(Value { shape, ..(*v).clone() }))
-                })
-                .collect::<Result<_>>()?;
-            let map = [("values", expanded), ("axis", vec![Arc::new(Value::i32(vec![], vec![ax as i32]))])];
-            one(concat(&Inputs { map: &map })?)
-        }
-        "split" => split(inp, x()?),
-        "tile" => one(tile(x()?, &inp.req("reps")?.ints()?)?),
-        "pad" => one(pad(inp, x()?)?),
-        "select" => one(select(inp)?),
-        "cast" => one(cast(x()?, inp.req("dtype")?.string()?)?),
-        "shape" => {
-            let x = x()?;
-            one(Value::i32(vec![x.rank()], x.shape.iter().map(|&d| d as i32).collect()))
-        }
-        "range_1d" => one(range_1d(inp)?),
-        "fill" => {
-            let shape: Vec<usize> = inp.req("shape")?.ints()?.into_iter().map(|d| d.max(0) as usize).collect();
-            let value = inp.get("value");
-            let n = checked_len(&shape, &"fill")?;
-            one(match value.map(|v| &v.data) {
-                Some(Data::I32(v)) => Value::i32(shape, vec![v[0]; n]),
-                Some(Data::Bool(v)) => Value::bool(shape, vec![v[0]; n]),
-                _ => Value::f32(value.map_or(DType::Fp32, |v| v.dtype), shape, vec![inp.float("value", 0.0)?; n]),
-            })
-        }
-        "fill_like" => {
-            let r = inp.req("ref_tensor")?;
-            let v = inp.float("value", 0.0)?;
-            one(Value::f32(inp.get("value").map_or(DType::Fp32, |v| v.dtype), r.shape.clone(), vec![v; r.len()]))
-        }
-        "band_part" => one(band_part(inp, x()?)?),
-        "cumsum" => one(cumsum(inp, x()?)?),
-        "topk" => topk(inp, x()?),
-        "conv" => one(conv(inp, x()?)?),
-        _ => one(unary(op, inp, x()?)?),
+/// Computes an op's outputs from its inputs. It is given the op's name for the kernels several
+/// ops share (`binary` serves `add`, `sub`, ...).
+type Compute = fn(op: &str, inp: &Inputs) -> Result<Vec<Value>>;
+
+/// One op the interpreter runs.
+pub struct Kernel {
+    pub op: &'static str,
+    compute: Compute,
+    /// Elementwise once its other parameters are scalars: one row of the output needs only the
+    /// same row of `x` (what `Interpreter::predict_row` relies on).
+    pub rowwise: bool,
+}
+
+impl Kernel {
+    const fn new(op: &'static str, compute: Compute) -> Kernel {
+        Kernel { op, compute, rowwise: false }
     }
+
+    const fn rowwise(op: &'static str, compute: Compute) -> Kernel {
+        Kernel { op, compute, rowwise: true }
+    }
+
+    pub fn run(&self, inp: &Inputs) -> Result<Vec<Value>> {
+        (self.compute)(self.op, inp)
+    }
+}
+
+/// The kernel of `op`, if the interpreter has one.
+pub fn find(op: &str) -> Option<&'static Kernel> {
+    KERNELS.iter().find(|k| k.op == op)
+}
+
+/// Every op the interpreter runs by a kernel; the planner handles `const`, `constexpr_*`,
+/// `read_state` and `write_state` itself. A test checks these names against the format's op table.
+pub static KERNELS: &[Kernel] = &[
+    Kernel::rowwise("add", run_binary),
+    Kernel::rowwise("sub", run_binary),
+    Kernel::rowwise("mul", run_binary),
+    Kernel::rowwise("real_div", run_binary),
+    Kernel::new("pow", run_binary),
+    Kernel::rowwise("maximum", run_binary),
+    Kernel::rowwise("minimum", run_binary),
+    Kernel::new("floor_div", run_binary),
+    Kernel::new("mod", run_binary),
+    Kernel::new("equal", run_compare),
+    Kernel::new("not_equal", run_compare),
+    Kernel::new("less", run_compare),
+    Kernel::new("less_equal", run_compare),
+    Kernel::new("greater", run_compare),
+    Kernel::new("greater_equal", run_compare),
+    Kernel::new("logical_and", run_logical),
+    Kernel::new("logical_or", run_logical),
+    Kernel::new("logical_xor", run_logical),
+    Kernel::new("logical_not", run_unary),
+    Kernel::new("softmax", |_, inp| one(softmax(inp.req("x")?, inp.int("axis", -1)?)?)),
+    Kernel::new("linear", |_, inp| one(linear(inp.req("x")?, inp.req("weight")?, inp.get("bias"))?)),
+    Kernel::new("matmul", |_, inp| one(matmul(inp)?)),
+    Kernel::new("scaled_dot_product_attention", |_, inp| one(sdpa(inp)?)),
+    Kernel::new("layer_norm", |_, inp| one(layer_norm(inp, inp.req("x")?)?)),
+    Kernel::new("reduce_argmax", run_arg_reduce),
+    Kernel::new("reduce_argmin", run_arg_reduce),
+    Kernel::new("reduce_mean", run_reduce),
+    Kernel::new("reduce_sum", run_reduce),
+    Kernel::new("reduce_max", run_reduce),
+    Kernel::new("reduce_min", run_reduce),
+    Kernel::new("reduce_prod", run_reduce),
+    Kernel::new("reduce_l1_norm", run_reduce),
+    Kernel::new("reduce_l2_norm", run_reduce),
+    Kernel::new("reduce_log_sum", run_reduce),
+    Kernel::new("reduce_log_sum_exp", run_reduce),
+    Kernel::new("reduce_sum_square", run_reduce),
+    Kernel::new("reshape", |_, inp| one(reshaped(inp.req("x")?, &inp.req("shape")?.ints()?)?)),
+    Kernel::new("transpose", |_, inp| one(transpose(inp.req("x")?, &inp.req("perm")?.ints()?)?)),
+    Kernel::new("expand_dims", |_, inp| one(expand_dims(inp)?)),
+    Kernel::new("squeeze", |_, inp| one(squeeze(inp)?)),
+    Kernel::new("slice_by_index", |_, inp| one(slice_by_index(inp, inp.req("x")?)?)),
+    Kernel::new("slice_by_size", |_, inp| one(slice_by_size(inp, inp.req("x")?)?)),
+    Kernel::new("slice_update", |_, inp| one(slice_update(inp)?)),
+    Kernel::new("gather", |_, inp| one(gather(inp, inp.req("x")?, false)?)),
+    Kernel::new("gather_along_axis", |_, inp| one(gather(inp, inp.req("x")?, true)?)),
+    Kernel::new("concat", |_, inp| one(concat(inp)?)),
+    Kernel::new("stack", |_, inp| one(stack(inp)?)),
+    Kernel::new("split", |_, inp| split(inp, inp.req("x")?)),
+    Kernel::new("tile", |_, inp| one(tile(inp.req("x")?, &inp.req("reps")?.ints()?)?)),
+    Kernel::new("pad", |_, inp| one(pad(inp, inp.req("x")?)?)),
+    Kernel::new("select", |_, inp| one(select(inp)?)),
+    Kernel::rowwise("cast", |_, inp| one(cast(inp.req("x")?, inp.req("dtype")?.string()?)?)),
+    Kernel::new("shape", |_, inp| one(shape_of(inp.req("x")?))),
+    Kernel::new("range_1d", |_, inp| one(range_1d(inp)?)),
+    Kernel::new("fill", |_, inp| one(fill(inp)?)),
+    Kernel::new("fill_like", |_, inp| one(fill_like(inp)?)),
+    Kernel::new("band_part", |_, inp| one(band_part(inp, inp.req("x")?)?)),
+    Kernel::new("cumsum", |_, inp| one(cumsum(inp, inp.req("x")?)?)),
+    Kernel::new("topk", |_, inp| topk(inp, inp.req("x")?)),
+    Kernel::new("conv", |_, inp| one(conv(inp, inp.req("x")?)?)),
+    // Elementwise ops of one tensor (their other parameters are scalars).
+    Kernel::rowwise("identity", run_unary),
+    Kernel::rowwise("rsqrt", run_unary),
+    Kernel::rowwise("log", run_unary),
+    Kernel::rowwise("inverse", run_unary),
+    Kernel::rowwise("gelu", run_unary),
+    Kernel::rowwise("clip", run_unary),
+    Kernel::rowwise("sin", run_unary),
+    Kernel::rowwise("cos", run_unary),
+    Kernel::rowwise("tan", run_unary),
+    Kernel::rowwise("asin", run_unary),
+    Kernel::rowwise("acos", run_unary),
+    Kernel::rowwise("atan", run_unary),
+    Kernel::rowwise("sinh", run_unary),
+    Kernel::rowwise("cosh", run_unary),
+    Kernel::rowwise("atanh", run_unary),
+    Kernel::rowwise("exp", run_unary),
+    Kernel::rowwise("exp2", run_unary),
+    Kernel::rowwise("sqrt", run_unary),
+    Kernel::rowwise("tanh", run_unary),
+    Kernel::rowwise("sigmoid", run_unary),
+    Kernel::rowwise("silu", run_unary),
+    Kernel::rowwise("relu", run_unary),
+    Kernel::rowwise("relu6", run_unary),
+    Kernel::rowwise("erf", run_unary),
+    Kernel::rowwise("floor", run_unary),
+    Kernel::rowwise("ceil", run_unary),
+    Kernel::rowwise("round", run_unary),
+    Kernel::rowwise("sign", run_unary),
+    Kernel::rowwise("abs", run_unary),
+    Kernel::rowwise("square", run_unary),
+    Kernel::rowwise("softplus", run_unary),
+    Kernel::rowwise("softsign", run_unary),
+];
+
+fn one(v: Value) -> Result<Vec<Value>> {
+    Ok(vec![v])
+}
+
+fn run_binary(op: &str, inp: &Inputs) -> Result<Vec<Value>> {
+    one(binary(op, inp.req("x")?, inp.req("y")?)?)
+}
+
+fn run_compare(op: &str, inp: &Inputs) -> Result<Vec<Value>> {
+    one(compare(op, inp.req("x")?, inp.req("y")?)?)
+}
+
+fn run_logical(op: &str, inp: &Inputs) -> Result<Vec<Value>> {
+    one(logical(op, inp.req("x")?, inp.req("y")?)?)
+}
+
+fn run_arg_reduce(op: &str, inp: &Inputs) -> Result<Vec<Value>> {
+    one(arg_reduce(op, inp, inp.req("x")?)?)
+}
+
+fn run_reduce(op: &str, inp: &Inputs) -> Result<Vec<Value>> {
+    one(reduce(op, inp, inp.req("x")?)?)
+}
+
+fn run_unary(op: &str, inp: &Inputs) -> Result<Vec<Value>> {
+    one(unary(op, inp, inp.req("x")?)?)
+}
+
+fn expand_dims(inp: &Inputs) -> Result<Value> {
+    let x = inp.req("x")?;
+    let axes = inp.req("axes")?.ints()?;
+    let rank = x.rank() + axes.len();
+    let mut pos: Vec<usize> = axes.iter().map(|&a| norm_axis(a, rank)).collect::<Result<_>>()?;
+    pos.sort_unstable();
+    let mut shape = x.shape.clone();
+    for p in pos {
+        shape.insert(p, 1);
+    }
+    Ok(Value { shape, ..x.clone() })
+}
+
+fn squeeze(inp: &Inputs) -> Result<Value> {
+    let x = inp.req("x")?;
+    let shape = match inp.ints_or("axes")? {
+        Some(a) => {
+            let axes: Vec<usize> = a.into_iter().map(|v| norm_axis(v, x.rank())).collect::<Result<_>>()?;
+            x.shape.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect()
+        }
+        None => x.shape.iter().copied().filter(|&d| d != 1).collect(),
+    };
+    Ok(Value { shape, ..x.clone() })
+}
+
+/// `slice_update` on a copy of `x` (the executor updates in place when it can).
+fn slice_update(inp: &Inputs) -> Result<Value> {
+    let mut out = inp.req("x")?.clone();
+    slice_update_in_place(inp, &mut out)?;
+    Ok(out)
+}
+
+/// `stack` is a `concat` of the values, each given a new axis of length 1.
+fn stack(inp: &Inputs) -> Result<Value> {
+    let ax = inp.int("axis", 0)?;
+    let values = inp.tuple("values");
+    let expanded: Vec<Arc<Value>> = values
+        .iter()
+        .map(|v| {
+            let a = norm_axis(ax, v.rank() + 1)?;
+            let mut shape = v.shape.clone();
+            shape.insert(a, 1);
+            Ok(Arc::new(Value { shape, ..(*v).clone() }))
+        })
+        .collect::<Result<_>>()?;
+    let map = [("values", expanded), ("axis", vec![Arc::new(Value::i32(vec![], vec![ax as i32]))])];
+    concat(&Inputs { map: &map })
+}
+
+fn shape_of(x: &Value) -> Value {
+    Value::i32(vec![x.rank()], x.shape.iter().map(|&d| d as i32).collect())
+}
+
+fn fill(inp: &Inputs) -> Result<Value> {
+    let shape: Vec<usize> = inp.req("shape")?.ints()?.into_iter().map(|d| d.max(0) as usize).collect();
+    let value = inp.get("value");
+    let n = checked_len(&shape, &"fill")?;
+    Ok(match value.map(|v| &v.data) {
+        Some(Data::I32(v)) => Value::i32(shape, vec![v[0]; n]),
+        Some(Data::Bool(v)) => Value::bool(shape, vec![v[0]; n]),
+        _ => Value::f32(value.map_or(DType::Fp32, |v| v.dtype), shape, vec![inp.float("value", 0.0)?; n]),
+    })
+}
+
+fn fill_like(inp: &Inputs) -> Result<Value> {
+    let r = inp.req("ref_tensor")?;
+    let v = inp.float("value", 0.0)?;
+    Ok(Value::f32(inp.get("value").map_or(DType::Fp32, |v| v.dtype), r.shape.clone(), vec![v; r.len()]))
 }
 
 #[cfg(test)]
@@ -1757,7 +1883,7 @@ mod tests {
 
     fn try_call(op: &str, args: Vec<(&'static str, Value)>) -> Result<Value> {
         let bound: Vec<Bound> = args.into_iter().map(|(n, v)| (n, vec![Arc::new(v)])).collect();
-        Ok(run(op, &Inputs { map: &bound })?.remove(0))
+        Ok(find(op).expect(op).run(&Inputs { map: &bound })?.remove(0))
     }
 
     fn call(op: &str, args: Vec<(&'static str, Value)>) -> Value {

@@ -25,79 +25,8 @@ use corelm_format::package::BlobFiles;
 use corelm_format::{DType, Dim, Package, TensorType, ValueType};
 pub use corelm_format::{Error, Result};
 
-use crate::kernels::Inputs;
+use crate::kernels::{Inputs, Kernel};
 use crate::value::{Data, Packed, Value};
-
-/// Ops the interpreter runs (besides const, constexpr_*, read_state, write_state and [`UNARY_OPS`]).
-pub const SUPPORTED_OPS: &[&str] = &[
-    "add",
-    "sub",
-    "mul",
-    "real_div",
-    "pow",
-    "maximum",
-    "minimum",
-    "floor_div",
-    "mod",
-    "equal",
-    "not_equal",
-    "less",
-    "less_equal",
-    "greater",
-    "greater_equal",
-    "logical_and",
-    "logical_or",
-    "logical_xor",
-    "logical_not",
-    "softmax",
-    "linear",
-    "matmul",
-    "scaled_dot_product_attention",
-    "layer_norm",
-    "reduce_argmax",
-    "reduce_argmin",
-    "reduce_mean",
-    "reduce_sum",
-    "reduce_max",
-    "reduce_min",
-    "reduce_prod",
-    "reduce_l1_norm",
-    "reduce_l2_norm",
-    "reduce_log_sum",
-    "reduce_log_sum_exp",
-    "reduce_sum_square",
-    "reshape",
-    "transpose",
-    "expand_dims",
-    "squeeze",
-    "slice_by_index",
-    "slice_by_size",
-    "slice_update",
-    "gather",
-    "gather_along_axis",
-    "concat",
-    "stack",
-    "split",
-    "tile",
-    "pad",
-    "select",
-    "cast",
-    "shape",
-    "range_1d",
-    "fill",
-    "fill_like",
-    "band_part",
-    "cumsum",
-    "topk",
-    "conv",
-];
-
-/// Elementwise ops of one tensor (their other parameters are scalars), also run by the interpreter.
-pub const UNARY_OPS: &[&str] = &[
-    "identity", "rsqrt", "log", "inverse", "gelu", "clip", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh",
-    "atanh", "exp", "exp2", "sqrt", "tanh", "sigmoid", "silu", "relu", "relu6", "erf", "floor", "ceil", "round",
-    "sign", "abs", "square", "softplus", "softsign",
-];
 
 enum Src {
     Slot(usize),
@@ -105,7 +34,7 @@ enum Src {
 }
 
 enum Kind {
-    Op(String),
+    Op(&'static Kernel),
     /// `take`: move the state out (it is rewritten before anything else reads it), so the
     /// `slice_update` that follows can work in place.
     ReadState {
@@ -429,8 +358,10 @@ fn plan_function(
                     Kind::WriteState(state)
                 }
             }
-            t if SUPPORTED_OPS.contains(&t) || UNARY_OPS.contains(&t) => Kind::Op(t.to_string()),
-            t => return Err(Error::invalid(format!("{}: the interpreter does not support op `{t}`", ctx()))),
+            t => Kind::Op(
+                kernels::find(t)
+                    .ok_or_else(|| Error::invalid(format!("{}: the interpreter does not support op `{t}`", ctx())))?,
+            ),
         };
         let mut step_inputs = Vec::new();
         for (param, binds) in &op.inputs {
@@ -454,7 +385,7 @@ fn plan_function(
         }
         // An op of constants only is evaluated once, here (the Neural Engine profile reshapes
         // every weight matrix for its conv: per call, that copied all the weights).
-        if let Kind::Op(t) = &kind {
+        if let Kind::Op(kernel) = &kind {
             let constants: Option<Vec<kernels::Bound>> = step_inputs
                 .iter()
                 .map(|(p, srcs)| {
@@ -468,7 +399,7 @@ fn plan_function(
                 })
                 .collect();
             if let Some(args) = constants {
-                let outs = kernels::run(t, &Inputs { map: &args }).map_err(|e| e.context(ctx()))?;
+                let outs = kernel.run(&Inputs { map: &args }).map_err(|e| e.context(ctx()))?;
                 if outs.len() != op.outputs.len() {
                     return Err(Error::invalid(format!("{}: {} outputs computed", ctx(), outs.len())));
                 }
@@ -568,7 +499,7 @@ fn mark_in_place_state_updates(steps: &mut [Step]) {
         let out = steps[i].outputs[0].0;
         let users = readers(out, steps);
         let [u] = users.as_slice() else { continue };
-        let is_update = matches!(&steps[*u].kind, Kind::Op(o) if o == "slice_update")
+        let is_update = matches!(&steps[*u].kind, Kind::Op(k) if k.op == "slice_update")
             && steps[*u].inputs.iter().any(|(p, s)| p == "x" && matches!(s.as_slice(), [Src::Slot(v)] if *v == out));
         if !is_update {
             continue;
@@ -612,7 +543,7 @@ fn mark_row_outputs(steps: &mut [Step], outputs: &[(String, usize)]) {
         let mut slot = *out;
         while let Some(&i) = producer.get(&slot) {
             let step = &steps[i];
-            let Kind::Op(op) = &step.kind else { break };
+            let Kind::Op(kernel) = &step.kind else { break };
             let [(_, ty)] = step.outputs.as_slice() else { break };
             let slot_inputs: Vec<(&str, usize)> = step
                 .inputs
@@ -631,14 +562,13 @@ fn mark_row_outputs(steps: &mut [Step], outputs: &[(String, usize)]) {
             let is_const_false = |name: &str| {
                 params().all(|(p, s)| p != name || matches!(s, Src::Const(c) if c.ints().is_ok_and(|v| v == [0])))
             };
-            let projection = *param == "x" && (op == "linear" || (op == "matmul" && is_const_false("transpose_x")));
+            let projection =
+                *param == "x" && (kernel.op == "linear" || (kernel.op == "matmul" && is_const_false("transpose_x")));
             let scalars = params().all(|(_, s)| match s {
                 Src::Const(c) => c.len() <= 1,
                 Src::Slot(_) => true,
             });
-            let elementwise = scalars
-                && (UNARY_OPS.contains(&op.as_str())
-                    || ["add", "sub", "mul", "real_div", "maximum", "minimum", "cast"].contains(&op.as_str()));
+            let elementwise = scalars && kernel.rowwise;
             if projection {
                 let axis = ty.rank() - 2;
                 steps[i].row = Some(RowStep { axis, cut: true });
@@ -840,9 +770,9 @@ impl Interpreter {
                 let v = fetch(slots, &data.1[0])?;
                 state.values.insert(name.clone(), v);
             }
-            Kind::Op(op) => {
+            Kind::Op(kernel) => {
                 // slice_update works in place on a value nobody else holds.
-                if op == "slice_update" {
+                if kernel.op == "slice_update" {
                     let x_src = &step.inputs.iter().find(|(p, _)| p == "x").ok_or_else(|| Error::invalid("no x"))?.1[0];
                     let mut x = match x_src {
                         Src::Slot(i) if step.free.contains(i) => {
@@ -863,7 +793,7 @@ impl Interpreter {
                         }
                     }
                 }
-                let outs = kernels::run(op, &Inputs { map: &map })?;
+                let outs = kernel.run(&Inputs { map: &map })?;
                 if outs.len() != step.outputs.len() {
                     return Err(Error::invalid(format!(
                         "produced {} outputs, the program declares {}",
@@ -957,4 +887,67 @@ fn check_input(name: &str, v: &Value, ty: &TensorType, flex: Option<&Flexibility
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use corelm_format::mil::ops;
+    use corelm_format::package::WriteOptions;
+    use corelm_format::{FunctionBuilder, InputShape, PackageWriter, ProgramBuilder, Target, Tensor};
+
+    use super::*;
+    use crate::kernels::KERNELS;
+
+    /// Ops of the format's table that the planner handles itself, without a kernel.
+    const PLANNED: &[&str] = &[
+        // Decoded once at load (`const_value`, `constexpr`, `packed_blockwise`).
+        "const",
+        "constexpr_affine_dequantize",
+        "constexpr_blockwise_shift_scale",
+        "constexpr_cast",
+        "constexpr_lut_to_dense",
+        "constexpr_sparse_to_dense",
+        // Steps of their own, which move a state in and out of the slots.
+        "read_state",
+        "write_state",
+    ];
+
+    /// Ops of the format's table that the interpreter does not run: loading a program with one
+    /// fails, naming it.
+    const UNSUPPORTED: &[&str] = &["gather_nd", "constexpr_lut_to_sparse", "constexpr_sparse_blockwise_shift_scale"];
+
+    /// Every kernel runs an op of the table, once; every op of the table has a kernel, or the
+    /// planner handles it, or it is listed as unsupported.
+    #[test]
+    fn kernels_agree_with_the_op_table() {
+        let table: BTreeSet<&str> = ops::all_ops().iter().map(|d| d.name).collect();
+        let kernels: Vec<&str> = KERNELS.iter().map(|k| k.op).collect();
+        assert_eq!(kernels.len(), kernels.iter().collect::<BTreeSet<_>>().len(), "a kernel is listed twice");
+        for op in kernels.iter().chain(PLANNED).chain(UNSUPPORTED) {
+            assert!(table.contains(op), "`{op}` is not an op of the table");
+        }
+        for op in table {
+            let homes = [kernels.contains(&op), PLANNED.contains(&op), UNSUPPORTED.contains(&op)];
+            assert_eq!(homes.iter().filter(|&&h| h).count(), 1, "`{op}`: kernel, planned, unsupported: {homes:?}");
+        }
+    }
+
+    /// An op the table defines but the interpreter has no kernel for is refused at load, by name.
+    #[test]
+    fn an_op_without_a_kernel_is_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pkg = PackageWriter::create(dir.path().join("m.mlpackage"), &WriteOptions::overwriting()).unwrap();
+        let mut f = FunctionBuilder::new("main", Target::Ios18, pkg.weights()).unwrap();
+        let x = f.input("x", DType::Fp32, InputShape::Fixed(vec![4, 3])).unwrap();
+        let indices = Tensor::from_i32(vec![2, 1], &[0, 2]).unwrap();
+        let y = f.op1("gather_nd", "rows", vec![("x", (&x).into()), ("indices", indices.into())]).unwrap();
+        f.output(&y, "y").unwrap();
+        let mut program = ProgramBuilder::new(Target::Ios18);
+        program.add_function(f.finish().unwrap()).unwrap();
+        let path = pkg.commit(&program.finish().unwrap()).unwrap();
+        let e = Interpreter::load(&Package::open(path).unwrap()).err().expect("gather_nd has no kernel").to_string();
+        assert!(e.contains("the interpreter does not support op `gather_nd`"), "{e}");
+    }
 }
