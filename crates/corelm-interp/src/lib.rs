@@ -286,6 +286,28 @@ fn packed_blockwise(
     Ok(Some(Value { dtype: out.dtype, shape: vec![rows, cols], data: Data::Packed(Arc::new(packed)) }))
 }
 
+/// Where planning has put each variable so far: in a slot, or (a constant) its value.
+#[derive(Default)]
+struct Places<'f> {
+    slots: HashMap<&'f str, usize>,
+    consts: HashMap<&'f str, Arc<Value>>,
+    /// Slots given out.
+    count: usize,
+}
+
+impl<'f> Places<'f> {
+    fn new_slot(&mut self) -> usize {
+        self.count += 1;
+        self.count - 1
+    }
+
+    fn slot_for(&mut self, name: &'f str) -> usize {
+        let slot = self.new_slot();
+        self.slots.insert(name, slot);
+        slot
+    }
+}
+
 fn plan_function(
     pkg: &Package,
     fname: &str,
@@ -293,149 +315,211 @@ fn plan_function(
     weights: &WeightMatrices,
     files: &mut BlobFiles,
 ) -> Result<Plan> {
-    let mut slot_of: HashMap<&str, usize> = HashMap::new();
-    let mut const_values: HashMap<&str, Arc<Value>> = HashMap::new();
-    let mut next = 0usize;
+    let mut places = Places::default();
+    let (inputs, states) = plan_inputs(fname, f, &mut places)?;
+    let state_names: Vec<&str> = states.iter().map(|(n, _)| n.as_str()).collect();
+    let mut steps: Vec<Step> = Vec::new();
+    for op in &f.block.operations {
+        // Constants: decoded once, here.
+        if op.is_constant() {
+            let out = op.outputs.first().ok_or_else(|| Error::invalid(format!("{}: no output", context(fname, op))))?;
+            let value = decode_constant(fname, op, out.ty.tensor(), &places.consts, files)?;
+            places.consts.insert(&out.name, Arc::new(value));
+            continue;
+        }
+        let kind = step_kind(fname, op, &state_names)?;
+        let step_inputs = step_sources(fname, op, &kind, &places, files)?;
+        if let Some(values) = evaluate_if_constant(fname, op, &kind, &step_inputs)? {
+            for (v, o) in values.into_iter().zip(&op.outputs) {
+                places.consts.insert(&o.name, Arc::new(v));
+            }
+            continue;
+        }
+        let ctx = context(fname, op);
+        let mut outputs = Vec::new();
+        for o in &op.outputs {
+            check_declared(o.ty.tensor(), &format_args!("{ctx}: output `{}`", o.name))?;
+            outputs.push((places.slot_for(&o.name), o.ty.tensor().clone()));
+        }
+        // The weight matrix a linear layer (or a 1×1 conv, through expand_dims) multiplies.
+        let features = if op.op_type == "conv" { Features::Channels } else { Features::Last };
+        let weight = weights.multiplied_by(fname, op).map(|m| (m.to_string(), features));
+        steps.push(Step { kind, label: ctx, inputs: step_inputs, outputs, free: vec![], row: None, weight });
+    }
+    let (outputs, consts) = plan_outputs(fname, f, &mut places)?;
+    free_after_last_use(&mut steps, &outputs);
+    mark_in_place_state_updates(&mut steps);
+    mark_row_outputs(&mut steps, &outputs);
+    let flexible = flexible_inputs(pkg, fname);
+    Ok(Plan { inputs, states, steps, outputs, slots: places.count, consts, flexible })
+}
+
+type PlannedInputs = (Vec<(String, usize, TensorType)>, Vec<(String, TensorType)>);
+
+/// A slot for each input; the states, which live outside the slots (in [`State`]).
+fn plan_inputs<'f>(fname: &str, f: &'f Function, places: &mut Places<'f>) -> Result<PlannedInputs> {
     let mut inputs = Vec::new();
     let mut states = Vec::new();
     for input in &f.inputs {
         let kind = if matches!(input.ty, ValueType::State(_)) { "state" } else { "input" };
         check_declared(input.ty.tensor(), &format_args!("function `{fname}`: {kind} `{}`", input.name))?;
         match &input.ty {
-            ValueType::Tensor(t) => {
-                slot_of.insert(&input.name, next);
-                inputs.push((input.name.clone(), next, t.clone()));
-                next += 1;
-            }
+            ValueType::Tensor(t) => inputs.push((input.name.clone(), places.slot_for(&input.name), t.clone())),
             ValueType::State(t) => states.push((input.name.clone(), t.clone())),
         }
     }
-    let state_names: Vec<&str> = states.iter().map(|(n, _)| n.as_str()).collect();
-    let mut steps: Vec<Step> = Vec::new();
-    for op in &f.block.operations {
-        let ctx = || context(fname, op);
-        // Constants: decoded once, here.
-        if op.is_constant() {
-            let out = op.outputs.first().ok_or_else(|| Error::invalid(format!("{}: no output", ctx())))?;
-            if let Some(packed) = packed_blockwise(op, &const_values, files, out.ty.tensor())? {
-                const_values.insert(&out.name, Arc::new(packed));
-                continue;
-            }
-            let value = if op.op_type == "const" {
-                let val = op.attributes.get("val").ok_or_else(|| Error::invalid(format!("{}: no `val`", ctx())))?;
-                const_value(&files.read(val).map_err(|e| e.context(ctx()))?)?
-            } else {
-                let mut args = BTreeMap::new();
-                for (param, binds) in &op.inputs {
-                    let v = match binds.first() {
-                        Some(Binding::Value(v)) => Arc::new(Value::from_tensor(&files.read(v)?)?),
-                        Some(Binding::Name(n)) => const_values
-                            .get(n.as_str())
-                            .cloned()
-                            .ok_or_else(|| Error::invalid(format!("{}: `{param}` is not a constant", ctx())))?,
-                        None => continue,
-                    };
-                    args.insert(param.clone(), v);
-                }
-                for (param, v) in &op.attributes {
-                    args.insert(param.clone(), Arc::new(Value::from_tensor(&files.read(v)?)?));
-                }
-                let out = op.outputs.first().ok_or_else(|| Error::invalid(format!("{}: no output", ctx())))?;
-                constexpr(op, &args, out.ty.tensor()).map_err(|e| e.context(ctx()))?
+    Ok((inputs, states))
+}
+
+/// The value of a `const` or `constexpr_*` op.
+fn decode_constant(
+    fname: &str,
+    op: &Operation,
+    out: &TensorType,
+    consts: &HashMap<&str, Arc<Value>>,
+    files: &mut BlobFiles,
+) -> Result<Value> {
+    if let Some(packed) = packed_blockwise(op, consts, files, out)? {
+        return Ok(packed);
+    }
+    let ctx = || context(fname, op);
+    let value = if op.op_type == "const" {
+        let val = op.attributes.get("val").ok_or_else(|| Error::invalid(format!("{}: no `val`", ctx())))?;
+        const_value(&files.read(val).map_err(|e| e.context(ctx()))?)?
+    } else {
+        let mut args = BTreeMap::new();
+        for (param, binds) in &op.inputs {
+            let v = match binds.first() {
+                Some(Binding::Value(v)) => Arc::new(Value::from_tensor(&files.read(v)?)?),
+                Some(Binding::Name(n)) => consts
+                    .get(n.as_str())
+                    .cloned()
+                    .ok_or_else(|| Error::invalid(format!("{}: `{param}` is not a constant", ctx())))?,
+                None => continue,
             };
-            const_values.insert(&out.name, Arc::new(pack_f16(value)));
+            args.insert(param.clone(), v);
+        }
+        for (param, v) in &op.attributes {
+            args.insert(param.clone(), Arc::new(Value::from_tensor(&files.read(v)?)?));
+        }
+        constexpr(op, &args, out).map_err(|e| e.context(ctx()))?
+    };
+    Ok(pack_f16(value))
+}
+
+/// What a step of `op` does: read or write a state, or run the op's kernel.
+fn step_kind(fname: &str, op: &Operation, state_names: &[&str]) -> Result<Kind> {
+    let ctx = || context(fname, op);
+    Ok(match op.op_type.as_str() {
+        "read_state" | "write_state" => {
+            let state = match op.input("input") {
+                Some(Binding::Name(n)) if state_names.contains(&n.as_str()) => n.clone(),
+                _ => return Err(Error::invalid(format!("{}: `input` is not a state", ctx()))),
+            };
+            if op.op_type == "read_state" {
+                Kind::ReadState { state, take: false }
+            } else {
+                Kind::WriteState(state)
+            }
+        }
+        t => Kind::Op(
+            kernels::find(t)
+                .ok_or_else(|| Error::invalid(format!("{}: the interpreter does not support op `{t}`", ctx())))?,
+        ),
+    })
+}
+
+/// Where each input of a step of `op` comes from (a state op's `input` is its state, not a value).
+fn step_sources(
+    fname: &str,
+    op: &Operation,
+    kind: &Kind,
+    places: &Places,
+    files: &mut BlobFiles,
+) -> Result<Vec<(String, Vec<Src>)>> {
+    let mut step_inputs = Vec::new();
+    for (param, binds) in &op.inputs {
+        if matches!(kind, Kind::ReadState { .. } | Kind::WriteState(_)) && param == "input" {
             continue;
         }
-        let kind = match op.op_type.as_str() {
-            "read_state" | "write_state" => {
-                let state = match op.input("input") {
-                    Some(Binding::Name(n)) if state_names.contains(&n.as_str()) => n.clone(),
-                    _ => return Err(Error::invalid(format!("{}: `input` is not a state", ctx()))),
-                };
-                if op.op_type == "read_state" {
-                    Kind::ReadState { state, take: false }
-                } else {
-                    Kind::WriteState(state)
-                }
-            }
-            t => Kind::Op(
-                kernels::find(t)
-                    .ok_or_else(|| Error::invalid(format!("{}: the interpreter does not support op `{t}`", ctx())))?,
-            ),
-        };
-        let mut step_inputs = Vec::new();
-        for (param, binds) in &op.inputs {
-            if matches!(kind, Kind::ReadState { .. } | Kind::WriteState(_)) && param == "input" {
-                continue;
-            }
-            let mut srcs = Vec::new();
-            for b in binds {
-                srcs.push(match b {
-                    Binding::Name(n) => match (slot_of.get(n.as_str()), const_values.get(n.as_str())) {
-                        (Some(&s), _) => Src::Slot(s),
-                        (None, Some(c)) => Src::Const(c.clone()),
-                        (None, None) => {
-                            return Err(Error::invalid(format!("{}: `{n}` is not defined before this op", ctx())))
-                        }
-                    },
-                    Binding::Value(v) => Src::Const(Arc::new(Value::from_tensor(&files.read(v)?)?)),
-                });
-            }
-            step_inputs.push((param.clone(), srcs));
+        let mut srcs = Vec::new();
+        for b in binds {
+            srcs.push(match b {
+                Binding::Name(n) => match (places.slots.get(n.as_str()), places.consts.get(n.as_str())) {
+                    (Some(&s), _) => Src::Slot(s),
+                    (None, Some(c)) => Src::Const(c.clone()),
+                    (None, None) => {
+                        return Err(Error::invalid(format!(
+                            "{}: `{n}` is not defined before this op",
+                            context(fname, op)
+                        )))
+                    }
+                },
+                Binding::Value(v) => Src::Const(Arc::new(Value::from_tensor(&files.read(v)?)?)),
+            });
         }
-        // An op of constants only is evaluated once, here (the Neural Engine profile reshapes
-        // every weight matrix for its conv: per call, that copied all the weights).
-        if let Kind::Op(kernel) = &kind {
-            let constants: Option<Vec<kernels::Bound>> = step_inputs
-                .iter()
-                .map(|(p, srcs)| {
-                    srcs.iter()
-                        .map(|s| match s {
-                            Src::Const(c) => Some(c.clone()),
-                            Src::Slot(_) => None,
-                        })
-                        .collect::<Option<Vec<_>>>()
-                        .map(|v| (p.as_str(), v))
-                })
-                .collect();
-            if let Some(args) = constants {
-                let outs = kernel.run(&Inputs { map: &args }).map_err(|e| e.context(ctx()))?;
-                if outs.len() != op.outputs.len() {
-                    return Err(Error::invalid(format!("{}: {} outputs computed", ctx(), outs.len())));
-                }
-                for (mut v, o) in outs.into_iter().zip(&op.outputs) {
-                    conform(&mut v, o.ty.tensor(), None).map_err(|e| e.context(ctx()))?;
-                    const_values.insert(&o.name, Arc::new(v));
-                }
-                continue;
-            }
-        }
-        let mut outputs = Vec::new();
-        for o in &op.outputs {
-            check_declared(o.ty.tensor(), &format_args!("{}: output `{}`", ctx(), o.name))?;
-            slot_of.insert(&o.name, next);
-            outputs.push((next, o.ty.tensor().clone()));
-            next += 1;
-        }
-        // The weight matrix a linear layer (or a 1×1 conv, through expand_dims) multiplies.
-        let features = if op.op_type == "conv" { Features::Channels } else { Features::Last };
-        let weight = weights.multiplied_by(fname, op).map(|m| (m.to_string(), features));
-        steps.push(Step { kind, label: ctx(), inputs: step_inputs, outputs, free: vec![], row: None, weight });
+        step_inputs.push((param.clone(), srcs));
     }
+    Ok(step_inputs)
+}
+
+/// The outputs of an op of constants only, computed once, here (the Neural Engine profile
+/// reshapes every weight matrix for its conv: per call, that copied all the weights).
+fn evaluate_if_constant(
+    fname: &str,
+    op: &Operation,
+    kind: &Kind,
+    step_inputs: &[(String, Vec<Src>)],
+) -> Result<Option<Vec<Value>>> {
+    let Kind::Op(kernel) = kind else { return Ok(None) };
+    let constants: Option<Vec<kernels::Bound>> = step_inputs
+        .iter()
+        .map(|(p, srcs)| {
+            srcs.iter()
+                .map(|s| match s {
+                    Src::Const(c) => Some(c.clone()),
+                    Src::Slot(_) => None,
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(|v| (p.as_str(), v))
+        })
+        .collect();
+    let Some(args) = constants else { return Ok(None) };
+    let ctx = || context(fname, op);
+    let mut outs = kernel.run(&Inputs { map: &args }).map_err(|e| e.context(ctx()))?;
+    if outs.len() != op.outputs.len() {
+        return Err(Error::invalid(format!("{}: {} outputs computed", ctx(), outs.len())));
+    }
+    for (v, o) in outs.iter_mut().zip(&op.outputs) {
+        conform(v, o.ty.tensor(), None).map_err(|e| e.context(ctx()))?;
+    }
+    Ok(Some(outs))
+}
+
+type PlannedOutputs = (Vec<(String, usize)>, Vec<(usize, Arc<Value>)>);
+
+/// The slot of each function output, and the constants to put in the slots of outputs that
+/// are constants.
+fn plan_outputs(fname: &str, f: &Function, places: &mut Places) -> Result<PlannedOutputs> {
     let mut outputs = Vec::new();
     let mut consts = Vec::new();
     for name in &f.block.outputs {
-        match (slot_of.get(name.as_str()), const_values.get(name.as_str())) {
+        match (places.slots.get(name.as_str()), places.consts.get(name.as_str())) {
             (Some(&s), _) => outputs.push((name.clone(), s)),
             (None, Some(c)) => {
-                consts.push((next, c.clone()));
-                outputs.push((name.clone(), next));
-                next += 1;
+                let c = c.clone();
+                let slot = places.new_slot();
+                consts.push((slot, c));
+                outputs.push((name.clone(), slot));
             }
             _ => return Err(Error::invalid(format!("function `{fname}`: output `{name}` is not defined"))),
         }
     }
-    // Liveness: free each slot after its last reader (outputs live to the end).
+    Ok((outputs, consts))
+}
+
+/// Liveness: frees each slot after its last reader (outputs live to the end).
+fn free_after_last_use(steps: &mut [Step], outputs: &[(String, usize)]) {
     let mut last_use: HashMap<usize, usize> = HashMap::new();
     for (i, step) in steps.iter().enumerate() {
         for (_, srcs) in &step.inputs {
@@ -449,16 +533,18 @@ fn plan_function(
             last_use.entry(*slot).or_insert(i);
         }
     }
-    for (_, s) in &outputs {
+    for (_, s) in outputs {
         last_use.remove(s);
     }
     for (slot, i) in last_use {
         steps[i].free.push(slot);
     }
-    mark_in_place_state_updates(&mut steps);
-    mark_row_outputs(&mut steps, &outputs);
+}
+
+/// The flexibility of each of the function's inputs, from the model description.
+fn flexible_inputs(pkg: &Package, fname: &str) -> HashMap<String, Flexibility> {
     let description = pkg.model().description.function(fname);
-    let flexible = description
+    description
         .map(|d| {
             d.inputs
                 .iter()
@@ -468,8 +554,7 @@ fn plan_function(
                 })
                 .collect()
         })
-        .unwrap_or_default();
-    Ok(Plan { inputs, states, steps, outputs, slots: next, consts, flexible })
+        .unwrap_or_default()
 }
 
 /// Refuses a declared type no machine could hold (its fixed dimensions alone), before anything
