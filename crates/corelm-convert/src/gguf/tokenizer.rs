@@ -251,10 +251,38 @@ fn replace(pattern: &str, content: &str) -> Value {
 /// Builds a Hugging Face `tokenizer.json` from the file's `tokenizer.ggml.*` metadata.
 pub fn tokenizer_json(f: &GgufFile) -> Result<Value> {
     let v = read_vocab(f)?;
-    let path = f.path();
+    let tokens = model_tokens(&v);
+    // {token: id}, the last id winning for a repeated token.
+    let mut last_id: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        last_id.insert(t, i);
+    }
+    let merges = merges(f, &v, &tokens)?;
+    let name = |id: Option<u32>| id.map(|i| v.tokens[i as usize].clone());
+    let (bos, eos, unk, pad) = (name(v.ids.bos), name(v.ids.eos), name(v.ids.unk), name(v.ids.pad));
+    let added = added_tokens(&v, &last_id, [&bos, &eos, &unk, &pad]);
+    let Pipeline { normalizer, pre_tokenizer, decoder, mut model } = pipeline(&v);
+    if let Value::Object(m) = &mut model {
+        m.insert("vocab".into(), Value::Object(vocab(&tokens, &last_id)));
+        m.insert("merges".into(), Value::Array(merges.into_iter().map(|(a, b)| json!([a, b])).collect()));
+    }
+    let added_tokens: Vec<Value> = added.iter().map(|(id, t, special)| added_token(*id, t, *special)).collect();
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens,
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": post_processor(&v, bos.as_deref(), eos.as_deref()),
+        "decoder": decoder,
+        "model": model,
+    }))
+}
 
-    // The vocabulary as the model sees it.
-    let tokens: Vec<String> = match v.kind {
+/// The vocabulary as the model sees it.
+fn model_tokens(v: &Vocab) -> Vec<String> {
+    match v.kind {
         Kind::ByteLevel => {
             let table = byte_chars();
             let alphabet: HashSet<char> = table.iter().copied().collect();
@@ -283,21 +311,24 @@ pub fn tokenizer_json(f: &GgufFile) -> Result<Value> {
                 .collect()
         }
         _ => v.tokens.clone(),
-    };
-
-    // {token: id}, the last id winning for a repeated token, listed in id order.
-    let mut last_id: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
-    for (i, t) in tokens.iter().enumerate() {
-        last_id.insert(t, i);
     }
+}
+
+/// {token: id}, listed in id order, a repeated token under its last id.
+fn vocab(tokens: &[String], last_id: &HashMap<&str, usize>) -> Map<String, Value> {
     let mut vocab = Map::with_capacity(last_id.len());
     for (i, t) in tokens.iter().enumerate() {
         if last_id[t.as_str()] == i {
             vocab.insert(t.clone(), json!(i));
         }
     }
+    vocab
+}
 
-    let merges: Vec<(String, String)> = match v.merges {
+/// The merges the file lists, or those derived from the scores (from the token order for Gemma).
+fn merges(f: &GgufFile, v: &Vocab, tokens: &[String]) -> Result<Vec<(String, String)>> {
+    let path = f.path();
+    Ok(match v.merges {
         Some(m) => m
             .iter()
             .map(|s| {
@@ -324,19 +355,23 @@ pub fn tokenizer_json(f: &GgufFile) -> Result<Value> {
                     .map(|&s| f64::from(s))
                     .collect(),
             };
-            generate_merges(&tokens, &scores)
+            generate_merges(tokens, &scores)
         }
-    };
+    })
+}
 
-    // Added tokens, in the order transformers adds them (the first addition of a token wins):
-    // 1. the default special tokens of the tokenizer class the vocabulary is handed to, when the
-    //    vocabulary has them. transformers also adds them when it does not, with ids past the end
-    //    of the vocabulary (e.g. `<|endoftext|>` for Llama 3); we do not, since no embedding row
-    //    exists for such an id;
-    // 2. control tokens as special (in a byte-level vocabulary only those spelled in the byte
-    //    alphabet: others are llama.cpp mislabels);
-    // 3. user-defined tokens as plain added tokens;
-    // 4. the BOS/EOS/UNK/PAD tokens the file names, as special.
+/// Added tokens (id, content, special), in id order. `named`: the BOS, EOS, UNK and PAD tokens.
+///
+/// They are taken in the order transformers adds them (the first addition of a token wins):
+/// 1. the default special tokens of the tokenizer class the vocabulary is handed to, when the
+///    vocabulary has them. transformers also adds them when it does not, with ids past the end
+///    of the vocabulary (e.g. `<|endoftext|>` for Llama 3); we do not, since no embedding row
+///    exists for such an id;
+/// 2. control tokens as special (in a byte-level vocabulary only those spelled in the byte
+///    alphabet: others are llama.cpp mislabels);
+/// 3. user-defined tokens as plain added tokens;
+/// 4. the BOS/EOS/UNK/PAD tokens the file names, as special.
+fn added_tokens(v: &Vocab, last_id: &HashMap<&str, usize>, named: [&Option<String>; 4]) -> Vec<(usize, String, bool)> {
     let mut added: Vec<(usize, String, bool)> = Vec::new();
     let mut added_set: HashSet<String> = HashSet::new();
     let mut add = |t: &str, special: bool, added: &mut Vec<(usize, String, bool)>| {
@@ -368,14 +403,25 @@ pub fn tokenizer_json(f: &GgufFile) -> Result<Value> {
             }
         }
     }
-    let name = |id: Option<u32>| id.map(|i| v.tokens[i as usize].clone());
-    let (bos, eos, unk, pad) = (name(v.ids.bos), name(v.ids.eos), name(v.ids.unk), name(v.ids.pad));
-    for t in [&bos, &eos, &unk, &pad].into_iter().flatten() {
+    for t in named.into_iter().flatten() {
         add(t, true, &mut added);
     }
     added.sort_by_key(|a| a.0);
+    added
+}
 
-    let (normalizer, mut pre_tokenizer, decoder, model) = match v.kind {
+/// The stages of the tokenizer around its vocabulary and merges.
+struct Pipeline {
+    normalizer: Value,
+    pre_tokenizer: Value,
+    decoder: Value,
+    /// The model without `vocab` and `merges`.
+    model: Value,
+}
+
+/// The pipeline of the tokenizer class the vocabulary maps to.
+fn pipeline(v: &Vocab) -> Pipeline {
+    let (normalizer, pre_tokenizer, decoder, model) = match v.kind {
         Kind::ByteLevel => (
             Value::Null,
             json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
@@ -436,30 +482,14 @@ pub fn tokenizer_json(f: &GgufFile) -> Result<Value> {
             }),
         ),
     };
-    if let Some(regex) = v.pre.and_then(split_regex) {
-        pre_tokenizer = json!({"type": "Sequence", "pretokenizers": [
+    let pre_tokenizer = match v.pre.and_then(split_regex) {
+        Some(regex) => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
             {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
-        ]});
-    }
-    let mut model = model;
-    if let Value::Object(m) = &mut model {
-        m.insert("vocab".into(), Value::Object(vocab));
-        m.insert("merges".into(), Value::Array(merges.into_iter().map(|(a, b)| json!([a, b])).collect()));
-    }
-
-    let added_tokens: Vec<Value> = added.iter().map(|(id, t, special)| added_token(*id, t, *special)).collect();
-    Ok(json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added_tokens,
-        "normalizer": normalizer,
-        "pre_tokenizer": pre_tokenizer,
-        "post_processor": post_processor(&v, bos.as_deref(), eos.as_deref()),
-        "decoder": decoder,
-        "model": model,
-    }))
+        ]}),
+        None => pre_tokenizer,
+    };
+    Pipeline { normalizer, pre_tokenizer, decoder, model }
 }
 
 /// transformers' `update_post_processor`: a template adding BOS and/or EOS as the file asks.
