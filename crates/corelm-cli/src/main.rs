@@ -1140,105 +1140,12 @@ fn open(path: &std::path::Path) -> Result<Package> {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Convert(args) => convert(args),
-        Command::Inspect { package, json, mil } => {
-            let pkg = open(&package)?;
-            if mil {
-                emit!("{}", program_text(&pkg.model().program));
-                return Ok(ExitCode::SUCCESS);
-            }
-            let report = Report::new(&pkg)?;
-            if json {
-                emitln!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                emit!("{report}");
-            }
-            Ok(if report.issues.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
-        }
-        Command::Predict { package, calls, function, json } => {
-            let pkg = open(&package)?;
-            let interp =
-                corelm_interp::Interpreter::load(&pkg).with_context(|| format!("cannot run {}", package.display()))?;
-            let text = std::fs::read(&calls).with_context(|| format!("cannot read {}", calls.display()))?;
-            let calls_json: serde_json::Value =
-                serde_json::from_slice(&text).with_context(|| format!("{}: not valid JSON", calls.display()))?;
-            let list = calls_json
-                .as_array()
-                .ok_or_else(|| anyhow::anyhow!("{}: expected a JSON list of calls", calls.display()))?;
-            let mut state = interp.new_state(function.as_deref())?;
-            let mut results = Vec::new();
-            for (i, call) in list.iter().enumerate() {
-                let inputs = corelm_interp::json::inputs_from_json(call)
-                    .with_context(|| format!("{}: call {i}", calls.display()))?;
-                let out =
-                    interp.predict(function.as_deref(), &inputs, &mut state).with_context(|| format!("call {i}"))?;
-                results.push(corelm_interp::json::outputs_to_json(&out));
-            }
-            let out = serde_json::Value::Array(results);
-            emitln!("{}", if json { serde_json::to_string(&out)? } else { serde_json::to_string_pretty(&out)? });
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Run(args) => {
-            if let Some(prompt) = args.prompt.clone() {
-                return run_text(args, prompt);
-            }
-            let RunArgs { package, ids, max_new_tokens, sampling, logits, json, ignore_eos, backend, .. } = args;
-            if sampling.temperature != 0.0 {
-                anyhow::bail!("--ids decodes greedily; use --prompt for sampling");
-            }
-            let pkg = open(&package)?;
-            let mut lm = backend.open_backend(&pkg).with_context(|| format!("cannot run {}", package.display()))?;
-            let eos = if ignore_eos { vec![] } else { corelm_runtime::model::eos_ids(&pkg) };
-            // Greedy, through the sampler: the lowest id among the largest logits, and NaN
-            // logits an error rather than a token.
-            let mut greedy = corelm_runtime::sampler::Sampler::new(Default::default());
-            let started = std::time::Instant::now();
-            let last = lm.feed_last(&ids)?;
-            let prefill_s = started.elapsed().as_secs_f64();
-            let mut next = greedy.sample(&last, &[])?;
-            let mut generated = Vec::new();
-            let mut stop = "max_new_tokens";
-            let decode_started = std::time::Instant::now();
-            for i in 0..max_new_tokens {
-                // As with --prompt, the end-of-sequence token ends generation and is not listed.
-                if eos.contains(&next) {
-                    stop = "eos";
-                    break;
-                }
-                generated.push(next);
-                if i + 1 == max_new_tokens {
-                    break;
-                }
-                if lm.position() >= lm.context() {
-                    stop = "context";
-                    break;
-                }
-                next = greedy.sample(&lm.feed_last(&[next])?, &[])?;
-            }
-            let decode_s = decode_started.elapsed().as_secs_f64();
-            if json {
-                let mut out = serde_json::json!({
-                    "prompt_ids": ids,
-                    "generated_ids": generated,
-                    "stop_reason": stop,
-                    "prefill_seconds": prefill_s,
-                    "decode_seconds": decode_s,
-                });
-                if logits {
-                    out["logits"] = serde_json::json!(last);
-                }
-                emitln!("{}", serde_json::to_string(&out)?);
-            } else {
-                emitln!("{}", generated.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","));
-                eprintln!(
-                    "prefill {} tokens in {:.2} s, decode {} tokens in {:.2} s",
-                    ids.len(),
-                    prefill_s,
-                    generated.len().saturating_sub(1),
-                    decode_s
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Inspect { package, json, mil } => inspect(&package, json, mil),
+        Command::Predict { package, calls, function, json } => predict(&package, &calls, function.as_deref(), json),
+        Command::Run(args) => match args.prompt.clone() {
+            Some(prompt) => run_text(args, prompt),
+            None => run_ids(args),
+        },
         Command::Chat { package, system, max_new_tokens, sampling, backend } => {
             chat(&package, system, max_new_tokens, sampling, backend)
         }
@@ -1257,40 +1164,139 @@ fn run(cli: Cli) -> Result<ExitCode> {
             verify(&package, &against, text, max_tokens, positions, json)
         }
         Command::Plan { source, device, context, quantize, json } => plan(&source, device, context, quantize, json),
-        Command::Validate { packages, json } => {
-            let mut results = Vec::new();
-            let mut failed = false;
-            for path in &packages {
-                let (issues, error) = match Package::open(path) {
-                    Ok(pkg) => (pkg.validate().iter().map(|i| i.to_string()).collect::<Vec<_>>(), None),
-                    Err(e) => (vec![], Some(e.to_string())),
-                };
-                failed |= error.is_some() || !issues.is_empty();
-                if !json {
-                    match (&error, issues.is_empty()) {
-                        (Some(e), _) => eprintln!("{}: error: {e}", path.display()),
-                        (None, true) => emitln!("{}: valid", path.display()),
-                        (None, false) => {
-                            emitln!("{}: {} problem(s)", path.display(), issues.len());
-                            for i in &issues {
-                                emitln!("  {i}");
-                            }
-                        }
+        Command::Validate { packages, json } => validate(&packages, json),
+    }
+}
+
+fn inspect(package: &std::path::Path, json: bool, mil: bool) -> Result<ExitCode> {
+    let pkg = open(package)?;
+    if mil {
+        emit!("{}", program_text(&pkg.model().program));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let report = Report::new(&pkg)?;
+    if json {
+        emitln!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        emit!("{report}");
+    }
+    Ok(if report.issues.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn predict(package: &std::path::Path, calls: &std::path::Path, function: Option<&str>, json: bool) -> Result<ExitCode> {
+    let pkg = open(package)?;
+    let interp = corelm_interp::Interpreter::load(&pkg).with_context(|| format!("cannot run {}", package.display()))?;
+    let text = std::fs::read(calls).with_context(|| format!("cannot read {}", calls.display()))?;
+    let calls_json: serde_json::Value =
+        serde_json::from_slice(&text).with_context(|| format!("{}: not valid JSON", calls.display()))?;
+    let list =
+        calls_json.as_array().ok_or_else(|| anyhow::anyhow!("{}: expected a JSON list of calls", calls.display()))?;
+    let mut state = interp.new_state(function)?;
+    let mut results = Vec::new();
+    for (i, call) in list.iter().enumerate() {
+        let inputs =
+            corelm_interp::json::inputs_from_json(call).with_context(|| format!("{}: call {i}", calls.display()))?;
+        let out = interp.predict(function, &inputs, &mut state).with_context(|| format!("call {i}"))?;
+        results.push(corelm_interp::json::outputs_to_json(&out));
+    }
+    let out = serde_json::Value::Array(results);
+    emitln!("{}", if json { serde_json::to_string(&out)? } else { serde_json::to_string_pretty(&out)? });
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `run --ids`: greedy decoding from token ids, with timings.
+fn run_ids(args: RunArgs) -> Result<ExitCode> {
+    let RunArgs { package, ids, max_new_tokens, sampling, logits, json, ignore_eos, backend, .. } = args;
+    if sampling.temperature != 0.0 {
+        anyhow::bail!("--ids decodes greedily; use --prompt for sampling");
+    }
+    let pkg = open(&package)?;
+    let mut lm = backend.open_backend(&pkg).with_context(|| format!("cannot run {}", package.display()))?;
+    let eos = if ignore_eos { vec![] } else { corelm_runtime::model::eos_ids(&pkg) };
+    // Greedy, through the sampler: the lowest id among the largest logits, and NaN
+    // logits an error rather than a token.
+    let mut greedy = corelm_runtime::sampler::Sampler::new(Default::default());
+    let started = std::time::Instant::now();
+    let last = lm.feed_last(&ids)?;
+    let prefill_s = started.elapsed().as_secs_f64();
+    let mut next = greedy.sample(&last, &[])?;
+    let mut generated = Vec::new();
+    let mut stop = "max_new_tokens";
+    let decode_started = std::time::Instant::now();
+    for i in 0..max_new_tokens {
+        // As with --prompt, the end-of-sequence token ends generation and is not listed.
+        if eos.contains(&next) {
+            stop = "eos";
+            break;
+        }
+        generated.push(next);
+        if i + 1 == max_new_tokens {
+            break;
+        }
+        if lm.position() >= lm.context() {
+            stop = "context";
+            break;
+        }
+        next = greedy.sample(&lm.feed_last(&[next])?, &[])?;
+    }
+    let decode_s = decode_started.elapsed().as_secs_f64();
+    if json {
+        let mut out = serde_json::json!({
+            "prompt_ids": ids,
+            "generated_ids": generated,
+            "stop_reason": stop,
+            "prefill_seconds": prefill_s,
+            "decode_seconds": decode_s,
+        });
+        if logits {
+            out["logits"] = serde_json::json!(last);
+        }
+        emitln!("{}", serde_json::to_string(&out)?);
+    } else {
+        emitln!("{}", generated.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","));
+        eprintln!(
+            "prefill {} tokens in {:.2} s, decode {} tokens in {:.2} s",
+            ids.len(),
+            prefill_s,
+            generated.len().saturating_sub(1),
+            decode_s
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn validate(packages: &[PathBuf], json: bool) -> Result<ExitCode> {
+    let mut results = Vec::new();
+    let mut failed = false;
+    for path in packages {
+        let (issues, error) = match Package::open(path) {
+            Ok(pkg) => (pkg.validate().iter().map(|i| i.to_string()).collect::<Vec<_>>(), None),
+            Err(e) => (vec![], Some(e.to_string())),
+        };
+        failed |= error.is_some() || !issues.is_empty();
+        if !json {
+            match (&error, issues.is_empty()) {
+                (Some(e), _) => eprintln!("{}: error: {e}", path.display()),
+                (None, true) => emitln!("{}: valid", path.display()),
+                (None, false) => {
+                    emitln!("{}: {} problem(s)", path.display(), issues.len());
+                    for i in &issues {
+                        emitln!("  {i}");
                     }
                 }
-                results.push(serde_json::json!({
-                    "path": path.display().to_string(),
-                    "valid": error.is_none() && issues.is_empty(),
-                    "error": error,
-                    "issues": issues,
-                }));
             }
-            if json {
-                emitln!("{}", serde_json::to_string_pretty(&results)?);
-            }
-            Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
+        results.push(serde_json::json!({
+            "path": path.display().to_string(),
+            "valid": error.is_none() && issues.is_empty(),
+            "error": error,
+            "issues": issues,
+        }));
     }
+    if json {
+        emitln!("{}", serde_json::to_string_pretty(&results)?);
+    }
+    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
 fn plan(
