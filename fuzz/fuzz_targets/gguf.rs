@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(values) = f.dequantize(t) {
             assert_eq!(values.len(), t.n_elements(), "tensor `{}` dequantizes to its element count", t.name);
         }
-        if let Some(g) = gguf::carried_grid(t.dtype, f.raw(t)) {
+        if let Some(g) = gguf::carried_grid(t.dtype, f.raw(t), DType::Fp16) {
             assert_eq!(g.values.len(), t.n_elements(), "tensor `{}`'s grid holds its element count", t.name);
         }
     }

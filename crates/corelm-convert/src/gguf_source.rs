@@ -227,7 +227,7 @@ impl Checkpoint for GgufCheckpoint {
         if cols % form.run != 0 {
             return Ok(None);
         }
-        let Some(g) = gguf::carried_grid(info.dtype, self.file.raw(info)) else { return Ok(None) };
+        let Some(g) = gguf::carried_grid(info.dtype, self.file.raw(info), dtype) else { return Ok(None) };
         if g.values.len() != rows * cols {
             return Err(Error::malformed(
                 self.file.path(),

@@ -361,7 +361,7 @@ fn carried_grids_rebuild_gguf_py_dequantization() {
     let mut checked = Vec::new();
     for entry in manifest["tensors"].as_array().unwrap() {
         let t = f.tensor(entry["name"].as_str().unwrap()).unwrap();
-        let Some(g) = gguf::carried_grid(t.dtype, f.raw(t)) else {
+        let Some(g) = gguf::carried_grid(t.dtype, f.raw(t), corelm_format::DType::Fp16) else {
             assert!(!t.dtype.is_quantized(), "{} has no grid form", t.name);
             continue;
         };
@@ -413,7 +413,7 @@ fn block_decoders_take_arbitrary_bytes() {
         for blocks in [1usize, 3] {
             let data: Vec<u8> = (0..ty.type_size() * blocks).map(|_| byte()).collect();
             let values = gguf::dequantize_bytes(ty, &data).unwrap();
-            let g = gguf::carried_grid(ty, &data).unwrap();
+            let g = gguf::carried_grid(ty, &data, corelm_format::DType::Fp16).unwrap();
             assert_eq!((values.len(), g.values.len()), (blocks * ty.block_size(), blocks * ty.block_size()), "{ty}");
             assert_eq!(g.scales.len(), values.len() / g.form.run, "{ty}");
             let (lo, hi) = match g.form.container {

@@ -176,8 +176,10 @@ pub struct CarriedGrid {
     pub max_error: f32,
 }
 
-/// The grid of `data` (whole blocks of `dtype`) in Core ML's form, `None` if the type has none.
-pub fn carried_grid(dtype: GgmlType, data: &[u8]) -> Option<CarriedGrid> {
+/// The grid of `data` (whole blocks of `dtype`) in Core ML's form, scales and offsets in
+/// `scales` (fp16, or fp32 for fp32 packages: then rounded to f32 only); `None` if the type has
+/// no form.
+pub fn carried_grid(dtype: GgmlType, data: &[u8], scales: DType) -> Option<CarriedGrid> {
     let form = dtype.grid_form()?;
     let size = dtype.type_size();
     let n = data.len() / size * dtype.block_size();
@@ -189,12 +191,13 @@ pub fn carried_grid(dtype: GgmlType, data: &[u8]) -> Option<CarriedGrid> {
         max_error: 0.0,
     };
     let level = |q: i8| form.lut.map_or(f32::from(q), |lut| f32::from(lut[q as u8 as usize]));
+    let round = |v: f32| if scales == DType::Fp32 { v } else { f16::from_f32(v).to_f32() };
     let mut carry = |a: f32, b: Option<f32>, q: &[i8]| {
-        let scale = f16::from_f32(a).to_f32();
+        let scale = round(a);
         let (scale, offset, ones) = match (b, scale == 0.0) {
             // Every weight of the run is −b: carried as 1·(−b) − 0.
-            (Some(b), true) => (f16::from_f32(-b).to_f32(), 0.0, true),
-            (Some(b), false) => (scale, f16::from_f32(b / scale).to_f32(), false),
+            (Some(b), true) => (round(-b), 0.0, true),
+            (Some(b), false) => (scale, round(b / scale), false),
             (None, _) => (scale, 0.0, false),
         };
         for &qi in q {
