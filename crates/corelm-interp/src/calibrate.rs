@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex};
 
 use corelm_format::Package;
 
-use crate::lm::{Executor, LanguageModel};
+use crate::lm::{CarriedState, Executor, LanguageModel};
 use crate::matmul::{matmul_t, WeightRows};
 use crate::value::Value;
-use crate::{Error, Features, Interpreter, Result, State};
+use crate::{Error, Features, Interpreter, Result};
 
 /// Σ x xᵀ (cols × cols, row-major) by the name of the weight the inputs x met. Layers that read
 /// the same value (q, k and v projections) share one matrix.
@@ -78,28 +78,29 @@ struct Observing<'a> {
 }
 
 impl Executor for Observing<'_> {
-    type State = State;
+    type State = CarriedState;
 
-    fn new_state(&self, function: Option<&str>) -> Result<State> {
-        self.interpreter.new_state(function)
+    fn new_state(&self, function: Option<&str>) -> Result<CarriedState> {
+        Executor::new_state(&self.interpreter, function)
     }
 
     fn predict(
         &mut self,
         function: Option<&str>,
         inputs: &std::collections::BTreeMap<String, Value>,
-        state: &mut State,
+        state: &mut CarriedState,
     ) -> Result<std::collections::BTreeMap<String, Value>> {
         let mut sums = self.sums.lock().map_err(|_| Error::invalid("calibration sums poisoned"))?;
         let sums: &mut Sums = &mut sums;
         // Values of an earlier call may have been freed and their addresses reused.
         sums.last = None;
         let mut failed = None;
-        let out = self.interpreter.predict_observed(function, inputs, state, &mut |weight, x, features| {
+        let mut observe = |weight: &str, x: &Arc<Value>, features| {
             if failed.is_none() {
                 failed = sums.add(weight, x, features).err();
             }
-        })?;
+        };
+        let out = self.interpreter.predict_carrying(function, inputs, state, None, Some(&mut observe))?;
         failed.map_or(Ok(out), Err)
     }
 }

@@ -56,7 +56,7 @@ struct Step {
     /// ([`Interpreter::predict_row`]), they compute only that row.
     row: Option<RowStep>,
     /// The constant weight of a `linear` or 1×1 `conv` step, by name, and where its input keeps
-    /// the features (see [`Interpreter::predict_observed`]).
+    /// the features (what calibration observes: [`calibrate`]).
     weight: Option<(String, Features)>,
 }
 
@@ -100,7 +100,7 @@ pub enum Features {
     Channels,
 }
 
-/// Sees each layer's input with its weight's name ([`Interpreter::predict_observed`]).
+/// Sees each layer's input with its weight's name, for calibration ([`calibrate`]).
 pub type Observer<'a> = dyn FnMut(&str, &Arc<Value>, Features) + Send + 'a;
 
 pub struct Interpreter {
@@ -750,9 +750,7 @@ impl Interpreter {
         inputs: &BTreeMap<String, Value>,
         state: &mut State,
     ) -> Result<BTreeMap<String, Value>> {
-        // On a pool thread, each parallel kernel shares work with the other workers directly;
-        // from outside the pool, every one would be a cross-thread hand-off and wake-up.
-        rayon::scope(|_| self.predict_on_worker(function, inputs, state, None, None))
+        self.predict_owned(function, inputs.clone(), state, None, None)
     }
 
     /// Like [`predict`](Self::predict), for a caller that needs only row `row` (along the
@@ -766,26 +764,31 @@ impl Interpreter {
         state: &mut State,
         row: usize,
     ) -> Result<BTreeMap<String, Value>> {
-        rayon::scope(|_| self.predict_on_worker(function, inputs, state, Some(row), None))
+        self.predict_owned(function, inputs.clone(), state, Some(row), None)
     }
 
-    /// Like [`predict`](Self::predict), and shows `observe` the input `x` of each layer with a
-    /// constant weight matrix (`linear`, or a 1×1 `conv` of one), with that matrix's name,
+    /// [`predict`](Self::predict) (with `row`, [`predict_row`](Self::predict_row)) taking the
+    /// inputs by value: each moves into the program instead of being copied, so a KV cache passed
+    /// as an input is updated in place. With `observe`, shows it the input `x` of each layer with
+    /// a constant weight matrix (`linear`, or a 1×1 `conv` of one), with that matrix's name,
     /// before the layer runs: what calibrated compression measures ([`calibrate`]).
-    pub fn predict_observed(
+    fn predict_owned(
         &self,
         function: Option<&str>,
-        inputs: &BTreeMap<String, Value>,
+        inputs: BTreeMap<String, Value>,
         state: &mut State,
-        observe: &mut Observer<'_>,
+        row: Option<usize>,
+        observe: Option<&mut Observer<'_>>,
     ) -> Result<BTreeMap<String, Value>> {
-        rayon::scope(|_| self.predict_on_worker(function, inputs, state, None, Some(observe)))
+        // On a pool thread, each parallel kernel shares work with the other workers directly;
+        // from outside the pool, every one would be a cross-thread hand-off and wake-up.
+        rayon::scope(|_| self.predict_on_worker(function, inputs, state, row, observe))
     }
 
     fn predict_on_worker(
         &self,
         function: Option<&str>,
-        inputs: &BTreeMap<String, Value>,
+        mut inputs: BTreeMap<String, Value>,
         state: &mut State,
         row: Option<usize>,
         mut observe: Option<&mut Observer<'_>>,
@@ -802,10 +805,9 @@ impl Interpreter {
             }
         }
         for (name, slot, ty) in &plan.inputs {
-            let v =
-                inputs.get(name).ok_or_else(|| Error::invalid(format!("input `{name}` of `{fname}` is missing")))?;
-            check_input(name, v, ty, plan.flexible.get(name))?;
-            let mut v = v.clone();
+            let mut v =
+                inputs.remove(name).ok_or_else(|| Error::invalid(format!("input `{name}` of `{fname}` is missing")))?;
+            check_input(name, &v, ty, plan.flexible.get(name))?;
             if let Data::F32(d) = &mut v.data {
                 if ty.dtype == DType::Fp16 {
                     value::round_f16(d);

@@ -13,12 +13,16 @@ use corelm_contract::names;
 use corelm_format::{DType, Package};
 
 use crate::value::{Data, Value};
-use crate::{Error, Interpreter, Result, State};
+use crate::{Error, Interpreter, Observer, Result, State};
 
 /// What runs a package's functions, one prediction at a time.
+///
+/// An executor carries the KV caches a package passes as inputs and outputs (iOS 16/17: output
+/// `keyCacheOut` is the next call's input `keyCache`, likewise `valueCache`) in its state, in its
+/// own form: the driver neither passes nor reads them, and none is converted between calls.
 pub trait Executor {
-    /// What predictions carry from one call to the next (the KV-cache states); the default is
-    /// empty (holding no memory), what a reset leaves before the fresh state is made.
+    /// What predictions carry from one call to the next (the KV caches); the default is empty
+    /// (holding no memory), what a reset leaves before the fresh state is made.
     type State: Default;
     /// A fresh, zeroed state for `function` (`None`: the default function).
     fn new_state(&self, function: Option<&str>) -> Result<Self::State>;
@@ -28,14 +32,6 @@ pub trait Executor {
         inputs: &BTreeMap<String, Value>,
         state: &mut Self::State,
     ) -> Result<BTreeMap<String, Value>>;
-    /// Whether this executor carries a package's KV caches passed as inputs and outputs (iOS
-    /// 16/17: output `keyCacheOut` is the next call's input `keyCache`, likewise `valueCache`)
-    /// inside its state, in its own form, so the driver neither passes nor reads them: Core ML
-    /// feeds the arrays it returned straight back, never converting or copying them. By default
-    /// the driver carries them as values.
-    fn carries_caches(&self) -> bool {
-        false
-    }
     /// Like `predict` for a caller that needs only query position `row` of the logits. The
     /// logits may then hold that row alone; by default they hold every row.
     fn predict_row(
@@ -50,41 +46,75 @@ pub trait Executor {
     }
 }
 
-impl Executor for Interpreter {
-    type State = State;
+/// What the interpreter carries from one prediction to the next: the function's states, and the
+/// KV caches the package passes as inputs and outputs, as the last prediction returned them.
+#[derive(Default)]
+pub struct CarriedState {
+    states: State,
+    /// Each input that the output `<input>Out` feeds, with its value for the next call (zeros at
+    /// first).
+    caches: Vec<(String, Value)>,
+}
 
-    fn new_state(&self, function: Option<&str>) -> Result<State> {
-        Interpreter::new_state(self, function)
+impl Executor for Interpreter {
+    type State = CarriedState;
+
+    fn new_state(&self, function: Option<&str>) -> Result<CarriedState> {
+        let (_, plan) = self.plan(function)?;
+        let mut caches = Vec::new();
+        for (name, _, ty) in &plan.inputs {
+            if !plan.outputs.iter().any(|(output, _)| *output == names::carried_output(name)) {
+                continue;
+            }
+            let shape = ty.shape().ok_or_else(|| Error::invalid(format!("{name} needs a fixed shape")))?;
+            caches.push((name.clone(), Value::zeros(ty.dtype, shape, &format_args!("input `{name}`"))?));
+        }
+        Ok(CarriedState { states: Interpreter::new_state(self, function)?, caches })
     }
 
     fn predict(
         &mut self,
         function: Option<&str>,
         inputs: &BTreeMap<String, Value>,
-        state: &mut State,
+        state: &mut CarriedState,
     ) -> Result<BTreeMap<String, Value>> {
-        Interpreter::predict(self, function, inputs, state)
+        self.predict_carrying(function, inputs, state, None, None)
     }
 
     fn predict_row(
         &mut self,
         function: Option<&str>,
         inputs: &BTreeMap<String, Value>,
-        state: &mut State,
+        state: &mut CarriedState,
         row: usize,
     ) -> Result<BTreeMap<String, Value>> {
-        Interpreter::predict_row(self, function, inputs, state, row)
+        self.predict_carrying(function, inputs, state, Some(row), None)
     }
 }
 
-/// Zeroed KV caches for an interface that passes them as inputs and outputs.
-fn zero_caches(interface: &Interface) -> Result<Option<(Value, Value)>> {
-    match interface {
-        Interface::TensorCaches { dtype, shape } => Ok(Some((
-            Value::zeros(*dtype, shape.clone(), &format_args!("input `{}`", names::KEY_CACHE))?,
-            Value::zeros(*dtype, shape.clone(), &format_args!("input `{}`", names::VALUE_CACHE))?,
-        ))),
-        _ => Ok(None),
+impl Interpreter {
+    /// One prediction with the carried caches moved in (not copied: the program updates them in
+    /// place) and the ones it returns moved back; `row` as for
+    /// [`predict_row`](Interpreter::predict_row), `observe` sees each layer's input (calibration).
+    /// A failed prediction leaves no caches, as a reset will make new ones.
+    pub(crate) fn predict_carrying(
+        &self,
+        function: Option<&str>,
+        inputs: &BTreeMap<String, Value>,
+        state: &mut CarriedState,
+        row: Option<usize>,
+        observe: Option<&mut Observer<'_>>,
+    ) -> Result<BTreeMap<String, Value>> {
+        let carried: Vec<String> = state.caches.iter().map(|(name, _)| name.clone()).collect();
+        let mut all = inputs.clone();
+        all.extend(std::mem::take(&mut state.caches));
+        let mut out = self.predict_owned(function, all, &mut state.states, row, observe)?;
+        for name in carried {
+            let output = names::carried_output(&name);
+            let value = out.remove(&output).ok_or_else(|| Error::invalid(format!("no {output} output")))?;
+            state.caches.push((name, value));
+        }
+        Ok(out)
     }
 }
 
@@ -94,10 +124,6 @@ pub struct LanguageModel<E: Executor = Interpreter> {
     interface: Interface,
     context: usize,
     mask_dtype: DType,
-    /// KV caches passed as inputs and outputs, when the driver carries them.
-    caches: Option<(Value, Value)>,
-    /// The executor carries them instead ([`Executor::carries_caches`]).
-    carried: bool,
     position: usize,
 }
 
@@ -143,9 +169,7 @@ impl<E: Executor> LanguageModel<E> {
             let state = executor.new_state(interface.state_function())?;
             stages.push((executor, state));
         }
-        let carried = stages[0].0.carries_caches();
-        let caches = if carried { None } else { zero_caches(&interface)? };
-        Ok(LanguageModel { stages, interface, context, mask_dtype, caches, carried, position: 0 })
+        Ok(LanguageModel { stages, interface, context, mask_dtype, position: 0 })
     }
 
     /// One prediction through every part: each later part takes the hidden states the one
@@ -189,10 +213,6 @@ impl<E: Executor> LanguageModel<E> {
         for (executor, state) in &mut self.stages {
             *state = E::State::default();
             *state = executor.new_state(self.interface.state_function())?;
-        }
-        self.caches = None;
-        if !self.carried {
-            self.caches = zero_caches(&self.interface)?;
         }
         self.position = 0;
         Ok(())
@@ -276,24 +296,12 @@ impl<E: Executor> LanguageModel<E> {
             }
             Interface::Flexible | Interface::TensorCaches { .. } => {
                 let n = ids.len();
-                let mut inputs = BTreeMap::from([
+                let inputs = BTreeMap::from([
                     (names::INPUT_IDS.to_string(), Value::i32(vec![1, n], ids.iter().map(|&t| t as i32).collect())),
                     (names::CAUSAL_MASK.to_string(), self.mask(n, self.position + n)),
                 ]);
-                if let Some((k, v)) = self.caches.take() {
-                    inputs.insert(names::KEY_CACHE.into(), k);
-                    inputs.insert(names::VALUE_CACHE.into(), v);
-                }
                 let row = last_only.then_some(n - 1);
-                let mut out = self.predict(None, inputs, row)?;
-                if matches!(self.interface, Interface::TensorCaches { .. }) && !self.carried {
-                    let mut carried = |input: &str| {
-                        let name = names::carried_output(input);
-                        out.remove(&name).ok_or_else(|| Error::invalid(format!("no {name} output")))
-                    };
-                    let (k, v) = (carried(names::KEY_CACHE)?, carried(names::VALUE_CACHE)?);
-                    self.caches = Some((k, v));
-                }
+                let out = self.predict(None, inputs, row)?;
                 self.position += n;
                 logits_rows(&out, row)
             }

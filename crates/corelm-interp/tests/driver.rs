@@ -10,9 +10,9 @@ use corelm_convert::convert::{convert, open_source};
 use corelm_convert::graph::GraphOptions;
 use corelm_format::package::WriteOptions;
 use corelm_format::{Package, Target};
-use corelm_interp::lm::{Executor, LanguageModel};
+use corelm_interp::lm::{CarriedState, Executor, LanguageModel};
 use corelm_interp::value::Value;
-use corelm_interp::{Interpreter, Result, State};
+use corelm_interp::{Interpreter, Result};
 
 /// States alive now, and the most ever alive at once.
 #[derive(Default)]
@@ -24,7 +24,7 @@ struct Census {
 /// An interpreter state that reports its life to the census (the default: no state at all).
 #[derive(Default)]
 struct Counted {
-    state: State,
+    state: CarriedState,
     census: Option<Arc<Census>>,
 }
 
@@ -45,7 +45,7 @@ impl Executor for Counting {
     type State = Counted;
 
     fn new_state(&self, function: Option<&str>) -> Result<Counted> {
-        let state = self.interpreter.new_state(function)?;
+        let state = Executor::new_state(&self.interpreter, function)?;
         let alive = self.census.alive.fetch_add(1, Ordering::SeqCst) + 1;
         self.census.peak.fetch_max(alive, Ordering::SeqCst);
         Ok(Counted { state, census: Some(self.census.clone()) })
@@ -57,7 +57,8 @@ impl Executor for Counting {
         inputs: &BTreeMap<String, Value>,
         state: &mut Counted,
     ) -> Result<BTreeMap<String, Value>> {
-        self.interpreter.predict(function, inputs, &mut state.state)
+        assert!(!inputs.contains_key("keyCache"), "the driver passed the caches the executor carries");
+        Executor::predict(&mut self.interpreter, function, inputs, &mut state.state)
     }
 }
 
@@ -94,65 +95,40 @@ fn reset_never_holds_two_states() {
     }
 }
 
-/// An interpreter that carries the iOS 16/17 KV caches in its own state, as the Core ML backend
-/// carries its returned arrays.
-struct Carrying {
-    interpreter: Interpreter,
-    /// The most recent `keyCacheOut` / `valueCacheOut`, fed back as `keyCache` / `valueCache`.
-    fresh: BTreeMap<String, Value>,
-}
-
-impl Executor for Carrying {
-    type State = BTreeMap<String, Value>;
-
-    fn new_state(&self, _: Option<&str>) -> Result<BTreeMap<String, Value>> {
-        Ok(self.fresh.clone())
-    }
-
-    fn carries_caches(&self) -> bool {
-        true
-    }
-
-    fn predict(
-        &mut self,
-        function: Option<&str>,
-        inputs: &BTreeMap<String, Value>,
-        state: &mut BTreeMap<String, Value>,
-    ) -> Result<BTreeMap<String, Value>> {
-        assert!(!inputs.contains_key("keyCache"), "the driver passed the caches an executor carries");
-        let mut all = inputs.clone();
-        all.extend(state.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let mut out = self.interpreter.predict(function, &all, &mut State::default())?;
-        for name in ["keyCache", "valueCache"] {
-            state.insert(name.into(), out.remove(&format!("{name}Out")).expect("cache output"));
-        }
-        Ok(out)
-    }
-}
-
-/// With an executor that carries the KV caches itself, the driver passes none and reads none,
-/// and generation (prefill, decode, reset) matches the driver carrying them.
+/// The interpreter carries the iOS 16/17 KV caches itself: what the driver generates through it,
+/// also after a reset, is what the package gives called by hand, each call's `keyCacheOut` fed
+/// back as `keyCache` (likewise `valueCache`).
 #[test]
-fn an_executor_may_carry_the_caches() {
+fn the_interpreter_carries_the_caches() {
     let tmp = tempfile::tempdir().unwrap();
     let pkg = package(tmp.path(), Target::Ios17, vec![]);
-    let mut reference = LanguageModel::open(&pkg).unwrap();
     let interpreter = Interpreter::load(&pkg).unwrap();
-    let shape: Vec<usize> = interpreter
-        .inputs(None)
-        .unwrap()
-        .into_iter()
-        .find(|(n, _)| n == "keyCache")
-        .and_then(|(_, t)| t.shape())
-        .unwrap();
-    let zeros = || Value::f32(corelm_format::DType::Fp16, shape.clone(), vec![0.0; shape.iter().product()]);
-    let fresh = BTreeMap::from([("keyCache".to_string(), zeros()), ("valueCache".to_string(), zeros())]);
-    let mut carried = LanguageModel::with_executor(&pkg, Carrying { interpreter, fresh }).unwrap();
-    for lm_round in 0..2 {
-        let want: Vec<Vec<f32>> = [reference.feed(&[5, 6, 7]).unwrap(), reference.feed(&[9]).unwrap()].concat();
-        let got: Vec<Vec<f32>> = [carried.feed(&[5, 6, 7]).unwrap(), carried.feed(&[9]).unwrap()].concat();
-        assert_eq!(got, want, "round {lm_round}");
-        reference.reset().unwrap();
-        carried.reset().unwrap();
+    let inputs = interpreter.inputs(None).unwrap();
+    let input = |name: &str| inputs.iter().find(|(n, _)| n == name).map(|(_, t)| t.clone()).unwrap();
+    let (cache, mask_dtype) = (input("keyCache"), input("causalMask").dtype);
+    let zeros = || Value::zeros(cache.dtype, cache.shape().unwrap(), &"a cache").unwrap();
+    let (mut key, mut value) = (zeros(), zeros());
+    let mut by_hand: Vec<Vec<f32>> = Vec::new();
+    let mut position = 0;
+    for ids in [&[5, 6, 7][..], &[9]] {
+        let (n, width) = (ids.len(), position + ids.len());
+        let mask = (0..n * width).map(|k| if k % width <= position + k / width { 0.0 } else { f32::NEG_INFINITY });
+        let inputs = BTreeMap::from([
+            ("inputIds".to_string(), Value::i32(vec![1, n], ids.to_vec())),
+            ("causalMask".to_string(), Value::f32(mask_dtype, vec![1, 1, n, width], mask.collect())),
+            ("keyCache".to_string(), key),
+            ("valueCache".to_string(), value),
+        ]);
+        let mut out = interpreter.predict(None, &inputs, &mut interpreter.new_state(None).unwrap()).unwrap();
+        (key, value) = (out.remove("keyCacheOut").unwrap(), out.remove("valueCacheOut").unwrap());
+        let vocab = *out["logits"].shape.last().unwrap();
+        by_hand.extend(out["logits"].as_f32().unwrap().chunks(vocab).map(<[f32]>::to_vec));
+        position += n;
+    }
+    let mut lm = LanguageModel::open_with(&pkg, Interpreter::load).unwrap();
+    for round in 0..2 {
+        let got: Vec<Vec<f32>> = [lm.feed(&[5, 6, 7]).unwrap(), lm.feed(&[9]).unwrap()].concat();
+        assert_eq!(got, by_hand, "round {round}");
+        lm.reset().unwrap();
     }
 }

@@ -244,7 +244,9 @@ fn last_position_logits_alone_equal_that_row_of_all() {
 
 /// Calibration reads every layer's inputs in both layouts: a linear's (…, features) and a 1×1
 /// conv's (1, channels, 1, positions) in the Neural Engine profile give the same Σ x xᵀ for
-/// each weight, over the same tokens (to fp16 precision: the profiles round differently).
+/// each weight, over the same tokens (to fp16 precision: the profiles round differently). So
+/// does a package whose KV caches are inputs and outputs (iOS 17), which the calibrating
+/// executor carries itself.
 #[test]
 fn calibration_sees_the_same_inputs_in_both_layouts() {
     use corelm_convert::graph::Profile;
@@ -253,10 +255,14 @@ fn calibration_sees_the_same_inputs_in_both_layouts() {
     let r = reference(&dir);
     let source = open_source(&dir).unwrap();
     let mut grams = Vec::new();
-    for (profile, lengths) in [(Profile::Default, vec![]), (Profile::Ane, vec![1, 8])] {
-        let out = tmp.path().join(format!("{profile:?}.mlpackage"));
+    for (target, profile, lengths) in [
+        (Target::Ios18, Profile::Default, vec![]),
+        (Target::Ios18, Profile::Ane, vec![1, 8]),
+        (Target::Ios17, Profile::Default, vec![]),
+    ] {
+        let out = tmp.path().join(format!("{target:?}-{profile:?}.mlpackage"));
         let opts = GraphOptions {
-            target: Target::Ios18,
+            target,
             context: 64,
             query_lengths: lengths,
             attention: AttentionImpl::Fused,
@@ -269,15 +275,18 @@ fn calibration_sees_the_same_inputs_in_both_layouts() {
         let pkg = Package::open(&out).unwrap();
         grams.push(corelm_interp::calibrate::input_grams(&pkg, &r.prompt, &mut |_| {}).unwrap());
     }
-    let (linear, conv) = (&grams[0], &grams[1]);
+    let (linear, conv, io_caches) = (&grams[0], &grams[1], &grams[2]);
     // 2 layers × q, k, v, o, gate, up, down.
     let layers: Vec<&String> = linear.keys().filter(|n| n.starts_with("layers_")).collect();
     assert_eq!(layers.len(), 14, "{:?}", linear.keys().collect::<Vec<_>>());
     for name in layers {
-        let (a, b) = (&linear[name], conv.get(name).unwrap_or_else(|| panic!("{name} not observed as a conv")));
-        assert_eq!(a.len(), b.len(), "{name}");
-        let norm = a.iter().map(|v| v * v).sum::<f64>().sqrt();
-        let diff = a.iter().zip(b.iter()).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
-        assert!(norm > 0.0 && diff < 1e-2 * norm, "{name}: {diff} of {norm}");
+        let a = &linear[name];
+        for (what, other) in [("a conv", conv), ("an iOS 17 linear", io_caches)] {
+            let b = other.get(name).unwrap_or_else(|| panic!("{name} not observed as {what}"));
+            assert_eq!(a.len(), b.len(), "{name}");
+            let norm = a.iter().map(|v| v * v).sum::<f64>().sqrt();
+            let diff = a.iter().zip(b.iter()).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+            assert!(norm > 0.0 && diff < 1e-2 * norm, "{name} as {what}: {diff} of {norm}");
+        }
     }
 }

@@ -180,10 +180,6 @@ impl Executor for CoreMlExecutor {
         Ok(CoreMlState { state: Some(unsafe { f.model.newState() }), carried })
     }
 
-    fn carries_caches(&self) -> bool {
-        true
-    }
-
     fn predict(
         &mut self,
         function: Option<&str>,
