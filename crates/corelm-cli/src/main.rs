@@ -5,11 +5,13 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use corelm_contract::driver::LanguageModel;
 use corelm_contract::keys;
 use corelm_convert::compress::{Policy, Scheme};
 use corelm_format::inspect::Report;
 use corelm_format::mil::printer::program_text;
 use corelm_format::Package;
+use corelm_interp::Interpreter;
 
 /// Writes to stdout; a closed pipe (`corelm ... | head`) ends the output quietly.
 macro_rules! emit {
@@ -704,7 +706,7 @@ const CHECK_TOKENS: usize = 37;
 /// infinite: such a package must not ship unnoticed.
 fn check_finite(package: &std::path::Path) -> Result<()> {
     let pkg = open(package)?;
-    let mut lm = corelm_interp::lm::LanguageModel::open(&pkg)?;
+    let mut lm = LanguageModel::open(&pkg, Interpreter::load)?;
     let ud = &pkg.model().description.metadata.user_defined;
     let number = |k: &str| ud.get(k).and_then(|v| v.parse::<u32>().ok());
     let vocab = number(keys::VOCAB_SIZE).unwrap_or(1) as usize;
@@ -885,9 +887,9 @@ fn verify(
     json: bool,
 ) -> Result<ExitCode> {
     use corelm_convert::graph::{AttentionImpl, GraphOptions, Precision};
-    use corelm_interp::lm::LanguageModel;
     let pkg = open(package)?;
-    let mut lm = LanguageModel::open(&pkg).with_context(|| format!("cannot run {}", package.display()))?;
+    let mut lm =
+        LanguageModel::open(&pkg, Interpreter::load).with_context(|| format!("cannot run {}", package.display()))?;
     let tokens = text_tokens(&pkg, text.as_ref(), max_tokens)?;
     let window = lm.context().min(tokens.len());
     let scratch = std::env::temp_dir().join(format!("corelm-verify-{}", std::process::id()));
@@ -916,7 +918,7 @@ fn verify(
             )?;
             Package::open(&reference_path)?
         };
-        let mut reference = LanguageModel::open(&reference_pkg)?;
+        let mut reference = LanguageModel::open(&reference_pkg, Interpreter::load)?;
         let window = window.min(reference.context());
         let bar = progress_bar(tokens.len() as u64, json, "scoring");
         let tally =
@@ -965,9 +967,9 @@ fn eval(
     max_tokens: Option<usize>,
     json: bool,
 ) -> Result<ExitCode> {
-    use corelm_interp::lm::LanguageModel;
     let pkg = open(package)?;
-    let mut lm = LanguageModel::open(&pkg).with_context(|| format!("cannot run {}", package.display()))?;
+    let mut lm =
+        LanguageModel::open(&pkg, Interpreter::load).with_context(|| format!("cannot run {}", package.display()))?;
     let tokens = text_tokens(&pkg, Some(text), max_tokens)?;
     let window = window.unwrap_or(usize::MAX).min(lm.context());
     if window < 2 {
@@ -1185,7 +1187,7 @@ fn inspect(package: &std::path::Path, json: bool, mil: bool) -> Result<ExitCode>
 
 fn predict(package: &std::path::Path, calls: &std::path::Path, function: Option<&str>, json: bool) -> Result<ExitCode> {
     let pkg = open(package)?;
-    let interp = corelm_interp::Interpreter::load(&pkg).with_context(|| format!("cannot run {}", package.display()))?;
+    let interp = Interpreter::load(&pkg).with_context(|| format!("cannot run {}", package.display()))?;
     let text = std::fs::read(calls).with_context(|| format!("cannot read {}", calls.display()))?;
     let calls_json: serde_json::Value =
         serde_json::from_slice(&text).with_context(|| format!("{}: not valid JSON", calls.display()))?;

@@ -7,9 +7,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use corelm_contract::driver::{Executor, LanguageModel};
+use corelm_contract::tensor::Tensors;
 use corelm_format::Package;
 
-use crate::lm::{CarriedState, Executor, LanguageModel};
+use crate::executor::CarriedState;
 use crate::matmul::{matmul_t, WeightRows};
 use crate::value::Value;
 use crate::{Error, Features, Interpreter, Result};
@@ -84,12 +86,7 @@ impl Executor for Observing<'_> {
         Executor::new_state(&self.interpreter, function)
     }
 
-    fn predict(
-        &mut self,
-        function: Option<&str>,
-        inputs: &std::collections::BTreeMap<String, Value>,
-        state: &mut CarriedState,
-    ) -> Result<std::collections::BTreeMap<String, Value>> {
+    fn predict(&mut self, function: Option<&str>, inputs: &Tensors, state: &mut CarriedState) -> Result<Tensors> {
         let mut sums = self.sums.lock().map_err(|_| Error::invalid("calibration sums poisoned"))?;
         let sums: &mut Sums = &mut sums;
         // Values of an earlier call may have been freed and their addresses reused.
@@ -115,7 +112,7 @@ const WINDOW: usize = 512;
 /// padding rows. `progress` hears the tokens done after each window.
 pub fn input_grams(pkg: &Package, tokens: &[u32], progress: &mut dyn FnMut(usize)) -> Result<Grams> {
     let sums = Mutex::new(Sums::default());
-    let mut lm = LanguageModel::open_with(pkg, |p| Ok(Observing { interpreter: Interpreter::load(p)?, sums: &sums }))?;
+    let mut lm = LanguageModel::open(pkg, |p| Ok(Observing { interpreter: Interpreter::load(p)?, sums: &sums }))?;
     let fit = lm.context().min(WINDOW);
     let window = if fit >= 64 { fit / 64 * 64 } else { fit };
     let windows: Vec<&[u32]> = match tokens.len() >= window {

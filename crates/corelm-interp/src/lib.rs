@@ -8,9 +8,9 @@
 //! program types a value fp16, so results resemble the device's.
 
 pub mod calibrate;
+pub mod executor;
 pub mod json;
 pub mod kernels;
-pub mod lm;
 pub mod matmul;
 pub mod value;
 mod vmath;

@@ -1,6 +1,7 @@
 //! Run-time values: floats computed in f32 (rounded to fp16 where the program types them fp16),
 //! integers of every width widened to i32, bools, and strings for constant parameters.
 
+use corelm_contract::tensor::{HostData, HostTensor};
 use corelm_format::inspect::human_bytes;
 use corelm_format::tensor::element_count;
 use corelm_format::{DType, Tensor};
@@ -250,6 +251,29 @@ impl Value {
                 Value { dtype, shape, data: Data::I32(ints.into_iter().map(|v| v as i32).collect()) }
             }
         })
+    }
+
+    /// A driver's tensor as a value, its elements copied.
+    pub fn from_host(t: &HostTensor) -> Value {
+        let data = match (&t.data, t.dtype) {
+            (HostData::F32(v), _) => Data::F32(v.clone()),
+            (HostData::I32(v), DType::Bool) => Data::Bool(v.iter().map(|&x| x != 0).collect()),
+            (HostData::I32(v), _) => Data::I32(v.clone()),
+        };
+        Value { dtype: t.dtype, shape: t.shape.clone(), data }
+    }
+
+    /// The value as a driver's tensor, its elements moved (a compressed constant expanded);
+    /// strings have no such form. `name` names the output in the error.
+    pub fn into_host(self, name: &str) -> Result<HostTensor> {
+        let data = match self.data {
+            Data::F32(v) => HostData::F32(v),
+            Data::I32(v) => HostData::I32(v),
+            Data::Bool(v) => HostData::I32(v.into_iter().map(i32::from).collect()),
+            Data::Packed(p) => HostData::F32(p.dense()),
+            Data::Str(_) => return Err(Error::invalid(format!("output `{name}`: strings do not reach the driver"))),
+        };
+        Ok(HostTensor { dtype: self.dtype, shape: self.shape, data })
     }
 
     /// Checks an element count against the shape.

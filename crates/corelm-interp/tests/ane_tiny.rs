@@ -13,11 +13,12 @@
 
 use std::path::{Path, PathBuf};
 
+use corelm_contract::driver::{argmax, LanguageModel};
 use corelm_convert::convert::{convert, open_source};
 use corelm_convert::graph::{GraphOptions, Profile};
 use corelm_format::package::WriteOptions;
 use corelm_format::Package;
-use corelm_interp::lm::{argmax, LanguageModel};
+use corelm_interp::Interpreter;
 use serde_json::Value;
 
 /// Query lengths of the ane packages: decode and an 8-token prefill chunk.
@@ -192,7 +193,7 @@ fn every_architecture_generates_what_the_default_profile_does() {
         let mut generated = Vec::new();
         let mut rows = Vec::new();
         for pkg in [&default, &ane] {
-            let mut lm = LanguageModel::open(pkg).unwrap();
+            let mut lm = LanguageModel::open(pkg, Interpreter::load).unwrap();
             let prompt_rows = lm.feed(&ids).unwrap();
             let mut tokens = Vec::new();
             let mut decode_rows = Vec::new();
@@ -269,8 +270,10 @@ fn prefill_then_decode_past_the_window() {
             let (default, ane) = both_profiles(&dir, &out);
             let mut tally = Tally::default();
             for t in [5, 13] {
-                let (mut want_lm, mut got_lm) =
-                    (LanguageModel::open(&default).unwrap(), LanguageModel::open(&ane).unwrap());
+                let (mut want_lm, mut got_lm) = (
+                    LanguageModel::open(&default, Interpreter::load).unwrap(),
+                    LanguageModel::open(&ane, Interpreter::load).unwrap(),
+                );
                 let mut want = want_lm.feed(&ids[..t]).unwrap().pop().unwrap();
                 let mut got = got_lm.feed(&ids[..t]).unwrap().pop().unwrap();
                 for pos in t..END {

@@ -6,11 +6,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use corelm_contract::driver::{Executor, LanguageModel};
+use corelm_contract::tensor::Tensors;
 use corelm_convert::convert::{convert, open_source};
 use corelm_convert::graph::GraphOptions;
 use corelm_format::package::WriteOptions;
 use corelm_format::{Package, Target};
-use corelm_interp::lm::{CarriedState, Executor, LanguageModel};
+use corelm_interp::executor::CarriedState;
 use corelm_interp::value::Value;
 use corelm_interp::{Interpreter, Result};
 
@@ -51,12 +53,7 @@ impl Executor for Counting {
         Ok(Counted { state, census: Some(self.census.clone()) })
     }
 
-    fn predict(
-        &mut self,
-        function: Option<&str>,
-        inputs: &BTreeMap<String, Value>,
-        state: &mut Counted,
-    ) -> Result<BTreeMap<String, Value>> {
+    fn predict(&mut self, function: Option<&str>, inputs: &Tensors, state: &mut Counted) -> Result<Tensors> {
         assert!(!inputs.contains_key("keyCache"), "the driver passed the caches the executor carries");
         Executor::predict(&mut self.interpreter, function, inputs, &mut state.state)
     }
@@ -79,10 +76,9 @@ fn reset_never_holds_two_states() {
     for (target, lengths) in [(Target::Ios18, vec![]), (Target::Ios18, vec![1, 4]), (Target::Ios17, vec![])] {
         let pkg = package(tmp.path(), target, lengths.clone());
         let census = Arc::new(Census::default());
-        let mut lm = LanguageModel::open_with(&pkg, |p| {
-            Ok(Counting { interpreter: Interpreter::load(p)?, census: census.clone() })
-        })
-        .unwrap();
+        let mut lm =
+            LanguageModel::open(&pkg, |p| Ok(Counting { interpreter: Interpreter::load(p)?, census: census.clone() }))
+                .unwrap();
         let fresh = lm.feed(&[5, 6, 7]).unwrap();
         for _ in 0..3 {
             lm.reset().unwrap();
@@ -125,7 +121,7 @@ fn the_interpreter_carries_the_caches() {
         by_hand.extend(out["logits"].as_f32().unwrap().chunks(vocab).map(<[f32]>::to_vec));
         position += n;
     }
-    let mut lm = LanguageModel::open_with(&pkg, Interpreter::load).unwrap();
+    let mut lm = LanguageModel::open(&pkg, Interpreter::load).unwrap();
     for round in 0..2 {
         let got: Vec<Vec<f32>> = [lm.feed(&[5, 6, 7]).unwrap(), lm.feed(&[9]).unwrap()].concat();
         assert_eq!(got, by_hand, "round {round}");

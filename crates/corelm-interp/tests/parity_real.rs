@@ -5,11 +5,12 @@
 
 use std::path::{Path, PathBuf};
 
+use corelm_contract::driver::{argmax, LanguageModel};
 use corelm_convert::convert::{convert, open_source};
 use corelm_convert::graph::{AttentionImpl, GraphOptions, Precision};
 use corelm_format::package::WriteOptions;
 use corelm_format::{Package, Target};
-use corelm_interp::lm::{argmax, LanguageModel};
+use corelm_interp::Interpreter;
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -54,7 +55,7 @@ fn check(fixture: &str, gguf: &str, context: usize) {
             let range = want_last.iter().cloned().fold(f32::NEG_INFINITY, f32::max)
                 - want_last.iter().cloned().fold(f32::INFINITY, f32::min);
 
-            let mut lm = LanguageModel::open(&pkg).unwrap();
+            let mut lm = LanguageModel::open(&pkg, Interpreter::load).unwrap();
             let rows = lm.feed(&ids).unwrap();
             let agree = rows.iter().zip(&want_argmax).filter(|(row, &a)| argmax(row) == a).count();
             let last = rows.last().unwrap();

@@ -4,11 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
+use corelm_contract::driver::{argmax, LanguageModel};
 use corelm_convert::convert::{convert, open_source};
 use corelm_convert::graph::{AttentionImpl, GraphOptions, Precision};
 use corelm_format::package::WriteOptions;
 use corelm_format::{Package, Target};
-use corelm_interp::lm::{argmax, LanguageModel};
+use corelm_interp::Interpreter;
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -75,7 +76,7 @@ struct Figures {
 }
 
 fn measure(pkg: &Package, r: &Reference) -> Figures {
-    let mut lm = LanguageModel::open(pkg).unwrap();
+    let mut lm = LanguageModel::open(pkg, Interpreter::load).unwrap();
     let rows = lm.feed(&r.prompt).unwrap();
     let argmax_agree = rows.iter().zip(&r.argmax).filter(|(row, &a)| argmax(row) == a).count();
     let disagreeing_gaps: Vec<f32> = rows
@@ -193,10 +194,10 @@ fn prefill_then_decode_equals_full_recompute() {
         let r = reference(&dir);
         for (label, pkg) in every_interface(&dir, tmp.path()) {
             for t in [5, 12, 20] {
-                let mut lm = LanguageModel::open(&pkg).unwrap();
+                let mut lm = LanguageModel::open(&pkg, Interpreter::load).unwrap();
                 lm.feed(&r.prompt[..t]).unwrap();
                 let step = lm.feed(&r.prompt[t..t + 1]).unwrap().remove(0);
-                let mut full = LanguageModel::open(&pkg).unwrap();
+                let mut full = LanguageModel::open(&pkg, Interpreter::load).unwrap();
                 let whole = full.feed(&r.prompt[..t + 1]).unwrap().pop().unwrap();
                 let scale = whole.iter().map(|v| v.abs()).fold(0.0, f32::max);
                 let err = step.iter().zip(&whole).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
@@ -218,8 +219,9 @@ fn last_position_logits_alone_equal_that_row_of_all() {
         let r = reference(&dir);
         for (label, pkg) in every_interface(&dir, tmp.path()) {
             for t in [1, 6, 13] {
-                let all = LanguageModel::open(&pkg).unwrap().feed(&r.prompt[..t]).unwrap().pop().unwrap();
-                let last = LanguageModel::open(&pkg).unwrap().feed_last(&r.prompt[..t]).unwrap();
+                let all =
+                    LanguageModel::open(&pkg, Interpreter::load).unwrap().feed(&r.prompt[..t]).unwrap().pop().unwrap();
+                let last = LanguageModel::open(&pkg, Interpreter::load).unwrap().feed_last(&r.prompt[..t]).unwrap();
                 let scale = all.iter().map(|v| v.abs()).fold(0.0, f32::max);
                 let err = last.iter().zip(&all).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
                 assert_eq!(last.len(), all.len(), "{name} {label} t={t}");
@@ -228,7 +230,7 @@ fn last_position_logits_alone_equal_that_row_of_all() {
         }
         // The flexible package through the interpreter directly: one row of logits comes back.
         let pkg = Package::open(tmp.path().join(format!("{name}-flexible.mlpackage"))).unwrap();
-        let interp = corelm_interp::Interpreter::load(&pkg).unwrap();
+        let interp = Interpreter::load(&pkg).unwrap();
         let mut state = interp.new_state(None).unwrap();
         let n = 7;
         let ids = corelm_interp::value::Value::i32(vec![1, n], r.prompt[..n].iter().map(|&t| t as i32).collect());

@@ -1,19 +1,19 @@
 //! The Core ML backend (Apple platforms): compiles the `.mlpackage` once, caches the compiled
 //! model under a content hash, loads each of its functions with the chosen compute units, and
-//! runs predictions for [`LanguageModel`](corelm_interp::lm::LanguageModel), which drives every
-//! interface corelm writes exactly as it drives the reference interpreter. Tensors cross as
-//! `MLMultiArray`s (int32, fp16, fp32); KV caches live in one `MLState` (iOS 18 packages) or
-//! are passed in and out like any other tensor (iOS 16/17 packages).
+//! runs predictions for [`LanguageModel`](corelm_contract::driver::LanguageModel), which drives
+//! every interface corelm writes exactly as it drives the reference interpreter. The driver's
+//! tensors cross as `MLMultiArray`s (int32, fp16, fp32); KV caches live in one `MLState` (iOS 18
+//! packages) or are the arrays an iOS 16/17 package returned, fed straight back.
 
 use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
+use corelm_contract::driver::Executor;
 use corelm_contract::names;
+use corelm_contract::tensor::{HostData, HostTensor, Tensors};
 use corelm_format::{DType, Package};
-use corelm_interp::lm::Executor;
-use corelm_interp::value::{Data, Value};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use objc2::rc::{autoreleasepool, Retained};
@@ -180,12 +180,7 @@ impl Executor for CoreMlExecutor {
         Ok(CoreMlState { state: Some(unsafe { f.model.newState() }), carried })
     }
 
-    fn predict(
-        &mut self,
-        function: Option<&str>,
-        inputs: &BTreeMap<String, Value>,
-        state: &mut Self::State,
-    ) -> Result<BTreeMap<String, Value>> {
+    fn predict(&mut self, function: Option<&str>, inputs: &Tensors, state: &mut Self::State) -> Result<Tensors> {
         self.predict_rows(function, inputs, state, None)
     }
 
@@ -194,10 +189,10 @@ impl Executor for CoreMlExecutor {
     fn predict_row(
         &mut self,
         function: Option<&str>,
-        inputs: &BTreeMap<String, Value>,
+        inputs: &Tensors,
         state: &mut Self::State,
         row: usize,
-    ) -> Result<BTreeMap<String, Value>> {
+    ) -> Result<Tensors> {
         self.predict_rows(function, inputs, state, Some(row))
     }
 }
@@ -220,10 +215,10 @@ impl CoreMlExecutor {
     fn predict_rows(
         &self,
         function: Option<&str>,
-        inputs: &BTreeMap<String, Value>,
+        inputs: &Tensors,
         state: &mut CoreMlState,
         row: Option<usize>,
-    ) -> Result<BTreeMap<String, Value>> {
+    ) -> Result<Tensors> {
         let f = self.function(function)?;
         if state.carried.len() != f.carried.len() {
             return Err(Error::invalid("the state was made for another function"));
@@ -249,19 +244,19 @@ impl CoreMlExecutor {
                     .and_then(|v| unsafe { v.multiArrayValue() })
                     .ok_or_else(|| Error::invalid(format!("the model returned no `{output}` array")))?;
             }
-            let mut values = BTreeMap::new();
+            let mut tensors = Tensors::new();
             for name in f.outputs.iter().filter(|o| !f.carried.iter().any(|(i, ..)| **o == names::carried_output(i))) {
                 // SAFETY: plain Objective-C calls; the array is read within its shape and strides.
-                let value = unsafe {
+                let tensor = unsafe {
                     let array = out
                         .featureValueForName(&NSString::from_str(name))
                         .and_then(|v| v.multiArrayValue())
                         .ok_or_else(|| Error::invalid(format!("the model returned no `{name}` array")))?;
-                    value_from_array(name, &array, row.filter(|_| names::is_logits(name)))?
+                    tensor_from_array(name, &array, row.filter(|_| names::is_logits(name)))?
                 };
-                values.insert(name.clone(), value);
+                tensors.insert(name.clone(), tensor);
             }
-            Ok(values)
+            Ok(tensors)
         })
     }
 }
@@ -303,25 +298,29 @@ fn multi_array<T>(
     }
 }
 
-fn array_from_value(name: &str, v: &Value) -> Result<Retained<MLMultiArray>> {
-    match (&v.data, v.dtype) {
-        (Data::I32(d), DType::Int32) => multi_array(&v.shape, MLMultiArrayDataType::Int32, |a| a.copy_from_slice(d)),
-        (Data::F32(d), DType::Fp16) => {
-            multi_array(&v.shape, MLMultiArrayDataType::Float16, |a: &mut [f16]| a.convert_from_f32_slice(d))
+fn array_from_tensor(name: &str, t: &HostTensor) -> Result<Retained<MLMultiArray>> {
+    match (&t.data, t.dtype) {
+        (HostData::I32(d), DType::Int32) => {
+            multi_array(&t.shape, MLMultiArrayDataType::Int32, |a| a.copy_from_slice(d))
         }
-        (Data::F32(d), DType::Fp32) => multi_array(&v.shape, MLMultiArrayDataType::Float32, |a| a.copy_from_slice(d)),
-        _ => Err(Error::invalid(format!("input `{name}`: {} values do not go to Core ML", v.dtype))),
+        (HostData::F32(d), DType::Fp16) => {
+            multi_array(&t.shape, MLMultiArrayDataType::Float16, |a: &mut [f16]| a.convert_from_f32_slice(d))
+        }
+        (HostData::F32(d), DType::Fp32) => {
+            multi_array(&t.shape, MLMultiArrayDataType::Float32, |a| a.copy_from_slice(d))
+        }
+        _ => Err(Error::invalid(format!("input `{name}`: {} values do not go to Core ML", t.dtype))),
     }
 }
 
-/// Copies an output array, whatever its strides (Core ML may pad them), into a value; with
+/// Copies an output array, whatever its strides (Core ML may pad them), into a tensor; with
 /// `row`, only that index of its second-to-last axis ([`strided::gather`]). Read through
 /// getBytesWithHandler, which gives the buffer Core ML may share with the device once it is
 /// synchronized, and its length, which bounds every read.
 ///
 /// # Safety
 /// `array` must be a valid multi-array.
-unsafe fn value_from_array(name: &str, array: &MLMultiArray, row: Option<usize>) -> Result<Value> {
+unsafe fn tensor_from_array(name: &str, array: &MLMultiArray, row: Option<usize>) -> Result<HostTensor> {
     let shape: Vec<usize> = array.shape().iter().map(|d| d.integerValue() as usize).collect();
     let strides: Vec<usize> = array.strides().iter().map(|d| d.integerValue() as usize).collect();
     let dtype = array.dataType();
@@ -332,15 +331,16 @@ unsafe fn value_from_array(name: &str, array: &MLMultiArray, row: Option<usize>)
         let read = |size: usize| unsafe { std::slice::from_raw_parts(ptr.as_ptr().cast::<u8>(), bytes / size * size) };
         let value = if dtype == MLMultiArrayDataType::Float16 {
             elements::<f16>(read(2)).and_then(|data| {
-                strided::gather(data, &shape, &strides, row, f16::to_f32).map(|(s, d)| (DType::Fp16, s, Data::F32(d)))
+                strided::gather(data, &shape, &strides, row, f16::to_f32)
+                    .map(|(s, d)| (DType::Fp16, s, HostData::F32(d)))
             })
         } else if dtype == MLMultiArrayDataType::Float32 {
             elements::<f32>(read(4)).and_then(|data| {
-                strided::gather(data, &shape, &strides, row, |x| x).map(|(s, d)| (DType::Fp32, s, Data::F32(d)))
+                strided::gather(data, &shape, &strides, row, |x| x).map(|(s, d)| (DType::Fp32, s, HostData::F32(d)))
             })
         } else if dtype == MLMultiArrayDataType::Int32 {
             elements::<i32>(read(4)).and_then(|data| {
-                strided::gather(data, &shape, &strides, row, |x| x).map(|(s, d)| (DType::Int32, s, Data::I32(d)))
+                strided::gather(data, &shape, &strides, row, |x| x).map(|(s, d)| (DType::Int32, s, HostData::I32(d)))
             })
         } else {
             Err(Error::invalid(format!("output `{name}` has an array type corelm does not read")))
@@ -350,7 +350,7 @@ unsafe fn value_from_array(name: &str, array: &MLMultiArray, row: Option<usize>)
     array.getBytesWithHandler(&handler);
     let (dtype, shape, data) =
         result.into_inner().ok_or_else(|| Error::invalid(format!("Core ML gave no buffer for output `{name}`")))??;
-    Ok(Value { dtype, shape, data })
+    Ok(HostTensor { dtype, shape, data })
 }
 
 /// Views bytes as elements of `T`, a plain 2- or 4-byte number (Core ML aligns its buffers for
@@ -365,7 +365,7 @@ fn elements<T>(bytes: &[u8]) -> Result<&[T]> {
 
 /// The inputs as Core ML features.
 fn feature_provider(
-    inputs: &BTreeMap<String, Value>,
+    inputs: &Tensors,
     carried: &[(String, Retained<MLMultiArray>)],
 ) -> Result<Retained<MLDictionaryFeatureProvider>> {
     let mut keys = Vec::new();
@@ -375,9 +375,9 @@ fn feature_provider(
         // SAFETY: a plain Objective-C call with an array we hold.
         values.push(unsafe { MLFeatureValue::featureValueWithMultiArray(array) });
     }
-    for (name, value) in inputs {
+    for (name, tensor) in inputs {
         keys.push(NSString::from_str(name));
-        let array = array_from_value(name, value)?;
+        let array = array_from_tensor(name, tensor)?;
         // SAFETY: a plain Objective-C call with an array we own.
         values.push(unsafe { MLFeatureValue::featureValueWithMultiArray(&array) });
     }

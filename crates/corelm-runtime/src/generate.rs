@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use corelm_interp::lm::{Executor, LanguageModel};
+use corelm_contract::driver::{Executor, LanguageModel};
 use serde::Serialize;
 
 use crate::sampler::{Sampler, SamplingParams};

@@ -1,5 +1,6 @@
 //! A package opened for text generation: its backend, tokenizer, chat template and EOS ids.
 
+use corelm_contract::driver::LanguageModel;
 use corelm_contract::keys;
 use corelm_format::Package;
 
@@ -17,7 +18,7 @@ pub struct TextModel {
 
 /// A package (with its sibling parts) on the reference interpreter, as a generation backend.
 pub fn reference_backend(pkg: &Package) -> Result<Box<dyn Backend>> {
-    Ok(Box::new(corelm_interp::lm::LanguageModel::open(pkg)?))
+    Ok(Box::new(LanguageModel::open(pkg, corelm_interp::Interpreter::load)?))
 }
 
 /// A package on Core ML (Apple platforms): compiled once into `cache_dir`, driven like the
@@ -28,8 +29,7 @@ pub fn coreml_backend(
     units: crate::coreml::ComputeUnits,
     cache_dir: &std::path::Path,
 ) -> Result<Box<dyn Backend>> {
-    let backend =
-        corelm_interp::lm::LanguageModel::open_with(pkg, |p| crate::coreml::CoreMlExecutor::open(p, units, cache_dir))?;
+    let backend = LanguageModel::open(pkg, |p| crate::coreml::CoreMlExecutor::open(p, units, cache_dir))?;
     Ok(Box::new(backend))
 }
 

@@ -4,16 +4,15 @@
 //! `position` input), and KV caches passed as inputs and outputs (iOS 16/17).
 //!
 //! The driver reads the interface from the model description and runs the functions through an
-//! [`Executor`], so the reference interpreter and Core ML feed a package the same way.
+//! [`Executor`], so the reference interpreter and Core ML feed a package the same way. Tensors
+//! cross as [`HostTensor`]s: the driver knows neither backend's types.
 
-use std::collections::BTreeMap;
-
-use corelm_contract::interface::{chunk_packages, Interface, PackageInterface};
-use corelm_contract::names;
 use corelm_format::{DType, Package};
 
-use crate::value::{Data, Value};
-use crate::{Error, Interpreter, Observer, Result, State};
+use crate::interface::{chunk_packages, Interface, PackageInterface};
+use crate::names;
+use crate::tensor::{HostData, HostTensor, Tensors};
+use crate::{Error, Result};
 
 /// What runs a package's functions, one prediction at a time.
 ///
@@ -26,99 +25,22 @@ pub trait Executor {
     type State: Default;
     /// A fresh, zeroed state for `function` (`None`: the default function).
     fn new_state(&self, function: Option<&str>) -> Result<Self::State>;
-    fn predict(
-        &mut self,
-        function: Option<&str>,
-        inputs: &BTreeMap<String, Value>,
-        state: &mut Self::State,
-    ) -> Result<BTreeMap<String, Value>>;
+    fn predict(&mut self, function: Option<&str>, inputs: &Tensors, state: &mut Self::State) -> Result<Tensors>;
     /// Like `predict` for a caller that needs only query position `row` of the logits. The
     /// logits may then hold that row alone; by default they hold every row.
     fn predict_row(
         &mut self,
         function: Option<&str>,
-        inputs: &BTreeMap<String, Value>,
+        inputs: &Tensors,
         state: &mut Self::State,
         row: usize,
-    ) -> Result<BTreeMap<String, Value>> {
+    ) -> Result<Tensors> {
         let _ = row;
         self.predict(function, inputs, state)
     }
 }
 
-/// What the interpreter carries from one prediction to the next: the function's states, and the
-/// KV caches the package passes as inputs and outputs, as the last prediction returned them.
-#[derive(Default)]
-pub struct CarriedState {
-    states: State,
-    /// Each input that the output `<input>Out` feeds, with its value for the next call (zeros at
-    /// first).
-    caches: Vec<(String, Value)>,
-}
-
-impl Executor for Interpreter {
-    type State = CarriedState;
-
-    fn new_state(&self, function: Option<&str>) -> Result<CarriedState> {
-        let (_, plan) = self.plan(function)?;
-        let mut caches = Vec::new();
-        for (name, _, ty) in &plan.inputs {
-            if !plan.outputs.iter().any(|(output, _)| *output == names::carried_output(name)) {
-                continue;
-            }
-            let shape = ty.shape().ok_or_else(|| Error::invalid(format!("{name} needs a fixed shape")))?;
-            caches.push((name.clone(), Value::zeros(ty.dtype, shape, &format_args!("input `{name}`"))?));
-        }
-        Ok(CarriedState { states: Interpreter::new_state(self, function)?, caches })
-    }
-
-    fn predict(
-        &mut self,
-        function: Option<&str>,
-        inputs: &BTreeMap<String, Value>,
-        state: &mut CarriedState,
-    ) -> Result<BTreeMap<String, Value>> {
-        self.predict_carrying(function, inputs, state, None, None)
-    }
-
-    fn predict_row(
-        &mut self,
-        function: Option<&str>,
-        inputs: &BTreeMap<String, Value>,
-        state: &mut CarriedState,
-        row: usize,
-    ) -> Result<BTreeMap<String, Value>> {
-        self.predict_carrying(function, inputs, state, Some(row), None)
-    }
-}
-
-impl Interpreter {
-    /// One prediction with the carried caches moved in (not copied: the program updates them in
-    /// place) and the ones it returns moved back; `row` as for
-    /// [`predict_row`](Interpreter::predict_row), `observe` sees each layer's input (calibration).
-    /// A failed prediction leaves no caches, as a reset will make new ones.
-    pub(crate) fn predict_carrying(
-        &self,
-        function: Option<&str>,
-        inputs: &BTreeMap<String, Value>,
-        state: &mut CarriedState,
-        row: Option<usize>,
-        observe: Option<&mut Observer<'_>>,
-    ) -> Result<BTreeMap<String, Value>> {
-        let carried: Vec<String> = state.caches.iter().map(|(name, _)| name.clone()).collect();
-        let mut all = inputs.clone();
-        all.extend(std::mem::take(&mut state.caches));
-        let mut out = self.predict_owned(function, all, &mut state.states, row, observe)?;
-        for name in carried {
-            let output = names::carried_output(&name);
-            let value = out.remove(&output).ok_or_else(|| Error::invalid(format!("no {output} output")))?;
-            state.caches.push((name, value));
-        }
-        Ok(out)
-    }
-}
-
-pub struct LanguageModel<E: Executor = Interpreter> {
+pub struct LanguageModel<E: Executor> {
     /// Each package part's executor and state, run in order (one part unless `--chunks`).
     stages: Vec<(E, E::State)>,
     interface: Interface,
@@ -127,18 +49,10 @@ pub struct LanguageModel<E: Executor = Interpreter> {
     position: usize,
 }
 
-impl LanguageModel {
-    /// Opens a package (with its sibling parts, if it is one of several) on the reference
-    /// interpreter.
-    pub fn open(pkg: &Package) -> Result<LanguageModel> {
-        LanguageModel::open_with(pkg, Interpreter::load)
-    }
-}
-
 impl<E: Executor> LanguageModel<E> {
     /// Opens a package with its sibling parts, if it is one of several, each run by the
     /// executor `load` makes for it.
-    pub fn open_with(pkg: &Package, mut load: impl FnMut(&Package) -> Result<E>) -> Result<LanguageModel<E>> {
+    pub fn open(pkg: &Package, mut load: impl FnMut(&Package) -> Result<E>) -> Result<LanguageModel<E>> {
         match chunk_packages(pkg)? {
             None => LanguageModel::with_executor(pkg, load(pkg)?),
             Some(parts) => {
@@ -175,12 +89,7 @@ impl<E: Executor> LanguageModel<E> {
     /// One prediction through every part: each later part takes the hidden states the one
     /// before it returned in place of the token ids. With `row`, only that query position's
     /// logits are needed (see [`Executor::predict_row`]).
-    fn predict(
-        &mut self,
-        function: Option<&str>,
-        mut inputs: BTreeMap<String, Value>,
-        row: Option<usize>,
-    ) -> Result<BTreeMap<String, Value>> {
+    fn predict(&mut self, function: Option<&str>, mut inputs: Tensors, row: Option<usize>) -> Result<Tensors> {
         let last = self.stages.len() - 1;
         for (i, (executor, state)) in self.stages.iter_mut().enumerate() {
             if i == last {
@@ -219,14 +128,14 @@ impl<E: Executor> LanguageModel<E> {
     }
 
     /// Causal mask rows for `n` queries starting at the current position over `width` keys.
-    fn mask(&self, n: usize, width: usize) -> Value {
+    fn mask(&self, n: usize, width: usize) -> HostTensor {
         let mut m = vec![f32::NEG_INFINITY; n * width];
         for i in 0..n {
             for j in 0..=(self.position + i).min(width - 1) {
                 m[i * width + j] = 0.0;
             }
         }
-        Value::f32(self.mask_dtype, vec![1, 1, n, width], m)
+        HostTensor::f32(self.mask_dtype, vec![1, 1, n, width], m)
     }
 
     /// Feeds tokens; returns the logits of each fed position.
@@ -274,10 +183,10 @@ impl<E: Executor> LanguageModel<E> {
                     let take = n.min(rest.len());
                     let mut chunk: Vec<i32> = rest[..take].iter().map(|&t| t as i32).collect();
                     chunk.resize(n, 0);
-                    let inputs = BTreeMap::from([
-                        (names::INPUT_IDS.to_string(), Value::i32(vec![1, n], chunk)),
+                    let inputs = Tensors::from([
+                        (names::INPUT_IDS.to_string(), HostTensor::i32(vec![1, n], chunk)),
                         (names::CAUSAL_MASK.to_string(), self.mask(n, self.context)),
-                        (names::POSITION.to_string(), Value::i32(vec![1], vec![self.position as i32])),
+                        (names::POSITION.to_string(), HostTensor::i32(vec![1], vec![self.position as i32])),
                     ]);
                     let finished = take == rest.len();
                     // Only the last token's logits wanted: of an earlier chunk, any one row
@@ -296,8 +205,11 @@ impl<E: Executor> LanguageModel<E> {
             }
             Interface::Flexible | Interface::TensorCaches { .. } => {
                 let n = ids.len();
-                let inputs = BTreeMap::from([
-                    (names::INPUT_IDS.to_string(), Value::i32(vec![1, n], ids.iter().map(|&t| t as i32).collect())),
+                let inputs = Tensors::from([
+                    (
+                        names::INPUT_IDS.to_string(),
+                        HostTensor::i32(vec![1, n], ids.iter().map(|&t| t as i32).collect()),
+                    ),
                     (names::CAUSAL_MASK.to_string(), self.mask(n, self.position + n)),
                 ]);
                 let row = last_only.then_some(n - 1);
@@ -311,8 +223,8 @@ impl<E: Executor> LanguageModel<E> {
 
 /// Each position's logits (with `row`, that position's alone): the `logits` output, or the
 /// blocks `logits_0`, `logits_1`, ... of a split LM head joined along the vocabulary.
-fn logits_rows(out: &BTreeMap<String, Value>, row: Option<usize>) -> Result<Vec<Vec<f32>>> {
-    let parts: Vec<&Value> = match out.get(names::LOGITS) {
+fn logits_rows(out: &Tensors, row: Option<usize>) -> Result<Vec<Vec<f32>>> {
+    let parts: Vec<&HostTensor> = match out.get(names::LOGITS) {
         Some(l) => vec![l],
         None => (0..).map_while(|i| out.get(&names::logits_block(i))).collect(),
     };
@@ -322,7 +234,7 @@ fn logits_rows(out: &BTreeMap<String, Value>, row: Option<usize>) -> Result<Vec<
     let mut rows: Vec<Vec<f32>> = Vec::new();
     for part in parts {
         let width = *part.shape.last().ok_or_else(|| Error::invalid("logits have no dimensions"))?;
-        let Data::F32(v) = &part.data else { return Err(Error::invalid("logits are not floats")) };
+        let HostData::F32(v) = &part.data else { return Err(Error::invalid("logits are not floats")) };
         let n = v.len() / width.max(1);
         if rows.is_empty() {
             rows = vec![Vec::new(); n];
