@@ -344,7 +344,7 @@ impl BackendArgs {
     }
 
     /// The package alone (no tokenizer needed), on the chosen backend.
-    fn open_backend(&self, pkg: &Package) -> Result<Box<dyn corelm_runtime::generate::Backend>> {
+    fn open_backend(&self, pkg: &Package) -> Result<LanguageModel> {
         match self.backend {
             BackendArg::Reference => Ok(corelm_runtime::model::reference_backend(pkg)?),
             BackendArg::Coreml => self.open_coreml(pkg),
@@ -352,7 +352,7 @@ impl BackendArgs {
     }
 
     #[cfg(target_vendor = "apple")]
-    fn open_coreml(&self, pkg: &Package) -> Result<Box<dyn corelm_runtime::generate::Backend>> {
+    fn open_coreml(&self, pkg: &Package) -> Result<LanguageModel> {
         use corelm_runtime::coreml::ComputeUnits;
         let units = match self.compute_units {
             ComputeUnitsArg::All => ComputeUnits::All,
@@ -367,7 +367,7 @@ impl BackendArgs {
     }
 
     #[cfg(not(target_vendor = "apple"))]
-    fn open_coreml(&self, _pkg: &Package) -> Result<Box<dyn corelm_runtime::generate::Backend>> {
+    fn open_coreml(&self, _pkg: &Package) -> Result<LanguageModel> {
         let _ = self.compute_units;
         anyhow::bail!("the Core ML backend runs on Apple platforms only; use --backend reference here")
     }
@@ -439,7 +439,7 @@ fn run_text(args: RunArgs, prompt: String) -> Result<ExitCode> {
             let _ = std::io::stdout().flush();
         }
     };
-    let generation = generate(model.backend.as_mut(), &model.tokenizer, &ids, &params, &mut on_text)?;
+    let generation = generate(&mut model.backend, &model.tokenizer, &ids, &params, &mut on_text)?;
     if json {
         emitln!("{}", serde_json::to_string(&generation)?);
     } else {
@@ -824,7 +824,7 @@ fn chat(
             emit!("{t}");
             let _ = std::io::stdout().flush();
         };
-        let g = match generate(model.backend.as_mut(), &model.tokenizer, &new, &params, &mut on_text) {
+        let g = match generate(&mut model.backend, &model.tokenizer, &new, &params, &mut on_text) {
             Ok(g) => g,
             Err(e) => {
                 emitln!("");

@@ -40,19 +40,55 @@ pub trait Executor {
     }
 }
 
-pub struct LanguageModel<E: Executor> {
-    /// Each package part's executor and state, run in order (one part unless `--chunks`).
-    stages: Vec<(E, E::State)>,
+/// One package part run by its executor, with the executor's state: the driver holds parts of
+/// any executor type alike.
+trait Stage {
+    /// One prediction; with `row`, only that query position's logits are needed.
+    fn predict(&mut self, function: Option<&str>, inputs: &Tensors, row: Option<usize>) -> Result<Tensors>;
+    /// Replaces the state with a fresh one for `function`, dropping the old one first.
+    fn reset(&mut self, function: Option<&str>) -> Result<()>;
+}
+
+struct Part<E: Executor> {
+    executor: E,
+    state: E::State,
+}
+
+impl<E: Executor> Stage for Part<E> {
+    fn predict(&mut self, function: Option<&str>, inputs: &Tensors, row: Option<usize>) -> Result<Tensors> {
+        match row {
+            None => self.executor.predict(function, inputs, &mut self.state),
+            Some(r) => self.executor.predict_row(function, inputs, &mut self.state, r),
+        }
+    }
+
+    /// The old state (a KV cache: gigabytes for a large model) goes before the fresh one is made,
+    /// so two are never alive at once.
+    fn reset(&mut self, function: Option<&str>) -> Result<()> {
+        self.state = E::State::default();
+        self.state = self.executor.new_state(function)?;
+        Ok(())
+    }
+}
+
+/// A package fed token ids through its interface, whatever executes it: one type for every
+/// backend, so callers hold a model without naming its executor.
+pub struct LanguageModel {
+    /// Each package part, run in order (one part unless `--chunks`).
+    stages: Vec<Box<dyn Stage>>,
     interface: Interface,
     context: usize,
     mask_dtype: DType,
     position: usize,
 }
 
-impl<E: Executor> LanguageModel<E> {
+impl LanguageModel {
     /// Opens a package with its sibling parts, if it is one of several, each run by the
     /// executor `load` makes for it.
-    pub fn open(pkg: &Package, mut load: impl FnMut(&Package) -> Result<E>) -> Result<LanguageModel<E>> {
+    pub fn open<E: Executor + 'static>(
+        pkg: &Package,
+        mut load: impl FnMut(&Package) -> Result<E>,
+    ) -> Result<LanguageModel> {
         match chunk_packages(pkg)? {
             None => LanguageModel::with_executor(pkg, load(pkg)?),
             Some(parts) => {
@@ -63,13 +99,13 @@ impl<E: Executor> LanguageModel<E> {
     }
 
     /// Drives `pkg`, whose functions `executor` runs.
-    pub fn with_executor(pkg: &Package, executor: E) -> Result<LanguageModel<E>> {
+    pub fn with_executor<E: Executor + 'static>(pkg: &Package, executor: E) -> Result<LanguageModel> {
         LanguageModel::with_executors(&[pkg], vec![executor])
     }
 
     /// Drives the parts of a split model (see [`chunk_packages`]), one executor each, in order:
     /// the first takes the token ids, each later one the hidden states before it.
-    pub fn with_executors(parts: &[&Package], executors: Vec<E>) -> Result<LanguageModel<E>> {
+    pub fn with_executors<E: Executor + 'static>(parts: &[&Package], executors: Vec<E>) -> Result<LanguageModel> {
         let first = parts.first().ok_or_else(|| Error::invalid("no packages to run"))?;
         let PackageInterface { interface, context, mask_dtype } = PackageInterface::read(first)?;
         if parts.len() != executors.len() {
@@ -78,10 +114,10 @@ impl<E: Executor> LanguageModel<E> {
         if parts.len() > 1 && matches!(interface, Interface::TensorCaches { .. }) {
             return Err(Error::invalid("a split model keeps its caches as states"));
         }
-        let mut stages = Vec::with_capacity(executors.len());
+        let mut stages: Vec<Box<dyn Stage>> = Vec::with_capacity(executors.len());
         for executor in executors {
             let state = executor.new_state(interface.state_function())?;
-            stages.push((executor, state));
+            stages.push(Box::new(Part { executor, state }));
         }
         Ok(LanguageModel { stages, interface, context, mask_dtype, position: 0 })
     }
@@ -91,14 +127,11 @@ impl<E: Executor> LanguageModel<E> {
     /// logits are needed (see [`Executor::predict_row`]).
     fn predict(&mut self, function: Option<&str>, mut inputs: Tensors, row: Option<usize>) -> Result<Tensors> {
         let last = self.stages.len() - 1;
-        for (i, (executor, state)) in self.stages.iter_mut().enumerate() {
+        for (i, stage) in self.stages.iter_mut().enumerate() {
             if i == last {
-                return match row {
-                    None => executor.predict(function, &inputs, state),
-                    Some(r) => executor.predict_row(function, &inputs, state, r),
-                };
+                return stage.predict(function, &inputs, row);
             }
-            let mut out = executor.predict(function, &inputs, state)?;
+            let mut out = stage.predict(function, &inputs, None)?;
             let hidden = out
                 .remove(names::NEXT_HIDDEN_STATES)
                 .ok_or_else(|| Error::invalid(format!("part {} has no nextHiddenStates output", i + 1)))?;
@@ -119,9 +152,8 @@ impl<E: Executor> LanguageModel<E> {
     /// Forgets everything fed so far. Each old state (a KV cache: gigabytes for a large model)
     /// is dropped before its fresh one is made, so two are never alive at once.
     pub fn reset(&mut self) -> Result<()> {
-        for (executor, state) in &mut self.stages {
-            *state = E::State::default();
-            *state = executor.new_state(self.interface.state_function())?;
+        for stage in &mut self.stages {
+            stage.reset(self.interface.state_function())?;
         }
         self.position = 0;
         Ok(())

@@ -299,8 +299,7 @@ fn reply(
             cb(t.as_ptr() as *const c_char, t.len(), user_data);
         }
     };
-    let g =
-        generate(m.model.backend.as_mut(), &m.model.tokenizer, &ids, &params, &mut emit).map_err(|e| e.to_string())?;
+    let g = generate(&mut m.model.backend, &m.model.tokenizer, &ids, &params, &mut emit).map_err(|e| e.to_string())?;
     m.messages.push(Message::new("assistant", g.text.trim()));
     Ok(g.generated_ids.len() as i64)
 }

@@ -74,12 +74,12 @@ impl Sums {
 }
 
 /// An interpreter that adds what every linear layer reads to shared sums.
-struct Observing<'a> {
+struct Observing {
     interpreter: Interpreter,
-    sums: &'a Mutex<Sums>,
+    sums: Arc<Mutex<Sums>>,
 }
 
-impl Executor for Observing<'_> {
+impl Executor for Observing {
     type State = CarriedState;
 
     fn new_state(&self, function: Option<&str>) -> Result<CarriedState> {
@@ -111,8 +111,9 @@ const WINDOW: usize = 512;
 /// left out, so fixed-length functions (the Neural Engine profile's 64-token prefill) see no
 /// padding rows. `progress` hears the tokens done after each window.
 pub fn input_grams(pkg: &Package, tokens: &[u32], progress: &mut dyn FnMut(usize)) -> Result<Grams> {
-    let sums = Mutex::new(Sums::default());
-    let mut lm = LanguageModel::open(pkg, |p| Ok(Observing { interpreter: Interpreter::load(p)?, sums: &sums }))?;
+    let sums = Arc::new(Mutex::new(Sums::default()));
+    let mut lm =
+        LanguageModel::open(pkg, |p| Ok(Observing { interpreter: Interpreter::load(p)?, sums: sums.clone() }))?;
     let fit = lm.context().min(WINDOW);
     let window = if fit >= 64 { fit / 64 * 64 } else { fit };
     let windows: Vec<&[u32]> = match tokens.len() >= window {
@@ -127,6 +128,7 @@ pub fn input_grams(pkg: &Package, tokens: &[u32], progress: &mut dyn FnMut(usize
         progress(done);
     }
     drop(lm);
+    let sums = Arc::into_inner(sums).ok_or_else(|| Error::invalid("calibration sums still shared"))?;
     let sums = sums.into_inner().map_err(|_| Error::invalid("calibration sums poisoned"))?;
     let grams: Vec<Arc<Vec<f64>>> = sums.grams.into_iter().map(Arc::new).collect();
     Ok(sums.index.into_iter().map(|(name, g)| (name, grams[g].clone())).collect())

@@ -3,43 +3,12 @@
 
 use std::time::Instant;
 
-use corelm_contract::driver::{Executor, LanguageModel};
+use corelm_contract::driver::LanguageModel;
 use serde::Serialize;
 
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
-
-/// Something that turns token ids into next-token logits and keeps its own KV cache.
-pub trait Backend {
-    /// Feeds tokens after those already fed; returns the logits of each.
-    fn feed(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>>;
-    /// Feeds tokens after those already fed; returns the logits of the last one, which may
-    /// cost less than all of them.
-    fn feed_last(&mut self, ids: &[u32]) -> Result<Vec<f32>>;
-    /// Forgets everything fed so far.
-    fn reset(&mut self) -> Result<()>;
-    fn context(&self) -> usize;
-    fn position(&self) -> usize;
-}
-
-impl<E: Executor> Backend for LanguageModel<E> {
-    fn feed(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
-        LanguageModel::feed(self, ids)
-    }
-    fn feed_last(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
-        LanguageModel::feed_last(self, ids)
-    }
-    fn reset(&mut self) -> Result<()> {
-        LanguageModel::reset(self)
-    }
-    fn context(&self) -> usize {
-        LanguageModel::context(self)
-    }
-    fn position(&self) -> usize {
-        LanguageModel::position(self)
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct GenerateParams {
@@ -99,10 +68,10 @@ impl<'t> TextStream<'t> {
     }
 }
 
-/// Generates after `prompt` (which continues whatever the backend was already fed), calling
+/// Generates after `prompt` (which continues whatever the model was already fed), calling
 /// `on_text` with each new piece of text.
 pub fn generate(
-    backend: &mut dyn Backend,
+    backend: &mut LanguageModel,
     tokenizer: &Tokenizer,
     prompt: &[u32],
     params: &GenerateParams,

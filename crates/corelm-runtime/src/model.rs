@@ -5,20 +5,19 @@ use corelm_contract::keys;
 use corelm_format::Package;
 
 use crate::chat::{ChatTemplate, Message, TOKENIZER_CONFIG_PATH};
-use crate::generate::Backend;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
 pub struct TextModel {
-    pub backend: Box<dyn Backend>,
+    pub backend: LanguageModel,
     pub tokenizer: Tokenizer,
     pub template: Option<ChatTemplate>,
     pub eos_ids: Vec<u32>,
 }
 
 /// A package (with its sibling parts) on the reference interpreter, as a generation backend.
-pub fn reference_backend(pkg: &Package) -> Result<Box<dyn Backend>> {
-    Ok(Box::new(LanguageModel::open(pkg, corelm_interp::Interpreter::load)?))
+pub fn reference_backend(pkg: &Package) -> Result<LanguageModel> {
+    LanguageModel::open(pkg, corelm_interp::Interpreter::load)
 }
 
 /// A package on Core ML (Apple platforms): compiled once into `cache_dir`, driven like the
@@ -28,9 +27,8 @@ pub fn coreml_backend(
     pkg: &Package,
     units: crate::coreml::ComputeUnits,
     cache_dir: &std::path::Path,
-) -> Result<Box<dyn Backend>> {
-    let backend = LanguageModel::open(pkg, |p| crate::coreml::CoreMlExecutor::open(p, units, cache_dir))?;
-    Ok(Box::new(backend))
+) -> Result<LanguageModel> {
+    LanguageModel::open(pkg, |p| crate::coreml::CoreMlExecutor::open(p, units, cache_dir))
 }
 
 impl TextModel {
@@ -49,7 +47,7 @@ impl TextModel {
         Self::with_backend(pkg, coreml_backend(pkg, units, cache_dir)?)
     }
 
-    pub fn with_backend(pkg: &Package, backend: Box<dyn Backend>) -> Result<TextModel> {
+    pub fn with_backend(pkg: &Package, backend: LanguageModel) -> Result<TextModel> {
         // A split model's tokenizer and chat template travel with its first part.
         let first = corelm_contract::interface::chunk_packages(pkg)?.map(|mut parts| parts.remove(0));
         let pkg = first.as_ref().unwrap_or(pkg);

@@ -1,6 +1,7 @@
 //! Agreement of two models over the same tokens: top-1 agreement, logit error, KL divergence
 //! and each model's perplexity on the text.
 
+use corelm_contract::driver::LanguageModel;
 use serde::Serialize;
 
 /// Figures comparing a package's logits with a reference's, position by position.
@@ -132,8 +133,8 @@ pub fn compare(tokens: &[u32], package: &[Vec<f32>], reference: &[Vec<f32>]) -> 
 pub fn score_windows(
     tokens: &[u32],
     window: usize,
-    package: &mut dyn crate::generate::Backend,
-    mut reference: Option<&mut dyn crate::generate::Backend>,
+    package: &mut LanguageModel,
+    mut reference: Option<&mut LanguageModel>,
     progress: &mut dyn FnMut(usize),
 ) -> crate::Result<Tally> {
     let mut tally = Tally::default();
