@@ -18,6 +18,14 @@ rustup target add aarch64-apple-darwin aarch64-apple-ios
 for target in aarch64-apple-darwin aarch64-apple-ios; do
   cargo clippy --workspace --target "$target" -- -D warnings
 done
+# What an iOS app links to run packages on Core ML alone: the runtime and the C ABI without the
+# interpreter (--no-default-features) must keep compiling, here and for iOS, and leave it out.
+cargo clippy -p corelm-runtime -p corelm-ffi --no-default-features -- -D warnings
+cargo clippy -p corelm-runtime -p corelm-ffi --no-default-features --target aarch64-apple-ios -- -D warnings
+if cargo tree -p corelm-ffi --no-default-features --target aarch64-apple-ios -e normal | grep -q corelm-interp; then
+  echo "corelm-ffi --no-default-features still depends on corelm-interp" >&2
+  exit 1
+fi
 log="$(mktemp)"
 cargo test --workspace --release 2>&1 | tee "$log"
 bash scripts/fuzz.sh "${CORELM_FUZZ_SECONDS:-20}"

@@ -9,7 +9,8 @@
 #include <stdlib.h>
 
 /**
- * `backend` of `corelm_model_open`: corelm's reference interpreter (any platform).
+ * `backend` of `corelm_model_open`: corelm's reference interpreter (any platform; a library
+ * built without the `interpreter` feature refuses it).
  */
 #define CORELM_BACKEND_REFERENCE 0
 

@@ -36,7 +36,8 @@ impl CorelmModel {
     }
 }
 
-/// `backend` of `corelm_model_open`: corelm's reference interpreter (any platform).
+/// `backend` of `corelm_model_open`: corelm's reference interpreter (any platform; a library
+/// built without the `interpreter` feature refuses it).
 pub const CORELM_BACKEND_REFERENCE: i32 = 0;
 /// `backend` of `corelm_model_open`: Core ML (Apple platforms), with all compute units.
 pub const CORELM_BACKEND_COREML: i32 = 1;
@@ -156,7 +157,10 @@ fn open(path: &str, backend: i32, cache_dir: Option<&str>) -> Result<TextModel, 
     }
     let pkg = Package::open(Path::new(path)).map_err(|e| e.to_string())?;
     if backend == CORELM_BACKEND_REFERENCE {
+        #[cfg(feature = "interpreter")]
         return TextModel::open_reference(&pkg).map_err(|e| e.to_string());
+        #[cfg(not(feature = "interpreter"))]
+        return Err("this build of corelm has no reference interpreter (its `interpreter` feature is off)".into());
     }
     #[cfg(target_vendor = "apple")]
     {
@@ -165,7 +169,7 @@ fn open(path: &str, backend: i32, cache_dir: Option<&str>) -> Result<TextModel, 
     }
     #[cfg(not(target_vendor = "apple"))]
     {
-        let _ = cache_dir;
+        let _ = (pkg, cache_dir);
         Err("the Core ML backend runs on Apple platforms only".into())
     }
 }

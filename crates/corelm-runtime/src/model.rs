@@ -16,6 +16,7 @@ pub struct TextModel {
 }
 
 /// A package (with its sibling parts) on the reference interpreter, as a generation backend.
+#[cfg(feature = "interpreter")]
 pub fn reference_backend(pkg: &Package) -> Result<LanguageModel> {
     LanguageModel::open(pkg, corelm_interp::Interpreter::load)
 }
@@ -33,6 +34,7 @@ pub fn coreml_backend(
 
 impl TextModel {
     /// Opens a package on the reference interpreter.
+    #[cfg(feature = "interpreter")]
     pub fn open_reference(pkg: &Package) -> Result<TextModel> {
         Self::with_backend(pkg, reference_backend(pkg)?)
     }
