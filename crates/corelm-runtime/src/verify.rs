@@ -1,7 +1,7 @@
 //! Agreement of two models over the same tokens: top-1 agreement, logit error, KL divergence
 //! and each model's perplexity on the text.
 
-use corelm_contract::driver::LanguageModel;
+use corelm_contract::driver::{argmax, LanguageModel};
 use serde::Serialize;
 
 /// Figures comparing a package's logits with a reference's, position by position.
@@ -36,10 +36,6 @@ fn log_softmax(row: &[f32]) -> Vec<f64> {
     let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
     let lse = row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
     row.iter().map(|&x| x as f64 - lse).collect()
-}
-
-fn argmax(v: &[f32]) -> usize {
-    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) }).0
 }
 
 /// Running sums over windows of text; [`Tally::finish`] turns them into an [`Agreement`].
