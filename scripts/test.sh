@@ -22,7 +22,8 @@ done
 # interpreter (--no-default-features) must keep compiling, here and for iOS, and leave it out.
 cargo clippy -p corelm-runtime -p corelm-ffi --no-default-features -- -D warnings
 cargo clippy -p corelm-runtime -p corelm-ffi --no-default-features --target aarch64-apple-ios -- -D warnings
-if cargo tree -p corelm-ffi --no-default-features --target aarch64-apple-ios -e normal | grep -q corelm-interp; then
+core_ml_only_deps="$(cargo tree -p corelm-ffi --no-default-features --target aarch64-apple-ios -e normal)"
+if grep -q corelm-interp <<<"$core_ml_only_deps"; then
   echo "corelm-ffi --no-default-features still depends on corelm-interp" >&2
   exit 1
 fi
