@@ -176,9 +176,47 @@ def paired_section():
     ]
 
 
+def gguf_grids_section():
+    name = "gguf-grids.json"
+    d = load(name)
+    out = [f"**GGUF grids** (`bench/gguf_grids.py`): each registry GGUF converted keeping its grids (the default) "
+           f"and with `--dequantize`; the carried package scored against the dequantized one on `{d['text']}` "
+           f"(windows of {d['context']}), and 32 greedy tokens after each of a few prompts. Targets: KL ≤ 1e-4, "
+           "top-1 ≥ 99.9 %, weights ≤ 1.3× the GGUF's.", ""]
+    for m in d["models"]:
+        rows = []
+        for t in m["types"]:
+            how = ", ".join(f"{t[k]} {label}" for k, label in (("exact", "exact"), ("scale_rounded", "fp16 scales"),
+                                                               ("dequantized", "dequantized"),
+                                                               ("requantized", "re-quantized")) if t[k])
+            rows.append([t["source_type"], t["tensors"], how, f"{t['max_error']:.1e}", f"{t['source_bytes'] / 1e6:.1f}",
+                         f"{t['package_bytes'] / 1e6:.1f}", f"{t['package_bytes'] / t['source_bytes']:.2f}×"])
+        v, w, g = m["against_dequantized"], m["weights"], m["greedy"]
+        met = v["mean_kl"] <= 1e-4 and v["top1_agreement"] >= 0.999 and w["ratio"] <= 1.3
+        out += [f"{m['model']}:", "",
+                *table(["type", "tensors", "carried", "max error", "GGUF MB", "package MB", "ratio"], rows), "",
+                f"Weights {w['ratio']:.3f}× the GGUF's; against `--dequantize`: mean KL {v['mean_kl']:.1e}, top-1 "
+                f"{100 * v['top1_agreement']:.2f}% of {v['positions']} positions, greedy continuations identical "
+                f"{g['identical']}/{g['prompts']} ({'meets the targets' if met else '**misses a target**'}).", ""]
+    return out + [source(name, d)]
+
+
+def ios_section():
+    name = "ios-lib-size.json"
+    d = load(name)
+    rows = [[label, f"{r['bytes_with_interpreter'] / 1e6:.2f}", f"{r['bytes_without'] / 1e6:.2f}",
+             f"{(r['bytes_with_interpreter'] - r['bytes_without']) / 1e6:.2f}"]
+            for label, r in (("static library as built", d), ("debug info stripped", d["debug_stripped"]),
+                             ("linked into an app, stripped", d["linked"]))]
+    return [f"**iOS library** (`bench/ios_lib_size.sh`): `libcorelm_ffi.a` for {d['target']}, with the reference "
+            "interpreter (default features) and without it (`--no-default-features`, Core ML only); MB.", "",
+            *table(["", "with interpreter", "Core ML only", "interpreter adds"], rows), "", source(name, d)]
+
+
 def render():
     lines = [BEGIN, ""]
-    for section in (convert_section, decode_section, quality_section, weight_error_section):
+    for section in (convert_section, decode_section, quality_section, weight_error_section, gguf_grids_section,
+                    ios_section):
         lines += section() + [""]
     return "\n".join(lines + [END])
 

@@ -18,6 +18,8 @@ quants.expected.f32 / quants.expected.json
 grids.gguf
     A small llama whose matrices use every block type corelm carries into Core ML (see
     write_grid_model): converted with and without --dequantize by the CLI tests.
+tiny_gpt2.gguf
+    tests/fixtures/tiny/gpt2 as llama.cpp writes a GPT-2 (see write_tiny_gpt2).
 tok_*.gguf
     Vocabulary-only files for the tokenizer builders (byte-level BPE, SentencePiece with scores,
     Gemma 3, Phi-3).
@@ -307,6 +309,71 @@ def write_grid_model(out: Path) -> None:
     w.close()
 
 
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file's tensors (F32, F16 or BF16), parsed by hand: no torch needed."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = t["data_offsets"]
+        data = raw[8 + n + start : 8 + n + end]
+        if t["dtype"] == "BF16":
+            a = (np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+        else:
+            a = np.frombuffer(data, dtype={"F32": "<f4", "F16": "<f2"}[t["dtype"]]).astype(np.float32)
+        out[name] = a.reshape(t["shape"])
+    return out
+
+
+def write_tiny_gpt2(out: Path) -> None:
+    """tests/fixtures/tiny/gpt2 as llama.cpp's convert_hf_to_gguf.py writes a GPT-2 (arch `gpt2`,
+    `blk.N.attn_qkv` and friends, Conv1D weights transposed to (out, in)), F32, with a stand-in
+    SentencePiece vocabulary of the checkpoint's size (the tests feed ids)."""
+    src = ROOT / "tests" / "fixtures" / "tiny" / "gpt2"
+    config = json.loads((src / "config.json").read_text())
+    tensors = read_safetensors(src / "model.safetensors")
+    w = GGUFWriter(str(out / "tiny_gpt2.gguf"), "gpt2")
+    w.add_block_count(config["n_layer"])
+    w.add_context_length(config["n_positions"])
+    w.add_embedding_length(config["n_embd"])
+    w.add_feed_forward_length(config["n_inner"])
+    w.add_head_count(config["n_head"])
+    w.add_layer_norm_eps(config["layer_norm_epsilon"])
+    vocab = config["vocab_size"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"▁t{i}" for i in range(vocab - 3)]
+    w.add_string("tokenizer.ggml.model", "llama")
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_key_value("tokenizer.ggml.token_type", [2, 3, 3] + [1] * (vocab - 3), V.ARRAY, sub_type=V.INT32)
+    w.add_key_value("tokenizer.ggml.scores", [0.0] * vocab, V.ARRAY, sub_type=V.FLOAT32)
+    w.add_uint32("tokenizer.ggml.bos_token_id", config["bos_token_id"])
+    w.add_uint32("tokenizer.ggml.eos_token_id", config["eos_token_id"])
+    names = {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm"}
+    layer = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    for name, t in tensors.items():
+        name = name.removeprefix("transformer.")
+        stem, kind = name.rsplit(".", 1)
+        if stem.startswith("h."):
+            _, i, part = stem.split(".", 2)
+            if part not in layer:
+                continue  # attention bias buffers of old checkpoints
+            gguf_name = f"blk.{i}.{layer[part]}.{kind}"
+            if kind == "weight" and part in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+                t = t.T  # Conv1D stores (in, out)
+        elif stem in names:
+            gguf_name = f"{names[stem]}.{kind}"
+        else:
+            continue  # lm_head: tied to wte
+        w.add_tensor(gguf_name, np.ascontiguousarray(t, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def hf_tokenizers(out: Path, names: list[str]) -> None:
     """tokenizer.json as transformers builds it from each file (tokenizer only: no torch needed)."""
     import tempfile
@@ -335,6 +402,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_quants(out)
     write_grid_model(out)
+    write_tiny_gpt2(out)
     names = write_tokenizers(out)
     if "--hf-tokenizers" in sys.argv:
         hf_tokenizers(out, names)

@@ -319,6 +319,18 @@ fn gguf_grids_are_carried_and_reported() {
         assert!(g["reason"].is_null() && g["max_error"].as_f64().unwrap() < 1e-3, "{g}");
     }
 
+    // The ane profile splits the 262k-row embedding into blocks of 65536 rows: the grid splits
+    // with it, and the package says what the default one does.
+    let ane = tmp.path().join("ane.mlpackage");
+    let summary = convert(&src, &ane, &["--context", "64", "--profile", "ane"]);
+    assert!(summary["source_grids"].as_array().unwrap().iter().all(|g| g["reason"].is_null()), "{summary}");
+    coremltools_accepts(std::slice::from_ref(&ane));
+    let (code, stdout, stderr) =
+        corelm(&["verify", ane.to_str().unwrap(), "--against", pkg.to_str().unwrap(), "--max-tokens", "64", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    assert!(v["mean_kl"].as_f64().unwrap() < 1e-2 && v["top1_agreement"].as_f64().unwrap() >= 0.95, "{v}");
+
     let (code, stdout, stderr) = corelm(&[
         "convert",
         src.to_str().unwrap(),
@@ -444,8 +456,9 @@ fn sharded_weights_load_everywhere_and_change_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let src = model("SmolLM2-135M-Instruct.Q4_1.gguf");
     let (whole, sharded) = (tmp.path().join("whole.mlpackage"), tmp.path().join("sharded.mlpackage"));
-    convert(&src, &whole, &["--context", "64"]);
-    convert(&src, &sharded, &["--context", "64", "--max-weight-file", "64M"]);
+    // fp16 weights (270 MB): enough for four 64 MB files.
+    convert(&src, &whole, &["--context", "64", "--dequantize"]);
+    convert(&src, &sharded, &["--context", "64", "--dequantize", "--max-weight-file", "64M"]);
     let files: Vec<(String, u64)> = inspect(&sharded)["weights"]["files"]
         .as_array()
         .unwrap()
@@ -489,6 +502,22 @@ fn sharded_weights_load_everywhere_and_change_nothing() {
         ]);
         assert!(code != 0 && err.contains(problem), "{size}: {err}");
     }
+}
+
+/// A GPT-2 GGUF as llama.cpp writes one (tiny_gpt2.gguf: tests/fixtures/tiny/gpt2 through
+/// python/gguf_reference.py, F32 tensors, Conv1D weights transposed, attn_qkv fused) converts into
+/// a package that generates what the package from the safetensors folder does, with the same
+/// logits bit for bit, and coremltools loads it.
+#[test]
+fn gpt2_converts_from_gguf_as_from_safetensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (from_gguf, from_st) = (tmp.path().join("gguf.mlpackage"), tmp.path().join("st.mlpackage"));
+    let summary = convert(&root().join("crates/corelm-convert/tests/fixtures/gguf/tiny_gpt2.gguf"), &from_gguf, &[]);
+    assert_eq!(summary["architecture"], "gpt2", "{summary}");
+    convert(&root().join("tests/fixtures/tiny/gpt2"), &from_st, &[]);
+    let ids = [1, 17, 42, 99, 5];
+    assert_eq!(run_greedy(&from_gguf, &ids, 12), run_greedy(&from_st, &ids, 12));
+    coremltools_accepts(&[from_gguf]);
 }
 
 /// Greedy ids and last-position logits of `corelm run` on `pkg`.

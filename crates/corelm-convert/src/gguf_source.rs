@@ -21,6 +21,7 @@ pub const SUPPORTED_GGUF_ARCHITECTURES: &[(&str, &str)] = &[
     ("gemma2", "gemma2"),
     ("gemma3", "gemma3_text"),
     ("phi3", "phi3"),
+    ("gpt2", "gpt2"),
 ];
 
 pub struct GgufCheckpoint {
@@ -30,6 +31,8 @@ pub struct GgufCheckpoint {
     /// Gemma norms are stored as `1 + w`.
     norm_offset: bool,
     sandwich_norms: bool,
+    /// GPT-2's Conv1D weights: Hugging Face stores them (in, out), llama.cpp (out, in).
+    conv1d: bool,
     heads: (usize, usize),
 }
 
@@ -69,6 +72,12 @@ fn config_json(g: &GgufFile) -> Result<Value> {
     }
     if let Some(eps) = g.get_f64(&key("attention.layer_norm_rms_epsilon"))? {
         c.insert("rms_norm_eps".into(), json!(eps));
+    }
+    if model_type == "gpt2" {
+        c.insert("n_inner".into(), c["intermediate_size"].clone());
+        if let Some(eps) = g.get_f64(&key("attention.layer_norm_epsilon"))? {
+            c.insert("layer_norm_epsilon".into(), json!(eps));
+        }
     }
     if let Some(theta) = g.get_f64(&key("rope.freq_base"))? {
         c.insert("rope_theta".into(), json!(theta));
@@ -142,6 +151,7 @@ impl GgufCheckpoint {
                 permuted_qk: arch == "llama",
                 norm_offset: arch.starts_with("gemma"),
                 sandwich_norms: sandwich,
+                conv1d: arch == "gpt2",
                 heads,
                 file,
             },
@@ -156,15 +166,17 @@ impl GgufCheckpoint {
     /// The GGUF name of a Hugging Face tensor name.
     fn gguf_name(&self, hf: &str) -> Option<String> {
         let direct = match hf {
-            "model.embed_tokens.weight" => Some("token_embd.weight"),
-            "model.norm.weight" => Some("output_norm.weight"),
+            "model.embed_tokens.weight" | "transformer.wte.weight" => Some("token_embd.weight"),
+            "model.norm.weight" | "transformer.ln_f.weight" => Some("output_norm.weight"),
+            "transformer.ln_f.bias" => Some("output_norm.bias"),
+            "transformer.wpe.weight" => Some("position_embd.weight"),
             "lm_head.weight" => Some("output.weight"),
             _ => None,
         };
         if let Some(d) = direct {
             return Some(d.to_string());
         }
-        let rest = hf.strip_prefix("model.layers.")?;
+        let rest = hf.strip_prefix("model.layers.").or_else(|| hf.strip_prefix("transformer.h."))?;
         let (layer, tail) = rest.split_once('.')?;
         let (module, suffix) = tail.rsplit_once('.')?;
         let name = match module {
@@ -183,6 +195,13 @@ impl GgufCheckpoint {
             "mlp.gate_proj" => "ffn_gate",
             "mlp.up_proj" | "mlp.gate_up_proj" => "ffn_up",
             "mlp.down_proj" => "ffn_down",
+            // GPT-2
+            "ln_1" => "attn_norm",
+            "attn.c_attn" => "attn_qkv",
+            "attn.c_proj" => "attn_output",
+            "ln_2" => "ffn_norm",
+            "mlp.c_fc" => "ffn_up",
+            "mlp.c_proj" => "ffn_down",
             _ => return None,
         };
         Some(format!("blk.{layer}.{name}.{suffix}"))
@@ -199,7 +218,12 @@ impl Checkpoint for GgufCheckpoint {
     }
 
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.info(name).map(|t| t.shape.clone())
+        let info = self.info(name)?;
+        let mut shape = info.shape.clone();
+        if self.is_conv1d(info) {
+            shape.reverse();
+        }
+        Some(shape)
     }
 
     fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
@@ -208,6 +232,10 @@ impl Checkpoint for GgufCheckpoint {
         let mut data = self.file.dequantize(info)?;
         if self.norm_offset && info.name.ends_with("norm.weight") {
             data.iter_mut().for_each(|v| *v -= 1.0);
+        }
+        if self.is_conv1d(info) {
+            let (rows, cols) = (info.shape[0], info.shape[1]);
+            return Ok((0..rows * cols).map(|i| data[(i % rows) * cols + i / rows]).collect());
         }
         self.hf_rows(info, data, info.shape.get(1).copied().unwrap_or(1))
     }
@@ -221,7 +249,7 @@ impl Checkpoint for GgufCheckpoint {
     }
 
     fn read_grid(&self, name: &str, dtype: DType) -> Result<Option<CarriedWeight>> {
-        let Some(info) = self.info(name) else { return Ok(None) };
+        let Some(info) = self.info(name).filter(|i| !self.is_conv1d(i)) else { return Ok(None) };
         let &[rows, cols] = info.shape.as_slice() else { return Ok(None) };
         let Some(form) = info.dtype.grid_form() else { return Ok(None) };
         if cols % form.run != 0 {
@@ -273,6 +301,12 @@ impl Checkpoint for GgufCheckpoint {
 }
 
 impl GgufCheckpoint {
+    /// A GPT-2 Conv1D weight, which Hugging Face names hold transposed.
+    fn is_conv1d(&self, info: &gguf::TensorInfo) -> bool {
+        let matrices = ["attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight"];
+        self.conv1d && info.shape.len() == 2 && matrices.iter().any(|m| info.name.ends_with(m))
+    }
+
     /// Row order as Hugging Face has it: llama's Q and K rows are stored permuted for ggml's rope.
     fn hf_rows<T: Copy>(&self, info: &gguf::TensorInfo, data: Vec<T>, cols: usize) -> Result<Vec<T>> {
         let q = info.name.ends_with("attn_q.weight");

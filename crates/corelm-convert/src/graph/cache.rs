@@ -9,7 +9,7 @@ use half::f16;
 
 use super::emitter::{i32s, scalar_i32, Binary, Graph};
 use super::inputs::Positions;
-use super::{ring_slots, GraphOptions, Stage};
+use super::{ring_slots, widest_window, GraphOptions, Stage};
 use crate::config::{Attention, ModelConfig};
 use crate::{Error, Result};
 use corelm_contract::names;
@@ -106,14 +106,7 @@ impl KvCache {
                 Storage::State => vec![g.f.state(name, &cache_shape)?],
             };
         }
-        let window = c
-            .layer_attention
-            .iter()
-            .filter_map(|a| match a {
-                Attention::Sliding(w) => Some(*w),
-                Attention::Full => None,
-            })
-            .max();
+        let window = widest_window(c);
         Ok(KvCache {
             storage,
             compute,

@@ -44,6 +44,8 @@ pub(super) fn refusal(policy: &Policy, spec: &TensorSpec, scheme: Option<Scheme>
         Some("--dequantize".into())
     } else if policy.keeps(&spec.name) {
         Some("its name matches --keep".into())
+    } else if let Take::TransposedRows { .. } = spec.take {
+        Some("its checkpoint layout is transposed (GPT-2's Conv1D)".into())
     } else if spec.take != Take::Whole {
         Some("it is a slice of a fused tensor".into())
     } else {

@@ -171,18 +171,22 @@ impl GraphOptions {
 /// chunk still sees; rounded to a multiple of 32 and of every query length, so a chunk that
 /// starts at a multiple of its length never wraps around. `None`: full-length caches.
 pub fn ring_slots(c: &ModelConfig, opts: &GraphOptions) -> Option<usize> {
-    let window = c
-        .layer_attention
+    let window = widest_window(c)?;
+    let longest = opts.query_lengths.iter().copied().max().unwrap_or(1);
+    let unit = opts.query_lengths.iter().fold(32, |u, &n| lcm(u, n));
+    let slots = (window + longest).next_multiple_of(unit);
+    (opts.profile == Profile::Ane && slots < opts.context).then_some(slots)
+}
+
+/// The widest sliding window of any layer; `None` when no layer slides.
+fn widest_window(c: &ModelConfig) -> Option<usize> {
+    c.layer_attention
         .iter()
         .filter_map(|a| match a {
             Attention::Sliding(w) => Some(*w),
             Attention::Full => None,
         })
-        .max()?;
-    let longest = opts.query_lengths.iter().copied().max().unwrap_or(1);
-    let unit = opts.query_lengths.iter().fold(32, |u, &n| lcm(u, n));
-    let slots = (window + longest).next_multiple_of(unit);
-    (opts.profile == Profile::Ane && slots < opts.context).then_some(slots)
+        .max()
 }
 
 fn lcm(a: usize, b: usize) -> usize {
