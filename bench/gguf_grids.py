@@ -3,7 +3,8 @@
 (scripts/fetch-models.sh): bytes in the GGUF and in the package, how each type was carried and
 its largest weight error, and what carrying does to the model against the `--dequantize` package
 of the same file: mean KL and top-1 agreement on bench/data/eval.txt (windows of the context),
-and greedy continuations of a few prompts.
+and greedy continuations of a few prompts; and both packages against a float32 conversion of the
+GGUF, the noise floor of fp16 computation.
 
     python3 bench/gguf_grids.py [--context N] [--max-tokens N]
 
@@ -48,6 +49,11 @@ def measure(name, gguf, context, max_tokens, work):
     if max_tokens:
         verify += ["--max-tokens", max_tokens]
     v = corelm(*verify)
+    # The noise floor: both fp16 packages against a float32 conversion of the GGUF (the source's
+    # exact dequantized values), so the carried package's distance from the dequantized one can
+    # be read against how far fp16 computation alone moves either from the truth.
+    truth = {label: corelm("verify", pkg, "--against", gguf, *verify[4:])
+             for label, pkg in (("carried", carried), ("dequantized", fp16))}
     continuations = [{"prompt": p, "carried": greedy(carried, p, 32), "dequantized": greedy(fp16, p, 32)}
                      for p in PROMPTS]
     types = summary["grid_types"]
@@ -60,6 +66,7 @@ def measure(name, gguf, context, max_tokens, work):
         "weights": {"gguf_bytes": source, "package_bytes": package, "ratio": package / source},
         "package_bytes": {"carried": summary["output_bytes"]},
         "against_dequantized": v,
+        "against_fp32": truth,
         "greedy": {"prompts": len(PROMPTS), "tokens": 32,
                    "identical": sum(c["carried"] == c["dequantized"] for c in continuations),
                    "continuations": continuations},

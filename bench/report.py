@@ -193,11 +193,15 @@ def gguf_grids_section():
                          f"{t['package_bytes'] / 1e6:.1f}", f"{t['package_bytes'] / t['source_bytes']:.2f}×"])
         v, w, g = m["against_dequantized"], m["weights"], m["greedy"]
         met = v["mean_kl"] <= 1e-4 and v["top1_agreement"] >= 0.999 and w["ratio"] <= 1.3
+        floor = m["against_fp32"]
         out += [f"{m['model']}:", "",
                 *table(["type", "tensors", "carried", "max error", "GGUF MB", "package MB", "ratio"], rows), "",
                 f"Weights {w['ratio']:.3f}× the GGUF's; against `--dequantize`: mean KL {v['mean_kl']:.1e}, top-1 "
                 f"{100 * v['top1_agreement']:.2f}% of {v['positions']} positions, greedy continuations identical "
-                f"{g['identical']}/{g['prompts']} ({'meets the targets' if met else '**misses a target**'}).", ""]
+                f"{g['identical']}/{g['prompts']} ({'meets the targets' if met else '**misses a target**'}). "
+                f"Against a float32 conversion of the GGUF: carried KL {floor['carried']['mean_kl']:.1e}, top-1 "
+                f"{100 * floor['carried']['top1_agreement']:.2f}%; dequantized fp16 KL "
+                f"{floor['dequantized']['mean_kl']:.1e}, top-1 {100 * floor['dequantized']['top1_agreement']:.2f}%.", ""]
     return out + [source(name, d)]
 
 
