@@ -9,7 +9,7 @@ bench/results/paired-smollm2.json.
     bench/paired.py [--schemes int8,int4-b32] [--max-tokens N]
 
 Packages are made as bench/quality.py makes its like-for-like rows: `corelm compress` of corelm's fp16
-package (`corelm convert <gguf> --context 1024`), and coremltools' compression of the same package by quality.py's
+package (`corelm convert <gguf> --context 1024 --dequantize`), and coremltools' compression of the same package by quality.py's
 `_ct-compress` child (same configs, same excluded RoPE tables, tokenizer items copied over).
 Positions within one window are correlated, so the standard error (computed as if they were
 independent) is a lower bound; a difference inside two of them is not evidence either way.
@@ -59,7 +59,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         fp16 = tmp / "fp16.mlpackage"
-        run([CORELM, "convert", GGUF, "-o", fp16, "--context", "1024", "--json"])
+        run([CORELM, "convert", GGUF, "-o", fp16, "--context", "1024", "--dequantize", "--json"])
         for scheme in args.schemes.split(","):
             flags, ct_row = SCHEMES[scheme]
             ours, theirs = tmp / f"{scheme}.mlpackage", tmp / f"{ct_row}.mlpackage"

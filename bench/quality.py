@@ -17,7 +17,7 @@ Every package is scored by the same command against the same reference, the fp16
 Rows:
   * corelm: `corelm convert <gguf> -o PKG --context N [--quantize ...] --force --json`, one conversion
     per scheme from the GGUF file (fp16, int8, int4 block 32 / 64, int4 block 32 with offset, lut4,
-    lut6, mixed, and int4 with the GGUF's own Q4_1 grid carried over).
+    lut6, mixed, each from the dequantized weights, and int4 keeping the GGUF's own Q4_1 grid).
   * coremltools: the fp16 package corelm wrote is loaded with `ct.models.MLModel(path,
     skip_model_load=True)`, compressed with `ct.optimize.coreml.linear_quantize_weights` or
     `palettize_weights` (configs in CT_ROWS below, also written to the JSON) and `save()`d. corelm
@@ -67,18 +67,20 @@ MODEL = {
 }
 
 # corelm rows: (name, description, extra `corelm convert` arguments).
+# The GGUF's own Q4_1 grid is kept unless --dequantize: every row but the grid row starts
+# from the fp16 weights, as the reference does.
 COREL_ROWS = [
-    ("fp16", "fp16 weights (the reference)", []),
-    ("int8", "int8 per output channel, symmetric", ["--quantize", "int8"]),
-    ("int4-b32", "int4 per block of 32 input columns, symmetric", ["--quantize", "int4", "--block-size", "32"]),
-    ("int4-b64", "int4 per block of 64 input columns, symmetric", ["--quantize", "int4", "--block-size", "64"]),
+    ("fp16", "fp16 weights (the reference)", ["--dequantize"]),
+    ("int8", "int8 per output channel, symmetric", ["--dequantize", "--quantize", "int8"]),
+    ("int4-b32", "int4 per block of 32 input columns, symmetric", ["--dequantize", "--quantize", "int4", "--block-size", "32"]),
+    ("int4-b64", "int4 per block of 64 input columns, symmetric", ["--dequantize", "--quantize", "int4", "--block-size", "64"]),
     ("int4-b32-offset", "int4 per block of 32, with zero points",
-     ["--quantize", "int4", "--block-size", "32", "--offset"]),
-    ("lut4", "4-bit palettization (per-grouped-channel LUTs, k-means)", ["--quantize", "lut4"]),
-    ("lut6", "6-bit palettization (per-grouped-channel LUTs, k-means)", ["--quantize", "lut6"]),
-    ("mixed", "embeddings/LM head int8, everything else int4 block 32", ["--quantize", "mixed"]),
+     ["--dequantize", "--quantize", "int4", "--block-size", "32", "--offset"]),
+    ("lut4", "4-bit palettization (per-grouped-channel LUTs, k-means)", ["--dequantize", "--quantize", "lut4"]),
+    ("lut6", "6-bit palettization (per-grouped-channel LUTs, k-means)", ["--dequantize", "--quantize", "lut6"]),
+    ("mixed", "embeddings/LM head int8, everything else int4 block 32", ["--dequantize", "--quantize", "mixed"]),
     ("int4-gguf-grid", "int4 block 32, the GGUF's Q4_1 grid carried over (no re-quantization)",
-     ["--quantize", "int4", "--grid", "gguf"]),
+     ["--quantize", "int4"]),
 ]
 
 # corelm rows made by `corelm compress` from the fp16 package: the very weights coremltools gets,

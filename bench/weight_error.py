@@ -7,7 +7,7 @@ bench/results/weight-error-smollm2.json.
 
     .cache/venv/bin/python bench/weight_error.py
 
-Runs in the coremltools venv (scripts/setup-python.sh). Packages: `corelm convert <gguf> --context 256`
+Runs in the coremltools venv (scripts/setup-python.sh). Packages: `corelm convert <gguf> --context 256 --dequantize`
 (fp16), then `corelm compress` of it with `--quantize int8|int4` and coremltools' compression of the same
 fp16 package with the configs of
 bench/quality.py (CT_ROWS, imported from it). Every package is read with coremltools' own milproto
@@ -87,7 +87,7 @@ def main():
                             "--force", *extra], check=True, capture_output=True)
             return out
 
-        fp16 = convert("fp16", [])
+        fp16 = convert("fp16", ["--dequantize"])
         reference = linear_weights(fp16)
         for name, flags, ct_row in SCHEMES:
             ours_pkg = tmp / f"{name}.mlpackage"
