@@ -219,13 +219,7 @@ pub fn load_grid(
 ) -> Result<Option<CarriedWeight>> {
     let Some(name) = resolve(ck, &spec.name) else { return Ok(None) };
     let Some(grid) = ck.read_grid(name, dtype)? else { return Ok(None) };
-    let shape = match grid.compressed.data_from.as_deref() {
-        Some(inner) => &inner.inputs,
-        None => &grid.compressed.inputs,
-    }
-    .first()
-    .map(|(_, t)| t.shape().to_vec())
-    .unwrap_or_default();
+    let shape = grid.compressed.matrix_shape().to_vec();
     let expected = expected_shape(c, role);
     if shape != expected {
         return Err(Error::malformed(

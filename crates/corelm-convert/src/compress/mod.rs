@@ -122,6 +122,15 @@ pub struct Compressed {
 }
 
 impl Compressed {
+    /// The shape of the matrix it rebuilds: that of its data (the first input of the chain's
+    /// first op: the integers, or the indices a LUT expands).
+    pub fn matrix_shape(&self) -> &[usize] {
+        match &self.data_from {
+            Some(inner) => inner.matrix_shape(),
+            None => self.inputs.first().map_or(&[], |(_, t)| t.shape()),
+        }
+    }
+
     /// The ops rebuilding rows `start..start + len` of a matrix of `rows` rows: every input
     /// laid out by rows (data, indices, scales, offsets) sliced, shared tables as they are.
     pub fn rows(&self, rows: usize, start: usize, len: usize) -> Result<Compressed> {

@@ -163,6 +163,13 @@ pub struct GridForm {
     pub lut: Option<&'static [i8; 16]>,
 }
 
+impl GridForm {
+    /// The integer a stored value `q` stands for: itself, or for the IQ4 types its table entry.
+    pub fn level(self, q: i8) -> f32 {
+        self.lut.map_or(f32::from(q), |lut| f32::from(lut[q as u8 as usize]))
+    }
+}
+
 /// A tensor's grid as Core ML stores it (see [`GridForm`]).
 #[derive(Debug, PartialEq)]
 pub struct CarriedGrid {
@@ -190,7 +197,7 @@ pub fn carried_grid(dtype: GgmlType, data: &[u8], scales: DType) -> Option<Carri
         offsets: form.min.then(|| Vec::with_capacity(n / form.run)),
         max_error: 0.0,
     };
-    let level = |q: i8| form.lut.map_or(f32::from(q), |lut| f32::from(lut[q as u8 as usize]));
+    let level = |q: i8| form.level(q);
     let round = |v: f32| if scales == DType::Fp32 { v } else { f16::from_f32(v).to_f32() };
     let mut carry = |a: f32, b: Option<f32>, q: &[i8]| {
         let scale = round(a);
@@ -266,8 +273,8 @@ pub fn dequantize_into(dtype: GgmlType, data: &[u8], out: &mut [f32]) -> Result<
         GgmlType::I16 => blocks.for_each(|(b, y)| y[0] = f32::from(i16::from_le_bytes([b[0], b[1]]))),
         GgmlType::I32 => blocks.for_each(|(b, y)| y[0] = i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32),
         t => {
-            let lut = t.grid_form().ok_or_else(|| Error::invalid(format!("dequantizing {t} is not supported")))?.lut;
-            let level = |q: i8| lut.map_or(f32::from(q), |lut| f32::from(lut[q as u8 as usize]));
+            let form = t.grid_form().ok_or_else(|| Error::invalid(format!("dequantizing {t} is not supported")))?;
+            let level = |q: i8| form.level(q);
             for (b, y) in blocks {
                 let mut at = 0;
                 decode_block(t, b, &mut |a, min, q| {
@@ -298,20 +305,20 @@ fn decode_block(dtype: GgmlType, b: &[u8], run: &mut Runs) {
         GgmlType::Q4_1 => q4_1(b, run),
         GgmlType::Q5_0 => q5_0(b, run),
         GgmlType::Q5_1 => q5_1(b, run),
-        GgmlType::Q8_0 => run(half(b, 0), None, &as_i8(&b[2..34])),
+        GgmlType::Q8_0 => run(half(b, 0), None, &as_i8::<32>(&b[2..34])),
         GgmlType::Q2_K => q2_k(b, run),
         GgmlType::Q3_K => q3_k(b, run),
         GgmlType::Q4_K | GgmlType::Q5_K => q4_q5_k(dtype == GgmlType::Q5_K, b, run),
         GgmlType::Q6_K => q6_k(b, run),
-        GgmlType::Q8_K => run(f32::from_le_bytes([b[0], b[1], b[2], b[3]]), None, &as_i8(&b[4..4 + QK_K])),
+        GgmlType::Q8_K => run(f32::from_le_bytes([b[0], b[1], b[2], b[3]]), None, &as_i8::<QK_K>(&b[4..4 + QK_K])),
         GgmlType::IQ4_NL => run(half(b, 0), None, &nibbles(&b[2..18])),
         GgmlType::IQ4_XS => iq4_xs(b, run),
         other => unreachable!("{other} has no grid form"),
     }
 }
 
-fn as_i8(b: &[u8]) -> Vec<i8> {
-    b.iter().map(|&v| v as i8).collect()
+fn as_i8<const N: usize>(b: &[u8]) -> [i8; N] {
+    std::array::from_fn(|i| b[i] as i8)
 }
 
 /// 16 bytes of packed 4-bit values: the low nibbles are values 0..16, the high ones 16..32.
@@ -368,7 +375,7 @@ fn q2_k(b: &[u8], run: &mut Runs) {
             for half_idx in 0..2 {
                 let sc = scales[is];
                 is += 1;
-                let values: Vec<i8> = (0..16).map(|l| ((q[l + 16 * half_idx] >> shift) & 3) as i8).collect();
+                let values: [i8; 16] = std::array::from_fn(|l| ((q[l + 16 * half_idx] >> shift) & 3) as i8);
                 run(d * f32::from(sc & 0x0F), Some(min * f32::from(sc >> 4)), &values);
             }
         }
@@ -407,13 +414,11 @@ fn q3_k(b: &[u8], run: &mut Runs) {
             for half_idx in 0..2 {
                 let dl = d_all * f32::from(i16::from(scales[is]) - 32);
                 is += 1;
-                let values: Vec<i8> = (0..16)
-                    .map(|l| {
-                        let i = l + 16 * half_idx;
-                        let high = if hm[i] & m != 0 { 0 } else { 4 };
-                        ((q[i] >> shift) & 3) as i8 - high
-                    })
-                    .collect();
+                let values: [i8; 16] = std::array::from_fn(|l| {
+                    let i = l + 16 * half_idx;
+                    let high = if hm[i] & m != 0 { 0 } else { 4 };
+                    ((q[i] >> shift) & 3) as i8 - high
+                });
                 run(dl, None, &values);
             }
             m <<= 1;
@@ -443,12 +448,10 @@ fn q4_q5_k(five: bool, b: &[u8], run: &mut Runs) {
         for (k, shift) in [(0, 0), (1, 4)] {
             let (sc, m) = scale_min_k4(2 * j + k, scales);
             let high_bit = 1u8 << (2 * j + k);
-            let values: Vec<i8> = (0..32)
-                .map(|l| {
-                    let high = if five && qh[l] & high_bit != 0 { 16 } else { 0 };
-                    (((ql[l] >> shift) & 0x0F) + high) as i8
-                })
-                .collect();
+            let values: [i8; 32] = std::array::from_fn(|l| {
+                let high = if five && qh[l] & high_bit != 0 { 16 } else { 0 };
+                (((ql[l] >> shift) & 0x0F) + high) as i8
+            });
             run(d * f32::from(sc), Some(min * f32::from(m)), &values);
         }
     }
@@ -470,7 +473,7 @@ fn q6_k(b: &[u8], run: &mut Runs) {
         };
         for k in 0..4 {
             for h in 0..2 {
-                let values: Vec<i8> = (16 * h..16 * h + 16).map(|l| value(k, l)).collect();
+                let values: [i8; 16] = std::array::from_fn(|l| value(k, 16 * h + l));
                 run(d * f32::from(sc[2 * k + h] as i8), None, &values);
             }
         }

@@ -37,10 +37,18 @@ pub struct SourceGrid {
     pub package_bytes: u64,
 }
 
-/// Why a quantized source matrix is not carried on its grid, or `None` when it may be (then
-/// only a grid Core ML cannot hold stops it).
-pub(super) fn refusal(policy: &Policy, spec: &TensorSpec, scheme: Option<Scheme>, type_name: &str) -> Option<String> {
-    if !policy.keep_grids {
+/// Why a quantized source tensor is not carried on its grid, or `None` when it may be (then
+/// only a grid Core ML cannot hold stops it). `matrix`: the graph multiplies (or gathers) it.
+pub(super) fn refusal(
+    policy: &Policy,
+    spec: &TensorSpec,
+    matrix: bool,
+    scheme: Option<Scheme>,
+    type_name: &str,
+) -> Option<String> {
+    if !matrix {
+        Some("it is not a matrix the graph multiplies".into())
+    } else if !policy.keep_grids {
         Some("--dequantize".into())
     } else if policy.keeps(&spec.name) {
         Some("its name matches --keep".into())

@@ -155,13 +155,11 @@ pub fn store_weights(
         // The ane profile stores a table taller than it takes in blocks of rows.
         let split = (opts.profile == Profile::Ane && embedding && c.vocab_size > ANE_MAX_DIM).then_some(ANE_MAX_DIM);
         let source = crate::checkpoint::resolve(ck, &spec.name).and_then(|n| ck.storage(n)).filter(|s| s.quantized);
-        let refused = source.as_ref().map(|s| {
-            let refused = if is_matrix(role) { None } else { Some("it is not a matrix the graph multiplies".into()) };
-            refused.or_else(|| grids::refusal(&opts.compress, &spec, scheme, &s.type_name))
-        });
+        let refused =
+            source.as_ref().and_then(|s| grids::refusal(&opts.compress, &spec, is_matrix(role), scheme, &s.type_name));
         // A source grid Core ML can hold is stored as it is: no second rounding.
-        let carried = match refused {
-            Some(None) => load_grid(ck, c, role, &spec, dtype)?,
+        let carried = match (&source, &refused) {
+            (Some(_), None) => load_grid(ck, c, role, &spec, dtype)?,
             _ => None,
         };
         let stored = match &carried {
@@ -174,9 +172,8 @@ pub fn store_weights(
             source_grids.push(match carried {
                 Some(grid) => SourceGrid::carried(&spec, &source, &grid, package_bytes),
                 None => {
-                    let reason = refused
-                        .flatten()
-                        .unwrap_or_else(|| format!("Core ML has no form for {} grids", source.type_name));
+                    let reason =
+                        refused.unwrap_or_else(|| format!("Core ML has no form for {} grids", source.type_name));
                     SourceGrid::not_carried(&spec, &source, dtype.name().to_string(), scheme, reason, package_bytes)
                 }
             });
@@ -198,12 +195,7 @@ pub fn store_weights(
 /// A carried grid, in blocks of `split` rows when given.
 fn store_grid(store: &mut WeightStore, grid: &Compressed, split: Option<usize>) -> Result<Stored> {
     let Some(block) = split else { return store_compressed(store, grid) };
-    let rows = match grid.data_from.as_deref() {
-        Some(inner) => &inner.inputs,
-        None => &grid.inputs,
-    }[0]
-    .1
-    .shape()[0];
+    let rows = grid.matrix_shape()[0];
     let mut pieces = Vec::new();
     for start in (0..rows).step_by(block) {
         pieces.push(store_compressed(store, &grid.rows(rows, start, block.min(rows - start))?)?);
