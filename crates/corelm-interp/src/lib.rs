@@ -253,10 +253,10 @@ fn packed_blockwise(
     };
     let (Some(data), Some(scale)) = (arg(files, "data")?, arg(files, "scale")?) else { return Ok(None) };
     let (&[rows, cols], &[srows, blocks]) = (data.shape.as_slice(), scale.shape.as_slice()) else { return Ok(None) };
-    let narrow = matches!(data.dtype, DType::Int4 | DType::Int8 | DType::Uint4 | DType::Uint8);
-    if !narrow || srows != rows || blocks == 0 || cols % blocks != 0 || rows * cols < PACK_MIN_ELEMENTS {
+    if srows != rows || blocks == 0 || cols % blocks != 0 || rows * cols < PACK_MIN_ELEMENTS {
         return Ok(None);
     }
+    let Some((dtype, values)) = narrow_integers(&data)? else { return Ok(None) };
     let scales = scale.to_f32_vec();
     let mut offsets = arg(files, "offset")?.map(|o| o.to_f32_vec());
     if offsets.as_ref().is_some_and(|o| o.len() != scales.len()) {
@@ -264,7 +264,7 @@ fn packed_blockwise(
     }
     // Unsigned values are stored shifted into the signed range, the shift folded into the
     // offsets: s·(q − o) = s·((q − 2ᵇ⁻¹) − (o − 2ᵇ⁻¹)).
-    let (bits, shift) = match data.dtype {
+    let (bits, shift) = match dtype {
         DType::Int8 => (8, 0),
         DType::Uint8 => (8, 128),
         DType::Int4 => (4, 0),
@@ -274,7 +274,7 @@ fn packed_blockwise(
         let o = offsets.get_or_insert_with(|| vec![0.0; scales.len()]);
         o.iter_mut().for_each(|v| *v -= shift as f32);
     }
-    let values: Vec<i8> = data.ints()?.into_iter().map(|v| (v - shift) as i8).collect();
+    let values: Vec<i8> = values.into_iter().map(|v| (v - shift) as i8).collect();
     let q: Vec<u8> = if bits == 8 || cols % 2 != 0 {
         values.iter().map(|&v| v as u8).collect()
     } else {
@@ -284,6 +284,21 @@ fn packed_blockwise(
     let fp16 = out.dtype == DType::Fp16;
     let packed = Packed::Blockwise { rows, cols, block: cols / blocks, bits, fp16, q, scales, offsets };
     Ok(Some(Value { dtype: out.dtype, shape: vec![rows, cols], data: Data::Packed(Arc::new(packed)) }))
+}
+
+/// The integers of a shift-scale's `data` and the container they fit: as stored (int4/int8 and
+/// unsigned), or, for float data that holds only integers in the int8 range (a LUT of integer
+/// levels expanded by `constexpr_lut_to_dense`, as GGUF's non-linear grids are carried), int8.
+fn narrow_integers(data: &Value) -> Result<Option<(DType, Vec<i64>)>> {
+    match data.dtype {
+        DType::Int4 | DType::Int8 | DType::Uint4 | DType::Uint8 => Ok(Some((data.dtype, data.ints()?))),
+        DType::Fp16 | DType::Fp32 => {
+            let floats = data.to_f32_vec();
+            let int8 = |v: &f32| v.fract() == 0.0 && (-128.0..=127.0).contains(v);
+            Ok(floats.iter().all(int8).then(|| (DType::Int8, floats.iter().map(|&v| v as i64).collect())))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Where planning has put each variable so far: in a slot, or (a constant) its value.
@@ -1018,6 +1033,69 @@ mod tests {
         for op in table {
             let homes = [kernels.contains(&op), PLANNED.contains(&op), UNSUPPORTED.contains(&op)];
             assert_eq!(homes.iter().filter(|&&h| h).count(), 1, "`{op}`: kernel, planned, unsupported: {homes:?}");
+        }
+    }
+
+    /// A non-linear grid (3-bit indices into a table of integer levels, then a scale and offset
+    /// per 32 columns, as GGUF's lattice and IQ4 grids are carried) is held as int8 with its
+    /// scales, not widened, and the layer computes `Σ x·s·(level − o)`.
+    #[test]
+    fn lut_grids_stay_packed_and_compute_their_levels() {
+        let (rows, cols, run) = (64, 64, 32);
+        let levels = [-43.0, -25.0, -8.0, 8.0, 25.0, 43.0, 0.0, 0.0];
+        let index = |r: usize, c: usize| (r * 7 + c * 3) % 6;
+        let scale = |r: usize, b: usize| 0.001 * (1 + (r + b) % 5) as f64;
+        let offset = |r: usize, b: usize| 0.5 * ((r + 2 * b) % 3) as f64;
+        let x: Vec<f32> = (0..cols).map(|c| ((c % 9) as f32 - 4.0) * 0.25).collect();
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut pkg = PackageWriter::create(dir.path().join("m.mlpackage"), &WriteOptions::overwriting()).unwrap();
+        let mut f = FunctionBuilder::new("main", Target::Ios18, pkg.weights()).unwrap();
+        let input = f.input("x", DType::Fp16, InputShape::Fixed(vec![1, cols])).unwrap();
+        let idx: Vec<i64> = (0..rows * cols).map(|i| index(i / cols, i % cols) as i64).collect();
+        let table = |v: &dyn Fn(usize, usize) -> f64| -> Vec<f64> { (0..rows * 2).map(|i| v(i / 2, i % 2)).collect() };
+        let lut = vec![
+            ("indices", Tensor::from_ints(DType::Uint3, vec![rows, cols], &idx).unwrap().into()),
+            ("lut", Tensor::from_floats(DType::Fp16, vec![1, 1, 8, 1], &levels).unwrap().into()),
+        ];
+        let data = f.op1("constexpr_lut_to_dense", "w_levels", lut).unwrap();
+        let shift_scale = vec![
+            ("data", (&data).into()),
+            ("scale", Tensor::from_floats(DType::Fp16, vec![rows, 2], &table(&scale)).unwrap().into()),
+            ("offset", Tensor::from_floats(DType::Fp16, vec![rows, 2], &table(&offset)).unwrap().into()),
+        ];
+        let w = f.op1("constexpr_blockwise_shift_scale", "w", shift_scale).unwrap();
+        let y = f.op1("linear", "y", vec![("x", (&input).into()), ("weight", (&w).into())]).unwrap();
+        f.output(&y, "y").unwrap();
+        let mut program = ProgramBuilder::new(Target::Ios18);
+        program.add_function(f.finish().unwrap()).unwrap();
+        let interp =
+            Interpreter::load(&Package::open(pkg.commit(&program.finish().unwrap()).unwrap()).unwrap()).unwrap();
+
+        let plan = &interp.plans["main"];
+        let weights: Vec<&Packed> = plan
+            .steps
+            .iter()
+            .flat_map(|s| &s.inputs)
+            .flat_map(|(_, srcs)| srcs)
+            .filter_map(|s| match s {
+                Src::Const(v) => match &v.data {
+                    Data::Packed(p) => Some(p.as_ref()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        assert!(matches!(weights.as_slice(), [Packed::Blockwise { bits: 8, .. }]), "the weight was widened");
+        assert_eq!(weights[0].bytes(), rows * cols + 4 * 2 * rows * 2);
+
+        let inputs = BTreeMap::from([("x".to_string(), Value::f32(DType::Fp16, vec![1, cols], x.clone()))]);
+        let out = interp.predict(None, &inputs, &mut interp.new_state(None).unwrap()).unwrap()["y"].to_f32_vec();
+        for (r, &got) in out.iter().enumerate() {
+            let want: f64 = (0..cols)
+                .map(|c| f64::from(x[c]) * scale(r, c / run) * (levels[index(r, c)] - offset(r, c / run)))
+                .sum();
+            assert!((f64::from(got) - want).abs() <= 2e-3 * want.abs().max(0.1), "row {r}: {got} vs {want}");
         }
     }
 
