@@ -274,12 +274,14 @@ impl Checkpoint for GgufCheckpoint {
             ));
         }
         let data_from = match form.lut {
-            // The indices expand over the grid's one table first; the block scales apply after.
+            // The indices expand over the type's one table first (4, 8 or 16 levels for uint2,
+            // uint3 or uint4 indices); the block scales apply after.
             Some(lut) => {
                 let levels: Vec<f64> = lut.iter().map(|&v| f64::from(v)).collect();
+                let lut = Tensor::from_floats(dtype, vec![1, 1, lut.len(), 1], &levels)?;
                 Some(Box::new(Compressed {
                     op: "constexpr_lut_to_dense",
-                    inputs: vec![("indices", values), ("lut", Tensor::from_floats(dtype, vec![1, 1, 16, 1], &levels)?)],
+                    inputs: vec![("indices", values), ("lut", lut)],
                     data_from: None,
                 }))
             }
@@ -289,10 +291,11 @@ impl Checkpoint for GgufCheckpoint {
             }
         };
         let compressed = Compressed { op: "constexpr_blockwise_shift_scale", inputs, data_from };
+        let table = form.lut.map(|lut| format!(" index into the {}-level {} table", lut.len(), info.dtype));
         let description = format!(
             "{}{} × {dtype} scale{} per {}",
             form.container.name(),
-            if form.lut.is_some() { " index into the IQ4 table" } else { "" },
+            table.unwrap_or_default(),
             if form.min { " − offset" } else { "" },
             form.run
         );

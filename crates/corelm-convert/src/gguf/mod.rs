@@ -11,6 +11,8 @@
 //! row-major in that shape; its last dimension is ggml's `ne[0]`, the one quantization blocks run
 //! along.
 
+mod lattice;
+mod lattice_tables;
 mod quants;
 mod tokenizer;
 

@@ -2,7 +2,9 @@
 //!
 //! Every `dequantize_*` routine follows ggml's reference `dequantize_row_*` (ggml-quants.c) operation
 //! for operation, in f32, without fused multiply-adds, so the results are bit-identical to it.
+//! The lattice i-quants, ternary and fp4 types are decoded in [`super::lattice`].
 
+use super::lattice::{self, FP4_VALUES, IQ1_LEVELS, IQ2_LEVELS, IQ3S_LEVELS, IQ3XXS_LEVELS, TERNARY_LEVELS};
 use crate::{Error, Result};
 use corelm_format::DType;
 use half::f16;
@@ -95,6 +97,7 @@ ggml_types! {
     TQ1_0 = 34, "TQ1_0", QK_K, 2 + 4 * 13;
     TQ2_0 = 35, "TQ2_0", QK_K, 2 + QK_K / 4;
     MXFP4 = 39, "MXFP4", 32, 1 + 16;
+    NVFP4 = 40, "NVFP4", 64, 4 + 32;
 }
 
 impl GgmlType {
@@ -114,6 +117,12 @@ impl GgmlType {
         use DType::{Int4, Int8, Uint4, Uint8};
         use GgmlType::*;
         let form = |container, run, min, exact_scales, lut| GridForm { container, run, min, exact_scales, lut };
+        // An index into `levels`, no minimum. `exact_scales`: every run scale is the block's own
+        // fp16 (IQ4_NL, TQ*) or a ue4m3 value, all of which fp16 holds (NVFP4); MXFP4's e8m0
+        // scales span 2⁻¹²⁷..2¹²⁷, and the lattice types' are d times a sub-block factor.
+        let lut = |run, exact_scales, levels: &'static [i8]| {
+            form(index_container(levels), run, false, exact_scales, Some(levels))
+        };
         Some(match self {
             Q4_0 => form(Int4, 32, false, true, None),
             Q4_1 => form(Uint4, 32, true, true, None),
@@ -126,8 +135,17 @@ impl GgmlType {
             Q5_K => form(Uint8, 32, true, false, None),
             Q6_K => form(Int8, 16, false, false, None),
             Q8_K => form(Int8, QK_K, false, false, None),
-            IQ4_NL => form(Uint4, 32, false, true, Some(&IQ4_VALUES)),
-            IQ4_XS => form(Uint4, 32, false, false, Some(&IQ4_VALUES)),
+            IQ4_NL => lut(32, true, &IQ4_VALUES),
+            IQ4_XS => lut(32, false, &IQ4_VALUES),
+            IQ2_XXS => lut(32, false, &IQ2_LEVELS),
+            IQ2_XS | IQ2_S => lut(16, false, &IQ2_LEVELS),
+            IQ3_XXS => lut(32, false, &IQ3XXS_LEVELS),
+            IQ3_S => lut(32, false, &IQ3S_LEVELS),
+            IQ1_S => lut(32, false, &IQ1_LEVELS),
+            IQ1_M => lut(16, false, &IQ1_LEVELS),
+            TQ1_0 | TQ2_0 => lut(QK_K, true, &TERNARY_LEVELS),
+            MXFP4 => lut(32, false, &FP4_VALUES),
+            NVFP4 => lut(16, true, &FP4_VALUES),
             _ => return None,
         })
     }
@@ -139,17 +157,29 @@ impl std::fmt::Display for GgmlType {
     }
 }
 
+/// The index type of a table of `levels`: 2, 3 or 4 bits for 4, 8 or 16 entries (Core ML's
+/// `constexpr_lut_to_dense` wants exactly 2^bits entries).
+fn index_container(levels: &[i8]) -> DType {
+    match levels.len() {
+        4 => DType::Uint2,
+        8 => DType::Uint3,
+        16 => DType::Uint4,
+        n => unreachable!("grid tables hold 4, 8 or 16 levels, not {n}"),
+    }
+}
+
 /// The non-linear grid of IQ4_NL and IQ4_XS (ggml's `kvalues_iq4nl`): each 4-bit index selects
 /// one of these, times the block's scale.
 pub const IQ4_VALUES: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
 
 /// How a block type's weights map onto Core ML's iOS 18 constexpr ops. Every block type here
 /// is a sequence of runs of `run` weights, each weight `a·q − b` with one integer `q` per
-/// weight and `a`, `b` per run (for the IQ4 types `q` is `lut[index]`). Core ML's
+/// weight and `a`, `b` per run (for the table types `q` is `lut[index]`). Core ML's
 /// `constexpr_blockwise_shift_scale` computes `scale·(data − offset)` with fp16 `scale` and
 /// `offset` per block of `run` weights: `data` holds the integers in `container` (the narrowest
 /// type that op accepts for their range), `scale` = fp16(a), `offset` = fp16(b / scale). For the
-/// IQ4 types `data` is the output of a `constexpr_lut_to_dense` of the indices over `lut`.
+/// table types (IQ4, lattice, ternary, fp4) `data` is the output of a `constexpr_lut_to_dense` of
+/// the indices (in `container`: uint2, uint3 or uint4) over `lut`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GridForm {
     pub container: DType,
@@ -160,11 +190,12 @@ pub struct GridForm {
     /// Whether every `a` is an fp16 value already (the block's own scale), so that without a
     /// minimum the grid is carried exactly.
     pub exact_scales: bool,
-    pub lut: Option<&'static [i8; 16]>,
+    /// The type's table of levels (4, 8 or 16 of them), which the stored values index.
+    pub lut: Option<&'static [i8]>,
 }
 
 impl GridForm {
-    /// The integer a stored value `q` stands for: itself, or for the IQ4 types its table entry.
+    /// The integer a stored value `q` stands for: itself, or for the table types its entry.
     pub fn level(self, q: i8) -> f32 {
         self.lut.map_or(f32::from(q), |lut| f32::from(lut[q as u8 as usize]))
     }
@@ -174,7 +205,7 @@ impl GridForm {
 #[derive(Debug, PartialEq)]
 pub struct CarriedGrid {
     pub form: GridForm,
-    /// One integer per weight, in storage order (LUT indices for the IQ4 types).
+    /// One integer per weight, in storage order (LUT indices for the table types).
     pub values: Vec<i8>,
     /// One per run, fp16 values.
     pub scales: Vec<f32>,
@@ -229,7 +260,7 @@ pub fn carried_grid(dtype: GgmlType, data: &[u8], scales: DType) -> Option<Carri
 }
 
 #[inline]
-fn half(b: &[u8], at: usize) -> f32 {
+pub(super) fn half(b: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
 
@@ -294,7 +325,7 @@ pub fn dequantize_into(dtype: GgmlType, data: &[u8], out: &mut [f32]) -> Result<
 }
 
 /// Receives the runs of a block: `(a, b, q)` for weights `a·q − b`.
-type Runs<'a> = dyn FnMut(f32, Option<f32>, &[i8]) + 'a;
+pub(super) type Runs<'a> = dyn FnMut(f32, Option<f32>, &[i8]) + 'a;
 
 /// Hands each run of one block to `run(a, b, q)`, in storage order: the weights are `a·q − b`
 /// (`b` `None`: `a·q`). Follows ggml's `dequantize_row_*` (ggml-quants.c) for how the bits and
@@ -313,6 +344,17 @@ fn decode_block(dtype: GgmlType, b: &[u8], run: &mut Runs) {
         GgmlType::Q8_K => run(f32::from_le_bytes([b[0], b[1], b[2], b[3]]), None, &as_i8::<QK_K>(&b[4..4 + QK_K])),
         GgmlType::IQ4_NL => run(half(b, 0), None, &nibbles(&b[2..18])),
         GgmlType::IQ4_XS => iq4_xs(b, run),
+        GgmlType::IQ2_XXS => lattice::iq2_xxs(b, run),
+        GgmlType::IQ2_XS => lattice::iq2_xs(b, run),
+        GgmlType::IQ2_S => lattice::iq2_s(b, run),
+        GgmlType::IQ3_XXS => lattice::iq3_xxs(b, run),
+        GgmlType::IQ3_S => lattice::iq3_s(b, run),
+        GgmlType::IQ1_S => lattice::iq1_s(b, run),
+        GgmlType::IQ1_M => lattice::iq1_m(b, run),
+        GgmlType::TQ1_0 => lattice::tq1_0(b, run),
+        GgmlType::TQ2_0 => lattice::tq2_0(b, run),
+        GgmlType::MXFP4 => lattice::mxfp4(b, run),
+        GgmlType::NVFP4 => lattice::nvfp4(b, run),
         other => unreachable!("{other} has no grid form"),
     }
 }
@@ -322,7 +364,7 @@ fn as_i8<const N: usize>(b: &[u8]) -> [i8; N] {
 }
 
 /// 16 bytes of packed 4-bit values: the low nibbles are values 0..16, the high ones 16..32.
-fn nibbles(qs: &[u8]) -> [i8; 32] {
+pub(super) fn nibbles(qs: &[u8]) -> [i8; 32] {
     let mut q = [0i8; 32];
     for (j, &byte) in qs.iter().enumerate() {
         q[j] = (byte & 0x0F) as i8;
@@ -512,6 +554,19 @@ mod tests {
             (GgmlType::Q5_K, 176),
             (GgmlType::Q6_K, 210),
             (GgmlType::Q8_K, 292),
+            (GgmlType::IQ2_XXS, 66),
+            (GgmlType::IQ2_XS, 74),
+            (GgmlType::IQ2_S, 82),
+            (GgmlType::IQ3_XXS, 98),
+            (GgmlType::IQ3_S, 110),
+            (GgmlType::IQ1_S, 50),
+            (GgmlType::IQ1_M, 56),
+            (GgmlType::IQ4_NL, 18),
+            (GgmlType::IQ4_XS, 136),
+            (GgmlType::TQ1_0, 54),
+            (GgmlType::TQ2_0, 66),
+            (GgmlType::MXFP4, 17),
+            (GgmlType::NVFP4, 36),
         ];
         for (t, size) in expect {
             assert_eq!(t.type_size(), size, "{t}");
@@ -537,7 +592,16 @@ mod tests {
     fn partial_blocks_are_refused() {
         let e = dequantize(GgmlType::Q8_0, &[0u8; 35]).unwrap_err().to_string();
         assert!(e.contains("not a whole number of 34-byte blocks"), "{e}");
-        let e = dequantize(GgmlType::IQ2_XXS, &[0u8; 66]).unwrap_err().to_string();
-        assert!(e.contains("dequantizing IQ2_XXS is not supported"), "{e}");
+        let e = dequantize(GgmlType::Q8_1, &[0u8; 36]).unwrap_err().to_string();
+        assert!(e.contains("dequantizing Q8_1 is not supported"), "{e}");
+    }
+
+    #[test]
+    fn index_containers_fit_the_tables() {
+        for &t in GgmlType::ALL {
+            let Some(GridForm { container, lut: Some(lut), .. }) = t.grid_form() else { continue };
+            assert_eq!(container.bit_width().map(|b| 1 << b), Some(lut.len()), "{t}");
+            assert_eq!(t.block_size() % t.grid_form().unwrap().run, 0, "{t}");
+        }
     }
 }
