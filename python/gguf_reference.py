@@ -9,9 +9,11 @@ fixed seed and is byte-for-byte reproducible with the pinned `gguf` package (req
 quants.gguf
     Random tensors of every type the PyPI `gguf` package can quantize (F32, F16, BF16, Q4_0, Q4_1,
     Q5_0, Q5_1, Q8_0), quantized with `gguf.quants.quantize`; and random but valid blocks (finite
-    f16 scales, random bits everywhere else) for the K-quants it can only dequantize (Q2_K, Q3_K,
-    Q4_K, Q5_K, Q6_K). Also a 3-d tensor, a Q/K-permuted tensor and one metadata entry of every
-    value type. The data section is aligned to 64 (general.alignment).
+    f16 scales, random bits everywhere else) for the types it can only dequantize: K-quants (Q2_K,
+    Q3_K, Q4_K, Q5_K, Q6_K), IQ4_NL, IQ4_XS, and (last) the lattice i-quants (IQ1_S, IQ1_M,
+    IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S), TQ1_0, TQ2_0, MXFP4 and NVFP4. Also a 3-d tensor, a
+    Q/K-permuted tensor and one metadata entry of every value type. The data section is aligned to
+    64 (general.alignment).
 quants.expected.f32 / quants.expected.json
     `gguf.quants.dequantize` of every tensor, as little-endian f32 concatenated in manifest order;
     the manifest gives name, type, shape (row-major) and the offset in floats.
@@ -69,9 +71,29 @@ def random_k_blocks(rng: np.random.Generator, qtype: T, n_blocks: int, scale: fl
         b[:, 208:210] = d
     elif qtype in (T.IQ4_NL, T.IQ4_XS):  # d ... (IQ4_XS: d scales_h scales_l[4] qs[128])
         b[:, 0:2] = d
+    elif qtype in (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S):  # d ...
+        b[:, 0:2] = d
+    elif qtype == T.IQ1_M:  # qs[32] qh[16] scales[4 x u16]: d's 4 nibbles top the 4 words
+        bits = d.view("<u2").reshape(n_blocks)
+        for k in range(4):
+            nibble = ((bits >> (4 * k)) & 0xF).astype(np.uint8)
+            b[:, 49 + 2 * k] = (b[:, 49 + 2 * k] & 0x0F) | (nibble << 4)
+    elif qtype == T.TQ1_0:  # qs[48] qh[4] d
+        b[:, 52:54] = d
+    elif qtype == T.TQ2_0:  # qs[64] d
+        b[:, 64:66] = d
+    elif qtype == T.MXFP4:  # e8m0 exponent, qs[16]: 2^(e-128), here 2^-18..2^7, and the two
+        # sub-f32-normal codes 0 and 1 (gguf's e8m0_to_fp32_half special-cases them)
+        b[:, 0] = rng.integers(110, 136, size=n_blocks, dtype=np.uint8)
+        b[:2, 0] = [0, 1]
+    elif qtype == T.NVFP4:  # 4 ue4m3 scales, qs[32]: every byte is a valid scale (0x7F: zero)
+        pass
     else:
         raise ValueError(qtype)
     return b
+
+
+LATTICE_TYPES = (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M, T.TQ1_0, T.TQ2_0, T.MXFP4, T.NVFP4)
 
 
 def write_quants(out: Path) -> None:
@@ -145,6 +167,13 @@ def write_quants(out: Path) -> None:
     permuted = hf.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)
     add("permute.original", hf, T.F32, hf.shape)
     add("permute.stored", np.ascontiguousarray(permuted), T.F32, hf.shape)
+
+    # Lattice i-quants, ternary and fp4 types: random valid blocks too. Added last, so the rng
+    # draws (and bytes) of everything above stay as they were.
+    for qtype in LATTICE_TYPES:
+        rows, cols = 4, 512
+        blocks = random_k_blocks(rng, qtype, rows * cols // GGML_QUANT_SIZES[qtype][0])
+        add(f"lattice.{qtype.name}", blocks.reshape(rows, -1), qtype, (rows, cols))
 
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -318,6 +318,12 @@ fn gguf_py_dequantization() -> (Value, Vec<f32>) {
     (manifest, floats)
 }
 
+/// The lattice i-quants, ternary and fp4 types (carried as indices into a small table of levels).
+const LATTICE_TYPES: [GgmlType; 11] = {
+    use GgmlType::*;
+    [IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M, TQ1_0, TQ2_0, MXFP4, NVFP4]
+};
+
 #[test]
 fn dequantization_matches_gguf_py_bit_for_bit() {
     let f = GgufFile::open(fixture("quants.gguf")).unwrap();
@@ -342,7 +348,8 @@ fn dequantization_matches_gguf_py_bit_for_bit() {
         types_seen.push(t.dtype);
     }
     use GgmlType::*;
-    for ty in [F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS] {
+    let basic = [F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS];
+    for ty in basic.into_iter().chain(LATTICE_TYPES) {
         assert!(types_seen.contains(&ty), "fixture has no {ty} tensor");
     }
     let t = f.tensor("shape3d.Q8_0").unwrap();
@@ -350,8 +357,8 @@ fn dequantization_matches_gguf_py_bit_for_bit() {
 }
 
 /// Every grid Core ML carries rebuilds the gguf package's dequantized values: bit for bit where
-/// the scales are the file's own fp16 values and there is no minimum (Q4_0, Q5_0, Q8_0,
-/// IQ4_NL); otherwise within the fp16 rounding of the derived scale `a` and offset `b/a`, that is
+/// the scales are the file's own fp16 values (or values fp16 holds) and there is no minimum
+/// (Q4_0, Q5_0, Q8_0, IQ4_NL, TQ1_0, TQ2_0, NVFP4); otherwise within the fp16 rounding of the derived scale `a` and offset `b/a`, that is
 /// 2⁻¹¹·(|a·q| + |b|) per weight (plus f32 rounding), which in terms of what is stored is
 /// 2⁻¹¹·(|scale·q| + |scale·offset|)·(1 + 2⁻¹⁰). `max_error` covers every weight.
 #[test]
@@ -392,8 +399,14 @@ fn carried_grids_rebuild_gguf_py_dequantization() {
         checked.push(t.dtype);
     }
     use GgmlType::*;
-    for ty in [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS] {
+    for ty in
+        [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS].into_iter().chain(LATTICE_TYPES)
+    {
         assert!(checked.contains(&ty), "no {ty} tensor checked");
+    }
+    for ty in [TQ1_0, TQ2_0, NVFP4] {
+        let form = ty.grid_form().unwrap();
+        assert!(form.exact_scales && !form.min, "{ty} should be carried exactly");
     }
 }
 
@@ -409,20 +422,20 @@ fn block_decoders_take_arbitrary_bytes() {
         state ^= state << 17;
         state as u8
     };
-    for &ty in GgmlType::ALL.iter().filter(|t| t.grid_form().is_some()) {
+    let with_grid: Vec<GgmlType> = GgmlType::ALL.iter().copied().filter(|t| t.grid_form().is_some()).collect();
+    assert!(LATTICE_TYPES.iter().all(|t| with_grid.contains(t)));
+    for ty in with_grid {
         for blocks in [1usize, 3] {
             let data: Vec<u8> = (0..ty.type_size() * blocks).map(|_| byte()).collect();
             let values = gguf::dequantize_bytes(ty, &data).unwrap();
             let g = gguf::carried_grid(ty, &data, corelm_format::DType::Fp16).unwrap();
             assert_eq!((values.len(), g.values.len()), (blocks * ty.block_size(), blocks * ty.block_size()), "{ty}");
             assert_eq!(g.scales.len(), values.len() / g.form.run, "{ty}");
-            let (lo, hi) = match g.form.container {
-                corelm_format::DType::Int4 => (-8, 7),
-                corelm_format::DType::Uint4 => (0, 15),
-                corelm_format::DType::Int8 => (-128, 127),
-                _ => (0, 127),
-            };
-            assert!(g.values.iter().all(|&v| (lo..=hi).contains(&i32::from(v))), "{ty}: values outside {lo}..={hi}");
+            let (lo, hi) = g.form.container.int_range().unwrap();
+            assert!(g.values.iter().all(|&v| (lo..=hi).contains(&i64::from(v))), "{ty}: values outside {lo}..={hi}");
+            if let Some(lut) = g.form.lut {
+                assert_eq!(hi + 1, lut.len() as i64, "{ty}: the index type does not span the table");
+            }
         }
         let e = gguf::dequantize_bytes(ty, &vec![0u8; ty.type_size() + 1]).unwrap_err().to_string();
         assert!(e.contains("not a whole number"), "{ty}: {e}");
