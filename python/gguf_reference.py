@@ -274,6 +274,10 @@ GRID_LAYERS = [
      "ffn_gate": T.Q6_K, "ffn_up": T.IQ4_NL, "ffn_down": T.IQ4_XS},
     {"attn_q": T.Q4_0, "attn_k": T.Q4_1, "attn_v": T.Q5_0, "attn_output": T.Q5_1,
      "ffn_gate": T.Q8_0, "ffn_up": T.IQ4_XS, "ffn_down": T.Q4_K},
+    {"attn_q": T.IQ2_XXS, "attn_k": T.IQ2_XS, "attn_v": T.IQ2_S, "attn_output": T.IQ3_XXS,
+     "ffn_gate": T.IQ3_S, "ffn_up": T.IQ1_S, "ffn_down": T.IQ1_M},
+    {"attn_q": T.TQ1_0, "attn_k": T.TQ2_0, "attn_v": T.MXFP4, "attn_output": T.NVFP4,
+     "ffn_gate": T.IQ2_XXS, "ffn_up": T.TQ2_0, "ffn_down": T.MXFP4},
 ]
 
 
@@ -316,8 +320,17 @@ def write_grid_model(out: Path) -> None:
             block = GGML_QUANT_SIZES[qtype][0]
             # The block scale that makes weights of about 0.05 (random bits give integers and
             # sub-block scales of these typical sizes), so activations stay in range.
-            typical = {T.Q2_K: 12, T.Q3_K: 32, T.Q4_K: 240, T.Q5_K: 480, T.Q6_K: 1000, T.IQ4_NL: 60, T.IQ4_XS: 1000}
-            data = random_k_blocks(rng, qtype, rows * cols // block, scale=0.05 / typical[qtype]).reshape(rows, -1)
+            typical = {T.Q2_K: 12, T.Q3_K: 32, T.Q4_K: 240, T.Q5_K: 480, T.Q6_K: 1000, T.IQ4_NL: 60, T.IQ4_XS: 1000,
+                       T.IQ2_XXS: 50, T.IQ2_XS: 50, T.IQ2_S: 50, T.IQ3_XXS: 120, T.IQ3_S: 128, T.IQ1_S: 8,
+                       T.IQ1_M: 8, T.TQ1_0: 1, T.TQ2_0: 1, T.MXFP4: 1, T.NVFP4: 1}
+            data = random_k_blocks(rng, qtype, rows * cols // block, scale=0.05 / typical[qtype])
+            # The fp4 types' scales are exponents (ue4m3 for NVFP4): ones that make weights of
+            # about 0.05 (2^-8..2^-4 times values up to 6).
+            if qtype == T.MXFP4:
+                data[:, 0] = rng.integers(120, 125, size=len(data), dtype=np.uint8)
+            elif qtype == T.NVFP4:
+                data[:, 0:4] = rng.integers(8, 24, size=(len(data), 4), dtype=np.uint8)
+            data = data.reshape(rows, -1)
         w.add_tensor(name, data, raw_dtype=qtype)
 
     matrix("token_embd.weight", T.Q6_K, len(tokens), hidden)
