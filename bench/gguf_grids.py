@@ -3,8 +3,9 @@
 (scripts/fetch-models.sh): bytes in the GGUF and in the package, how each type was carried and
 its largest weight error, and what carrying does to the model against the `--dequantize` package
 of the same file: mean KL and top-1 agreement on bench/data/eval.txt (windows of the context),
-and greedy continuations of a few prompts; and both packages against a float32 conversion of the
-GGUF, the noise floor of fp16 computation.
+and greedy continuations of a few prompts, for fp16 packages and for fp32 ones (scales and
+offsets in fp32, no fp16 rounding in the computation: only the weight forms differ); and both fp16 packages against a
+float32 conversion of the GGUF, the noise floor of fp16 computation.
 
     python3 bench/gguf_grids.py [--context N] [--max-tokens N]
 
@@ -41,22 +42,38 @@ def greedy(pkg, prompt, tokens):
     return out["generated_ids"]
 
 
+def pair(gguf, context, max_tokens, work, precision):
+    """The carried and the `--dequantize` package of `gguf` in `precision`, the one scored
+    against the other, and their greedy continuations."""
+    carried, dequantized = (work / f"{gguf.stem}.{precision}.{label}.mlpackage" for label in ("carried", "dequantized"))
+    common = ["--context", context, "--precision", precision, "--json", "--force"]
+    summary = corelm("convert", gguf, "-o", carried, *common)
+    corelm("convert", gguf, "-o", dequantized, *common, "--dequantize")
+    text = ["--text", REPO / "bench" / "data" / "eval.txt", "--json"] + (["--max-tokens", max_tokens] if max_tokens else [])
+    continuations = [{"prompt": p, "carried": greedy(carried, p, 32), "dequantized": greedy(dequantized, p, 32)}
+                     for p in PROMPTS]
+    return {
+        "summary": summary,
+        "packages": (carried, dequantized),
+        "text": text,
+        "against_dequantized": corelm("verify", carried, "--against", dequantized, *text),
+        "greedy": {"prompts": len(PROMPTS), "tokens": 32,
+                   "identical": sum(c["carried"] == c["dequantized"] for c in continuations),
+                   "continuations": continuations},
+    }
+
+
 def measure(name, gguf, context, max_tokens, work):
-    carried, fp16 = work / f"{gguf.stem}.carried.mlpackage", work / f"{gguf.stem}.fp16.mlpackage"
-    summary = corelm("convert", gguf, "-o", carried, "--context", context, "--json", "--force")
-    corelm("convert", gguf, "-o", fp16, "--context", context, "--dequantize", "--json", "--force")
-    verify = ["verify", carried, "--against", fp16, "--text", REPO / "bench" / "data" / "eval.txt", "--json"]
-    if max_tokens:
-        verify += ["--max-tokens", max_tokens]
-    v = corelm(*verify)
+    fp16 = pair(gguf, context, max_tokens, work, "fp16")
+    # In fp32 packages scales and offsets are fp32 and computation adds no fp16 rounding: what is
+    # left is the difference of the weight forms alone.
+    fp32 = pair(gguf, context, max_tokens, work, "fp32")
     # The noise floor: both fp16 packages against a float32 conversion of the GGUF (the source's
     # exact dequantized values), so the carried package's distance from the dequantized one can
     # be read against how far fp16 computation alone moves either from the truth.
-    truth = {label: corelm("verify", pkg, "--against", gguf, *verify[4:])
-             for label, pkg in (("carried", carried), ("dequantized", fp16))}
-    continuations = [{"prompt": p, "carried": greedy(carried, p, 32), "dequantized": greedy(fp16, p, 32)}
-                     for p in PROMPTS]
-    types = summary["grid_types"]
+    truth = {label: corelm("verify", pkg, "--against", gguf, *fp16["text"])
+             for label, pkg in zip(("carried", "dequantized"), fp16["packages"])}
+    types = fp16["summary"]["grid_types"]
     source = sum(t["source_bytes"] for t in types)
     package = sum(t["package_bytes"] for t in types)
     return {
@@ -64,12 +81,11 @@ def measure(name, gguf, context, max_tokens, work):
         "gguf": gguf.name,
         "types": types,
         "weights": {"gguf_bytes": source, "package_bytes": package, "ratio": package / source},
-        "package_bytes": {"carried": summary["output_bytes"]},
-        "against_dequantized": v,
+        "package_bytes": {"carried": fp16["summary"]["output_bytes"]},
+        "against_dequantized": fp16["against_dequantized"],
+        "greedy": fp16["greedy"],
+        "fp32_packages": {"against_dequantized": fp32["against_dequantized"], "greedy": fp32["greedy"]},
         "against_fp32": truth,
-        "greedy": {"prompts": len(PROMPTS), "tokens": 32,
-                   "identical": sum(c["carried"] == c["dequantized"] for c in continuations),
-                   "continuations": continuations},
     }
 
 
@@ -84,9 +100,10 @@ def main():
     path = REPO / "bench" / "results" / "gguf-grids.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     for r in rows:
-        v = r["against_dequantized"]
-        print(f"{r['model']}: weights {r['weights']['ratio']:.3f}x the GGUF's, KL {v['mean_kl']:.2e}, "
-              f"top-1 {100 * v['top1_agreement']:.2f}%, greedy identical {r['greedy']['identical']}/{len(PROMPTS)}")
+        for label, p in (("fp16", r), ("fp32", r["fp32_packages"])):
+            v = p["against_dequantized"]
+            print(f"{r['model']} {label}: weights {r['weights']['ratio']:.3f}x the GGUF's, KL {v['mean_kl']:.2e}, "
+                  f"top-1 {100 * v['top1_agreement']:.2f}%, greedy identical {p['greedy']['identical']}/{len(PROMPTS)}")
     print(f"-> {path.relative_to(REPO)}")
 
 
