@@ -98,6 +98,62 @@ TINY = {
         rope_scaling=dict(rope_type="linear", factor=8.0),
     ),
     "phi3": dict(BASE, model_type="phi3", sliding_window=8),
+    # Phi-4-mini's shape: partial rotary (12 of 16 dims) and LongRoPE. Within the trained length
+    # (64 >= prompt + continuation) transformers rotates with the short factors...
+    "phi3_longrope": dict(
+        BASE,
+        model_type="phi3",
+        partial_rotary_factor=0.75,
+        max_position_embeddings=128,
+        original_max_position_embeddings=64,
+        rope_scaling=dict(
+            rope_type="longrope",
+            short_factor=[1.0, 1.1, 1.3, 1.7, 2.2, 3.0],
+            long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
+        ),
+    ),
+    # ... and past it (prompts of 24 > 16) with the long ones, for every position.
+    "phi3_longrope_long": dict(
+        BASE,
+        model_type="phi3",
+        partial_rotary_factor=0.75,
+        max_position_embeddings=64,
+        original_max_position_embeddings=16,
+        rope_scaling=dict(
+            rope_type="longrope",
+            short_factor=[1.0, 1.1, 1.3, 1.7, 2.2, 3.0],
+            long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
+        ),
+    ),
+    # SmolLM3: layers 1 and 3 without RoPE, and (enabled here) those sliding.
+    "smollm3": dict(
+        BASE,
+        model_type="smollm3",
+        num_hidden_layers=4,
+        no_rope_layers=[1, 0, 1, 0],
+        use_sliding_window=True,
+        sliding_window=8,
+        tie_word_embeddings=True,
+    ),
+    # Granite 3: multipliers on embeddings, block outputs, attention scores and logits.
+    "granite": dict(
+        BASE,
+        model_type="granite",
+        embedding_multiplier=12.0,
+        residual_multiplier=0.22,
+        attention_multiplier=0.1,
+        logits_scaling=2.0,
+    ),
+    # OLMo 2: norms on block outputs only, q/k norms over whole projections.
+    "olmo2": dict(BASE, model_type="olmo2"),
+    # OLMo 3: also three sliding layers in four, the full layer's RoPE scaled, the sliding ones not.
+    "olmo3": dict(
+        BASE,
+        model_type="olmo3",
+        num_hidden_layers=4,
+        sliding_window=8,
+        rope_scaling=dict(rope_type="linear", factor=2.0),
+    ),
     "gpt2": dict(
         model_type="gpt2",
         vocab_size=128,

@@ -10,7 +10,7 @@ use safetensors::SafeTensors;
 
 use crate::arch::{LayerRole, Role, Take, TensorSpec};
 use crate::compress::Compressed;
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, QkNorm};
 use crate::{Error, Result};
 use corelm_format::bytes::FileBytes;
 use corelm_format::error::IoContext;
@@ -192,6 +192,8 @@ pub fn expected_shape(c: &ModelConfig, role: Role) -> Vec<usize> {
             O => vec![h, q],
             QBias => vec![q],
             KBias | VBias => vec![kv],
+            QNorm if c.qk_norm == QkNorm::Projection => vec![q],
+            KNorm if c.qk_norm == QkNorm::Projection => vec![kv],
             QNorm | KNorm => vec![c.head_dim],
             Gate | Up => vec![i, h],
             Down => vec![h, i],

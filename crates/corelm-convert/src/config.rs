@@ -2,6 +2,7 @@
 //! reading of Hugging Face `config.json` fields with errors that name the file and the field.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
@@ -19,6 +20,10 @@ pub enum Family {
     Gemma3,
     Phi3,
     Gpt2,
+    SmolLm3,
+    Granite,
+    Olmo2,
+    Olmo3,
 }
 
 impl Family {
@@ -47,7 +52,7 @@ pub enum Activation {
     Gelu,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
     None,
     /// Positions divided by the factor.
@@ -64,14 +69,54 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position: usize,
     },
+    /// LongRoPE (Phi-3.5, Phi-4-mini): each frequency divided by its own factor, the short set
+    /// within the trained length and the long one past it, and cos/sin scaled by
+    /// `attention_factor`.
+    LongRope {
+        short_factor: Arc<[f64]>,
+        long_factor: Arc<[f64]>,
+        original_max_position: usize,
+        attention_factor: f64,
+    },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Rope {
     pub theta: f64,
     pub scaling: RopeScaling,
     /// Dimensions rotated per head (head_dim unless partial rotary).
     pub rotary_dim: usize,
+}
+
+/// Where a layer's norms sit around its attention and MLP blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockNorms {
+    /// Before each block (Llama).
+    Pre,
+    /// Before each block and on its output before the residual add (Gemma 2 and 3).
+    Sandwich,
+    /// Only on each block's output before the residual add (OLMo 2 and 3).
+    Post,
+}
+
+impl BlockNorms {
+    pub fn pre(self) -> bool {
+        self != BlockNorms::Post
+    }
+
+    pub fn post(self) -> bool {
+        self != BlockNorms::Pre
+    }
+}
+
+/// Norms of the queries and keys before RoPE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// Over each head's head_dim values (Qwen3, Gemma 3).
+    PerHead,
+    /// Over the whole projection, all heads together (OLMo 2 and 3).
+    Projection,
 }
 
 /// Whether a layer attends over the whole context or a sliding window.
@@ -103,10 +148,14 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     pub o_bias: bool,
     pub mlp_bias: bool,
-    /// q_norm and k_norm over head_dim (Qwen3, Gemma 3).
-    pub qk_norm: bool,
-    /// Norms after attention and after the MLP too (Gemma 2 and 3).
-    pub sandwich_norms: bool,
+    pub qk_norm: QkNorm,
+    pub block_norms: BlockNorms,
+    /// Per layer: whether it rotates queries and keys (SmolLM3 leaves every fourth unrotated).
+    pub rope_layers: Vec<bool>,
+    /// Multiplier of each block's output before the residual add (Granite).
+    pub residual_multiplier: Option<f64>,
+    /// Multiplier of the logits (Granite: 1 / `logits_scaling`).
+    pub logit_scale: Option<f64>,
     /// Gated MLP (gate, up, down) rather than fc → act → proj.
     pub gated_mlp: bool,
     pub tie_word_embeddings: bool,
@@ -267,16 +316,31 @@ impl<'a> Fields<'a> {
         }
     }
 
-    pub fn opt_str_list(&self, key: &str) -> Result<Option<Vec<&'a str>>> {
+    /// A list field whose every item `item` reads (`what` names the list in errors).
+    fn opt_list<T>(&self, key: &str, what: &str, item: impl Fn(&'a Value) -> Option<T>) -> Result<Option<Vec<T>>> {
         match self.raw(key) {
             None => Ok(None),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| v.as_str().ok_or_else(|| self.wrong(key, "a list of strings", v)))
-                .collect::<Result<_>>()
-                .map(Some),
-            Some(v) => Err(self.wrong(key, "a list of strings", v)),
+            Some(Value::Array(items)) => {
+                items.iter().map(|v| item(v).ok_or_else(|| self.wrong(key, what, v))).collect::<Result<_>>().map(Some)
+            }
+            Some(v) => Err(self.wrong(key, what, v)),
         }
+    }
+
+    pub fn opt_str_list(&self, key: &str) -> Result<Option<Vec<&'a str>>> {
+        self.opt_list(key, "a list of strings", Value::as_str)
+    }
+
+    pub fn f64_list(&self, key: &str) -> Result<Vec<f64>> {
+        self.opt_list(key, "a list of numbers", Value::as_f64)?.ok_or_else(|| self.missing(key))
+    }
+
+    pub fn opt_bool_list(&self, key: &str) -> Result<Option<Vec<bool>>> {
+        // Given as 0/1 (SmolLM3's `no_rope_layers`) or as booleans.
+        self.opt_list(key, "a list of 0/1 flags", |v| match v {
+            Value::Bool(b) => Some(*b),
+            _ => v.as_u64().filter(|&n| n <= 1).map(|n| n == 1),
+        })
     }
 
     pub fn path(&self) -> &Path {

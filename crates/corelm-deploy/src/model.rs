@@ -7,7 +7,7 @@ use std::path::Path;
 
 use corelm_contract::weights::{WeightMatrices, WeightMatrix};
 use corelm_contract::{keys, names};
-use corelm_convert::config::{Attention, ModelConfig, Norm};
+use corelm_convert::config::{Attention, ModelConfig, Norm, QkNorm};
 use corelm_format::mil::program::{Binding, Operation, Program, Value, ValueData};
 use corelm_format::model::FeatureKind;
 use corelm_format::tensor::{element_count, storage_bytes};
@@ -119,13 +119,18 @@ impl ModelShape {
         // Norm weights (and LayerNorm biases) as `store_weights` keeps them: fp32.
         let layer_norm = matches!(c.norm, Norm::Layer { .. });
         let per_norm = if layer_norm { 2 * h } else { h };
-        let mut norms = 2 * per_norm;
-        if c.sandwich_norms {
+        let mut norms = 0;
+        if c.block_norms.pre() {
+            norms += 2 * per_norm;
+        }
+        if c.block_norms.post() {
             norms += 2 * h;
         }
-        if c.qk_norm {
-            norms += 2 * hd;
-        }
+        norms += match c.qk_norm {
+            QkNorm::None => 0,
+            QkNorm::PerHead => 2 * hd,
+            QkNorm::Projection => q + kv,
+        };
         let fp32_values = c.num_layers as u64 * norms + per_norm;
         // Every `linear` op carries a bias of its output rows in fp16: the model's own, else the
         // zeros the MIL builder writes for the optional input (as blobs from 10 values up).

@@ -2,7 +2,7 @@
 //! text (five local layers per global one, two RoPE bases, q/k norms).
 
 use crate::arch::{layer_attention, llama_like, rope};
-use crate::config::{Activation, Family, Fields, ModelConfig, Norm, Rope, RopeScaling};
+use crate::config::{Activation, BlockNorms, Family, Fields, ModelConfig, Norm, QkNorm, Rope, RopeScaling};
 use crate::Result;
 
 pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
@@ -45,8 +45,8 @@ pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
         layer_attention,
         qkv_bias: bias,
         o_bias: bias,
-        qk_norm: family == Family::Gemma3,
-        sandwich_norms: later,
+        qk_norm: if family == Family::Gemma3 { QkNorm::PerHead } else { QkNorm::None },
+        block_norms: if later { BlockNorms::Sandwich } else { BlockNorms::Pre },
         tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(true),
         embedding_scale: Some((base.hidden_size as f64).sqrt()),
         attention_scale: scalar.unwrap_or(base.head_dim as f64).powf(-0.5),

@@ -1,7 +1,7 @@
 //! GPT-2: learned positions, LayerNorm with biases, fused Conv1D attention (stored transposed).
 
 use crate::arch::{token_ids, LayerRole, Role, Take, TensorSpec};
-use crate::config::{Activation, Attention, Family, Fields, ModelConfig, Norm};
+use crate::config::{Activation, Attention, BlockNorms, Family, Fields, ModelConfig, Norm, QkNorm};
 use crate::Result;
 
 pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
@@ -37,8 +37,11 @@ pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
         qkv_bias: true,
         o_bias: true,
         mlp_bias: true,
-        qk_norm: false,
-        sandwich_norms: false,
+        qk_norm: QkNorm::None,
+        block_norms: BlockNorms::Pre,
+        rope_layers: vec![false; layers],
+        residual_multiplier: None,
+        logit_scale: None,
         gated_mlp: false,
         tie_word_embeddings: true,
         embedding_scale: None,

@@ -3,15 +3,18 @@
 
 pub mod gemma;
 pub mod gpt2;
+pub mod granite;
 pub mod llama;
+pub mod olmo;
 pub mod phi3;
 pub mod qwen;
+pub mod smollm3;
 
 use std::path::Path;
 
 use serde_json::Value;
 
-use crate::config::{Activation, Attention, Family, Fields, ModelConfig, Norm, Rope, RopeScaling};
+use crate::config::{Activation, Attention, BlockNorms, Family, Fields, ModelConfig, Norm, QkNorm, Rope, RopeScaling};
 use crate::{Error, Result};
 
 /// A weight of the common decoder graph.
@@ -129,6 +132,20 @@ const FAMILIES: &[Registration] = &[
     },
     Registration { family: Family::Phi3, model_types: &["phi3"], config: phi3::config, tensor_spec: phi3::tensor_spec },
     Registration { family: Family::Gpt2, model_types: &["gpt2"], config: gpt2::config, tensor_spec: gpt2::tensor_spec },
+    Registration {
+        family: Family::SmolLm3,
+        model_types: &["smollm3"],
+        config: smollm3::config,
+        tensor_spec: hf_decoder_spec,
+    },
+    Registration {
+        family: Family::Granite,
+        model_types: &["granite"],
+        config: granite::config,
+        tensor_spec: hf_decoder_spec,
+    },
+    Registration { family: Family::Olmo2, model_types: &["olmo2"], config: olmo::config, tensor_spec: hf_decoder_spec },
+    Registration { family: Family::Olmo3, model_types: &["olmo3"], config: olmo::config, tensor_spec: hf_decoder_spec },
 ];
 
 /// The registration of `family`.
@@ -181,7 +198,7 @@ fn hf_decoder_spec(config: &ModelConfig, role: Role) -> Option<TensorSpec> {
         Role::Layer(l, r) => {
             let p = format!("model.layers.{l}");
             match r {
-                AttnNorm => format!("{p}.input_layernorm.weight"),
+                AttnNorm if config.block_norms.pre() => format!("{p}.input_layernorm.weight"),
                 Q => format!("{p}.self_attn.q_proj.weight"),
                 K => format!("{p}.self_attn.k_proj.weight"),
                 V => format!("{p}.self_attn.v_proj.weight"),
@@ -190,12 +207,14 @@ fn hf_decoder_spec(config: &ModelConfig, role: Role) -> Option<TensorSpec> {
                 KBias if config.qkv_bias => format!("{p}.self_attn.k_proj.bias"),
                 VBias if config.qkv_bias => format!("{p}.self_attn.v_proj.bias"),
                 OBias if config.o_bias => format!("{p}.self_attn.o_proj.bias"),
-                QNorm if config.qk_norm => format!("{p}.self_attn.q_norm.weight"),
-                KNorm if config.qk_norm => format!("{p}.self_attn.k_norm.weight"),
-                PostAttnNorm if config.sandwich_norms => format!("{p}.post_attention_layernorm.weight"),
-                MlpNorm if config.sandwich_norms => format!("{p}.pre_feedforward_layernorm.weight"),
-                MlpNorm => format!("{p}.post_attention_layernorm.weight"),
-                PostMlpNorm if config.sandwich_norms => format!("{p}.post_feedforward_layernorm.weight"),
+                QNorm if config.qk_norm != QkNorm::None => format!("{p}.self_attn.q_norm.weight"),
+                KNorm if config.qk_norm != QkNorm::None => format!("{p}.self_attn.k_norm.weight"),
+                PostAttnNorm if config.block_norms.post() => format!("{p}.post_attention_layernorm.weight"),
+                MlpNorm if config.block_norms == BlockNorms::Sandwich => {
+                    format!("{p}.pre_feedforward_layernorm.weight")
+                }
+                MlpNorm if config.block_norms == BlockNorms::Pre => format!("{p}.post_attention_layernorm.weight"),
+                PostMlpNorm if config.block_norms.post() => format!("{p}.post_feedforward_layernorm.weight"),
                 Gate => format!("{p}.mlp.gate_proj.weight"),
                 Up => format!("{p}.mlp.up_proj.weight"),
                 Down => format!("{p}.mlp.down_proj.weight"),
@@ -246,8 +265,13 @@ pub fn rope(
                 None => s.opt_str("type")?.unwrap_or("default"),
             };
             let factor = || s.opt_f64("factor")?.ok_or_else(|| s.error("rope scaling needs `factor`"));
-            let original =
-                || -> Result<usize> { Ok(s.opt_usize("original_max_position_embeddings")?.unwrap_or(max_positions)) };
+            // transformers gives a top-level `original_max_position_embeddings` (Phi-3's place
+            // for it) priority over the one among the rope parameters.
+            let original = || -> Result<usize> {
+                Ok(f.opt_usize("original_max_position_embeddings")?
+                    .or(s.opt_usize("original_max_position_embeddings")?)
+                    .unwrap_or(max_positions))
+            };
             match kind {
                 "default" => RopeScaling::None,
                 "linear" => RopeScaling::Linear(factor()?),
@@ -258,15 +282,49 @@ pub fn rope(
                     high_freq_factor: s.opt_f64("high_freq_factor")?.unwrap_or(4.0),
                     original_max_position: original()?,
                 },
+                // Early Phi-3 long-context configs call it `su`.
+                "longrope" | "su" => long_rope(&s, original()?, max_positions, rotary_dim)?,
                 other => {
                     return Err(s.error(format!(
-                        "unsupported rope scaling type `{other}`; supported: default, linear, dynamic, llama3"
+                        "unsupported rope scaling type `{other}`; supported: default, linear, dynamic, llama3, longrope"
                     )))
                 }
             }
         }
     };
     Ok(Some(Rope { theta: theta.unwrap_or(default_theta), scaling, rotary_dim }))
+}
+
+/// LongRoPE's parameters as transformers reads them (`_compute_longrope_parameters`): a factor
+/// per rotated pair in each set, and an attention factor that defaults to
+/// √(1 + ln(factor) / ln(original)), `factor` being max_position_embeddings / original.
+fn long_rope(s: &Fields, original: usize, max_positions: usize, rotary_dim: usize) -> Result<RopeScaling> {
+    let set = |key: &str| -> Result<std::sync::Arc<[f64]>> {
+        let v = s.f64_list(key)?;
+        if v.len() != rotary_dim / 2 || v.iter().any(|x| !x.is_finite() || *x <= 0.0) {
+            return Err(s.error(format!(
+                "`{key}` needs {} positive factors, one per rotated pair; it has {}",
+                rotary_dim / 2,
+                v.len()
+            )));
+        }
+        Ok(v.into())
+    };
+    let factor = match s.opt_f64("factor")? {
+        Some(f) => f,
+        None => max_positions as f64 / original as f64,
+    };
+    let attention_factor = match s.opt_f64("attention_factor")? {
+        Some(a) => a,
+        None if factor <= 1.0 => 1.0,
+        None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+    };
+    Ok(RopeScaling::LongRope {
+        short_factor: set("short_factor")?,
+        long_factor: set("long_factor")?,
+        original_max_position: original,
+        attention_factor,
+    })
 }
 
 /// The global RoPE of a family that always has one.
@@ -354,8 +412,11 @@ pub fn llama_like(f: &Fields, family: Family) -> Result<ModelConfig> {
         qkv_bias: false,
         o_bias: false,
         mlp_bias: false,
-        qk_norm: false,
-        sandwich_norms: false,
+        qk_norm: QkNorm::None,
+        block_norms: BlockNorms::Pre,
+        rope_layers: vec![true; d.num_layers],
+        residual_multiplier: None,
+        logit_scale: None,
         gated_mlp: true,
         tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
         embedding_scale: None,
@@ -391,10 +452,13 @@ fn check_config(f: &Fields, c: &ModelConfig) -> Result<()> {
     if c.layer_attention.len() != c.num_layers {
         return bad(format!("{} layer types for {} layers", c.layer_attention.len(), c.num_layers));
     }
-    if let Some(r) = &c.rope {
+    for r in c.rope.iter().chain(&c.rope_local) {
         if r.rotary_dim == 0 || r.rotary_dim > c.head_dim || r.rotary_dim % 2 != 0 {
             return bad(format!("rotary dimension {} does not fit head_dim {}", r.rotary_dim, c.head_dim));
         }
+    }
+    if c.rope_layers.len() != c.num_layers {
+        return bad(format!("{} RoPE flags for {} layers", c.rope_layers.len(), c.num_layers));
     }
     Ok(())
 }

@@ -1,14 +1,12 @@
-//! Phi-3: fused q/k/v and gate/up projections, split into the common layout at load time.
+//! Phi-3 and Phi-4-mini: fused q/k/v and gate/up projections, split into the common layout at
+//! load time; the long-context variants' LongRoPE and Phi-4-mini's partial rotary come with the
+//! common RoPE reading.
 
 use crate::arch::{layer_attention, llama_like, LayerRole, Role, Take, TensorSpec};
 use crate::config::{Family, Fields, ModelConfig, Norm};
 use crate::Result;
 
 pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
-    if let Some(s) = f.opt_object("rope_scaling")? {
-        let kind = s.opt_str("type")?.or(s.opt_str("rope_type")?).unwrap_or("unknown");
-        return Err(crate::arch::unsupported(f, &format!("Phi-3 rope_scaling `{kind}` (long-context variants)")));
-    }
     let base = llama_like(f, family)?;
     Ok(ModelConfig {
         norm: Norm::Rms { eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-5), add_one: false },

@@ -1,7 +1,7 @@
 //! Qwen2 (q/k/v biases) and Qwen3 (q/k norms over the head dimension).
 
 use crate::arch::{layer_attention, llama_like};
-use crate::config::{Family, Fields, ModelConfig};
+use crate::config::{Family, Fields, ModelConfig, QkNorm};
 use crate::Result;
 
 pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
@@ -15,7 +15,7 @@ pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
         layer_attention: layer_attention(f, base.num_layers, |l| enabled && l >= first_sliding)?,
         qkv_bias: if qwen3 { bias } else { true },
         o_bias: qwen3 && bias,
-        qk_norm: qwen3,
+        qk_norm: if qwen3 { QkNorm::PerHead } else { QkNorm::None },
         ..base
     })
 }

@@ -3,6 +3,7 @@
 
 use super::emitter::{scalar_i32, Binary, Graph};
 use crate::arch::{LayerRole, Role};
+use crate::config::QkNorm;
 use crate::Result;
 use corelm_format::mil::builder::Arg;
 use corelm_format::{DType, Tensor, Var};
@@ -39,15 +40,23 @@ pub(super) fn project_qkv(
     let c = g.c;
     let p = format!("l{l}");
     let lr = |r| Role::Layer(l, r);
-    let q = g.linear(x, lr(Q), Some(lr(QBias)), &format!("{p}_q"))?;
-    let k = g.linear(x, lr(K), Some(lr(KBias)), &format!("{p}_k"))?;
+    let mut q = g.linear(x, lr(Q), Some(lr(QBias)), &format!("{p}_q"))?;
+    let mut k = g.linear(x, lr(K), Some(lr(KBias)), &format!("{p}_k"))?;
     let v = g.linear(x, lr(V), Some(lr(VBias)), &format!("{p}_v"))?;
+    let qk_norm = |g: &mut Graph, q: &Var, k: &Var| -> Result<(Var, Var)> {
+        Ok((
+            g.norm(q, lr(QNorm), None, compute, false, &format!("{p}_q_norm"))?,
+            g.norm(k, lr(KNorm), None, compute, false, &format!("{p}_k_norm"))?,
+        ))
+    };
+    if c.qk_norm == QkNorm::Projection {
+        (q, k) = qk_norm(g, &q, &k)?;
+    }
     let mut q = g.split_heads(&q, c.num_heads, &format!("{p}_qh"))?;
     let mut k = g.split_heads(&k, c.num_kv_heads, &format!("{p}_kh"))?;
     let v = g.split_heads(&v, c.num_kv_heads, &format!("{p}_vh"))?;
-    if c.qk_norm {
-        q = g.norm(&q, lr(QNorm), None, compute, false, &format!("{p}_q_norm"))?;
-        k = g.norm(&k, lr(KNorm), None, compute, false, &format!("{p}_k_norm"))?;
+    if c.qk_norm == QkNorm::PerHead {
+        (q, k) = qk_norm(g, &q, &k)?;
     }
     if let Some((cos, sin)) = rope {
         q = g.apply_rope(&q, cos, sin, &format!("{p}_q_rope"))?;

@@ -19,17 +19,21 @@ pub(super) fn logits(g: &mut Graph, x: &Var, compute: DType) -> Result<()> {
     let mut best: Option<(Var, Var)> = None;
     for (i, head) in heads.iter().enumerate() {
         let out = if heads.len() == 1 { names::LOGITS.to_string() } else { names::logits_block(i) };
-        let cap = g.c.final_logit_softcap;
-        let name = if cap.is_none() { out.clone() } else { format!("{out}_raw") };
+        let (scale, cap) = (g.c.logit_scale, g.c.final_logit_softcap);
+        let name = if cap.is_none() && scale.is_none() { out.clone() } else { format!("{out}_raw") };
         let projected = if g.ane {
             let ch = g.project(&h, head, None, &format!("{out}_channels"))?;
             g.tokens_first(&ch, &name)?
         } else {
             g.project(&h, head, None, &name)?
         };
-        let logits = match cap {
+        let scaled = match scale {
             None => projected,
-            Some(cap) => g.softcap(&projected, cap, &out, &out)?,
+            Some(s) => g.mul_s(&projected, s, &if cap.is_none() { out.clone() } else { format!("{out}_scaled") })?,
+        };
+        let logits = match cap {
+            None => scaled,
+            Some(cap) => g.softcap(&scaled, cap, &out, &out)?,
         };
         g.f.output(&logits, &out)?;
         if heads.len() > 1 {

@@ -37,8 +37,9 @@ pub(super) fn decoder_layer(
         Attention::Sliding(w) => Some(w),
         Attention::Full => None,
     };
-    let attn_in = g.norm(&x, lr(AttnNorm), Some(lr(AttnNormBias)), cx.compute, true, &format!("{p}_attn_norm"))?;
-    let (q, k, v) = project_qkv(g, l, &attn_in, cx.compute, cx.rope.for_layer(window.is_some()))?;
+    let attn_in = pre_norm(g, cx, &x, lr(AttnNorm), lr(AttnNormBias), &format!("{p}_attn_norm"))?;
+    let rope = if g.c.rope_layers[l] { cx.rope.for_layer(window.is_some()) } else { None };
+    let (q, k, v) = project_qkv(g, l, &attn_in, cx.compute, rope)?;
     let (keys, values) = kv.write_and_read(g, cx.positions, l, &k, &v)?;
     let mask = masks.for_layer(g, window, cx.attention.per_head(), &p)?;
     let attn = attend(g, cx.attention, q, &keys, &values, &mask, &p)?;
@@ -47,14 +48,24 @@ pub(super) fn decoder_layer(
     let names = [format!("{p}_post_attn_norm"), format!("{p}_o_res"), format!("{p}_h")];
     let x = residual_add(g, cx, x, o, lr(PostAttnNorm), &names)?;
 
-    let mlp_in = g.norm(&x, lr(MlpNorm), Some(lr(MlpNormBias)), cx.compute, true, &format!("{p}_mlp_norm"))?;
+    let mlp_in = pre_norm(g, cx, &x, lr(MlpNorm), lr(MlpNormBias), &format!("{p}_mlp_norm"))?;
     let m = mlp(g, l, &mlp_in)?;
     let names = [format!("{p}_post_mlp_norm"), format!("{p}_mlp_res"), format!("{p}_out")];
     residual_add(g, cx, x, m, lr(PostMlpNorm), &names)
 }
 
-/// `x + block`, the block normed by `post_norm` first where the family has sandwich norms;
-/// `names`: the norm's, the cast's and the sum's.
+/// A block's input: the residual stream normed where the family norms before blocks, else the
+/// stream itself in the compute dtype.
+fn pre_norm(g: &mut Graph, cx: &LayerContext, x: &Var, weight: Role, bias: Role, name: &str) -> Result<Var> {
+    if g.c.block_norms.pre() {
+        g.norm(x, weight, Some(bias), cx.compute, true, name)
+    } else {
+        g.cast(x, cx.compute, name)
+    }
+}
+
+/// `x + block`: the block normed by `post_norm` first where the family norms block outputs,
+/// and scaled by its residual multiplier; `names`: the norm's, the cast's and the sum's.
 fn residual_add(
     g: &mut Graph,
     cx: &LayerContext,
@@ -65,7 +76,11 @@ fn residual_add(
 ) -> Result<Var> {
     let [norm_name, cast_name, name] = names;
     let block =
-        if g.c.sandwich_norms { g.norm(&block, post_norm, None, cx.residual, false, norm_name)? } else { block };
+        if g.c.block_norms.post() { g.norm(&block, post_norm, None, cx.residual, false, norm_name)? } else { block };
+    let block = match g.c.residual_multiplier {
+        Some(m) => g.mul_s(&block, m, &format!("{name}_scaled"))?,
+        None => block,
+    };
     let block = g.cast(&block, cx.residual, cast_name)?;
     g.binary(Binary::Add, name, &x, &block)
 }

@@ -204,7 +204,7 @@ fn lcm(a: usize, b: usize) -> usize {
 /// the stream absorb the factor, and the norms that read the stream are scale-invariant (their
 /// epsilon is divided by its square), so only the representation changes.
 pub(super) fn residual_divisor(c: &ModelConfig, opts: &GraphOptions) -> f64 {
-    if opts.profile == Profile::Ane && c.sandwich_norms {
+    if opts.profile == Profile::Ane && c.block_norms == crate::config::BlockNorms::Sandwich {
         8.0
     } else {
         1.0

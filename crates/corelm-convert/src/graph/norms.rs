@@ -4,7 +4,7 @@ use half::f16;
 
 use super::emitter::{i32s, scalar_i32, Binary, Graph};
 use crate::arch::{LayerRole, Role};
-use crate::config::Norm;
+use crate::config::{Norm, QkNorm};
 use crate::{Error, Result};
 use corelm_format::mil::builder::Arg;
 use corelm_format::{DType, Tensor, Var};
@@ -76,7 +76,8 @@ impl Graph<'_, '_> {
         of_residual: bool,
         name: &str,
     ) -> Result<Var> {
-        let per_head = matches!(weight, Role::Layer(_, LayerRole::QNorm | LayerRole::KNorm));
+        let per_head =
+            matches!(weight, Role::Layer(_, LayerRole::QNorm | LayerRole::KNorm)) && self.c.qk_norm == QkNorm::PerHead;
         let axis = if per_head { -1 } else { 1 };
         let scale = if of_residual { self.residual_divisor.powi(2) } else { 1.0 };
         match self.c.norm {
