@@ -1,5 +1,6 @@
 //! `--profile ane` conversions of every tiny architecture (tests/fixtures/tiny, random O(1)
-//! weights) generate what the default profile generates, on the reference interpreter: finite
+//! weights), whole and split by `--chunks 2`, generate what the default profile generates, on
+//! the reference interpreter (the split exactly what the whole does): finite
 //! logits, the same greedy continuation, the same argmax wherever the top two logits are further
 //! apart than fp16 can blur. With query lengths 1 and 8 and a 64-token context, the 24-token
 //! prompt takes three prefill chunks and the sliding-window families (window 8) keep ring
@@ -52,18 +53,26 @@ fn prompt(dir: &Path) -> Vec<u32> {
     r["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
 }
 
-/// fp16 conversions of `dir` with the default profile and with `--profile ane`.
-fn both_profiles(dir: &Path, tmp: &Path) -> (Package, Package) {
+/// fp16 conversions of `dir` with the default profile and with `--profile ane`, and when
+/// `chunked` with `--profile ane --chunks 2` (the first of its two parts; the driver opens the
+/// second).
+fn conversions(dir: &Path, tmp: &Path, chunked: bool) -> Vec<Package> {
     let source = open_source(dir).unwrap();
     let name = dir.file_name().unwrap().to_string_lossy();
-    let mut packages =
-        [(Profile::Default, vec![]), (Profile::Ane, LENGTHS.to_vec())].into_iter().map(|(profile, query_lengths)| {
-            let out = tmp.join(format!("{name}-{profile:?}.mlpackage"));
-            let opts = GraphOptions { context: CONTEXT, query_lengths, profile, ..GraphOptions::default() };
+    let mut variants = vec![("default", Profile::Default, vec![], 1), ("ane", Profile::Ane, LENGTHS.to_vec(), 1)];
+    if chunked {
+        variants.push(("ane-chunked", Profile::Ane, LENGTHS.to_vec(), 2));
+    }
+    variants
+        .into_iter()
+        .map(|(label, profile, query_lengths, chunks)| {
+            let out = tmp.join(format!("{name}-{label}.mlpackage"));
+            let opts = GraphOptions { context: CONTEXT, query_lengths, profile, chunks, ..GraphOptions::default() };
             convert(&source, &out, &opts, &WriteOptions::overwriting(), &mut |_: &str, _: u64| {}).unwrap();
-            Package::open(&out).unwrap()
-        });
-    (packages.next().unwrap(), packages.next().unwrap())
+            let first = if chunks == 1 { out } else { tmp.join(format!("{name}-{label}_1of{chunks}.mlpackage")) };
+            Package::open(&first).unwrap()
+        })
+        .collect()
 }
 
 /// A copy of the checkpoint in `dir` whose embedding row 0 (the pad token of these configs, and
@@ -189,10 +198,12 @@ fn every_architecture_generates_what_the_default_profile_does() {
     for dir in every_fixture() {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         let ids = prompt(&dir);
-        let (default, ane) = both_profiles(&dir, tmp.path());
+        let Ok([default, ane, chunked]) = <[Package; 3]>::try_from(conversions(&dir, tmp.path(), true)) else {
+            unreachable!("three conversions")
+        };
         let mut generated = Vec::new();
         let mut rows = Vec::new();
-        for pkg in [&default, &ane] {
+        for pkg in [&default, &ane, &chunked] {
             let mut lm = LanguageModel::open(pkg, Interpreter::load).unwrap();
             let prompt_rows = lm.feed(&ids).unwrap();
             let mut tokens = Vec::new();
@@ -206,6 +217,10 @@ fn every_architecture_generates_what_the_default_profile_does() {
             }
             generated.push(tokens);
             rows.push((prompt_rows, decode_rows));
+        }
+        // The layer stack split in two parts computes exactly what the whole does.
+        if rows[2] != rows[1] || generated[2] != generated[1] {
+            failures.push(format!("{name}: --chunks 2 computes other logits than the whole ane package"));
         }
         let ((want_prompt, want_decode), (got_prompt, got_decode)) = (&rows[0], &rows[1]);
         let mut prompt_tally = Tally::default();
@@ -267,7 +282,9 @@ fn prefill_then_decode_past_the_window() {
         {
             let out = tmp.path().join(variant.replace(' ', "-"));
             std::fs::create_dir_all(&out).unwrap();
-            let (default, ane) = both_profiles(&dir, &out);
+            let Ok([default, ane]) = <[Package; 2]>::try_from(conversions(&dir, &out, false)) else {
+                unreachable!("two conversions")
+            };
             let mut tally = Tally::default();
             for t in [5, 13] {
                 let (mut want_lm, mut got_lm) = (
