@@ -88,6 +88,8 @@ enum Command {
         #[command(flatten)]
         sampling: SamplingArgs,
         #[command(flatten)]
+        template: TemplateOptions,
+        #[command(flatten)]
         backend: BackendArgs,
     },
     /// Compare a package with a float32 conversion of its source on the same text: top-1
@@ -273,6 +275,51 @@ struct ConvertArgs {
     no_check: bool,
 }
 
+/// What the chat template gets besides the messages.
+#[derive(clap::Args)]
+struct TemplateOptions {
+    /// A variable for the chat template, KEY=VALUE, the value read as JSON if it is JSON and as
+    /// text otherwise: e.g. `enable_thinking=false` (Qwen3, SmolLM3). Repeatable.
+    #[arg(long = "template-var", value_name = "KEY=VALUE", value_parser = parse_template_var)]
+    template_vars: Vec<(String, serde_json::Value)>,
+    /// The tools the model may call: a JSON file holding a list of function schemas, which the
+    /// chat template receives as `tools`.
+    #[arg(long, value_name = "FILE")]
+    tools: Option<PathBuf>,
+}
+
+fn parse_template_var(s: &str) -> std::result::Result<(String, serde_json::Value), String> {
+    let (key, value) = s.split_once('=').ok_or_else(|| format!("`{s}` is not KEY=VALUE"))?;
+    if key.is_empty() {
+        return Err(format!("`{s}` has no key before `=`"));
+    }
+    let value = serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
+    Ok((key.to_string(), value))
+}
+
+impl TemplateOptions {
+    fn args(&self) -> Result<corelm_runtime::chat::TemplateArgs> {
+        let tools = match &self.tools {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read(path).with_context(|| format!("cannot read tools file {}", path.display()))?;
+                let value: serde_json::Value = serde_json::from_slice(&text)
+                    .with_context(|| format!("tools file {} is not valid JSON", path.display()))?;
+                match value {
+                    serde_json::Value::Array(list) if list.iter().all(|t| t.is_object()) => Some(list),
+                    _ => anyhow::bail!("tools file {} must hold a JSON list of tool schemas (objects)", path.display()),
+                }
+            }
+        };
+        Ok(corelm_runtime::chat::TemplateArgs {
+            add_generation_prompt: true,
+            tools,
+            documents: None,
+            variables: self.template_vars.iter().cloned().collect(),
+        })
+    }
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
     /// The .mlpackage folder.
@@ -286,6 +333,8 @@ struct RunArgs {
     /// Feed the prompt text as is, without the chat template.
     #[arg(long, requires = "prompt")]
     raw: bool,
+    #[command(flatten)]
+    template: TemplateOptions,
     /// Prompt token ids, comma separated (greedy, no tokenizer needed).
     #[arg(long, value_delimiter = ',', required_unless_present = "prompt")]
     ids: Vec<u32>,
@@ -412,6 +461,8 @@ impl SamplingArgs {
 fn run_text(args: RunArgs, prompt: String) -> Result<ExitCode> {
     use corelm_runtime::chat::Message;
     use corelm_runtime::generate::{generate, GenerateParams};
+    // Read first: a bad tools file fails before the model loads.
+    let template_args = args.template.args()?;
     let pkg = open(&args.package)?;
     let mut model = args.backend.open(&pkg).with_context(|| format!("cannot run {}", args.package.display()))?;
     let ids = if args.raw {
@@ -422,7 +473,7 @@ fn run_text(args: RunArgs, prompt: String) -> Result<ExitCode> {
             messages.push(Message::new("system", system));
         }
         messages.push(Message::new("user", &prompt));
-        model.chat_prompt(&messages)?
+        model.chat_prompt_with(&messages, &template_args)?
     };
     let params = GenerateParams {
         max_new_tokens: args.max_new_tokens,
@@ -773,6 +824,7 @@ fn chat(
     system: Option<String>,
     max_new_tokens: usize,
     sampling: SamplingArgs,
+    template: TemplateOptions,
     backend: BackendArgs,
 ) -> Result<ExitCode> {
     use corelm_runtime::chat::Message;
@@ -780,6 +832,7 @@ fn chat(
     use std::io::{BufRead, Write};
     let pkg = Package::open(package).with_context(|| format!("cannot read package {}", package.display()))?;
     let mut model = backend.open(&pkg).with_context(|| format!("cannot run {}", package.display()))?;
+    let template_args = template.args()?;
     let start: Vec<Message> = system.iter().map(|s| Message::new("system", s)).collect();
     let mut messages = start.clone();
     // Tokens the backend holds; a new turn feeds only what extends them.
@@ -805,7 +858,7 @@ fn chat(
             _ => {}
         }
         messages.push(Message::new("user", line));
-        let ids = model.chat_prompt(&messages)?;
+        let ids = model.chat_prompt_with(&messages, &template_args)?;
         let new = if ids.starts_with(&fed) && model.backend.position() == fed.len() {
             ids[fed.len()..].to_vec()
         } else {
@@ -1148,8 +1201,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Some(prompt) => run_text(args, prompt),
             None => run_ids(args),
         },
-        Command::Chat { package, system, max_new_tokens, sampling, backend } => {
-            chat(&package, system, max_new_tokens, sampling, backend)
+        Command::Chat { package, system, max_new_tokens, sampling, template, backend } => {
+            chat(&package, system, max_new_tokens, sampling, template, backend)
         }
         Command::Eval { package, text, window, max_tokens, json } => eval(&package, &text, window, max_tokens, json),
         Command::Compress { input, output, compress: args, calibrate, calibration_tokens, write, json } => {

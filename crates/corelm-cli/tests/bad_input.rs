@@ -227,3 +227,28 @@ fn the_core_ml_backend_is_never_silently_replaced() {
     assert!(out.code == 1 || out.code == 2, "{}", out.text);
     assert!(out.text.contains("runs on Apple platforms only"), "{}", out.text);
 }
+
+/// A tools file that is missing, not JSON, or not a list of schemas, and a template variable
+/// that is not KEY=VALUE: each a clear error naming it, before any model loads.
+#[test]
+fn bad_template_inputs_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = dir.path().join("absent.mlpackage");
+    let (not_json, object) = (dir.path().join("tools.txt"), dir.path().join("tools.json"));
+    fs::write(&not_json, "get_weather(city)").unwrap();
+    fs::write(&object, r#"{"type": "function"}"#).unwrap();
+    let missing = dir.path().join("missing.json");
+    for (tools, expect) in [
+        (&missing, "cannot read tools file"),
+        (&not_json, "is not valid JSON"),
+        (&object, "must hold a JSON list of tool schemas"),
+    ] {
+        let out = corelm(&["run", pkg.to_str().unwrap(), "--prompt", "hi", "--tools", tools.to_str().unwrap()]);
+        assert!(out.code == 1 || out.code == 2, "{}", out.text);
+        assert!(!out.text.contains("panicked"), "{}", out.text);
+        assert!(out.text.contains(expect) && out.text.contains(tools.to_str().unwrap()), "{}", out.text);
+    }
+    let out = corelm(&["run", pkg.to_str().unwrap(), "--prompt", "hi", "--template-var", "enable_thinking"]);
+    assert_eq!(out.code, 2, "{}", out.text);
+    assert!(out.text.contains("`enable_thinking` is not KEY=VALUE"), "{}", out.text);
+}

@@ -1,28 +1,67 @@
 //! Chat templates with Hugging Face semantics: the Jinja template from `tokenizer_config.json`,
-//! rendered with `messages`, `add_generation_prompt`, `bos_token`, `eos_token` and
-//! `raise_exception`, in a Jinja environment configured as transformers configures it
-//! (trim_blocks, lstrip_blocks, Python string methods).
+//! rendered as transformers' `apply_chat_template` renders it: with `messages`, `tools`,
+//! `documents`, `add_generation_prompt`, the special tokens and any extra template variables
+//! (`enable_thinking`, ...), in a Jinja environment configured as transformers configures it
+//! (trim_blocks, lstrip_blocks, Python string methods, its `tojson`, `raise_exception` and
+//! `strftime_now`).
 
 use std::path::Path;
 
-use minijinja::{context, Environment, ErrorKind};
-use serde::Serialize;
+use minijinja::{Environment, ErrorKind, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json};
 
 use crate::{Error, Result};
 
 /// Where conversions store tokenizer_config.json inside a package.
 pub const TOKENIZER_CONFIG_PATH: &str = "Data/ai.corelm/tokenizer_config.json";
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// One message of a conversation: a role, its content (text, or a list of parts such as
+/// `{"type": "text", "text": ...}`), and whatever else the template may read (`tool_calls`,
+/// `reasoning_content`, `name`, ...).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
-    pub content: String,
+    pub content: Json,
+    #[serde(flatten)]
+    pub extra: Map<String, Json>,
 }
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Message {
-        Message { role: role.into(), content: content.into() }
+        Message { role: role.into(), content: Json::String(content.into()), extra: Map::new() }
     }
+}
+
+/// What a rendering passes the template besides the messages.
+#[derive(Clone, Debug, Default)]
+pub struct TemplateArgs {
+    pub add_generation_prompt: bool,
+    /// JSON schemas of the tools the model may call.
+    pub tools: Option<Vec<Json>>,
+    pub documents: Option<Vec<Json>>,
+    /// Extra variables (`enable_thinking`, ...), which may also override the special tokens.
+    pub variables: Map<String, Json>,
+}
+
+/// Names a message's reasoning travels under; transformers copies the first one given to
+/// `reasoning_content` (which most templates read) and `thinking` (which gpt-oss's reads).
+const REASONING_FIELDS: [&str; 3] = ["reasoning_content", "thinking", "reasoning"];
+
+/// A message as the template sees it: keys whose value is null dropped (templates handle a
+/// missing key, not a None), reasoning under its aliases.
+fn template_message(m: &Message) -> Json {
+    let mut out = Map::new();
+    out.insert("role".into(), Json::String(m.role.clone()));
+    out.insert("content".into(), m.content.clone());
+    out.extend(m.extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+    out.retain(|_, v| !v.is_null());
+    let reasoning = REASONING_FIELDS.iter().find_map(|k| out.get(*k)).cloned();
+    if let Some(r) = reasoning {
+        out.entry("thinking").or_insert(r.clone());
+        out.insert("reasoning_content".into(), r);
+    }
+    Json::Object(out)
 }
 
 /// The largest tokenizer_config.json read: templates are kilobytes, added-token tables megabytes.
@@ -30,8 +69,8 @@ pub const MAX_TOKENIZER_CONFIG_BYTES: u64 = 64 << 20;
 
 pub struct ChatTemplate {
     env: Environment<'static>,
-    bos_token: String,
-    eos_token: String,
+    /// The special tokens transformers hands every template (`bos_token`, ...).
+    special_tokens: Map<String, Json>,
     /// Where the template came from, for messages.
     origin: String,
 }
@@ -65,29 +104,48 @@ impl std::io::Write for CappedText {
     }
 }
 
-fn special(config: &serde_json::Value, key: &str) -> String {
-    match &config[key] {
-        serde_json::Value::String(s) => s.clone(),
-        // AddedToken objects: {"content": "<s>", ...}
-        v => v["content"].as_str().unwrap_or_default().to_string(),
+/// The special tokens of a tokenizer_config.json, as strings (AddedToken objects give their
+/// `content`); `bos_token` and `eos_token` always, empty when the config has none.
+fn special_tokens(config: &Json) -> Map<String, Json> {
+    let mut out = Map::new();
+    for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+        let token = match &config[key] {
+            Json::String(s) => Some(s.clone()),
+            v => v["content"].as_str().map(str::to_string),
+        };
+        match token {
+            Some(t) => {
+                out.insert(key.into(), Json::String(t));
+            }
+            None if key == "bos_token" || key == "eos_token" => {
+                out.insert(key.into(), Json::String(String::new()));
+            }
+            None => {}
+        }
     }
+    out
 }
 
 impl ChatTemplate {
     /// Reads the template from a tokenizer_config.json; `Ok(None)` if it has none.
     pub fn from_tokenizer_config(path: &Path) -> Result<Option<ChatTemplate>> {
         let text = corelm_format::package::read_capped(path, MAX_TOKENIZER_CONFIG_BYTES)?;
-        let config: serde_json::Value =
+        let config: Json =
             serde_json::from_slice(&text).map_err(|e| Error::malformed(path, format!("not valid JSON: {e}")))?;
         let source = match &config["chat_template"] {
-            serde_json::Value::String(s) => s.clone(),
+            Json::String(s) => s.clone(),
             // A list of named templates: use "default".
-            serde_json::Value::Array(list) => match list.iter().find(|t| t["name"] == "default") {
+            Json::Array(list) => match list.iter().find(|t| t["name"] == "default") {
                 Some(t) => t["template"].as_str().unwrap_or_default().to_string(),
                 None => return Ok(None),
             },
             _ => return Ok(None),
         };
+        ChatTemplate::new(source, special_tokens(&config), &path.display().to_string()).map(Some)
+    }
+
+    /// A template from its source; `special_tokens` as transformers passes them (`bos_token`, ...).
+    pub fn new(source: String, special_tokens: Map<String, Json>, origin: &str) -> Result<ChatTemplate> {
         let mut env = Environment::new();
         // The template is a stranger's program: bound its run time (docs/security.md).
         env.set_fuel(Some(TEMPLATE_FUEL));
@@ -97,30 +155,36 @@ impl ChatTemplate {
         env.add_function("raise_exception", |message: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
         });
+        env.add_function("strftime_now", |format: String| {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            crate::jinja_py::strftime(&format, now.as_secs() as i64)
+        });
+        env.add_filter("tojson", crate::jinja_py::tojson);
         env.add_template_owned("chat", source)
-            .map_err(|e| Error::malformed(path, format!("chat template does not parse: {e}")))?;
-        Ok(Some(ChatTemplate {
-            env,
-            bos_token: special(&config, "bos_token"),
-            eos_token: special(&config, "eos_token"),
-            origin: path.display().to_string(),
-        }))
+            .map_err(|e| Error::invalid(format!("chat template of {origin} does not parse: {e}")))?;
+        Ok(ChatTemplate { env, special_tokens, origin: origin.to_string() })
     }
 
     /// The prompt text for a conversation, as `apply_chat_template(..., tokenize=False)` gives it.
-    /// A template that runs past [`TEMPLATE_FUEL`] instructions or writes more than the messages
-    /// plus [`TEMPLATE_OUTPUT_SLACK`] (four times over) is stopped with an error naming it.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, &TemplateArgs { add_generation_prompt, ..TemplateArgs::default() })
+    }
+
+    /// [`render`](Self::render) with tools, documents and extra variables. A template that runs
+    /// past [`TEMPLATE_FUEL`] instructions or writes more than its inputs plus
+    /// [`TEMPLATE_OUTPUT_SLACK`] (four times over) is stopped with an error naming it.
+    pub fn render_with(&self, messages: &[Message], args: &TemplateArgs) -> Result<String> {
         let template = self.env.get_template("chat").expect("added at construction");
-        let content: usize = messages.iter().map(|m| m.content.len() + m.role.len()).sum();
-        let mut out = CappedText { text: Vec::new(), limit: 4 * content + TEMPLATE_OUTPUT_SLACK };
-        let context = context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => &self.bos_token,
-            eos_token => &self.eos_token,
-        };
-        template.render_captured_to(context, &mut out).map_err(|e| {
+        let messages: Vec<Json> = messages.iter().map(template_message).collect();
+        let mut vars = self.special_tokens.clone();
+        vars.insert("messages".into(), Json::Array(messages));
+        vars.insert("tools".into(), args.tools.clone().map_or(Json::Null, Json::Array));
+        vars.insert("documents".into(), args.documents.clone().map_or(Json::Null, Json::Array));
+        vars.insert("add_generation_prompt".into(), Json::Bool(args.add_generation_prompt));
+        vars.extend(args.variables.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let input = serde_json::to_string(&vars).map(|s| s.len()).unwrap_or(0);
+        let mut out = CappedText { text: Vec::new(), limit: 4 * input + TEMPLATE_OUTPUT_SLACK };
+        template.render_captured_to(Value::from_serialize(&vars), &mut out).map_err(|e| {
             let why = match e.kind() {
                 ErrorKind::OutOfFuel => {
                     format!("it ran past {TEMPLATE_FUEL} instructions (an endless or runaway loop?)")

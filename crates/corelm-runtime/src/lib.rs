@@ -8,6 +8,7 @@ pub mod compile_cache;
 pub mod coreml;
 pub mod fetch;
 pub mod generate;
+mod jinja_py;
 pub mod model;
 pub mod sampler;
 pub mod strided;

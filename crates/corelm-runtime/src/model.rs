@@ -4,7 +4,7 @@ use corelm_contract::driver::LanguageModel;
 use corelm_contract::keys;
 use corelm_format::Package;
 
-use crate::chat::{ChatTemplate, Message, TOKENIZER_CONFIG_PATH};
+use crate::chat::{ChatTemplate, Message, TemplateArgs, TOKENIZER_CONFIG_PATH};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -59,13 +59,18 @@ impl TextModel {
         Ok(TextModel { backend, tokenizer, template, eos_ids: eos_ids(pkg) })
     }
 
-    /// Token ids for a conversation, through the chat template.
+    /// Token ids for a conversation, through the chat template, ready for the reply.
     pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        self.chat_prompt_with(messages, &TemplateArgs { add_generation_prompt: true, ..TemplateArgs::default() })
+    }
+
+    /// [`chat_prompt`](Self::chat_prompt) with tools and template variables.
+    pub fn chat_prompt_with(&self, messages: &[Message], args: &TemplateArgs) -> Result<Vec<u32>> {
         let template = self
             .template
             .as_ref()
             .ok_or_else(|| Error::invalid("the package has no chat template; pass the prompt as raw text instead"))?;
-        let text = template.render(messages, true)?;
+        let text = template.render_with(messages, args)?;
         // The template already places BOS and other special tokens.
         self.tokenizer.encode(&text, false)
     }
