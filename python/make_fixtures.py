@@ -49,6 +49,18 @@ BASE = dict(
     pad_token_id=0,
 )
 
+# Phi-3 with Phi-4-mini's partial rotary and LongRoPE; each use sets the trained length.
+LONGROPE = dict(
+    BASE,
+    model_type="phi3",
+    partial_rotary_factor=0.75,
+    rope_scaling=dict(
+        rope_type="longrope",
+        short_factor=[1.0, 1.1, 1.3, 1.7, 2.2, 3.0],
+        long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
+    ),
+)
+
 TINY = {
     "llama_rope_llama3": dict(
         BASE,
@@ -100,31 +112,9 @@ TINY = {
     "phi3": dict(BASE, model_type="phi3", sliding_window=8),
     # Phi-4-mini's shape: partial rotary (12 of 16 dims) and LongRoPE. Within the trained length
     # (64 >= prompt + continuation) transformers rotates with the short factors...
-    "phi3_longrope": dict(
-        BASE,
-        model_type="phi3",
-        partial_rotary_factor=0.75,
-        max_position_embeddings=128,
-        original_max_position_embeddings=64,
-        rope_scaling=dict(
-            rope_type="longrope",
-            short_factor=[1.0, 1.1, 1.3, 1.7, 2.2, 3.0],
-            long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
-        ),
-    ),
+    "phi3_longrope": dict(LONGROPE, max_position_embeddings=128, original_max_position_embeddings=64),
     # ... and past it (prompts of 24 > 16) with the long ones, for every position.
-    "phi3_longrope_long": dict(
-        BASE,
-        model_type="phi3",
-        partial_rotary_factor=0.75,
-        max_position_embeddings=64,
-        original_max_position_embeddings=16,
-        rope_scaling=dict(
-            rope_type="longrope",
-            short_factor=[1.0, 1.1, 1.3, 1.7, 2.2, 3.0],
-            long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
-        ),
-    ),
+    "phi3_longrope_long": dict(LONGROPE, max_position_embeddings=64, original_max_position_embeddings=16),
     # SmolLM3: layers 1 and 3 without RoPE, and (enabled here) those sliding.
     "smollm3": dict(
         BASE,
