@@ -20,8 +20,9 @@ quants.expected.f32 / quants.expected.json
 grids.gguf
     A small llama whose matrices use every block type corelm carries into Core ML (see
     write_grid_model): converted with and without --dequantize by the CLI tests.
-tiny_gpt2.gguf
-    tests/fixtures/tiny/gpt2 as llama.cpp writes a GPT-2 (see write_tiny_gpt2).
+tiny_<fixture>.gguf
+    tests/fixtures/tiny/<fixture> as llama.cpp's convert_hf_to_gguf.py writes it, for GPT-2,
+    SmolLM3, Granite, OLMo 2, OLMo 3 and Phi-4-mini's LongRoPE (see write_tiny_gguf).
 tok_*.gguf
     Vocabulary-only files for the tokenizer builders (byte-level BPE, SentencePiece with scores,
     Gemma 3, Phi-3).
@@ -34,9 +35,11 @@ tok_*.tokenizer.json (only with --hf-tokenizers)
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
+import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
@@ -370,20 +373,154 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def write_tiny_gpt2(out: Path) -> None:
-    """tests/fixtures/tiny/gpt2 as llama.cpp's convert_hf_to_gguf.py writes a GPT-2 (arch `gpt2`,
-    `blk.N.attn_qkv` and friends, Conv1D weights transposed to (out, in)), F32, with a stand-in
-    SentencePiece vocabulary of the checkpoint's size (the tests feed ids)."""
-    src = ROOT / "tests" / "fixtures" / "tiny" / "gpt2"
+def rope_parameters(c: dict) -> dict:
+    """The rope parameters as convert_hf_to_gguf's TextModel reads them: `rope_parameters`
+    (transformers 5: flat, or keyed by layer type), else the older rope_theta + rope_scaling."""
+    if "rope_parameters" in c:
+        return c["rope_parameters"]
+    theta = {"rope_theta": c["rope_theta"]} if "rope_theta" in c else {}
+    return {**(c.get("rope_scaling") or {}), **theta}
+
+
+def text_hparams(w: GGUFWriter, c: dict) -> None:
+    """TextModel.set_gguf_parameters, for the keys these configs have."""
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(c["num_attention_heads"])
+    w.add_head_count_kv(c["num_key_value_heads"])
+    rope = rope_parameters(c)
+    full = rope.get("full_attention", rope)
+    if full.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(full["factor"])
+    elif full.get("rope_type", "default") != "default":
+        raise ValueError(f"rope type {full['rope_type']} is not written here")
+    w.add_rope_freq_base(full["rope_theta"])
+    if (local := rope.get("sliding_attention", {}).get("rope_theta")) is not None:
+        w.add_rope_freq_base_swa(local)
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    if "head_dim" in c:
+        w.add_key_length(c["head_dim"])
+        w.add_value_length(c["head_dim"])
+
+
+def gpt2_hparams(w: GGUFWriter, c: dict) -> list:
+    """GPT2Model.set_gguf_parameters."""
+    w.add_block_count(c["n_layer"])
+    w.add_context_length(c["n_positions"])
+    w.add_embedding_length(c["n_embd"])
+    w.add_feed_forward_length(c["n_inner"])
+    w.add_head_count(c["n_head"])
+    w.add_layer_norm_eps(c["layer_norm_epsilon"])
+    return []
+
+
+def llama_hparams(w: GGUFWriter, c: dict) -> list:
+    """LlamaModel.set_gguf_parameters (SmolLM3Model adds nothing: llama.cpp hard-codes NoPE on
+    every fourth layer)."""
+    text_hparams(w, c)
+    w.add_vocab_size(c["vocab_size"])
+    w.add_rope_dimension_count(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
+    return []
+
+
+def granite_hparams(w: GGUFWriter, c: dict) -> list:
+    """GraniteModel.set_gguf_parameters: head_dim dropped, the multipliers as scales (each only
+    when non-zero)."""
+    llama_hparams(w, {k: v for k, v in c.items() if k != "head_dim"})
+    for key, add in (("attention_multiplier", w.add_attention_scale), ("embedding_multiplier", w.add_embedding_scale),
+                     ("residual_multiplier", w.add_residual_scale), ("logits_scaling", w.add_logit_scale)):
+        if c.get(key):
+            add(c[key])
+    return []
+
+
+def olmo2_hparams(w: GGUFWriter, c: dict) -> list:
+    """Olmo2Model.set_gguf_parameters (OLMo 2 and 3): the window and a per-layer pattern when the
+    config has a sliding_window."""
+    text_hparams(w, c)
+    if "sliding_window" in c:
+        w.add_sliding_window(c["sliding_window"])
+        if "layer_types" in c:
+            pattern = [t == "sliding_attention" for t in c["layer_types"]]
+        else:
+            pattern = [(i + 1) % 4 != 0 for i in range(c["num_hidden_layers"])]
+        w.add_sliding_window_pattern(pattern)
+    return []
+
+
+def phi3_hparams(w: GGUFWriter, c: dict) -> list:
+    """Phi3MiniModel.set_gguf_parameters and generate_extra_tensors: partial rotary as a rope
+    dimension count, LongRoPE as an attention factor and two f32 tensors of factors."""
+    rope = rope_parameters(c)
+    n_embd, n_head = c["hidden_size"], c["num_attention_heads"]
+    max_pos, orig = c["max_position_embeddings"], rope["original_max_position_embeddings"]
+    rope_dims = int(rope.get("partial_rotary_factor", 1.0) * n_embd) // n_head
+    w.add_context_length(max_pos)
+    w.add_rope_scaling_orig_ctx_len(orig)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(c["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_rope_dimension_count(rope_dims)
+    w.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
+    w.add_sliding_window(c.get("sliding_window") or 0)  # 0 marks Phi-4
+    if not rope.get("long_factor"):
+        return []
+    scale = max_pos / orig
+    w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0)
+    assert len(rope["long_factor"]) == len(rope["short_factor"]) == rope_dims // 2
+    return [("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32)),
+            ("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))]
+
+
+# tests/fixtures/tiny/<fixture> -> the llama.cpp architecture it is written as, and its hparams.
+TINY_GGUF = {
+    "gpt2": ("gpt2", gpt2_hparams),
+    "smollm3": ("smollm3", llama_hparams),
+    "granite": ("granite", granite_hparams),
+    "olmo2": ("olmo2", olmo2_hparams),
+    "olmo3": ("olmo2", olmo2_hparams),  # Olmo2Model writes OLMo 3 too
+    "phi3_longrope": ("phi3", phi3_hparams),
+}
+# Architectures whose converter class is a LlamaModel (undo_permute): Q/K rows permuted.
+PERMUTED_QK = ("smollm3", "granite")
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def llama_permute(t: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
+    """convert_hf_to_gguf's LlamaModel.permute."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+def gguf_tensor(arch: str, name: str, t: np.ndarray, c: dict) -> np.ndarray:
+    """A checkpoint tensor as llama.cpp stores it."""
+    if arch == "gpt2" and name.endswith(CONV1D):
+        return t.T  # Conv1D stores (in, out)
+    if arch in PERMUTED_QK and name.endswith("q_proj.weight"):
+        return llama_permute(t, c["num_attention_heads"], c["num_attention_heads"])
+    if arch in PERMUTED_QK and name.endswith("k_proj.weight"):
+        return llama_permute(t, c["num_attention_heads"], c["num_key_value_heads"])
+    return t
+
+
+def write_tiny_gguf(out: Path, fixture: str) -> None:
+    """tests/fixtures/tiny/<fixture> as llama.cpp's convert_hf_to_gguf.py writes it (TINY_GGUF),
+    F32: its hparams, tensor names from gguf-py's own map, Q/K rows permuted where llama.cpp
+    permutes them, GPT-2's Conv1D weights transposed to (out, in), Phi-3's fused qkv and gate_up
+    kept; with a stand-in SentencePiece vocabulary of the checkpoint's size (the tests feed ids)."""
+    arch, hparams = TINY_GGUF[fixture]
+    src = ROOT / "tests" / "fixtures" / "tiny" / fixture
     config = json.loads((src / "config.json").read_text())
     tensors = read_safetensors(src / "model.safetensors")
-    w = GGUFWriter(str(out / "tiny_gpt2.gguf"), "gpt2")
-    w.add_block_count(config["n_layer"])
-    w.add_context_length(config["n_positions"])
-    w.add_embedding_length(config["n_embd"])
-    w.add_feed_forward_length(config["n_inner"])
-    w.add_head_count(config["n_head"])
-    w.add_layer_norm_eps(config["layer_norm_epsilon"])
+    w = GGUFWriter(str(out / f"tiny_{fixture}.gguf"), arch)
+    extra = hparams(w, config)
     vocab = config["vocab_size"]
     tokens = ["<unk>", "<s>", "</s>"] + [f"▁t{i}" for i in range(vocab - 3)]
     w.add_string("tokenizer.ggml.model", "llama")
@@ -392,24 +529,15 @@ def write_tiny_gpt2(out: Path) -> None:
     w.add_key_value("tokenizer.ggml.scores", [0.0] * vocab, V.ARRAY, sub_type=V.FLOAT32)
     w.add_uint32("tokenizer.ggml.bos_token_id", config["bos_token_id"])
     w.add_uint32("tokenizer.ggml.eos_token_id", config["eos_token_id"])
-    names = {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm"}
-    layer = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
-             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    tmap = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch),
+                                    config.get("num_hidden_layers") or config["n_layer"])
+    for name, t in extra:  # generate_extra_tensors come first
+        w.add_tensor(name, t)
     for name, t in tensors.items():
-        name = name.removeprefix("transformer.")
-        stem, kind = name.rsplit(".", 1)
-        if stem.startswith("h."):
-            _, i, part = stem.split(".", 2)
-            if part not in layer:
-                continue  # attention bias buffers of old checkpoints
-            gguf_name = f"blk.{i}.{layer[part]}.{kind}"
-            if kind == "weight" and part in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
-                t = t.T  # Conv1D stores (in, out)
-        elif stem in names:
-            gguf_name = f"{names[stem]}.{kind}"
-        else:
-            continue  # lm_head: tied to wte
-        w.add_tensor(gguf_name, np.ascontiguousarray(t, dtype=np.float32))
+        gguf_name = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ValueError(f"{fixture}: gguf-py maps no name for {name}")
+        w.add_tensor(gguf_name, np.ascontiguousarray(gguf_tensor(arch, name, t, config), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -444,7 +572,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_quants(out)
     write_grid_model(out)
-    write_tiny_gpt2(out)
+    for fixture in TINY_GGUF:
+        write_tiny_gguf(out, fixture)
     names = write_tokenizers(out)
     if "--hf-tokenizers" in sys.argv:
         hf_tokenizers(out, names)

@@ -556,20 +556,95 @@ fn sharded_weights_load_everywhere_and_change_nothing() {
     }
 }
 
-/// A GPT-2 GGUF as llama.cpp writes one (tiny_gpt2.gguf: tests/fixtures/tiny/gpt2 through
-/// python/gguf_reference.py, F32 tensors, Conv1D weights transposed, attn_qkv fused) converts into
-/// a package that generates what the package from the safetensors folder does, with the same
-/// logits bit for bit, and coremltools loads it.
+/// Each tiny checkpoint as llama.cpp's convert_hf_to_gguf.py writes it (tiny_<fixture>.gguf,
+/// from python/gguf_reference.py: F32 tensors under gguf-py's names, Q/K rows permuted where
+/// llama.cpp permutes them, GPT-2's Conv1D weights transposed, Phi-3's fused qkv and gate_up,
+/// LongRoPE's factors as tensors) converts, in fp32 and in the default precision, into a package
+/// that generates what the package from the safetensors folder does, with last-position logits
+/// equal up to the f32 rounding of GGUF's float metadata; and coremltools loads it. Where
+/// llama.cpp computes otherwise than transformers, the folder is read as llama.cpp reads the
+/// model (`as_llama_cpp_reads_it`). Phi-4-mini's LongRoPE runs with both factor sets: the
+/// default context (128) passes the trained 64, `--context 64` does not.
 #[test]
-fn gpt2_converts_from_gguf_as_from_safetensors() {
+fn tiny_checkpoints_convert_from_gguf_as_from_safetensors() {
     let tmp = tempfile::tempdir().unwrap();
-    let (from_gguf, from_st) = (tmp.path().join("gguf.mlpackage"), tmp.path().join("st.mlpackage"));
-    let summary = convert(&root().join("crates/corelm-convert/tests/fixtures/gguf/tiny_gpt2.gguf"), &from_gguf, &[]);
-    assert_eq!(summary["architecture"], "gpt2", "{summary}");
-    convert(&root().join("tests/fixtures/tiny/gpt2"), &from_st, &[]);
+    let fixtures = ["gpt2", "smollm3", "granite", "olmo2", "olmo3", "phi3_longrope"];
     let ids = [1, 17, 42, 99, 5];
-    assert_eq!(run_greedy(&from_gguf, &ids, 12), run_greedy(&from_st, &ids, 12));
-    coremltools_accepts(&[from_gguf]);
+    let mut from_gguf = vec![];
+    for fixture in fixtures {
+        let folder = as_llama_cpp_reads_it(fixture, tmp.path());
+        let gguf = root().join(format!("crates/corelm-convert/tests/fixtures/gguf/tiny_{fixture}.gguf"));
+        let mut variants = vec![vec!["--precision", "fp32"], vec![]];
+        if fixture == "phi3_longrope" {
+            variants.push(vec!["--context", "64"]);
+        }
+        for (i, extra) in variants.iter().enumerate() {
+            let (pkg, st) = (tmp.path().join(format!("{fixture}{i}.mlpackage")), tmp.path().join("st.mlpackage"));
+            let summary = convert(&gguf, &pkg, extra);
+            let reference = convert(&folder, &st, extra);
+            assert_eq!(summary["architecture"], reference["architecture"], "{fixture}: {summary}");
+            let ((got, got_logits), (want, want_logits)) = (run_greedy(&pkg, &ids, 12), run_greedy(&st, &ids, 12));
+            assert_eq!(got, want, "{fixture} {extra:?}: greedy ids");
+            let scale = want_logits.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            let diff = got_logits.iter().zip(&want_logits).fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+            println!(
+                "{fixture} {extra:?}: {} ids equal, max |Δ logit| {diff:.2e} of max |logit| {scale:.2}",
+                got.len()
+            );
+            assert!(got_logits.len() == want_logits.len() && diff <= 1e-4 * scale, "{fixture} {extra:?}: {diff}");
+            from_gguf.push(pkg);
+        }
+    }
+    coremltools_accepts(&from_gguf);
+}
+
+/// A copy of tests/fixtures/tiny/<fixture> whose config says what llama.cpp computes for the
+/// model where that differs from what transformers does: SmolLM3 without RoPE on every fourth
+/// layer (llama.cpp's fixed `n_no_rope_layer_step`) and no sliding window; OLMo 3's sliding
+/// layers on the full layers' theta (llama.cpp's olmo2 graph ropes them with the global base).
+fn as_llama_cpp_reads_it(fixture: &str, tmp: &Path) -> PathBuf {
+    let src = root().join("tests/fixtures/tiny").join(fixture);
+    let dir = tmp.join(format!("{fixture}.llama_cpp"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    let mut config: Value = serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    match fixture {
+        "smollm3" => {
+            let layers = config["num_hidden_layers"].as_u64().unwrap();
+            config["no_rope_layers"] = (0..layers).map(|l| u64::from((l + 1) % 4 != 0)).collect();
+            config["use_sliding_window"] = false.into();
+        }
+        "olmo3" => {
+            let rope = &mut config["rope_parameters"];
+            rope["sliding_attention"]["rope_theta"] = rope["full_attention"]["rope_theta"].clone();
+        }
+        _ => {}
+    }
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    dir
+}
+
+/// A Phi-3 GGUF whose LongRoPE factor tensor is one factor short (tiny_phi3_longrope.gguf with
+/// the tensor's length in its header lowered) is refused with an error that names the tensor.
+#[test]
+fn gguf_rope_factors_of_the_wrong_length_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut bytes =
+        std::fs::read(root().join("crates/corelm-convert/tests/fixtures/gguf/tiny_phi3_longrope.gguf")).unwrap();
+    let name = b"rope_factors_short.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).expect("the tensor's info") + name.len();
+    // Tensor info: name, n_dims (u32), then ne[0] (u64).
+    let ne0 = at + 4..at + 12;
+    assert_eq!(u64::from_le_bytes(bytes[ne0.clone()].try_into().unwrap()), 6);
+    bytes[ne0].copy_from_slice(&5u64.to_le_bytes());
+    let bad = tmp.path().join("bad.gguf");
+    std::fs::write(&bad, bytes).unwrap();
+    let (code, _, err) =
+        corelm(&["convert", bad.to_str().unwrap(), "-o", tmp.path().join("x.mlpackage").to_str().unwrap()]);
+    assert!(code != 0 && err.contains("rope_factors_short.weight") && err.contains("holds 5"), "{err}");
 }
 
 /// Greedy ids and last-position logits of `corelm run` on `pkg`.

@@ -1,6 +1,7 @@
 //! A GGUF file as a conversion source: its metadata becomes a Hugging Face style `config.json`
 //! (so one parser serves both), and its tensors are served under Hugging Face names, with
-//! llama.cpp's storage conventions undone (Q/K row permutation, Gemma's `1 + w` norms).
+//! llama.cpp's storage conventions undone (Q/K row permutation, Gemma's `1 + w` norms, GPT-2's
+//! Conv1D transpose).
 
 use std::path::Path;
 
@@ -22,15 +23,21 @@ pub const SUPPORTED_GGUF_ARCHITECTURES: &[(&str, &str)] = &[
     ("gemma3", "gemma3_text"),
     ("phi3", "phi3"),
     ("gpt2", "gpt2"),
+    ("smollm3", "smollm3"),
+    ("granite", "granite"),
+    // OLMo 3 too, which config_json tells by its sliding window.
+    ("olmo2", "olmo2"),
 ];
 
 pub struct GgufCheckpoint {
     file: GgufFile,
-    /// Undo llama.cpp's Q/K row permutation (llama only, as transformers does).
+    /// Undo llama.cpp's Q/K row permutation (llama, SmolLM3 and Granite).
     permuted_qk: bool,
     /// Gemma norms are stored as `1 + w`.
     norm_offset: bool,
-    sandwich_norms: bool,
+    /// `post_attention_layernorm` normalizes the attention output (Gemma 2/3's sandwich, OLMo 2's
+    /// post norms), rather than the MLP input.
+    post_attention_norm: bool,
     /// GPT-2's Conv1D weights: Hugging Face stores them (in, out), llama.cpp (out, in).
     conv1d: bool,
     heads: (usize, usize),
@@ -58,13 +65,15 @@ fn config_json(g: &GgufFile) -> Result<Value> {
     let mut c = Map::new();
     c.insert("model_type".into(), json!(model_type));
     c.insert("vocab_size".into(), json!(vocab));
-    c.insert("hidden_size".into(), json!(g.require_usize(&key("embedding_length"))?));
+    let hidden = g.require_usize(&key("embedding_length"))?;
+    c.insert("hidden_size".into(), json!(hidden));
     c.insert("intermediate_size".into(), json!(g.require_usize(&key("feed_forward_length"))?));
     c.insert("num_hidden_layers".into(), json!(g.require_usize(&key("block_count"))?));
     let heads = g.require_usize(&key("attention.head_count"))?;
     c.insert("num_attention_heads".into(), json!(heads));
     c.insert("num_key_value_heads".into(), json!(g.get_usize(&key("attention.head_count_kv"))?.unwrap_or(heads)));
-    if let Some(hd) = g.get_usize(&key("attention.key_length"))? {
+    let key_length = g.get_usize(&key("attention.key_length"))?;
+    if let Some(hd) = key_length {
         c.insert("head_dim".into(), json!(hd));
     }
     if let Some(ctx) = g.get_usize(&key("context_length"))? {
@@ -79,21 +88,8 @@ fn config_json(g: &GgufFile) -> Result<Value> {
             c.insert("layer_norm_epsilon".into(), json!(eps));
         }
     }
-    if let Some(theta) = g.get_f64(&key("rope.freq_base"))? {
-        c.insert("rope_theta".into(), json!(theta));
-    }
-    if g.tensor("rope_freqs.weight").is_some() {
-        return Err(Error::malformed(g.path(), "per-frequency rope factors (rope_freqs.weight, Llama 3.1 style) in GGUF files are not supported; convert the Hugging Face checkpoint instead"));
-    }
-    match (g.get_str(&key("rope.scaling.type"))?, g.get_f64(&key("rope.scaling.factor"))?) {
-        (Some("linear"), Some(f)) | (None, Some(f)) if f != 1.0 => {
-            c.insert("rope_scaling".into(), json!({"rope_type": "linear", "factor": f}));
-        }
-        (Some(kind), _) if kind != "none" && kind != "linear" => {
-            return Err(Error::malformed(g.path(), format!("rope scaling `{kind}` in GGUF files is not supported")));
-        }
-        _ => {}
-    }
+    let head_dim = key_length.unwrap_or(hidden / heads.max(1));
+    rope_fields(g, &arch, head_dim, &mut c)?;
     c.insert("tie_word_embeddings".into(), json!(g.tensor("output.weight").is_none()));
     let specials = gguf::special_token_ids(g)?;
     if let Some(b) = specials.bos {
@@ -105,34 +101,188 @@ fn config_json(g: &GgufFile) -> Result<Value> {
     if let Some(p) = specials.pad {
         c.insert("pad_token_id".into(), json!(p));
     }
-    if let Some(w) = g.get_usize(&key("attention.sliding_window"))? {
+    // Phi-3's converter writes a window of 0 for "none" (Phi-4). llama.cpp also runs Phi-3's
+    // non-zero windows as full attention, where transformers slides every layer; we follow
+    // transformers there.
+    if let Some(w) = g.get_usize(&key("attention.sliding_window"))?.filter(|&w| w > 0) {
         c.insert("sliding_window".into(), json!(w));
         if model_type == "qwen2" || model_type == "qwen3" {
             c.insert("use_sliding_window".into(), json!(false));
         }
     }
-    if model_type == "gemma3_text" || model_type == "gemma2" {
-        // Not stored in GGUF: llama.cpp hard-codes them per architecture, as do we.
-        let hd = c.get("head_dim").cloned().unwrap_or(json!(256));
-        c.insert("query_pre_attn_scalar".into(), hd);
-        if model_type == "gemma3_text" {
-            c.insert("rope_local_base_freq".into(), json!(10_000.0));
-            c.insert("sliding_window_pattern".into(), json!(6));
-        } else {
-            c.insert(
-                "attn_logit_softcapping".into(),
-                json!(g.get_f64(&key("attn_logit_softcapping"))?.unwrap_or(50.0)),
-            );
-            c.insert(
-                "final_logit_softcapping".into(),
-                json!(g.get_f64(&key("final_logit_softcapping"))?.unwrap_or(30.0)),
-            );
-        }
-    }
+    family_fields(g, &arch, head_dim, &mut c)?;
     if let Some(name) = g.get_str("general.name")? {
         c.insert("_name_or_path".into(), json!(name));
     }
     Ok(Value::Object(c))
+}
+
+/// `rope_theta`, `rope_scaling` and `partial_rotary_factor` (the rope dimension count), and
+/// Phi-3's LongRoPE: the `rope_factors_short`/`_long` tensors, an attention factor and the trained
+/// context. llama.cpp takes the long factors when its context passes `original_context_length`,
+/// as our converter does with the package's context (transformers: with the sequence length).
+fn rope_fields(g: &GgufFile, arch: &str, head_dim: usize, c: &mut Map<String, Value>) -> Result<()> {
+    let key = |k: &str| format!("{arch}.{k}");
+    if arch == "gpt2" {
+        return Ok(());
+    }
+    // llama.cpp's base when the key is absent, whatever the family's Hugging Face default.
+    c.insert("rope_theta".into(), json!(g.get_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0)));
+    let rotary_dim = g.get_usize(&key("rope.dimension_count"))?.unwrap_or(head_dim);
+    if rotary_dim != head_dim {
+        let partial = rotary_dim as f64 / head_dim as f64;
+        // Our parser rotates ⌊head_dim × factor⌋ rounded down to even; llama.cpp's NORM-type
+        // rope (the archs with permuted Q/K) pairs rows across the whole head, which the
+        // unpermutation assumes.
+        if rotary_dim > head_dim || (head_dim as f64 * partial) as usize & !1 != rotary_dim || permutes_qk(arch) {
+            return Err(Error::malformed(
+                g.path(),
+                format!("{} {rotary_dim} of head size {head_dim} is not supported", key("rope.dimension_count")),
+            ));
+        }
+        c.insert("partial_rotary_factor".into(), json!(partial));
+    }
+    if g.tensor("rope_freqs.weight").is_some() {
+        return Err(Error::malformed(g.path(), "per-frequency rope factors (rope_freqs.weight, Llama 3.1 style) in GGUF files are not supported; convert the Hugging Face checkpoint instead"));
+    }
+    let kind = g.get_str(&key("rope.scaling.type"))?;
+    let long = rope_factors(g, "rope_factors_long.weight", rotary_dim)?;
+    let short = rope_factors(g, "rope_factors_short.weight", rotary_dim)?;
+    match (long, short) {
+        (Some(long), Some(short)) if matches!(kind, None | Some("longrope")) => {
+            let mut s = json!({"rope_type": "longrope", "short_factor": short, "long_factor": long});
+            if let Some(a) = g.get_f64(&key("rope.scaling.attn_factor"))? {
+                s["attention_factor"] = json!(a);
+            }
+            c.insert("rope_scaling".into(), s);
+            if let Some(orig) = g.get_usize(&key("rope.scaling.original_context_length"))? {
+                c.insert("original_max_position_embeddings".into(), json!(orig));
+            }
+            return Ok(());
+        }
+        (None, None) => {}
+        _ => {
+            return Err(Error::malformed(
+                g.path(),
+                "LongRoPE needs both rope_factors_long.weight and rope_factors_short.weight (and no other rope scaling type)",
+            ))
+        }
+    }
+    match (kind, g.get_f64(&key("rope.scaling.factor"))?) {
+        (Some("linear"), Some(f)) | (None, Some(f)) if f != 1.0 => {
+            c.insert("rope_scaling".into(), json!({"rope_type": "linear", "factor": f}));
+        }
+        (Some(kind), _) if kind != "none" && kind != "linear" => {
+            return Err(Error::malformed(g.path(), format!("rope scaling `{kind}` in GGUF files is not supported")));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// One LongRoPE factor set: an f32 tensor with a factor per rotated pair.
+fn rope_factors(g: &GgufFile, name: &str, rotary_dim: usize) -> Result<Option<Vec<f64>>> {
+    let Some(info) = g.tensor(name) else { return Ok(None) };
+    let v = g.dequantize(info)?;
+    if v.len() != rotary_dim / 2 || v.iter().any(|x| !x.is_finite() || *x <= 0.0) {
+        return Err(Error::malformed(
+            g.path(),
+            format!(
+                "tensor `{name}` holds {} rope factors; a rotary dimension of {rotary_dim} needs {} positive ones, one per rotated pair",
+                v.len(),
+                rotary_dim / 2
+            ),
+        ));
+    }
+    Ok(Some(v.into_iter().map(f64::from).collect()))
+}
+
+/// What each family keeps outside the common keys, or llama.cpp hard-codes.
+fn family_fields(g: &GgufFile, arch: &str, head_dim: usize, c: &mut Map<String, Value>) -> Result<()> {
+    let key = |k: &str| format!("{arch}.{k}");
+    match arch {
+        "gemma2" | "gemma3" => {
+            // Not stored in GGUF: llama.cpp hard-codes them per architecture, as do we.
+            let hd = c.get("head_dim").cloned().unwrap_or(json!(256));
+            c.insert("query_pre_attn_scalar".into(), hd);
+            if arch == "gemma3" {
+                c.insert("rope_local_base_freq".into(), json!(10_000.0));
+                c.insert("sliding_window_pattern".into(), json!(6));
+            } else {
+                let cap =
+                    |k: &str, default: f64| -> Result<Value> { Ok(json!(g.get_f64(&key(k))?.unwrap_or(default))) };
+                c.insert("attn_logit_softcapping".into(), cap("attn_logit_softcapping", 50.0)?);
+                c.insert("final_logit_softcapping".into(), cap("final_logit_softcapping", 30.0)?);
+            }
+        }
+        // llama.cpp leaves RoPE out of every fourth layer (`n_no_rope_layer_step`, not stored)
+        // and runs no sliding window, whatever the Hugging Face config said.
+        "smollm3" => {
+            c.insert("no_rope_layer_interval".into(), json!(4));
+        }
+        "granite" => {
+            // Absent attention scale: llama.cpp's 1/√head_dim (transformers' default is 1). The
+            // others, absent, are skipped (a multiplier of 1); llama.cpp requires logit_scale.
+            let attention = g.get_f64(&key("attention.scale"))?.unwrap_or(1.0 / (head_dim as f64).sqrt());
+            c.insert("attention_multiplier".into(), json!(attention));
+            for (gguf_key, hf) in [
+                ("embedding_scale", "embedding_multiplier"),
+                ("residual_scale", "residual_multiplier"),
+                ("logit_scale", "logits_scaling"),
+            ] {
+                if let Some(v) = g.get_f64(&key(gguf_key))? {
+                    c.insert(hf.into(), json!(v));
+                }
+            }
+        }
+        "olmo2" => olmo3_fields(g, c)?,
+        _ => {}
+    }
+    Ok(())
+}
+
+/// OLMo 3 is written as `olmo2` with a sliding window: its layers' pattern (a bool per layer,
+/// or a period, llama.cpp's default 4) makes it `olmo3`. llama.cpp ropes the sliding layers with
+/// the full layers' base and no scaling; it reads `rope.freq_base_swa` but its graph does not
+/// use it (transformers would take that theta). A nested `rope_parameters` says so to our parser.
+fn olmo3_fields(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
+    let Some(window) = c.get("sliding_window").and_then(Value::as_u64) else { return Ok(()) };
+    let layers = c["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+    let pattern_key = "olmo2.attention.sliding_window_pattern";
+    let sliding: Vec<bool> = match g.get(pattern_key) {
+        Some(gguf::MetaValue::Array(gguf::MetaArray::Bool(v))) if v.len() == layers => v.clone(),
+        None => (0..layers).map(|l| (l + 1) % 4 != 0).collect(),
+        Some(v) => match v.as_i128().and_then(|p| usize::try_from(p).ok()) {
+            // llama.cpp's set_swa_pattern: all but the last layer of each period slide.
+            Some(period) => (0..layers).map(|l| period == 0 || l % period < period - 1).collect(),
+            None => {
+                return Err(Error::malformed(
+                    g.path(),
+                    format!("metadata key '{pattern_key}' must be a bool per layer ({layers}) or a period"),
+                ))
+            }
+        },
+    };
+    if !sliding.contains(&true) {
+        return Ok(());
+    }
+    let types: Vec<&str> = sliding.iter().map(|&s| if s { "sliding_attention" } else { "full_attention" }).collect();
+    let theta = c.remove("rope_theta").unwrap_or(json!(10_000.0));
+    let mut full = c.remove("rope_scaling").unwrap_or(json!({"rope_type": "default"}));
+    full["rope_theta"] = theta.clone();
+    c.insert("model_type".into(), json!("olmo3"));
+    c.insert("sliding_window".into(), json!(window));
+    c.insert("layer_types".into(), json!(types));
+    c.insert(
+        "rope_parameters".into(),
+        json!({"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": theta}}),
+    );
+    Ok(())
+}
+
+/// Architectures whose Q/K rows llama.cpp's converter permutes (its LlamaModel subclasses).
+fn permutes_qk(arch: &str) -> bool {
+    matches!(arch, "llama" | "smollm3" | "granite")
 }
 
 impl GgufCheckpoint {
@@ -145,12 +295,11 @@ impl GgufCheckpoint {
             config["num_attention_heads"].as_u64().unwrap_or(1) as usize,
             config["num_key_value_heads"].as_u64().unwrap_or(1) as usize,
         );
-        let sandwich = matches!(arch.as_str(), "gemma2" | "gemma3");
         Ok((
             GgufCheckpoint {
-                permuted_qk: arch == "llama",
+                permuted_qk: permutes_qk(&arch),
                 norm_offset: arch.starts_with("gemma"),
-                sandwich_norms: sandwich,
+                post_attention_norm: matches!(arch.as_str(), "gemma2" | "gemma3" | "olmo2"),
                 conv1d: arch == "gpt2",
                 heads,
                 file,
@@ -188,7 +337,7 @@ impl GgufCheckpoint {
             "self_attn.qkv_proj" => "attn_qkv",
             "self_attn.q_norm" => "attn_q_norm",
             "self_attn.k_norm" => "attn_k_norm",
-            "post_attention_layernorm" if self.sandwich_norms => "post_attention_norm",
+            "post_attention_layernorm" if self.post_attention_norm => "post_attention_norm",
             "post_attention_layernorm" => "ffn_norm",
             "pre_feedforward_layernorm" => "ffn_norm",
             "post_feedforward_layernorm" => "post_ffw_norm",
