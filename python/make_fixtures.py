@@ -134,6 +134,21 @@ TINY = {
         attention_multiplier=0.1,
         logits_scaling=2.0,
     ),
+    # Granite 4 dense (granitemoehybrid without Mamba-2 layers or experts): Granite's
+    # multipliers and a fused gate/up projection.
+    "granite4": dict(
+        BASE,
+        model_type="granitemoehybrid",
+        num_local_experts=0,
+        time_step_limit=None,  # its default (0, inf) does not survive a JSON round trip
+        shared_intermediate_size=112,
+        layer_types=["attention", "attention"],
+        position_embedding_type="rope",
+        embedding_multiplier=3.0,
+        residual_multiplier=0.6,
+        attention_multiplier=0.1,
+        logits_scaling=1.5,
+    ),
     # OLMo 2: norms on block outputs only, q/k norms over whole projections.
     "olmo2": dict(BASE, model_type="olmo2"),
     # OLMo 3: also three sliding layers in four, the full layer's RoPE scaled, the sliding ones not.

@@ -189,6 +189,40 @@ fn unknown_architecture() {
     );
 }
 
+/// Configs that ask for what a family's converter does not do are refused by name: Granite 4's
+/// Mamba-2 layers and experts, SmolLM3 RoPE flags for fewer layers than it has, LongRoPE factors
+/// that do not cover the rotated pairs.
+#[test]
+fn family_features_beyond_the_converter_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny");
+    let cases: [(&str, serde_json::Value, &str); 4] = [
+        ("granite4", serde_json::json!({"layer_types": ["mamba", "attention"]}), "Granite 4 layer type `mamba`"),
+        ("granite4", serde_json::json!({"num_local_experts": 8}), "a Granite 4 mixture of 8 experts"),
+        ("smollm3", serde_json::json!({"no_rope_layers": [1, 0]}), "`no_rope_layers` has 2 flags for 4 layers"),
+        (
+            "phi3_longrope",
+            serde_json::json!({"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                "short_factor": [1.0], "long_factor": [1.0], "partial_rotary_factor": 0.75}}),
+            "`short_factor` needs 6 positive factors, one per rotated pair; it has 1",
+        ),
+    ];
+    for (fixture, patch, expect) in cases {
+        let model = dir.path().join(fixture);
+        fs::create_dir_all(&model).unwrap();
+        for entry in fs::read_dir(src.join(fixture)).unwrap().flatten() {
+            fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+        }
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&fs::read(model.join("config.json")).unwrap()).unwrap();
+        for (k, v) in patch.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        fs::write(model.join("config.json"), config.to_string()).unwrap();
+        assert_rejected(dir.path(), &model, "config.json", expect);
+    }
+}
+
 #[test]
 fn config_not_json() {
     let dir = tempfile::tempdir().unwrap();

@@ -22,6 +22,8 @@ pub enum Family {
     Gpt2,
     SmolLm3,
     Granite,
+    /// Granite 4's dense models (`granitemoehybrid` without Mamba-2 layers or experts).
+    Granite4,
     Olmo2,
     Olmo3,
 }

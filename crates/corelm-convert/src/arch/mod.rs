@@ -144,6 +144,12 @@ const FAMILIES: &[Registration] = &[
         config: granite::config,
         tensor_spec: hf_decoder_spec,
     },
+    Registration {
+        family: Family::Granite4,
+        model_types: &["granitemoehybrid"],
+        config: granite::config,
+        tensor_spec: granite::tensor_spec,
+    },
     Registration { family: Family::Olmo2, model_types: &["olmo2"], config: olmo::config, tensor_spec: hf_decoder_spec },
     Registration { family: Family::Olmo3, model_types: &["olmo3"], config: olmo::config, tensor_spec: hf_decoder_spec },
 ];
@@ -187,7 +193,7 @@ pub fn tensor_spec(config: &ModelConfig, role: Role) -> Option<TensorSpec> {
 }
 
 /// The `model.layers.N.self_attn.q_proj.weight` naming shared by most families.
-fn hf_decoder_spec(config: &ModelConfig, role: Role) -> Option<TensorSpec> {
+pub(crate) fn hf_decoder_spec(config: &ModelConfig, role: Role) -> Option<TensorSpec> {
     use LayerRole::*;
     let name = match role {
         Role::Embed => "model.embed_tokens.weight".to_string(),
