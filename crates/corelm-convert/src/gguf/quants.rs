@@ -114,38 +114,40 @@ impl GgmlType {
 
     /// How this block type's grid is carried into Core ML, if it can be (see [`GridForm`]).
     pub fn grid_form(self) -> Option<GridForm> {
-        use DType::{Int4, Int8, Uint4, Uint8};
+        use DType::{Int4, Int8, Uint4};
         use GgmlType::*;
         let form = |container, run, min, exact_scales, lut| GridForm { container, run, min, exact_scales, lut };
-        // An index into `levels`, no minimum. `exact_scales`: every run scale is the block's own
-        // fp16 (IQ4_NL, TQ*) or a ue4m3 value, all of which fp16 holds (NVFP4); MXFP4's e8m0
-        // scales span 2⁻¹²⁷..2¹²⁷, and the lattice types' are d times a sub-block factor.
-        let lut = |run, exact_scales, levels: &'static [i8]| {
-            form(index_container(levels), run, false, exact_scales, Some(levels))
+        // An index into `levels`. `exact_scales`: every run scale is the block's own fp16
+        // (Q5_0, Q5_1, IQ4_NL, TQ*) or a ue4m3 value, all of which fp16 holds (NVFP4); MXFP4's
+        // e8m0 scales span 2⁻¹²⁷..2¹²⁷, and the lattice types' are d times a sub-block factor.
+        let lut = |run, min, exact_scales, levels: &'static [i8]| {
+            form(index_container(levels), run, min, exact_scales, Some(levels))
         };
         Some(match self {
             Q4_0 => form(Int4, 32, false, true, None),
             Q4_1 => form(Uint4, 32, true, true, None),
-            Q5_0 => form(Int8, 32, false, true, None),
-            Q5_1 => form(Uint8, 32, true, true, None),
+            // Core ML's block scale takes no 2-, 3-, 5- or 6-bit integers; an index of that
+            // width into a table of the integers themselves does.
+            Q5_0 => lut(32, false, true, &SIGNED6),
+            Q5_1 => lut(32, true, true, &SIGNED6),
             Q8_0 => form(Int8, 32, false, true, None),
-            Q2_K => form(Uint4, 16, true, false, None),
-            Q3_K => form(Int4, 16, false, false, None),
+            Q2_K => lut(16, true, false, &UNSIGNED2),
+            Q3_K => lut(16, false, false, &SIGNED3),
             Q4_K => form(Uint4, 32, true, false, None),
-            Q5_K => form(Uint8, 32, true, false, None),
-            Q6_K => form(Int8, 16, false, false, None),
+            Q5_K => lut(32, true, false, &SIGNED6),
+            Q6_K => lut(16, false, false, &SIGNED6),
             Q8_K => form(Int8, QK_K, false, false, None),
-            IQ4_NL => lut(32, true, &IQ4_VALUES),
-            IQ4_XS => lut(32, false, &IQ4_VALUES),
-            IQ2_XXS => lut(32, false, &IQ2_LEVELS),
-            IQ2_XS | IQ2_S => lut(16, false, &IQ2_LEVELS),
-            IQ3_XXS => lut(32, false, &IQ3XXS_LEVELS),
-            IQ3_S => lut(32, false, &IQ3S_LEVELS),
-            IQ1_S => lut(32, false, &IQ1_LEVELS),
-            IQ1_M => lut(16, false, &IQ1_LEVELS),
-            TQ1_0 | TQ2_0 => lut(QK_K, true, &TERNARY_LEVELS),
-            MXFP4 => lut(32, false, &FP4_VALUES),
-            NVFP4 => lut(16, true, &FP4_VALUES),
+            IQ4_NL => lut(32, false, true, &IQ4_VALUES),
+            IQ4_XS => lut(32, false, false, &IQ4_VALUES),
+            IQ2_XXS => lut(32, false, false, &IQ2_LEVELS),
+            IQ2_XS | IQ2_S => lut(16, false, false, &IQ2_LEVELS),
+            IQ3_XXS => lut(32, false, false, &IQ3XXS_LEVELS),
+            IQ3_S => lut(32, false, false, &IQ3S_LEVELS),
+            IQ1_S => lut(32, false, false, &IQ1_LEVELS),
+            IQ1_M => lut(16, false, false, &IQ1_LEVELS),
+            TQ1_0 | TQ2_0 => lut(QK_K, false, true, &TERNARY_LEVELS),
+            MXFP4 => lut(32, false, false, &FP4_VALUES),
+            NVFP4 => lut(16, false, true, &FP4_VALUES),
             _ => return None,
         })
     }
@@ -157,16 +159,37 @@ impl std::fmt::Display for GgmlType {
     }
 }
 
-/// The index type of a table of `levels`: 2, 3 or 4 bits for 4, 8 or 16 entries (Core ML's
-/// `constexpr_lut_to_dense` wants exactly 2^bits entries).
+/// The index type of a table of `levels`: 2, 3, 4 or 6 bits for 4, 8, 16 or 64 entries (Core
+/// ML's `constexpr_lut_to_dense` wants exactly 2^bits entries).
 fn index_container(levels: &[i8]) -> DType {
     match levels.len() {
         4 => DType::Uint2,
         8 => DType::Uint3,
         16 => DType::Uint4,
-        n => unreachable!("grid tables hold 4, 8 or 16 levels, not {n}"),
+        64 => DType::Uint6,
+        n => unreachable!("grid tables hold 4, 8, 16 or 64 levels, not {n}"),
     }
 }
+
+/// Integers as a table indexed by their `log2(N)`-bit two's complement: entry `i` is `i`
+/// sign-extended.
+const fn sign_extended<const N: usize>() -> [i8; N] {
+    let shift = 8 - N.trailing_zeros();
+    let mut t = [0i8; N];
+    let mut i = 0;
+    while i < N {
+        t[i] = ((i as i8) << shift) >> shift;
+        i += 1;
+    }
+    t
+}
+
+/// The 5- and 6-bit types' integers: Q5_0 and Q6_K signed, Q5_1 and Q5_K from 0.
+pub const SIGNED6: [i8; 64] = sign_extended::<64>();
+/// Q3_K's integers, −4..3.
+pub const SIGNED3: [i8; 8] = sign_extended::<8>();
+/// Q2_K's integers, 0..3.
+pub const UNSIGNED2: [i8; 4] = [0, 1, 2, 3];
 
 /// The non-linear grid of IQ4_NL and IQ4_XS (ggml's `kvalues_iq4nl`): each 4-bit index selects
 /// one of these, times the block's scale.
@@ -178,8 +201,8 @@ pub const IQ4_VALUES: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 1
 /// `constexpr_blockwise_shift_scale` computes `scale·(data − offset)` with fp16 `scale` and
 /// `offset` per block of `run` weights: `data` holds the integers in `container` (the narrowest
 /// type that op accepts for their range), `scale` = fp16(a), `offset` = fp16(b / scale). For the
-/// table types (IQ4, lattice, ternary, fp4) `data` is the output of a `constexpr_lut_to_dense` of
-/// the indices (in `container`: uint2, uint3 or uint4) over `lut`.
+/// table types (the 5- and 6-bit types, IQ4, lattice, ternary, fp4) `data` is the output of a
+/// `constexpr_lut_to_dense` of the indices (in `container`: uint2, uint3, uint4 or uint6) over `lut`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GridForm {
     pub container: DType,
@@ -190,14 +213,20 @@ pub struct GridForm {
     /// Whether every `a` is an fp16 value already (the block's own scale), so that without a
     /// minimum the grid is carried exactly.
     pub exact_scales: bool,
-    /// The type's table of levels (4, 8 or 16 of them), which the stored values index.
+    /// The type's table of levels (4, 8, 16 or 64 of them), which the stored values index.
     pub lut: Option<&'static [i8]>,
 }
 
 impl GridForm {
-    /// The integer a stored value `q` stands for: itself, or for the table types its entry.
+    /// The index a decoded value `q` is stored as: itself, or for the table types its low bits
+    /// (the decoders give table positions, or for [`SIGNED6`] the integers themselves).
+    pub fn index(self, q: i8) -> i8 {
+        self.lut.map_or(q, |lut| (q as u8 as usize & (lut.len() - 1)) as i8)
+    }
+
+    /// The integer a decoded value `q` stands for: itself, or for the table types its entry.
     pub fn level(self, q: i8) -> f32 {
-        self.lut.map_or(f32::from(q), |lut| f32::from(lut[q as u8 as usize]))
+        self.lut.map_or(f32::from(q), |lut| f32::from(lut[self.index(q) as usize]))
     }
 }
 
@@ -246,7 +275,7 @@ pub fn carried_grid(dtype: GgmlType, data: &[u8], scales: DType) -> Option<Carri
         if ones {
             g.values.extend(std::iter::repeat_n(1, q.len()));
         } else {
-            g.values.extend_from_slice(q);
+            g.values.extend(q.iter().map(|&qi| form.index(qi)));
         }
         g.scales.push(scale);
         if let Some(o) = g.offsets.as_mut() {
@@ -538,6 +567,20 @@ fn iq4_xs(b: &[u8], run: &mut Runs) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The tables the 2-, 3-, 5- and 6-bit types index: each integer at its two's complement.
+    #[test]
+    fn integer_tables_hold_each_value_at_its_index() {
+        assert_eq!(SIGNED3, [0, 1, 2, 3, -4, -3, -2, -1]);
+        assert_eq!((SIGNED6[0], SIGNED6[31], SIGNED6[32], SIGNED6[63]), (0, 31, -32, -1));
+        for (ty, values) in [(GgmlType::Q3_K, -4..4), (GgmlType::Q6_K, -32..32), (GgmlType::Q5_1, 0..32)] {
+            let form = ty.grid_form().unwrap();
+            for q in values {
+                assert_eq!(form.level(q), f32::from(q), "{ty} {q}");
+                assert!((form.index(q) as usize) < form.lut.unwrap().len());
+            }
+        }
+    }
 
     #[test]
     fn sizes_match_ggml() {
