@@ -287,15 +287,22 @@ fn packed_blockwise(
 }
 
 /// The integers of a shift-scale's `data` and the container they fit: as stored (int4/int8 and
-/// unsigned), or, for float data that holds only integers in the int8 range (a LUT of integer
-/// levels expanded by `constexpr_lut_to_dense`, as GGUF's non-linear grids are carried), int8.
+/// unsigned), or, for float data that holds only integers (a LUT of integer levels expanded by
+/// `constexpr_lut_to_dense`, as GGUF's grids are carried), the narrowest of int4 and int8.
 fn narrow_integers(data: &Value) -> Result<Option<(DType, Vec<i64>)>> {
     match data.dtype {
         DType::Int4 | DType::Int8 | DType::Uint4 | DType::Uint8 => Ok(Some((data.dtype, data.ints()?))),
         DType::Fp16 | DType::Fp32 => {
             let floats = data.to_f32_vec();
-            let int8 = |v: &f32| v.fract() == 0.0 && (-128.0..=127.0).contains(v);
-            Ok(floats.iter().all(int8).then(|| (DType::Int8, floats.iter().map(|&v| v as i64).collect())))
+            let within = |lo: f32, hi: f32| floats.iter().all(|v| v.fract() == 0.0 && (lo..=hi).contains(v));
+            let dtype = if within(-8.0, 7.0) {
+                DType::Int4
+            } else if within(-128.0, 127.0) {
+                DType::Int8
+            } else {
+                return Ok(None);
+            };
+            Ok(Some((dtype, floats.iter().map(|&v| v as i64).collect())))
         }
         _ => Ok(None),
     }
@@ -1041,8 +1048,16 @@ mod tests {
     /// scales, not widened, and the layer computes `Σ x·s·(level − o)`.
     #[test]
     fn lut_grids_stay_packed_and_compute_their_levels() {
+        // Levels past int4's range are held as bytes; Q3_K's −4..3 as nibbles.
+        for (levels, bits) in
+            [([-43.0, -25.0, -8.0, 8.0, 25.0, 43.0, 0.0, 0.0], 8), ([0.0, 1.0, 2.0, 3.0, -4.0, -3.0, -2.0, -1.0], 4)]
+        {
+            lut_grid_case(levels, bits);
+        }
+    }
+
+    fn lut_grid_case(levels: [f64; 8], bits: u8) {
         let (rows, cols, run) = (64, 64, 32);
-        let levels = [-43.0, -25.0, -8.0, 8.0, 25.0, 43.0, 0.0, 0.0];
         let index = |r: usize, c: usize| (r * 7 + c * 3) % 6;
         let scale = |r: usize, b: usize| 0.001 * (1 + (r + b) % 5) as f64;
         let offset = |r: usize, b: usize| 0.5 * ((r + 2 * b) % 3) as f64;
@@ -1086,8 +1101,11 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert!(matches!(weights.as_slice(), [Packed::Blockwise { bits: 8, .. }]), "the weight was widened");
-        assert_eq!(weights[0].bytes(), rows * cols + 4 * 2 * rows * 2);
+        assert!(
+            matches!(weights.as_slice(), [Packed::Blockwise { bits: b, .. }] if *b == bits),
+            "the weight was widened"
+        );
+        assert_eq!(weights[0].bytes(), rows * cols * usize::from(bits) / 8 + 4 * 2 * rows * 2);
 
         let inputs = BTreeMap::from([("x".to_string(), Value::f32(DType::Fp16, vec![1, cols], x.clone()))]);
         let out = interp.predict(None, &inputs, &mut interp.new_state(None).unwrap()).unwrap()["y"].to_f32_vec();
