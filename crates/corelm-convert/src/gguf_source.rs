@@ -423,8 +423,8 @@ impl Checkpoint for GgufCheckpoint {
             ));
         }
         let data_from = match form.lut {
-            // The indices expand over the type's one table first (4, 8 or 16 levels for uint2,
-            // uint3 or uint4 indices); the block scales apply after.
+            // The indices expand over the type's one table first (4, 8, 16 or 64 levels for
+            // uint2, uint3, uint4 or uint6 indices); the block scales apply after.
             Some(lut) => {
                 let levels: Vec<f64> = lut.iter().map(|&v| f64::from(v)).collect();
                 let lut = Tensor::from_floats(dtype, vec![1, 1, lut.len(), 1], &levels)?;

@@ -10,7 +10,7 @@ use super::{residual_divisor, GraphOptions, Profile, Stage, ANE_MAX_DIM};
 use crate::arch::{tensor_spec, LayerRole, Role, TensorSpec};
 use crate::checkpoint::{load, load_grid, Checkpoint};
 use crate::compress::Compressed;
-use crate::config::{ModelConfig, Norm, QkNorm, Rope};
+use crate::config::{ModelConfig, Norm, Rope};
 use crate::Result;
 use corelm_format::weights::{BlobRef, WeightStore};
 use corelm_format::{DType, Tensor};
@@ -24,10 +24,9 @@ fn ane_rms_width(c: &ModelConfig, role: Role) -> Option<usize> {
         return None;
     }
     match role {
-        Role::Layer(_, QNorm) if c.qk_norm == QkNorm::Projection => Some(c.num_heads * c.head_dim),
-        Role::Layer(_, KNorm) if c.qk_norm == QkNorm::Projection => Some(c.num_kv_heads * c.head_dim),
-        Role::Layer(_, QNorm | KNorm) => Some(c.head_dim),
-        Role::Layer(_, AttnNorm | PostAttnNorm | MlpNorm | PostMlpNorm) | Role::FinalNorm => Some(c.hidden_size),
+        Role::Layer(_, QNorm | KNorm | AttnNorm | PostAttnNorm | MlpNorm | PostMlpNorm) | Role::FinalNorm => {
+            crate::checkpoint::expected_shape(c, role).first().copied()
+        }
         _ => None,
     }
 }
