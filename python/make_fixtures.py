@@ -2,6 +2,7 @@
 """Reference fixtures for corelm, computed with Hugging Face transformers on CPU in float32.
 
     python/make_fixtures.py tiny   # random tiny checkpoints + outputs -> tests/fixtures/tiny/<name>/
+    python/make_fixtures.py tiny gemma4 gemma3n   # ... only those
     python/make_fixtures.py real   # outputs of real GGUF models     -> tests/fixtures/real/<name>/
     python/make_fixtures.py eval   # SmolLM2 perplexity on bench/data/eval.txt -> tests/fixtures/real/smollm2/eval_perplexity.json
 
@@ -9,6 +10,7 @@ Run it with the interpreter of the venv described by python/requirements-referen
 Everything is seeded and computed on one thread, so re-running reproduces the files byte for byte.
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -60,6 +62,11 @@ LONGROPE = dict(
         long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
     ),
 )
+
+S, F = "sliding_attention", "full_attention"
+# Gemma 4 has no `rope_theta`: its rope_parameters default per layer type (sliding: default RoPE,
+# theta 1e4; full: proportional RoPE on a quarter of the head, theta 1e6).
+BASE_GEMMA4 = {k: v for k, v in BASE.items() if k != "rope_theta"}
 
 TINY = {
     "llama_rope_llama3": dict(
@@ -159,6 +166,122 @@ TINY = {
         sliding_window=8,
         rope_scaling=dict(rope_type="linear", factor=2.0),
     ),
+    # Gemma 4 E2B's shape: per-layer embeddings, full layers with their own (wider) head size and
+    # proportional partial RoPE, the last 3 layers reusing the K/V of layers 1 (sliding) and 2 (full)
+    # with double-wide MLPs, a layer_scalar per layer.
+    "gemma4_text": dict(
+        BASE_GEMMA4,
+        model_type="gemma4_text",
+        intermediate_size=64,  # 128 in the KV-shared layers (use_double_wide_mlp)
+        num_hidden_layers=6,
+        layer_types=[S, S, F, S, S, F],
+        sliding_window=8,
+        global_head_dim=32,
+        # num_global_key_value_heads only acts together with attention_k_eq_v: not set here
+        num_kv_shared_layers=3,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=128,
+        use_double_wide_mlp=True,
+        attention_k_eq_v=False,
+        final_logit_softcapping=30.0,
+        tie_word_embeddings=True,
+    ),
+    # Gemma 4 31B's text shape in the multimodal layout: no per-layer embeddings, no KV sharing,
+    # full layers with K = V (no v_proj), one KV head of 32. Real (tiny) vision and audio towers.
+    "gemma4": dict(
+        model_type="gemma4",
+        text_config=dict(
+            BASE_GEMMA4,
+            intermediate_size=96,
+            num_hidden_layers=4,
+            layer_types=[S, S, S, F],  # Gemma 4 forces the last layer to full attention
+            sliding_window=8,
+            global_head_dim=32,
+            num_global_key_value_heads=1,
+            attention_k_eq_v=True,
+            num_kv_shared_layers=0,
+            hidden_size_per_layer_input=0,
+            final_logit_softcapping=30.0,
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            patch_size=4,
+            position_embedding_size=16,
+            pooling_kernel_size=2,
+        ),
+        audio_config=dict(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            subsampling_conv_channels=[4, 4],
+            conv_kernel_size=3,
+            output_proj_dims=16,
+        ),
+        tie_word_embeddings=True,
+    ),
+    # Gemma 3n: AltUp (4 streams), LAuReL, per-layer embeddings over a smaller vocabulary than the
+    # model's (ids >= 96 look up row 0), gaussian top-k sparsity in the first two MLPs, MLP widths
+    # per layer, the last 3 layers reusing the K/V of layers 1 (sliding) and 2 (full).
+    "gemma3n_text": dict(
+        BASE,
+        model_type="gemma3n_text",
+        intermediate_size=[96, 64, 96, 64, 96, 64],
+        num_hidden_layers=6,
+        layer_types=[S, S, F, S, S, F],
+        sliding_window=8,
+        num_kv_shared_layers=3,
+        altup_num_inputs=4,
+        laurel_rank=4,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=96,
+        activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0, 0.0, 0.0],
+        final_logit_softcapping=30.0,
+        tie_word_embeddings=True,
+        rope_theta=1_000_000.0,
+        rope_local_base_freq=10000.0,
+    ),
+    # Gemma 3n in the multimodal layout, the text model differing from the one above: 2 AltUp
+    # streams, no sparsity, no KV sharing, one MLP width. The audio tower is real (tiny); the timm
+    # vision tower is a stand-in of two tensors (timm is not installed; text never reaches it).
+    "gemma3n": dict(
+        model_type="gemma3n",
+        text_config=dict(
+            BASE,
+            intermediate_size=96,
+            num_hidden_layers=4,
+            layer_types=[S, S, S, F],
+            sliding_window=8,
+            num_kv_shared_layers=0,
+            altup_num_inputs=2,
+            laurel_rank=4,
+            hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=128,
+            activation_sparsity_pattern=[0.0, 0.0, 0.0, 0.0],
+            final_logit_softcapping=30.0,
+            tie_word_embeddings=True,
+            rope_theta=1_000_000.0,
+            rope_local_base_freq=10000.0,
+        ),
+        # Multimodal token ids just past the text vocabulary, so text ids never reach them.
+        vision_config=dict(hidden_size=16, vocab_size=8, vocab_offset=128),
+        audio_config=dict(
+            hidden_size=16,
+            vocab_size=8,
+            vocab_offset=136,
+            input_feat_size=16,
+            conf_num_attention_heads=2,
+            conf_num_hidden_layers=1,
+            conf_conv_kernel_size=3,
+            sscp_conv_channel_size=[4, 4],
+        ),
+        tie_word_embeddings=True,
+    ),
     "gpt2": dict(
         model_type="gpt2",
         vocab_size=128,
@@ -173,6 +296,14 @@ TINY = {
 }
 
 GEMMA_NORM = {"gemma", "gemma2", "gemma3_text"}  # RMSNorm scales by (1 + weight)
+# Gemma 3n / 4 RMSNorm scales by `weight` itself, and their attention leaves q.k unscaled (scaling
+# 1.0, the q/k norms setting the sharpness).
+UNSCALED_ATTENTION = {"gemma3n_text", "gemma4_text"}
+# Multimodal layouts: the language model is `model.language_model`, its settings `text_config`.
+MULTIMODAL = {"gemma3n", "gemma4"}
+# AltUp's prediction / correction coefficients (mixing the streams, per token, by the router's
+# modality weights in [-1, 1]).
+ALTUP_COEF_STD = 0.2
 
 
 def versions():
@@ -194,37 +325,58 @@ def randomize(model, model_type, gen):
     scaled by 2 (through q_norm/k_norm where those exist) for sharper attention. With tied embeddings
     the residual copy of the input token would dominate its own logit (greedy decoding then repeats one
     token), so those models get small embeddings (0.01) and a final norm gain of 16 to keep logits O(1).
+
+    Gemma 3n / 4: per-layer embedding tables N(0, 0.5) (they are not tied), q/k norm scales near 1
+    (attention is unscaled), AltUp's router wide enough for its tanh to leave the linear range,
+    its coefficients N(0, 0.2), correct_output_scale 1 + 0.1 N(0,1), and the per-layer
+    `layer_scalar` buffers uniform in [0.5, 1.5]. Only the language model of a multimodal layout is
+    randomized; its towers keep their (seeded) default init.
     """
-    config = model.config
+    config = model.config.get_text_config()
     tied = config.tie_word_embeddings
     # Where scores or logits are soft-capped (Gemma 2), push them up to the caps so that capping matters.
     qk_gain = 6.0 if getattr(config, "attn_logit_softcapping", None) else 2.0
+    if config.model_type in UNSCALED_ATTENTION:
+        qk_gain = 1.0
     final_gain = (16.0 if tied else 1.0) * (15.0 if getattr(config, "final_logit_softcapping", None) else 1.0)
     embedding = model.get_input_embeddings().weight
-    final_norm = "transformer.ln_f.weight" if model_type == "gpt2" else "model.norm.weight"
+    if model_type in MULTIMODAL:
+        root, final_norm = model.model.language_model, "norm.weight"
+    else:
+        root, final_norm = model, "transformer.ln_f.weight" if model_type == "gpt2" else "model.norm.weight"
 
     def normal(p, std, mean=0.0):
         p.copy_(torch.randn(p.shape, generator=gen) * std + mean)
 
     done = set()
-    for name, module in model.named_modules():
+    for name, module in root.named_modules():
         if isinstance(module, (torch.nn.Linear, Conv1D)) and module.weight is not embedding:
             fan_in = module.weight.shape[1 if isinstance(module, torch.nn.Linear) else 0]
-            gain = qk_gain if name.endswith(("q_proj", "k_proj")) else 1.0
-            normal(module.weight, gain * fan_in**-0.5)
+            if name.endswith("modality_router"):  # AltUp scales its router's input by 1 / hidden_size
+                std = config.hidden_size * fan_in**-0.5
+            elif name.endswith(("prediction_coefs", "correction_coefs")):
+                std = ALTUP_COEF_STD
+            else:
+                std = (qk_gain if name.endswith(("q_proj", "k_proj")) else 1.0) * fan_in**-0.5
+            normal(module.weight, std)
             done.add(id(module.weight))
-    for name, p in model.named_parameters():  # tied weights are listed once
+    for name, p in root.named_parameters():  # tied weights are listed once
         if id(p) in done:
             continue
         if p.dim() == 2:  # token / position embeddings
-            normal(p, 0.01 if tied else 0.5)
+            normal(p, 0.5 if "embed_tokens_per_layer" in name else 0.01 if tied else 0.5)
         elif name.endswith(".bias"):
             normal(p, 0.1)
         elif "norm" in name or "ln_" in name:
             gain = qk_gain if ("q_norm" in name or "k_norm" in name) else final_gain if name == final_norm else 1.0
             normal(p, 0.1 * gain, mean=gain - (1.0 if model_type in GEMMA_NORM else 0.0))
+        elif name.endswith("altup.correct_output_scale"):
+            normal(p, 0.1, mean=1.0)
         else:
             raise ValueError(f"no init rule for {name} {tuple(p.shape)}")
+    for name, b in root.named_buffers():
+        if name.endswith(".layer_scalar"):  # Gemma 4: a persistent buffer scaling each layer's output
+            b.copy_(0.5 + torch.rand(b.shape, generator=gen))
 
 
 def greedy(model, ids, n):
@@ -243,17 +395,59 @@ def greedy(model, ids, n):
     return new
 
 
+class TimmStandIn(torch.nn.Module):
+    """In place of Gemma 3n's timm (MobileNetV5) vision tower, which needs the `timm` package: two
+    tensors under its names (model.vision_tower.timm_model.*). Text input never reaches it."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.timm_model = torch.nn.Module()
+        self.timm_model.conv_stem = torch.nn.Module()
+        self.timm_model.conv_stem.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.timm_model.msfa = torch.nn.Module()
+        self.timm_model.msfa.norm = torch.nn.Module()
+        self.timm_model.msfa.norm.weight = torch.nn.Parameter(torch.ones(config.hidden_size))
+
+
+@contextlib.contextmanager
+def timm_stand_in():
+    import transformers.models.gemma3n.modeling_gemma3n as gemma3n
+
+    auto = gemma3n.AutoModel
+
+    class Auto:
+        @staticmethod
+        def from_config(config, **kwargs):
+            if config.model_type == "gemma3n_vision":
+                return TimmStandIn(config)
+            return auto.from_config(config, **kwargs)
+
+    gemma3n.AutoModel = Auto
+    try:
+        yield
+    finally:
+        gemma3n.AutoModel = auto
+
+
 def make_tiny(name, spec):
     spec = dict(spec)
     model_type = spec.pop("model_type")
     torch.manual_seed(SEED)
     config = AutoConfig.for_model(model_type, **spec)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    with timm_stand_in() if model_type == "gemma3n" else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     randomize(model, model_type, torch.Generator().manual_seed(SEED))
     model.eval()
 
+    text_config = config.get_text_config()
     gen = torch.Generator().manual_seed(SEED + 1)
-    prompt = torch.randint(3, spec["vocab_size"], (PROMPT_LEN,), generator=gen).tolist()
+    prompt = torch.randint(3, text_config.vocab_size, (PROMPT_LEN,), generator=gen).tolist()
+    per_layer_vocab = getattr(text_config, "vocab_size_per_layer_input", None)
+    if per_layer_vocab is not None and per_layer_vocab < text_config.vocab_size:
+        # Ids past the per-layer embedding table (which Gemma 3n looks up as id 0) must be tested.
+        if not any(t >= per_layer_vocab for t in prompt[: PREFIX_T + 1]):
+            raise RuntimeError(f"{name}: no prompt id >= vocab_size_per_layer_input {per_layer_vocab}")
     logits = model(torch.tensor([prompt])).logits[0]
     last = logits[-1]
     std = float(last.std())
@@ -287,14 +481,29 @@ def make_tiny(name, spec):
     write_legacy_config(out, model_type)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"{name:18s} logits std {std:5.2f}, {len(set(new)):2d} distinct greedy ids, {size / 1024:6.1f} KiB")
+    if size >= 1 << 20:
+        raise RuntimeError(f"{name}: {size} bytes, more than 1 MiB")
 
 
 def legacy_config(config):
     """The same configuration in the layout transformers 4.x wrote (and most published checkpoints
     still have): `rope_theta` + `rope_scaling` instead of `rope_parameters` (Gemma 3's local base as
     `rope_local_base_freq`), `torch_dtype` for `dtype`, and no `layer_types` where 4.x derived them
-    (Gemma 2: even layers slide; Qwen2: layers from `max_window_layers` on; Mistral/Phi-3: all)."""
+    (Gemma 2: even layers slide; Qwen2: layers from `max_window_layers` on; Mistral/Phi-3: all).
+    Multimodal layouts (Gemma 3n) get this in their `text_config`. Gemma 4, which no 4.x release
+    knew, gets the layout of its published checkpoints instead (see `gemma4_published`)."""
     c = dict(config)
+    if c["model_type"] in ("gemma4", "gemma4_text"):
+        return gemma4_published(c)
+    if c["model_type"] in MULTIMODAL:
+        c["text_config"] = legacy_config(c["text_config"])
+        for key in ("vision_config", "audio_config"):
+            if isinstance(c.get(key), dict) and "dtype" in c[key]:
+                c[key] = dict(c[key])
+                c[key]["torch_dtype"] = c[key].pop("dtype")
+        if "dtype" in c:
+            c["torch_dtype"] = c.pop("dtype")
+        return c
     params = c.pop("rope_parameters", None)
     if params is not None:
         if "full_attention" in params:  # keyed by layer type (Gemma 3)
@@ -310,6 +519,25 @@ def legacy_config(config):
     return c
 
 
+def gemma4_published(config):
+    """Gemma 4 as google/gemma-4-* publish it: the full-attention layers' head size and KV heads as
+    `global_head_dim` and `num_global_key_value_heads` (the latter only read with attention_k_eq_v),
+    where transformers 5 writes the `per_layer_config` it derives from them."""
+    c = dict(config)
+    if c["model_type"] == "gemma4":
+        c["text_config"] = gemma4_published(c["text_config"])
+        return c
+    per_layer = c.pop("per_layer_config")
+    full = {str(i) for i, t in enumerate(c["layer_types"]) if t == "full_attention"}
+    override = per_layer[min(full)]
+    uniform = set(per_layer) == full and all(per_layer[i] == override for i in full)
+    if not uniform or not set(override) <= {"head_dim", "num_key_value_heads"}:
+        raise RuntimeError(f"per_layer_config {per_layer} is not one override of the full-attention layers")
+    c["global_head_dim"] = override["head_dim"]
+    c["num_global_key_value_heads"] = override.get("num_key_value_heads")
+    return c
+
+
 def write_legacy_config(out, model_type):
     """Writes config.legacy.json beside config.json and checks, with transformers itself, that both
     layouts describe the same model (so the same reference outputs hold for both)."""
@@ -319,7 +547,16 @@ def write_legacy_config(out, model_type):
     write_json(path, legacy)
     new = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
     old = AutoConfig.for_model(model_type, **{k: v for k, v in legacy.items() if k != "model_type"})
-    for key in ("rope_parameters", "layer_types", "sliding_window", "max_position_embeddings"):
+    new, old = new.get_text_config(), old.get_text_config()
+    keys = ["rope_parameters", "layer_types", "sliding_window", "max_position_embeddings"]
+    if model_type in ("gemma4", "gemma4_text"):
+        keys.append("kv_sharing_modes")
+        for i in range(new.num_hidden_layers):
+            for key in ("head_dim", "num_key_value_heads"):
+                a, b = getattr(new.per_layer_config[i], key), getattr(old.per_layer_config[i], key)
+                if a != b:
+                    raise RuntimeError(f"{out.name}: legacy layout gives layer {i} {key}={b}, not {a}")
+    for key in keys:
         if getattr(new, key, None) != getattr(old, key, None):
             raise RuntimeError(f"{out.name}: legacy layout gives {key}={getattr(old, key, None)!r}, "
                                f"not {getattr(new, key, None)!r}")
@@ -500,15 +737,20 @@ def make_eval(name, gguf_name):
 
 
 def main():
-    what = sys.argv[1] if len(sys.argv) == 2 else ""
-    if what not in ("tiny", "real", "eval"):
-        sys.exit("usage: make_fixtures.py tiny|real|eval")
+    args = sys.argv[1:]
+    what = args[0] if args else ""
+    names = args[1:]
+    if what not in ("tiny", "real", "eval") or (names and what != "tiny"):
+        sys.exit("usage: make_fixtures.py tiny [NAME...] | real | eval")
+    unknown = [n for n in names if n not in TINY]
+    if unknown:
+        sys.exit(f"unknown tiny fixtures {unknown}; known: {', '.join(TINY)}")
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     torch.set_grad_enabled(False)
     if what == "tiny":
-        for name, spec in TINY.items():
-            make_tiny(name, spec)
+        for name in names or TINY:
+            make_tiny(name, TINY[name])
     elif what == "eval":
         make_eval("smollm2", REAL["smollm2"][0])
     else:
