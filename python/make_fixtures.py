@@ -380,19 +380,28 @@ def randomize(model, model_type, gen):
 
 
 def greedy(model, ids, n):
-    """Greedy decoding with the KV cache: one full prefill, then one token at a time."""
+    """Greedy decoding with the KV cache: one full prefill, then one token at a time. Returns the new
+    ids and, for each step, how far the chosen logit stands above the runner-up's and the runner-up's
+    id (from the same cached logits that picked the token): where the gap is within a conversion's
+    logit error, taking the runner-up is a near-tie, not a divergence."""
     out = model(torch.tensor([ids]), use_cache=True)
-    new = []
+    new, gaps, runner_up = [], [], []
     for _ in range(n):
-        tok = int(out.logits[0, -1].argmax())
+        step = out.logits[0, -1]
+        tok = int(step.argmax())
+        rest = step.clone()
+        rest[tok] = float("-inf")
+        second = int(rest.argmax())
         new.append(tok)
+        gaps.append(float(step[tok] - step[second]))
+        runner_up.append(second)
         out = model(torch.tensor([[tok]]), cache=out.cache, use_cache=True)
     # The cached decode must agree with a single uncached pass over prompt + continuation.
     full = model(torch.tensor([ids + new]), use_cache=False).logits[0]
     redo = full[len(ids) - 1 : -1].argmax(-1).tolist()
     if redo != new:
         raise RuntimeError(f"cached greedy {new} != uncached argmax {redo}")
-    return new
+    return new, gaps, runner_up
 
 
 class TimmStandIn(torch.nn.Module):
@@ -457,7 +466,7 @@ def make_tiny(name, spec):
     top2 = logits.topk(2, dim=-1).values
     top2_gap = (top2[:, 0] - top2[:, 1]).tolist()
     prefix = model(torch.tensor([prompt[: PREFIX_T + 1]])).logits[0, -1]
-    new = greedy(model, prompt, NEW_TOKENS)
+    new, greedy_gap, greedy_runner_up = greedy(model, prompt, NEW_TOKENS)
     if std < 0.1 or len(set(argmax)) < 8 or len(set(new)) < 8:
         raise RuntimeError(f"{name}: degenerate outputs (std {std:.3f}, argmax {argmax}, greedy {new})")
 
@@ -474,6 +483,8 @@ def make_tiny(name, spec):
             "last_logits": floats(last),
             "logits_range": float(last.max() - last.min()),
             "greedy_ids": new,
+            "greedy_top2_gap": greedy_gap,
+            "greedy_runner_up": greedy_runner_up,
             "prefix_check": {"t": PREFIX_T, "next_logits": floats(prefix)},
             **versions(),
         },
@@ -644,7 +655,7 @@ def make_real(name, gguf_name, prompts_fn):
     runs = []
     for label, ids, n_new in prompts_fn(tok):
         logits = model(torch.tensor([ids])).logits[0]
-        new = greedy(model, ids, n_new)
+        new, _, _ = greedy(model, ids, n_new)
         logits_file = f"last_logits_{label}.f32"
         (out / logits_file).write_bytes(struct.pack(f"<{logits.shape[-1]}f", *logits[-1].tolist()))
         runs.append(
