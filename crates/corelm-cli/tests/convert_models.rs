@@ -58,25 +58,58 @@ fn coremltools_accepts(packages: &[PathBuf]) {
     assert!(out.status.success());
 }
 
-/// The stateful interface for a config: inputs, states and outputs with their shapes.
-fn check_interface(report: &Value, config: &Value, context: usize) {
-    let f = &report["functions"]["main"];
+/// The KV states a config's layers need, as transformers' config describes them: one cache per
+/// shape of layer (Gemma 4's global layers are wider, in `per_layer_config`), holding only the
+/// layers that do not reuse an earlier layer's keys and values (the last `num_kv_shared_layers`).
+fn expected_caches(config: &Value, context: usize) -> Vec<(String, Vec<usize>)> {
     let layers = config["num_hidden_layers"].as_u64().or(config["n_layer"].as_u64()).unwrap() as usize;
     let heads = config["num_attention_heads"].as_u64().or(config["n_head"].as_u64()).unwrap() as usize;
     let kv = config["num_key_value_heads"].as_u64().map_or(heads, |v| v as usize);
     let hidden = config["hidden_size"].as_u64().or(config["n_embd"].as_u64()).unwrap() as usize;
     let head_dim = config["head_dim"].as_u64().map_or(hidden / heads, |v| v as usize);
+    let shared = config["num_kv_shared_layers"].as_u64().unwrap_or(0) as usize;
+    let mut groups: Vec<((usize, usize), usize)> = Vec::new();
+    for l in 0..layers - shared {
+        let o = &config["per_layer_config"][l.to_string()];
+        let shape = (
+            o["num_key_value_heads"].as_u64().map_or(kv, |v| v as usize),
+            o["head_dim"].as_u64().map_or(head_dim, |v| v as usize),
+        );
+        match groups.iter_mut().find(|g| g.0 == shape) {
+            Some(g) => g.1 += 1,
+            None => groups.push((shape, 1)),
+        }
+    }
+    let mut caches = Vec::new();
+    for base in ["keyCache", "valueCache"] {
+        for (i, ((kv, hd), n)) in groups.iter().enumerate() {
+            let name = if i == 0 { base.to_string() } else { format!("{base}Global") };
+            caches.push((name, vec![*n, 1, *kv, context, *hd]));
+        }
+    }
+    caches
+}
+
+/// The stateful interface for a config: inputs, states and outputs with their shapes.
+fn check_interface(report: &Value, config: &Value, context: usize) {
+    let f = &report["functions"]["main"];
+    let config = if config["text_config"].is_object() { &config["text_config"] } else { config };
+    let layers = config["num_hidden_layers"].as_u64().or(config["n_layer"].as_u64()).unwrap() as usize;
     let ids = &f["inputs"][0];
     assert_eq!((ids["name"].as_str(), ids["dtype"].as_str()), (Some("inputIds"), Some("int32")));
     assert_eq!(ids["flexibility"]["ranges"], serde_json::json!([[1, 1], [1, context]]));
     let mask = &f["inputs"][1];
     assert_eq!((mask["name"].as_str(), mask["dtype"].as_str()), (Some("causalMask"), Some("fp16")));
     assert_eq!(mask["flexibility"]["ranges"], serde_json::json!([[1, 1], [1, 1], [1, context], [1, context]]));
-    for (state, name) in f["states"].as_array().unwrap().iter().zip(["keyCache", "valueCache"]) {
-        assert_eq!(state["name"], name);
+    let caches = expected_caches(config, context);
+    let states = f["states"].as_array().unwrap();
+    assert_eq!(states.len(), caches.len(), "{states:?}");
+    for (state, (name, shape)) in states.iter().zip(&caches) {
+        assert_eq!(state["name"], name.as_str());
         assert_eq!(state["dtype"], "fp16");
-        assert_eq!(state["shape"], serde_json::json!([layers, 1, kv, context, head_dim]));
+        assert_eq!(state["shape"], serde_json::json!(shape));
     }
+    let cached_layers: usize = caches.iter().filter(|c| c.0.starts_with("key")).map(|c| c.1[0]).sum();
     assert_eq!(f["outputs"][0]["name"], "logits");
     // Declared without a shape (flexible); inspect derives it from the program.
     let vocab: u64 = report["metadata"]["user_defined"]["corelm.vocab_size"].as_str().unwrap().parse().unwrap();
@@ -87,7 +120,7 @@ fn check_interface(report: &Value, config: &Value, context: usize) {
     for op in ["read_state", "slice_update", "write_state", "gather", "linear"] {
         assert!(ops[op].as_u64().unwrap_or(0) > 0, "no {op} in {ops}");
     }
-    assert_eq!(ops["read_state"].as_u64(), Some(2 * layers as u64), "one cache read per layer and cache");
+    assert_eq!(ops["read_state"].as_u64(), Some(2 * cached_layers as u64), "one cache read per layer and cache");
     let softcapped = config["attn_logit_softcapping"].as_f64().is_some();
     let attention = if softcapped { "softmax" } else { "scaled_dot_product_attention" };
     assert_eq!(ops[attention].as_u64(), Some(layers as u64), "{attention} per layer: {ops}");
@@ -107,7 +140,8 @@ fn every_tiny_architecture_converts_and_loads_in_coremltools() {
         let config: Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
         let out = tmp.path().join(format!("{name}.mlpackage"));
         let summary = convert(dir, &out, &["--context", "64"]);
-        assert_eq!(summary["layers"].as_u64(), config["num_hidden_layers"].as_u64().or(config["n_layer"].as_u64()));
+        let text = if config["text_config"].is_object() { &config["text_config"] } else { &config };
+        assert_eq!(summary["layers"].as_u64(), text["num_hidden_layers"].as_u64().or(text["n_layer"].as_u64()));
         let report = inspect(&out);
         check_interface(&report, &config, 64);
         assert_eq!(report["spec_version"], 9);

@@ -180,34 +180,64 @@ impl Checkpoint for Safetensors {
 /// The shape a role's weight must have.
 pub fn expected_shape(c: &ModelConfig, role: Role) -> Vec<usize> {
     use LayerRole::*;
-    let (h, q, kv, i) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+    let h = c.hidden_size;
+    let per_layer = c.per_layer_inputs.map_or(0, |p| p.width);
+    let streams = c.altup.map_or(0, |a| a.inputs);
     match role {
         Role::Embed | Role::LmHead => vec![c.vocab_size, h],
         Role::PositionEmbed => vec![c.max_position_embeddings, h],
         Role::FinalNorm | Role::FinalNormBias => vec![h],
-        Role::Layer(_, r) => match r {
-            AttnNorm | AttnNormBias | PostAttnNorm | MlpNorm | MlpNormBias | PostMlpNorm | OBias | DownBias => vec![h],
-            Q => vec![q, h],
-            K | V => vec![kv, h],
-            O => vec![h, q],
-            QBias => vec![q],
-            KBias | VBias => vec![kv],
-            QNorm if c.qk_norm == QkNorm::Projection => vec![q],
-            KNorm if c.qk_norm == QkNorm::Projection => vec![kv],
-            QNorm | KNorm => vec![c.head_dim],
-            Gate | Up => vec![i, h],
-            Down => vec![h, i],
-            UpBias => vec![i],
-        },
+        Role::PerLayerEmbed => vec![c.per_layer_inputs.map_or(0, |p| p.vocab), c.num_layers * per_layer],
+        Role::PerLayerProjection => vec![c.num_layers * per_layer, h],
+        Role::PerLayerProjectionNorm => vec![per_layer],
+        Role::AltUpProjection(_) | Role::AltUpUnembed(_) => vec![h, h],
+        Role::Layer(l, r) => {
+            let shape = c.layer(l);
+            let (q, kv, i) = (c.num_heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate);
+            let rank = c.laurel_rank.unwrap_or(0);
+            match r {
+                AttnNorm | AttnNormBias | PostAttnNorm | MlpNorm | MlpNormBias | PostMlpNorm | OBias | DownBias
+                | PostPerLayerNorm | LaurelNorm | AltUpCorrectScale | AltUpRouterNorm => vec![h],
+                Q => vec![q, h],
+                K | V => vec![kv, h],
+                O => vec![h, q],
+                QBias => vec![q],
+                KBias | VBias => vec![kv],
+                QNorm if c.qk_norm == QkNorm::Projection => vec![q],
+                KNorm if c.qk_norm == QkNorm::Projection => vec![kv],
+                QNorm | KNorm => vec![shape.head_dim],
+                Gate | Up => vec![i, h],
+                Down => vec![h, i],
+                UpBias => vec![i],
+                LayerScalar => vec![1],
+                PerLayerGate => vec![per_layer, h],
+                PerLayerProj => vec![h, per_layer],
+                LaurelLeft => vec![rank, h],
+                LaurelRight => vec![h, rank],
+                AltUpCorrection => vec![streams, streams],
+                AltUpPrediction => vec![streams * streams, streams],
+                AltUpRouter => vec![streams, h],
+            }
+        }
     }
 }
 
-/// Finds `name`, or the same name without its first component (`transformer.h.0` vs `h.0`).
-pub fn resolve<'a>(ck: &dyn Checkpoint, name: &'a str) -> Option<&'a str> {
-    if ck.shape(name).is_some() {
-        return Some(name);
+/// Finds `name`: as given, without its first component (`transformer.h.0` vs `h.0`), or, for
+/// the language model of a multimodal checkpoint, under `model.language_model.` (transformers
+/// 5) or `language_model.model.` (4.x).
+pub fn resolve(ck: &dyn Checkpoint, name: &str) -> Option<String> {
+    let mut candidates = vec![name.to_string()];
+    if let Some((_, rest)) = name.split_once('.') {
+        candidates.push(rest.to_string());
     }
-    name.split_once('.').map(|(_, rest)| rest).filter(|rest| ck.shape(rest).is_some())
+    match name.strip_prefix("model.") {
+        Some(rest) => {
+            candidates.push(format!("model.language_model.{rest}"));
+            candidates.push(format!("language_model.model.{rest}"));
+        }
+        None => candidates.push(format!("language_model.{name}")),
+    }
+    candidates.into_iter().find(|n| ck.shape(n).is_some())
 }
 
 /// A whole-tensor role's weight in its stored compressed form, if the checkpoint has one Core ML
@@ -220,7 +250,7 @@ pub fn load_grid(
     dtype: DType,
 ) -> Result<Option<CarriedWeight>> {
     let Some(name) = resolve(ck, &spec.name) else { return Ok(None) };
-    let Some(grid) = ck.read_grid(name, dtype)? else { return Ok(None) };
+    let Some(grid) = ck.read_grid(&name, dtype)? else { return Ok(None) };
     let shape = grid.compressed.matrix_shape().to_vec();
     let expected = expected_shape(c, role);
     if shape != expected {
@@ -238,14 +268,14 @@ pub fn load(ck: &dyn Checkpoint, c: &ModelConfig, role: Role, spec: &TensorSpec)
     let expected = expected_shape(c, role);
     let missing = || Error::malformed(ck.source(), format!("tensor `{}` is missing", spec.name));
     let name = resolve(ck, &spec.name).ok_or_else(missing)?;
-    let shape = ck.shape(name).ok_or_else(missing)?;
+    let shape = ck.shape(&name).ok_or_else(missing)?;
     let wrong = |got: &[usize]| {
         Error::malformed(
             ck.source(),
             format!("tensor `{name}` has shape {got:?}; {:?} expected for {role:?}", expected),
         )
     };
-    let data = ck.read_f32(name)?;
+    let data = ck.read_f32(&name)?;
     let (rows_total, cols) = match shape.as_slice() {
         [n] => (*n, 1),
         [r, c] => (*r, *c),

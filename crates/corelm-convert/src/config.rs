@@ -26,6 +26,11 @@ pub enum Family {
     Granite4,
     Olmo2,
     Olmo3,
+    /// Gemma 3n's language model: AltUp streams, LAuReL, per-layer embeddings, KV sharing,
+    /// activation sparsity.
+    Gemma3n,
+    /// Gemma 4's dense language models: per-layer embeddings, KV sharing, wider global heads.
+    Gemma4,
 }
 
 impl Family {
@@ -35,7 +40,7 @@ impl Family {
     }
 
     pub fn is_gemma(self) -> bool {
-        matches!(self, Family::Gemma | Family::Gemma2 | Family::Gemma3)
+        matches!(self, Family::Gemma | Family::Gemma2 | Family::Gemma3 | Family::Gemma3n | Family::Gemma4)
     }
 }
 
@@ -79,6 +84,12 @@ pub enum RopeScaling {
         long_factor: Arc<[f64]>,
         original_max_position: usize,
         attention_factor: f64,
+    },
+    /// Gemma 4's global layers: the first `rotated_pairs` pairs at the usual frequencies over
+    /// the whole head, the rest at frequency 0 (passed through), all divided by `factor`.
+    Proportional {
+        rotated_pairs: usize,
+        factor: f64,
     },
 }
 
@@ -128,6 +139,42 @@ pub enum Attention {
     Sliding(usize),
 }
 
+/// What one layer's attention and MLP look like, where layers differ (Gemma 3n and 4), and
+/// where its keys and values come from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerShape {
+    pub head_dim: usize,
+    pub kv_heads: usize,
+    pub intermediate: usize,
+    /// The earlier layer whose keys and values this one attends over (KV sharing): it has no
+    /// K/V projections and no cache of its own.
+    pub kv_from: Option<usize>,
+    /// Gemma 4's `attention_k_eq_v` global layers: the values are the key projection's output.
+    pub values_are_keys: bool,
+    /// Gemma 3n's activation sparsity: the gate keeps only what exceeds mean + z·std of its
+    /// row, z the standard normal quantile of this fraction (0: dense).
+    pub sparsity: f64,
+}
+
+/// Per-layer embeddings (Gemma 3n, Gemma 4): a second token table of `width` values per layer,
+/// combined with a projection of the token embedding and fed into every layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PerLayerInputs {
+    pub width: usize,
+    /// Rows of the table; ids past it read row 0 (Gemma 3n).
+    pub vocab: usize,
+}
+
+/// Gemma 3n's AltUp: the hidden state as `inputs` streams, one of which (`active`) the layer
+/// computes on; the others are predicted from it and corrected after.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AltUp {
+    pub inputs: usize,
+    pub active: usize,
+    /// Whether the corrected active stream is scaled before the per-layer input gate.
+    pub correct_scale: bool,
+}
+
 /// Everything the graph builder needs to know about a model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
@@ -170,18 +217,58 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
+    /// Each layer's sizes and KV source.
+    pub layers: Vec<LayerShape>,
+    /// Values normed per head without a gain (Gemma 3n and 4).
+    pub value_norm: bool,
+    pub per_layer_inputs: Option<PerLayerInputs>,
+    pub altup: Option<AltUp>,
+    /// Gemma 3n's LAuReL: a low-rank residual branch of this rank beside attention.
+    pub laurel_rank: Option<usize>,
+    /// Each layer's output multiplied by a stored scalar (Gemma 4's `layer_scalar`).
+    pub layer_scalar: bool,
 }
 
 impl ModelConfig {
-    /// Parameters in the checkpoint's layout (embeddings counted once when tied).
+    /// Parameters of the matrices corelm converts (embeddings counted once when tied; norms and
+    /// other vectors left out).
     pub fn parameter_count(&self) -> u64 {
-        let (h, i, v) = (self.hidden_size as u64, self.intermediate_size as u64, self.vocab_size as u64);
-        let (q, kv) = ((self.num_heads * self.head_dim) as u64, (self.num_kv_heads * self.head_dim) as u64);
-        let attn = h * q + 2 * h * kv + q * h;
-        let mlp = if self.gated_mlp { 3 * h * i } else { 2 * h * i };
-        let per_layer = attn + mlp;
-        let head = if self.tie_word_embeddings { 0 } else { v * h };
-        self.num_layers as u64 * per_layer + v * h + head
+        let (h, v) = (self.hidden_size as u64, self.vocab_size as u64);
+        let mut total = v * h + if self.tie_word_embeddings { 0 } else { v * h };
+        for l in &self.layers {
+            let i = l.intermediate as u64;
+            let q = (self.num_heads * l.head_dim) as u64;
+            let kv = (l.kv_heads * l.head_dim) as u64;
+            let kv_projections = match (l.kv_from, l.values_are_keys) {
+                (Some(_), _) => 0,
+                (None, true) => h * kv,
+                (None, false) => 2 * h * kv,
+            };
+            total += 2 * h * q + kv_projections + if self.gated_mlp { 3 * h * i } else { 2 * h * i };
+            if let Some(p) = self.per_layer_inputs {
+                total += 2 * h * p.width as u64;
+            }
+            total += 2 * h * self.laurel_rank.unwrap_or(0) as u64;
+        }
+        total + self.per_layer_table_parameters()
+    }
+
+    /// Parameters of the per-layer embedding table and its projection from the embedding.
+    pub fn per_layer_table_parameters(&self) -> u64 {
+        self.per_layer_inputs.map_or(0, |p| {
+            let row = (self.num_layers * p.width) as u64;
+            row * p.vocab as u64 + row * self.hidden_size as u64
+        })
+    }
+
+    /// Layer `l`'s sizes.
+    pub fn layer(&self, l: usize) -> &LayerShape {
+        &self.layers[l]
+    }
+
+    /// Layers that keep keys and values of their own (the others reuse an earlier layer's).
+    pub fn cached_layers(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.num_layers).filter(|&l| self.layers[l].kv_from.is_none())
     }
 }
 

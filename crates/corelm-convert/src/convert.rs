@@ -148,7 +148,7 @@ pub fn convert(
     if opts.chunks > 1 && !opts.target.supports_states() {
         return Err(Error::invalid("--chunks needs the KV cache as states (--target ios18)"));
     }
-    let stages = Stage::split(c.num_layers, opts.chunks);
+    let stages = Stage::split(c, opts.chunks)?;
     let paths = if opts.chunks == 1 { vec![output.to_path_buf()] } else { chunk_paths(output, opts.chunks)? };
     // Either every part is written or none is left behind.
     if !write.overwrite {

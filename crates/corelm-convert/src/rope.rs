@@ -11,6 +11,9 @@ pub fn inverse_frequencies(rope: &Rope, context: usize) -> Result<Vec<f64>> {
     Ok(match &rope.scaling {
         RopeScaling::None => base,
         RopeScaling::Linear(factor) => base.iter().map(|f| f / factor).collect(),
+        &RopeScaling::Proportional { rotated_pairs, factor } => {
+            base.iter().enumerate().map(|(i, f)| if i < rotated_pairs { f / factor } else { 0.0 }).collect()
+        }
         &RopeScaling::Dynamic { original_max_position, .. } => {
             // Dynamic scaling changes nothing until a sequence outgrows the trained length, and
             // past it depends on the sequence length, which a fixed table cannot follow.

@@ -51,6 +51,12 @@ pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
         bos_token_id,
         eos_token_ids,
         pad_token_id,
+        layers: vec![],
+        value_norm: false,
+        per_layer_inputs: None,
+        altup: None,
+        laurel_rank: None,
+        layer_scalar: false,
     })
 }
 
@@ -64,7 +70,7 @@ pub fn tensor_spec(c: &ModelConfig, role: Role) -> Option<TensorSpec> {
             Role::PositionEmbed => whole("wpe.weight"),
             Role::FinalNorm => whole("ln_f.weight"),
             Role::FinalNormBias => whole("ln_f.bias"),
-            Role::Layer(..) => None,
+            _ => None,
         };
     };
     let p = format!("transformer.h.{l}");

@@ -2,6 +2,8 @@
 //! says where each weight of the common decoder lives in its checkpoints.
 
 pub mod gemma;
+pub mod gemma3n;
+pub mod gemma4;
 pub mod gpt2;
 pub mod granite;
 pub mod llama;
@@ -14,7 +16,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::config::{Activation, Attention, BlockNorms, Family, Fields, ModelConfig, Norm, QkNorm, Rope, RopeScaling};
+use crate::config::{
+    Activation, Attention, BlockNorms, Family, Fields, LayerShape, ModelConfig, Norm, QkNorm, Rope, RopeScaling,
+};
 use crate::{Error, Result};
 
 /// A weight of the common decoder graph.
@@ -26,6 +30,14 @@ pub enum Role {
     FinalNorm,
     FinalNormBias,
     LmHead,
+    /// The per-layer embedding table (Gemma 3n, 4), the projection of the token embedding into
+    /// per-layer inputs, and that projection's norm.
+    PerLayerEmbed,
+    PerLayerProjection,
+    PerLayerProjectionNorm,
+    /// AltUp's projections of the embedding into stream i + 1, and of stream i + 1 back.
+    AltUpProjection(usize),
+    AltUpUnembed(usize),
     Layer(usize, LayerRole),
 }
 
@@ -55,6 +67,22 @@ pub enum LayerRole {
     Down,
     UpBias,
     DownBias,
+    /// Gemma 4: the layer output's multiplier.
+    LayerScalar,
+    /// The per-layer input's gate (hidden → width), projection back, and its norm.
+    PerLayerGate,
+    PerLayerProj,
+    PostPerLayerNorm,
+    /// LAuReL's low-rank pair and norm.
+    LaurelLeft,
+    LaurelRight,
+    LaurelNorm,
+    /// AltUp's per-layer weights.
+    AltUpCorrectScale,
+    AltUpCorrection,
+    AltUpPrediction,
+    AltUpRouter,
+    AltUpRouterNorm,
 }
 
 /// Which part of a stored tensor a role takes.
@@ -152,6 +180,18 @@ const FAMILIES: &[Registration] = &[
     },
     Registration { family: Family::Olmo2, model_types: &["olmo2"], config: olmo::config, tensor_spec: hf_decoder_spec },
     Registration { family: Family::Olmo3, model_types: &["olmo3"], config: olmo::config, tensor_spec: hf_decoder_spec },
+    Registration {
+        family: Family::Gemma3n,
+        model_types: &["gemma3n_text", "gemma3n"],
+        config: gemma3n::config,
+        tensor_spec: gemma3n::tensor_spec,
+    },
+    Registration {
+        family: Family::Gemma4,
+        model_types: &["gemma4_text", "gemma4"],
+        config: gemma4::config,
+        tensor_spec: gemma3n::tensor_spec,
+    },
 ];
 
 /// The registration of `family`.
@@ -174,18 +214,35 @@ pub fn read_config(path: &Path, json: &Value) -> Result<ModelConfig> {
     let registration = FAMILIES.iter().find(|r| r.model_types.contains(&model_type)).ok_or_else(|| {
         f.error(format!("unsupported architecture `{model_type}`; supported model types: {}", supported()))
     })?;
-    // Multimodal Gemma 3 keeps the language model's settings under `text_config`.
+    // Multimodal Gemma 3, 3n and 4 keep the language model's settings under `text_config`.
     let text;
-    let f = if model_type == "gemma3" {
-        text = f.opt_object("text_config")?.ok_or_else(|| f.error("gemma3 config without `text_config`"))?;
+    let f = if MULTIMODAL.contains(&model_type) {
+        text = f
+            .opt_object("text_config")?
+            .ok_or_else(|| f.error(format!("{model_type} config without `text_config`")))?;
         text
     } else {
         f
     };
-    let config = (registration.config)(&f, registration.family)?;
+    let mut config = (registration.config)(&f, registration.family)?;
+    if config.layers.is_empty() {
+        let shape = LayerShape {
+            head_dim: config.head_dim,
+            kv_heads: config.num_kv_heads,
+            intermediate: config.intermediate_size,
+            kv_from: None,
+            values_are_keys: false,
+            sparsity: 0.0,
+        };
+        config.layers = vec![shape; config.num_layers];
+    }
     check_config(&f, &config)?;
     Ok(config)
 }
+
+/// The `model_type`s of multimodal checkpoints whose language model corelm converts; their
+/// weights are named `model.language_model.*` and their vision and audio towers are left out.
+pub const MULTIMODAL: &[&str] = &["gemma3", "gemma3n", "gemma4"];
 
 /// Where each role's tensor lives for this family; `None` when the family has no such weight.
 pub fn tensor_spec(config: &ModelConfig, role: Role) -> Option<TensorSpec> {
@@ -200,7 +257,13 @@ pub(crate) fn hf_decoder_spec(config: &ModelConfig, role: Role) -> Option<Tensor
         Role::FinalNorm => "model.norm.weight".to_string(),
         Role::LmHead if config.tie_word_embeddings => "model.embed_tokens.weight".to_string(),
         Role::LmHead => "lm_head.weight".to_string(),
-        Role::PositionEmbed | Role::FinalNormBias => return None,
+        Role::PositionEmbed
+        | Role::FinalNormBias
+        | Role::PerLayerEmbed
+        | Role::PerLayerProjection
+        | Role::PerLayerProjectionNorm
+        | Role::AltUpProjection(_)
+        | Role::AltUpUnembed(_) => return None,
         Role::Layer(l, r) => {
             let p = format!("model.layers.{l}");
             match r {
@@ -259,7 +322,7 @@ pub fn rope(
         Some(p) => Some(p),
         None => f.opt_f64("partial_rotary_factor")?,
     };
-    let rotary_dim = match partial {
+    let mut rotary_dim = match partial {
         Some(p) => ((head_dim as f64 * p) as usize) & !1,
         None => head_dim,
     };
@@ -290,9 +353,16 @@ pub fn rope(
                 },
                 // Early Phi-3 long-context configs call it `su`.
                 "longrope" | "su" => long_rope(&s, original()?, max_positions, rotary_dim)?,
+                // Gemma 4: the whole head rotates, the pairs past the partial factor's share at
+                // frequency 0 (transformers' `_compute_proportional_rope_parameters`).
+                "proportional" => {
+                    let rotated_pairs = (head_dim as f64 * partial.unwrap_or(1.0)) as usize / 2;
+                    rotary_dim = head_dim;
+                    RopeScaling::Proportional { rotated_pairs, factor: s.opt_f64("factor")?.unwrap_or(1.0) }
+                }
                 other => {
                     return Err(s.error(format!(
-                        "unsupported rope scaling type `{other}`; supported: default, linear, dynamic, llama3, longrope"
+                        "unsupported rope scaling type `{other}`; supported: default, linear, dynamic, llama3, longrope, proportional"
                     )))
                 }
             }
@@ -386,7 +456,16 @@ pub fn dims(f: &Fields) -> Result<Dims> {
     Ok(Dims {
         vocab_size: f.usize("vocab_size")?,
         hidden_size,
-        intermediate_size: f.usize("intermediate_size")?,
+        // Gemma 3n may list one per layer (its module reads them); the first stands for all here.
+        intermediate_size: match f.raw("intermediate_size") {
+            Some(Value::Array(items)) => items
+                .first()
+                .and_then(Value::as_u64)
+                .filter(|&n| n <= crate::config::config_limit("intermediate_size"))
+                .ok_or_else(|| f.error("`intermediate_size` must be a positive integer or a list of them"))?
+                as usize,
+            _ => f.usize("intermediate_size")?,
+        },
         num_layers: f.usize("num_hidden_layers")?,
         num_heads,
         num_kv_heads: f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads),
@@ -432,6 +511,13 @@ pub fn llama_like(f: &Fields, family: Family) -> Result<ModelConfig> {
         bos_token_id,
         eos_token_ids,
         pad_token_id,
+        // Filled by `read_config` when the family leaves it empty: every layer alike.
+        layers: vec![],
+        value_norm: false,
+        per_layer_inputs: None,
+        altup: None,
+        laurel_rank: None,
+        layer_scalar: false,
     })
 }
 
@@ -458,9 +544,13 @@ fn check_config(f: &Fields, c: &ModelConfig) -> Result<()> {
     if c.layer_attention.len() != c.num_layers {
         return bad(format!("{} layer types for {} layers", c.layer_attention.len(), c.num_layers));
     }
-    for r in c.rope.iter().chain(&c.rope_local) {
-        if r.rotary_dim == 0 || r.rotary_dim > c.head_dim || r.rotary_dim % 2 != 0 {
-            return bad(format!("rotary dimension {} does not fit head_dim {}", r.rotary_dim, c.head_dim));
+    for (l, shape) in c.layers.iter().enumerate().filter(|(l, _)| c.rope_layers.get(*l) == Some(&true)) {
+        let sliding = matches!(c.layer_attention[l], Attention::Sliding(_));
+        let rope = if sliding && c.rope_local.is_some() { &c.rope_local } else { &c.rope };
+        if let Some(r) = rope {
+            if r.rotary_dim == 0 || r.rotary_dim > shape.head_dim || r.rotary_dim % 2 != 0 {
+                return bad(format!("rotary dimension {} does not fit head_dim {}", r.rotary_dim, shape.head_dim));
+            }
         }
     }
     if c.rope_layers.len() != c.num_layers {

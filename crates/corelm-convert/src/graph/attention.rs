@@ -27,48 +27,74 @@ impl AttentionForm {
     }
 }
 
-/// Layer `l`'s queries (1, heads, N, head_dim), keys and values (1, kv_heads, N, head_dim),
-/// normed per head where the family does and rotated by `rope`.
+/// Layer `l`'s queries (1, heads, N, head_dim), and unless the layer reuses an earlier layer's
+/// keys and values, its keys and values (1, kv_heads, N, head_dim): normed per head where the
+/// family does, rotated by `rope`.
 pub(super) fn project_qkv(
     g: &mut Graph,
     l: usize,
     x: &Var,
     compute: DType,
     rope: Option<&(Var, Var)>,
-) -> Result<(Var, Var, Var)> {
+) -> Result<(Var, Option<(Var, Var)>)> {
     use LayerRole::*;
     let c = g.c;
     let p = format!("l{l}");
     let lr = |r| Role::Layer(l, r);
+    let shape = c.layer(l).clone();
+    let hd = shape.head_dim;
+    let norm = |g: &mut Graph, x: &Var, role: LayerRole, tag: &str| {
+        g.norm(x, lr(role), None, compute, false, &format!("{p}_{tag}_norm"))
+    };
+    let rotate = |g: &mut Graph, x: Var, tag: &str| match rope {
+        Some((cos, sin)) => g.apply_rope(&x, cos, sin, hd, &format!("{p}_{tag}_rope")),
+        None => Ok(x),
+    };
     let mut q = g.linear(x, lr(Q), Some(lr(QBias)), &format!("{p}_q"))?;
-    let mut k = g.linear(x, lr(K), Some(lr(KBias)), &format!("{p}_k"))?;
-    let v = g.linear(x, lr(V), Some(lr(VBias)), &format!("{p}_v"))?;
-    let qk_norm = |g: &mut Graph, q: &Var, k: &Var| -> Result<(Var, Var)> {
-        Ok((
-            g.norm(q, lr(QNorm), None, compute, false, &format!("{p}_q_norm"))?,
-            g.norm(k, lr(KNorm), None, compute, false, &format!("{p}_k_norm"))?,
-        ))
+    let mut kv = match shape.kv_from {
+        Some(_) => None,
+        None => {
+            let k = g.linear(x, lr(K), Some(lr(KBias)), &format!("{p}_k"))?;
+            // Gemma 4's k = v global layers take the key projection, before its norm, as values.
+            let v =
+                if shape.values_are_keys { k.clone() } else { g.linear(x, lr(V), Some(lr(VBias)), &format!("{p}_v"))? };
+            Some((k, v))
+        }
     };
     if c.qk_norm == QkNorm::Projection {
-        (q, k) = qk_norm(g, &q, &k)?;
+        q = norm(g, &q, QNorm, "q")?;
+        if let Some((k, _)) = &mut kv {
+            *k = norm(g, k, KNorm, "k")?;
+        }
     }
-    let mut q = g.split_heads(&q, c.num_heads, &format!("{p}_qh"))?;
-    let mut k = g.split_heads(&k, c.num_kv_heads, &format!("{p}_kh"))?;
-    let v = g.split_heads(&v, c.num_kv_heads, &format!("{p}_vh"))?;
+    let mut q = g.split_heads(&q, c.num_heads, hd, &format!("{p}_qh"))?;
+    if let Some((k, v)) = &mut kv {
+        *k = g.split_heads(k, shape.kv_heads, hd, &format!("{p}_kh"))?;
+        *v = g.split_heads(v, shape.kv_heads, hd, &format!("{p}_vh"))?;
+    }
     if c.qk_norm == QkNorm::PerHead {
-        (q, k) = qk_norm(g, &q, &k)?;
+        q = norm(g, &q, QNorm, "q")?;
+        if let Some((k, _)) = &mut kv {
+            *k = norm(g, k, KNorm, "k")?;
+        }
     }
-    if let Some((cos, sin)) = rope {
-        q = g.apply_rope(&q, cos, sin, &format!("{p}_q_rope"))?;
-        k = g.apply_rope(&k, cos, sin, &format!("{p}_k_rope"))?;
+    if let Some((_, v)) = kv.as_mut().filter(|_| c.value_norm) {
+        *v = g.plain_rms(v, true, compute, &format!("{p}_v_norm"))?;
     }
-    Ok((q, k, v))
+    let q = rotate(g, q, "q")?;
+    let kv = match kv {
+        Some((k, v)) => Some((rotate(g, k, "k")?, v)),
+        None => None,
+    };
+    Ok((q, kv))
 }
 
 /// Attention of `q` over `keys` and `values` under `mask`, (1, kv_heads or heads, ·, head_dim).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attend(
     g: &mut Graph,
     form: AttentionForm,
+    l: usize,
     q: Var,
     keys: &Var,
     values: &Var,
@@ -76,9 +102,10 @@ pub(super) fn attend(
     p: &str,
 ) -> Result<Var> {
     let c = g.c;
-    let (kvh, hd) = (c.num_kv_heads as i32, c.head_dim as i32);
+    let shape = c.layer(l);
+    let (kvh, hd) = (shape.kv_heads as i32, shape.head_dim as i32);
     // SDPA divides by √head_dim itself; fold any other scale into Q.
-    let extra = c.attention_scale * (c.head_dim as f64).sqrt();
+    let extra = c.attention_scale * (shape.head_dim as f64).sqrt();
     let prescale = |g: &mut Graph, q: Var| {
         if (extra - 1.0).abs() > 1e-12 {
             g.mul_s(&q, extra, &format!("{p}_q_scaled"))
@@ -89,7 +116,7 @@ pub(super) fn attend(
     match form {
         AttentionForm::PerHead => {
             let qs = prescale(g, q)?;
-            per_head(g, &qs, keys, values, mask, p)
+            per_head(g, shape.kv_heads, &qs, keys, values, mask, p)
         }
         AttentionForm::Fused => {
             // GQA without copying K/V: the query heads that share a KV head fold into the query
@@ -126,9 +153,9 @@ fn sdpa(g: &mut Graph, name: &str, q: &Var, keys: &Var, values: &Var, mask: &Var
     )
 }
 
-fn per_head(g: &mut Graph, q: &Var, keys: &Var, values: &Var, mask: &Var, p: &str) -> Result<Var> {
+fn per_head(g: &mut Graph, kv_heads: usize, q: &Var, keys: &Var, values: &Var, mask: &Var, p: &str) -> Result<Var> {
     let c = g.c;
-    let rep = c.num_heads / c.num_kv_heads;
+    let rep = c.num_heads / kv_heads;
     let split = |g: &mut Graph, x: &Var, n: usize, name: String| -> Result<Vec<Var>> {
         if n == 1 {
             return Ok(vec![x.clone()]);
@@ -136,8 +163,8 @@ fn per_head(g: &mut Graph, q: &Var, keys: &Var, values: &Var, mask: &Var, p: &st
         g.f.op("split", &name, vec![("x", x.into()), ("num_splits", scalar_i32(n as i32)), ("axis", scalar_i32(1))])
     };
     let qh = split(g, q, c.num_heads, format!("{p}_q_head"))?;
-    let kh = split(g, keys, c.num_kv_heads, format!("{p}_k_head"))?;
-    let vh = split(g, values, c.num_kv_heads, format!("{p}_v_head"))?;
+    let kh = split(g, keys, kv_heads, format!("{p}_k_head"))?;
+    let vh = split(g, values, kv_heads, format!("{p}_v_head"))?;
     let mut outs = Vec::with_capacity(c.num_heads);
     for (h, qv) in qh.iter().enumerate() {
         outs.push(sdpa(g, &format!("{p}_attn_h{h}"), qv, &kh[h / rep], &vh[h / rep], mask)?);
@@ -146,8 +173,8 @@ fn per_head(g: &mut Graph, q: &Var, keys: &Var, values: &Var, mask: &Var, p: &st
 }
 
 /// The heads back to (1, N, heads·head_dim), or channels-first (1, heads·head_dim, 1, N).
-pub(super) fn merge_heads(g: &mut Graph, attn: &Var, p: &str) -> Result<Var> {
-    let (heads, hd) = (g.c.num_heads as i32, g.c.head_dim as i32);
+pub(super) fn merge_heads(g: &mut Graph, l: usize, attn: &Var, p: &str) -> Result<Var> {
+    let (heads, hd) = (g.c.num_heads as i32, g.c.layer(l).head_dim as i32);
     let split = g.reshape(&format!("{p}_attn_heads"), attn, &[1, heads, -1, hd])?;
     let (perm, shape) =
         if g.ane { ([0, 1, 3, 2], vec![1, heads * hd, 1, -1]) } else { ([0, 2, 1, 3], vec![1, -1, heads * hd]) };

@@ -44,86 +44,121 @@ struct TensorWrite {
     written: Var,
 }
 
+/// Layers whose caches share one shape: same ring-or-not, KV heads and head size (Gemma 4's
+/// global layers have their own).
+struct Group {
+    ring: bool,
+    kv_heads: usize,
+    head_dim: usize,
+    /// Keys, values: one variable each, two for a state pair.
+    vars: [Vec<Var>; 2],
+}
+
 pub(super) struct KvCache {
     storage: Storage,
     compute: DType,
     context: usize,
-    kv_heads: usize,
-    head_dim: usize,
     /// Slots of the ring buffer sliding-window layers use (see [`ring_slots`]), if any.
     ring: Option<usize>,
     /// The widest sliding window.
     window: Option<usize>,
-    /// Whether each layer of the model keeps its keys in the ring.
-    in_ring: Vec<bool>,
-    /// Each layer's index within its cache, by layer of the model.
-    slot: HashMap<usize, usize>,
-    ring_layers: usize,
-    /// Keys, values: the full-length cache (one variable, two for a state pair, none when
-    /// every layer of the stage is in the ring), and the ring.
-    full: [Vec<Var>; 2],
-    rings: [Option<Var>; 2],
+    groups: Vec<Group>,
+    /// Each cached layer of the stage: its group and its index within it.
+    place: HashMap<usize, (usize, usize)>,
     ring_write: Option<RingWrite>,
     tensor_write: Option<TensorWrite>,
-    /// The end of each cache read, by (cache index, ring).
-    read_ends: HashMap<(usize, bool), Var>,
+    /// The end of each cache read, by (group, index within it).
+    read_ends: HashMap<(usize, usize), Var>,
     /// Tensor caches: each layer's updated keys and values, returned as outputs.
     updated: [Vec<Var>; 2],
+    /// What each cached layer attended over, for the layers that reuse its keys and values.
+    seen: HashMap<usize, (Var, Var)>,
 }
 
 impl KvCache {
-    /// Declares the caches of the stage's layers, as states or inputs.
+    /// Declares the caches of the stage's layers, as states or inputs: one per group of layers
+    /// of one shape, holding only layers that compute their own keys and values.
     pub fn declare(g: &mut Graph, c: &ModelConfig, opts: &GraphOptions, stage: &Stage) -> Result<KvCache> {
         let ring = ring_slots(c, opts);
-        let in_ring: Vec<bool> =
-            c.layer_attention.iter().map(|a| ring.is_some() && matches!(a, Attention::Sliding(_))).collect();
-        let mut slot = HashMap::new();
-        let (mut full_layers, mut ring_layers) = (0, 0);
-        for l in stage.layers.clone() {
-            let counter = if in_ring[l] { &mut ring_layers } else { &mut full_layers };
-            slot.insert(l, *counter);
-            *counter += 1;
-        }
         let compute = opts.precision.dtype();
         let storage = match (opts.target.supports_states(), compute) {
             (false, _) => Storage::Tensors,
             (true, DType::Fp32) => Storage::StatePair,
             (true, _) => Storage::State,
         };
-        let cache_shape = [full_layers, 1, c.num_kv_heads, opts.context, c.head_dim];
-        let (mut full, mut rings) = ([vec![], vec![]], [None, None]);
-        for (i, name) in [names::KEY_CACHE, names::VALUE_CACHE].into_iter().enumerate() {
-            if let Some(slots) = ring.filter(|_| ring_layers > 0) {
-                let shape = [ring_layers, 1, c.num_kv_heads, slots, c.head_dim];
-                rings[i] = Some(g.f.state(&format!("{name}Local"), &shape)?);
-            }
-            full[i] = match storage {
-                _ if full_layers == 0 => vec![],
-                Storage::Tensors => vec![g.f.input(name, compute, InputShape::Fixed(cache_shape.to_vec()))?],
-                Storage::StatePair => {
-                    vec![g.f.state(name, &cache_shape)?, g.f.state(&format!("{name}Residual"), &cache_shape)?]
+        let mut groups: Vec<(Group, Vec<usize>)> = Vec::new();
+        let mut place = HashMap::new();
+        for l in stage.layers.clone().filter(|&l| c.layer(l).kv_from.is_none()) {
+            let in_ring = ring.is_some() && matches!(c.layer_attention[l], Attention::Sliding(_));
+            let shape = c.layer(l);
+            let key = (in_ring, shape.kv_heads, shape.head_dim);
+            let gi = match groups.iter().position(|(g, _)| (g.ring, g.kv_heads, g.head_dim) == key) {
+                Some(i) => i,
+                None => {
+                    let group = Group {
+                        ring: in_ring,
+                        kv_heads: shape.kv_heads,
+                        head_dim: shape.head_dim,
+                        vars: [vec![], vec![]],
+                    };
+                    groups.push((group, vec![]));
+                    groups.len() - 1
                 }
-                Storage::State => vec![g.f.state(name, &cache_shape)?],
             };
+            place.insert(l, (gi, groups[gi].1.len()));
+            groups[gi].1.push(l);
         }
-        let window = widest_window(c);
+        if storage == Storage::Tensors && groups.len() > 1 {
+            return Err(Error::invalid(
+                "this model's layers have caches of different shapes, which only states can hold: use --target ios18",
+            ));
+        }
+        if groups.iter().filter(|(g, _)| g.ring).count() > 1 {
+            return Err(Error::invalid("sliding-window layers of different shapes cannot share one ring buffer"));
+        }
+        // Declared keys first, ring before full-length, in layer order (the names users see).
+        let mut order: Vec<usize> = (0..groups.len()).collect();
+        order.sort_by_key(|&i| !groups[i].0.ring);
+        for (i, name) in [names::KEY_CACHE, names::VALUE_CACHE].into_iter().enumerate() {
+            let mut full_seen = 0;
+            for &gi in &order {
+                let (group, layers) = &mut groups[gi];
+                let suffix = if group.ring {
+                    "Local".to_string()
+                } else {
+                    full_seen += 1;
+                    match full_seen {
+                        1 => String::new(),
+                        _ if layers.iter().all(|&l| c.layer_attention[l] == Attention::Full) => "Global".to_string(),
+                        n => n.to_string(),
+                    }
+                };
+                let name = format!("{name}{suffix}");
+                let slots = if group.ring { ring.expect("a ring group implies ring slots") } else { opts.context };
+                let shape = [layers.len(), 1, group.kv_heads, slots, group.head_dim];
+                group.vars[i] = match storage {
+                    _ if group.ring => vec![g.f.state(&name, &shape)?],
+                    Storage::Tensors => vec![g.f.input(&name, compute, InputShape::Fixed(shape.to_vec()))?],
+                    Storage::StatePair => {
+                        vec![g.f.state(&name, &shape)?, g.f.state(&format!("{name}Residual"), &shape)?]
+                    }
+                    Storage::State => vec![g.f.state(&name, &shape)?],
+                };
+            }
+        }
         Ok(KvCache {
             storage,
             compute,
             context: opts.context,
-            kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
             ring,
-            window,
-            in_ring,
-            slot,
-            ring_layers,
-            full,
-            rings,
+            window: widest_window(c),
+            groups: groups.into_iter().map(|(g, _)| g).collect(),
+            place,
             ring_write: None,
             tensor_write: None,
             read_ends: HashMap::new(),
             updated: [vec![], vec![]],
+            seen: HashMap::new(),
         })
     }
 
@@ -139,7 +174,7 @@ impl KvCache {
 
     /// What every layer's write shares: the ring's slots and mask, or the tensor caches' pads.
     pub fn prepare_writes(&mut self, g: &mut Graph, positions: &Positions, query_len: Option<usize>) -> Result<()> {
-        if let Some(slots) = self.ring.filter(|_| self.ring_layers > 0) {
+        if let Some(slots) = self.ring.filter(|_| self.groups.iter().any(|g| g.ring)) {
             let n = query_len.ok_or_else(|| Error::invalid("ring-buffer caches need fixed query lengths"))?;
             let window = self.window.expect("a ring implies a sliding layer");
             self.ring_write = Some(self.ring_write(g, positions, slots, n, window)?);
@@ -209,18 +244,17 @@ impl KvCache {
         values: &Var,
     ) -> Result<(Var, Var)> {
         let p = format!("l{l}");
-        let ring_layer = self.in_ring[l];
-        let slot = self.slot[&l];
-        let (begin, end) = self.write_range(g, at, &p, slot, ring_layer)?;
+        let (gi, slot) = self.place[&l];
+        let (begin, end) = self.write_range(g, at, &p, gi, slot)?;
         let mut read = Vec::with_capacity(2);
         for (i, (tag, val)) in [("k", keys), ("v", values)].into_iter().enumerate() {
             let parts = self.encode(g, val, &format!("{p}_{tag}"))?;
-            let caches = if ring_layer { self.rings[i].iter().cloned().collect() } else { self.full[i].clone() };
+            let caches = self.groups[gi].vars[i].clone();
             let mut seen = Vec::new();
             for (part, (update, cache)) in parts.iter().zip(&caches).enumerate() {
                 let name = if part == 0 { format!("{p}_{tag}") } else { format!("{p}_{tag}_lo") };
                 let layer = if self.storage == Storage::Tensors {
-                    let merged = self.merge_rows(g, cache, update, l, &name)?;
+                    let merged = self.merge_rows(g, cache, update, gi, slot, &name)?;
                     self.updated[i].push(merged.clone());
                     merged
                 } else {
@@ -239,7 +273,7 @@ impl KvCache {
                     g.f.op("write_state", &format!("{name}_store"), store)?;
                     new
                 };
-                seen.push(self.read(g, at, &layer, slot, ring_layer, &name)?);
+                seen.push(self.read(g, at, &layer, gi, slot, &name)?);
             }
             read.push(match seen.as_slice() {
                 [one] => one.clone(),
@@ -248,13 +282,25 @@ impl KvCache {
             });
         }
         let values = read.pop().expect("keys and values");
-        Ok((read.pop().expect("keys and values"), values))
+        let keys = read.pop().expect("keys and values");
+        self.seen.insert(l, (keys.clone(), values.clone()));
+        Ok((keys, values))
+    }
+
+    /// The keys and values layer `source` attended over, for a layer that reuses them.
+    pub fn reuse(&self, source: usize) -> Result<(Var, Var)> {
+        self.seen.get(&source).cloned().ok_or_else(|| {
+            Error::invalid(format!(
+                "layer {source}'s keys and values are shared, but it is not in this part of the model"
+            ))
+        })
     }
 
     /// The begin and end of this call's rows in layer `slot` of the cache (the ring's slots for
     /// a ring layer).
-    fn write_range(&self, g: &mut Graph, at: &Positions, p: &str, slot: usize, ring_layer: bool) -> Result<(Var, Var)> {
-        let (start, end) = match (&self.ring_write, ring_layer) {
+    fn write_range(&self, g: &mut Graph, at: &Positions, p: &str, gi: usize, slot: usize) -> Result<(Var, Var)> {
+        let group = &self.groups[gi];
+        let (start, end) = match (&self.ring_write, group.ring) {
             (Some(ring), true) => (&ring.first, &ring.past),
             _ => (&at.start, &at.end),
         };
@@ -262,8 +308,8 @@ impl KvCache {
         let head = g.ints(&format!("{p}_b0"), &[s, 0, 0])?;
         let zero = g.ints(&format!("{p}_b1"), &[0])?;
         let begin = g.concat(&format!("{p}_begin"), vec![&head, start, &zero], 0)?;
-        let head = g.ints(&format!("{p}_e0"), &[s + 1, 1, self.kv_heads as i32])?;
-        let tail = g.ints(&format!("{p}_e1"), &[self.head_dim as i32])?;
+        let head = g.ints(&format!("{p}_e0"), &[s + 1, 1, group.kv_heads as i32])?;
+        let tail = g.ints(&format!("{p}_e1"), &[group.head_dim as i32])?;
         let end = g.concat(&format!("{p}_end"), vec![&head, end, &tail], 0)?;
         Ok((begin, end))
     }
@@ -285,9 +331,10 @@ impl KvCache {
 
     /// A tensor cache has no slice_update: pad the new rows out to the context and select
     /// them where positions fall in [start, end). Returns layer `l`'s updated cache rows.
-    fn merge_rows(&self, g: &mut Graph, cache: &Var, update: &Var, l: usize, name: &str) -> Result<Var> {
+    fn merge_rows(&self, g: &mut Graph, cache: &Var, update: &Var, gi: usize, slot: usize, name: &str) -> Result<Var> {
         let write = self.tensor_write.as_ref().expect("built for tensor caches");
-        let (l, kvh, ctx, hd) = (l as i32, self.kv_heads as i32, self.context as i32, self.head_dim as i32);
+        let group = &self.groups[gi];
+        let (l, kvh, ctx, hd) = (slot as i32, group.kv_heads as i32, self.context as i32, group.head_dim as i32);
         let old = g.slice_by_index(
             &format!("{name}_layer5"),
             cache,
@@ -303,26 +350,35 @@ impl KvCache {
     /// Attention's view of a layer's cache: positions [0, key_end) of layer `slot` (the
     /// written part when the query length is flexible, the whole context when shapes are fixed:
     /// the mask hides what is not written yet), as (1, kv_heads, key_end, head_dim).
-    fn read(&mut self, g: &mut Graph, at: &Positions, layer: &Var, slot: usize, ring: bool, name: &str) -> Result<Var> {
+    fn read(&mut self, g: &mut Graph, at: &Positions, layer: &Var, gi: usize, slot: usize, name: &str) -> Result<Var> {
         // The stateful cache holds every layer; a merged tensor cache row holds just this one.
         let index = if self.storage == Storage::Tensors { 0 } else { slot };
-        let read_end = match self.read_ends.get(&(index, ring)) {
+        let (ring, kv_heads, head_dim) = {
+            let group = &self.groups[gi];
+            (group.ring, group.kv_heads as i32, group.head_dim as i32)
+        };
+        let read_end = match self.read_ends.get(&(gi, index)) {
             Some(v) => v.clone(),
             None => {
-                let tag = if ring { "ring_" } else { "" };
-                let head = g.ints(&format!("read_end_{tag}{index}"), &[index as i32 + 1, 1, self.kv_heads as i32])?;
-                let tail = g.ints("read_end_tail", &[self.head_dim as i32])?;
+                // Named as before groups existed: the ring's, then the first full-length group's.
+                let tag = match (ring, self.groups.iter().position(|g| !g.ring) == Some(gi)) {
+                    (true, _) => "ring_".to_string(),
+                    (false, true) => String::new(),
+                    (false, false) => format!("g{gi}_"),
+                };
+                let head = g.ints(&format!("read_end_{tag}{index}"), &[index as i32 + 1, 1, kv_heads])?;
+                let tail = g.ints("read_end_tail", &[head_dim])?;
                 let key_end = match (&self.ring_write, ring) {
                     (Some(r), true) => &r.span,
                     _ => &at.key_end,
                 };
                 let v = g.concat(&format!("read_end_{tag}{index}_all"), vec![&head, key_end, &tail], 0)?;
-                self.read_ends.insert((index, ring), v.clone());
+                self.read_ends.insert((gi, index), v.clone());
                 v
             }
         };
         let seen = g.slice_by_index(&format!("{name}_seen5"), layer, i32s(&[index as i32, 0, 0, 0, 0]), &read_end)?;
-        let shape = [1, self.kv_heads as i32, -1, self.head_dim as i32];
+        let shape = [1, kv_heads, -1, head_dim];
         let seen = g.reshape(&format!("{name}_seen16"), &seen, &shape)?;
         g.cast(&seen, self.compute, &format!("{name}_seen"))
     }

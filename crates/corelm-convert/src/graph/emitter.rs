@@ -236,10 +236,29 @@ impl Graph<'_, '_> {
         divisor: f64,
     ) -> Result<Var> {
         let c = self.c;
-        let tables = self.pieces(Role::Embed)?.ok_or_else(|| Error::invalid("no embedding weight"))?;
+        let mut x = self.gather_table(Role::Embed, ids, "embed")?;
+        if let Some(pos_table) = self.weight(Role::PositionEmbed)? {
+            let pe = self.gather_rows("pos_embed", &pos_table, query)?;
+            x = self.binary(Binary::Add, "embed_sum", &x, &pe)?;
+        }
+        x = self.cast(&x, residual, "embed_res")?;
+        if c.embedding_scale.is_some() || divisor != 1.0 {
+            // Hugging Face rounds the multiplier to the activation dtype first.
+            let s =
+                c.embedding_scale.map_or(1.0, |s| if compute == DType::Fp16 { f16::from_f64(s).to_f64() } else { s });
+            x = self.mul_s(&x, s / divisor, "embed_scaled")?;
+        }
+        Ok(x)
+    }
+
+    /// The rows of a token table (`role`) at `ids`, (1, N, width). A table split in blocks of
+    /// rows is read block by block, each id taken from the last block that starts at or below it.
+    pub(super) fn gather_table(&mut self, role: Role, ids: &Var, tag: &str) -> Result<Var> {
+        let tables = self.pieces(role)?.ok_or_else(|| Error::invalid(format!("no weight for {role:?}")))?;
+        let base = tag;
         let mut x: Option<Var> = None;
         for (i, table) in tables.iter().enumerate() {
-            let tag = if tables.len() == 1 { "embed".to_string() } else { format!("embed{i}") };
+            let tag = if tables.len() == 1 { base.to_string() } else { format!("{base}{i}") };
             // Ids outside this block are clamped into it (Core ML leaves out-of-range gathers
             // undefined), then replaced by the block that holds them.
             let local = if tables.len() == 1 {
@@ -262,19 +281,17 @@ impl Graph<'_, '_> {
                 }
             });
         }
-        let mut x = x.expect("at least one embedding block");
-        if let Some(pos_table) = self.weight(Role::PositionEmbed)? {
-            let pe = self.gather_rows("pos_embed", &pos_table, query)?;
-            x = self.binary(Binary::Add, "embed_sum", &x, &pe)?;
-        }
-        x = self.cast(&x, residual, "embed_res")?;
-        if c.embedding_scale.is_some() || divisor != 1.0 {
-            // Hugging Face rounds the multiplier to the activation dtype first.
-            let s =
-                c.embedding_scale.map_or(1.0, |s| if compute == DType::Fp16 { f16::from_f64(s).to_f64() } else { s });
-            x = self.mul_s(&x, s / divisor, "embed_scaled")?;
-        }
-        Ok(x)
+        Ok(x.expect("at least one table block"))
+    }
+
+    /// The mean over the channels (the last axis, or axis 1 channels-first), kept.
+    pub(super) fn mean_channels(&mut self, x: &Var, name: &str) -> Result<Var> {
+        let axis = if self.ane { 1 } else { -1 };
+        self.op(
+            "reduce_mean",
+            name,
+            vec![("x", x.into()), ("axes", i32s(&[axis])), ("keep_dims", Arg::Tensor(Tensor::scalar_bool(true)))],
+        )
     }
 
     pub(super) fn linear(&mut self, x: &Var, weight: Role, bias: Option<Role>, name: &str) -> Result<Var> {
@@ -329,8 +346,8 @@ impl Graph<'_, '_> {
     }
 
     /// (1, N, heads·head_dim), or channels-first (1, heads·head_dim, 1, N) → (1, heads, N, head_dim).
-    pub(super) fn split_heads(&mut self, x: &Var, heads: usize, name: &str) -> Result<Var> {
-        let hd = self.c.head_dim as i32;
+    pub(super) fn split_heads(&mut self, x: &Var, heads: usize, head_dim: usize, name: &str) -> Result<Var> {
+        let hd = head_dim as i32;
         let (shape, perm) = if self.ane {
             ([1, heads as i32, hd, -1], [0, 1, 3, 2])
         } else {
@@ -341,8 +358,7 @@ impl Graph<'_, '_> {
     }
 
     /// x·cos + swap_halves(x)·sin over the rotated part of the head dimension.
-    pub(super) fn apply_rope(&mut self, x: &Var, cos: &Var, sin: &Var, name: &str) -> Result<Var> {
-        let hd = self.c.head_dim;
+    pub(super) fn apply_rope(&mut self, x: &Var, cos: &Var, sin: &Var, hd: usize, name: &str) -> Result<Var> {
         let rd = cos.ty().dims[3].fixed().expect("tables have fixed width");
         let (rot, pass) = if rd < hd {
             let parts = self.f.op(

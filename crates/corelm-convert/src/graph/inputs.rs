@@ -11,7 +11,7 @@ use corelm_format::{DType, InputShape, Tensor, Var};
 
 /// The inputs every function takes.
 pub(super) struct Inputs {
-    /// Token ids (1, N), or in a later stage the hidden states (1, N, hidden).
+    /// Token ids (1, N), or in a later stage the hidden states (1, N, [`Stage::carried_width`]).
     pub tokens: Var,
     /// (1, 1, N, end): the causal mask, which also says where the call ends.
     pub mask: Var,
@@ -41,7 +41,7 @@ impl Inputs {
         let tokens = if stage.first {
             g.f.input(names::INPUT_IDS, DType::Int32, ids_shape)?
         } else {
-            let hidden = g.c.hidden_size;
+            let hidden = Stage::carried_width(g.c, stage.layers.start);
             let shape = match ids_shape {
                 InputShape::Range { mut default, mut ranges } => {
                     default.push(hidden);

@@ -6,6 +6,7 @@ use super::cache::KvCache;
 use super::emitter::{Binary, Graph};
 use super::inputs::{Positions, RopeRows};
 use super::masks::Masks;
+use super::per_layer::PerLayerInputs;
 use crate::arch::{LayerRole, Role};
 use crate::config::Attention;
 use crate::Result;
@@ -19,9 +20,12 @@ pub(super) struct LayerContext<'a> {
     pub attention: AttentionForm,
     pub positions: &'a Positions,
     pub rope: &'a RopeRows,
+    /// The per-layer inputs (Gemma 3n, 4), when the model has them.
+    pub per_layer: Option<&'a PerLayerInputs>,
 }
 
-/// Layer `l` applied to the residual stream `x`.
+/// Layer `l` applied to the residual stream `x`: attention and MLP blocks, then (Gemma 4) the
+/// per-layer input's branch and the layer scalar.
 pub(super) fn decoder_layer(
     g: &mut Graph,
     cx: &LayerContext,
@@ -33,30 +37,80 @@ pub(super) fn decoder_layer(
     use LayerRole::*;
     let p = format!("l{l}");
     let lr = |r| Role::Layer(l, r);
-    let window = match g.c.layer_attention[l] {
-        Attention::Sliding(w) => Some(w),
-        Attention::Full => None,
-    };
     let attn_in = pre_norm(g, cx, &x, lr(AttnNorm), lr(AttnNormBias), &format!("{p}_attn_norm"))?;
-    let rope = if g.c.rope_layers[l] { cx.rope.for_layer(window.is_some()) } else { None };
-    let (q, k, v) = project_qkv(g, l, &attn_in, cx.compute, rope)?;
-    let (keys, values) = kv.write_and_read(g, cx.positions, l, &k, &v)?;
-    let mask = masks.for_layer(g, window, cx.attention.per_head(), &p)?;
-    let attn = attend(g, cx.attention, q, &keys, &values, &mask, &p)?;
-    let flat = merge_heads(g, &attn, &p)?;
-    let o = g.linear(&flat, lr(O), Some(lr(OBias)), &format!("{p}_o"))?;
+    let o = attention_block(g, cx, kv, masks, l, &attn_in)?;
     let names = [format!("{p}_post_attn_norm"), format!("{p}_o_res"), format!("{p}_h")];
     let x = residual_add(g, cx, x, o, lr(PostAttnNorm), &names)?;
 
     let mlp_in = pre_norm(g, cx, &x, lr(MlpNorm), lr(MlpNormBias), &format!("{p}_mlp_norm"))?;
     let m = mlp(g, l, &mlp_in)?;
     let names = [format!("{p}_post_mlp_norm"), format!("{p}_mlp_res"), format!("{p}_out")];
-    residual_add(g, cx, x, m, lr(PostMlpNorm), &names)
+    let mut x = residual_add(g, cx, x, m, lr(PostMlpNorm), &names)?;
+    if let Some(inputs) = cx.per_layer {
+        let branch = per_layer_branch(g, cx, inputs, l, &x)?;
+        x = g.binary(Binary::Add, &format!("{p}_per_layer_res"), &x, &branch)?;
+    }
+    if g.c.layer_scalar {
+        let s = g.required(lr(LayerScalar))?;
+        let s = g.cast(&s, cx.residual, &format!("{p}_scalar_res"))?;
+        x = g.binary(Binary::Mul, &format!("{p}_scaled"), &x, &s)?;
+    }
+    Ok(x)
+}
+
+/// Attention of layer `l` over its input `x` (normed), through the output projection: with
+/// its own keys and values, written to the cache, or those of the layer it shares them with.
+pub(super) fn attention_block(
+    g: &mut Graph,
+    cx: &LayerContext,
+    kv: &mut KvCache,
+    masks: &mut Masks,
+    l: usize,
+    x: &Var,
+) -> Result<Var> {
+    let p = format!("l{l}");
+    let window = match g.c.layer_attention[l] {
+        Attention::Sliding(w) => Some(w),
+        Attention::Full => None,
+    };
+    let rope = if g.c.rope_layers[l] { cx.rope.for_layer(window.is_some()) } else { None };
+    let (q, own) = project_qkv(g, l, x, cx.compute, rope)?;
+    let (keys, values) = match (own, g.c.layer(l).kv_from) {
+        (Some((k, v)), _) => kv.write_and_read(g, cx.positions, l, &k, &v)?,
+        (None, Some(source)) => kv.reuse(source)?,
+        (None, None) => unreachable!("a layer without keys of its own reuses another's"),
+    };
+    let repeat = g.c.num_heads / g.c.layer(l).kv_heads;
+    let mask = masks.for_layer(g, window, repeat, cx.attention.per_head(), &p)?;
+    let attn = attend(g, cx.attention, l, q, &keys, &values, &mask, &p)?;
+    let flat = merge_heads(g, l, &attn, &p)?;
+    g.linear(&flat, Role::Layer(l, LayerRole::O), Some(Role::Layer(l, LayerRole::OBias)), &format!("{p}_o"))
+}
+
+/// The per-layer input's branch of layer `l` (Gemma 3n, 4), from the stream `x`:
+/// norm(projection(act(gate(x)) · input_l)), in the residual dtype.
+pub(super) fn per_layer_branch(
+    g: &mut Graph,
+    cx: &LayerContext,
+    inputs: &PerLayerInputs,
+    l: usize,
+    x: &Var,
+) -> Result<Var> {
+    use LayerRole::*;
+    let p = format!("l{l}_per_layer");
+    let lr = |r| Role::Layer(l, r);
+    let input = inputs.for_layer(g, l)?;
+    let xc = g.cast(x, cx.compute, &format!("{p}_in"))?;
+    let gate = g.linear(&xc, lr(PerLayerGate), None, &format!("{p}_gate"))?;
+    let act = g.activation(&gate, &format!("{p}_act"))?;
+    let gated = g.binary(Binary::Mul, &format!("{p}_gated"), &act, &input)?;
+    let projected = g.linear(&gated, lr(PerLayerProj), None, &format!("{p}_proj"))?;
+    g.norm(&projected, lr(PostPerLayerNorm), None, cx.residual, false, &format!("{p}_norm"))
 }
 
 /// A block's input: the residual stream normed where the family norms before blocks, else the
 /// stream itself in the compute dtype.
-fn pre_norm(g: &mut Graph, cx: &LayerContext, x: &Var, weight: Role, bias: Role, name: &str) -> Result<Var> {
+pub(super) fn pre_norm(g: &mut Graph, cx: &LayerContext, x: &Var, weight: Role, bias: Role, name: &str) -> Result<Var> {
     if g.c.block_norms.pre() {
         g.norm(x, weight, Some(bias), cx.compute, true, name)
     } else {
@@ -66,7 +120,7 @@ fn pre_norm(g: &mut Graph, cx: &LayerContext, x: &Var, weight: Role, bias: Role,
 
 /// `x + block`: the block normed by `post_norm` first where the family norms block outputs,
 /// and scaled by its residual multiplier; `names`: the norm's, the cast's and the sum's.
-fn residual_add(
+pub(super) fn residual_add(
     g: &mut Graph,
     cx: &LayerContext,
     x: Var,
@@ -86,12 +140,16 @@ fn residual_add(
 }
 
 /// The MLP: gated (gate · act, times up, then down) or plain (up, act, down).
-fn mlp(g: &mut Graph, l: usize, x: &Var) -> Result<Var> {
+pub(super) fn mlp(g: &mut Graph, l: usize, x: &Var) -> Result<Var> {
     use LayerRole::*;
     let p = format!("l{l}");
     let lr = |r| Role::Layer(l, r);
     if g.c.gated_mlp {
-        let gate = g.linear(x, lr(Gate), None, &format!("{p}_gate"))?;
+        let mut gate = g.linear(x, lr(Gate), None, &format!("{p}_gate"))?;
+        let sparsity = g.c.layer(l).sparsity;
+        if sparsity > 0.0 {
+            gate = sparse_gate(g, &gate, sparsity, &p)?;
+        }
         let act = g.activation(&gate, &format!("{p}_act"))?;
         let up = g.linear(x, lr(Up), None, &format!("{p}_up"))?;
         let prod = g.binary(Binary::Mul, &format!("{p}_gated"), &act, &up)?;
@@ -100,5 +158,75 @@ fn mlp(g: &mut Graph, l: usize, x: &Var) -> Result<Var> {
         let up = g.linear(x, lr(Up), Some(lr(UpBias)), &format!("{p}_up"))?;
         let act = g.activation(&up, &format!("{p}_act"))?;
         g.linear(&act, lr(Down), Some(lr(DownBias)), &format!("{p}_down"))
+    }
+}
+
+/// Gemma 3n's activation sparsity (transformers' `_gaussian_topk`): relu(gate − (mean + z·std))
+/// over each token's gate values, z the standard normal quantile of `sparsity`; the statistics
+/// in fp32 outside the Neural Engine.
+fn sparse_gate(g: &mut Graph, gate: &Var, sparsity: f64, p: &str) -> Result<Var> {
+    let dtype = gate.dtype();
+    let x = if g.ane { gate.clone() } else { g.cast(gate, DType::Fp32, &format!("{p}_gate_f32"))? };
+    let mean = g.mean_channels(&x, &format!("{p}_gate_mean"))?;
+    let centered = g.binary(Binary::Sub, &format!("{p}_gate_centered"), &x, &mean)?;
+    let sq = g.binary(Binary::Mul, &format!("{p}_gate_sq"), &centered, &centered)?;
+    let var = g.mean_channels(&sq, &format!("{p}_gate_var"))?;
+    let std = g.op("sqrt", &format!("{p}_gate_std"), vec![("x", (&var).into())])?;
+    // transformers rounds the multiplier to the activations' dtype.
+    let z = normal_quantile(sparsity);
+    let z = if dtype == DType::Fp16 { half::f16::from_f64(z).to_f64() } else { z as f32 as f64 };
+    let spread = g.mul_s(&std, z, &format!("{p}_gate_spread"))?;
+    let cutoff = g.binary(Binary::Add, &format!("{p}_gate_cutoff"), &mean, &spread)?;
+    let shifted = g.binary(Binary::Sub, &format!("{p}_gate_shifted"), &x, &cutoff)?;
+    let kept = g.op("relu", &format!("{p}_gate_kept"), vec![("x", (&shifted).into())])?;
+    g.cast(&kept, dtype, &format!("{p}_gate_sparse"))
+}
+
+/// The standard normal quantile Φ⁻¹(p), 0 < p < 1 (Acklam's rational approximation, relative
+/// error below 1.2e-9, far inside fp32's rounding of the result).
+pub(crate) fn normal_quantile(p: f64) -> f64 {
+    const A: [f64; 6] = [
+        -3.969683028665376e1,
+        2.209460984245205e2,
+        -2.759285104469687e2,
+        1.38357751867269e2,
+        -3.066479806614716e1,
+        2.506628277459239,
+    ];
+    const B: [f64; 5] =
+        [-5.447609879822406e1, 1.615858368580409e2, -1.556989798598866e2, 6.680131188771972e1, -1.328068155288572e1];
+    const C: [f64; 6] = [
+        -7.784894002430293e-3,
+        -3.223964580411365e-1,
+        -2.400758277161838,
+        -2.549732539343734,
+        4.374664141464968,
+        2.938163982698783,
+    ];
+    const D: [f64; 4] = [7.784695709041462e-3, 3.224671290700398e-1, 2.445134137142996, 3.754408661907416];
+    let tail = |q: f64| {
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    };
+    if p < 0.02425 {
+        tail((-2.0 * p.ln()).sqrt())
+    } else if p > 1.0 - 0.02425 {
+        -tail((-2.0 * (1.0 - p).ln()).sqrt())
+    } else {
+        let q = p - 0.5;
+        let r = q * q;
+        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
+            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn normal_quantile_matches_published_values() {
+        // Φ⁻¹(0.95) and Φ⁻¹(0.5), Φ⁻¹(0.01) (scipy.stats.norm.ppf).
+        for (p, z) in [(0.95, 1.6448536269514722), (0.5, 0.0), (0.01, -2.3263478740408408)] {
+            assert!((super::normal_quantile(p) - z).abs() < 1e-8, "{p}");
+        }
     }
 }

@@ -18,9 +18,9 @@ pub(super) struct Masks {
     windows: HashMap<usize, Var>,
     /// For sliding layers whose cache is a ring buffer.
     ring: Option<Var>,
-    /// Query heads per KV head: masks are tiled this many times along the query axis.
-    repeat: usize,
-    tiled: HashMap<Option<usize>, Var>,
+    /// Masks tiled along the query axis for grouped query heads, by window and query heads
+    /// per KV head (which differ between Gemma 4's local and global layers).
+    tiled: HashMap<(Option<usize>, usize), Var>,
 }
 
 impl Masks {
@@ -53,8 +53,7 @@ impl Masks {
             let m = g.select(&format!("w{wnd}_mask"), &far, floor, causal)?;
             windows.insert(wnd, m);
         }
-        let repeat = g.c.num_heads / g.c.num_kv_heads;
-        Ok(Masks { causal: causal.clone(), windows, ring: None, repeat, tiled: HashMap::new() })
+        Ok(Masks { causal: causal.clone(), windows, ring: None, tiled: HashMap::new() })
     }
 
     /// Sliding layers with a ring-buffer cache use `mask` (built with the ring's writes).
@@ -63,23 +62,30 @@ impl Masks {
     }
 
     /// The mask of a layer with sliding window `window` (`None`: full attention), tiled for
-    /// grouped query heads unless `per_head` (heads attended one by one). `prefix` names the
-    /// tiled mask after the first layer that needs it.
-    pub fn for_layer(&mut self, g: &mut Graph, window: Option<usize>, per_head: bool, prefix: &str) -> Result<Var> {
+    /// `repeat` query heads per KV head unless `per_head` (heads attended one by one). `prefix`
+    /// names the tiled mask after the first layer that needs it.
+    pub fn for_layer(
+        &mut self,
+        g: &mut Graph,
+        window: Option<usize>,
+        repeat: usize,
+        per_head: bool,
+        prefix: &str,
+    ) -> Result<Var> {
         let base = match (window, &self.ring) {
             (Some(_), Some(ring)) => ring.clone(),
             (Some(w), None) => self.windows[&w].clone(),
             (None, _) => self.causal.clone(),
         };
-        if self.repeat == 1 || per_head {
+        if repeat == 1 || per_head {
             return Ok(base);
         }
-        if let Some(t) = self.tiled.get(&window) {
+        if let Some(t) = self.tiled.get(&(window, repeat)) {
             return Ok(t.clone());
         }
-        let reps = i32s(&[1, 1, self.repeat as i32, 1]);
+        let reps = i32s(&[1, 1, repeat as i32, 1]);
         let t = g.op("tile", &format!("{prefix}_mask_rep"), vec![("x", (&base).into()), ("reps", reps)])?;
-        self.tiled.insert(window, t.clone());
+        self.tiled.insert((window, repeat), t.clone());
         Ok(t)
     }
 }

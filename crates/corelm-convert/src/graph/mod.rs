@@ -7,6 +7,7 @@
 //! multifunction model sharing the weights; those take fixed shapes throughout (the mask is
 //! (1, 1, N, context)) and an extra `position` input.
 
+mod altup;
 mod attention;
 mod cache;
 mod emitter;
@@ -16,6 +17,7 @@ mod inputs;
 mod layer;
 mod masks;
 mod norms;
+mod per_layer;
 mod weights;
 
 pub use grids::{GridCarry, GridType, SourceGrid};
@@ -36,6 +38,7 @@ use emitter::Graph;
 use inputs::{Inputs, Positions, RopeRows};
 use layer::LayerContext;
 use masks::Masks;
+use per_layer::PerLayerInputs;
 
 /// How attention is emitted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,23 +92,48 @@ pub struct Stage {
 }
 
 impl Stage {
-    /// `parts` stages of consecutive layers whose sizes differ by at most one.
-    pub fn split(layers: usize, parts: usize) -> Vec<Stage> {
-        (0..parts)
-            .map(|i| Stage {
-                layers: i * layers / parts..(i + 1) * layers / parts,
-                first: i == 0,
-                last: i + 1 == parts,
-            })
-            .collect()
+    /// `parts` stages of consecutive layers whose sizes differ by at most one, except that a
+    /// layer reusing another's keys and values stays in its source's stage (states do not cross
+    /// packages): a boundary between them moves back to the source.
+    pub fn split(c: &ModelConfig, parts: usize) -> Result<Vec<Stage>> {
+        let layers = c.num_layers;
+        let mut bounds: Vec<usize> = (0..=parts).map(|i| i * layers / parts).collect();
+        for bound in bounds.iter_mut().take(parts).skip(1) {
+            let reaching_back = (*bound..layers).filter_map(|l| c.layer(l).kv_from).filter(|&s| s < *bound).min();
+            if let Some(source) = reaching_back {
+                *bound = source;
+            }
+        }
+        if bounds.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Error::invalid(format!(
+                "the model cannot be split into {parts} parts: its later layers reuse the keys and values of \
+                 earlier ones, which must stay in one part (fewer --chunks)"
+            )));
+        }
+        Ok((0..parts)
+            .map(|i| Stage { layers: bounds[i]..bounds[i + 1], first: i == 0, last: i + 1 == parts })
+            .collect())
+    }
+
+    /// Channels of the hidden states this stage takes from the one before (`at` its first
+    /// layer) or hands to the next (`at` the next stage's first layer): each AltUp stream, then
+    /// the per-layer inputs of the layers from `at` on.
+    pub fn carried_width(c: &ModelConfig, at: usize) -> usize {
+        let streams = c.altup.map_or(1, |a| a.inputs);
+        streams * c.hidden_size + c.per_layer_inputs.map_or(0, |p| (c.num_layers - at) * p.width)
     }
 
     /// Whether this stage reads the weight.
     pub fn holds(&self, role: Role) -> bool {
         match role {
-            Role::Embed | Role::PositionEmbed => self.first,
+            Role::Embed
+            | Role::PositionEmbed
+            | Role::PerLayerEmbed
+            | Role::PerLayerProjection
+            | Role::PerLayerProjectionNorm
+            | Role::AltUpProjection(_) => self.first,
             Role::Layer(l, _) => self.layers.contains(&l),
-            Role::FinalNorm | Role::FinalNormBias | Role::LmHead => self.last,
+            Role::FinalNorm | Role::FinalNormBias | Role::LmHead | Role::AltUpUnembed(_) => self.last,
         }
     }
 }
@@ -242,6 +270,15 @@ pub fn build_function(
     if ane {
         x = g.channels_first(&x, "hidden_channels")?;
     }
+    // A later stage's hidden states carry the AltUp streams and the per-layer inputs too.
+    let (carried_streams, per_layer) = match (stage.first, c.per_layer_inputs) {
+        (true, Some(_)) => (None, Some(PerLayerInputs::new(&mut g, &inputs.tokens, &x, compute)?)),
+        (true, None) => (None, None),
+        (false, _) => {
+            let (streams, per_layer) = PerLayerInputs::unpack(&mut g, &x, stage.layers.start, compute)?;
+            (Some(streams), per_layer)
+        }
+    };
     let rope = RopeRows::gather(&mut g, weights, &positions.query)?;
     let layers = &c.layer_attention[stage.layers.clone()];
     let mut masks = Masks::new(&mut g, layers, &inputs.mask, &positions, kv.has_ring(), compute)?;
@@ -254,15 +291,36 @@ pub fn build_function(
         (true, false) => AttentionForm::Fused,
         (true, true) => AttentionForm::PerHead,
     };
-    let cx = LayerContext { compute, residual, attention, positions: &positions, rope: &rope };
+    let cx = LayerContext {
+        compute,
+        residual,
+        attention,
+        positions: &positions,
+        rope: &rope,
+        per_layer: per_layer.as_ref(),
+    };
+    let mut streams = match carried_streams {
+        Some(s) => s,
+        None if c.altup.is_some() => altup::streams(&mut g, &cx, x)?,
+        None => vec![x],
+    };
     for l in stage.layers.clone() {
-        x = layer::decoder_layer(&mut g, &cx, &mut kv, &mut masks, l, x)?;
+        streams = match c.altup {
+            Some(_) => altup::layer(&mut g, &cx, &mut kv, &mut masks, l, streams)?,
+            None => vec![layer::decoder_layer(&mut g, &cx, &mut kv, &mut masks, l, streams.remove(0))?],
+        };
     }
     if !stage.last {
+        let x = match &per_layer {
+            Some(p) => p.pack(&mut g, &streams, stage.layers.end, residual)?,
+            None if streams.len() > 1 => PerLayerInputs::pack_streams(&mut g, &streams)?,
+            None => streams.remove(0),
+        };
         let out = if ane { g.tokens_first(&x, "next_hidden")? } else { x };
         g.f.output(&out, names::NEXT_HIDDEN_STATES)?;
         return g.f.finish();
     }
+    let x = if c.altup.is_some() { altup::merge(&mut g, &cx, &streams)? } else { streams.remove(0) };
     head::logits(&mut g, &x, compute)?;
     kv.output_updates(&mut g)?;
     g.f.finish()

@@ -29,27 +29,40 @@ impl Graph<'_, '_> {
         let x32 = self.cast(x, DType::Fp32, &format!("{name}_in"))?;
         let y = match self.c.norm {
             Norm::Rms { eps, .. } => {
-                let sq = self.binary(Binary::Mul, &format!("{name}_sq"), &x32, &x32)?;
-                let ms = self.op(
-                    "reduce_mean",
-                    &format!("{name}_ms"),
-                    vec![
-                        ("x", (&sq).into()),
-                        ("axes", i32s(&[-1])),
-                        ("keep_dims", Arg::Tensor(Tensor::scalar_bool(true))),
-                    ],
-                )?;
-                let r = self.op(
-                    "rsqrt",
-                    &format!("{name}_r"),
-                    vec![("x", (&ms).into()), ("epsilon", self.float(DType::Fp32, eps))],
-                )?;
-                let n = self.binary(Binary::Mul, &format!("{name}_n"), &x32, &r)?;
+                let n = self.rms(&x32, eps, name)?;
                 self.binary(Binary::Mul, &format!("{name}_w"), &n, &w)?
             }
             Norm::Layer { eps } => self.layer_norm(&x32, -1, Some((weight, bias)), eps, &format!("{name}_ln"))?,
         };
         self.cast(&y, out, name)
+    }
+
+    /// An RMSNorm without a gain (Gemma 3n's and 4's value norm), over the last axis when
+    /// `last`, else over the channels; `x` is not the residual stream.
+    pub(super) fn plain_rms(&mut self, x: &Var, last: bool, out: DType, name: &str) -> Result<Var> {
+        let Norm::Rms { eps, .. } = self.c.norm else {
+            return Err(Error::invalid("an RMSNorm without a gain in a LayerNorm family"));
+        };
+        if self.ane {
+            let (normed, n) = self.ane_rms(x, if last { -1 } else { 1 }, eps, name)?;
+            return self.mul_s(&normed, (n as f64 / (n as f64 + 1.0)).sqrt(), name);
+        }
+        let x32 = self.cast(x, DType::Fp32, &format!("{name}_in"))?;
+        let y = self.rms(&x32, eps, &format!("{name}_n"))?;
+        self.cast(&y, out, name)
+    }
+
+    /// x / √(mean(x²) + eps) over the last axis, in x's dtype.
+    fn rms(&mut self, x: &Var, eps: f64, name: &str) -> Result<Var> {
+        let sq = self.binary(Binary::Mul, &format!("{name}_sq"), x, x)?;
+        let ms = self.op(
+            "reduce_mean",
+            &format!("{name}_ms"),
+            vec![("x", (&sq).into()), ("axes", i32s(&[-1])), ("keep_dims", Arg::Tensor(Tensor::scalar_bool(true)))],
+        )?;
+        let eps = self.float(x.dtype(), eps);
+        let r = self.op("rsqrt", &format!("{name}_r"), vec![("x", (&ms).into()), ("epsilon", eps)])?;
+        self.binary(Binary::Mul, &format!("{name}_n"), x, &r)
     }
 
     /// The Neural Engine form of a norm, all fp16. RMSNorm is a layer_norm over `[x, −x]`
@@ -87,23 +100,26 @@ impl Graph<'_, '_> {
                     // (C,) → (C, 1, 1), to scale the channels of (1, C, 1, S).
                     w = self.expand_dims(&format!("{name}_w"), &w, &[1, 2])?;
                 }
-                let (pair, n) = self.epsilon_pair(x, axis, eps / scale)?;
-                let neg = self.mul_s(x, -1.0, &format!("{name}_neg"))?;
-                let both = self.concat(&format!("{name}_pm"), vec![x, &neg, &pair], axis)?;
-                let ln = self.layer_norm(&both, axis, None, 0.0, &format!("{name}_ln"))?;
-                let halves = self.f.op(
-                    "split",
-                    &format!("{name}_half"),
-                    vec![
-                        ("x", (&ln).into()),
-                        ("split_sizes", i32s(&[n as i32, n as i32 + 2])),
-                        ("axis", scalar_i32(axis)),
-                    ],
-                )?;
-                self.binary(Binary::Mul, name, &halves[0], &w)
+                let (normed, _) = self.ane_rms(x, axis, eps / scale, name)?;
+                self.binary(Binary::Mul, name, &normed, &w)
             }
             Norm::Layer { eps } => self.layer_norm(x, axis, Some((weight, bias)), eps / scale, name),
         }
+    }
+
+    /// The Neural Engine RMSNorm before its gain: x / rms(x) · √((n + 1)/n) for the n entries
+    /// along `axis` (see [`Graph::ane_norm`]); and n.
+    fn ane_rms(&mut self, x: &Var, axis: i32, eps: f64, name: &str) -> Result<(Var, usize)> {
+        let (pair, n) = self.epsilon_pair(x, axis, eps)?;
+        let neg = self.mul_s(x, -1.0, &format!("{name}_neg"))?;
+        let both = self.concat(&format!("{name}_pm"), vec![x, &neg, &pair], axis)?;
+        let ln = self.layer_norm(&both, axis, None, 0.0, &format!("{name}_ln"))?;
+        let halves = self.f.op(
+            "split",
+            &format!("{name}_half"),
+            vec![("x", (&ln).into()), ("split_sizes", i32s(&[n as i32, n as i32 + 2])), ("axis", scalar_i32(axis))],
+        )?;
+        Ok((halves[0].clone(), n))
     }
 
     /// The constant `[c, −c]` along `axis`, shaped like `x` along the other axes, where

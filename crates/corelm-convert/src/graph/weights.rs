@@ -24,9 +24,13 @@ fn ane_rms_width(c: &ModelConfig, role: Role) -> Option<usize> {
         return None;
     }
     match role {
-        Role::Layer(_, QNorm | KNorm | AttnNorm | PostAttnNorm | MlpNorm | PostMlpNorm) | Role::FinalNorm => {
-            crate::checkpoint::expected_shape(c, role).first().copied()
-        }
+        Role::Layer(
+            _,
+            QNorm | KNorm | AttnNorm | PostAttnNorm | MlpNorm | PostMlpNorm | PostPerLayerNorm | LaurelNorm
+            | AltUpRouterNorm,
+        )
+        | Role::FinalNorm
+        | Role::PerLayerProjectionNorm => crate::checkpoint::expected_shape(c, role).first().copied(),
         _ => None,
     }
 }
@@ -68,7 +72,10 @@ impl<F: FnMut(&str, u64)> Progress for F {
 /// Every role the graph uses, in reading order.
 pub fn roles(c: &ModelConfig) -> Vec<Role> {
     use LayerRole::*;
-    let mut roles = vec![Role::Embed, Role::PositionEmbed];
+    let mut roles = vec![Role::Embed, Role::PositionEmbed, Role::PerLayerEmbed, Role::PerLayerProjection];
+    roles.push(Role::PerLayerProjectionNorm);
+    let streams = c.altup.map_or(0, |a| a.inputs);
+    roles.extend((1..streams).map(|i| Role::AltUpProjection(i - 1)));
     for l in 0..c.num_layers {
         for r in [
             AttnNorm,
@@ -92,10 +99,23 @@ pub fn roles(c: &ModelConfig) -> Vec<Role> {
             Down,
             DownBias,
             PostMlpNorm,
+            AltUpCorrectScale,
+            AltUpCorrection,
+            AltUpPrediction,
+            AltUpRouter,
+            AltUpRouterNorm,
+            LaurelLeft,
+            LaurelRight,
+            LaurelNorm,
+            PerLayerGate,
+            PerLayerProj,
+            PostPerLayerNorm,
+            LayerScalar,
         ] {
             roles.push(Role::Layer(l, r));
         }
     }
+    roles.extend((1..streams).map(|i| Role::AltUpUnembed(i - 1)));
     roles.extend([Role::FinalNorm, Role::FinalNormBias, Role::LmHead]);
     roles
 }
@@ -103,7 +123,16 @@ pub fn roles(c: &ModelConfig) -> Vec<Role> {
 /// Weights that feed `linear` (or the embedding gather) and may be quantized.
 fn is_matrix(role: Role) -> bool {
     use LayerRole::*;
-    matches!(role, Role::Embed | Role::LmHead | Role::Layer(_, Q | K | V | O | Gate | Up | Down))
+    matches!(
+        role,
+        Role::Embed
+            | Role::LmHead
+            | Role::PerLayerEmbed
+            | Role::PerLayerProjection
+            | Role::AltUpProjection(_)
+            | Role::AltUpUnembed(_)
+            | Role::Layer(_, Q | K | V | O | Gate | Up | Down | PerLayerGate | PerLayerProj | LaurelLeft | LaurelRight)
+    )
 }
 
 fn is_norm(role: Role) -> bool {
@@ -112,11 +141,29 @@ fn is_norm(role: Role) -> bool {
         role,
         Role::FinalNorm
             | Role::FinalNormBias
+            | Role::PerLayerProjectionNorm
             | Role::Layer(
                 _,
-                AttnNorm | AttnNormBias | PostAttnNorm | MlpNorm | MlpNormBias | PostMlpNorm | QNorm | KNorm
+                AttnNorm
+                    | AttnNormBias
+                    | PostAttnNorm
+                    | MlpNorm
+                    | MlpNormBias
+                    | PostMlpNorm
+                    | QNorm
+                    | KNorm
+                    | PostPerLayerNorm
+                    | LaurelNorm
+                    | AltUpRouterNorm
             )
     )
+}
+
+/// Small vectors and matrices kept in fp32 (outside the Neural Engine) like the norms: AltUp's
+/// coefficients and scales, Gemma 4's layer scalar.
+fn is_coefficient(role: Role) -> bool {
+    use LayerRole::*;
+    matches!(role, Role::Layer(_, AltUpCorrectScale | AltUpCorrection | AltUpPrediction | AltUpRouter | LayerScalar))
 }
 
 fn rope_tables(store: &mut WeightStore, rope: &Rope, context: usize, dtype: DType) -> Result<(BlobRef, BlobRef)> {
@@ -151,11 +198,11 @@ pub fn store_weights(
             continue;
         }
         let bytes_before = store.bytes_written();
-        let embedding = matches!(role, Role::Embed | Role::LmHead);
+        let embedding = matches!(role, Role::Embed | Role::LmHead | Role::PerLayerEmbed);
         let scheme = if is_matrix(role) { opts.compress.scheme_for(&spec.name, embedding) } else { None };
         // The ane profile stores a table taller than it takes in blocks of rows.
         let split = (opts.profile == Profile::Ane && embedding && c.vocab_size > ANE_MAX_DIM).then_some(ANE_MAX_DIM);
-        let source = crate::checkpoint::resolve(ck, &spec.name).and_then(|n| ck.storage(n)).filter(|s| s.quantized);
+        let source = crate::checkpoint::resolve(ck, &spec.name).and_then(|n| ck.storage(&n)).filter(|s| s.quantized);
         let refused =
             source.as_ref().and_then(|s| grids::refusal(&opts.compress, &spec, is_matrix(role), scheme, &s.type_name));
         // A source grid Core ML can hold is stored as it is: no second rounding.
@@ -224,16 +271,22 @@ fn store_values(
     if add_one && is_norm(role) {
         data.iter_mut().for_each(|v| *v += 1.0);
     }
-    if matches!(role, Role::Layer(_, LayerRole::PostAttnNorm | LayerRole::PostMlpNorm)) {
-        let d = residual_divisor(c, opts) as f32;
-        data.iter_mut().for_each(|v| *v /= d);
+    // The ane profile's residual divisor: norms that feed the stream divide by it; the
+    // per-layer input's gate, reading the stream, multiplies it back.
+    let d = residual_divisor(c, opts) as f32;
+    match role {
+        Role::Layer(_, LayerRole::PostAttnNorm | LayerRole::PostMlpNorm | LayerRole::PostPerLayerNorm) => {
+            data.iter_mut().for_each(|v| *v /= d)
+        }
+        Role::Layer(_, LayerRole::PerLayerGate) => data.iter_mut().for_each(|v| *v *= d),
+        _ => {}
     }
     if let Some(n) = ane_rms_width(c, role).filter(|_| ane) {
         let k = (n as f64 / (n as f64 + 1.0)).sqrt() as f32;
         data.iter_mut().for_each(|v| *v *= k);
     }
     // Norms are computed in fp32 except on the Neural Engine, which has no fp32.
-    let keep_f32 = (is_norm(role) && !ane) || dtype == DType::Fp32;
+    let keep_f32 = ((is_norm(role) || is_coefficient(role)) && !ane) || dtype == DType::Fp32;
     match split {
         Some(block) => {
             let cols = shape[1];
