@@ -721,6 +721,9 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
         }
     }
     warn_grids_not_carried(&summary.source_grids);
+    for note in &summary.notes {
+        eprintln!("note: {note}");
+    }
     if args.json {
         emitln!("{}", serde_json::to_string_pretty(&summary)?);
     } else {

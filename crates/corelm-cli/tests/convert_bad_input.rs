@@ -196,7 +196,7 @@ fn unknown_architecture() {
 fn family_features_beyond_the_converter_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny");
-    let cases: [(&str, serde_json::Value, &str); 4] = [
+    let cases: [(&str, serde_json::Value, &str); 10] = [
         ("granite4", serde_json::json!({"layer_types": ["mamba", "attention"]}), "Granite 4 layer type `mamba`"),
         ("granite4", serde_json::json!({"num_local_experts": 8}), "a Granite 4 mixture of 8 experts"),
         ("smollm3", serde_json::json!({"no_rope_layers": [1, 0]}), "`no_rope_layers` has 2 flags for 4 layers"),
@@ -205,6 +205,28 @@ fn family_features_beyond_the_converter_are_named() {
             serde_json::json!({"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
                 "short_factor": [1.0], "long_factor": [1.0], "partial_rotary_factor": 0.75}}),
             "`short_factor` needs 6 positive factors, one per rotated pair; it has 1",
+        ),
+        ("gemma4_text", serde_json::json!({"enable_moe_block": true}), "Gemma 4's mixture-of-experts blocks"),
+        ("gemma4_text", serde_json::json!({"use_bidirectional_attention": "all"}), "bidirectional attention"),
+        (
+            "gemma4_text",
+            serde_json::json!({"num_kv_shared_layers": 6}),
+            "`num_kv_shared_layers` is 6 of 6 layers; at least one layer must compute keys and values",
+        ),
+        (
+            "gemma4_text",
+            serde_json::json!({"per_layer_config": {"2": {"head_dim": 32, "num_key_value_heads": 3}}}),
+            "layer 2 needs a positive head size and a KV head count dividing 4 heads; it has 32 and 3",
+        ),
+        (
+            "gemma3n_text",
+            serde_json::json!({"activation_sparsity_pattern": [0.95]}),
+            "`activation_sparsity_pattern` needs 6 fractions in [0, 1), one per layer; it has 1",
+        ),
+        (
+            "gemma3n_text",
+            serde_json::json!({"altup_active_idx": 4}),
+            "AltUp needs at least 2 inputs and an active one among them; it has 4 and 4",
         ),
     ];
     for (fixture, patch, expect) in cases {

@@ -142,6 +142,12 @@ fn every_tiny_architecture_converts_and_loads_in_coremltools() {
         let summary = convert(dir, &out, &["--context", "64"]);
         let text = if config["text_config"].is_object() { &config["text_config"] } else { &config };
         assert_eq!(summary["layers"].as_u64(), text["num_hidden_layers"].as_u64().or(text["n_layer"].as_u64()));
+        // A multimodal checkpoint's towers are left out, and the summary says so.
+        let notes = summary["notes"].to_string();
+        for tower in ["vision", "audio"] {
+            let present = config[format!("{tower}_config")].is_object();
+            assert_eq!(notes.contains(&format!("the {tower} tower")), present, "{name}: {notes}");
+        }
         let report = inspect(&out);
         check_interface(&report, &config, 64);
         assert_eq!(report["spec_version"], 9);

@@ -46,6 +46,8 @@ pub struct Summary {
     pub peak_memory_bytes: Option<u64>,
     /// Weights processed per second, as MB of float32 parameters.
     pub megabytes_per_second: f64,
+    /// What of the source was left out, and why (a multimodal checkpoint's towers).
+    pub notes: Vec<String>,
 }
 
 /// A loaded source: configuration, tensors and the files a runtime needs beside the weights.
@@ -56,6 +58,8 @@ pub struct Source {
     pub id: String,
     /// Files to ship in the package: tokenizer.json, tokenizer_config.json, generation_config.json.
     pub extras: Vec<(String, Vec<u8>)>,
+    /// What of the source is left out (see [`crate::arch::left_out`]).
+    pub notes: Vec<String>,
 }
 
 /// Opens a Hugging Face folder (`config.json` + safetensors) or a `.gguf` file.
@@ -65,7 +69,7 @@ pub fn open_source(path: &Path) -> Result<Source> {
         let config = crate::arch::read_config(path, &json)?;
         let extras = crate::gguf_source::extras(checkpoint.file())?;
         let id = json["_name_or_path"].as_str().map(str::to_string).unwrap_or_else(|| file_stem(path));
-        return Ok(Source { config, checkpoint: Box::new(checkpoint), id, extras });
+        return Ok(Source { config, checkpoint: Box::new(checkpoint), id, extras, notes: vec![] });
     }
     if !path.is_dir() {
         return Err(Error::malformed(path, "not a model folder (config.json and *.safetensors) or a .gguf file"));
@@ -89,7 +93,7 @@ pub fn open_source(path: &Path) -> Result<Source> {
             extras.push((name.to_string(), std::fs::read(&p).at(&p)?));
         }
     }
-    Ok(Source { config, checkpoint, id, extras })
+    Ok(Source { config, checkpoint, id, extras, notes: crate::arch::left_out(&json) })
 }
 
 fn file_stem(path: &Path) -> String {
@@ -188,6 +192,7 @@ pub fn convert(
         seconds: started.elapsed().as_secs_f64(),
         peak_memory_bytes: peak_memory(),
         megabytes_per_second: c.parameter_count() as f64 * 4.0 / 1e6 / started.elapsed().as_secs_f64().max(1e-9),
+        notes: source.notes.clone(),
     })
 }
 

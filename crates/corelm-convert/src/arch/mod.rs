@@ -244,6 +244,22 @@ pub fn read_config(path: &Path, json: &Value) -> Result<ModelConfig> {
 /// weights are named `model.language_model.*` and their vision and audio towers are left out.
 pub const MULTIMODAL: &[&str] = &["gemma3", "gemma3n", "gemma4"];
 
+/// The parts of a multimodal checkpoint corelm leaves out, one note each (its vision and audio
+/// towers and their embedders: only the language model converts).
+pub fn left_out(json: &Value) -> Vec<String> {
+    let model_type = json.get("model_type").and_then(Value::as_str).unwrap_or_default();
+    if !MULTIMODAL.contains(&model_type) {
+        return vec![];
+    }
+    ["vision", "audio"]
+        .iter()
+        .filter(|part| json.get(format!("{part}_config")).is_some_and(|v| !v.is_null()))
+        .map(|part| {
+            format!("the {part} tower (`{part}_config`) of this {model_type} checkpoint is left out: only its language model converts, so the package reads text only")
+        })
+        .collect()
+}
+
 /// Where each role's tensor lives for this family; `None` when the family has no such weight.
 pub fn tensor_spec(config: &ModelConfig, role: Role) -> Option<TensorSpec> {
     (registration(config.family).tensor_spec)(config, role)
