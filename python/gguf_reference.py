@@ -22,7 +22,8 @@ grids.gguf
     write_grid_model): converted with and without --dequantize by the CLI tests.
 tiny_<fixture>.gguf
     tests/fixtures/tiny/<fixture> as llama.cpp's convert_hf_to_gguf.py writes it, for GPT-2,
-    SmolLM3, Granite, OLMo 2, OLMo 3 and Phi-4-mini's LongRoPE (see write_tiny_gguf).
+    SmolLM3, Granite, OLMo 2, OLMo 3, Phi-4-mini's LongRoPE, Gemma 3n and Gemma 4 (text; see
+    write_tiny_gguf and gemma3n_hparams / gemma4_hparams).
 tok_*.gguf
     Vocabulary-only files for the tokenizer builders (byte-level BPE, SentencePiece with scores,
     Gemma 3, Phi-3).
@@ -38,6 +39,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from statistics import NormalDist
 
 import gguf
 import numpy as np
@@ -478,6 +480,127 @@ def phi3_hparams(w: GGUFWriter, c: dict) -> list:
             ("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))]
 
 
+def gemma_text_hparams(w: GGUFWriter, c: dict) -> None:
+    """TextModel.set_gguf_parameters then Gemma3Model.set_gguf_parameters (Gemma3NModel and
+    Gemma4Model call both first), for the keys these configs have. Each key is written once, at the
+    place convert_hf_to_gguf first writes it, with the value it ends with: a GGUFWriter key written
+    again keeps its place and takes the new value. general.file_type is left out as in the other
+    tiny files. Neither rope type here (default; Gemma 4's proportional) writes scaling keys."""
+    rope = rope_parameters(c)
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_feed_forward_length(c["intermediate_size"])  # Gemma 3n: a per-layer list -> an array
+    w.add_head_count(c["num_attention_heads"])
+    w.add_head_count_kv(c["num_key_value_heads"])
+    w.add_rope_freq_base(rope["full_attention"]["rope_theta"])
+    w.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_key_length(c["head_dim"])
+    w.add_value_length(c["head_dim"])
+    assert c.get("attn_logit_softcapping") is None
+    if c.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(c["final_logit_softcapping"])
+    if c.get("sliding_window_pattern") != 1:
+        w.add_sliding_window(c["sliding_window"])
+
+
+def normal_icdf_f32(p: float) -> float:
+    """torch.distributions.Normal(0, 1).icdf(torch.tensor(p, dtype=torch.float32)).item(), as
+    Gemma3NModel computes the activation sparsity scale, without torch: sqrt(2) * erfinv(2p - 1)
+    in float32, erfinv rounded from double (equal to torch 2.15's float32 kernel for every p in
+    0.000, 0.001, ..., 1.000). p = 0 gives -inf."""
+    y = np.float32(2) * np.float32(p) - np.float32(1)
+    if y <= -1 or y >= 1:
+        return math.copysign(math.inf, float(y))
+    erfinv = np.float32(NormalDist().inv_cdf((float(y) + 1) / 2) / math.sqrt(2))
+    return float(erfinv * np.float32(math.sqrt(2)))
+
+
+def gemma3n_hparams(w: GGUFWriter, c: dict) -> list:
+    """Gemma3NModel.set_gguf_parameters: AltUp, per-layer input width, the KV-sharing count, the
+    activation sparsity pattern as normal quantiles and the sliding-window pattern per layer."""
+    gemma_text_hparams(w, c)
+    assert c["altup_num_inputs"] == 4, "convert_hf_to_gguf only converts 4 AltUp inputs"
+    w.add_altup_active_idx(c["altup_active_idx"])
+    w.add_altup_num_inputs(c["altup_num_inputs"])
+    w.add_embedding_length_per_layer_input(c["hidden_size_per_layer_input"])
+    w.add_shared_kv_layers(c["num_kv_shared_layers"])
+    w.add_activation_sparsity_scale([normal_icdf_f32(s) for s in c["activation_sparsity_pattern"]])
+    w.add_sliding_window_pattern([t == "sliding_attention" for t in c["layer_types"]])
+    return []
+
+
+def gemma4_global(c: dict, key: str, legacy: str):
+    """A full-attention-layer value that google's configs give as global_head_dim /
+    num_global_key_value_heads and transformers 5 as per_layer_config (one entry per layer that
+    differs from the default): convert_hf_to_gguf reads the former."""
+    if legacy in c:
+        return c[legacy]
+    per_layer = c.get("per_layer_config") or {}
+    full = [i for i, t in enumerate(c["layer_types"]) if t == "full_attention"]
+    values = {per_layer.get(str(i), {}).get(key) for i in full}
+    assert len(values) == 1, f"{key} differs between full-attention layers"
+    assert all(str(i) not in per_layer for i, t in enumerate(c["layer_types"]) if t != "full_attention")
+    return values.pop()
+
+
+def gemma4_hparams(w: GGUFWriter, c: dict) -> list:
+    """Gemma4Model.set_gguf_parameters and generate_extra_tensors: head dims per layer kind (the
+    full-attention one as key/value_length, the sliding one as *_swa), the double-wide MLP of the
+    KV-sharing layers as a per-layer feed_forward_length, rotary dims per layer kind, and the
+    proportional rope of full-attention layers as rope_freqs (1 for the rotated pairs, 1e30 for the
+    rest)."""
+    head_dim_full = gemma4_global(c, "head_dim", "global_head_dim") or c["head_dim"]
+    kv_heads_full = gemma4_global(c, "num_key_value_heads", "num_global_key_value_heads")
+    n_layer, n_shared = c["num_hidden_layers"], c["num_kv_shared_layers"]
+    swa = [t == "sliding_attention" for t in c["layer_types"]]
+    n_ff = c["intermediate_size"]
+    if c.get("use_double_wide_mlp", False):  # overwrites TextModel's scalar in place
+        n_ff = [n_ff if il < n_layer - n_shared else n_ff * 2 for il in range(n_layer)]
+    kv_heads = c["num_key_value_heads"]
+    if kv_heads_full is not None:  # overwrites TextModel's scalar in place
+        kv_heads = [kv_heads if s else kv_heads_full for s in swa]
+    gemma_text_hparams(w, {**c, "intermediate_size": n_ff, "num_key_value_heads": kv_heads, "head_dim": head_dim_full})
+    w.add_shared_kv_layers(n_shared)
+    w.add_embedding_length_per_layer_input(c.get("hidden_size_per_layer_input") or 0)
+    w.add_sliding_window_pattern(swa)
+    w.add_key_length_swa(c["head_dim"])
+    w.add_value_length_swa(c["head_dim"])
+    if (n_ff_exp := c.get("expert_intermediate_size", c.get("moe_intermediate_size"))) is not None:
+        w.add_expert_feed_forward_length(n_ff_exp)
+    w.add_rope_dimension_count(int(head_dim_full))
+    w.add_rope_dimension_count_swa(int(c["head_dim"] * c.get("partial_rotary_factor", 1.0)))
+    rope_full = rope_parameters(c)["full_attention"]
+    assert rope_full["rope_type"] == "proportional"
+    n_rot = int(head_dim_full * rope_full["partial_rotary_factor"] / 2)
+    freqs = np.array([1.0] * n_rot + [1e30] * (head_dim_full // 2 - n_rot), dtype=np.float32)
+    return [("rope_freqs.weight", freqs)]
+
+
+def gemma_checkpoint_tensors(arch: str, tensors: dict[str, np.ndarray], c: dict):
+    """Gemma3NModel / Gemma4Model.modify_tensors, up to the name lookup: `.weight` appended to the
+    scalar parameters (Gemma 3n's *_scale, Gemma 4's layer_scalar); Gemma 3n's token and per-layer
+    embeddings padded with zero rows to vocab_size, and its three altup_projections (and
+    altup_unembed_projections) stacked into one (3, n, n) tensor, written where the last arrives.
+    Norms are stored as they are (norm_shift 0: no +1). convert_hf_to_gguf reads the language model
+    of the multimodal layout (model.language_model.*, which it renames to model.*); this text
+    checkpoint's model.* names are that language model already."""
+    stacks: dict[str, list] = {"altup_projections": [None] * 3, "altup_unembed_projections": [None] * 3}
+    for name, t in tensors.items():
+        if name.endswith("_scale" if arch == "gemma3n" else ("per_dim_scale", "layer_scalar")):
+            name += ".weight"
+        if arch == "gemma3n" and ("embed_tokens.weight" in name or "embed_tokens_per_layer" in name):
+            if t.shape[0] < c["vocab_size"]:
+                t = np.concatenate([t, np.zeros((c["vocab_size"] - t.shape[0], t.shape[1]), t.dtype)])
+        elif arch == "gemma3n" and (stack := next((k for k in stacks if f".{k}." in name), None)):
+            stacks[stack][int(name.split(f".{stack}.")[1].split(".")[0])] = t
+            if all(m is not None for m in stacks[stack]):
+                yield f"model.{stack}.weight", np.stack(stacks[stack])
+            continue
+        yield name, t
+
+
 # tests/fixtures/tiny/<fixture> -> the llama.cpp architecture it is written as, and its hparams.
 TINY_GGUF = {
     "gpt2": ("gpt2", gpt2_hparams),
@@ -486,7 +609,11 @@ TINY_GGUF = {
     "olmo2": ("olmo2", olmo2_hparams),
     "olmo3": ("olmo2", olmo2_hparams),  # Olmo2Model writes OLMo 3 too
     "phi3_longrope": ("phi3", phi3_hparams),
+    # Gemma3NModel / Gemma4Model (the latter registered for Gemma4ForConditionalGeneration only)
+    "gemma3n_text": ("gemma3n", gemma3n_hparams),
+    "gemma4_text": ("gemma4", gemma4_hparams),
 }
+GEMMA = ("gemma3n", "gemma4")
 # Architectures whose converter class is a LlamaModel (undo_permute): Q/K rows permuted.
 PERMUTED_QK = ("smollm3", "granite")
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -514,7 +641,8 @@ def write_tiny_gguf(out: Path, fixture: str) -> None:
     """tests/fixtures/tiny/<fixture> as llama.cpp's convert_hf_to_gguf.py writes it (TINY_GGUF),
     F32: its hparams, tensor names from gguf-py's own map, Q/K rows permuted where llama.cpp
     permutes them, GPT-2's Conv1D weights transposed to (out, in), Phi-3's fused qkv and gate_up
-    kept; with a stand-in SentencePiece vocabulary of the checkpoint's size (the tests feed ids)."""
+    kept, Gemma 3n's AltUp projections stacked (gemma_checkpoint_tensors); with a stand-in
+    SentencePiece vocabulary of the checkpoint's size (the tests feed ids)."""
     arch, hparams = TINY_GGUF[fixture]
     src = ROOT / "tests" / "fixtures" / "tiny" / fixture
     config = json.loads((src / "config.json").read_text())
@@ -533,6 +661,8 @@ def write_tiny_gguf(out: Path, fixture: str) -> None:
                                     config.get("num_hidden_layers") or config["n_layer"])
     for name, t in extra:  # generate_extra_tensors come first
         w.add_tensor(name, t)
+    if arch in GEMMA:
+        tensors = dict(gemma_checkpoint_tensors(arch, tensors, config))
     for name, t in tensors.items():
         gguf_name = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
