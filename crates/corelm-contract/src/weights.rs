@@ -39,8 +39,14 @@ impl WeightMatrix {
     }
 }
 
-/// The weight matrices of a program. Rope tables and other constants gathered by positions are
-/// not weights; neither are vectors (norms, biases).
+/// The shortest side of a matrix worth compressing: smaller ones (Gemma 3n's AltUp
+/// coefficients, a tiny model's low-rank branches) gain nothing and stay as they are, in
+/// `corelm convert --quantize` and `corelm compress` alike.
+pub const MIN_COMPRESSED_SIDE: usize = 16;
+
+/// The weight matrices of a program: at least [`MIN_COMPRESSED_SIDE`] on each side. Rope tables
+/// and other constants gathered by positions are not weights; neither are vectors (norms,
+/// biases).
 #[derive(Clone, Debug, Default)]
 pub struct WeightMatrices {
     /// By the name of the constant op's output.
@@ -71,7 +77,9 @@ impl WeightMatrices {
                 let Some(out) = op.outputs.first() else { continue };
                 if is_constant(op) {
                     let t = out.ty.tensor();
-                    if let (Some([rows, cols]), true) = (t.shape().as_deref(), t.dtype.is_float()) {
+                    let shape = t.shape();
+                    let big = shape.as_deref().is_some_and(|s| s.iter().all(|&d| d >= MIN_COMPRESSED_SIDE));
+                    if let (Some([rows, cols]), true, true) = (shape.as_deref(), t.dtype.is_float(), big) {
                         let m = WeightMatrix {
                             rows: *rows,
                             cols: *cols,
@@ -85,6 +93,10 @@ impl WeightMatrices {
                 }
                 match op.op_type.as_str() {
                     "cast" if name_of(op, "x").is_some_and(|x| ids.contains(x)) => {
+                        ids.insert(&out.name);
+                    }
+                    // Ids past a per-layer table replaced by 0 (Gemma 3n) are still token ids.
+                    "select" if ["a", "b"].iter().any(|p| name_of(op, p).is_some_and(|x| ids.contains(x))) => {
                         ids.insert(&out.name);
                     }
                     "expand_dims" => {

@@ -260,6 +260,9 @@ fn write_stage(
             parts.iter().map(|p| p.file_name().expect("named").to_string_lossy().into_owned()).collect();
         ud.insert(keys::CHUNKS.into(), names.join(","));
         ud.insert(keys::LAYERS.into(), format!("{}..{}", stage.layers.start, stage.layers.end));
+    } else if c.cached_layers().count() < c.num_layers {
+        // Layers reusing others' keys and values have no cache: the caches no longer count them.
+        ud.insert(keys::LAYERS.into(), format!("0..{}", c.num_layers));
     }
     if let Some(slots) = crate::graph::ring_slots(c, opts) {
         // The driver must start each chunk at a multiple of its length (see `ring_slots`).

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
-use corelm_contract::weights::{WeightMatrices, WeightMatrix};
+use corelm_contract::weights::{WeightMatrices, WeightMatrix, MIN_COMPRESSED_SIDE};
 use corelm_contract::{keys, names};
 use corelm_convert::config::{Attention, ModelConfig, Norm, QkNorm};
 use corelm_format::mil::program::{Binding, Operation, Program, Value, ValueData};
@@ -86,9 +86,9 @@ pub struct ModelShape {
 impl ModelShape {
     /// From a configuration, with the weights laid out as `corelm convert` stores them.
     pub fn from_config(c: &ModelConfig, name: &str) -> ModelShape {
-        let (h, i, v) = (c.hidden_size as u64, c.intermediate_size as u64, c.vocab_size as u64);
-        let hd = c.head_dim as u64;
-        let (q, kv) = (c.num_heads as u64 * hd, c.num_kv_heads as u64 * hd);
+        // The widest MLP sets the activations' peak (Gemma 3n and 4 vary it by layer).
+        let widest = c.layers.iter().map(|l| l.intermediate).max().unwrap_or(c.intermediate_size);
+        let (h, i, v) = (c.hidden_size as u64, widest as u64, c.vocab_size as u64);
         let m = |rows: u64, cols: u64| Matrix {
             rows,
             cols,
@@ -105,48 +105,98 @@ impl ModelShape {
             gathered_only: !c.tie_word_embeddings,
             stored_bytes: None,
         }];
-        for _ in 0..c.num_layers {
-            matrices.extend([m(q, h), m(kv, h), m(kv, h), m(h, q)]);
+        let per_layer_width = c.per_layer_inputs.map_or(0, |p| p.width as u64);
+        let streams = c.altup.map_or(1, |a| a.inputs as u64);
+        if let Some(p) = c.per_layer_inputs {
+            // Per-layer embeddings: a second table, of which each token gathers one row, and
+            // the projection of the token embedding into every layer's input.
+            let row = c.num_layers as u64 * per_layer_width;
+            matrices.push(Matrix {
+                rows: p.vocab as u64,
+                cols: row,
+                gathered: true,
+                gathered_only: true,
+                ..matrices[0].clone()
+            });
+            matrices.push(m(row, h));
+        }
+        matrices.extend((1..streams).flat_map(|_| [m(h, h), m(h, h)]));
+        for shape in &c.layers {
+            let (hd, i) = (shape.head_dim as u64, shape.intermediate as u64);
+            let (q, kv) = (c.num_heads as u64 * hd, shape.kv_heads as u64 * hd);
+            matrices.push(m(q, h));
+            if shape.kv_from.is_none() {
+                matrices.push(m(kv, h));
+                if !shape.values_are_keys {
+                    matrices.push(m(kv, h));
+                }
+            }
+            matrices.push(m(h, q));
             if c.gated_mlp {
                 matrices.extend([m(i, h), m(i, h), m(h, i)]);
             } else {
                 matrices.extend([m(i, h), m(h, i)]);
             }
+            if per_layer_width > 0 {
+                matrices.extend([m(per_layer_width, h), m(h, per_layer_width)]);
+            }
+            if let Some(r) = c.laurel_rank {
+                matrices.extend([m(r as u64, h), m(h, r as u64)]);
+            }
         }
         if !c.tie_word_embeddings {
             matrices.push(Matrix { embedding: true, ..m(v, h) });
         }
-        // Norm weights (and LayerNorm biases) as `store_weights` keeps them: fp32.
+        // Norm weights (and LayerNorm biases) as `store_weights` keeps them: fp32; with them
+        // the per-layer embeddings', LAuReL's and AltUp's norms, scales and coefficients.
         let layer_norm = matches!(c.norm, Norm::Layer { .. });
         let per_norm = if layer_norm { 2 * h } else { h };
-        let mut norms = 0;
-        if c.block_norms.pre() {
-            norms += 2 * per_norm;
+        let mut fp32_values = per_norm + per_layer_width;
+        for shape in &c.layers {
+            let hd = shape.head_dim as u64;
+            let mut norms = 0;
+            if c.block_norms.pre() {
+                norms += 2 * per_norm;
+            }
+            if c.block_norms.post() {
+                norms += 2 * h;
+            }
+            let own_keys = shape.kv_from.is_none();
+            norms += match c.qk_norm {
+                QkNorm::None => 0,
+                QkNorm::PerHead => hd + if own_keys { hd } else { 0 },
+                QkNorm::Projection => (c.num_heads + shape.kv_heads) as u64 * hd,
+            };
+            norms += if per_layer_width > 0 { h } else { 0 } + if c.laurel_rank.is_some() { h } else { 0 };
+            if streams > 1 {
+                // Router norm and correction scale (h each), router (n × h), coefficients; the
+                // fp32 linears of the router (n rows), prediction (n²) and correction (n) carry
+                // fp32 zero biases, as blobs from 10 values up.
+                norms += 2 * h + streams * h + streams * streams * (streams + 1);
+                norms += [streams, streams * streams, streams].iter().filter(|&&r| r >= 10).sum::<u64>();
+            }
+            norms += u64::from(c.layer_scalar);
+            fp32_values += norms;
         }
-        if c.block_norms.post() {
-            norms += 2 * h;
-        }
-        norms += match c.qk_norm {
-            QkNorm::None => 0,
-            QkNorm::PerHead => 2 * hd,
-            QkNorm::Projection => q + kv,
-        };
-        let fp32_values = c.num_layers as u64 * norms + per_norm;
         // Every `linear` op carries a bias of its output rows in fp16: the model's own, else the
         // zeros the MIL builder writes for the optional input (as blobs from 10 values up).
-        let linear_rows: u64 = matrices.iter().filter(|m| !m.gathered_only).map(|m| m.rows).sum();
+        let linear_rows: u64 = matrices.iter().filter(|m| !m.gathered_only && m.rows >= 10).map(|m| m.rows).sum();
         let position_embeddings = if c.rope.is_none() { c.max_position_embeddings as u64 * h } else { 0 };
-        let fp16_values = linear_rows + position_embeddings;
+        // Matrices too small to compress stay fp16 whatever the scheme.
+        let min = MIN_COMPRESSED_SIDE as u64;
+        let (matrices, small): (Vec<Matrix>, Vec<Matrix>) =
+            matrices.into_iter().partition(|m| m.rows >= min && m.cols >= min);
+        let fp16_values = linear_rows + position_embeddings + small.iter().map(|m| m.rows * m.cols).sum::<u64>();
         let rope_dims = c.rope.iter().chain(&c.rope_local).map(|r| r.rotary_dim as u64).collect();
+        // Only layers that compute keys and values have a cache (the others read theirs).
         let kv_layers = c
-            .layer_attention
-            .iter()
-            .map(|a| KvLayer {
-                kv_heads: c.num_kv_heads as u64,
-                head_dim: hd,
-                window: match a {
+            .cached_layers()
+            .map(|l| KvLayer {
+                kv_heads: c.layer(l).kv_heads as u64,
+                head_dim: c.layer(l).head_dim as u64,
+                window: match c.layer_attention[l] {
                     Attention::Full => None,
-                    Attention::Sliding(w) => Some(*w as u64),
+                    Attention::Sliding(w) => Some(w as u64),
                 },
             })
             .collect();
@@ -244,9 +294,19 @@ impl ModelShape {
                 ))
             }
         };
+        // Every full-length key cache: `keyCache`, and where layers differ in shape (Gemma 4's
+        // global layers) `keyCacheGlobal` and the like; not a state pair's residual half.
+        let full_key_caches = caches.iter().filter(|c| {
+            c.0.starts_with(names::KEY_CACHE) && !c.0.ends_with("Residual") && !c.0.ends_with("Local") && c.1.len() == 5
+        });
         let kv_layers = match key {
-            Some((_, s, _)) => {
-                vec![KvLayer { kv_heads: s[2] as u64, head_dim: s[4] as u64, window: None }; s[0]]
+            Some(_) => {
+                let mut layers = Vec::new();
+                for (name, s, _) in full_key_caches {
+                    limit(&format!("the {name} state's layer count"), s[0], "num_hidden_layers")?;
+                    layers.extend(vec![KvLayer { kv_heads: s[2] as u64, head_dim: s[4] as u64, window: None }; s[0]]);
+                }
+                layers
             }
             None => {
                 notes.push(
@@ -257,12 +317,23 @@ impl ModelShape {
                 vec![]
             }
         };
-        if key.is_some() && matches!(ud.get(keys::ARCHITECTURE).map(String::as_str), Some("gemma2" | "gemma3_text")) {
+        if key.is_some()
+            && matches!(
+                ud.get(keys::ARCHITECTURE).map(String::as_str),
+                Some("gemma2" | "gemma3_text" | "gemma3n_text" | "gemma4_text")
+            )
+        {
             notes.push(
                 "the package does not record which layers slide: the sliding-window savings are not computed".into(),
             );
         }
 
+        // `corelm.layers` (`start..end`): a part's layers, or a model whose caches do not count
+        // every layer (KV sharing).
+        let layer_range = ud.get(keys::LAYERS).and_then(|r| {
+            let (a, b) = r.split_once("..")?;
+            Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?))
+        });
         let (matrices, hidden, vocab_seen) = package_matrices(&model.program);
         let vocab = meta_usize(keys::VOCAB_SIZE).map(|v| v as u64).or(vocab_seen).unwrap_or(0);
         let hidden = hidden.unwrap_or(0);
@@ -305,7 +376,7 @@ impl ModelShape {
             vocab,
             heads,
             intermediate,
-            layers: kv_layers.len() as u64,
+            layers: layer_range.map_or(kv_layers.len() as u64, |(start, end)| end.saturating_sub(start) as u64),
             max_context: Some(context),
             trained_positions: None,
             tied_embeddings: tied,

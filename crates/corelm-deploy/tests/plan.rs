@@ -306,7 +306,7 @@ fn convert_tiny(arch: &str, quant: Option<Quant>, context: usize) -> (ModelShape
 #[test]
 fn the_layout_model_matches_converted_packages() {
     let a = Assumptions::default();
-    for arch in ["llama_rope_llama3", "gemma3_text", "qwen3", "gpt2", "phi3", "gemma2"] {
+    for arch in ["llama_rope_llama3", "gemma3_text", "qwen3", "gpt2", "phi3", "gemma2", "gemma4_text", "gemma3n_text"] {
         for quant in
             [None, Some(Quant::Int8), Some(Quant::Int4), Some(Quant::Lut4), Some(Quant::Lut6), Some(Quant::Mixed)]
         {
@@ -327,8 +327,11 @@ fn the_layout_model_matches_converted_packages() {
                 // Re-quantizing a package is planned like converting with the scheme.
                 for q in [Quant::Int8, Quant::Int4, Quant::Lut4, Quant::Mixed] {
                     // `corelm compress` (and so the planner) tells an LM head by its rows equal to
-                    // the vocabulary; tiny models whose MLP is as wide as the vocabulary blur that.
-                    if q == Quant::Mixed && from_config.intermediate == from_config.vocab {
+                    // a gathered table's; tiny models whose MLP is as wide as a table (the
+                    // vocabulary, Gemma 3n's per-layer vocabulary) blur that.
+                    let tables: Vec<u64> = from_config.matrices.iter().filter(|m| m.gathered).map(|m| m.rows).collect();
+                    let blurred = from_config.matrices.iter().any(|m| !m.gathered && tables.contains(&m.rows));
+                    if q == Quant::Mixed && blurred {
                         continue;
                     }
                     let re = breakdown(&pkg, Some(q), 32, &a).unwrap();

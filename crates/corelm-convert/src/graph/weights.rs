@@ -12,6 +12,7 @@ use crate::checkpoint::{load, load_grid, Checkpoint};
 use crate::compress::Compressed;
 use crate::config::{ModelConfig, Norm, Rope};
 use crate::Result;
+use corelm_contract::weights::MIN_COMPRESSED_SIDE;
 use corelm_format::weights::{BlobRef, WeightStore};
 use corelm_format::{DType, Tensor};
 
@@ -199,7 +200,8 @@ pub fn store_weights(
         }
         let bytes_before = store.bytes_written();
         let embedding = matches!(role, Role::Embed | Role::LmHead | Role::PerLayerEmbed);
-        let scheme = if is_matrix(role) { opts.compress.scheme_for(&spec.name, embedding) } else { None };
+        let big = crate::checkpoint::expected_shape(c, role).iter().all(|&d| d >= MIN_COMPRESSED_SIDE);
+        let scheme = if is_matrix(role) && big { opts.compress.scheme_for(&spec.name, embedding) } else { None };
         // The ane profile stores a table taller than it takes in blocks of rows.
         let split = (opts.profile == Profile::Ane && embedding && c.vocab_size > ANE_MAX_DIM).then_some(ANE_MAX_DIM);
         let source = crate::checkpoint::resolve(ck, &spec.name).and_then(|n| ck.storage(&n)).filter(|s| s.quantized);
