@@ -604,11 +604,13 @@ fn sharded_weights_load_everywhere_and_change_nothing() {
 /// equal up to the f32 rounding of GGUF's float metadata; and coremltools loads it. Where
 /// llama.cpp computes otherwise than transformers, the folder is read as llama.cpp reads the
 /// model (`as_llama_cpp_reads_it`). Phi-4-mini's LongRoPE runs with both factor sets: the
-/// default context (128) passes the trained 64, `--context 64` does not.
+/// default context (128) passes the trained 64, `--context 64` does not. Gemma 3n's file holds
+/// its AltUp projections stacked and its per-layer table padded with zero rows (the prompt's 99
+/// lies past the table's 96 rows); Gemma 4's its proportional RoPE as `rope_freqs` factors.
 #[test]
 fn tiny_checkpoints_convert_from_gguf_as_from_safetensors() {
     let tmp = tempfile::tempdir().unwrap();
-    let fixtures = ["gpt2", "smollm3", "granite", "olmo2", "olmo3", "phi3_longrope"];
+    let fixtures = ["gpt2", "smollm3", "granite", "olmo2", "olmo3", "phi3_longrope", "gemma3n_text", "gemma4_text"];
     let ids = [1, 17, 42, 99, 5];
     let mut from_gguf = vec![];
     for fixture in fixtures {

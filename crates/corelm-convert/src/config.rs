@@ -152,8 +152,8 @@ pub struct LayerShape {
     /// Gemma 4's `attention_k_eq_v` global layers: the values are the key projection's output.
     pub values_are_keys: bool,
     /// Gemma 3n's activation sparsity: the gate keeps only what exceeds mean + z·std of its
-    /// row, z the standard normal quantile of this fraction (0: dense).
-    pub sparsity: f64,
+    /// row, z (given here) the standard normal quantile of the fraction to zero; `None`: dense.
+    pub sparsity_cutoff: Option<f64>,
 }
 
 /// Per-layer embeddings (Gemma 3n, Gemma 4): a second token table of `width` values per layer,

@@ -27,6 +27,8 @@ pub const SUPPORTED_GGUF_ARCHITECTURES: &[(&str, &str)] = &[
     ("granite", "granite"),
     // OLMo 3 too, which config_json tells by its sliding window.
     ("olmo2", "olmo2"),
+    ("gemma3n", "gemma3n_text"),
+    ("gemma4", "gemma4_text"),
 ];
 
 pub struct GgufCheckpoint {
@@ -41,7 +43,12 @@ pub struct GgufCheckpoint {
     /// GPT-2's Conv1D weights: Hugging Face stores them (in, out), llama.cpp (out, in).
     conv1d: bool,
     heads: (usize, usize),
+    /// Rows of the per-layer embedding table before the zero rows llama.cpp's converter pads it
+    /// with (Gemma 3n), when it has any: served without them, as Hugging Face has the table.
+    per_layer_rows: Option<usize>,
 }
+
+const PER_LAYER_TABLE: &str = "per_layer_token_embd.weight";
 
 /// The config.json a Hugging Face checkpoint of this GGUF would carry.
 fn config_json(g: &GgufFile) -> Result<Value> {
@@ -67,11 +74,15 @@ fn config_json(g: &GgufFile) -> Result<Value> {
     c.insert("vocab_size".into(), json!(vocab));
     let hidden = g.require_usize(&key("embedding_length"))?;
     c.insert("hidden_size".into(), json!(hidden));
-    c.insert("intermediate_size".into(), json!(g.require_usize(&key("feed_forward_length"))?));
+    // Gemma 3n and 4 give MLP widths (and Gemma 4 KV head counts) per layer.
+    c.insert(
+        "intermediate_size".into(),
+        usize_or_list(g, &key("feed_forward_length"))?.ok_or_else(|| g.missing(&key("feed_forward_length")))?,
+    );
     c.insert("num_hidden_layers".into(), json!(g.require_usize(&key("block_count"))?));
     let heads = g.require_usize(&key("attention.head_count"))?;
     c.insert("num_attention_heads".into(), json!(heads));
-    c.insert("num_key_value_heads".into(), json!(g.get_usize(&key("attention.head_count_kv"))?.unwrap_or(heads)));
+    c.insert("num_key_value_heads".into(), usize_or_list(g, &key("attention.head_count_kv"))?.unwrap_or(json!(heads)));
     let key_length = g.get_usize(&key("attention.key_length"))?;
     if let Some(hd) = key_length {
         c.insert("head_dim".into(), json!(hd));
@@ -126,6 +137,9 @@ fn rope_fields(g: &GgufFile, arch: &str, head_dim: usize, c: &mut Map<String, Va
     if arch == "gpt2" {
         return Ok(());
     }
+    if arch == "gemma3n" || arch == "gemma4" {
+        return gemma_per_layer_fields(g, arch, c);
+    }
     // llama.cpp's base when the key is absent, whatever the family's Hugging Face default.
     c.insert("rope_theta".into(), json!(g.get_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0)));
     let rotary_dim = g.get_usize(&key("rope.dimension_count"))?.unwrap_or(head_dim);
@@ -178,6 +192,118 @@ fn rope_fields(g: &GgufFile, arch: &str, head_dim: usize, c: &mut Map<String, Va
         _ => {}
     }
     Ok(())
+}
+
+/// A key holding one integer or one per layer, as JSON.
+fn usize_or_list(g: &GgufFile, key: &str) -> Result<Option<Value>> {
+    match g.get(key) {
+        None => Ok(None),
+        Some(gguf::MetaValue::Array(a)) => {
+            let v = a.to_i128_vec().filter(|v| v.iter().all(|&x| x > 0 && x <= u32::MAX as i128));
+            v.map(|v| Some(json!(v.into_iter().map(|x| x as u64).collect::<Vec<_>>())))
+                .ok_or_else(|| Error::malformed(g.path(), format!("metadata key '{key}' must be positive integers")))
+        }
+        Some(_) => Ok(Some(json!(g.require_usize(key)?))),
+    }
+}
+
+/// Gemma 3n's and 4's layer layout as their transformers config says it: layer types from the
+/// sliding pattern, both RoPE bases (Gemma 4's global layers "proportional": `rope_freqs`
+/// factors of 1 for the rotated pairs and ≥ 1e20 for the rest), per-layer embeddings, shared KV;
+/// Gemma 4's head sizes (`key_length` global, `key_length_swa` local), per-layer KV heads and
+/// k = v layers (no `attn_v`); Gemma 3n's AltUp, LAuReL and sparsity (`activation_sparsity_scale`
+/// holds the normal quantiles, −∞ for dense layers).
+fn gemma_per_layer_fields(g: &GgufFile, arch: &str, c: &mut Map<String, Value>) -> Result<()> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let layers = c["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+    let bad = |k: &str, what: &str| Error::malformed(g.path(), format!("metadata key '{}' must be {what}", key(k)));
+    let sliding = match g.get(&key("attention.sliding_window_pattern")) {
+        Some(gguf::MetaValue::Array(gguf::MetaArray::Bool(v))) if v.len() == layers => v.clone(),
+        _ => return Err(bad("attention.sliding_window_pattern", &format!("a bool per layer ({layers})"))),
+    };
+    let types: Vec<&str> = sliding.iter().map(|&s| if s { "sliding_attention" } else { "full_attention" }).collect();
+    c.insert("layer_types".into(), json!(types));
+    let theta = |k: &str| -> Result<f64> { g.get_f64(&key(k))?.ok_or_else(|| g.missing(&key(k))) };
+    let mut full = json!({"rope_type": "default", "rope_theta": theta("rope.freq_base")?});
+    if let Some(info) = g.tensor("rope_freqs.weight") {
+        let factors = g.dequantize(info)?;
+        let rotated = factors.iter().take_while(|&&f| f == 1.0).count();
+        if factors[rotated..].iter().any(|&f| f < 1e20) {
+            return Err(Error::malformed(
+                g.path(),
+                "rope_freqs.weight: only factors of 1 (rotated) then ≥ 1e20 (not rotated) are supported",
+            ));
+        }
+        full["rope_type"] = json!("proportional");
+        full["partial_rotary_factor"] = json!(rotated as f64 / factors.len().max(1) as f64);
+    }
+    let local = json!({"rope_type": "default", "rope_theta": theta("rope.freq_base_swa")?});
+    c.remove("rope_theta");
+    c.insert("rope_parameters".into(), json!({"full_attention": full, "sliding_attention": local}));
+    c.insert("num_kv_shared_layers".into(), json!(g.get_usize(&key("attention.shared_kv_layers"))?.unwrap_or(0)));
+    if let Some(cap) = g.get_f64(&key("final_logit_softcapping"))? {
+        c.insert("final_logit_softcapping".into(), json!(cap));
+    }
+    let per_layer = g.get_usize(&key("embedding_length_per_layer_input"))?.unwrap_or(0);
+    c.insert("hidden_size_per_layer_input".into(), json!(per_layer));
+    if let Some(table) = g.tensor(PER_LAYER_TABLE) {
+        c.insert("vocab_size_per_layer_input".into(), json!(rows_before_zero_padding(g, table)?));
+    }
+    if arch == "gemma3n" {
+        c.insert("altup_num_inputs".into(), json!(g.get_usize(&key("altup.num_inputs"))?.unwrap_or(4)));
+        c.insert("altup_active_idx".into(), json!(g.get_usize(&key("altup.active_idx"))?.unwrap_or(0)));
+        c.insert("altup_correct_scale".into(), json!(g.tensor("blk.0.altup_correct_scale.weight").is_some()));
+        if let Some(left) = g.tensor("blk.0.laurel_l.weight") {
+            c.insert("laurel_rank".into(), json!(left.shape[0]));
+        }
+        let cutoffs = match g.get(&key("activation_sparsity_scale")) {
+            Some(v) => v.as_array().and_then(|a| a.to_f64_vec()).filter(|v| v.len() == layers),
+            None => Some(vec![f64::NEG_INFINITY; layers]),
+        };
+        let cutoffs = cutoffs.ok_or_else(|| bad("activation_sparsity_scale", "a number per layer"))?;
+        // Kept as quantiles (the config's fractions would round-trip through Φ).
+        c.insert(
+            "_activation_sparsity_quantiles".into(),
+            json!(cutoffs.iter().map(|z| if z.is_finite() { Some(*z) } else { None }).collect::<Vec<_>>()),
+        );
+    } else {
+        // Gemma 4: the local head size is `key_length_swa`; global layers' come per layer.
+        let global = g.get_usize(&key("attention.key_length"))?;
+        let local = g.get_usize(&key("attention.key_length_swa"))?.or(global);
+        if let Some(hd) = local {
+            c.insert("head_dim".into(), json!(hd));
+        }
+        let kv = c.remove("num_key_value_heads").unwrap_or(json!(1));
+        let kv_of = |l: usize| kv.as_array().map_or(kv.clone(), |a| a[l].clone());
+        c.insert("num_key_value_heads".into(), kv_of(sliding.iter().position(|&s| s).unwrap_or(0)));
+        let mut overrides = Map::new();
+        let mut k_eq_v = false;
+        for (l, _) in sliding.iter().enumerate().filter(|(_, s)| !**s) {
+            overrides.insert(l.to_string(), json!({"head_dim": global, "num_key_value_heads": kv_of(l)}));
+            let own_keys = g.tensor(&format!("blk.{l}.attn_k.weight")).is_some();
+            k_eq_v |= own_keys && g.tensor(&format!("blk.{l}.attn_v.weight")).is_none();
+        }
+        c.insert("per_layer_config".into(), Value::Object(overrides));
+        c.insert("attention_k_eq_v".into(), json!(k_eq_v));
+    }
+    Ok(())
+}
+
+/// Rows of a per-layer embedding table before the all-zero rows llama.cpp's converter pads it
+/// with to the vocabulary (Gemma 3n): ids past them read row 0, as transformers does.
+fn rows_before_zero_padding(g: &GgufFile, t: &gguf::TensorInfo) -> Result<usize> {
+    let (rows, row_bytes) = (t.n_rows(), t.row_bytes());
+    let raw = g.raw(t);
+    let mut kept = rows;
+    while kept > 1 {
+        let row = raw.get((kept - 1) * row_bytes..kept * row_bytes).unwrap_or(&[]);
+        let values = gguf::dequantize_bytes(t.dtype, row).map_err(|e| e.context(format!("tensor '{}'", t.name)))?;
+        if values.is_empty() || values.iter().any(|&v| v != 0.0) {
+            break;
+        }
+        kept -= 1;
+    }
+    Ok(kept)
 }
 
 /// One LongRoPE factor set: an f32 tensor with a factor per rotated pair.
@@ -291,6 +417,10 @@ impl GgufCheckpoint {
         let file = GgufFile::open(path)?;
         let config = config_json(&file)?;
         let arch = file.architecture()?.to_string();
+        let per_layer_rows = config["vocab_size_per_layer_input"]
+            .as_u64()
+            .map(|r| r as usize)
+            .filter(|&r| file.tensor(PER_LAYER_TABLE).is_some_and(|t| t.n_rows() > r));
         let heads = (
             config["num_attention_heads"].as_u64().unwrap_or(1) as usize,
             config["num_key_value_heads"].as_u64().unwrap_or(1) as usize,
@@ -298,10 +428,12 @@ impl GgufCheckpoint {
         Ok((
             GgufCheckpoint {
                 permuted_qk: permutes_qk(&arch),
-                norm_offset: arch.starts_with("gemma"),
-                post_attention_norm: matches!(arch.as_str(), "gemma2" | "gemma3" | "olmo2"),
+                // Gemma 3n and 4 norms multiply by their weight as stored.
+                norm_offset: matches!(arch.as_str(), "gemma" | "gemma2" | "gemma3"),
+                post_attention_norm: matches!(arch.as_str(), "gemma2" | "gemma3" | "gemma3n" | "gemma4" | "olmo2"),
                 conv1d: arch == "gpt2",
                 heads,
+                per_layer_rows,
                 file,
             },
             config,
@@ -312,22 +444,39 @@ impl GgufCheckpoint {
         &self.file
     }
 
-    /// The GGUF name of a Hugging Face tensor name.
-    fn gguf_name(&self, hf: &str) -> Option<String> {
+    /// The GGUF name of a Hugging Face tensor name, and for one of AltUp's projections (stacked
+    /// in one GGUF tensor) its index in the stack.
+    fn gguf_name(&self, hf: &str) -> Option<(String, Option<usize>)> {
         let direct = match hf {
             "model.embed_tokens.weight" | "transformer.wte.weight" => Some("token_embd.weight"),
             "model.norm.weight" | "transformer.ln_f.weight" => Some("output_norm.weight"),
             "transformer.ln_f.bias" => Some("output_norm.bias"),
             "transformer.wpe.weight" => Some("position_embd.weight"),
             "lm_head.weight" => Some("output.weight"),
+            "model.embed_tokens_per_layer.weight" => Some("per_layer_token_embd.weight"),
+            "model.per_layer_model_projection.weight" => Some("per_layer_model_proj.weight"),
+            "model.per_layer_projection_norm.weight" => Some("per_layer_proj_norm.weight"),
             _ => None,
         };
         if let Some(d) = direct {
-            return Some(d.to_string());
+            return Some((d.to_string(), None));
+        }
+        for (prefix, stacked) in [
+            ("model.altup_projections.", "altup_proj.weight"),
+            ("model.altup_unembed_projections.", "altup_unembd_proj.weight"),
+        ] {
+            if let Some(i) = hf.strip_prefix(prefix).and_then(|r| r.strip_suffix(".weight")) {
+                return Some((stacked.to_string(), Some(i.parse().ok()?)));
+            }
         }
         let rest = hf.strip_prefix("model.layers.").or_else(|| hf.strip_prefix("transformer.h."))?;
         let (layer, tail) = rest.split_once('.')?;
-        let (module, suffix) = tail.rsplit_once('.')?;
+        // Parameters named without `.weight` in Hugging Face.
+        let (module, suffix) = match tail {
+            "layer_scalar" => ("layer_scalar", "weight"),
+            "altup.correct_output_scale" => ("altup.correct_output_scale", "weight"),
+            _ => tail.rsplit_once('.')?,
+        };
         let name = match module {
             "input_layernorm" => "attn_norm",
             "self_attn.q_proj" => "attn_q",
@@ -351,13 +500,35 @@ impl GgufCheckpoint {
             "ln_2" => "ffn_norm",
             "mlp.c_fc" => "ffn_up",
             "mlp.c_proj" => "ffn_down",
+            // Gemma 3n and 4
+            "layer_scalar" => "layer_output_scale",
+            "per_layer_input_gate" => "inp_gate",
+            "per_layer_projection" => "proj",
+            "post_per_layer_input_norm" => "post_norm",
+            "laurel.linear_left" => "laurel_l",
+            "laurel.linear_right" => "laurel_r",
+            "laurel.post_laurel_norm" => "laurel_post_norm",
+            "altup.correct_output_scale" => "altup_correct_scale",
+            "altup.correction_coefs" => "altup_correct_coef",
+            "altup.prediction_coefs" => "altup_predict_coef",
+            "altup.modality_router" => "altup_router",
+            "altup.router_norm" => "altup_router_norm",
             _ => return None,
         };
-        Some(format!("blk.{layer}.{name}.{suffix}"))
+        Some((format!("blk.{layer}.{name}.{suffix}"), None))
     }
 
     fn info(&self, hf: &str) -> Option<&gguf::TensorInfo> {
-        self.file.tensor(&self.gguf_name(hf)?)
+        self.file.tensor(&self.gguf_name(hf)?.0)
+    }
+
+    /// For one of a stack's matrices, its index and the stack's (count, rows, cols).
+    fn stacked(&self, hf: &str) -> Option<(usize, [usize; 3])> {
+        let (_, index) = self.gguf_name(hf)?;
+        match (index, self.info(hf)?.shape.as_slice()) {
+            (Some(i), &[n, rows, cols]) if i < n => Some((i, [n, rows, cols])),
+            _ => None,
+        }
     }
 }
 
@@ -367,10 +538,19 @@ impl Checkpoint for GgufCheckpoint {
     }
 
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        if let Some((_, [_, rows, cols])) = self.stacked(name) {
+            return Some(vec![rows, cols]);
+        }
         let info = self.info(name)?;
+        if self.gguf_name(name)?.1.is_some() {
+            return None;
+        }
         let mut shape = info.shape.clone();
         if self.is_conv1d(info) {
             shape.reverse();
+        }
+        if let Some(rows) = self.per_layer_rows.filter(|_| info.name == PER_LAYER_TABLE) {
+            shape[0] = rows;
         }
         Some(shape)
     }
@@ -379,6 +559,12 @@ impl Checkpoint for GgufCheckpoint {
         let info =
             self.info(name).ok_or_else(|| Error::malformed(self.file.path(), format!("tensor `{name}` is missing")))?;
         let mut data = self.file.dequantize(info)?;
+        if let Some((i, [_, rows, cols])) = self.stacked(name) {
+            return Ok(data.drain(i * rows * cols..(i + 1) * rows * cols).collect());
+        }
+        if let Some(rows) = self.per_layer_rows.filter(|_| info.name == PER_LAYER_TABLE) {
+            data.truncate(rows * info.row_len());
+        }
         if self.norm_offset && info.name.ends_with("norm.weight") {
             data.iter_mut().for_each(|v| *v -= 1.0);
         }
@@ -439,7 +625,10 @@ impl Checkpoint for GgufCheckpoint {
                 None
             }
         };
-        let compressed = Compressed { op: "constexpr_blockwise_shift_scale", inputs, data_from };
+        let mut compressed = Compressed { op: "constexpr_blockwise_shift_scale", inputs, data_from };
+        if let Some(kept) = self.per_layer_rows.filter(|_| info.name == PER_LAYER_TABLE) {
+            compressed = compressed.rows(rows, 0, kept)?;
+        }
         let table = form.lut.map(|lut| format!(" index into the {}-level {} table", lut.len(), info.dtype));
         let description = format!(
             "{}{} × {dtype} scale{} per {}",

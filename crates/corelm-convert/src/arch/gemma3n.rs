@@ -28,6 +28,14 @@ pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
             sparsity.len()
         )));
     }
+    // A GGUF source gives the quantiles themselves (llama.cpp's `activation_sparsity_scale`).
+    let quantiles: Option<Vec<Option<f64>>> = match f.raw("_activation_sparsity_quantiles") {
+        Some(serde_json::Value::Array(items)) if items.len() == n => {
+            Some(items.iter().map(serde_json::Value::as_f64).collect())
+        }
+        Some(_) => return Err(f.error(format!("`_activation_sparsity_quantiles` needs {n} entries"))),
+        None => None,
+    };
     let kv_from = kv_sources(f, &base.layer_attention, f.opt_usize("num_kv_shared_layers")?.unwrap_or(15))?;
     let layers = (0..n)
         .map(|l| LayerShape {
@@ -36,7 +44,11 @@ pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
             intermediate: intermediate[l],
             kv_from: kv_from[l],
             values_are_keys: false,
-            sparsity: sparsity[l],
+            // transformers computes the quantile in fp32.
+            sparsity_cutoff: match &quantiles {
+                Some(q) => q[l],
+                None => (sparsity[l] > 0.0).then(|| normal_quantile(sparsity[l]) as f32 as f64),
+            },
         })
         .collect();
     let inputs = f.opt_usize("altup_num_inputs")?.unwrap_or(4);
@@ -134,7 +146,7 @@ pub(crate) fn kv_sources(f: &Fields, attention: &[Attention], shared: usize) -> 
         .collect()
 }
 
-fn per_layer_usizes(f: &Fields, key: &str, n: usize) -> Result<Vec<usize>> {
+pub(crate) fn per_layer_usizes(f: &Fields, key: &str, n: usize) -> Result<Vec<usize>> {
     let values = f.f64_list(key)?;
     if values.len() != n || values.iter().any(|v| v.fract() != 0.0 || *v <= 0.0 || *v > (1u64 << 20) as f64) {
         return Err(f.error(format!("`{key}` needs {n} positive integers, one per layer")));
@@ -183,4 +195,53 @@ pub fn tensor_spec(c: &ModelConfig, role: Role) -> Option<TensorSpec> {
         _ => return hf_decoder_spec(c, role),
     };
     Some(TensorSpec::whole(name))
+}
+
+/// The standard normal quantile Φ⁻¹(p), 0 < p < 1 (Acklam's rational approximation, relative
+/// error below 1.2e-9, far inside fp32's rounding of the result).
+pub fn normal_quantile(p: f64) -> f64 {
+    const A: [f64; 6] = [
+        -3.969683028665376e1,
+        2.209460984245205e2,
+        -2.759285104469687e2,
+        1.38357751867269e2,
+        -3.066479806614716e1,
+        2.506628277459239,
+    ];
+    const B: [f64; 5] =
+        [-5.447609879822406e1, 1.615858368580409e2, -1.556989798598866e2, 6.680131188771972e1, -1.328068155288572e1];
+    const C: [f64; 6] = [
+        -7.784894002430293e-3,
+        -3.223964580411365e-1,
+        -2.400758277161838,
+        -2.549732539343734,
+        4.374664141464968,
+        2.938163982698783,
+    ];
+    const D: [f64; 4] = [7.784695709041462e-3, 3.224671290700398e-1, 2.445134137142996, 3.754408661907416];
+    let tail = |q: f64| {
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    };
+    if p < 0.02425 {
+        tail((-2.0 * p.ln()).sqrt())
+    } else if p > 1.0 - 0.02425 {
+        -tail((-2.0 * (1.0 - p).ln()).sqrt())
+    } else {
+        let q = p - 0.5;
+        let r = q * q;
+        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
+            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn normal_quantile_matches_published_values() {
+        // Φ⁻¹(0.95) and Φ⁻¹(0.5), Φ⁻¹(0.01) (scipy.stats.norm.ppf).
+        for (p, z) in [(0.95, 1.6448536269514722), (0.5, 0.0), (0.01, -2.3263478740408408)] {
+            assert!((super::normal_quantile(p) - z).abs() < 1e-8, "{p}");
+        }
+    }
 }

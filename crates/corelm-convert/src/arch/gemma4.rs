@@ -4,7 +4,7 @@
 //! from the key projection; proportional RoPE on global layers; each layer's output scaled by a
 //! stored `layer_scalar`; on the E models, the MLPs of KV-sharing layers twice as wide.
 
-use crate::arch::gemma3n::{gemma_base, kv_sources, per_layer_inputs};
+use crate::arch::gemma3n::{gemma_base, kv_sources, per_layer_inputs, per_layer_usizes};
 use crate::arch::{rope, unsupported};
 use crate::config::{Attention, Family, Fields, LayerShape, ModelConfig, Rope, RopeScaling};
 use crate::Result;
@@ -30,6 +30,11 @@ pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
     };
     let kv_from = kv_sources(f, &base.layer_attention, f.opt_usize("num_kv_shared_layers")?.unwrap_or(0))?;
     let double_wide = f.opt_bool("use_double_wide_mlp")?.unwrap_or(false);
+    // A GGUF source lists each layer's MLP width instead.
+    let widths = match f.raw("intermediate_size") {
+        Some(serde_json::Value::Array(_)) => Some(per_layer_usizes(f, "intermediate_size", n)?),
+        _ => None,
+    };
     // transformers 5 writes the global layers' sizes as `per_layer_config` overrides, by layer
     // index; published configs give `global_head_dim` and `num_global_key_value_heads`.
     let overrides = f.opt_object("per_layer_config")?;
@@ -39,10 +44,13 @@ pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
         let mut shape = LayerShape {
             head_dim: if global { global_head_dim } else { base.head_dim },
             kv_heads: if global { global_kv_heads } else { base.num_kv_heads },
-            intermediate: base.intermediate_size * if double_wide && source.is_some() { 2 } else { 1 },
+            intermediate: match &widths {
+                Some(w) => w[l],
+                None => base.intermediate_size * if double_wide && source.is_some() { 2 } else { 1 },
+            },
             kv_from: source,
             values_are_keys: global && k_eq_v,
-            sparsity: 0.0,
+            sparsity_cutoff: None,
         };
         if let Some(o) = &overrides {
             shape.head_dim = base.head_dim;

@@ -232,7 +232,7 @@ pub fn read_config(path: &Path, json: &Value) -> Result<ModelConfig> {
             intermediate: config.intermediate_size,
             kv_from: None,
             values_are_keys: false,
-            sparsity: 0.0,
+            sparsity_cutoff: None,
         };
         config.layers = vec![shape; config.num_layers];
     }

@@ -146,9 +146,8 @@ pub(super) fn mlp(g: &mut Graph, l: usize, x: &Var) -> Result<Var> {
     let lr = |r| Role::Layer(l, r);
     if g.c.gated_mlp {
         let mut gate = g.linear(x, lr(Gate), None, &format!("{p}_gate"))?;
-        let sparsity = g.c.layer(l).sparsity;
-        if sparsity > 0.0 {
-            gate = sparse_gate(g, &gate, sparsity, &p)?;
+        if let Some(z) = g.c.layer(l).sparsity_cutoff {
+            gate = sparse_gate(g, &gate, z, &p)?;
         }
         let act = g.activation(&gate, &format!("{p}_act"))?;
         let up = g.linear(x, lr(Up), None, &format!("{p}_up"))?;
@@ -162,9 +161,8 @@ pub(super) fn mlp(g: &mut Graph, l: usize, x: &Var) -> Result<Var> {
 }
 
 /// Gemma 3n's activation sparsity (transformers' `_gaussian_topk`): relu(gate − (mean + z·std))
-/// over each token's gate values, z the standard normal quantile of `sparsity`; the statistics
-/// in fp32 outside the Neural Engine.
-fn sparse_gate(g: &mut Graph, gate: &Var, sparsity: f64, p: &str) -> Result<Var> {
+/// over each token's gate values; the statistics in fp32 outside the Neural Engine.
+fn sparse_gate(g: &mut Graph, gate: &Var, z: f64, p: &str) -> Result<Var> {
     let dtype = gate.dtype();
     let x = if g.ane { gate.clone() } else { g.cast(gate, DType::Fp32, &format!("{p}_gate_f32"))? };
     let mean = g.mean_channels(&x, &format!("{p}_gate_mean"))?;
@@ -173,60 +171,10 @@ fn sparse_gate(g: &mut Graph, gate: &Var, sparsity: f64, p: &str) -> Result<Var>
     let var = g.mean_channels(&sq, &format!("{p}_gate_var"))?;
     let std = g.op("sqrt", &format!("{p}_gate_std"), vec![("x", (&var).into())])?;
     // transformers rounds the multiplier to the activations' dtype.
-    let z = normal_quantile(sparsity);
     let z = if dtype == DType::Fp16 { half::f16::from_f64(z).to_f64() } else { z as f32 as f64 };
     let spread = g.mul_s(&std, z, &format!("{p}_gate_spread"))?;
     let cutoff = g.binary(Binary::Add, &format!("{p}_gate_cutoff"), &mean, &spread)?;
     let shifted = g.binary(Binary::Sub, &format!("{p}_gate_shifted"), &x, &cutoff)?;
     let kept = g.op("relu", &format!("{p}_gate_kept"), vec![("x", (&shifted).into())])?;
     g.cast(&kept, dtype, &format!("{p}_gate_sparse"))
-}
-
-/// The standard normal quantile Φ⁻¹(p), 0 < p < 1 (Acklam's rational approximation, relative
-/// error below 1.2e-9, far inside fp32's rounding of the result).
-pub(crate) fn normal_quantile(p: f64) -> f64 {
-    const A: [f64; 6] = [
-        -3.969683028665376e1,
-        2.209460984245205e2,
-        -2.759285104469687e2,
-        1.38357751867269e2,
-        -3.066479806614716e1,
-        2.506628277459239,
-    ];
-    const B: [f64; 5] =
-        [-5.447609879822406e1, 1.615858368580409e2, -1.556989798598866e2, 6.680131188771972e1, -1.328068155288572e1];
-    const C: [f64; 6] = [
-        -7.784894002430293e-3,
-        -3.223964580411365e-1,
-        -2.400758277161838,
-        -2.549732539343734,
-        4.374664141464968,
-        2.938163982698783,
-    ];
-    const D: [f64; 4] = [7.784695709041462e-3, 3.224671290700398e-1, 2.445134137142996, 3.754408661907416];
-    let tail = |q: f64| {
-        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
-            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
-    };
-    if p < 0.02425 {
-        tail((-2.0 * p.ln()).sqrt())
-    } else if p > 1.0 - 0.02425 {
-        -tail((-2.0 * (1.0 - p).ln()).sqrt())
-    } else {
-        let q = p - 0.5;
-        let r = q * q;
-        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
-            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn normal_quantile_matches_published_values() {
-        // Φ⁻¹(0.95) and Φ⁻¹(0.5), Φ⁻¹(0.01) (scipy.stats.norm.ppf).
-        for (p, z) in [(0.95, 1.6448536269514722), (0.5, 0.0), (0.01, -2.3263478740408408)] {
-            assert!((super::normal_quantile(p) - z).abs() < 1e-8, "{p}");
-        }
-    }
 }
