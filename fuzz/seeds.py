@@ -24,6 +24,7 @@ TINY = ROOT / "tests" / "fixtures" / "tiny"
 GGUF_FIXTURES = ROOT / "crates" / "corelm-convert" / "tests" / "fixtures" / "gguf"
 COREMLTOOLS = ROOT / "tests" / "fixtures" / "coremltools"
 MODELS = ROOT / ".cache" / "models"
+TEMPLATES = ROOT / "tests" / "fixtures" / "templates"
 # In write_all's order: the package_plan target picks a sample by its first byte.
 SAMPLES = ["kv_cache", "palettized", "multifunction", "op_zoo"]
 
@@ -334,6 +335,11 @@ def main() -> None:
 
     # tokenizer: tokenizer.json files, GGUF vocabularies, tokenizer_config.json files
     templates = [CHATML, LLAMA2, GEMMA]
+    # Real templates (Qwen3, Gemma 3, 3n and 4, SmolLM3 with its {% generation %} blocks).
+    for f in sorted(TEMPLATES.glob("*.json")):
+        doc = json.loads(f.read_text())
+        if isinstance(doc, dict) and "template" in doc:
+            templates.append(doc["template"])
     for m in sorted(MODELS.glob("*.gguf")) if MODELS.is_dir() else []:
         templates += gguf_chat_templates(m)
     for f in sorted(GGUF_FIXTURES.glob("*.tokenizer.json")):

@@ -2,8 +2,8 @@
 //! rendered as transformers' `apply_chat_template` renders it: with `messages`, `tools`,
 //! `documents`, `add_generation_prompt`, the special tokens and any extra template variables
 //! (`enable_thinking`, ...), in a Jinja environment configured as transformers configures it
-//! (trim_blocks, lstrip_blocks, Python string methods, its `tojson`, `raise_exception` and
-//! `strftime_now`).
+//! (trim_blocks, lstrip_blocks, Python string methods and `str()`, its `tojson`,
+//! `raise_exception`, `strftime_now` and `{% generation %}` blocks).
 
 use std::path::Path;
 
@@ -18,10 +18,12 @@ pub const TOKENIZER_CONFIG_PATH: &str = "Data/ai.corelm/tokenizer_config.json";
 
 /// One message of a conversation: a role, its content (text, or a list of parts such as
 /// `{"type": "text", "text": ...}`), and whatever else the template may read (`tool_calls`,
-/// `reasoning_content`, `name`, ...).
+/// `reasoning_content`, `name`, ...). A message may have no content (an assistant turn that only
+/// calls tools): null or missing, the template sees no `content` key, as with transformers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
+    #[serde(default)]
     pub content: Json,
     #[serde(flatten)]
     pub extra: Map<String, Json>,
@@ -155,14 +157,31 @@ impl ChatTemplate {
         env.add_function("raise_exception", |message: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
         });
-        env.add_function("strftime_now", |format: String| {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            crate::jinja_py::strftime(&format, now.as_secs() as i64)
-        });
         env.add_filter("tojson", crate::jinja_py::tojson);
+        // Values become text as Python's str() writes them.
+        env.set_formatter(crate::jinja_py::formatter);
+        env.add_filter("string", crate::jinja_py::string);
+        env.add_filter("upper", crate::jinja_py::upper);
+        env.add_filter("lower", crate::jinja_py::lower);
+        env.add_filter("join", crate::jinja_py::join);
+        env.add_function(crate::jinja_py::GENERATION_CALLEE, crate::jinja_py::generation_block);
+        let source = crate::jinja_py::rewrite_generation_blocks(&source);
         env.add_template_owned("chat", source)
             .map_err(|e| Error::invalid(format!("chat template of {origin} does not parse: {e}")))?;
-        Ok(ChatTemplate { env, special_tokens, origin: origin.to_string() })
+        let mut template = ChatTemplate { env, special_tokens, origin: origin.to_string() };
+        template.set_now(None);
+        Ok(template)
+    }
+
+    /// Pins the instant `strftime_now` reads (Unix seconds, formatted as UTC), so that a dated
+    /// template renders the same prompt every time; `None` goes back to the system clock.
+    pub fn set_now(&mut self, unix: Option<i64>) {
+        self.env.add_function("strftime_now", move |format: String| {
+            let now = unix.unwrap_or_else(|| {
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64
+            });
+            crate::jinja_py::strftime(&format, now)
+        });
     }
 
     /// The prompt text for a conversation, as `apply_chat_template(..., tokenize=False)` gives it.
