@@ -399,3 +399,24 @@ fn a_planted_cache_folder_is_not_served() {
     assert_clean_error(&o, &[&url]);
     assert!(!o.text.contains(".mlpackage"), "the planted package was served:\n{}", o.text);
 }
+
+/// Gemma 4's per-layer embedding table lies beside the program: a truncated one, or metadata
+/// that lies about its size, is refused by name before any prediction, not read out of bounds.
+#[test]
+fn a_per_layer_table_of_the_wrong_size_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = dir.path().join("g.mlpackage");
+    let src = root().join("tests/fixtures/tiny/gemma4_text");
+    let o = corelm_limited(&["convert", src.to_str().unwrap(), "-o", pkg.to_str().unwrap(), "--context", "16"]);
+    assert_eq!(o.code, 0, "{}", o.text);
+    let o = corelm_limited(&["run", pkg.to_str().unwrap(), "--ids", "5,6", "--max-new-tokens", "2"]);
+    assert_eq!(o.code, 0, "{}", o.text);
+    let table = pkg.join("Data/ai.corelm/per_layer_embeddings.bin");
+    let bytes = fs::read(&table).unwrap();
+    fs::write(&table, &bytes[..bytes.len() - 2]).unwrap();
+    let o = corelm_limited(&["run", pkg.to_str().unwrap(), "--ids", "5,6", "--max-new-tokens", "2"]);
+    assert_clean_error(&o, &["per_layer_embeddings.bin", "fp16 table"]);
+    fs::remove_file(&table).unwrap();
+    let o = corelm_limited(&["run", pkg.to_str().unwrap(), "--ids", "5,6", "--max-new-tokens", "2"]);
+    assert_clean_error(&o, &["per_layer_embeddings.bin", "does not exist"]);
+}

@@ -7,11 +7,12 @@
 //! [`Executor`], so the reference interpreter and Core ML feed a package the same way. Tensors
 //! cross as [`HostTensor`]s: the driver knows neither backend's types.
 
+use corelm_format::bytes::FileBytes;
 use corelm_format::{DType, Package};
 
 use crate::interface::{chunk_packages, Interface, PackageInterface};
-use crate::names;
 use crate::tensor::{HostData, HostTensor, Tensors};
+use crate::{keys, names};
 use crate::{Error, Result};
 
 /// What runs a package's functions, one prediction at a time.
@@ -80,6 +81,70 @@ pub struct LanguageModel {
     context: usize,
     mask_dtype: DType,
     position: usize,
+    /// The per-layer embedding table the first part takes rows of (Gemma 3n, 4).
+    per_layer: Option<PerLayerTable>,
+}
+
+/// A per-layer embedding table kept beside the program ([`keys::PER_LAYER_EMBEDDINGS`]): mapped,
+/// so a token reads its row and nothing else of the table is paged in.
+struct PerLayerTable {
+    bytes: FileBytes,
+    dtype: DType,
+    rows: usize,
+    width: usize,
+}
+
+impl PerLayerTable {
+    /// The table of `pkg`, if its metadata names one; its size checked against the file.
+    fn open(pkg: &Package) -> Result<Option<PerLayerTable>> {
+        let Some(dims) = pkg.model().description.metadata.user_defined.get(keys::PER_LAYER_EMBEDDINGS) else {
+            return Ok(None);
+        };
+        let bad = |m: String| Error::invalid(format!("{}: {m}", pkg.path().display()));
+        let parsed = dims.split_once(':').and_then(|(dtype, size)| {
+            let dtype = match dtype {
+                "fp16" => DType::Fp16,
+                "fp32" => DType::Fp32,
+                _ => return None,
+            };
+            let (r, w) = size.split_once('x')?;
+            Some((dtype, r.parse::<usize>().ok()?, w.parse::<usize>().ok()?))
+        });
+        let (dtype, rows, width) = parsed
+            .filter(|&(_, r, w)| r > 0 && w > 0)
+            .ok_or_else(|| bad(format!("{} is `{dims}`, not fp16|fp32:ROWSxWIDTH", keys::PER_LAYER_EMBEDDINGS)))?;
+        let path = pkg.path().join(keys::PER_LAYER_EMBEDDINGS_PATH);
+        let bytes = FileBytes::map(&path).map_err(|e| bad(format!("the per-layer embedding table: {e}")))?;
+        let size = dtype.bit_width().unwrap_or(16) / 8;
+        if Some(bytes.len()) != rows.checked_mul(width).and_then(|n| n.checked_mul(size)) {
+            return Err(bad(format!(
+                "{} holds {} bytes; a {rows} × {width} {} table has {}",
+                keys::PER_LAYER_EMBEDDINGS_PATH,
+                bytes.len(),
+                dtype.name(),
+                rows as u128 * width as u128 * size as u128
+            )));
+        }
+        Ok(Some(PerLayerTable { bytes, dtype, rows, width }))
+    }
+
+    /// The rows of `ids` (1, N), as the (1, N, width) input; ids past the table read row 0.
+    fn rows_of(&self, ids: &HostTensor) -> Result<HostTensor> {
+        let HostData::I32(ids) = &ids.data else { return Err(Error::invalid("token ids are not int32")) };
+        let mut values = Vec::with_capacity(ids.len() * self.width);
+        let row_bytes = self.width * self.dtype.bit_width().unwrap_or(16) / 8;
+        for &id in ids {
+            let row = usize::try_from(id).ok().filter(|&r| r < self.rows).unwrap_or(0);
+            let bytes = &self.bytes[row * row_bytes..(row + 1) * row_bytes];
+            match self.dtype {
+                DType::Fp32 => {
+                    values.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                }
+                _ => values.extend(bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())),
+            }
+        }
+        Ok(HostTensor::f32(self.dtype, vec![1, ids.len(), self.width], values))
+    }
 }
 
 impl LanguageModel {
@@ -119,13 +184,18 @@ impl LanguageModel {
             let state = executor.new_state(interface.state_function())?;
             stages.push(Box::new(Part { executor, state }));
         }
-        Ok(LanguageModel { stages, interface, context, mask_dtype, position: 0 })
+        let per_layer = PerLayerTable::open(first)?;
+        Ok(LanguageModel { stages, interface, context, mask_dtype, position: 0, per_layer })
     }
 
     /// One prediction through every part: each later part takes the hidden states the one
     /// before it returned in place of the token ids. With `row`, only that query position's
     /// logits are needed (see [`Executor::predict_row`]).
     fn predict(&mut self, function: Option<&str>, mut inputs: Tensors, row: Option<usize>) -> Result<Tensors> {
+        if let Some(table) = &self.per_layer {
+            let ids = inputs.get(names::INPUT_IDS).ok_or_else(|| Error::invalid("no token ids to gather rows for"))?;
+            inputs.insert(names::PER_LAYER_EMBEDDINGS.into(), table.rows_of(ids)?);
+        }
         let last = self.stages.len() - 1;
         for (i, stage) in self.stages.iter_mut().enumerate() {
             if i == last {
@@ -136,6 +206,7 @@ impl LanguageModel {
                 .remove(names::NEXT_HIDDEN_STATES)
                 .ok_or_else(|| Error::invalid(format!("part {} has no nextHiddenStates output", i + 1)))?;
             inputs.remove(names::INPUT_IDS);
+            inputs.remove(names::PER_LAYER_EMBEDDINGS);
             inputs.insert(names::HIDDEN_STATES.into(), hidden);
         }
         unreachable!("at least one part")

@@ -15,6 +15,12 @@ pub const PROFILE: &str = "corelm.profile";
 /// Slots of the ring-buffer caches of sliding-window layers (the Neural Engine profile): present
 /// when chunks must start at a multiple of their length.
 pub const RING_SLOTS: &str = "corelm.ring_slots";
+/// `DTYPE:ROWSxWIDTH` (`fp16` or `fp32`) of the per-layer embedding table stored beside the
+/// program (row-major, little-endian, in `Data/ai.corelm/per_layer_embeddings.bin`); ids past its
+/// rows read row 0.
+pub const PER_LAYER_EMBEDDINGS: &str = "corelm.per_layer_embeddings";
+/// Where that table lies in a package.
+pub const PER_LAYER_EMBEDDINGS_PATH: &str = "Data/ai.corelm/per_layer_embeddings.bin";
 /// The comma-separated package names of a split model's parts, in running order.
 pub const CHUNKS: &str = "corelm.chunks";
 pub const BOS_TOKEN_ID: &str = "corelm.bos_token_id";

@@ -2,6 +2,9 @@
 
 /// Token ids, int32 (1, N).
 pub const INPUT_IDS: &str = "inputIds";
+/// The rows of the per-layer embedding table (Gemma 3n, 4) at the token ids, (1, N, layers ×
+/// width): the driver gathers them from the package's `Data/ai.corelm/per_layer_embeddings.bin`.
+pub const PER_LAYER_EMBEDDINGS: &str = "perLayerEmbeddings";
 /// What a later part of a split model takes in place of the token ids.
 pub const HIDDEN_STATES: &str = "hiddenStates";
 /// Additive causal mask (1, 1, N, end).

@@ -13,7 +13,7 @@ use crate::{Error, Result};
 use corelm_contract::keys;
 use corelm_format::error::IoContext;
 use corelm_format::package::{ExtraItem, WriteOptions};
-use corelm_format::{PackageWriter, ProgramBuilder};
+use corelm_format::{DType, PackageWriter, ProgramBuilder};
 
 /// Tokens the KV cache holds when `--context` is not given, unless the model was trained on fewer.
 pub const DEFAULT_CONTEXT: usize = 2048;
@@ -196,6 +196,22 @@ pub fn convert(
     })
 }
 
+/// The per-layer embedding table (Gemma 3n, 4) as the runtime reads it: (rows, width,
+/// row-major bytes in `dtype`, the package's precision). It stays outside the program: a token
+/// needs one row of it, and a table of vocabulary × layers × width (4.7 GB in fp16 for Gemma 4
+/// E2B) should be neither loaded whole nor gathered on the Neural Engine.
+fn per_layer_table(source: &Source, dtype: DType) -> Result<Option<(usize, usize, Vec<u8>)>> {
+    use crate::arch::Role;
+    let c = &source.config;
+    let Some(spec) = crate::arch::tensor_spec(c, Role::PerLayerEmbed) else { return Ok(None) };
+    let (shape, data) = crate::checkpoint::load(source.checkpoint.as_ref(), c, Role::PerLayerEmbed, &spec)?;
+    let bytes = match dtype {
+        DType::Fp32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        _ => data.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+    };
+    Ok(Some((shape[0], shape[1], bytes)))
+}
+
 /// `NAME.mlpackage` split in `k` parts: `NAME_1ofK.mlpackage`, ... beside it.
 fn chunk_paths(output: &Path, k: usize) -> Result<Vec<PathBuf>> {
     let stem = output
@@ -274,6 +290,17 @@ fn write_stage(
     ud.insert(keys::EOS_TOKEN_IDS.into(), ids(&c.eos_token_ids));
     if let Some(p) = c.pad_token_id {
         ud.insert(keys::PAD_TOKEN_ID.into(), p.to_string());
+    }
+    let dtype = opts.precision.dtype();
+    if let Some(table) = per_layer_table(source, dtype).transpose().filter(|_| stage.first) {
+        let (rows, width, bytes) = table?;
+        ud.insert(keys::PER_LAYER_EMBEDDINGS.into(), format!("{}:{rows}x{width}", dtype.name()));
+        pkg.add_item(ExtraItem {
+            author: corelm_format::package::CORELM_AUTHOR.into(),
+            name: "per_layer_embeddings.bin".into(),
+            description: "the per-layer embedding table, rows gathered by the runtime".into(),
+            bytes,
+        })?;
     }
     // The tokenizer and chat template travel with the first part, where the driver looks.
     for (name, bytes) in source.extras.iter().filter(|_| stage.first) {

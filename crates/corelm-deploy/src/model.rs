@@ -79,8 +79,30 @@ pub struct ModelShape {
     #[serde(skip)]
     pub kv_layers: Vec<KvLayer>,
     pub package: Option<PackageInfo>,
+    /// The per-layer embedding table (Gemma 3n, 4): kept beside the program, mapped, one row
+    /// read per token, not loaded.
+    pub per_layer_table: Option<SideTable>,
     /// What could not be read and was assumed.
     pub notes: Vec<String>,
+}
+
+/// A table the runtime gathers rows of from a file beside the program.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SideTable {
+    pub rows: u64,
+    pub cols: u64,
+    /// Bytes per value (2: fp16, 4: fp32).
+    pub value_bytes: u64,
+}
+
+impl SideTable {
+    pub fn bytes(&self) -> u64 {
+        self.rows * self.cols * self.value_bytes
+    }
+
+    pub fn row_bytes(&self) -> u64 {
+        self.cols * self.value_bytes
+    }
 }
 
 impl ModelShape {
@@ -107,18 +129,15 @@ impl ModelShape {
         }];
         let per_layer_width = c.per_layer_inputs.map_or(0, |p| p.width as u64);
         let streams = c.altup.map_or(1, |a| a.inputs as u64);
-        if let Some(p) = c.per_layer_inputs {
-            // Per-layer embeddings: a second table, of which each token gathers one row, and
-            // the projection of the token embedding into every layer's input.
-            let row = c.num_layers as u64 * per_layer_width;
-            matrices.push(Matrix {
-                rows: p.vocab as u64,
-                cols: row,
-                gathered: true,
-                gathered_only: true,
-                ..matrices[0].clone()
-            });
-            matrices.push(m(row, h));
+        // Per-layer embeddings: a second table (beside the program, see `per_layer_table`) and
+        // the projection of the token embedding into every layer's input.
+        let per_layer_table = c.per_layer_inputs.map(|p| SideTable {
+            rows: p.vocab as u64,
+            cols: c.num_layers as u64 * per_layer_width,
+            value_bytes: 2,
+        });
+        if let Some(t) = &per_layer_table {
+            matrices.push(m(t.cols, h));
         }
         matrices.extend((1..streams).flat_map(|_| [m(h, h), m(h, h)]));
         for shape in &c.layers {
@@ -218,6 +237,7 @@ impl ModelShape {
             rope_dims,
             kv_layers,
             package: None,
+            per_layer_table,
             notes: vec![],
         }
     }
@@ -335,6 +355,15 @@ impl ModelShape {
             Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?))
         });
         let (matrices, hidden, vocab_seen) = package_matrices(&model.program);
+        let per_layer_table = ud.get(keys::PER_LAYER_EMBEDDINGS).and_then(|v| {
+            let (dtype, size) = v.split_once(':')?;
+            let (rows, cols) = size.split_once('x')?;
+            let value_bytes = match dtype {
+                "fp32" => 4,
+                _ => 2,
+            };
+            Some(SideTable { rows: rows.parse().ok()?, cols: cols.parse().ok()?, value_bytes })
+        });
         let vocab = meta_usize(keys::VOCAB_SIZE).map(|v| v as u64).or(vocab_seen).unwrap_or(0);
         let hidden = hidden.unwrap_or(0);
         let head_dim = kv_layers.first().map(|l| l.head_dim).unwrap_or(0);
@@ -386,6 +415,7 @@ impl ModelShape {
             rope_dims: vec![],
             kv_layers,
             package: Some(PackageInfo { context, weight_bytes, kv_bytes, query_lengths }),
+            per_layer_table,
             notes,
         })
     }

@@ -187,6 +187,9 @@ pub struct Breakdown {
     pub total_with_sliding_window_savings: u64,
     /// Weights and KV cache read to decode the token at position `context`.
     pub decode_bytes_per_token: u64,
+    /// The per-layer embedding table beside the program (Gemma 3n, 4): on disk and mapped, not
+    /// in `total`; a token reads one row of it (counted in `decode_bytes_per_token`).
+    pub per_layer_table: u64,
 }
 
 /// Whether a total fits a device's usable memory.
@@ -399,7 +402,10 @@ fn compute(
             |q| q.name().to_string(),
         ),
         context: read_context,
-        decode_bytes_per_token: weights.total - gathered - rope_read + read,
+        decode_bytes_per_token: weights.total - gathered - rope_read
+            + read
+            + model.per_layer_table.as_ref().map_or(0, |t| t.row_bytes()),
+        per_layer_table: model.per_layer_table.as_ref().map_or(0, |t| t.bytes()),
         total: base + kv_cache.full,
         total_with_sliding_window_savings: base + kv_cache.with_sliding_window_savings,
         weights,
@@ -601,6 +607,13 @@ impl Plan {
             human(b.total_with_sliding_window_savings)
         );
         let _ = writeln!(s, "decode reads {} per token at position {}", human(b.decode_bytes_per_token), b.context);
+        if b.per_layer_table > 0 {
+            let _ = writeln!(
+                s,
+                "per-layer    {} embedding table beside the weights: mapped from disk, one row read per token, not in the total",
+                human(b.per_layer_table)
+            );
+        }
         for n in &m.notes {
             let _ = writeln!(s, "note         {n}");
         }

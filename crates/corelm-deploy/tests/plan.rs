@@ -319,6 +319,13 @@ fn the_layout_model_matches_converted_packages() {
             assert_eq!(stored.weights.total, predicted.weights.total, "{what}");
             assert_eq!(stored.kv_cache.full, predicted.kv_cache.full, "{what}");
             assert_eq!(pkg.tied_embeddings, from_config.tied_embeddings, "{what}");
+            // Gemma 3n/4's per-layer table lies beside the weights, as planned.
+            assert_eq!(pkg.per_layer_table, from_config.per_layer_table, "{what}");
+            assert_eq!(stored.per_layer_table, predicted.per_layer_table, "{what}");
+            assert_eq!(
+                from_config.per_layer_table.is_some(),
+                arch.starts_with("gemma3n") || arch.starts_with("gemma4")
+            );
             assert_eq!(
                 (pkg.hidden, pkg.vocab, pkg.layers),
                 (from_config.hidden, from_config.vocab, from_config.layers)

@@ -15,6 +15,9 @@ pub(super) struct Inputs {
     pub tokens: Var,
     /// (1, 1, N, end): the causal mask, which also says where the call ends.
     pub mask: Var,
+    /// The first stage of a model with per-layer embeddings: the table's rows at the tokens,
+    /// (1, N, layers × width), gathered by the runtime.
+    pub per_layer_rows: Option<Var>,
 }
 
 impl Inputs {
@@ -37,27 +40,35 @@ impl Inputs {
             ),
             Some(n) => (InputShape::Fixed(vec![1, n]), InputShape::Fixed(vec![1, 1, n, context])),
         };
+        // Per token: a vector of `width` values, shaped like the ids.
+        let per_token = |width: usize| match ids_shape.clone() {
+            InputShape::Range { mut default, mut ranges } => {
+                default.push(width);
+                ranges.push((width, Some(width)));
+                InputShape::Range { default, ranges }
+            }
+            InputShape::Fixed(mut dims) => {
+                dims.push(width);
+                InputShape::Fixed(dims)
+            }
+            other => other,
+        };
         // The first stage reads token ids; later ones the hidden states the one before returned.
         let tokens = if stage.first {
-            g.f.input(names::INPUT_IDS, DType::Int32, ids_shape)?
+            g.f.input(names::INPUT_IDS, DType::Int32, ids_shape.clone())?
         } else {
-            let hidden = Stage::carried_width(g.c, stage.layers.start);
-            let shape = match ids_shape {
-                InputShape::Range { mut default, mut ranges } => {
-                    default.push(hidden);
-                    ranges.push((hidden, Some(hidden)));
-                    InputShape::Range { default, ranges }
-                }
-                InputShape::Fixed(mut dims) => {
-                    dims.push(hidden);
-                    InputShape::Fixed(dims)
-                }
-                other => other,
-            };
-            g.f.input(names::HIDDEN_STATES, residual, shape)?
+            g.f.input(names::HIDDEN_STATES, residual, per_token(Stage::carried_width(g.c, stage.layers.start)))?
         };
         let mask = g.f.input(names::CAUSAL_MASK, compute, mask_shape)?;
-        Ok(Inputs { tokens, mask })
+        let per_layer_rows = match g.c.per_layer_inputs {
+            Some(p) if stage.first => {
+                // In the table's dtype: the package's precision (fp16 on the Neural Engine).
+                let dtype = if compute == DType::Fp32 { DType::Fp32 } else { DType::Fp16 };
+                Some(g.f.input(names::PER_LAYER_EMBEDDINGS, dtype, per_token(g.c.num_layers * p.width))?)
+            }
+            _ => None,
+        };
+        Ok(Inputs { tokens, mask, per_layer_rows })
     }
 }
 

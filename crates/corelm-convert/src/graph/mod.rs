@@ -272,7 +272,10 @@ pub fn build_function(
     }
     // A later stage's hidden states carry the AltUp streams and the per-layer inputs too.
     let (carried_streams, per_layer) = match (stage.first, c.per_layer_inputs) {
-        (true, Some(_)) => (None, Some(PerLayerInputs::new(&mut g, &inputs.tokens, &x, compute)?)),
+        (true, Some(_)) => {
+            let rows = inputs.per_layer_rows.as_ref().ok_or_else(|| Error::invalid("no per-layer embedding input"))?;
+            (None, Some(PerLayerInputs::new(&mut g, rows, &x, compute)?))
+        }
         (true, None) => (None, None),
         (false, _) => {
             let (streams, per_layer) = PerLayerInputs::unpack(&mut g, &x, stage.layers.start, compute)?;

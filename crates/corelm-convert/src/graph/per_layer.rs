@@ -22,20 +22,13 @@ pub(super) struct PerLayerInputs {
 }
 
 impl PerLayerInputs {
-    /// From the token ids and the token embedding `x` (the residual stream, divided by the
-    /// profile's divisor, which the per-layer norm does not see).
-    pub fn new(g: &mut Graph, ids: &Var, x: &Var, compute: DType) -> Result<PerLayerInputs> {
+    /// From the table's rows at the tokens (an input: the runtime gathers them, off the
+    /// accelerator, from a table outside the program) and the token embedding `x` (the residual
+    /// stream, divided by the profile's divisor, which the per-layer norm does not see).
+    pub fn new(g: &mut Graph, rows: &Var, x: &Var, compute: DType) -> Result<PerLayerInputs> {
         let c = g.c;
         let pl = c.per_layer_inputs.ok_or_else(|| Error::invalid("the model has no per-layer inputs"))?;
-        // Ids past the table read row 0 (Gemma 3n's `get_per_layer_inputs`).
-        let ids = if pl.vocab < c.vocab_size {
-            let inside = g.binary(Binary::Less, "per_layer_ids_inside", ids, scalar_i32(pl.vocab as i32))?;
-            g.select("per_layer_ids", &inside, ids, scalar_i32(0))?
-        } else {
-            ids.clone()
-        };
-        let rows = g.gather_table(Role::PerLayerEmbed, &ids, "per_layer_embed")?;
-        let rows = if g.ane { g.channels_first(&rows, "per_layer_rows")? } else { rows };
+        let rows = if g.ane { g.channels_first(rows, "per_layer_rows")? } else { rows.clone() };
         let rows = g.cast(&rows, compute, "per_layer_rows_c")?;
         // transformers rounds √width to the weights' dtype.
         let scale = (pl.width as f64).sqrt();

@@ -73,7 +73,9 @@ impl<F: FnMut(&str, u64)> Progress for F {
 /// Every role the graph uses, in reading order.
 pub fn roles(c: &ModelConfig) -> Vec<Role> {
     use LayerRole::*;
-    let mut roles = vec![Role::Embed, Role::PositionEmbed, Role::PerLayerEmbed, Role::PerLayerProjection];
+    // The per-layer embedding table is not among them: it lies beside the program
+    // (`convert::per_layer_table`), its rows gathered by the runtime.
+    let mut roles = vec![Role::Embed, Role::PositionEmbed, Role::PerLayerProjection];
     roles.push(Role::PerLayerProjectionNorm);
     let streams = c.altup.map_or(0, |a| a.inputs);
     roles.extend((1..streams).map(|i| Role::AltUpProjection(i - 1)));
