@@ -96,6 +96,17 @@ pub struct SideTable {
 }
 
 impl SideTable {
+    /// From its metadata value, `DTYPE:ROWSxWIDTH` ([`keys::PER_LAYER_EMBEDDINGS`]).
+    fn from_metadata(value: &str) -> Option<SideTable> {
+        let (dtype, size) = value.split_once(':')?;
+        let (rows, cols) = size.split_once('x')?;
+        let value_bytes = match dtype {
+            "fp32" => 4,
+            _ => 2,
+        };
+        Some(SideTable { rows: rows.parse().ok()?, cols: cols.parse().ok()?, value_bytes })
+    }
+
     pub fn bytes(&self) -> u64 {
         self.rows * self.cols * self.value_bytes
     }
@@ -314,20 +325,8 @@ impl ModelShape {
                 ))
             }
         };
-        // Every full-length key cache: `keyCache`, and where layers differ in shape (Gemma 4's
-        // global layers) `keyCacheGlobal` and the like; not a state pair's residual half.
-        let full_key_caches = caches.iter().filter(|c| {
-            c.0.starts_with(names::KEY_CACHE) && !c.0.ends_with("Residual") && !c.0.ends_with("Local") && c.1.len() == 5
-        });
         let kv_layers = match key {
-            Some(_) => {
-                let mut layers = Vec::new();
-                for (name, s, _) in full_key_caches {
-                    limit(&format!("the {name} state's layer count"), s[0], "num_hidden_layers")?;
-                    layers.extend(vec![KvLayer { kv_heads: s[2] as u64, head_dim: s[4] as u64, window: None }; s[0]]);
-                }
-                layers
-            }
+            Some(_) => full_length_kv_layers(path, &caches)?,
             None => {
                 notes.push(
                     "no keyCache state of shape (layers, 1, kv_heads, context, head_dim): the KV cache is the \
@@ -348,22 +347,9 @@ impl ModelShape {
             );
         }
 
-        // `corelm.layers` (`start..end`): a part's layers, or a model whose caches do not count
-        // every layer (KV sharing).
-        let layer_range = ud.get(keys::LAYERS).and_then(|r| {
-            let (a, b) = r.split_once("..")?;
-            Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?))
-        });
+        let layer_range = layer_range(ud);
         let (matrices, hidden, vocab_seen) = package_matrices(&model.program);
-        let per_layer_table = ud.get(keys::PER_LAYER_EMBEDDINGS).and_then(|v| {
-            let (dtype, size) = v.split_once(':')?;
-            let (rows, cols) = size.split_once('x')?;
-            let value_bytes = match dtype {
-                "fp32" => 4,
-                _ => 2,
-            };
-            Some(SideTable { rows: rows.parse().ok()?, cols: cols.parse().ok()?, value_bytes })
-        });
+        let per_layer_table = ud.get(keys::PER_LAYER_EMBEDDINGS).and_then(|v| SideTable::from_metadata(v));
         let vocab = meta_usize(keys::VOCAB_SIZE).map(|v| v as u64).or(vocab_seen).unwrap_or(0);
         let hidden = hidden.unwrap_or(0);
         let head_dim = kv_layers.first().map(|l| l.head_dim).unwrap_or(0);
@@ -419,6 +405,32 @@ impl ModelShape {
             notes,
         })
     }
+}
+
+/// The layers of every full-length key cache: `keyCache`, and where layers differ in shape
+/// (Gemma 4's global layers) `keyCacheGlobal` and the like; not a state pair's residual half.
+fn full_length_kv_layers(path: &Path, caches: &[(String, Vec<usize>, u64)]) -> Result<Vec<KvLayer>> {
+    let mut layers = Vec::new();
+    for (name, s, _) in caches.iter().filter(|c| {
+        c.0.starts_with(names::KEY_CACHE) && !c.0.ends_with("Residual") && !c.0.ends_with("Local") && c.1.len() == 5
+    }) {
+        let max = corelm_convert::config::config_limit("num_hidden_layers");
+        if s[0] as u64 > max {
+            return Err(Error::malformed(
+                path,
+                format!("the {name} state's layer count is {}; corelm plans for at most {max}", s[0]),
+            ));
+        }
+        layers.extend(vec![KvLayer { kv_heads: s[2] as u64, head_dim: s[4] as u64, window: None }; s[0]]);
+    }
+    Ok(layers)
+}
+
+/// `corelm.layers` (`start..end`): a part's layers, or a model whose caches do not count every
+/// layer (KV sharing).
+fn layer_range(ud: &BTreeMap<String, String>) -> Option<(usize, usize)> {
+    let (a, b) = ud.get(keys::LAYERS)?.split_once("..")?;
+    Some((a.parse().ok()?, b.parse().ok()?))
 }
 
 fn blob_key(v: &Value) -> Option<(String, u64)> {
