@@ -22,8 +22,9 @@ grids.gguf
     write_grid_model): converted with and without --dequantize by the CLI tests.
 tiny_<fixture>.gguf
     tests/fixtures/tiny/<fixture> as llama.cpp's convert_hf_to_gguf.py writes it, for GPT-2,
-    SmolLM3, Granite, OLMo 2, OLMo 3, Phi-4-mini's LongRoPE, Gemma 3n and Gemma 4 (text; see
-    write_tiny_gguf and gemma3n_hparams / gemma4_hparams).
+    SmolLM3, Granite, Granite 4 dense (written as `granite`; see granite4_hparams), OLMo 2,
+    OLMo 3, Phi-4-mini's LongRoPE, Gemma 3n and Gemma 4 (text; see write_tiny_gguf and
+    gemma3n_hparams / gemma4_hparams).
 tok_*.gguf
     Vocabulary-only files for the tokenizer builders (byte-level BPE, SentencePiece with scores,
     Gemma 3, Phi-3).
@@ -432,11 +433,106 @@ def granite_hparams(w: GGUFWriter, c: dict) -> list:
     """GraniteModel.set_gguf_parameters: head_dim dropped, the multipliers as scales (each only
     when non-zero)."""
     llama_hparams(w, {k: v for k, v in c.items() if k != "head_dim"})
+    granite_scales(w, c)
+    return []
+
+
+def granite_scales(w: GGUFWriter, c: dict) -> None:
+    """GraniteModel's multipliers, as scales, each only when non-zero."""
     for key, add in (("attention_multiplier", w.add_attention_scale), ("embedding_multiplier", w.add_embedding_scale),
                      ("residual_multiplier", w.add_residual_scale), ("logits_scaling", w.add_logit_scale)):
         if c.get(key):
             add(c[key])
+
+
+# transformers 5 names of the layer types GraniteHybridModel.get_attn_layers reads.
+LEGACY_LAYER_TYPES = {"full_attention": "attention", "linear_attention": "mamba"}
+
+
+def granite4_config(c: dict) -> dict:
+    """A Granite 4 config as its Hugging Face release spells it, which is what llama.cpp's
+    converter reads (GraniteHybridModel, as Mamba2Model, takes config.json as it is, without
+    transformers): layer types `attention` / `mamba` (transformers 5 saves them as
+    `full_attention` / `linear_attention`, which get_attn_layers does not match: it would take
+    every layer for Mamba-2), and, without experts, num_experts_per_tok 0 (transformers' default
+    is 2; any non-zero value makes the converter pick `granitemoe`, which has no ffn_gate/ffn_up/
+    ffn_down, and fail, and llama.cpp's loader wants no experts used when there are none)."""
+    c = dict(c)
+    if "layer_types" in c:
+        c["layer_types"] = [LEGACY_LAYER_TYPES.get(t, t) for t in c["layer_types"]]
+    if not c.get("num_local_experts"):
+        c["num_experts_per_tok"] = 0
+    return c
+
+
+def granite4_hparams(w: GGUFWriter, c: dict) -> list:
+    """GraniteHybridModel.set_gguf_parameters (GraniteMoeHybridForCausalLM) for a Granite 4 with
+    attention layers only, on granite4_config(c). Without Mamba-2 layers the converter renames the
+    architecture `granite` (`granitemoe` when num_experts_per_tok is set) before writing any key,
+    so every key is `granite.*`. GraniteMoeModel's keys first: TextModel's (feed_forward_length
+    is intermediate_size, not the MLP's width; expert_count and expert_used_count, 0 here), then
+    LlamaModel's vocab size and rope dimension count (head_dim dropped by GraniteModel: hidden /
+    heads), Granite's scales and shared_intermediate_size as expert_shared_feed_forward_length;
+    then the Mamba-2 keys (ssm.*, found under a `mamba_` prefix), the KV head count again, now one
+    per layer (0 would mark a Mamba-2 layer; the key keeps its place and takes the array), and
+    rope.scaling.finetuned, llama.cpp's RoPE switch for Granite: true for every model without
+    Mamba-2 layers (and for Bamba), whatever position_embedding_type says."""
+    c = granite4_config(c)
+
+    def find(*keys, optional=False):  # GraniteHybridModel.find_hparam
+        for k in list(keys) + [f"mamba_{k}" for k in keys]:
+            if k in c:
+                return c[k]
+        assert optional, keys
+        return None
+
+    block_count = c["num_hidden_layers"]
+    attn = [i for i, t in enumerate(c["layer_types"]) if t == "attention"]
+    ssm = [i for i in range(block_count) if i not in attn]
+    assert not ssm and not c.get("num_local_experts"), "only Granite 4's dense models are written here"
+    assert w.arch == "granite"
+    d_model = find("mamba_head_dim", "hidden_size", "d_model")
+    d_inner = find("expand", "num_heads") * d_model
+    hp = {k: v for k, v in c.items() if k != "head_dim"}  # GraniteModel pops it
+    text_hparams(w, hp)
+    w.add_expert_count(find("num_local_experts", "num_experts", "n_routed_experts"))
+    w.add_expert_used_count(find("num_experts_per_tok", "num_experts_per_token", "top_k_experts"))
+    w.add_vocab_size(hp["vocab_size"])  # Mamba2Model.set_vocab pads to 1 without Mamba-2 layers
+    w.add_rope_dimension_count(hp["hidden_size"] // hp["num_attention_heads"])
+    granite_scales(w, c)
+    if c.get("shared_intermediate_size"):
+        w.add_expert_shared_feed_forward_length(c["shared_intermediate_size"])
+    w.add_ssm_conv_kernel(find("conv_kernel", "d_conv"))
+    w.add_ssm_state_size(find("state_size", "d_state", "state_dim", "ssm_state_size"))
+    w.add_ssm_group_count(find("n_groups", "num_groups"))
+    w.add_ssm_inner_size(d_inner)
+    w.add_ssm_time_step_rank(find("n_heads", "num_heads"))
+    kv = find("num_key_value_heads", "n_head_kv")
+    assert not c.get("attn_rotary_emb")
+    w.add_head_count_kv([kv if i in attn else 0 for i in range(block_count)])
+    use_rope = "BambaForCausalLM" in c["architectures"] or not ssm
+    w.add_rope_scaling_finetuned(use_rope)
+    assert c.get("hidden_act") in (None, "silu")
+    assert d_inner % (find("d_head", optional=True) or 64) == 0
     return []
+
+
+def granite4_checkpoint_tensors(tensors: dict[str, np.ndarray], c: dict):
+    """GraniteMoeModel.modify_tensors without experts: each fused shared_mlp.input_linear split
+    into its gate rows and its up rows (ffn_gate, ffn_up), shared_mlp.output_linear as ffn_down;
+    names llama.cpp gives itself (format_tensor_name) come back as GGUF names. The attention
+    tensors go on to LlamaModel's (Q/K rows permuted, in gguf_tensor)."""
+    n = c["shared_intermediate_size"]
+    for name, t in tensors.items():
+        if name.endswith("shared_mlp.input_linear.weight"):
+            assert t.shape[0] == 2 * n
+            bid = int(name.split(".")[2])
+            yield f"blk.{bid}.ffn_gate.weight", t[:n]
+            yield f"blk.{bid}.ffn_up.weight", t[n:]
+        elif name.endswith("shared_mlp.output_linear.weight"):
+            yield f"blk.{int(name.split('.')[2])}.ffn_down.weight", t
+        else:
+            yield name, t
 
 
 def olmo2_hparams(w: GGUFWriter, c: dict) -> list:
@@ -606,6 +702,8 @@ TINY_GGUF = {
     "gpt2": ("gpt2", gpt2_hparams),
     "smollm3": ("smollm3", llama_hparams),
     "granite": ("granite", granite_hparams),
+    # GraniteHybridModel writes a Granite 4 without Mamba-2 layers or experts as `granite`
+    "granite4": ("granite", granite4_hparams),
     "olmo2": ("olmo2", olmo2_hparams),
     "olmo3": ("olmo2", olmo2_hparams),  # Olmo2Model writes OLMo 3 too
     "phi3_longrope": ("phi3", phi3_hparams),
@@ -641,7 +739,8 @@ def write_tiny_gguf(out: Path, fixture: str) -> None:
     """tests/fixtures/tiny/<fixture> as llama.cpp's convert_hf_to_gguf.py writes it (TINY_GGUF),
     F32: its hparams, tensor names from gguf-py's own map, Q/K rows permuted where llama.cpp
     permutes them, GPT-2's Conv1D weights transposed to (out, in), Phi-3's fused qkv and gate_up
-    kept, Gemma 3n's AltUp projections stacked (gemma_checkpoint_tensors); with a stand-in
+    kept, Granite 4's fused gate/up split (granite4_checkpoint_tensors), Gemma 3n's AltUp
+    projections stacked (gemma_checkpoint_tensors); with a stand-in
     SentencePiece vocabulary of the checkpoint's size (the tests feed ids)."""
     arch, hparams = TINY_GGUF[fixture]
     src = ROOT / "tests" / "fixtures" / "tiny" / fixture
@@ -663,8 +762,10 @@ def write_tiny_gguf(out: Path, fixture: str) -> None:
         w.add_tensor(name, t)
     if arch in GEMMA:
         tensors = dict(gemma_checkpoint_tensors(arch, tensors, config))
+    if config["model_type"] == "granitemoehybrid":
+        tensors = dict(granite4_checkpoint_tensors(tensors, config))
     for name, t in tensors.items():
-        gguf_name = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        gguf_name = name if name.startswith("blk.") else tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ValueError(f"{fixture}: gguf-py maps no name for {name}")
         w.add_tensor(gguf_name, np.ascontiguousarray(gguf_tensor(arch, name, t, config), dtype=np.float32))

@@ -610,7 +610,8 @@ fn sharded_weights_load_everywhere_and_change_nothing() {
 #[test]
 fn tiny_checkpoints_convert_from_gguf_as_from_safetensors() {
     let tmp = tempfile::tempdir().unwrap();
-    let fixtures = ["gpt2", "smollm3", "granite", "olmo2", "olmo3", "phi3_longrope", "gemma3n_text", "gemma4_text"];
+    let fixtures =
+        ["gpt2", "smollm3", "granite", "granite4", "olmo2", "olmo3", "phi3_longrope", "gemma3n_text", "gemma4_text"];
     let ids = [1, 17, 42, 99, 5];
     let mut from_gguf = vec![];
     for fixture in fixtures {

@@ -1,7 +1,7 @@
 //! A GGUF file as a conversion source: its metadata becomes a Hugging Face style `config.json`
 //! (so one parser serves both), and its tensors are served under Hugging Face names, with
 //! llama.cpp's storage conventions undone (Q/K row permutation, Gemma's `1 + w` norms, GPT-2's
-//! Conv1D transpose).
+//! Conv1D transpose, Granite 4's gate/up projection split in two).
 
 use std::path::Path;
 
@@ -24,7 +24,13 @@ pub const SUPPORTED_GGUF_ARCHITECTURES: &[(&str, &str)] = &[
     ("phi3", "phi3"),
     ("gpt2", "gpt2"),
     ("smollm3", "smollm3"),
+    // Granite 4's dense models too, which llama.cpp's converter writes as `granite` and
+    // granite_fields tells by the keys only its hybrid class writes.
     ("granite", "granite"),
+    // What that class writes for Granite 4's hybrid models, refused by granite_refusals (Mamba-2
+    // layers, experts); one whose layers all attend (converters before llama.cpp's rename of
+    // non-hybrid models wrote dense ones so) converts as the `granite` ones do.
+    ("granitehybrid", "granitemoehybrid"),
     // OLMo 3 too, which config_json tells by its sliding window.
     ("olmo2", "olmo2"),
     ("gemma3n", "gemma3n_text"),
@@ -62,6 +68,9 @@ fn config_json(g: &GgufFile) -> Result<Value> {
             )
         })?;
     let key = |k: &str| format!("{arch}.{k}");
+    if arch == "granite" || arch == "granitehybrid" {
+        granite_refusals(g, &arch)?;
+    }
     let vocab = match g.get_usize(&key("vocab_size"))? {
         Some(v) => v,
         None => g
@@ -346,7 +355,7 @@ fn family_fields(g: &GgufFile, arch: &str, head_dim: usize, c: &mut Map<String, 
         "smollm3" => {
             c.insert("no_rope_layer_interval".into(), json!(4));
         }
-        "granite" => {
+        "granite" | "granitehybrid" => {
             // Absent attention scale: llama.cpp's 1/√head_dim (transformers' default is 1). The
             // others, absent, are skipped (a multiplier of 1); llama.cpp requires logit_scale.
             let attention = g.get_f64(&key("attention.scale"))?.unwrap_or(1.0 / (head_dim as f64).sqrt());
@@ -360,10 +369,95 @@ fn family_fields(g: &GgufFile, arch: &str, head_dim: usize, c: &mut Map<String, 
                     c.insert(hf.into(), json!(v));
                 }
             }
+            granite_fields(g, arch, c)?;
         }
         "olmo2" => olmo3_fields(g, c)?,
         _ => {}
     }
+    Ok(())
+}
+
+/// What a Granite file holds that corelm does not convert, refused by its key: experts
+/// (`expert_count`: Granite 4 H-Tiny's and H-Small's `granitehybrid` files) and Mamba-2 layers (a
+/// KV head count of 0, llama.cpp's mark of a recurrent layer: every Granite 4 hybrid).
+fn granite_refusals(g: &GgufFile, arch: &str) -> Result<()> {
+    let key = |k: &str| format!("{arch}.{k}");
+    if let Some(n) = g.get_usize(&key("expert_count"))?.filter(|&n| n > 0) {
+        return Err(Error::malformed(
+            g.path(),
+            format!(
+                "{} is {n}: a Granite mixture of experts is not supported (only dense Granite models convert)",
+                key("expert_count")
+            ),
+        ));
+    }
+    let kv_key = key("attention.head_count_kv");
+    if let Some(gguf::MetaValue::Array(a)) = g.get(&kv_key) {
+        let kv = a
+            .to_i128_vec()
+            .ok_or_else(|| Error::malformed(g.path(), format!("metadata key '{kv_key}' must be integers")))?;
+        let recurrent: Vec<String> =
+            kv.iter().enumerate().filter(|(_, &n)| n == 0).map(|(l, _)| l.to_string()).collect();
+        if !recurrent.is_empty() {
+            return Err(Error::malformed(
+                g.path(),
+                format!(
+                    "{kv_key} is 0 for layer(s) {}: Mamba-2 layers (a Granite 4 hybrid) are not supported; only Granite 4's dense models, attention layers only, convert",
+                    recurrent.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Granite 4's dense models (`granitemoehybrid` with attention layers only and no experts) as
+/// llama.cpp's converter writes them: as `granite` (it renames a GraniteMoeHybrid without Mamba-2
+/// layers), told from Granite 3 by the keys only that class writes: `ssm.*` (unused), the MLP
+/// width as `expert_shared_feed_forward_length` (`feed_forward_length` is the config's
+/// `intermediate_size`, the experts' width, equal to it in IBM's releases) and
+/// `rope.scaling.finetuned`, llama.cpp's RoPE switch for Granite (true when absent; the converter
+/// writes true for every model without Mamba-2 layers). `granitehybrid` files whose layers all
+/// attend are the same model. The KV head count comes as one per layer: all equal here.
+fn granite_fields(g: &GgufFile, arch: &str, c: &mut Map<String, Value>) -> Result<()> {
+    let key = |k: &str| format!("{arch}.{k}");
+    if let Some(Value::Array(kv)) = c.get("num_key_value_heads") {
+        match kv.first() {
+            Some(first) if kv.iter().all(|n| n == first) => {
+                let first = first.clone();
+                c.insert("num_key_value_heads".into(), first);
+            }
+            _ => {
+                return Err(Error::malformed(
+                    g.path(),
+                    format!(
+                        "{}: KV head counts that differ between layers are not supported",
+                        key("attention.head_count_kv")
+                    ),
+                ))
+            }
+        }
+    }
+    let hybrid_keys = ["ssm.conv_kernel", "ssm.state_size", "ssm.group_count", "ssm.inner_size", "ssm.time_step_rank"];
+    let shared = g.get_usize(&key("expert_shared_feed_forward_length"))?;
+    let rope = g.get_bool(&key("rope.scaling.finetuned"))?;
+    let granite4 = arch == "granitehybrid"
+        || shared.is_some()
+        || rope.is_some()
+        || hybrid_keys.iter().any(|k| g.get(&key(k)).is_some());
+    if !granite4 {
+        return Ok(());
+    }
+    let layers = c["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+    let width = match shared {
+        Some(w) => json!(w),
+        None => c["intermediate_size"].clone(),
+    };
+    c.insert("model_type".into(), json!("granitemoehybrid"));
+    c.insert("shared_intermediate_size".into(), width);
+    c.insert("num_local_experts".into(), json!(0));
+    c.insert("layer_types".into(), json!(vec!["full_attention"; layers]));
+    c.insert("position_embedding_type".into(), json!(if rope.unwrap_or(true) { "rope" } else { "nope" }));
     Ok(())
 }
 
@@ -406,10 +500,15 @@ fn olmo3_fields(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
     Ok(())
 }
 
-/// Architectures whose Q/K rows llama.cpp's converter permutes (its LlamaModel subclasses).
+/// Architectures whose Q/K rows llama.cpp's converter permutes (its LlamaModel subclasses, and
+/// GraniteHybridModel's attention layers).
 fn permutes_qk(arch: &str) -> bool {
-    matches!(arch, "llama" | "smollm3" | "granite")
+    matches!(arch, "llama" | "smollm3" | "granite" | "granitehybrid")
 }
+
+/// Granite 4's fused `shared_mlp.input_linear` (gate rows, then up rows), which llama.cpp's
+/// converter splits into `ffn_gate` and `ffn_up`.
+const GRANITE4_GATE_UP: &str = ".shared_mlp.input_linear.weight";
 
 impl GgufCheckpoint {
     /// Opens a GGUF file; returns the checkpoint and the config.json equivalent of its metadata.
@@ -492,7 +591,7 @@ impl GgufCheckpoint {
             "post_feedforward_layernorm" => "post_ffw_norm",
             "mlp.gate_proj" => "ffn_gate",
             "mlp.up_proj" | "mlp.gate_up_proj" => "ffn_up",
-            "mlp.down_proj" => "ffn_down",
+            "mlp.down_proj" | "shared_mlp.output_linear" => "ffn_down",
             // GPT-2
             "ln_1" => "attn_norm",
             "attn.c_attn" => "attn_qkv",
@@ -522,6 +621,13 @@ impl GgufCheckpoint {
         self.file.tensor(&self.gguf_name(hf)?.0)
     }
 
+    /// For Granite 4's fused gate/up name, the `ffn_gate` and `ffn_up` it is served from.
+    fn gate_up(&self, hf: &str) -> Option<(&gguf::TensorInfo, &gguf::TensorInfo)> {
+        let layer = hf.strip_prefix("model.layers.")?.strip_suffix(GRANITE4_GATE_UP)?;
+        let part = |p: &str| self.file.tensor(&format!("blk.{layer}.{p}.weight"));
+        Some((part("ffn_gate")?, part("ffn_up")?))
+    }
+
     /// For one of a stack's matrices, its index and the stack's (count, rows, cols).
     fn stacked(&self, hf: &str) -> Option<(usize, [usize; 3])> {
         let (_, index) = self.gguf_name(hf)?;
@@ -538,6 +644,12 @@ impl Checkpoint for GgufCheckpoint {
     }
 
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        if let Some((gate, up)) = self.gate_up(name) {
+            return match (gate.shape.as_slice(), up.shape.as_slice()) {
+                (&[g, cols], &[u, _]) => Some(vec![g + u, cols]),
+                _ => Some(gate.shape.clone()),
+            };
+        }
         if let Some((_, [_, rows, cols])) = self.stacked(name) {
             return Some(vec![rows, cols]);
         }
@@ -556,6 +668,20 @@ impl Checkpoint for GgufCheckpoint {
     }
 
     fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        if let Some((gate, up)) = self.gate_up(name) {
+            if gate.shape.len() != 2 || gate.shape.get(1) != up.shape.get(1) || up.shape.len() != 2 {
+                return Err(Error::malformed(
+                    self.file.path(),
+                    format!(
+                        "tensors `{}` {:?} and `{}` {:?} are not two matrices of one width",
+                        gate.name, gate.shape, up.name, up.shape
+                    ),
+                ));
+            }
+            let mut data = self.file.dequantize(gate)?;
+            data.extend(self.file.dequantize(up)?);
+            return Ok(data);
+        }
         let info =
             self.info(name).ok_or_else(|| Error::malformed(self.file.path(), format!("tensor `{name}` is missing")))?;
         let mut data = self.file.dequantize(info)?;
@@ -576,6 +702,16 @@ impl Checkpoint for GgufCheckpoint {
     }
 
     fn storage(&self, name: &str) -> Option<SourceStorage> {
+        if let Some((gate, up)) = self.gate_up(name) {
+            let type_name = if gate.dtype == up.dtype {
+                gate.dtype.name().to_string()
+            } else {
+                format!("{}+{}", gate.dtype.name(), up.dtype.name())
+            };
+            let bytes = (self.file.raw(gate).len() + self.file.raw(up).len()) as u64;
+            let quantized = gate.dtype.is_quantized() || up.dtype.is_quantized();
+            return Some(SourceStorage { type_name, quantized, bytes });
+        }
         self.info(name).map(|i| SourceStorage {
             type_name: i.dtype.name().to_string(),
             quantized: i.dtype.is_quantized(),
@@ -666,4 +802,139 @@ pub fn extras(g: &GgufFile) -> Result<Vec<(String, Vec<u8>)>> {
         ("tokenizer.json".to_string(), pretty(&gguf::tokenizer_json(g)?)),
         ("tokenizer_config.json".to_string(), pretty(&gguf::tokenizer_config_json(g)?)),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// tests/fixtures/tiny/granite4 as llama.cpp's converter writes it (python/gguf_reference.py).
+    fn granite4() -> Vec<u8> {
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/gguf/tiny_granite4.gguf")).unwrap()
+    }
+
+    /// Where `key`'s value starts: past its name and its value type.
+    fn value_of(bytes: &[u8], key: &str) -> usize {
+        let k = key.as_bytes();
+        bytes.windows(k.len()).position(|w| w == k).expect("the key") + k.len() + 4
+    }
+
+    fn config(bytes: Vec<u8>) -> Result<Value> {
+        config_json(&GgufFile::from_bytes("test.gguf", bytes)?)
+    }
+
+    enum Meta {
+        U32(u32),
+        Bool(bool),
+        Str(&'static str),
+        I32s(&'static [i32]),
+    }
+
+    /// A GGUF v3 file of metadata only.
+    fn metadata_only(kvs: &[(&str, Meta)]) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        b.extend((kvs.len() as u64).to_le_bytes());
+        let string = |b: &mut Vec<u8>, s: &str| {
+            b.extend((s.len() as u64).to_le_bytes());
+            b.extend(s.as_bytes());
+        };
+        for (key, value) in kvs {
+            string(&mut b, key);
+            match value {
+                Meta::U32(v) => {
+                    b.extend(4u32.to_le_bytes());
+                    b.extend(v.to_le_bytes());
+                }
+                Meta::Bool(v) => {
+                    b.extend(7u32.to_le_bytes());
+                    b.push(u8::from(*v));
+                }
+                Meta::Str(s) => {
+                    b.extend(8u32.to_le_bytes());
+                    string(&mut b, s);
+                }
+                Meta::I32s(v) => {
+                    b.extend(9u32.to_le_bytes());
+                    b.extend(5u32.to_le_bytes());
+                    b.extend((v.len() as u64).to_le_bytes());
+                    v.iter().for_each(|x| b.extend(x.to_le_bytes()));
+                }
+            }
+        }
+        b
+    }
+
+    /// A `granitehybrid` file of three layers with these KV head counts, without RoPE.
+    fn granitehybrid(kv: &'static [i32]) -> Vec<u8> {
+        let k = |s: &str| format!("granitehybrid.{s}");
+        metadata_only(&[
+            ("general.architecture", Meta::Str("granitehybrid")),
+            (&k("block_count"), Meta::U32(3)),
+            (&k("embedding_length"), Meta::U32(64)),
+            (&k("feed_forward_length"), Meta::U32(128)),
+            (&k("attention.head_count"), Meta::U32(4)),
+            (&k("attention.head_count_kv"), Meta::I32s(kv)),
+            (&k("vocab_size"), Meta::U32(128)),
+            (&k("expert_shared_feed_forward_length"), Meta::U32(112)),
+            (&k("rope.scaling.finetuned"), Meta::Bool(false)),
+        ])
+    }
+
+    #[test]
+    fn a_dense_granite4_written_as_granite_reads_as_granitemoehybrid() {
+        let c = config(granite4()).unwrap();
+        assert_eq!(c["model_type"], "granitemoehybrid");
+        assert_eq!(c["shared_intermediate_size"], 112);
+        assert_eq!(c["intermediate_size"], 128);
+        assert_eq!(c["num_key_value_heads"], 2);
+        assert_eq!(c["layer_types"], json!(["full_attention", "full_attention"]));
+        assert_eq!(c["position_embedding_type"], "rope");
+        assert!((c["attention_multiplier"].as_f64().unwrap() - 0.1).abs() < 1e-7);
+        assert_eq!(c["logits_scaling"], 1.5);
+        let m = crate::arch::read_config(Path::new("test.gguf"), &c).unwrap();
+        assert_eq!(
+            (m.family, m.intermediate_size, m.rope_layers),
+            (crate::config::Family::Granite4, 112, vec![true; 2])
+        );
+    }
+
+    #[test]
+    fn granite_mamba2_layers_are_refused_naming_the_key() {
+        let mut bytes = granite4();
+        // The array's element type and length, then the first layer's count.
+        let first = value_of(&bytes, "granite.attention.head_count_kv") + 4 + 8;
+        assert_eq!(bytes[first..first + 4], 2i32.to_le_bytes());
+        bytes[first..first + 4].copy_from_slice(&0i32.to_le_bytes());
+        let err = config(bytes).unwrap_err().to_string();
+        assert!(
+            err.contains("granite.attention.head_count_kv is 0 for layer(s) 0:") && err.contains("Mamba-2"),
+            "{err}"
+        );
+
+        let err = config(granitehybrid(&[0, 2, 0])).unwrap_err().to_string();
+        assert!(err.contains("granitehybrid.attention.head_count_kv is 0 for layer(s) 0, 2:"), "{err}");
+    }
+
+    #[test]
+    fn granite_experts_are_refused_naming_the_key() {
+        let mut bytes = granite4();
+        let at = value_of(&bytes, "granite.expert_count");
+        bytes[at..at + 4].copy_from_slice(&8u32.to_le_bytes());
+        let err = config(bytes).unwrap_err().to_string();
+        assert!(err.contains("granite.expert_count is 8: a Granite mixture of experts"), "{err}");
+    }
+
+    #[test]
+    fn a_granitehybrid_file_whose_layers_all_attend_is_granite4_dense() {
+        let c = config(granitehybrid(&[2, 2, 2])).unwrap();
+        assert_eq!(c["model_type"], "granitemoehybrid");
+        assert_eq!(c["num_key_value_heads"], 2);
+        assert_eq!(c["shared_intermediate_size"], 112);
+        // rope.scaling.finetuned false: llama.cpp rotates no layer.
+        assert_eq!(c["position_embedding_type"], "nope");
+        let m = crate::arch::read_config(Path::new("test.gguf"), &c).unwrap();
+        assert_eq!((m.intermediate_size, m.rope_layers), (112, vec![false; 3]));
+    }
 }
