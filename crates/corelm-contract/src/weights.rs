@@ -166,11 +166,13 @@ mod tests {
         let mut f = FunctionBuilder::new("main", Target::Ios18, pkg.weights()).unwrap();
         let ids = f.input("inputIds", DType::Int32, InputShape::Fixed(vec![1, 4])).unwrap();
         let pos = f.input("position", DType::Int32, InputShape::Fixed(vec![4])).unwrap();
-        let table = f.constant("embed", fp16(32, 8)).unwrap();
-        let rope = f.constant("rope", fp16(16, 8)).unwrap();
-        let layer = f.constant("w_up", fp16(12, 8)).unwrap();
-        let head = f.constant("lm_head", fp16(32, 12)).unwrap();
-        let conv_w = f.constant("w_conv", fp16(12, 12)).unwrap();
+        // Every side at least MIN_COMPRESSED_SIDE: smaller matrices are not weights to compress.
+        let table = f.constant("embed", fp16(32, 16)).unwrap();
+        let rope = f.constant("rope", fp16(16, 16)).unwrap();
+        let layer = f.constant("w_up", fp16(24, 16)).unwrap();
+        let head = f.constant("lm_head", fp16(32, 24)).unwrap();
+        let conv_w = f.constant("w_conv", fp16(24, 24)).unwrap();
+        let small = f.constant("w_small", fp16(4, 16)).unwrap();
         let int16 = Tensor::from_strings(vec![], vec!["int16".into()]).unwrap();
         let ids16 = f.op1("cast", "ids16", vec![("x", (&ids).into()), ("dtype", int16.into())]).unwrap();
         let axis0 = || Tensor::scalar_i32(0).into();
@@ -200,6 +202,8 @@ mod tests {
             .unwrap();
         let c = f.op1("conv", "c", vec![("x", (&x4).into()), ("weight", (&w4).into())]).unwrap();
         let logits = f.op1("linear", "logits", vec![("x", (&up).into()), ("weight", (&head).into())]).unwrap();
+        let mixed = f.op1("linear", "mixed", vec![("x", (&y).into()), ("weight", (&small).into())]).unwrap();
+        f.output(&mixed, "mixed").unwrap();
         f.output(&logits, "logits").unwrap();
         f.output(&c, "c").unwrap();
         let mut prog = ProgramBuilder::new(Target::Ios18);
