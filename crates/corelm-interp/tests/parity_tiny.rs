@@ -17,10 +17,8 @@ fn fixtures() -> PathBuf {
 }
 
 /// Logit error an fp16 conversion may have, as a fraction of the last position's logit range
-/// (measured: at most 1.13e-2, on the Gemma 4 fixture in the multimodal layout, whose
-/// unscaled attention scores and soft-capped logits magnify rounding; transformers itself in
-/// fp16 is 8.1e-3 off there).
-const FP16_TOLERANCE: f32 = 1.5e-2;
+/// (measured: at most 7.2e-3, on Gemma 2, whose soft-capped logits magnify rounding).
+const FP16_TOLERANCE: f32 = 1e-2;
 
 struct Reference {
     prompt: Vec<u32>,
@@ -135,9 +133,8 @@ fn layouts(dir: &Path, tmp: &Path) -> Vec<(&'static str, PathBuf)> {
 /// fp32 conversions match transformers to 1e-3 of the logit range, with every argmax and the
 /// whole greedy continuation; fp16 ones to [`FP16_TOLERANCE`] of the range, with the argmax
 /// wherever the reference's top-2 gap exceeds twice that (a smaller gap is a near-tie fp16
-/// rounding may flip) and the greedy continuation up to the end or to a step where the
-/// reference's own choice was such a near-tie and the package took its second choice. Both
-/// config layouts.
+/// rounding may flip) and the whole greedy continuation (where a continuation parts, the
+/// report says at what reference gap and whether for the runner-up). Both config layouts.
 #[test]
 fn every_architecture_matches_transformers() {
     let tmp = tempfile::tempdir().unwrap();
@@ -173,18 +170,11 @@ fn every_architecture_matches_transformers() {
                     f.greedy_match,
                     r.greedy.len()
                 );
-                let (tolerance, argmax_ok, greedy_ok) = match precision {
-                    Precision::Fp32 => (1e-3, f.argmax_agree == f.positions, f.parted.is_none()),
-                    Precision::Fp16 => {
-                        let near_tie = 2.0 * FP16_TOLERANCE * r.range;
-                        (
-                            FP16_TOLERANCE,
-                            (f.argmax_wrong_beyond)(near_tie) == 0,
-                            f.parted.is_none_or(|(_, gap, runner_up)| runner_up && gap <= near_tie),
-                        )
-                    }
+                let (tolerance, argmax_ok) = match precision {
+                    Precision::Fp32 => (1e-3, f.argmax_agree == f.positions),
+                    Precision::Fp16 => (FP16_TOLERANCE, (f.argmax_wrong_beyond)(2.0 * FP16_TOLERANCE * r.range) == 0),
                 };
-                if !argmax_ok || f.max_err >= tolerance * r.range || !greedy_ok {
+                if !argmax_ok || f.max_err >= tolerance * r.range || f.parted.is_some() {
                     failures.push(format!("{name} {layout} {label}"));
                 }
             }
