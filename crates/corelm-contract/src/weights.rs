@@ -95,10 +95,6 @@ impl WeightMatrices {
                     "cast" if name_of(op, "x").is_some_and(|x| ids.contains(x)) => {
                         ids.insert(&out.name);
                     }
-                    // Ids past a per-layer table replaced by 0 (Gemma 3n) are still token ids.
-                    "select" if ["a", "b"].iter().any(|p| name_of(op, p).is_some_and(|x| ids.contains(x))) => {
-                        ids.insert(&out.name);
-                    }
                     "expand_dims" => {
                         if let Some(x) = name_of(op, "x").filter(|x| found.matrices.contains_key(*x)) {
                             found.expanded.insert((fname.clone(), out.name.clone()), x.to_string());

@@ -4,7 +4,7 @@
 //! input's branch to all but the first (transformers' `Gemma3nTextDecoderLayer`).
 
 use super::cache::KvCache;
-use super::emitter::{scalar_i32, Binary, Graph};
+use super::emitter::{Binary, Graph};
 use super::layer::{attention_block, mlp, per_layer_branch, LayerContext};
 use super::masks::Masks;
 use crate::arch::{LayerRole, Role};
@@ -84,7 +84,7 @@ fn predict(g: &mut Graph, l: usize, streams: &[Var]) -> Result<Vec<Var>> {
     let active = g.c.altup.map_or(0, |a| a.active);
     let modalities = router(g, l, &streams[active], &p)?;
     let coefs = g.linear(&modalities, Role::Layer(l, LayerRole::AltUpPrediction), None, &format!("{p}_coefs"))?;
-    let coefs = split_channels(g, &coefs, n * n, &format!("{p}_coef"))?;
+    let coefs = g.split_channels(&coefs, n * n, &format!("{p}_coef"))?;
     let mut out = Vec::with_capacity(n);
     for (j, s) in streams.iter().enumerate() {
         let mut acc = s.clone();
@@ -107,7 +107,7 @@ fn correct(g: &mut Graph, l: usize, predictions: &[Var], activated: &Var) -> Res
     let coefs = g.linear(&modalities, Role::Layer(l, LayerRole::AltUpCorrection), None, &format!("{p}_coefs"))?;
     let one = g.float(coefs.dtype(), 1.0);
     let coefs = g.binary(Binary::Add, &format!("{p}_coefs1"), &coefs, one)?;
-    let coefs = split_channels(g, &coefs, predictions.len(), &format!("{p}_coef"))?;
+    let coefs = g.split_channels(&coefs, predictions.len(), &format!("{p}_coef"))?;
     let mut out = Vec::with_capacity(predictions.len());
     for (i, pred) in predictions.iter().enumerate() {
         let moved = g.binary(Binary::Mul, &format!("{p}{i}_moved"), &coefs[i], &innovation)?;
@@ -161,12 +161,6 @@ fn magnitude(g: &mut Graph, x: &Var, name: &str) -> Result<Var> {
     let sq = g.binary(Binary::Mul, &format!("{name}_sq"), x, x)?;
     let ms = g.mean_channels(&sq, &format!("{name}_ms"))?;
     g.op("sqrt", name, vec![("x", (&ms).into())])
-}
-
-/// `x` split into `n` single channels (the last axis, or axis 1 channels-first).
-fn split_channels(g: &mut Graph, x: &Var, n: usize, name: &str) -> Result<Vec<Var>> {
-    let axis = if g.ane { 1 } else { -1 };
-    g.f.op("split", name, vec![("x", x.into()), ("num_splits", scalar_i32(n as i32)), ("axis", scalar_i32(axis))])
 }
 
 /// A per-channel vector weight shaped to scale hidden states: (C,), or (C, 1, 1) channels-first.

@@ -236,7 +236,7 @@ impl Graph<'_, '_> {
         divisor: f64,
     ) -> Result<Var> {
         let c = self.c;
-        let mut x = self.gather_table(Role::Embed, ids, "embed")?;
+        let mut x = self.gather_embedding(ids)?;
         if let Some(pos_table) = self.weight(Role::PositionEmbed)? {
             let pe = self.gather_rows("pos_embed", &pos_table, query)?;
             x = self.binary(Binary::Add, "embed_sum", &x, &pe)?;
@@ -251,14 +251,13 @@ impl Graph<'_, '_> {
         Ok(x)
     }
 
-    /// The rows of a token table (`role`) at `ids`, (1, N, width). A table split in blocks of
-    /// rows is read block by block, each id taken from the last block that starts at or below it.
-    pub(super) fn gather_table(&mut self, role: Role, ids: &Var, tag: &str) -> Result<Var> {
-        let tables = self.pieces(role)?.ok_or_else(|| Error::invalid(format!("no weight for {role:?}")))?;
-        let base = tag;
+    /// The embedding table's rows at `ids`, (1, N, hidden). A table split in blocks of rows is
+    /// read block by block, each id taken from the last block that starts at or below it.
+    fn gather_embedding(&mut self, ids: &Var) -> Result<Var> {
+        let tables = self.pieces(Role::Embed)?.ok_or_else(|| Error::invalid("no embedding weight"))?;
         let mut x: Option<Var> = None;
         for (i, table) in tables.iter().enumerate() {
-            let tag = if tables.len() == 1 { base.to_string() } else { format!("{base}{i}") };
+            let tag = if tables.len() == 1 { "embed".to_string() } else { format!("embed{i}") };
             // Ids outside this block are clamped into it (Core ML leaves out-of-range gathers
             // undefined), then replaced by the block that holds them.
             let local = if tables.len() == 1 {
@@ -281,16 +280,38 @@ impl Graph<'_, '_> {
                 }
             });
         }
-        Ok(x.expect("at least one table block"))
+        Ok(x.expect("at least one embedding block"))
     }
 
-    /// The mean over the channels (the last axis, or axis 1 channels-first), kept.
+    /// The axis of hidden states' channels: the last, or 1 channels-first (Neural Engine).
+    pub(super) fn channel_axis(&self) -> i32 {
+        if self.ane {
+            1
+        } else {
+            -1
+        }
+    }
+
+    /// The mean over the channels, kept.
     pub(super) fn mean_channels(&mut self, x: &Var, name: &str) -> Result<Var> {
-        let axis = if self.ane { 1 } else { -1 };
+        let axis = self.channel_axis();
         self.op(
             "reduce_mean",
             name,
             vec![("x", x.into()), ("axes", i32s(&[axis])), ("keep_dims", Arg::Tensor(Tensor::scalar_bool(true)))],
+        )
+    }
+
+    /// `x` split into `n` equal parts along the channels (itself when `n` is 1).
+    pub(super) fn split_channels(&mut self, x: &Var, n: usize, name: &str) -> Result<Vec<Var>> {
+        if n == 1 {
+            return Ok(vec![x.clone()]);
+        }
+        let axis = self.channel_axis();
+        self.f.op(
+            "split",
+            name,
+            vec![("x", x.into()), ("num_splits", scalar_i32(n as i32)), ("axis", scalar_i32(axis))],
         )
     }
 

@@ -37,20 +37,9 @@ impl PerLayerInputs {
         let xc = g.cast(x, compute, "per_layer_x")?;
         let projection = g.linear(&xc, Role::PerLayerProjection, None, "per_layer_projection")?;
         let projection = g.mul_s(&projection, (c.hidden_size as f64).powf(-0.5), "per_layer_projection_scaled")?;
-        let axis = if g.ane { 1 } else { -1 };
-        let mut split = |x: &Var, name: &str| -> Result<Vec<Var>> {
-            if c.num_layers == 1 {
-                return Ok(vec![x.clone()]);
-            }
-            g.f.op(
-                "split",
-                name,
-                vec![("x", x.into()), ("num_splits", scalar_i32(c.num_layers as i32)), ("axis", scalar_i32(axis))],
-            )
-        };
         Ok(PerLayerInputs {
-            rows: split(&rows, "per_layer_rows_split")?,
-            projections: split(&projection, "per_layer_projection_split")?,
+            rows: g.split_channels(&rows, c.num_layers, "per_layer_rows_split")?,
+            projections: g.split_channels(&projection, c.num_layers, "per_layer_projection_split")?,
             given: HashMap::new(),
             compute,
         })
@@ -68,7 +57,7 @@ impl PerLayerInputs {
         if sizes.len() == 1 {
             return Ok((vec![x.clone()], None));
         }
-        let axis = if g.ane { 1 } else { -1 };
+        let axis = g.channel_axis();
         let parts = g.f.op(
             "split",
             "carried_split",
@@ -93,13 +82,13 @@ impl PerLayerInputs {
             let input = self.for_layer(g, l)?;
             parts.push(g.cast(&input, residual, &format!("l{l}_per_layer_input_handed"))?);
         }
-        let axis = if g.ane { 1 } else { -1 };
+        let axis = g.channel_axis();
         g.concat("carried", parts.iter().collect(), axis)
     }
 
     /// The AltUp streams as one tensor, for a model without per-layer inputs.
     pub fn pack_streams(g: &mut Graph, streams: &[Var]) -> Result<Var> {
-        let axis = if g.ane { 1 } else { -1 };
+        let axis = g.channel_axis();
         g.concat("carried", streams.iter().collect(), axis)
     }
 

@@ -130,7 +130,6 @@ fn is_matrix(role: Role) -> bool {
         role,
         Role::Embed
             | Role::LmHead
-            | Role::PerLayerEmbed
             | Role::PerLayerProjection
             | Role::AltUpProjection(_)
             | Role::AltUpUnembed(_)
@@ -201,7 +200,7 @@ pub fn store_weights(
             continue;
         }
         let bytes_before = store.bytes_written();
-        let embedding = matches!(role, Role::Embed | Role::LmHead | Role::PerLayerEmbed);
+        let embedding = matches!(role, Role::Embed | Role::LmHead);
         let big = crate::checkpoint::expected_shape(c, role).iter().all(|&d| d >= MIN_COMPRESSED_SIDE);
         let scheme = if is_matrix(role) && big { opts.compress.scheme_for(&spec.name, embedding) } else { None };
         // The ane profile stores a table taller than it takes in blocks of rows.
