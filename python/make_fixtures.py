@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import transformers
 from jinja2.exceptions import TemplateError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +41,13 @@ PREFIX_T = 12
 # k < MAX_PROMPT_TRIES.
 MIN_GREEDY_GAP = 0.01
 MAX_PROMPT_TRIES = 300
+# Models with recurrent state (LFM2's short convolutions, Qwen3.5's gated delta rule, which transformers
+# computes in chunks of 64 positions) also get `long_check`: one uncached pass over a prompt of
+# LONG_PROMPT_LEN ids (seed LONG_SEED), longer than two chunks: the argmax and top-2 gap at every
+# position, the last position's logits and their range.
+LONG_PROMPT_LEN = 150
+LONG_SEED = SEED + 10_000
+LONG_PREFILL = 70  # the cached re-run of the long prompt: prefill past one chunk, then one position at a time
 
 # Shared by the llama-like architectures; each entry below overrides or extends it.
 BASE = dict(
@@ -72,6 +79,7 @@ LONGROPE = dict(
 )
 
 S, F = "sliding_attention", "full_attention"
+C, L = "conv", "linear_attention"
 # Gemma 4 has no `rope_theta`: its rope_parameters default per layer type (sliding: default RoPE,
 # theta 1e4; full: proportional RoPE on a quarter of the head, theta 1e6).
 BASE_GEMMA4 = {k: v for k, v in BASE.items() if k != "rope_theta"}
@@ -80,6 +88,29 @@ BASE_GEMMA4 = {k: v for k, v in BASE.items() if k != "rope_theta"}
 # near-ties; at 16 x 5 the last prompt position's logits still reach about half the cap. And a prompt
 # whose every greedy step stands clear of the runner-up (MIN_GREEDY_GAP).
 ROBUST_GEMMA = dict(final_gain=16.0 * 5, robust_greedy=True)
+
+# LFM2's configs have no `head_dim` (hidden_size / num_attention_heads).
+BASE_LFM2 = {k: v for k, v in BASE.items() if k != "head_dim"}
+# Qwen3.5's text model: no `rope_theta` (its rope_parameters carry the partial rotary factor and the
+# multimodal RoPE sections, which must sum to half the rotated width: 16 * 0.25 / 2 = 2).
+BASE_QWEN3_5 = dict(
+    {k: v for k, v in BASE.items() if k != "rope_theta"},
+    num_hidden_layers=4,
+    layer_types=[L, L, L, F],
+    max_position_embeddings=256,
+    rope_parameters=dict(
+        rope_type="default",
+        rope_theta=10000.0,
+        partial_rotary_factor=0.25,
+        mrope_section=[1, 1, 0],
+        mrope_interleaved=True,
+    ),
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    linear_conv_kernel_dim=4,
+)
 
 TINY = {
     "llama_rope_llama3": dict(
@@ -299,6 +330,61 @@ TINY = {
         ),
         tie_word_embeddings=True,
     ),
+    # LFM2: short-convolution layers (gated depthwise conv over 3 positions) and one attention layer,
+    # per-head q/k norms, the final norm named embedding_norm, tied embeddings (LFM2's default).
+    # block_auto_adjust_ff_dim off: the MLP width is intermediate_size as is. Like Gemma 3n / 4, these
+    # hybrid fixtures take a prompt whose greedy steps all clear the runner-up (MIN_GREEDY_GAP).
+    "lfm2": dict(
+        BASE_LFM2,
+        model_type="lfm2",
+        robust_greedy=True,
+        num_hidden_layers=4,
+        layer_types=[C, F, C, C],
+        max_position_embeddings=256,
+        conv_L_cache=3,
+        conv_bias=False,
+        block_auto_adjust_ff_dim=False,
+        tie_word_embeddings=True,
+    ),
+    # ... with the MLP width LFM2 derives (multiple_of * ceil(int(mult * int(2 * 128 / 3)) / multiple_of)
+    # = 96) and biases on the convolution and its projections.
+    "lfm2_adjusted": dict(
+        BASE_LFM2,
+        model_type="lfm2",
+        robust_greedy=True,
+        num_hidden_layers=4,
+        layer_types=[C, C, F, C],
+        max_position_embeddings=256,
+        conv_L_cache=3,
+        conv_bias=True,
+        block_auto_adjust_ff_dim=True,
+        block_multiple_of=16,
+        block_ffn_dim_multiplier=1.0,
+        tie_word_embeddings=True,
+    ),
+    # Qwen3.5 (dense): three gated-delta-rule layers (more value heads than key heads) then one
+    # full-attention layer (Qwen3.5's pattern, full_attention_interval 4) with a gated output and
+    # partial (a quarter of the head) multimodal RoPE, whose sections cover the 2 rotated frequencies.
+    "qwen3_5_text": dict(BASE_QWEN3_5, model_type="qwen3_5_text", robust_greedy=True),
+    # The same text model in Qwen3.5's published multimodal layout (model.language_model.*, a vision
+    # tower as small as its config allows), tied like Qwen3.5-0.8B.
+    "qwen3_5": dict(
+        model_type="qwen3_5",
+        robust_greedy=True,
+        text_config=dict(BASE_QWEN3_5, tie_word_embeddings=True),
+        vision_config=dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            patch_size=2,
+            temporal_patch_size=1,
+            spatial_merge_size=2,
+            out_hidden_size=64,
+            num_position_embeddings=4,
+        ),
+        tie_word_embeddings=True,
+    ),
     "gpt2": dict(
         model_type="gpt2",
         vocab_size=128,
@@ -313,14 +399,32 @@ TINY = {
 }
 
 GEMMA_NORM = {"gemma", "gemma2", "gemma3_text"}  # RMSNorm scales by (1 + weight)
+# Norm classes that scale by (1 + weight) in families whose other norms scale by weight (Qwen3.5's
+# gated norm in the linear-attention layers, Qwen3_5RMSNormGated, multiplies by weight itself).
+ZERO_CENTRED_NORMS = {"Qwen3_5RMSNorm"}
+# The final norm's name (under the language model) where it is not model.norm.weight.
+FINAL_NORM = {"gpt2": "transformer.ln_f.weight", "lfm2": "model.embedding_norm.weight"}
+# Families that carry recurrent state from chunk to chunk (see LONG_PROMPT_LEN).
+RECURRENT = {"lfm2", "qwen3_5_text", "qwen3_5"}
 # Gemma 3n / 4 RMSNorm scales by `weight` itself, and their attention leaves q.k unscaled (scaling
 # 1.0, the q/k norms setting the sharpness).
 UNSCALED_ATTENTION = {"gemma3n_text", "gemma4_text"}
 # Multimodal layouts: the language model is `model.language_model`, its settings `text_config`.
-MULTIMODAL = {"gemma3n", "gemma4"}
+MULTIMODAL = {"gemma3n", "gemma4", "qwen3_5"}
+# Where AutoModelForCausalLM would build something else (for qwen3_5, the text-only Qwen3_5ForCausalLM).
+AUTO_MODEL = {"qwen3_5": AutoModelForImageTextToText}
 # AltUp's prediction / correction coefficients (mixing the streams, per token, by the router's
 # modality weights in [-1, 1]).
 ALTUP_COEF_STD = 0.2
+# Qwen3.5's per-head decay rates A = exp(A_log), log-uniform in [A_MIN, A_MAX] (stratified over each
+# layer's heads). With a = in_proj_a(x) ~ N(0, 1), -g = A softplus(a + dt_bias) averages about 1.4 A: the
+# slowest heads keep most of their state over a 64-position chunk, the fastest forget it at once.
+# (transformers' own init, A uniform in [0.01, 16], leaves almost every head forgetting within a few
+# positions, so that no state would survive from one chunk to the next.)
+A_MIN, A_MAX = 0.002, 16.0
+# Each gated delta rule layer must have a head keeping at least this much of its state (by its decays
+# alone) over the long prompt's first chunk of 64 positions, and one keeping less than 1e-6 of it.
+MIN_CHUNK_KEPT = 0.05
 
 
 def versions():
@@ -350,6 +454,12 @@ def randomize(model, model_type, gen, final_gain=None):
     its coefficients N(0, 0.2), correct_output_scale 1 + 0.1 N(0,1), and the per-layer
     `layer_scalar` buffers uniform in [0.5, 1.5]. Only the language model of a multimodal layout is
     randomized; its towers keep their (seeded) default init.
+
+    LFM2 / Qwen3.5: depthwise convolution kernels (channels, 1, L) N(0, 1/L) (each output a sum of L
+    taps keeps its input's scale); Qwen3.5's per-head decay rates A = exp(A_log) log-uniform in
+    [A_MIN, A_MAX] (see there) and dt_bias 1 + 0.1 N(0,1), so that the decays
+    exp(g) = exp(-A softplus(a + dt_bias)) range from heads that keep most of their state over a
+    64-position chunk to heads that forget it within a few positions.
     """
     config = model.config.get_text_config()
     tied = config.tie_word_embeddings
@@ -363,7 +473,13 @@ def randomize(model, model_type, gen, final_gain=None):
     if model_type in MULTIMODAL:
         root, final_norm = model.model.language_model, "norm.weight"
     else:
-        root, final_norm = model, "transformer.ln_f.weight" if model_type == "gpt2" else "model.norm.weight"
+        root, final_norm = model, FINAL_NORM.get(model_type, "model.norm.weight")
+    # Which module holds each parameter (for norms, whose class says whether they scale by 1 + weight).
+    owner = {
+        f"{prefix}.{pname}" if prefix else pname: module
+        for prefix, module in root.named_modules()
+        for pname, _ in module.named_parameters(recurse=False)
+    }
 
     def normal(p, std, mean=0.0):
         p.copy_(torch.randn(p.shape, generator=gen) * std + mean)
@@ -388,12 +504,24 @@ def randomize(model, model_type, gen, final_gain=None):
         elif name.endswith(".bias"):
             normal(p, 0.1)
         elif "norm" in name or "ln_" in name:
-            gain = qk_gain if ("q_norm" in name or "k_norm" in name) else final_gain if name == final_norm else 1.0
-            normal(p, 0.1 * gain, mean=gain - (1.0 if model_type in GEMMA_NORM else 0.0))
+            qk_norm = any(n in name for n in ("q_norm", "k_norm", "q_layernorm", "k_layernorm"))
+            gain = qk_gain if qk_norm else final_gain if name == final_norm else 1.0
+            zero_centred = model_type in GEMMA_NORM or type(owner[name]).__name__ in ZERO_CENTRED_NORMS
+            normal(p, 0.1 * gain, mean=gain - (1.0 if zero_centred else 0.0))
         elif name.endswith("altup.correct_output_scale"):
+            normal(p, 0.1, mean=1.0)
+        elif p.dim() == 3 and isinstance(owner[name], torch.nn.Conv1d):  # depthwise (channels, 1, L)
+            normal(p, p.shape[-1] ** -0.5)
+        elif name.endswith(".A_log"):  # stratified: one head in each 1/n of the log range, in random order
+            n = p.numel()
+            u = (torch.randperm(n, generator=gen) + torch.rand(n, generator=gen)) / n
+            p.copy_(math.log(A_MIN) + u * (math.log(A_MAX) - math.log(A_MIN)))
+        elif name.endswith(".dt_bias"):
             normal(p, 0.1, mean=1.0)
         else:
             raise ValueError(f"no init rule for {name} {tuple(p.shape)}")
+    if model_type in MULTIMODAL and not tied:  # the untied head sits outside the language model
+        normal(model.lm_head.weight, model.lm_head.weight.shape[1] ** -0.5)
     for name, b in root.named_buffers():
         if name.endswith(".layer_scalar"):  # Gemma 4: a persistent buffer scaling each layer's output
             b.copy_(0.5 + torch.rand(b.shape, generator=gen))
@@ -489,6 +617,57 @@ def tiny_outputs(model, text_config, k):
     return r, None
 
 
+def long_outputs(model, text_config):
+    """`long_check`: one uncached pass over LONG_PROMPT_LEN ids, the argmax at every position and the
+    last position's logits; what makes them unusable (None if nothing); for each gated delta rule
+    layer, the decays exp(g) of each value head over the prompt (positions x heads); and how far a
+    cached pass (prefill LONG_PREFILL ids, then one at a time) strays from the uncached one."""
+    gen = torch.Generator().manual_seed(LONG_SEED)
+    prompt = torch.randint(3, text_config.vocab_size, (LONG_PROMPT_LEN,), generator=gen).tolist()
+    decays = {}
+
+    def record(module, args, kwargs, output):
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        a = module.in_proj_a(x).float()
+        g = -module.A_log.float().exp() * torch.nn.functional.softplus(a + module.dt_bias)
+        decays[module.layer_idx] = g.exp()[0]
+
+    hooks = [
+        m.register_forward_hook(record, with_kwargs=True)
+        for m in model.modules()
+        if type(m).__name__.endswith("GatedDeltaNet")
+    ]
+    try:
+        logits = model(torch.tensor([prompt]), use_cache=False).logits[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    # The same logits from the cache: a prefill past the first chunk, then one position at a time
+    # (transformers' recurrent form of the gated delta rule, and its conv-state update).
+    out = model(torch.tensor([prompt[:LONG_PREFILL]]), use_cache=True)
+    rows = [out.logits[0]]
+    for t in prompt[LONG_PREFILL:]:
+        out = model(torch.tensor([[t]]), cache=out.cache, use_cache=True)
+        rows.append(out.logits[0])
+    cached_err = float((torch.cat(rows) - logits).abs().max())
+    last = logits[-1]
+    argmax = logits.argmax(-1).tolist()
+    top2 = logits.topk(2, dim=-1).values
+    r = {
+        "prompt_ids": prompt,
+        "argmax": argmax,
+        "top2_gap": (top2[:, 0] - top2[:, 1]).tolist(),
+        "last_logits": floats(last),
+        "logits_range": float(last.max() - last.min()),
+    }
+    problem = None
+    if float(last.std()) < 0.1 or len(set(argmax)) < 8:
+        problem = f"degenerate long outputs (std {float(last.std()):.3f}, argmax {argmax})"
+    elif cached_err > 1e-4 * r["logits_range"]:
+        problem = f"cached long pass differs from the uncached one by {cached_err:.3g}"
+    return r, dict(sorted(decays.items())), problem, cached_err
+
+
 def make_tiny(name, spec):
     spec = dict(spec)
     model_type = spec.pop("model_type")
@@ -497,7 +676,8 @@ def make_tiny(name, spec):
     torch.manual_seed(SEED)
     config = AutoConfig.for_model(model_type, **spec)
     with timm_stand_in() if model_type == "gemma3n" else contextlib.nullcontext():
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+        auto = AUTO_MODEL.get(model_type, AutoModelForCausalLM)
+        model = auto.from_config(config, attn_implementation="eager", dtype=torch.float32)
     randomize(model, model_type, torch.Generator().manual_seed(SEED), final_gain)
     model.eval()
 
@@ -517,6 +697,17 @@ def make_tiny(name, spec):
         tail = rejected if len(rejected) <= 10 else rejected[:5] + ["..."] + rejected[-5:]
         raise RuntimeError(f"{name}: no usable prompt in {len(rejected)}:\n  " + "\n  ".join(tail))
     prompt, last, std, new = r["prompt"], r["last"], r["std"], r["greedy"]
+    long = {}
+    if model_type in RECURRENT:
+        long_check, decays, problem, cached_err = long_outputs(model, text_config)
+        if problem is not None:
+            raise RuntimeError(f"{name}: {problem}")
+        long = {"long_check": long_check}
+        for layer, d in decays.items():
+            kept = d[:64].log().sum(0).exp()
+            if kept.max() < MIN_CHUNK_KEPT or kept.min() > 1e-6:
+                raise RuntimeError(f"{name}: layer {layer}'s heads keep {kept.tolist()} of their state over "
+                                   f"64 positions: none >= {MIN_CHUNK_KEPT}, or none < 1e-6")
 
     out = TINY_DIR / name
     out.mkdir(parents=True, exist_ok=True)
@@ -534,6 +725,7 @@ def make_tiny(name, spec):
             "greedy_top2_gap": r["greedy_gap"],
             "greedy_runner_up": r["greedy_runner_up"],
             "prefix_check": {"t": PREFIX_T, "next_logits": floats(r["prefix"])},
+            **long,
             **versions(),
         },
     )
@@ -543,6 +735,16 @@ def make_tiny(name, spec):
         f"{name:18s} logits std {std:5.2f}, {len(set(new)):2d} distinct greedy ids, {size / 1024:6.1f} KiB, "
         f"min greedy top-2 gap {100 * r['min_gap']:5.2f}% of range" + (f", prompt k = {k}" if robust else "")
     )
+    if long:
+        lc = long["long_check"]
+        print(f"{'':18s} long check: {LONG_PROMPT_LEN} ids, {len(set(lc['argmax']))} distinct argmax, "
+              f"last logits range {lc['logits_range']:.2f}, cached (prefill {LONG_PREFILL} + 1 at a time) "
+              f"max|Δ| {cached_err:.2e}")
+        for layer, d in decays.items():
+            chunk = d[:64].log().sum(0).exp()  # what a head keeps of its state over the first 64 positions
+            print(f"{'':18s} layer {layer} exp(g) per head: "
+                  + ", ".join(f"[{lo:.3g}, {hi:.3g}] mean {m:.3g} chunk {c:.2g}"
+                              for lo, hi, m, c in zip(d.min(0).values, d.max(0).values, d.mean(0), chunk)))
     if size >= 1 << 20:
         raise RuntimeError(f"{name}: {size} bytes, more than 1 MiB")
 
@@ -552,11 +754,17 @@ def legacy_config(config):
     still have): `rope_theta` + `rope_scaling` instead of `rope_parameters` (Gemma 3's local base as
     `rope_local_base_freq`), `torch_dtype` for `dtype`, and no `layer_types` where 4.x derived them
     (Gemma 2: even layers slide; Qwen2: layers from `max_window_layers` on; Mistral/Phi-3: all).
-    Multimodal layouts (Gemma 3n) get this in their `text_config`. Gemma 4, which no 4.x release
-    knew, gets the layout of its published checkpoints instead (see `gemma4_published`)."""
+    Multimodal layouts (Gemma 3n) get this in their `text_config`. Gemma 4 and Qwen3.5, which no 4.x
+    release knew, and LFM2, whose first checkpoints spelled their settings in its own way, get the
+    layout of their published checkpoints instead (see `gemma4_published`, `qwen3_5_published`,
+    `lfm2_published`)."""
     c = dict(config)
     if c["model_type"] in ("gemma4", "gemma4_text"):
         return gemma4_published(c)
+    if c["model_type"] in ("qwen3_5", "qwen3_5_text"):
+        return qwen3_5_published(c)
+    if c["model_type"] == "lfm2":
+        return lfm2_published(c)
     if c["model_type"] in MULTIMODAL:
         c["text_config"] = legacy_config(c["text_config"])
         for key in ("vision_config", "audio_config"):
@@ -600,6 +808,78 @@ def gemma4_published(config):
     return c
 
 
+def lfm2_published(config):
+    """LFM2 as LiquidAI/LFM2-1.2B was first published (transformers 4.54.0.dev0): the attention layers
+    as `full_attn_idxs` (no `layer_types`), the MLP width before any adjustment as `block_ff_dim` (no
+    `intermediate_size`), tying as `tie_embedding`, `rope_theta`, `torch_dtype`, and aliases of other
+    settings from LiquidAI's training code (`block_dim`, `conv_dim`, `num_heads`, ...) that transformers
+    ignores."""
+    c = dict(config)
+    params = dict(c.pop("rope_parameters"))
+    if params.pop("rope_type", "default") != "default" or set(params) != {"rope_theta"}:
+        raise RuntimeError(f"LFM2 rope_parameters {config['rope_parameters']} are not plain RoPE")
+    c["rope_theta"] = params["rope_theta"]
+    c["full_attn_idxs"] = [i for i, t in enumerate(c.pop("layer_types")) if t == "full_attention"]
+    c["block_ff_dim"] = c.pop("intermediate_size")
+    c["tie_embedding"] = c.pop("tie_word_embeddings")
+    if "dtype" in c:
+        c["torch_dtype"] = c.pop("dtype")
+    c.update(
+        block_dim=c["hidden_size"],
+        block_norm_eps=c["norm_eps"],
+        block_mlp_init_scale=1.0,
+        block_out_init_scale=1.0,
+        block_use_swiglu=True,
+        block_use_xavier_init=True,
+        conv_dim=c["hidden_size"],
+        conv_dim_out=c["hidden_size"],
+        conv_use_xavier_init=True,
+        num_heads=c["num_attention_heads"],
+        use_pos_enc=True,
+    )
+    return dict(sorted(c.items()))
+
+
+def qwen3_5_published(config):
+    """Qwen3.5 as Qwen/Qwen3.5-* publish it (written by a transformers 4.57.0.dev0 branch): the same
+    rope_parameters and layer_types, plus text settings transformers 5 no longer writes
+    (`full_attention_interval`, `attn_output_gate`, `mamba_ssm_dtype`, `mlp_only_layers`, the MTP
+    head's `mtp_num_hidden_layers` / `mtp_use_dedicated_embeddings`: these fixtures have no `mtp.*`
+    weights, which transformers skips when loading), and the vision config's model_type as `qwen3_5`
+    without rope_parameters."""
+    c = dict(config)
+    if c["model_type"] == "qwen3_5":
+        c["text_config"] = qwen3_5_published(c["text_config"])
+        vision = dict(c["vision_config"], model_type="qwen3_5", deepstack_visual_indexes=[])
+        vision.pop("rope_parameters", None)
+        c["vision_config"] = dict(sorted(vision.items()))
+        return c
+    full = [i for i, t in enumerate(c["layer_types"]) if t == "full_attention"]
+    interval = full[0] + 1
+    if c["layer_types"] != ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                            for i in range(c["num_hidden_layers"])]:
+        raise RuntimeError(f"layer_types {c['layer_types']} do not follow a full_attention_interval")
+    c.update(
+        full_attention_interval=interval,
+        attn_output_gate=True,
+        mamba_ssm_dtype="float32",
+        mlp_only_layers=[],
+        mtp_num_hidden_layers=1,
+        mtp_use_dedicated_embeddings=False,
+    )
+    return dict(sorted(c.items()))
+
+
+# Settings each family's legacy layout must agree on (beyond write_legacy_config's own list).
+LEGACY_KEYS = {
+    "lfm2": ["intermediate_size", "tie_word_embeddings", "block_auto_adjust_ff_dim", "block_multiple_of",
+             "block_ffn_dim_multiplier", "conv_bias", "conv_L_cache", "num_attention_heads"],
+    "qwen3_5_text": ["tie_word_embeddings", "head_dim", "linear_num_key_heads", "linear_num_value_heads",
+                     "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim"],
+}
+LEGACY_KEYS["qwen3_5"] = LEGACY_KEYS["qwen3_5_text"]
+
+
 def write_legacy_config(out, model_type):
     """Writes config.legacy.json beside config.json and checks, with transformers itself, that both
     layouts describe the same model (so the same reference outputs hold for both)."""
@@ -611,6 +891,7 @@ def write_legacy_config(out, model_type):
     old = AutoConfig.for_model(model_type, **{k: v for k, v in legacy.items() if k != "model_type"})
     new, old = new.get_text_config(), old.get_text_config()
     keys = ["rope_parameters", "layer_types", "sliding_window", "max_position_embeddings"]
+    keys += LEGACY_KEYS.get(model_type, [])
     if model_type in ("gemma4", "gemma4_text"):
         keys.append("kv_sharing_modes")
         for i in range(new.num_hidden_layers):

@@ -7,6 +7,8 @@
 //! [`Executor`], so the reference interpreter and Core ML feed a package the same way. Tensors
 //! cross as [`HostTensor`]s: the driver knows neither backend's types.
 
+use std::any::Any;
+
 use corelm_format::bytes::FileBytes;
 use corelm_format::{DType, Package};
 
@@ -27,6 +29,12 @@ pub trait Executor {
     /// A fresh, zeroed state for `function` (`None`: the default function).
     fn new_state(&self, function: Option<&str>) -> Result<Self::State>;
     fn predict(&mut self, function: Option<&str>, inputs: &Tensors, state: &mut Self::State) -> Result<Tensors>;
+    /// A copy of `state` to restore later (a recurrent model's state cannot be rewound); by
+    /// default, an error: the executor cannot copy its states.
+    fn copy_state(&self, state: &Self::State) -> Result<Self::State> {
+        let _ = state;
+        Err(Error::invalid("this backend cannot copy a model's states, so it cannot snapshot them"))
+    }
     /// Like `predict` for a caller that needs only query position `row` of the logits. The
     /// logits may then hold that row alone; by default they hold every row.
     fn predict_row(
@@ -48,6 +56,9 @@ trait Stage {
     fn predict(&mut self, function: Option<&str>, inputs: &Tensors, row: Option<usize>) -> Result<Tensors>;
     /// Replaces the state with a fresh one for `function`, dropping the old one first.
     fn reset(&mut self, function: Option<&str>) -> Result<()>;
+    /// A copy of the state, and its return.
+    fn snapshot(&self) -> Result<Box<dyn Any>>;
+    fn restore(&mut self, state: Box<dyn Any>) -> Result<()>;
 }
 
 struct Part<E: Executor> {
@@ -55,7 +66,10 @@ struct Part<E: Executor> {
     state: E::State,
 }
 
-impl<E: Executor> Stage for Part<E> {
+impl<E: Executor> Stage for Part<E>
+where
+    E::State: 'static,
+{
     fn predict(&mut self, function: Option<&str>, inputs: &Tensors, row: Option<usize>) -> Result<Tensors> {
         match row {
             None => self.executor.predict(function, inputs, &mut self.state),
@@ -70,6 +84,29 @@ impl<E: Executor> Stage for Part<E> {
         self.state = self.executor.new_state(function)?;
         Ok(())
     }
+
+    fn snapshot(&self) -> Result<Box<dyn Any>> {
+        Ok(Box::new(self.executor.copy_state(&self.state)?))
+    }
+
+    fn restore(&mut self, state: Box<dyn Any>) -> Result<()> {
+        self.state = *state.downcast().map_err(|_| Error::invalid("a snapshot of another model"))?;
+        Ok(())
+    }
+}
+
+/// What a model was fed, kept to return to ([`LanguageModel::snapshot`]): each part's states
+/// and the position.
+pub struct Snapshot {
+    position: usize,
+    states: Vec<Box<dyn Any>>,
+}
+
+impl Snapshot {
+    /// Tokens fed when it was taken.
+    pub fn position(&self) -> usize {
+        self.position
+    }
 }
 
 /// A package fed token ids through its interface, whatever executes it: one type for every
@@ -83,6 +120,8 @@ pub struct LanguageModel {
     position: usize,
     /// The per-layer embedding table the first part takes rows of (Gemma 3n, 4).
     per_layer: Option<PerLayerTable>,
+    /// Hybrid models: recurrent states, which take no padding and cannot be rewound.
+    recurrent: bool,
 }
 
 /// A per-layer embedding table kept beside the program ([`keys::PER_LAYER_EMBEDDINGS`]): mapped,
@@ -185,7 +224,8 @@ impl LanguageModel {
             stages.push(Box::new(Part { executor, state }));
         }
         let per_layer = PerLayerTable::open(first)?;
-        Ok(LanguageModel { stages, interface, context, mask_dtype, position: 0, per_layer })
+        let recurrent = first.model().description.metadata.user_defined.contains_key(keys::RECURRENT_STATES);
+        Ok(LanguageModel { stages, interface, context, mask_dtype, position: 0, per_layer, recurrent })
     }
 
     /// One prediction through every part: each later part takes the hidden states the one
@@ -218,6 +258,46 @@ impl LanguageModel {
 
     pub fn position(&self) -> usize {
         self.position
+    }
+
+    /// Whether the model keeps recurrent state (a hybrid model): it then returns to an earlier
+    /// point only through a [`Snapshot`].
+    pub fn is_recurrent(&self) -> bool {
+        self.recurrent
+    }
+
+    /// Goes back to `position` tokens, forgetting what was fed after. A KV cache is rewound by
+    /// moving the write position (what lies past it is masked, then overwritten); a recurrent
+    /// state has folded every token in, so a hybrid model refuses and must restore a snapshot.
+    pub fn rewind(&mut self, position: usize) -> Result<()> {
+        if position > self.position {
+            return Err(Error::invalid(format!("cannot rewind to {position} tokens: only {} were fed", self.position)));
+        }
+        if self.recurrent && position < self.position {
+            return Err(Error::invalid(
+                "this model's recurrent state cannot be rewound: take a snapshot before feeding, and restore it",
+            ));
+        }
+        self.position = position;
+        Ok(())
+    }
+
+    /// A copy of every part's state and the position, to [`restore`](Self::restore) later.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let states = self.stages.iter().map(|s| s.snapshot()).collect::<Result<Vec<_>>>()?;
+        Ok(Snapshot { position: self.position, states })
+    }
+
+    /// Returns to `snapshot`: every part's state and the position as they were.
+    pub fn restore(&mut self, snapshot: Snapshot) -> Result<()> {
+        if snapshot.states.len() != self.stages.len() {
+            return Err(Error::invalid("a snapshot of another model"));
+        }
+        for (stage, state) in self.stages.iter_mut().zip(snapshot.states) {
+            stage.restore(state)?;
+        }
+        self.position = snapshot.position;
+        Ok(())
     }
 
     /// Forgets everything fed so far. Each old state (a KV cache: gigabytes for a large model)
@@ -275,12 +355,19 @@ impl LanguageModel {
                     // (padding the rest: one 64-token call beats 37 one-token calls), else the
                     // shortest; within the context, and for ring-buffer caches starting at a
                     // multiple of its length.
+                    // A recurrent model takes no padding (it would enter the state): the longest
+                    // length the remaining tokens fill.
                     let position = self.position;
                     let allowed = |n: usize| position + n <= self.context && (!aligned || position.is_multiple_of(n));
-                    let (n, name) = lengths
-                        .iter()
-                        .find(|(n, _)| rest.len() * 4 >= *n && allowed(*n))
-                        .or_else(|| lengths.iter().rev().find(|(n, _)| allowed(*n)))
+                    let found = if self.recurrent {
+                        lengths.iter().find(|(n, _)| *n <= rest.len() && allowed(*n))
+                    } else {
+                        lengths
+                            .iter()
+                            .find(|(n, _)| rest.len() * 4 >= *n && allowed(*n))
+                            .or_else(|| lengths.iter().rev().find(|(n, _)| allowed(*n)))
+                    };
+                    let (n, name) = found
                         .cloned()
                         .ok_or_else(|| Error::invalid("no function length fits the remaining tokens and context"))?;
                     let take = n.min(rest.len());

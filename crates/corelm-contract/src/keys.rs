@@ -21,6 +21,10 @@ pub const RING_SLOTS: &str = "corelm.ring_slots";
 pub const PER_LAYER_EMBEDDINGS: &str = "corelm.per_layer_embeddings";
 /// Where that table lies in a package.
 pub const PER_LAYER_EMBEDDINGS_PATH: &str = "Data/ai.corelm/per_layer_embeddings.bin";
+/// Hybrid models: the comma-separated names of the recurrent states (see
+/// [`crate::names::CONV_STATE`]). Their state cannot be rewound by moving the write position,
+/// and a call must not carry padding tokens, which would enter it.
+pub const RECURRENT_STATES: &str = "corelm.recurrent_states";
 /// The comma-separated package names of a split model's parts, in running order.
 pub const CHUNKS: &str = "corelm.chunks";
 pub const BOS_TOKEN_ID: &str = "corelm.bos_token_id";

@@ -14,6 +14,12 @@ pub const POSITION: &str = "position";
 /// The KV caches: states (iOS 18) or inputs (iOS 16/17), (layers, 1, kv_heads, context, head_dim).
 pub const KEY_CACHE: &str = "keyCache";
 pub const VALUE_CACHE: &str = "valueCache";
+/// Hybrid models' recurrent states (iOS 18 states, fp16; `…Residual` beside each in fp32
+/// packages): each recurrent layer's window of its last convolution inputs, (layers, 1,
+/// channels, 1, taps − 1), and each Gated DeltaNet layer's state, (layers, 1, value heads, key
+/// dim, value dim). Unlike a KV cache they cannot be rewound by moving the write position.
+pub const CONV_STATE: &str = "convState";
+pub const DELTA_STATE: &str = "deltaState";
 /// Logits (1, N, vocab), or with a split LM head the blocks `logits_0`, `logits_1`, ...
 pub const LOGITS: &str = "logits";
 /// The greedy token of each position, computed in the graph (Neural Engine profile).

@@ -10,7 +10,7 @@ use safetensors::SafeTensors;
 
 use crate::arch::{LayerRole, Role, Take, TensorSpec};
 use crate::compress::Compressed;
-use crate::config::{ModelConfig, QkNorm};
+use crate::config::{Mixer, ModelConfig, QkNorm};
 use crate::{Error, Result};
 use corelm_format::bytes::FileBytes;
 use corelm_format::error::IoContext;
@@ -217,8 +217,40 @@ pub fn expected_shape(c: &ModelConfig, role: Role) -> Vec<usize> {
                 AltUpCorrection => vec![streams, streams],
                 AltUpPrediction => vec![streams * streams, streams],
                 AltUpRouter => vec![streams, h],
+                QGate => vec![q, h],
+                _ => recurrent_shape(c, shape.mixer, r),
             }
         }
+    }
+}
+
+/// The shapes of a recurrent layer's weights (empty for a role its mixer does not have).
+fn recurrent_shape(c: &ModelConfig, mixer: Mixer, r: LayerRole) -> Vec<usize> {
+    use LayerRole::*;
+    let h = c.hidden_size;
+    match (mixer, c.linear) {
+        (Mixer::ShortConv { kernel, .. }, _) => match r {
+            MixerIn => vec![3 * h, h],
+            MixerInBias => vec![3 * h],
+            ConvKernel => vec![h, kernel],
+            ConvBias | MixerOutBias => vec![h],
+            MixerOut => vec![h, h],
+            _ => vec![],
+        },
+        (Mixer::GatedDeltaNet, Some(la)) => {
+            let values = la.value_heads * la.value_dim;
+            match r {
+                MixerIn => vec![la.conv_channels(), h],
+                ConvKernel => vec![la.conv_channels(), la.conv_kernel],
+                MixerOut => vec![h, values],
+                DeltaGate => vec![values, h],
+                DeltaBeta | DeltaDecay => vec![la.value_heads, h],
+                DeltaDtBias | DeltaALog => vec![la.value_heads],
+                DeltaNorm => vec![la.value_dim],
+                _ => vec![],
+            }
+        }
+        _ => vec![],
     }
 }
 
@@ -276,6 +308,11 @@ pub fn load(ck: &dyn Checkpoint, c: &ModelConfig, role: Role, spec: &TensorSpec)
         )
     };
     let data = ck.read_f32(&name)?;
+    // A depthwise convolution's kernel (channels, 1, taps) reads as (channels, taps).
+    let shape = match shape.as_slice() {
+        [r, 1, c] => vec![*r, *c],
+        _ => shape,
+    };
     let (rows_total, cols) = match shape.as_slice() {
         [n] => (*n, 1),
         [r, c] => (*r, *c),
@@ -301,6 +338,17 @@ pub fn load(ck: &dyn Checkpoint, c: &ModelConfig, role: Role, spec: &TensorSpec)
                 out.extend((0..rows_total).map(|r| data[r * cols + o]));
             }
             (out, vec![len, rows_total])
+        }
+        Take::EveryRows { start, len, period } => {
+            if period == 0 || start + len > period || !rows_total.is_multiple_of(period) {
+                return Err(wrong(&shape));
+            }
+            let out: Vec<f32> = (0..rows_total / period)
+                .flat_map(|b| data[(b * period + start) * cols..(b * period + start + len) * cols].iter().copied())
+                .collect();
+            let rows = rows_total / period * len;
+            let s = if shape.len() == 1 { vec![rows] } else { vec![rows, cols] };
+            (out, s)
         }
     };
     if shape != expected {

@@ -31,6 +31,10 @@ pub enum Family {
     Gemma3n,
     /// Gemma 4's dense language models: per-layer embeddings, KV sharing, wider global heads.
     Gemma4,
+    /// LFM2: short convolutions with a few attention layers (a hybrid with recurrent state).
+    Lfm2,
+    /// Qwen3.5's dense language models: Gated DeltaNet with gated attention every fourth layer.
+    Qwen35,
 }
 
 impl Family {
@@ -139,10 +143,51 @@ pub enum Attention {
     Sliding(usize),
 }
 
-/// What one layer's attention and MLP look like, where layers differ (Gemma 3n and 4), and
-/// where its keys and values come from.
+/// What mixes tokens in a layer: attention over a KV cache, or a recurrence whose state is a
+/// fixed size whatever the context (hybrid models).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mixer {
+    #[default]
+    Attention,
+    /// LFM2's gated short convolution: `in_proj` gives B, C and x; the layer outputs
+    /// `out_proj(C · conv(B · x))`, the depthwise causal convolution over `kernel` tokens;
+    /// `bias`: the projections and the convolution have biases.
+    ShortConv { kernel: usize, bias: bool },
+    /// Gated DeltaNet linear attention (Qwen3.5): see [`LinearAttention`].
+    GatedDeltaNet,
+}
+
+impl Mixer {
+    /// Whether the layer keeps a recurrent state (and no keys and values).
+    pub fn is_recurrent(self) -> bool {
+        self != Mixer::Attention
+    }
+}
+
+/// The sizes of Gated DeltaNet layers: `in_proj_qkv` feeds a depthwise causal convolution
+/// (`conv_kernel` taps, SiLU) over queries, keys and values; each value head keeps a
+/// `key_dim` × `value_dim` state, decayed and updated by the delta rule every token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearAttention {
+    pub key_heads: usize,
+    pub value_heads: usize,
+    pub key_dim: usize,
+    pub value_dim: usize,
+    pub conv_kernel: usize,
+}
+
+impl LinearAttention {
+    /// Channels of the convolution: queries, keys, values.
+    pub fn conv_channels(&self) -> usize {
+        2 * self.key_heads * self.key_dim + self.value_heads * self.value_dim
+    }
+}
+
+/// What one layer's attention and MLP look like, where layers differ (Gemma 3n and 4, hybrid
+/// models), and where its keys and values come from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LayerShape {
+    pub mixer: Mixer,
     pub head_dim: usize,
     pub kv_heads: usize,
     pub intermediate: usize,
@@ -227,6 +272,10 @@ pub struct ModelConfig {
     pub laurel_rank: Option<usize>,
     /// Each layer's output multiplied by a stored scalar (Gemma 4's `layer_scalar`).
     pub layer_scalar: bool,
+    /// Attention output gated per channel by sigmoid of a second half of `q_proj` (Qwen3.5).
+    pub attention_gate: bool,
+    /// The Gated DeltaNet layers' sizes, when the model has such layers.
+    pub linear: Option<LinearAttention>,
 }
 
 impl ModelConfig {
@@ -266,9 +315,15 @@ impl ModelConfig {
         &self.layers[l]
     }
 
-    /// Layers that keep keys and values of their own (the others reuse an earlier layer's).
+    /// Layers that keep keys and values of their own (the others reuse an earlier layer's, or
+    /// keep a recurrent state).
     pub fn cached_layers(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.num_layers).filter(|&l| self.layers[l].kv_from.is_none())
+        (0..self.num_layers).filter(|&l| self.layers[l].kv_from.is_none() && !self.layers[l].mixer.is_recurrent())
+    }
+
+    /// Whether any layer keeps a recurrent state, which (unlike a KV cache) cannot be rewound.
+    pub fn is_hybrid(&self) -> bool {
+        self.layers.iter().any(|l| l.mixer.is_recurrent())
     }
 }
 

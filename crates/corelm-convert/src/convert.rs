@@ -10,7 +10,7 @@ use crate::config::ModelConfig;
 use crate::gguf_source::GgufCheckpoint;
 use crate::graph::{build_function, store_weights, GraphOptions, GridType, Progress, SourceGrid, Stage};
 use crate::{Error, Result};
-use corelm_contract::keys;
+use corelm_contract::{keys, names};
 use corelm_format::error::IoContext;
 use corelm_format::package::{ExtraItem, WriteOptions};
 use corelm_format::{DType, PackageWriter, ProgramBuilder};
@@ -121,6 +121,36 @@ pub(crate) fn dir_size(path: &Path) -> u64 {
         .sum()
 }
 
+/// The query lengths a Gated DeltaNet model's functions take when none are asked for: its
+/// chunked recurrence is unrolled over a fixed number of chunks, so each function has one
+/// length; 1 decodes, the others prefill (the driver combines them, padding none).
+pub const HYBRID_QUERY_LENGTHS: [usize; 5] = [1, 4, 16, 64, 256];
+
+/// The options with a hybrid model's needs applied: Gated DeltaNet takes fixed query lengths
+/// including 1 (the driver never pads a recurrent model's call); the ane profile is not yet
+/// built for recurrent layers.
+fn hybrid_options(c: &ModelConfig, mut opts: GraphOptions) -> Result<GraphOptions> {
+    if !c.is_hybrid() {
+        return Ok(opts);
+    }
+    if opts.profile == crate::graph::Profile::Ane {
+        return Err(Error::invalid(format!(
+            "--profile ane is not available for {}: its recurrent layers are built for the default profile only",
+            c.family.name()
+        )));
+    }
+    let delta = c.layers.iter().any(|l| l.mixer == crate::config::Mixer::GatedDeltaNet);
+    if delta && opts.query_lengths.is_empty() {
+        opts.query_lengths = HYBRID_QUERY_LENGTHS.iter().copied().filter(|&n| n <= opts.context).collect();
+    }
+    if !opts.query_lengths.is_empty() && !opts.query_lengths.contains(&1) {
+        return Err(Error::invalid(
+            "a model with recurrent layers needs a query length of 1 among --query-lengths: its state cannot take padding",
+        ));
+    }
+    Ok(opts)
+}
+
 /// Converts `source` into a package at `output`, written as `write` says.
 pub fn convert(
     source: &Source,
@@ -131,7 +161,7 @@ pub fn convert(
 ) -> Result<Summary> {
     let started = Instant::now();
     let c = &source.config;
-    let opts = &opts.resolved()?;
+    let opts = &hybrid_options(c, opts.resolved()?)?;
     if opts.context == 0 {
         return Err(Error::invalid("--context must be at least 1"));
     }
@@ -279,6 +309,14 @@ fn write_stage(
     } else if c.cached_layers().count() < c.num_layers {
         // Layers reusing others' keys and values have no cache: the caches no longer count them.
         ud.insert(keys::LAYERS.into(), format!("0..{}", c.num_layers));
+    }
+    if c.is_hybrid() {
+        // The driver snapshots these instead of rewinding, and never pads a call.
+        let mut states = vec![names::CONV_STATE.to_string()];
+        if c.layers.iter().any(|l| l.mixer == crate::config::Mixer::GatedDeltaNet) {
+            states.push(names::DELTA_STATE.to_string());
+        }
+        ud.insert(keys::RECURRENT_STATES.into(), states.join(","));
     }
     if let Some(slots) = crate::graph::ring_slots(c, opts) {
         // The driver must start each chunk at a multiple of its length (see `ring_slots`).

@@ -14,7 +14,7 @@ use crate::{Error, Interpreter, Observer, Result, State};
 
 /// What the interpreter carries from one prediction to the next: the function's states, and the
 /// KV caches the package passes as inputs and outputs, as the last prediction returned them.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct CarriedState {
     states: State,
     /// Each input that the output `<input>Out` feeds, with its value for the next call (zeros at
@@ -40,6 +40,11 @@ impl Executor for Interpreter {
 
     fn predict(&mut self, function: Option<&str>, inputs: &Tensors, state: &mut CarriedState) -> Result<Tensors> {
         self.predict_carrying(function, inputs, state, None, None)
+    }
+
+    /// Values are shared until written (copy on write), so a copy costs nothing until then.
+    fn copy_state(&self, state: &CarriedState) -> Result<CarriedState> {
+        Ok(state.clone())
     }
 
     fn predict_row(

@@ -6,7 +6,8 @@
 
 use crate::arch::{hf_decoder_spec, layer_attention, llama_like, rope, unsupported, LayerRole, Role, TensorSpec};
 use crate::config::{
-    Activation, AltUp, Attention, BlockNorms, Family, Fields, LayerShape, ModelConfig, Norm, PerLayerInputs, QkNorm,
+    Activation, AltUp, Attention, BlockNorms, Family, Fields, LayerShape, Mixer, ModelConfig, Norm, PerLayerInputs,
+    QkNorm,
 };
 use crate::Result;
 
@@ -39,6 +40,7 @@ pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
     let kv_from = kv_sources(f, &base.layer_attention, f.opt_usize("num_kv_shared_layers")?.unwrap_or(15))?;
     let layers = (0..n)
         .map(|l| LayerShape {
+            mixer: Mixer::Attention,
             head_dim: base.head_dim,
             kv_heads: base.num_kv_heads,
             intermediate: intermediate[l],

@@ -6,7 +6,7 @@
 
 use crate::arch::gemma3n::{gemma_base, kv_sources, per_layer_inputs, per_layer_usizes};
 use crate::arch::{rope, unsupported};
-use crate::config::{Attention, Family, Fields, LayerShape, ModelConfig, Rope, RopeScaling};
+use crate::config::{Attention, Family, Fields, LayerShape, Mixer, ModelConfig, Rope, RopeScaling};
 use crate::Result;
 
 pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
@@ -42,6 +42,7 @@ pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
     for (l, &source) in kv_from.iter().enumerate() {
         let global = base.layer_attention[l] == Attention::Full;
         let mut shape = LayerShape {
+            mixer: Mixer::Attention,
             head_dim: if global { global_head_dim } else { base.head_dim },
             kv_heads: if global { global_kv_heads } else { base.num_kv_heads },
             intermediate: match &widths {

@@ -57,6 +57,8 @@ pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
         altup: None,
         laurel_rank: None,
         layer_scalar: false,
+        attention_gate: false,
+        linear: None,
     })
 }
 

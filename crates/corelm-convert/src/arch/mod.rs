@@ -6,10 +6,12 @@ pub mod gemma3n;
 pub mod gemma4;
 pub mod gpt2;
 pub mod granite;
+pub mod lfm2;
 pub mod llama;
 pub mod olmo;
 pub mod phi3;
 pub mod qwen;
+pub mod qwen35;
 pub mod smollm3;
 
 use std::path::Path;
@@ -17,7 +19,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::config::{
-    Activation, Attention, BlockNorms, Family, Fields, LayerShape, ModelConfig, Norm, QkNorm, Rope, RopeScaling,
+    Activation, Attention, BlockNorms, Family, Fields, LayerShape, Mixer, ModelConfig, Norm, QkNorm, Rope, RopeScaling,
 };
 use crate::{Error, Result};
 
@@ -83,6 +85,24 @@ pub enum LayerRole {
     AltUpPrediction,
     AltUpRouter,
     AltUpRouterNorm,
+    /// Qwen3.5's attention gate: the second half of each head's rows of `q_proj`.
+    QGate,
+    /// A recurrent layer's input projection (LFM2: B, C, x; Gated DeltaNet: queries, keys,
+    /// values), its depthwise convolution (channels × taps), and its output projection.
+    MixerIn,
+    MixerInBias,
+    ConvKernel,
+    ConvBias,
+    MixerOut,
+    MixerOutBias,
+    /// Gated DeltaNet: the output gate (z), the write strength (b → β), the decay input (a),
+    /// the decay's bias and log rate per value head, and the gated output norm.
+    DeltaGate,
+    DeltaBeta,
+    DeltaDecay,
+    DeltaDtBias,
+    DeltaALog,
+    DeltaNorm,
 }
 
 /// Which part of a stored tensor a role takes.
@@ -98,6 +118,13 @@ pub enum Take {
     TransposedRows {
         start: usize,
         len: usize,
+    },
+    /// Rows `start..start + len` of every block of `period` rows (per-head interleaving:
+    /// Qwen3.5's `q_proj` holds each head's query rows, then its gate rows).
+    EveryRows {
+        start: usize,
+        len: usize,
+        period: usize,
     },
 }
 
@@ -192,6 +219,14 @@ const FAMILIES: &[Registration] = &[
         config: gemma4::config,
         tensor_spec: gemma3n::tensor_spec,
     },
+    Registration { family: Family::Lfm2, model_types: &["lfm2"], config: lfm2::config, tensor_spec: lfm2::tensor_spec },
+    // The text part of the multimodal `qwen3_5` keeps its settings under `text_config`.
+    Registration {
+        family: Family::Qwen35,
+        model_types: &["qwen3_5_text", "qwen3_5"],
+        config: qwen35::config,
+        tensor_spec: qwen35::tensor_spec,
+    },
 ];
 
 /// The registration of `family`.
@@ -214,7 +249,7 @@ pub fn read_config(path: &Path, json: &Value) -> Result<ModelConfig> {
     let registration = FAMILIES.iter().find(|r| r.model_types.contains(&model_type)).ok_or_else(|| {
         f.error(format!("unsupported architecture `{model_type}`; supported model types: {}", supported()))
     })?;
-    // Multimodal Gemma 3, 3n and 4 keep the language model's settings under `text_config`.
+    // Multimodal Gemma 3, 3n, 4 and Qwen3.5 keep the language model's settings under `text_config`.
     let text;
     let f = if MULTIMODAL.contains(&model_type) {
         text = f
@@ -227,6 +262,7 @@ pub fn read_config(path: &Path, json: &Value) -> Result<ModelConfig> {
     let mut config = (registration.config)(&f, registration.family)?;
     if config.layers.is_empty() {
         let shape = LayerShape {
+            mixer: Mixer::Attention,
             head_dim: config.head_dim,
             kv_heads: config.num_kv_heads,
             intermediate: config.intermediate_size,
@@ -242,7 +278,7 @@ pub fn read_config(path: &Path, json: &Value) -> Result<ModelConfig> {
 
 /// The `model_type`s of multimodal checkpoints whose language model corelm converts; their
 /// weights are named `model.language_model.*` and their vision and audio towers are left out.
-pub const MULTIMODAL: &[&str] = &["gemma3", "gemma3n", "gemma4"];
+pub const MULTIMODAL: &[&str] = &["gemma3", "gemma3n", "gemma4", "qwen3_5"];
 
 /// The parts of a multimodal checkpoint corelm leaves out, one note each (its vision and audio
 /// towers and their embedders: only the language model converts).
@@ -480,6 +516,8 @@ pub fn dims(f: &Fields) -> Result<Dims> {
                 .filter(|&n| n <= crate::config::config_limit("intermediate_size"))
                 .ok_or_else(|| f.error("`intermediate_size` must be a positive integer or a list of them"))?
                 as usize,
+            // LFM2's published configs call it `block_ff_dim`.
+            None if f.raw("block_ff_dim").is_some() => f.usize("block_ff_dim")?,
             _ => f.usize("intermediate_size")?,
         },
         num_layers: f.usize("num_hidden_layers")?,
@@ -534,6 +572,8 @@ pub fn llama_like(f: &Fields, family: Family) -> Result<ModelConfig> {
         altup: None,
         laurel_rank: None,
         layer_scalar: false,
+        attention_gate: false,
+        linear: None,
     })
 }
 

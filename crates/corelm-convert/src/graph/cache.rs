@@ -9,6 +9,7 @@ use half::f16;
 
 use super::emitter::{i32s, scalar_i32, Binary, Graph};
 use super::inputs::Positions;
+use super::recurrent::RecurrentStates;
 use super::{ring_slots, widest_window, GraphOptions, Stage};
 use crate::config::{Attention, ModelConfig};
 use crate::{Error, Result};
@@ -73,6 +74,8 @@ pub(super) struct KvCache {
     updated: [Vec<Var>; 2],
     /// What each cached layer attended over, for the layers that reuse its keys and values.
     seen: HashMap<usize, (Var, Var)>,
+    /// Hybrid models: the recurrent layers' states, kept beside the attention layers' caches.
+    pub recurrent: RecurrentStates,
 }
 
 impl KvCache {
@@ -88,7 +91,7 @@ impl KvCache {
         };
         let mut groups: Vec<(Group, Vec<usize>)> = Vec::new();
         let mut place = HashMap::new();
-        for l in stage.layers.clone().filter(|&l| c.layer(l).kv_from.is_none()) {
+        for l in stage.layers.clone().filter(|&l| c.layer(l).kv_from.is_none() && !c.layer(l).mixer.is_recurrent()) {
             let in_ring = ring.is_some() && matches!(c.layer_attention[l], Attention::Sliding(_));
             let shape = c.layer(l);
             let key = (in_ring, shape.kv_heads, shape.head_dim);
@@ -159,6 +162,7 @@ impl KvCache {
             read_ends: HashMap::new(),
             updated: [vec![], vec![]],
             seen: HashMap::new(),
+            recurrent: RecurrentStates::empty(),
         })
     }
 

@@ -7,8 +7,9 @@ use super::emitter::{Binary, Graph};
 use super::inputs::{Positions, RopeRows};
 use super::masks::Masks;
 use super::per_layer::PerLayerInputs;
+use super::recurrent;
 use crate::arch::{LayerRole, Role};
-use crate::config::Attention;
+use crate::config::{Attention, Mixer};
 use crate::Result;
 use corelm_format::{DType, Var};
 
@@ -22,6 +23,8 @@ pub(super) struct LayerContext<'a> {
     pub rope: &'a RopeRows,
     /// The per-layer inputs (Gemma 3n, 4), when the model has them.
     pub per_layer: Option<&'a PerLayerInputs>,
+    /// The function's fixed query length (`None`: flexible).
+    pub query_len: Option<usize>,
 }
 
 /// Layer `l` applied to the residual stream `x`: attention and MLP blocks, then (Gemma 4) the
@@ -38,7 +41,10 @@ pub(super) fn decoder_layer(
     let p = format!("l{l}");
     let lr = |r| Role::Layer(l, r);
     let attn_in = pre_norm(g, cx, &x, lr(AttnNorm), lr(AttnNormBias), &format!("{p}_attn_norm"))?;
-    let o = attention_block(g, cx, kv, masks, l, &attn_in)?;
+    let o = match g.c.layer(l).mixer {
+        Mixer::Attention => attention_block(g, cx, kv, masks, l, &attn_in)?,
+        _ => recurrent::mixer_block(g, &kv.recurrent, cx.positions, cx.compute, l, &attn_in, cx.query_len)?,
+    };
     let names = [format!("{p}_post_attn_norm"), format!("{p}_o_res"), format!("{p}_h")];
     let x = residual_add(g, cx, x, o, lr(PostAttnNorm), &names)?;
 
@@ -83,7 +89,12 @@ pub(super) fn attention_block(
     let repeat = g.c.num_heads / g.c.layer(l).kv_heads;
     let mask = masks.for_layer(g, window, repeat, cx.attention.per_head(), &p)?;
     let attn = attend(g, cx.attention, l, q, &keys, &values, &mask, &p)?;
-    let flat = merge_heads(g, l, &attn, &p)?;
+    let mut flat = merge_heads(g, l, &attn, &p)?;
+    if g.c.attention_gate {
+        let gate = g.linear(x, Role::Layer(l, LayerRole::QGate), None, &format!("{p}_gate"))?;
+        let gate = g.op("sigmoid", &format!("{p}_gate_act"), vec![("x", (&gate).into())])?;
+        flat = g.binary(Binary::Mul, &format!("{p}_gated"), &flat, &gate)?;
+    }
     g.linear(&flat, Role::Layer(l, LayerRole::O), Some(Role::Layer(l, LayerRole::OBias)), &format!("{p}_o"))
 }
 

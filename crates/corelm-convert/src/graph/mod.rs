@@ -18,6 +18,7 @@ mod layer;
 mod masks;
 mod norms;
 mod per_layer;
+mod recurrent;
 mod weights;
 
 pub use grids::{GridCarry, GridType, SourceGrid};
@@ -261,6 +262,7 @@ pub fn build_function(
     let mut g = Graph::new(FunctionBuilder::new(name, opts.target, store)?, c, weights, ane, divisor);
     let inputs = Inputs::declare(&mut g, opts.context, query_len, stage, residual, compute)?;
     let mut kv = KvCache::declare(&mut g, c, opts, stage)?;
+    kv.recurrent = recurrent::RecurrentStates::declare(&mut g, c, opts, stage)?;
     let positions = Positions::new(&mut g, &inputs, query_len, opts.context)?;
     let mut x = if stage.first {
         g.embed(&inputs.tokens, &positions.query, compute, residual, divisor)?
@@ -301,6 +303,7 @@ pub fn build_function(
         positions: &positions,
         rope: &rope,
         per_layer: per_layer.as_ref(),
+        query_len,
     };
     let mut streams = match carried_streams {
         Some(s) => s,

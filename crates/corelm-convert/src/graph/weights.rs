@@ -114,6 +114,19 @@ pub fn roles(c: &ModelConfig) -> Vec<Role> {
             PerLayerProj,
             PostPerLayerNorm,
             LayerScalar,
+            QGate,
+            MixerIn,
+            MixerInBias,
+            ConvKernel,
+            ConvBias,
+            DeltaGate,
+            DeltaBeta,
+            DeltaDecay,
+            DeltaDtBias,
+            DeltaALog,
+            DeltaNorm,
+            MixerOut,
+            MixerOutBias,
         ] {
             roles.push(Role::Layer(l, r));
         }
@@ -133,7 +146,25 @@ fn is_matrix(role: Role) -> bool {
             | Role::PerLayerProjection
             | Role::AltUpProjection(_)
             | Role::AltUpUnembed(_)
-            | Role::Layer(_, Q | K | V | O | Gate | Up | Down | PerLayerGate | PerLayerProj | LaurelLeft | LaurelRight)
+            | Role::Layer(
+                _,
+                Q | K
+                    | V
+                    | O
+                    | Gate
+                    | Up
+                    | Down
+                    | PerLayerGate
+                    | PerLayerProj
+                    | LaurelLeft
+                    | LaurelRight
+                    | QGate
+                    | MixerIn
+                    | MixerOut
+                    | DeltaGate
+                    | DeltaBeta
+                    | DeltaDecay
+            )
     )
 }
 
@@ -162,10 +193,26 @@ fn is_norm(role: Role) -> bool {
 }
 
 /// Small vectors and matrices kept in fp32 (outside the Neural Engine) like the norms: AltUp's
-/// coefficients and scales, Gemma 4's layer scalar.
+/// coefficients and scales, Gemma 4's layer scalar, the recurrent layers' convolution kernels,
+/// decay parameters and (plain-gain) output norm.
 fn is_coefficient(role: Role) -> bool {
     use LayerRole::*;
-    matches!(role, Role::Layer(_, AltUpCorrectScale | AltUpCorrection | AltUpPrediction | AltUpRouter | LayerScalar))
+    matches!(
+        role,
+        Role::Layer(
+            _,
+            AltUpCorrectScale
+                | AltUpCorrection
+                | AltUpPrediction
+                | AltUpRouter
+                | LayerScalar
+                | ConvKernel
+                | ConvBias
+                | DeltaDtBias
+                | DeltaALog
+                | DeltaNorm
+        )
+    )
 }
 
 fn rope_tables(store: &mut WeightStore, rope: &Rope, context: usize, dtype: DType) -> Result<(BlobRef, BlobRef)> {
