@@ -127,6 +127,59 @@ fn check_interface(report: &Value, config: &Value, context: usize) {
     assert!(report["issues"].as_array().unwrap().is_empty(), "{}", report["issues"]);
 }
 
+/// A hybrid model's interface (LFM2, Qwen3.5): KV caches for its attention layers only, a
+/// convolution window per recurrent layer (`convState`, channels-first) and for Gated DeltaNet a
+/// key × value state per value head (`deltaState`), fp16, in every function; Qwen3.5's functions
+/// have the fixed lengths its unrolled chunks take (up to the context). The package names its
+/// recurrent states for the driver.
+fn check_hybrid_interface(report: &Value, config: &Value, context: usize) {
+    let types: Vec<&str> = config["layer_types"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let attention = types.iter().filter(|&&t| t == "full_attention").count();
+    let recurrent = types.len() - attention;
+    let n = |k: &str| config[k].as_u64().unwrap() as usize;
+    let heads = n("num_attention_heads");
+    let head_dim = config["head_dim"].as_u64().map_or(n("hidden_size") / heads, |v| v as usize);
+    let kv = vec![attention, 1, n("num_key_value_heads"), context, head_dim];
+    let lfm2 = config["model_type"] == "lfm2";
+    let mut states = vec![("keyCache", kv.clone()), ("valueCache", kv)];
+    let (functions, recurrent_names) = if lfm2 {
+        states.push(("convState", vec![recurrent, 1, n("hidden_size"), 1, n("conv_L_cache") - 1]));
+        (vec!["main"], "convState")
+    } else {
+        let (kh, vh, kd, vd) = (
+            n("linear_num_key_heads"),
+            n("linear_num_value_heads"),
+            n("linear_key_head_dim"),
+            n("linear_value_head_dim"),
+        );
+        states.push(("convState", vec![recurrent, 1, 2 * kh * kd + vh * vd, 1, n("linear_conv_kernel_dim") - 1]));
+        states.push(("deltaState", vec![recurrent, 1, vh, kd, vd]));
+        (vec!["length_1", "length_16", "length_4", "length_64"], "convState,deltaState")
+    };
+    let mut names: Vec<&str> = report["functions"].as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    names.sort();
+    assert_eq!(names, functions);
+    for name in functions {
+        let f = &report["functions"][name];
+        let declared: Vec<(String, Vec<usize>)> = f["states"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                assert_eq!(s["dtype"], "fp16");
+                (s["name"].as_str().unwrap().to_string(), serde_json::from_value(s["shape"].clone()).unwrap())
+            })
+            .collect();
+        let want: Vec<(String, Vec<usize>)> = states.iter().map(|(n, s)| (n.to_string(), s.clone())).collect();
+        assert_eq!(declared, want, "{name}");
+        let ops = &f["op_histogram"];
+        assert_eq!(ops["conv"].as_u64(), Some(recurrent as u64), "{name}: a convolution per recurrent layer: {ops}");
+        assert_eq!(ops["scaled_dot_product_attention"].as_u64(), Some(attention as u64), "{name}: {ops}");
+    }
+    assert_eq!(report["metadata"]["user_defined"]["corelm.recurrent_states"], recurrent_names);
+    assert!(report["issues"].as_array().unwrap().is_empty(), "{}", report["issues"]);
+}
+
 #[test]
 fn every_tiny_architecture_converts_and_loads_in_coremltools() {
     let tmp = tempfile::tempdir().unwrap();
@@ -149,7 +202,14 @@ fn every_tiny_architecture_converts_and_loads_in_coremltools() {
             assert_eq!(notes.contains(&format!("the {tower} tower")), present, "{name}: {notes}");
         }
         let report = inspect(&out);
-        check_interface(&report, &config, 64);
+        if text["layer_types"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t != "full_attention" && t != "sliding_attention"))
+        {
+            check_hybrid_interface(&report, text, 64);
+        } else {
+            check_interface(&report, &config, 64);
+        }
         assert_eq!(report["spec_version"], 9);
         assert_eq!(report["metadata"]["user_defined"]["corelm.context_length"], "64");
         packages.push(out);
