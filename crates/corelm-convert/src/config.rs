@@ -293,7 +293,16 @@ impl ModelConfig {
                 (None, true) => h * kv,
                 (None, false) => 2 * h * kv,
             };
-            total += 2 * h * q + kv_projections + if self.gated_mlp { 3 * h * i } else { 2 * h * i };
+            let gate = if self.attention_gate { h * q } else { 0 };
+            total += match (l.mixer, self.linear) {
+                (Mixer::ShortConv { kernel, .. }, _) => 4 * h * h + h * kernel as u64,
+                (Mixer::GatedDeltaNet, Some(la)) => {
+                    let (values, channels) = ((la.value_heads * la.value_dim) as u64, la.conv_channels() as u64);
+                    h * channels + 2 * h * values + 2 * h * la.value_heads as u64 + channels * la.conv_kernel as u64
+                }
+                _ => 2 * h * q + gate + kv_projections,
+            };
+            total += if self.gated_mlp { 3 * h * i } else { 2 * h * i };
             if let Some(p) = self.per_layer_inputs {
                 total += 2 * h * p.width as u64;
             }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use corelm_contract::weights::{WeightMatrices, WeightMatrix, MIN_COMPRESSED_SIDE};
 use corelm_contract::{keys, names};
-use corelm_convert::config::{Attention, ModelConfig, Norm, QkNorm};
+use corelm_convert::config::{Attention, Mixer, ModelConfig, Norm, QkNorm};
 use corelm_format::mil::program::{Binding, Operation, Program, Value, ValueData};
 use corelm_format::model::FeatureKind;
 use corelm_format::tensor::{element_count, storage_bytes};
@@ -78,6 +78,9 @@ pub struct ModelShape {
     pub rope_dims: Vec<u64>,
     #[serde(skip)]
     pub kv_layers: Vec<KvLayer>,
+    /// Hybrid models' recurrent states (convolution windows, Gated DeltaNet matrices): a fixed
+    /// size whatever the context, read and rewritten every call.
+    pub recurrent_state_bytes: u64,
     pub package: Option<PackageInfo>,
     /// The per-layer embedding table (Gemma 3n, 4): kept beside the program, mapped, one row
     /// read per token, not loaded.
@@ -119,8 +122,15 @@ impl SideTable {
 impl ModelShape {
     /// From a configuration, with the weights laid out as `corelm convert` stores them.
     pub fn from_config(c: &ModelConfig, name: &str) -> ModelShape {
-        // The widest MLP sets the activations' peak (Gemma 3n and 4 vary it by layer).
-        let widest = c.layers.iter().map(|l| l.intermediate).max().unwrap_or(c.intermediate_size);
+        // The widest MLP sets the activations' peak (Gemma 3n and 4 vary it by layer), or a
+        // hybrid's recurrent input projection where wider (LFM2's B, C, x: 3 × hidden).
+        let recurrent_width = |l: &corelm_convert::config::LayerShape| match (l.mixer, c.linear) {
+            (Mixer::ShortConv { .. }, _) => 3 * c.hidden_size,
+            (Mixer::GatedDeltaNet, Some(la)) => la.conv_channels(),
+            _ => 0,
+        };
+        let widest =
+            c.layers.iter().map(|l| l.intermediate.max(recurrent_width(l))).max().unwrap_or(c.intermediate_size);
         let (h, i, v) = (c.hidden_size as u64, widest as u64, c.vocab_size as u64);
         let m = |rows: u64, cols: u64| Matrix {
             rows,
@@ -154,14 +164,27 @@ impl ModelShape {
         for shape in &c.layers {
             let (hd, i) = (shape.head_dim as u64, shape.intermediate as u64);
             let (q, kv) = (c.num_heads as u64 * hd, shape.kv_heads as u64 * hd);
-            matrices.push(m(q, h));
-            if shape.kv_from.is_none() {
-                matrices.push(m(kv, h));
-                if !shape.values_are_keys {
-                    matrices.push(m(kv, h));
+            match (shape.mixer, c.linear) {
+                (Mixer::ShortConv { .. }, _) => matrices.extend([m(3 * h, h), m(h, h)]),
+                (Mixer::GatedDeltaNet, Some(la)) => {
+                    let (values, heads) = ((la.value_heads * la.value_dim) as u64, la.value_heads as u64);
+                    let qkv = la.conv_channels() as u64;
+                    matrices.extend([m(qkv, h), m(values, h), m(heads, h), m(heads, h), m(h, values)]);
+                }
+                _ => {
+                    matrices.push(m(q, h));
+                    if c.attention_gate {
+                        matrices.push(m(q, h));
+                    }
+                    if shape.kv_from.is_none() {
+                        matrices.push(m(kv, h));
+                        if !shape.values_are_keys {
+                            matrices.push(m(kv, h));
+                        }
+                    }
+                    matrices.push(m(h, q));
                 }
             }
-            matrices.push(m(h, q));
             if c.gated_mlp {
                 matrices.extend([m(i, h), m(i, h), m(h, i)]);
             } else {
@@ -192,10 +215,18 @@ impl ModelShape {
                 norms += 2 * h;
             }
             let own_keys = shape.kv_from.is_none();
-            norms += match c.qk_norm {
-                QkNorm::None => 0,
-                QkNorm::PerHead => hd + if own_keys { hd } else { 0 },
-                QkNorm::Projection => (c.num_heads + shape.kv_heads) as u64 * hd,
+            norms += match (shape.mixer, c.qk_norm) {
+                (Mixer::Attention, QkNorm::PerHead) => hd + if own_keys { hd } else { 0 },
+                (Mixer::Attention, QkNorm::Projection) => (c.num_heads + shape.kv_heads) as u64 * hd,
+                _ => 0,
+            };
+            // The recurrent layers' kernels, biases and decay parameters, fp32 like the norms.
+            norms += match (shape.mixer, c.linear) {
+                (Mixer::ShortConv { kernel, bias }, _) => h * kernel as u64 + if bias { h } else { 0 },
+                (Mixer::GatedDeltaNet, Some(la)) => {
+                    (la.conv_channels() * la.conv_kernel + 2 * la.value_heads + la.value_dim) as u64
+                }
+                _ => 0,
             };
             norms += if per_layer_width > 0 { h } else { 0 } + if c.laurel_rank.is_some() { h } else { 0 };
             if streams > 1 {
@@ -247,6 +278,7 @@ impl ModelShape {
             fp16_values,
             rope_dims,
             kv_layers,
+            recurrent_state_bytes: recurrent_state_values(c) * 2,
             package: None,
             per_layer_table,
             notes: vec![],
@@ -286,11 +318,21 @@ impl ModelShape {
             }
         }
 
-        // The KV cache: `keyCache` / `valueCache` states (or inputs, for iOS 16/17 packages).
+        // The KV cache: `keyCache` / `valueCache` states (or inputs, for iOS 16/17 packages); a
+        // hybrid model's recurrent states apart, their size fixed.
+        let recurrent = |name: &str| name.starts_with(names::CONV_STATE) || name.starts_with(names::DELTA_STATE);
+        let recurrent_state_bytes = description
+            .states
+            .iter()
+            .filter(|f| recurrent(&f.name))
+            .filter_map(|f| f.array().and_then(|a| storage_bytes(a.dtype?, element_count(&a.shape)?)))
+            .map(|b| b as u64)
+            .sum();
         let caches: Vec<(String, Vec<usize>, u64)> = description
             .states
             .iter()
             .chain(&description.inputs)
+            .filter(|f| !recurrent(&f.name))
             .filter(|f| {
                 f.name == names::KEY_CACHE || f.name == names::VALUE_CACHE || matches!(f.kind, FeatureKind::State(_))
             })
@@ -362,11 +404,13 @@ impl ModelShape {
             .filter(|&d| d != hidden)
             .max()
             .unwrap_or(4 * hidden);
+        // The narrowest such projection: MLPs (and hybrids' recurrent layers) read wider ones.
         let heads = matrices
             .iter()
             .filter(|m| !m.embedding && m.rows == hidden && m.cols != intermediate)
             .map(|m| m.cols)
-            .find(|&c| head_dim > 0 && c % head_dim == 0)
+            .filter(|&c| head_dim > 0 && c % head_dim == 0)
+            .min()
             .map(|c| c / head_dim)
             .unwrap_or_else(|| hidden.checked_div(head_dim).unwrap_or(0));
         // Tied: the table the token ids gather is also the LM head's weight.
@@ -400,11 +444,27 @@ impl ModelShape {
             fp16_values: 0,
             rope_dims: vec![],
             kv_layers,
+            recurrent_state_bytes,
             package: Some(PackageInfo { context, weight_bytes, kv_bytes, query_lengths }),
             per_layer_table,
             notes,
         })
     }
+}
+
+/// Values of a hybrid model's recurrent states: each recurrent layer's convolution window
+/// (channels × (taps − 1)) and each Gated DeltaNet layer's value heads × key dim × value dim.
+fn recurrent_state_values(c: &ModelConfig) -> u64 {
+    c.layers
+        .iter()
+        .map(|l| match (l.mixer, c.linear) {
+            (Mixer::ShortConv { kernel, .. }, _) => (c.hidden_size * (kernel - 1)) as u64,
+            (Mixer::GatedDeltaNet, Some(la)) => {
+                (la.conv_channels() * (la.conv_kernel - 1) + la.value_heads * la.key_dim * la.value_dim) as u64
+            }
+            _ => 0,
+        })
+        .sum()
 }
 
 /// The layers of every full-length key cache: `keyCache`, and where layers differ in shape

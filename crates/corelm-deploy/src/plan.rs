@@ -190,6 +190,9 @@ pub struct Breakdown {
     /// The per-layer embedding table beside the program (Gemma 3n, 4): on disk and mapped, not
     /// in `total`; a token reads one row of it (counted in `decode_bytes_per_token`).
     pub per_layer_table: u64,
+    /// Hybrid models' recurrent states, in `total` (read and written back every call, counted
+    /// twice in `decode_bytes_per_token`).
+    pub recurrent_states: u64,
 }
 
 /// Whether a total fits a device's usable memory.
@@ -394,7 +397,8 @@ fn compute(
     };
 
     let load_overhead = a.overhead_fixed_bytes + (weights.total as f64 * a.overhead_weight_fraction) as u64;
-    let base = weights.total + activations.prefill.max(activations.decode) + load_overhead;
+    let base =
+        weights.total + activations.prefill.max(activations.decode) + load_overhead + model.recurrent_state_bytes;
     let rope_read = if model.package.is_none() { rope } else { 0 };
     Breakdown {
         scheme: scheme.map_or_else(
@@ -404,8 +408,10 @@ fn compute(
         context: read_context,
         decode_bytes_per_token: weights.total - gathered - rope_read
             + read
-            + model.per_layer_table.as_ref().map_or(0, |t| t.row_bytes()),
+            + model.per_layer_table.as_ref().map_or(0, |t| t.row_bytes())
+            + 2 * model.recurrent_state_bytes,
         per_layer_table: model.per_layer_table.as_ref().map_or(0, |t| t.bytes()),
+        recurrent_states: model.recurrent_state_bytes,
         total: base + kv_cache.full,
         total_with_sliding_window_savings: base + kv_cache.with_sliding_window_savings,
         weights,

@@ -290,7 +290,9 @@ fn convert_tiny(arch: &str, quant: Option<Quant>, context: usize) -> (ModelShape
     let opts = GraphOptions {
         target: corelm_format::Target::Ios18,
         context,
-        query_lengths: vec![],
+        // Qwen3.5's functions have fixed lengths; one (decode) keeps the package one function, as
+        // the planner lays it out (each further function repeats its zero biases).
+        query_lengths: if arch.starts_with("qwen3_5") { vec![1] } else { vec![] },
         attention: AttentionImpl::Fused,
         precision: Precision::Fp16,
         compress,
@@ -306,7 +308,19 @@ fn convert_tiny(arch: &str, quant: Option<Quant>, context: usize) -> (ModelShape
 #[test]
 fn the_layout_model_matches_converted_packages() {
     let a = Assumptions::default();
-    for arch in ["llama_rope_llama3", "gemma3_text", "qwen3", "gpt2", "phi3", "gemma2", "gemma4_text", "gemma3n_text"] {
+    for arch in [
+        "llama_rope_llama3",
+        "gemma3_text",
+        "qwen3",
+        "gpt2",
+        "phi3",
+        "gemma2",
+        "gemma4_text",
+        "gemma3n_text",
+        "lfm2",
+        "lfm2_adjusted",
+        "qwen3_5_text",
+    ] {
         for quant in
             [None, Some(Quant::Int8), Some(Quant::Int4), Some(Quant::Lut4), Some(Quant::Lut6), Some(Quant::Mixed)]
         {
@@ -318,6 +332,13 @@ fn the_layout_model_matches_converted_packages() {
             // Weights exactly as written, and the KV cache states exactly as declared.
             assert_eq!(stored.weights.total, predicted.weights.total, "{what}");
             assert_eq!(stored.kv_cache.full, predicted.kv_cache.full, "{what}");
+            // Hybrid models' recurrent states, a fixed size, as declared.
+            assert_eq!(stored.recurrent_states, predicted.recurrent_states, "{what}");
+            assert_eq!(
+                predicted.recurrent_states > 0,
+                arch.starts_with("lfm2") || arch.starts_with("qwen3_5"),
+                "{what}"
+            );
             assert_eq!(pkg.tied_embeddings, from_config.tied_embeddings, "{what}");
             // Gemma 3n/4's per-layer table lies beside the weights, as planned.
             assert_eq!(pkg.per_layer_table, from_config.per_layer_table, "{what}");

@@ -33,6 +33,8 @@ pub(super) struct Graph<'a, 'w> {
     pub(super) residual_divisor: f64,
     /// The Neural Engine norms' epsilon pairs, by shape, axis and value (see `ane_norm`).
     pub(super) epsilon_pairs: HashMap<(Vec<usize>, usize, u64), Var>,
+    /// Constants every layer of the function shares, by name (see [`Graph::shared_constant`]).
+    shared: HashMap<String, Var>,
 }
 
 /// Elementwise ops of two operands (`x`, `y`), named by type rather than by string.
@@ -75,7 +77,16 @@ impl<'a, 'w> Graph<'a, 'w> {
         ane: bool,
         residual_divisor: f64,
     ) -> Graph<'a, 'w> {
-        Graph { f, c, w, weights: HashMap::new(), ane, residual_divisor, epsilon_pairs: HashMap::new() }
+        Graph {
+            f,
+            c,
+            w,
+            weights: HashMap::new(),
+            ane,
+            residual_divisor,
+            epsilon_pairs: HashMap::new(),
+            shared: HashMap::new(),
+        }
     }
 }
 
@@ -134,6 +145,17 @@ impl Graph<'_, '_> {
         b: impl Into<Arg<'v>>,
     ) -> Result<Var> {
         self.op("select", name, vec![("cond", cond.into()), ("a", a.into()), ("b", b.into())])
+    }
+
+    /// The constant `name`, made by `make` the first time a layer asks: stored once per function
+    /// however many layers read it.
+    pub(super) fn shared_constant(&mut self, name: &str, make: impl FnOnce() -> Result<Tensor>) -> Result<Var> {
+        if let Some(v) = self.shared.get(name) {
+            return Ok(v.clone());
+        }
+        let v = self.f.constant(name, make()?)?;
+        self.shared.insert(name.to_string(), v.clone());
+        Ok(v)
     }
 
     /// An int32 vector constant.

@@ -365,11 +365,12 @@ fn delta_rule(
         v.ty().dims[3].fixed().ok_or_else(|| Error::invalid("value size must be fixed"))? as i32,
     );
     let c = chunk as i32;
-    let strict_lower = Tensor::from_f32(
-        vec![chunk, chunk],
-        &(0..chunk * chunk).map(|i| if i % chunk < i / chunk { 1.0 } else { 0.0 }).collect::<Vec<_>>(),
-    )?;
-    let strict_lower = g.f.constant(&format!("{p}_strict_lower"), strict_lower)?;
+    let strict_lower = g.shared_constant(&format!("delta_strict_lower_{chunk}"), || {
+        Tensor::from_f32(
+            vec![chunk, chunk],
+            &(0..chunk * chunk).map(|i| if i % chunk < i / chunk { 1.0 } else { 0.0 }).collect::<Vec<_>>(),
+        )
+    })?;
     let mut outs = Vec::new();
     for i in 0..(n / chunk) as i32 {
         let pc = format!("{p}_c{i}");
@@ -457,8 +458,9 @@ fn unit_lower_inverse(g: &mut Graph, low: &Var, vh: i32, c: usize, p: &str) -> R
     let ci = c as i32;
     let l3 = g.reshape(&format!("{p}_l3"), low, &[vh, ci, ci])?;
     // Blocks of size b, (vh, C / b, b, b); the 1 × 1 diagonal blocks of I + L are ones.
-    let ones = Tensor::from_f32(vec![vh as usize, c, 1, 1], &vec![1.0; vh as usize * c])?;
-    let mut blocks = g.f.constant(&format!("{p}_inv1"), ones)?;
+    let mut blocks = g.shared_constant(&format!("delta_inverse_{c}_blocks_1"), || {
+        Tensor::from_f32(vec![vh as usize, c, 1, 1], &vec![1.0; vh as usize * c])
+    })?;
     let mut b = 1usize;
     while b < c {
         let (m, bi) = ((c / (2 * b)) as i32, b as i32);
@@ -477,10 +479,12 @@ fn unit_lower_inverse(g: &mut Graph, low: &Var, vh: i32, c: usize, p: &str) -> R
         // L's block below the diagonal of each pair: rows 2jb + b.., columns 2jb...
         let rows = g.reshape(&format!("{pl}_rows"), &l3, &[vh, m, 2 * bi, ci])?;
         let rows = g.slice_by_index(&format!("{pl}_below"), &rows, i32s(&[0, 0, bi, 0]), i32s(&[vh, m, 2 * bi, ci]))?;
-        let index: Vec<i32> =
-            (0..vh).flat_map(|_| (0..m).flat_map(move |j| (0..bi * bi).map(move |e| 2 * j * bi + e % bi))).collect();
-        let index =
-            g.f.constant(&format!("{pl}_cols"), Tensor::from_i32(vec![vh as usize, m as usize, b, b], &index)?)?;
+        let index = g.shared_constant(&format!("delta_inverse_{c}_columns_{b}"), || {
+            let index: Vec<i32> = (0..vh)
+                .flat_map(|_| (0..m).flat_map(move |j| (0..bi * bi).map(move |e| 2 * j * bi + e % bi)))
+                .collect();
+            Tensor::from_i32(vec![vh as usize, m as usize, b, b], &index)
+        })?;
         let b21 = g.op(
             "gather_along_axis",
             &format!("{pl}_b21"),
