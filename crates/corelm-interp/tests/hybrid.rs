@@ -202,3 +202,28 @@ fn fp16_state_drift_over_2000_steps() {
         assert!(worst.iter().all(|&w| w < 3.0 * FP16_TOLERANCE), "{name}: {report:?}");
     }
 }
+
+/// Calibration reads every linear layer of a hybrid model, the recurrent layers' projections
+/// included, through the functions the driver picks (Qwen3.5's fixed lengths). (Qwen3.5's β and
+/// decay projections, 4 rows here, are below the size compression takes.)
+#[test]
+fn calibration_sees_every_layer_of_hybrid_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, per_recurrent_layer) in
+        [("lfm2", &["mixerin", "mixerout"][..]), ("qwen3_5_text", &["mixerin", "deltagate", "mixerout"])]
+    {
+        let r = long_check(name);
+        let pkg = convert_to(name, &tmp.path().join(format!("{name}.mlpackage")), Precision::Fp16, 256, vec![]);
+        let grams = corelm_interp::calibrate::input_grams(&pkg, &r.prompt, &mut |_| {}).unwrap();
+        let config: Value = serde_json::from_slice(&std::fs::read(fixture(name).join("config.json")).unwrap()).unwrap();
+        for (l, kind) in config["layer_types"].as_array().unwrap().iter().enumerate() {
+            let attention: &[&str] =
+                if name == "lfm2" { &["q", "k", "v", "o"] } else { &["q", "qgate", "k", "v", "o"] };
+            let roles = if kind == "full_attention" { attention } else { per_recurrent_layer };
+            for role in roles.iter().chain(&["gate", "up", "down"]) {
+                let key = format!("layers_{l}_{role}");
+                assert!(grams.contains_key(&key), "{name}: no calibration inputs for {key}: {:?}", grams.keys());
+            }
+        }
+    }
+}
