@@ -123,25 +123,31 @@ pub(crate) fn dir_size(path: &Path) -> u64 {
 
 /// The query lengths a Gated DeltaNet model's functions take when none are asked for: its
 /// chunked recurrence is unrolled over a fixed number of chunks, so each function has one
-/// length; 1 decodes, the others prefill (the driver combines them, padding none).
+/// length; 1 decodes, the others prefill (the driver combines them, padding none). A short-
+/// convolution model on the Neural Engine (fixed lengths) takes the ones up to 64.
 pub const HYBRID_QUERY_LENGTHS: [usize; 5] = [1, 4, 16, 64, 256];
 
-/// The options with a hybrid model's needs applied: Gated DeltaNet takes fixed query lengths
-/// including 1 (the driver never pads a recurrent model's call); the ane profile is not yet
-/// built for recurrent layers.
+/// The options with a hybrid model's needs applied, before the profile's: fixed query lengths
+/// including 1 where they are needed (the driver never pads a recurrent model's call). Gated
+/// DeltaNet is not built for the Neural Engine (its chunked form needs fp32 for the decays'
+/// cumulative sums and the triangular inverse).
 fn hybrid_options(c: &ModelConfig, mut opts: GraphOptions) -> Result<GraphOptions> {
     if !c.is_hybrid() {
         return Ok(opts);
     }
-    if opts.profile == crate::graph::Profile::Ane {
+    let delta = c.layers.iter().any(|l| l.mixer == crate::config::Mixer::GatedDeltaNet);
+    let ane = opts.profile == crate::graph::Profile::Ane;
+    if delta && ane {
         return Err(Error::invalid(format!(
-            "--profile ane is not available for {}: its recurrent layers are built for the default profile only",
+            "--profile ane is not available for {}: its Gated DeltaNet layers compute the decays' cumulative sums and \
+             a triangular inverse in fp32, which the Neural Engine does not have; convert for the default profile",
             c.family.name()
         )));
     }
-    let delta = c.layers.iter().any(|l| l.mixer == crate::config::Mixer::GatedDeltaNet);
-    if delta && opts.query_lengths.is_empty() {
-        opts.query_lengths = HYBRID_QUERY_LENGTHS.iter().copied().filter(|&n| n <= opts.context).collect();
+    if opts.query_lengths.is_empty() && (delta || ane) {
+        let longest = if delta { usize::MAX } else { crate::graph::ANE_PREFILL_CHUNK };
+        opts.query_lengths =
+            HYBRID_QUERY_LENGTHS.iter().copied().filter(|&n| n <= opts.context && n <= longest).collect();
     }
     if !opts.query_lengths.is_empty() && !opts.query_lengths.contains(&1) {
         return Err(Error::invalid(
@@ -161,7 +167,7 @@ pub fn convert(
 ) -> Result<Summary> {
     let started = Instant::now();
     let c = &source.config;
-    let opts = &hybrid_options(c, opts.resolved()?)?;
+    let opts = &hybrid_options(c, opts.clone())?.resolved()?;
     if opts.context == 0 {
         return Err(Error::invalid("--context must be at least 1"));
     }

@@ -41,8 +41,11 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny")
 }
 
+/// Every fixture the ane profile converts: not Qwen3.5, whose Gated DeltaNet the profile refuses
+/// (`gated_delta_net_is_refused_by_name`).
 fn every_fixture() -> Vec<PathBuf> {
     let mut dirs: Vec<_> = std::fs::read_dir(fixtures()).unwrap().flatten().map(|e| e.path()).collect();
+    dirs.retain(|d| !std::fs::read_to_string(d.join("config.json")).unwrap().contains("linear_attention"));
     dirs.sort();
     assert!(dirs.len() >= 10, "a fixture for every architecture expected, found {dirs:?}");
     dirs
@@ -310,4 +313,18 @@ fn prefill_then_decode_past_the_window() {
 
 fn report(failures: &[String]) {
     assert!(failures.is_empty(), "the ane profile differs from the default profile:\n{}", failures.join("\n"));
+}
+
+/// Gated DeltaNet's chunked form needs fp32, which the Neural Engine lacks: `--profile ane` is
+/// refused with the reason, not converted into a package that would fall back op by op.
+#[test]
+fn gated_delta_net_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = open_source(&fixtures().join("qwen3_5_text")).unwrap();
+    let opts = GraphOptions { context: CONTEXT, profile: Profile::Ane, ..GraphOptions::default() };
+    let out = tmp.path().join("qwen3_5_text-ane.mlpackage");
+    let e = convert(&source, &out, &opts, &WriteOptions::overwriting(), &mut |_: &str, _: u64| {}).unwrap_err();
+    assert!(e.to_string().contains("--profile ane is not available for qwen3_5_text"), "{e}");
+    assert!(e.to_string().contains("fp32"), "{e}");
+    assert!(!out.exists(), "nothing written");
 }

@@ -100,8 +100,9 @@ impl RecurrentStates {
         .ok_or_else(|| Error::invalid("a recurrent layer without its state"))
     }
 
-    /// Layer `l`'s state, (1, ...) in fp32.
+    /// Layer `l`'s state, (1, ...) in fp32 (fp16 on the Neural Engine, which has no fp32).
     fn read(&self, g: &mut Graph, kind: Kind, l: usize, p: &str) -> Result<Var> {
+        let dtype = if g.ane { DType::Fp16 } else { DType::Fp32 };
         let s = self.states(kind)?;
         let slot = s.place[&l] as i32;
         let mut begin = vec![slot];
@@ -113,7 +114,7 @@ impl RecurrentStates {
             let all = g.op("read_state", &format!("{p}_state{i}_all"), vec![("input", var.into())])?;
             let mine = g.slice_by_index(&format!("{p}_state{i}_5d"), &all, i32s(&begin), i32s(&end))?;
             let mine = g.squeeze(&format!("{p}_state{i}_16"), &mine, &[0])?;
-            parts.push(g.cast(&mine, DType::Fp32, &format!("{p}_state{i}"))?);
+            parts.push(g.cast(&mine, dtype, &format!("{p}_state{i}"))?);
         }
         match parts.as_slice() {
             [one] => Ok(one.clone()),
@@ -122,7 +123,8 @@ impl RecurrentStates {
         }
     }
 
-    /// Stores layer `l`'s new state `value` (fp32, the layer's slice shape).
+    /// Stores layer `l`'s new state `value` (fp32, or fp16 on the Neural Engine; the layer's
+    /// slice shape).
     fn write(&self, g: &mut Graph, kind: Kind, l: usize, value: &Var, p: &str) -> Result<()> {
         let s = self.states(kind)?;
         let slot = s.place[&l] as i32;
@@ -150,16 +152,22 @@ impl RecurrentStates {
         Ok(())
     }
 
-    /// The depthwise causal convolution of layer `l` over `x` (1, N, channels), continuing the
-    /// window its state holds, which it then advances by N: fp32 (1, N, channels), through
-    /// SiLU when `silu`.
+    /// The depthwise causal convolution of layer `l` over `x`, continuing the window its state
+    /// holds, which it then advances by N; through SiLU when `silu`. `x` is (1, N, channels), the
+    /// result fp32; on the Neural Engine both are channels-first (1, channels, 1, N) fp16, the
+    /// convolution's own layout.
     fn causal_conv(&self, g: &mut Graph, at: &Positions, l: usize, x: &Var, silu: bool, p: &str) -> Result<Var> {
         use LayerRole::*;
         let s = self.states(Kind::Conv)?;
         let (channels, taps) = (s.layer_shape[1] as i32, s.layer_shape[3] as i32 + 1);
-        let x32 = g.cast(x, DType::Fp32, &format!("{p}_x32"))?;
-        let xt = g.transpose(&format!("{p}_xt"), &x32, &[0, 2, 1])?;
-        let xc = g.expand_dims(&format!("{p}_xc"), &xt, &[2])?;
+        let dtype = if g.ane { DType::Fp16 } else { DType::Fp32 };
+        let xc = if g.ane {
+            x.clone()
+        } else {
+            let x32 = g.cast(x, DType::Fp32, &format!("{p}_x32"))?;
+            let xt = g.transpose(&format!("{p}_xt"), &x32, &[0, 2, 1])?;
+            g.expand_dims(&format!("{p}_xc"), &xt, &[2])?
+        };
         let state = self.read(g, Kind::Conv, l, &format!("{p}_window"))?;
         let window = g.concat(&format!("{p}_window_all"), vec![&state, &xc], 3)?;
         // The last taps − 1 inputs, which start at N.
@@ -173,7 +181,7 @@ impl RecurrentStates {
         )?;
         self.write(g, Kind::Conv, l, &tail, &format!("{p}_window"))?;
         let kernel = g.required(Role::Layer(l, ConvKernel))?;
-        let kernel = g.cast(&kernel, DType::Fp32, &format!("{p}_kernel32"))?;
+        let kernel = g.cast(&kernel, dtype, &format!("{p}_kernel_c"))?;
         let kernel = g.expand_dims(&format!("{p}_kernel"), &kernel, &[1, 2])?;
         let mut args = vec![
             ("x", Arg::Var(&window)),
@@ -184,7 +192,7 @@ impl RecurrentStates {
             ("dilations", i32s(&[1, 1])),
         ];
         let bias = match g.weight(Role::Layer(l, ConvBias))? {
-            Some(b) => Some(g.cast(&b, DType::Fp32, &format!("{p}_bias32"))?),
+            Some(b) => Some(g.cast(&b, dtype, &format!("{p}_bias_c"))?),
             None => None,
         };
         if let Some(b) = &bias {
@@ -193,6 +201,9 @@ impl RecurrentStates {
         let mut y = g.f.op1("conv", &format!("{p}_conv"), args)?;
         if silu {
             y = g.op("silu", &format!("{p}_act"), vec![("x", (&y).into())])?;
+        }
+        if g.ane {
+            return Ok(y);
         }
         let y = g.squeeze(&format!("{p}_sq"), &y, &[2])?;
         g.transpose(&format!("{p}_out"), &y, &[0, 2, 1])
@@ -233,11 +244,7 @@ fn short_conv(
     let p = format!("l{l}_conv");
     let lr = |r| Role::Layer(l, r);
     let bcx = g.linear(x, lr(MixerIn), Some(lr(MixerInBias)), &format!("{p}_in"))?;
-    let parts = g.f.op(
-        "split",
-        &format!("{p}_bcx"),
-        vec![("x", (&bcx).into()), ("num_splits", scalar_i32(3)), ("axis", scalar_i32(-1))],
-    )?;
+    let parts = g.split_channels(&bcx, 3, &format!("{p}_bcx"))?;
     let bx = g.binary(Binary::Mul, &format!("{p}_bx"), &parts[0], &parts[2])?;
     let conv = states.causal_conv(g, at, l, &bx, false, &p)?;
     let conv = g.cast(&conv, compute, &format!("{p}_conv_out"))?;
