@@ -24,7 +24,8 @@ tiny_<fixture>.gguf
     tests/fixtures/tiny/<fixture> as llama.cpp's convert_hf_to_gguf.py writes it, for GPT-2,
     SmolLM3, Granite, Granite 4 dense (written as `granite`; see granite4_hparams), OLMo 2,
     OLMo 3, Phi-4-mini's LongRoPE, Gemma 3n and Gemma 4 (text; see write_tiny_gguf and
-    gemma3n_hparams / gemma4_hparams).
+    gemma3n_hparams / gemma4_hparams), and the hybrids LFM2 and Qwen3.5 (qwen3_5_text; see
+    lfm2_hparams / qwen35_hparams).
 tok_*.gguf
     Vocabulary-only files for the tokenizer builders (byte-level BPE, SentencePiece with scores,
     Gemma 3, Phi-3).
@@ -697,6 +698,130 @@ def gemma_checkpoint_tensors(arch: str, tensors: dict[str, np.ndarray], c: dict)
         yield name, t
 
 
+def lfm2_feed_forward_length(c: dict) -> int:
+    """LFM2Model._add_feed_forward_length: the MLP's width as transformers derives it (with
+    block_auto_adjust_ff_dim, two thirds times the multiplier, rounded up to block_multiple_of)."""
+    ff = c.get("block_ff_dim", c["intermediate_size"])
+    if c["block_auto_adjust_ff_dim"]:
+        ff = int(2 * ff / 3)
+        if c["block_ffn_dim_multiplier"] is not None:
+            ff = int(c["block_ffn_dim_multiplier"] * ff)
+        multiple = c["block_multiple_of"]
+        ff = multiple * ((ff + multiple - 1) // multiple)
+    return ff
+
+
+def lfm2_hparams(w: GGUFWriter, c: dict) -> list:
+    """LFM2Model.set_gguf_parameters (conversion/lfm2.py): TextModel's keys with the KV head
+    count one per layer, 0 for a short-convolution layer (llama.cpp's only mark of which layers
+    are recurrent); then the vocabulary size, `shortconv.l_cache` (the kernel's taps) and the
+    norm epsilon again (`norm_eps`, which TextModel already found), and feed_forward_length
+    overwritten in place with the MLP's width (lfm2_feed_forward_length). Each key is written
+    once, where it first appears, with its final value. No head_dim, no rope dimension count
+    (llama.cpp rotates the whole head); the conv kernel is squeezed to (channels, taps)
+    (lfm2_checkpoint_tensors)."""
+    rope = rope_parameters(c)
+    assert rope.get("rope_type", "default") == "default" and "head_dim" not in c
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_feed_forward_length(lfm2_feed_forward_length(c))
+    w.add_head_count(c["num_attention_heads"])
+    w.add_head_count_kv([c["num_key_value_heads"] if t != "conv" else 0 for t in c["layer_types"]])
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_layer_norm_rms_eps(c["norm_eps"])
+    w.add_vocab_size(c["vocab_size"])
+    w.add_shortconv_l_cache(c["conv_L_cache"])
+    return []
+
+
+def lfm2_checkpoint_tensors(tensors: dict[str, np.ndarray], c: dict):
+    """LFM2Model.modify_tensors: the depthwise kernel (channels, 1, taps) squeezed to 2-d."""
+    for name, t in tensors.items():
+        assert not name.endswith("conv.conv.bias"), "torch's squeeze(1) fails on it in the converter"
+        yield name, (t.squeeze(1) if "conv.conv" in name else t)
+
+
+def qwen35_hparams(w: GGUFWriter, c: dict) -> list:
+    """Qwen3_5TextModel.set_gguf_parameters (conversion/qwen.py; Qwen3NextModel's keys after
+    TextModel's): the MRoPE sections padded to four, head_dim as key/value_length; the Gated
+    DeltaNet sizes as `ssm.*` (conv_kernel = taps, state_size = key head size, group_count = key
+    heads, time_step_rank = value heads, inner_size = value heads x value head size); which
+    layers attend only as `full_attention_interval` (hparams' value, default 4, whatever
+    layer_types says: asserted to agree here); the rotary dimensions as head_dim x hparams'
+    partial_rotary_factor (default 0.25: a transformers 5 config keeps the factor inside
+    rope_parameters, asserted to agree). No MTP layers here (mtp_num_hidden_layers would add
+    blocks and nextn_predict_layers)."""
+    rope = rope_parameters(c)
+    layers, head_dim = c["num_hidden_layers"], c["head_dim"]
+    interval = c.get("full_attention_interval", 4)
+    assert [t == "full_attention" for t in c["layer_types"]] == [(i + 1) % interval == 0 for i in range(layers)]
+    partial = c.get("partial_rotary_factor", 0.25)
+    assert partial == rope.get("partial_rotary_factor", partial)
+    assert rope.get("rope_type", "default") == "default" and not c.get("mtp_num_hidden_layers")
+    w.add_block_count(layers)
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(c["num_attention_heads"])
+    w.add_head_count_kv(c["num_key_value_heads"])
+    w.add_rope_dimension_sections((list(rope["mrope_section"]) + [0] * 4)[:4])
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_ssm_conv_kernel(c["linear_conv_kernel_dim"])
+    w.add_ssm_state_size(c["linear_key_head_dim"])
+    w.add_ssm_group_count(c["linear_num_key_heads"])
+    w.add_ssm_time_step_rank(c["linear_num_value_heads"])
+    w.add_ssm_inner_size(c["linear_value_head_dim"] * c["linear_num_value_heads"])
+    w.add_full_attention_interval(interval)
+    w.add_rope_dimension_count(int(head_dim * partial))
+    return []
+
+
+def reorder_v_heads(t: np.ndarray, axis: int, num_k_heads: int, num_v_per_k: int, head_dim: int) -> np.ndarray:
+    """_LinearAttentionVReorderBase._reorder_v_heads: value heads along `axis` from grouped by
+    key head (k0v0, k0v1, k1v0, k1v1) to tiled (k0v0, k1v0, k0v1, k1v1), for ggml's broadcast."""
+    shape = list(t.shape)
+    t = t.reshape(shape[:axis] + [num_k_heads, num_v_per_k, head_dim] + shape[axis + 1 :])
+    return np.ascontiguousarray(np.swapaxes(t, axis, axis + 1)).reshape(shape)
+
+
+def qwen35_checkpoint_tensors(tensors: dict[str, np.ndarray], c: dict):
+    """Qwen3_5TextModel.modify_tensors: first _LinearAttentionVReorderBase's (when key and value
+    head counts differ, every Gated DeltaNet tensor's value heads tiled: the V rows of
+    in_proj_qkv and of the conv kernel, the rows of in_proj_z, in_proj_a, in_proj_b, A_log and
+    dt_bias, the columns of out_proj), then Qwen3NextModel's: A_log stored as -exp(A_log) (here
+    computed in float64 and rounded once: torch's float32 exp, which the converter calls, may
+    differ from that in the last bit), dt_bias renamed dt_proj.bias, the conv kernel squeezed to
+    (channels, taps), and every RMSNorm gain but the DeltaNet output norm's stored as 1 + w
+    (float32). q_proj keeps each head's query rows then gate rows, interleaved."""
+    kh, vh = c["linear_num_key_heads"], c["linear_num_value_heads"]
+    kd, vd = c["linear_key_head_dim"], c["linear_value_head_dim"]
+    for name, t in tensors.items():
+        if kh != vh and "linear_attn." in name:
+            r = vh // kh
+            if ".in_proj_qkv." in name or ".conv1d" in name:
+                t = t.squeeze() if ".conv1d" in name else t
+                t = np.concatenate([t[: 2 * kh * kd], reorder_v_heads(t[2 * kh * kd :], 0, kh, r, vd)])
+            elif ".in_proj_z." in name:
+                t = reorder_v_heads(t, 0, kh, r, vd)
+            elif ".in_proj_b." in name or ".in_proj_a." in name or ".A_log" in name or ".dt_bias" in name:
+                t = reorder_v_heads(t, 0, kh, r, 1)
+            elif ".out_proj." in name:
+                t = reorder_v_heads(t, 1, kh, r, vd)
+        if name.endswith(".A_log"):
+            t = (-np.exp(t.astype(np.float64))).astype(np.float32)
+        elif name.endswith(".dt_bias"):
+            name = name.removesuffix(".dt_bias") + ".dt_proj.bias"
+        elif "conv1d" in name:
+            t = t.squeeze()
+        elif name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+            t = t + np.float32(1)
+        yield name, t
+
+
 # tests/fixtures/tiny/<fixture> -> the llama.cpp architecture it is written as, and its hparams.
 TINY_GGUF = {
     "gpt2": ("gpt2", gpt2_hparams),
@@ -710,7 +835,14 @@ TINY_GGUF = {
     # Gemma3NModel / Gemma4Model (the latter registered for Gemma4ForConditionalGeneration only)
     "gemma3n_text": ("gemma3n", gemma3n_hparams),
     "gemma4_text": ("gemma4", gemma4_hparams),
+    # Hybrids: LFM2Model (short-convolution layers; not lfm2_adjusted, whose conv biases the
+    # converter cannot write: it squeezes dim 1 of every `conv.conv` tensor, and the 1-d bias
+    # has none) and Qwen3_5TextModel (Gated DeltaNet layers)
+    "lfm2": ("lfm2", lfm2_hparams),
+    "qwen3_5_text": ("qwen35", qwen35_hparams),
 }
+# Converter classes whose modify_tensors changes tensors before the name lookup.
+CHECKPOINT_TENSORS = {"lfm2": lfm2_checkpoint_tensors, "qwen35": qwen35_checkpoint_tensors}
 GEMMA = ("gemma3n", "gemma4")
 # Architectures whose converter class is a LlamaModel (undo_permute): Q/K rows permuted.
 PERMUTED_QK = ("smollm3", "granite")
@@ -740,7 +872,8 @@ def write_tiny_gguf(out: Path, fixture: str) -> None:
     F32: its hparams, tensor names from gguf-py's own map, Q/K rows permuted where llama.cpp
     permutes them, GPT-2's Conv1D weights transposed to (out, in), Phi-3's fused qkv and gate_up
     kept, Granite 4's fused gate/up split (granite4_checkpoint_tensors), Gemma 3n's AltUp
-    projections stacked (gemma_checkpoint_tensors); with a stand-in
+    projections stacked (gemma_checkpoint_tensors), LFM2's and Qwen3.5's tensors as their classes
+    store them (lfm2_checkpoint_tensors, qwen35_checkpoint_tensors); with a stand-in
     SentencePiece vocabulary of the checkpoint's size (the tests feed ids)."""
     arch, hparams = TINY_GGUF[fixture]
     src = ROOT / "tests" / "fixtures" / "tiny" / fixture
@@ -764,6 +897,8 @@ def write_tiny_gguf(out: Path, fixture: str) -> None:
         tensors = dict(gemma_checkpoint_tensors(arch, tensors, config))
     if config["model_type"] == "granitemoehybrid":
         tensors = dict(granite4_checkpoint_tensors(tensors, config))
+    if arch in CHECKPOINT_TENSORS:
+        tensors = dict(CHECKPOINT_TENSORS[arch](tensors, config))
     for name, t in tensors.items():
         gguf_name = name if name.startswith("blk.") else tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:

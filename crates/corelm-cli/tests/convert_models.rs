@@ -276,6 +276,16 @@ fn every_tiny_architecture_converts_and_loads_in_coremltools() {
         }
         packages.push(out);
     }
+    // A hybrid model in the Neural Engine profile: LFM2's convolutions channels-first, in fp16,
+    // in fixed lengths up to 64 with 1 among them (its state takes no padding).
+    let lfm2 = tmp.path().join("lfm2-ane.mlpackage");
+    convert(&root().join("tests/fixtures/tiny/lfm2"), &lfm2, &["--context", "64", "--profile", "ane"]);
+    let report = inspect(&lfm2);
+    let mut names: Vec<&String> = report["functions"].as_object().unwrap().keys().collect();
+    names.sort();
+    assert_eq!(names, ["length_1", "length_16", "length_4", "length_64"]);
+    assert!(report["issues"].as_array().unwrap().is_empty(), "{}", report["issues"]);
+    packages.push(lfm2);
     coremltools_accepts(&packages);
 }
 
@@ -670,8 +680,19 @@ fn sharded_weights_load_everywhere_and_change_nothing() {
 #[test]
 fn tiny_checkpoints_convert_from_gguf_as_from_safetensors() {
     let tmp = tempfile::tempdir().unwrap();
-    let fixtures =
-        ["gpt2", "smollm3", "granite", "granite4", "olmo2", "olmo3", "phi3_longrope", "gemma3n_text", "gemma4_text"];
+    let fixtures = [
+        "gpt2",
+        "smollm3",
+        "granite",
+        "granite4",
+        "olmo2",
+        "olmo3",
+        "phi3_longrope",
+        "gemma3n_text",
+        "gemma4_text",
+        "lfm2",
+        "qwen3_5_text",
+    ];
     let ids = [1, 17, 42, 99, 5];
     let mut from_gguf = vec![];
     for fixture in fixtures {

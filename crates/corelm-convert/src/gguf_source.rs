@@ -1,7 +1,8 @@
 //! A GGUF file as a conversion source: its metadata becomes a Hugging Face style `config.json`
 //! (so one parser serves both), and its tensors are served under Hugging Face names, with
-//! llama.cpp's storage conventions undone (Q/K row permutation, Gemma's `1 + w` norms, GPT-2's
-//! Conv1D transpose, Granite 4's gate/up projection split in two).
+//! llama.cpp's storage conventions undone (Q/K row permutation, Gemma's and Qwen3.5's `1 + w`
+//! norms, GPT-2's Conv1D transpose, Granite 4's gate/up projection split in two, Qwen3.5's
+//! value heads tiled and its `A_log` stored as `−exp(A_log)`).
 
 use std::path::Path;
 
@@ -35,6 +36,10 @@ pub const SUPPORTED_GGUF_ARCHITECTURES: &[(&str, &str)] = &[
     ("olmo2", "olmo2"),
     ("gemma3n", "gemma3n_text"),
     ("gemma4", "gemma4_text"),
+    // Hybrids: short-convolution layers marked by a KV head count of 0 (lfm2_fields); Gated
+    // DeltaNet layers every `full_attention_interval`-th layer aside (qwen35_fields).
+    ("lfm2", "lfm2"),
+    ("qwen35", "qwen3_5_text"),
 ];
 
 pub struct GgufCheckpoint {
@@ -49,12 +54,67 @@ pub struct GgufCheckpoint {
     /// GPT-2's Conv1D weights: Hugging Face stores them (in, out), llama.cpp (out, in).
     conv1d: bool,
     heads: (usize, usize),
+    /// Qwen3.5's Gated DeltaNet heads: llama.cpp tiles their value heads and stores `−exp(A_log)`.
+    delta: Option<DeltaHeads>,
     /// Rows of the per-layer embedding table before the zero rows llama.cpp's converter pads it
     /// with (Gemma 3n), when it has any: served without them, as Hugging Face has the table.
     per_layer_rows: Option<usize>,
 }
 
 const PER_LAYER_TABLE: &str = "per_layer_token_embd.weight";
+
+/// Qwen3.5's Gated DeltaNet heads. Where there are fewer key heads than value heads, llama.cpp's
+/// converter reorders every per-value-head tensor from grouped by key head (k0v0, k0v1, k1v0,
+/// k1v1; transformers' order) to tiled (k0v0, k1v0, k0v1, k1v1; ggml's broadcast order):
+/// the value rows of `attn_qkv` (in_proj_qkv) and of the conv kernel, the rows of `attn_gate`
+/// (in_proj_z), `ssm_beta`, `ssm_alpha`, `ssm_a` and `ssm_dt.bias`, the columns of `ssm_out`.
+#[derive(Clone, Copy, Debug)]
+struct DeltaHeads {
+    key_heads: usize,
+    value_heads: usize,
+    key_dim: usize,
+    value_dim: usize,
+}
+
+impl DeltaHeads {
+    /// Whether the converter tiled them (it does whenever the counts differ; a value head count
+    /// that is not a multiple of the key heads' is refused with the configuration).
+    fn tiled(&self) -> bool {
+        self.key_heads != self.value_heads && self.key_heads > 0 && self.value_heads.is_multiple_of(self.key_heads)
+    }
+
+    /// For a tensor whose rows llama.cpp tiled: the first tiled row and the rows per value head.
+    fn tiled_rows(&self, gguf_name: &str) -> Option<(usize, usize)> {
+        let values_after_qk = 2 * self.key_heads * self.key_dim;
+        let layer_tensor = gguf_name.strip_prefix("blk.")?.split_once('.')?.1;
+        match layer_tensor {
+            "attn_qkv.weight" | "ssm_conv1d.weight" => Some((values_after_qk, self.value_dim)),
+            "attn_gate.weight" => Some((0, self.value_dim)),
+            "ssm_beta.weight" | "ssm_alpha.weight" | "ssm_a" | "ssm_dt.bias" => Some((0, 1)),
+            _ => None,
+        }
+        .filter(|_| self.tiled())
+    }
+
+    /// Whether llama.cpp tiled this tensor's columns (`ssm_out`, in value-head blocks).
+    fn tiled_columns(&self, gguf_name: &str) -> bool {
+        self.tiled() && gguf_name.starts_with("blk.") && gguf_name.ends_with(".ssm_out.weight")
+    }
+
+    /// Value head `g·r + v` (grouped; r value heads per key head) back from where tiling put it,
+    /// `v·key_heads + g`, for each block of `size` elements.
+    fn grouped_from_tiled<T: Copy>(&self, tiled: &[T], size: usize) -> Vec<T> {
+        let (kh, r) = (self.key_heads, self.value_heads / self.key_heads);
+        let mut out = tiled.to_vec();
+        for g in 0..kh {
+            for v in 0..r {
+                let (to, from) = ((g * r + v) * size, (v * kh + g) * size);
+                out[to..to + size].copy_from_slice(&tiled[from..from + size]);
+            }
+        }
+        out
+    }
+}
 
 /// The config.json a Hugging Face checkpoint of this GGUF would carry.
 fn config_json(g: &GgufFile) -> Result<Value> {
@@ -91,7 +151,9 @@ fn config_json(g: &GgufFile) -> Result<Value> {
     c.insert("num_hidden_layers".into(), json!(g.require_usize(&key("block_count"))?));
     let heads = g.require_usize(&key("attention.head_count"))?;
     c.insert("num_attention_heads".into(), json!(heads));
-    c.insert("num_key_value_heads".into(), usize_or_list(g, &key("attention.head_count_kv"))?.unwrap_or(json!(heads)));
+    // LFM2's per-layer counts hold a 0 for each short-convolution layer: lfm2_fields reads them.
+    let kv = if arch == "lfm2" { None } else { usize_or_list(g, &key("attention.head_count_kv"))? };
+    c.insert("num_key_value_heads".into(), kv.unwrap_or(json!(heads)));
     let key_length = g.get_usize(&key("attention.key_length"))?;
     if let Some(hd) = key_length {
         c.insert("head_dim".into(), json!(hd));
@@ -372,7 +434,177 @@ fn family_fields(g: &GgufFile, arch: &str, head_dim: usize, c: &mut Map<String, 
             granite_fields(g, arch, c)?;
         }
         "olmo2" => olmo3_fields(g, c)?,
+        "lfm2" => lfm2_fields(g, c)?,
+        "qwen35" => qwen35_fields(g, head_dim, c)?,
         _ => {}
+    }
+    Ok(())
+}
+
+/// `blk.{layer}.{name}` for each name, or an error naming the first one missing and what the
+/// metadata made of the layer.
+fn require_layer_tensors(g: &GgufFile, layer: usize, names: &[&str], kind: &str) -> Result<()> {
+    match names.iter().map(|n| format!("blk.{layer}.{n}")).find(|t| g.tensor(t).is_none()) {
+        Some(t) => Err(Error::malformed(g.path(), format!("tensor `{t}` is missing; layer {layer} is {kind}"))),
+        None => Ok(()),
+    }
+}
+
+/// LFM2 as llama.cpp's converter writes it: a layer is a short-convolution layer where its KV
+/// head count is 0 (llama.cpp's `is_recr`) and attends otherwise; `shortconv.l_cache` is the
+/// kernel's taps; `feed_forward_length` is the MLP's width, already adjusted (so no
+/// `block_auto_adjust_ff_dim`); the final norm is `token_embd_norm`; the epsilon is `norm_eps`.
+/// Convolution biases are taken when the file has them (llama.cpp's converter cannot write them,
+/// nor its loader read them). A sliding window or non-causal attention (LFM2's audio and encoder
+/// variants) is refused.
+fn lfm2_fields(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
+    let layers = c["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+    let heads = c["num_attention_heads"].as_u64().unwrap_or(1) as i128;
+    let kv_key = "lfm2.attention.head_count_kv";
+    let kv: Vec<i128> = match g.get(kv_key) {
+        None => vec![heads; layers],
+        Some(gguf::MetaValue::Array(a)) => a
+            .to_i128_vec()
+            .filter(|v| v.len() == layers && v.iter().all(|&n| (0..=u32::MAX as i128).contains(&n)))
+            .ok_or_else(|| {
+                Error::malformed(
+                    g.path(),
+                    format!(
+                        "metadata key '{kv_key}' must be a count per layer ({layers}), 0 for a short-convolution layer"
+                    ),
+                )
+            })?,
+        Some(_) => vec![g.require_usize(kv_key)? as i128; layers],
+    };
+    let mut attending = kv.iter().filter(|&&n| n > 0);
+    let first = attending.next().copied();
+    if let Some(other) = attending.find(|&&n| Some(n) != first) {
+        return Err(Error::malformed(
+            g.path(),
+            format!(
+                "{kv_key}: attention layers with {} and {other} KV heads; KV head counts that differ between layers are not supported",
+                first.unwrap_or(0)
+            ),
+        ));
+    }
+    c.insert("num_key_value_heads".into(), json!(first.unwrap_or(heads)));
+    let conv: Vec<bool> = kv.iter().map(|&n| n == 0).collect();
+    c.insert(
+        "layer_types".into(),
+        json!(conv.iter().map(|&s| if s { "conv" } else { "full_attention" }).collect::<Vec<_>>()),
+    );
+    c.insert("conv_L_cache".into(), json!(g.require_usize("lfm2.shortconv.l_cache")?));
+    let eps = c.get("rms_norm_eps").cloned().ok_or_else(|| g.missing("lfm2.attention.layer_norm_rms_epsilon"))?;
+    c.insert("norm_eps".into(), eps);
+    c.insert("block_auto_adjust_ff_dim".into(), json!(false));
+    if let Some(w) = c.get("sliding_window") {
+        return Err(Error::malformed(
+            g.path(),
+            format!("lfm2.attention.sliding_window is {w}: LFM2 with sliding-window attention is not supported"),
+        ));
+    }
+    if g.get_bool("lfm2.attention.causal")? == Some(false) {
+        return Err(Error::malformed(
+            g.path(),
+            "lfm2.attention.causal is false: a bidirectional LFM2 (an encoder) is not supported",
+        ));
+    }
+    let first_conv = conv.iter().position(|&s| s);
+    let bias = first_conv.is_some_and(|l| g.tensor(&format!("blk.{l}.shortconv.in_proj.bias")).is_some());
+    c.insert("conv_bias".into(), json!(bias));
+    for (l, &is_conv) in conv.iter().enumerate() {
+        if is_conv {
+            let mut names = vec!["shortconv.in_proj.weight", "shortconv.conv.weight", "shortconv.out_proj.weight"];
+            if bias {
+                names.extend(["shortconv.in_proj.bias", "shortconv.conv.bias", "shortconv.out_proj.bias"]);
+            }
+            require_layer_tensors(g, l, &names, &format!("a short-convolution layer ({kv_key} is 0 for it)"))?;
+        } else {
+            let names = ["attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight"];
+            require_layer_tensors(g, l, &names, &format!("an attention layer ({kv_key} is {} for it)", kv[l]))?;
+        }
+    }
+    Ok(())
+}
+
+/// Qwen3.5 (dense) as llama.cpp's converter writes it: the Gated DeltaNet sizes as `ssm.*`
+/// (`conv_kernel` taps, `state_size` the key head size, `group_count` the key heads,
+/// `time_step_rank` the value heads, `inner_size` value heads × value head size); the layers
+/// that attend as llama.cpp tells them: `attention.recurrent_layers` (a bool per layer) when
+/// present, else every `full_attention_interval`-th (default 4); the rotary share as
+/// `rope.dimension_count` (written always: Qwen3.5's own default is a quarter); MTP blocks
+/// (`nextn_predict_layers`, appended after the model's layers) left out. The MRoPE sections are
+/// not needed: text positions are the same on every section.
+fn qwen35_fields(g: &GgufFile, head_dim: usize, c: &mut Map<String, Value>) -> Result<()> {
+    let key = |k: &str| format!("qwen35.{k}");
+    let blocks = c["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+    let nextn = g.get_usize(&key("nextn_predict_layers"))?.unwrap_or(0);
+    if nextn >= blocks {
+        return Err(Error::malformed(
+            g.path(),
+            format!("{} is {nextn} of {blocks} blocks: no layers would be left", key("nextn_predict_layers")),
+        ));
+    }
+    let layers = blocks - nextn;
+    c.insert("num_hidden_layers".into(), json!(layers));
+    let recurrent_key = key("attention.recurrent_layers");
+    let mut why = format!("by {recurrent_key}");
+    let recurrent: Vec<bool> = match g.get(&recurrent_key) {
+        Some(gguf::MetaValue::Array(gguf::MetaArray::Bool(v))) if v.len() >= layers => v[..layers].to_vec(),
+        Some(_) => {
+            return Err(Error::malformed(
+                g.path(),
+                format!("metadata key '{recurrent_key}' must be a bool per layer ({layers})"),
+            ))
+        }
+        None => {
+            let interval_key = key("full_attention_interval");
+            let interval = g.get_usize(&interval_key)?.unwrap_or(4);
+            if interval == 0 {
+                return Err(Error::malformed(g.path(), format!("metadata key '{interval_key}' is 0")));
+            }
+            why = format!("{interval_key} being {interval}");
+            (0..layers).map(|l| (l + 1) % interval != 0).collect()
+        }
+    };
+    let types: Vec<&str> = recurrent.iter().map(|&r| if r { "linear_attention" } else { "full_attention" }).collect();
+    c.insert("layer_types".into(), json!(types));
+    let ssm = |k: &str| g.require_usize(&key(k));
+    let (value_heads, inner) = (ssm("ssm.time_step_rank")?, ssm("ssm.inner_size")?);
+    if value_heads == 0 || !inner.is_multiple_of(value_heads) {
+        return Err(Error::malformed(
+            g.path(),
+            format!(
+                "{} ({inner}) is not a multiple of {} ({value_heads})",
+                key("ssm.inner_size"),
+                key("ssm.time_step_rank")
+            ),
+        ));
+    }
+    c.insert("linear_conv_kernel_dim".into(), json!(ssm("ssm.conv_kernel")?));
+    c.insert("linear_key_head_dim".into(), json!(ssm("ssm.state_size")?));
+    c.insert("linear_num_key_heads".into(), json!(ssm("ssm.group_count")?));
+    c.insert("linear_num_value_heads".into(), json!(value_heads));
+    c.insert("linear_value_head_dim".into(), json!(inner / value_heads));
+    let rotary = g.get_usize(&key("rope.dimension_count"))?.unwrap_or(head_dim);
+    c.insert("partial_rotary_factor".into(), json!(rotary as f64 / head_dim.max(1) as f64));
+    let delta = [
+        "attn_qkv.weight",
+        "attn_gate.weight",
+        "ssm_conv1d.weight",
+        "ssm_dt.bias",
+        "ssm_a",
+        "ssm_beta.weight",
+        "ssm_alpha.weight",
+        "ssm_norm.weight",
+        "ssm_out.weight",
+    ];
+    let attention = ["attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight"];
+    for (l, &r) in recurrent.iter().enumerate() {
+        match r {
+            true => require_layer_tensors(g, l, &delta, &format!("a Gated DeltaNet layer, {why}"))?,
+            false => require_layer_tensors(g, l, &attention, &format!("an attention layer, {why}"))?,
+        }
     }
     Ok(())
 }
@@ -524,14 +756,26 @@ impl GgufCheckpoint {
             config["num_attention_heads"].as_u64().unwrap_or(1) as usize,
             config["num_key_value_heads"].as_u64().unwrap_or(1) as usize,
         );
+        let size = |k: &str| config[k].as_u64().unwrap_or(0) as usize;
+        let delta = (arch == "qwen35").then(|| DeltaHeads {
+            key_heads: size("linear_num_key_heads"),
+            value_heads: size("linear_num_value_heads"),
+            key_dim: size("linear_key_head_dim"),
+            value_dim: size("linear_value_head_dim"),
+        });
         Ok((
             GgufCheckpoint {
                 permuted_qk: permutes_qk(&arch),
-                // Gemma 3n and 4 norms multiply by their weight as stored.
-                norm_offset: matches!(arch.as_str(), "gemma" | "gemma2" | "gemma3"),
-                post_attention_norm: matches!(arch.as_str(), "gemma2" | "gemma3" | "gemma3n" | "gemma4" | "olmo2"),
+                // Gemma 3n and 4 norms multiply by their weight as stored; Qwen3.5's are stored as
+                // 1 + w like Gemma 1-3's (all but the DeltaNet output norm).
+                norm_offset: matches!(arch.as_str(), "gemma" | "gemma2" | "gemma3" | "qwen35"),
+                post_attention_norm: matches!(
+                    arch.as_str(),
+                    "gemma2" | "gemma3" | "gemma3n" | "gemma4" | "olmo2" | "qwen35"
+                ),
                 conv1d: arch == "gpt2",
                 heads,
+                delta,
                 per_layer_rows,
                 file,
             },
@@ -555,6 +799,8 @@ impl GgufCheckpoint {
             "model.embed_tokens_per_layer.weight" => Some("per_layer_token_embd.weight"),
             "model.per_layer_model_projection.weight" => Some("per_layer_model_proj.weight"),
             "model.per_layer_projection_norm.weight" => Some("per_layer_proj_norm.weight"),
+            // LFM2's final norm
+            "model.embedding_norm.weight" => Some("token_embd_norm.weight"),
             _ => None,
         };
         if let Some(d) = direct {
@@ -574,6 +820,9 @@ impl GgufCheckpoint {
         let (module, suffix) = match tail {
             "layer_scalar" => ("layer_scalar", "weight"),
             "altup.correct_output_scale" => ("altup.correct_output_scale", "weight"),
+            // Qwen3.5's: renamed dt_proj.bias by llama.cpp's converter; A_log keeps no suffix.
+            "linear_attn.dt_bias" => ("linear_attn.dt_proj", "bias"),
+            "linear_attn.A_log" => return Some((format!("blk.{layer}.ssm_a"), None)),
             _ => tail.rsplit_once('.')?,
         };
         let name = match module {
@@ -612,6 +861,27 @@ impl GgufCheckpoint {
             "altup.prediction_coefs" => "altup_predict_coef",
             "altup.modality_router" => "altup_router",
             "altup.router_norm" => "altup_router_norm",
+            // LFM2
+            "operator_norm" => "attn_norm",
+            "ffn_norm" => "ffn_norm",
+            "feed_forward.w1" => "ffn_gate",
+            "feed_forward.w3" => "ffn_up",
+            "feed_forward.w2" => "ffn_down",
+            "self_attn.q_layernorm" => "attn_q_norm",
+            "self_attn.k_layernorm" => "attn_k_norm",
+            "self_attn.out_proj" => "attn_output",
+            "conv.in_proj" => "shortconv.in_proj",
+            "conv.conv" => "shortconv.conv",
+            "conv.out_proj" => "shortconv.out_proj",
+            // Qwen3.5's Gated DeltaNet
+            "linear_attn.in_proj_qkv" => "attn_qkv",
+            "linear_attn.in_proj_z" => "attn_gate",
+            "linear_attn.in_proj_b" => "ssm_beta",
+            "linear_attn.in_proj_a" => "ssm_alpha",
+            "linear_attn.conv1d" => "ssm_conv1d",
+            "linear_attn.dt_proj" => "ssm_dt",
+            "linear_attn.norm" => "ssm_norm",
+            "linear_attn.out_proj" => "ssm_out",
             _ => return None,
         };
         Some((format!("blk.{layer}.{name}.{suffix}"), None))
@@ -691,12 +961,26 @@ impl Checkpoint for GgufCheckpoint {
         if let Some(rows) = self.per_layer_rows.filter(|_| info.name == PER_LAYER_TABLE) {
             data.truncate(rows * info.row_len());
         }
-        if self.norm_offset && info.name.ends_with("norm.weight") {
+        // Qwen3.5's DeltaNet output norm is the one norm stored as it is.
+        if self.norm_offset && info.name.ends_with("norm.weight") && !info.name.ends_with("ssm_norm.weight") {
             data.iter_mut().for_each(|v| *v -= 1.0);
         }
         if self.is_conv1d(info) {
             let (rows, cols) = (info.shape[0], info.shape[1]);
             return Ok((0..rows * cols).map(|i| data[(i % rows) * cols + i / rows]).collect());
+        }
+        if let Some(delta) = self.delta {
+            if info.name.ends_with(".ssm_a") {
+                data = self.a_log(info, data)?;
+            }
+            if delta.tiled_columns(&info.name) {
+                let (rows, cols) = (info.n_rows(), info.row_len());
+                if cols != delta.value_heads * delta.value_dim {
+                    return Err(self.not_value_heads(info, cols, "columns"));
+                }
+                data = data.chunks(cols).flat_map(|row| delta.grouped_from_tiled(row, delta.value_dim)).collect();
+                debug_assert_eq!(data.len(), rows * cols);
+            }
         }
         self.hf_rows(info, data, info.shape.get(1).copied().unwrap_or(1))
     }
@@ -720,7 +1004,9 @@ impl Checkpoint for GgufCheckpoint {
     }
 
     fn read_grid(&self, name: &str, dtype: DType) -> Result<Option<CarriedWeight>> {
-        let Some(info) = self.info(name).filter(|i| !self.is_conv1d(i)) else { return Ok(None) };
+        // Tiled value-head columns (Qwen3.5's `ssm_out`) are reordered as values, not as blocks.
+        let tiled_columns = |i: &gguf::TensorInfo| self.delta.is_some_and(|d| d.tiled_columns(&i.name));
+        let Some(info) = self.info(name).filter(|i| !self.is_conv1d(i) && !tiled_columns(i)) else { return Ok(None) };
         let &[rows, cols] = info.shape.as_slice() else { return Ok(None) };
         let Some(form) = info.dtype.grid_form() else { return Ok(None) };
         if cols % form.run != 0 {
@@ -784,14 +1070,54 @@ impl GgufCheckpoint {
         self.conv1d && info.shape.len() == 2 && matrices.iter().any(|m| info.name.ends_with(m))
     }
 
-    /// Row order as Hugging Face has it: llama's Q and K rows are stored permuted for ggml's rope.
+    /// Row order as Hugging Face has it: llama's Q and K rows are stored permuted for ggml's rope,
+    /// Qwen3.5's value heads tiled.
     fn hf_rows<T: Copy>(&self, info: &gguf::TensorInfo, data: Vec<T>, cols: usize) -> Result<Vec<T>> {
         let q = info.name.ends_with("attn_q.weight");
         if self.permuted_qk && (q || info.name.ends_with("attn_k.weight")) {
             let heads = if q { self.heads.0 } else { self.heads.1 };
             return gguf::unpermute_qk(&data, info.shape[0], cols, heads);
         }
+        if let Some((delta, (start, per_head))) = self.delta.and_then(|d| Some((d, d.tiled_rows(&info.name)?))) {
+            let rows = info.shape.first().copied().unwrap_or(0);
+            let end = start + delta.value_heads * per_head;
+            if end != rows || data.len() != rows * cols {
+                return Err(self.not_value_heads(info, rows, "rows"));
+            }
+            let mut data = data;
+            let grouped = delta.grouped_from_tiled(&data[start * cols..], per_head * cols);
+            data[start * cols..].copy_from_slice(&grouped);
+            return Ok(data);
+        }
         Ok(data)
+    }
+
+    fn not_value_heads(&self, info: &gguf::TensorInfo, got: usize, what: &str) -> Error {
+        let d = self.delta.expect("only Qwen3.5's tensors are reordered");
+        Error::malformed(
+            self.file.path(),
+            format!(
+                "tensor `{}` {:?} has {got} {what}, which do not hold {} value heads of {} (ssm.time_step_rank, ssm.inner_size) after {} key heads of {} (ssm.group_count, ssm.state_size)",
+                info.name, info.shape, d.value_heads, d.value_dim, d.key_heads, d.key_dim
+            ),
+        )
+    }
+
+    /// `A_log` from what llama.cpp's converter stores, `a = −exp(A_log)`: ln(−a), in f64 and
+    /// rounded once. The float32 exp before storing rounded, so this gives `A_log` back to
+    /// within a rounding (where exp is flatter than its input's spacing, a neighbour of it), and
+    /// the graph's exp of it `a` to within a rounding or two.
+    fn a_log(&self, info: &gguf::TensorInfo, data: Vec<f32>) -> Result<Vec<f32>> {
+        if let Some(bad) = data.iter().find(|&&a| !(a < 0.0 && a.is_finite())) {
+            return Err(Error::malformed(
+                self.file.path(),
+                format!(
+                    "tensor `{}` holds {bad}; llama.cpp stores −exp(A_log) there, a finite negative value",
+                    info.name
+                ),
+            ));
+        }
+        Ok(data.into_iter().map(|a| (-f64::from(a)).ln() as f32).collect())
     }
 }
 
@@ -924,6 +1250,115 @@ mod tests {
         bytes[at..at + 4].copy_from_slice(&8u32.to_le_bytes());
         let err = config(bytes).unwrap_err().to_string();
         assert!(err.contains("granite.expert_count is 8: a Granite mixture of experts"), "{err}");
+    }
+
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(format!("{}/tests/fixtures/gguf/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    }
+
+    /// `bytes` with the tensor info (or key) named `from` renamed `to`, of the same length.
+    fn renamed(mut bytes: Vec<u8>, from: &str, to: &str) -> Vec<u8> {
+        assert_eq!(from.len(), to.len());
+        let at = bytes.windows(from.len()).position(|w| w == from.as_bytes()).expect("the name");
+        bytes[at..at + to.len()].copy_from_slice(to.as_bytes());
+        bytes
+    }
+
+    #[test]
+    fn lfm2_reads_its_layer_kinds_from_the_kv_head_counts() {
+        let c = config(fixture("tiny_lfm2.gguf")).unwrap();
+        assert_eq!(c["model_type"], "lfm2");
+        assert_eq!(c["layer_types"], json!(["conv", "full_attention", "conv", "conv"]));
+        assert_eq!((c["num_key_value_heads"].clone(), c["conv_L_cache"].clone()), (json!(2), json!(3)));
+        assert_eq!((c["conv_bias"].clone(), c["block_auto_adjust_ff_dim"].clone()), (json!(false), json!(false)));
+        assert_eq!((c["intermediate_size"].clone(), c["tie_word_embeddings"].clone()), (json!(128), json!(true)));
+        assert_eq!(c["norm_eps"].as_f64().unwrap() as f32, 1e-5);
+        let m = crate::arch::read_config(Path::new("test.gguf"), &c).unwrap();
+        let conv = crate::config::Mixer::ShortConv { kernel: 3, bias: false };
+        let mixers: Vec<_> = m.layers.iter().map(|l| l.mixer).collect();
+        assert_eq!(mixers, [conv, crate::config::Mixer::Attention, conv, conv]);
+    }
+
+    #[test]
+    fn qwen35_reads_its_delta_net_sizes_and_layer_kinds() {
+        let c = config(fixture("tiny_qwen3_5_text.gguf")).unwrap();
+        assert_eq!(c["model_type"], "qwen3_5_text");
+        let types = ["linear_attention", "linear_attention", "linear_attention", "full_attention"];
+        assert_eq!(c["layer_types"], json!(types));
+        let sizes: Vec<_> = ["linear_conv_kernel_dim", "linear_key_head_dim", "linear_num_key_heads"]
+            .into_iter()
+            .chain(["linear_num_value_heads", "linear_value_head_dim", "head_dim", "num_hidden_layers"])
+            .map(|k| c[k].as_u64().unwrap())
+            .collect();
+        assert_eq!(sizes, [4, 16, 2, 4, 16, 16, 4]);
+        assert_eq!((c["partial_rotary_factor"].clone(), c["tie_word_embeddings"].clone()), (json!(0.25), json!(false)));
+        let m = crate::arch::read_config(Path::new("test.gguf"), &c).unwrap();
+        assert_eq!(m.rope.unwrap().rotary_dim, 4);
+
+        // An MTP block (here a fifth block, `nextn_predict_layers` 1 in place of key_length) is
+        // left out.
+        let mut bytes =
+            renamed(fixture("tiny_qwen3_5_text.gguf"), "qwen35.attention.key_length", "qwen35.nextn_predict_layers");
+        let at = value_of(&bytes, "qwen35.block_count");
+        bytes[at..at + 4].copy_from_slice(&5u32.to_le_bytes());
+        let at = value_of(&bytes, "qwen35.nextn_predict_layers");
+        bytes[at..at + 4].copy_from_slice(&1u32.to_le_bytes());
+        let c = config(bytes).unwrap();
+        assert_eq!((c["num_hidden_layers"].clone(), c["layer_types"].clone()), (json!(4), json!(types)));
+    }
+
+    /// A layer the metadata makes recurrent but whose tensors are not there is refused naming
+    /// the first tensor missing and why the layer is what it is.
+    #[test]
+    fn a_recurrent_layer_without_its_tensors_is_refused_naming_the_tensor() {
+        let lfm2 = renamed(fixture("tiny_lfm2.gguf"), "blk.2.shortconv.conv.weight", "blk.2.shortconv.cnv_.weight");
+        let err = config(lfm2).unwrap_err().to_string();
+        assert!(
+            err.contains("tensor `blk.2.shortconv.conv.weight` is missing; layer 2 is a short-convolution layer (lfm2.attention.head_count_kv is 0 for it)"),
+            "{err}"
+        );
+        let qwen = renamed(fixture("tiny_qwen3_5_text.gguf"), "blk.1.ssm_conv1d.weight", "blk.1.ssm_conv1x.weight");
+        let err = config(qwen).unwrap_err().to_string();
+        assert!(
+            err.contains("tensor `blk.1.ssm_conv1d.weight` is missing; layer 1 is a Gated DeltaNet layer, qwen35.full_attention_interval being 4"),
+            "{err}"
+        );
+        // Layer 1 marked recurrent (KV heads 0) holds attention tensors, not a convolution.
+        let mut bytes = fixture("tiny_lfm2.gguf");
+        let second = value_of(&bytes, "lfm2.attention.head_count_kv") + 4 + 8 + 4;
+        assert_eq!(bytes[second..second + 4], 2i32.to_le_bytes());
+        bytes[second..second + 4].copy_from_slice(&0i32.to_le_bytes());
+        let err = config(bytes).unwrap_err().to_string();
+        assert!(
+            err.contains("tensor `blk.1.shortconv.in_proj.weight` is missing; layer 1 is a short-convolution"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn lfm2_attention_layers_with_different_kv_head_counts_are_refused() {
+        let mut bytes = fixture("tiny_lfm2.gguf");
+        let kv = value_of(&bytes, "lfm2.attention.head_count_kv") + 4 + 8;
+        // Layer 0 attending with 4 heads beside layer 1's 2.
+        bytes[kv..kv + 4].copy_from_slice(&4i32.to_le_bytes());
+        let err = config(bytes).unwrap_err().to_string();
+        assert!(err.contains("attention layers with 4 and 2 KV heads"), "{err}");
+    }
+
+    /// `ssm_a` must hold −exp(A_log): a positive value is refused naming the tensor.
+    #[test]
+    fn qwen35_ssm_a_must_be_negative() {
+        let mut bytes = fixture("tiny_qwen3_5_text.gguf");
+        let at = GgufFile::from_bytes("t.gguf", bytes.clone()).unwrap().tensor("blk.0.ssm_a").unwrap().file_offset;
+        bytes[at..at + 4].copy_from_slice(&0.5f32.to_le_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.gguf");
+        std::fs::write(&path, bytes).unwrap();
+        let (ck, _) = GgufCheckpoint::open(&path).unwrap();
+        let err = ck.read_f32("model.layers.0.linear_attn.A_log").unwrap_err().to_string();
+        assert!(err.contains("tensor `blk.0.ssm_a` holds 0.5; llama.cpp stores −exp(A_log)"), "{err}");
+        let back = ck.read_f32("model.layers.1.linear_attn.A_log").unwrap();
+        assert!(back.iter().all(|v| v.is_finite()), "{back:?}");
     }
 
     #[test]
