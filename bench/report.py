@@ -211,6 +211,26 @@ def gguf_grids_section():
     return out + [source(name, d)]
 
 
+def hybrid_section():
+    name = "hybrid-prefill.json"
+    d = load(name)
+    rows = []
+    for r in d["rows"]:
+        n = r["prompt_tokens"]
+        rows.append([r["model"], f"{n / r['corelm_prefill_seconds']:.1f}", f"{n / r['corelm_steps_seconds']:.1f}",
+                     ratio(r["corelm_steps_seconds"], r["corelm_prefill_seconds"]),
+                     "meets" if r["corelm_speedup"] >= 4 else "**misses**",
+                     f"{n / r['transformers_fp32_prefill_seconds']:.1f}", f"{n / r['transformers_fp32_steps_seconds']:.1f}",
+                     ratio(r["transformers_fp32_prefill_seconds"], r["corelm_prefill_seconds"])])
+    return [f"**Hybrid prefill** (`bench/hybrid_prefill.py`): random-weight checkpoints with the layer widths of "
+            f"Qwen3.5-0.8B and LFM2-350M (8 layers, vocabulary 8192), fp16 packages on the interpreter; a "
+            f"{d['rows'][0]['prompt_tokens']}-token prompt in one driver feed against as many one-token calls "
+            f"(target: ≥ 4×), and transformers float32 on the same checkpoint ({d['threads']} threads); tokens/s.", "",
+            *table(["model", "corelm prefill", "corelm one-token calls", "speed-up", "target",
+                    "transformers prefill", "transformers one-token calls", "corelm prefill vs transformers"], rows),
+            "", source(name, d)]
+
+
 def ios_section():
     name = "ios-lib-size.json"
     d = load(name)
@@ -226,7 +246,7 @@ def ios_section():
 def render():
     lines = [BEGIN, ""]
     for section in (convert_section, decode_section, quality_section, weight_error_section, gguf_grids_section,
-                    ios_section):
+                    hybrid_section, ios_section):
         lines += section() + [""]
     return "\n".join(lines + [END])
 
