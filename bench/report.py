@@ -221,7 +221,8 @@ def hybrid_section():
                      ratio(r["corelm_steps_seconds"], r["corelm_prefill_seconds"]),
                      "meets" if r["corelm_speedup"] >= 4 else "**misses**",
                      f"{n / r['transformers_fp32_prefill_seconds']:.1f}", f"{n / r['transformers_fp32_steps_seconds']:.1f}",
-                     ratio(r["transformers_fp32_prefill_seconds"], r["corelm_prefill_seconds"])])
+                     ratio(r["transformers_fp32_prefill_seconds"], r["corelm_prefill_seconds"])
+                     + (" (**corelm slower**)" if r["corelm_prefill_seconds"] > r["transformers_fp32_prefill_seconds"] else "")])
     return [f"**Hybrid prefill** (`bench/hybrid_prefill.py`): random-weight checkpoints with the layer widths of "
             f"Qwen3.5-0.8B and LFM2-350M (8 layers, vocabulary 8192), fp16 packages on the interpreter; a "
             f"{d['rows'][0]['prompt_tokens']}-token prompt in one driver feed against as many one-token calls "

@@ -385,6 +385,36 @@ TINY = {
         ),
         tie_word_embeddings=True,
     ),
+    # Granite 4.0-H: Mamba-2 layers (two groups of B/C shared by four heads, a conv bias) around one
+    # attention layer without positions (NoPE), Granite's multipliers, a dense shared MLP. Mamba-2's chunk
+    # is 64 here, so the long check spans chunks in the reference. The time-step limit is finite (JSON has
+    # no infinity) but never binds: transformers applies it in its chunked form and not in its one-token
+    # update, so a binding limit makes its cached and uncached passes disagree.
+    "granite4_h": dict(
+        BASE,
+        model_type="granitemoehybrid",
+        robust_greedy=True,
+        num_hidden_layers=4,
+        layer_types=["mamba", "attention", "mamba", "mamba"],
+        num_local_experts=0,
+        shared_intermediate_size=112,
+        position_embedding_type="nope",
+        embedding_multiplier=3.0,
+        residual_multiplier=0.6,
+        attention_multiplier=0.1,
+        logits_scaling=1.5,
+        max_position_embeddings=256,
+        mamba_n_heads=4,
+        mamba_n_groups=2,
+        mamba_d_state=16,
+        mamba_d_head="auto",
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_chunk_size=64,
+        mamba_conv_bias=True,
+        mamba_proj_bias=False,
+        time_step_limit=[0.0, 1000.0],
+    ),
     "gpt2": dict(
         model_type="gpt2",
         vocab_size=128,
@@ -405,7 +435,7 @@ ZERO_CENTRED_NORMS = {"Qwen3_5RMSNorm"}
 # The final norm's name (under the language model) where it is not model.norm.weight.
 FINAL_NORM = {"gpt2": "transformer.ln_f.weight", "lfm2": "model.embedding_norm.weight"}
 # Families that carry recurrent state from chunk to chunk (see LONG_PROMPT_LEN).
-RECURRENT = {"lfm2", "qwen3_5_text", "qwen3_5"}
+RECURRENT = {"lfm2", "qwen3_5_text", "qwen3_5", "granitemoehybrid"}
 # Gemma 3n / 4 RMSNorm scales by `weight` itself, and their attention leaves q.k unscaled (scaling
 # 1.0, the q/k norms setting the sharpness).
 UNSCALED_ATTENTION = {"gemma3n_text", "gemma4_text"}
@@ -518,6 +548,8 @@ def randomize(model, model_type, gen, final_gain=None):
             p.copy_(math.log(A_MIN) + u * (math.log(A_MAX) - math.log(A_MIN)))
         elif name.endswith(".dt_bias"):
             normal(p, 0.1, mean=1.0)
+        elif name.endswith("mamba.D"):  # Mamba-2's skip connection per head
+            normal(p, 0.1, mean=1.0)
         else:
             raise ValueError(f"no init rule for {name} {tuple(p.shape)}")
     if model_type in MULTIMODAL and not tied:  # the untied head sits outside the language model
@@ -628,14 +660,19 @@ def long_outputs(model, text_config):
 
     def record(module, args, kwargs, output):
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        a = module.in_proj_a(x).float()
-        g = -module.A_log.float().exp() * torch.nn.functional.softplus(a + module.dt_bias)
-        decays[module.layer_idx] = g.exp()[0]
+        if hasattr(module, "in_proj_a"):  # gated delta rule: g = -A softplus(a + dt_bias)
+            a = module.in_proj_a(x).float()
+        else:  # Mamba-2: g = -A dt, dt = softplus(dt_raw + dt_bias) within the time-step limit
+            a = module.in_proj(x)[..., -module.num_heads:].float()
+        dt = torch.nn.functional.softplus(a + module.dt_bias)
+        if getattr(module, "time_step_limit", None):
+            dt = dt.clamp(*module.time_step_limit)
+        decays[module.layer_idx] = (-module.A_log.float().exp() * dt).exp()[0]
 
     hooks = [
         m.register_forward_hook(record, with_kwargs=True)
         for m in model.modules()
-        if type(m).__name__.endswith("GatedDeltaNet")
+        if type(m).__name__.endswith(("GatedDeltaNet", "MambaLayer"))
     ]
     try:
         logits = model(torch.tensor([prompt]), use_cache=False).logits[0]
@@ -698,7 +735,7 @@ def make_tiny(name, spec):
         raise RuntimeError(f"{name}: no usable prompt in {len(rejected)}:\n  " + "\n  ".join(tail))
     prompt, last, std, new = r["prompt"], r["last"], r["std"], r["greedy"]
     long = {}
-    if model_type in RECURRENT:
+    if model_type in RECURRENT and set(getattr(text_config, "layer_types", None) or []) - {"full_attention"}:
         long_check, decays, problem, cached_err = long_outputs(model, text_config)
         if problem is not None:
             raise RuntimeError(f"{name}: {problem}")
@@ -786,6 +823,9 @@ def legacy_config(config):
         c["torch_dtype"] = c.pop("dtype")
     if c["model_type"] in ("gemma2", "qwen2", "mistral", "phi3"):
         c.pop("layer_types", None)
+    if c["model_type"] == "granitemoehybrid" and "linear_attention" in c["layer_types"]:
+        # Granite 4.0-H's published names for its layer kinds
+        c["layer_types"] = [{"linear_attention": "mamba", "full_attention": "attention"}[t] for t in c["layer_types"]]
     return c
 
 

@@ -129,7 +129,7 @@ fn check_interface(report: &Value, config: &Value, context: usize) {
 
 /// A hybrid model's interface (LFM2, Qwen3.5): KV caches for its attention layers only, a
 /// convolution window per recurrent layer (`convState`, channels-first) and for Gated DeltaNet a
-/// key × value state per value head (`deltaState`), fp16, in every function; Qwen3.5's functions
+/// key × value state per value head (`recurrentState`), fp16, in every function; Qwen3.5's functions
 /// have the fixed lengths its unrolled chunks take (up to the context). The package names its
 /// recurrent states for the driver.
 fn check_hybrid_interface(report: &Value, config: &Value, context: usize) {
@@ -142,9 +142,16 @@ fn check_hybrid_interface(report: &Value, config: &Value, context: usize) {
     let kv = vec![attention, 1, n("num_key_value_heads"), context, head_dim];
     let lfm2 = config["model_type"] == "lfm2";
     let mut states = vec![("keyCache", kv.clone()), ("valueCache", kv)];
+    let fixed = vec!["length_1", "length_16", "length_4", "length_64"];
     let (functions, recurrent_names) = if lfm2 {
         states.push(("convState", vec![recurrent, 1, n("hidden_size"), 1, n("conv_L_cache") - 1]));
         (vec!["main"], "convState")
+    } else if config["model_type"] == "granitemoehybrid" {
+        let (heads, groups, state) = (n("mamba_n_heads"), n("mamba_n_groups"), n("mamba_d_state"));
+        let values = n("mamba_expand") * n("hidden_size");
+        states.push(("convState", vec![recurrent, 1, values + 2 * groups * state, 1, n("mamba_d_conv") - 1]));
+        states.push(("recurrentState", vec![recurrent, 1, heads, state, values / heads]));
+        (fixed, "convState,recurrentState")
     } else {
         let (kh, vh, kd, vd) = (
             n("linear_num_key_heads"),
@@ -153,8 +160,8 @@ fn check_hybrid_interface(report: &Value, config: &Value, context: usize) {
             n("linear_value_head_dim"),
         );
         states.push(("convState", vec![recurrent, 1, 2 * kh * kd + vh * vd, 1, n("linear_conv_kernel_dim") - 1]));
-        states.push(("deltaState", vec![recurrent, 1, vh, kd, vd]));
-        (vec!["length_1", "length_16", "length_4", "length_64"], "convState,deltaState")
+        states.push(("recurrentState", vec![recurrent, 1, vh, kd, vd]));
+        (fixed, "convState,recurrentState")
     };
     let mut names: Vec<&str> = report["functions"].as_object().unwrap().keys().map(|k| k.as_str()).collect();
     names.sort();

@@ -16,10 +16,11 @@ pub const KEY_CACHE: &str = "keyCache";
 pub const VALUE_CACHE: &str = "valueCache";
 /// Hybrid models' recurrent states (iOS 18 states, fp16; `…Residual` beside each in fp32
 /// packages): each recurrent layer's window of its last convolution inputs, (layers, 1,
-/// channels, 1, taps − 1), and each Gated DeltaNet layer's state, (layers, 1, value heads, key
-/// dim, value dim). Unlike a KV cache they cannot be rewound by moving the write position.
+/// channels, 1, taps − 1), and each Gated DeltaNet or Mamba-2 layer's matrix state, (layers, 1,
+/// value heads, key dim (Mamba-2: state size), value dim (head size)). Unlike a KV cache they
+/// cannot be rewound by moving the write position.
 pub const CONV_STATE: &str = "convState";
-pub const DELTA_STATE: &str = "deltaState";
+pub const RECURRENT_STATE: &str = "recurrentState";
 /// Logits (1, N, vocab), or with a split LM head the blocks `logits_0`, `logits_1`, ...
 pub const LOGITS: &str = "logits";
 /// The greedy token of each position, computed in the graph (Neural Engine profile).

@@ -245,8 +245,23 @@ fn recurrent_shape(c: &ModelConfig, mixer: Mixer, r: LayerRole) -> Vec<usize> {
                 MixerOut => vec![h, values],
                 DeltaGate => vec![values, h],
                 DeltaBeta | DeltaDecay => vec![la.value_heads, h],
-                DeltaDtBias | DeltaALog => vec![la.value_heads],
-                DeltaNorm => vec![la.value_dim],
+                DtBias | ALog => vec![la.value_heads],
+                MixerNorm => vec![la.value_dim],
+                _ => vec![],
+            }
+        }
+        (Mixer::Mamba2, Some(la)) => {
+            let values = la.value_heads * la.value_dim;
+            let projected = values + la.conv_channels() + la.value_heads;
+            match r {
+                MixerIn => vec![projected, h],
+                MixerInBias if la.proj_bias => vec![projected],
+                ConvKernel => vec![la.conv_channels(), la.conv_kernel],
+                ConvBias if la.conv_bias => vec![la.conv_channels()],
+                DtBias | ALog | SkipScale => vec![la.value_heads],
+                MixerNorm => vec![values],
+                MixerOut => vec![h, values],
+                MixerOutBias if la.proj_bias => vec![h],
                 _ => vec![],
             }
         }

@@ -155,6 +155,10 @@ pub enum Mixer {
     ShortConv { kernel: usize, bias: bool },
     /// Gated DeltaNet linear attention (Qwen3.5): see [`LinearAttention`].
     GatedDeltaNet,
+    /// Mamba-2's state-space layer (Granite 4.0-H): the same chunked linear attention without the
+    /// delta rule's correction, B and C in the keys' and queries' places, the inputs times the
+    /// time step as values, plus a skip connection per head.
+    Mamba2,
 }
 
 impl Mixer {
@@ -162,18 +166,31 @@ impl Mixer {
     pub fn is_recurrent(self) -> bool {
         self != Mixer::Attention
     }
+
+    /// Whether the layer keeps a matrix state its calls update in chunks (Gated DeltaNet, Mamba-2):
+    /// such functions have fixed lengths, and need fp32.
+    pub fn is_chunked(self) -> bool {
+        matches!(self, Mixer::GatedDeltaNet | Mixer::Mamba2)
+    }
 }
 
-/// The sizes of Gated DeltaNet layers: `in_proj_qkv` feeds a depthwise causal convolution
-/// (`conv_kernel` taps, SiLU) over queries, keys and values; each value head keeps a
-/// `key_dim` × `value_dim` state, decayed and updated by the delta rule every token.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The sizes of chunked linear-attention layers. Gated DeltaNet: `in_proj_qkv` feeds a depthwise
+/// causal convolution (`conv_kernel` taps, SiLU) over queries, keys and values; each value head
+/// keeps a `key_dim` × `value_dim` state, decayed and updated by the delta rule every token.
+/// Mamba-2: the convolution runs over x, B and C (`key_heads` groups of B and C, `key_dim` the
+/// state size; `value_heads` heads of `value_dim`).
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LinearAttention {
     pub key_heads: usize,
     pub value_heads: usize,
     pub key_dim: usize,
     pub value_dim: usize,
     pub conv_kernel: usize,
+    /// Biases on the convolution, and on the input and output projections (Mamba-2).
+    pub conv_bias: bool,
+    pub proj_bias: bool,
+    /// Mamba-2's bounds on the time step, when finite.
+    pub time_step_limit: Option<(f64, f64)>,
 }
 
 impl LinearAttention {
@@ -299,6 +316,10 @@ impl ModelConfig {
                 (Mixer::GatedDeltaNet, Some(la)) => {
                     let (values, channels) = ((la.value_heads * la.value_dim) as u64, la.conv_channels() as u64);
                     h * channels + 2 * h * values + 2 * h * la.value_heads as u64 + channels * la.conv_kernel as u64
+                }
+                (Mixer::Mamba2, Some(la)) => {
+                    let (values, channels) = ((la.value_heads * la.value_dim) as u64, la.conv_channels() as u64);
+                    h * (values + channels + la.value_heads as u64) + h * values + channels * la.conv_kernel as u64
                 }
                 _ => 2 * h * q + gate + kv_projections,
             };

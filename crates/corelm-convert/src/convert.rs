@@ -129,18 +129,19 @@ pub const HYBRID_QUERY_LENGTHS: [usize; 5] = [1, 4, 16, 64, 256];
 
 /// The options with a hybrid model's needs applied, before the profile's: fixed query lengths
 /// including 1 where they are needed (the driver never pads a recurrent model's call). Gated
-/// DeltaNet is not built for the Neural Engine (its chunked form needs fp32 for the decays'
-/// cumulative sums and the triangular inverse).
+/// DeltaNet and Mamba-2 are not built for the Neural Engine (their chunked form needs fp32 for
+/// the decays' cumulative sums, and the delta rule for its triangular inverse).
 fn hybrid_options(c: &ModelConfig, mut opts: GraphOptions) -> Result<GraphOptions> {
     if !c.is_hybrid() {
         return Ok(opts);
     }
-    let delta = c.layers.iter().any(|l| l.mixer == crate::config::Mixer::GatedDeltaNet);
+    let delta = c.layers.iter().any(|l| l.mixer.is_chunked());
     let ane = opts.profile == crate::graph::Profile::Ane;
     if delta && ane {
         return Err(Error::invalid(format!(
-            "--profile ane is not available for {}: its Gated DeltaNet layers compute the decays' cumulative sums and \
-             a triangular inverse in fp32, which the Neural Engine does not have; convert for the default profile",
+            "--profile ane is not available for {}: its chunked linear-attention layers (Gated DeltaNet, Mamba-2) \
+             compute the decays' cumulative sums (and the delta rule a triangular inverse) in fp32, which the Neural \
+             Engine does not have; convert for the default profile",
             c.family.name()
         )));
     }
@@ -319,8 +320,8 @@ fn write_stage(
     if c.is_hybrid() {
         // The driver snapshots these instead of rewinding, and never pads a call.
         let mut states = vec![names::CONV_STATE.to_string()];
-        if c.layers.iter().any(|l| l.mixer == crate::config::Mixer::GatedDeltaNet) {
-            states.push(names::DELTA_STATE.to_string());
+        if c.layers.iter().any(|l| l.mixer.is_chunked()) {
+            states.push(names::RECURRENT_STATE.to_string());
         }
         ud.insert(keys::RECURRENT_STATES.into(), states.join(","));
     }

@@ -70,7 +70,7 @@ fn compare_weights(fixture: &str) -> usize {
         let (want_shape, want) = load(folder.checkpoint.as_ref(), c, role, &spec).unwrap();
         assert_eq!(shape, want_shape, "{fixture} {role:?}");
         read += 1;
-        if matches!(role, Role::Layer(_, LayerRole::DeltaALog)) {
+        if matches!(role, Role::Layer(_, LayerRole::ALog)) {
             for (g, w) in got.iter().zip(&want) {
                 assert_eq!(rate(*g).to_bits(), rate(*w).to_bits(), "{fixture} {role:?}: {g} for {w}");
                 a_log_off += usize::from(g != w);

@@ -127,6 +127,7 @@ impl ModelShape {
         let recurrent_width = |l: &corelm_convert::config::LayerShape| match (l.mixer, c.linear) {
             (Mixer::ShortConv { .. }, _) => 3 * c.hidden_size,
             (Mixer::GatedDeltaNet, Some(la)) => la.conv_channels(),
+            (Mixer::Mamba2, Some(la)) => la.value_heads * (la.value_dim + 1) + la.conv_channels(),
             _ => 0,
         };
         let widest =
@@ -170,6 +171,10 @@ impl ModelShape {
                     let (values, heads) = ((la.value_heads * la.value_dim) as u64, la.value_heads as u64);
                     let qkv = la.conv_channels() as u64;
                     matrices.extend([m(qkv, h), m(values, h), m(heads, h), m(heads, h), m(h, values)]);
+                }
+                (Mixer::Mamba2, Some(la)) => {
+                    let (values, heads) = ((la.value_heads * la.value_dim) as u64, la.value_heads as u64);
+                    matrices.extend([m(values + la.conv_channels() as u64 + heads, h), m(h, values)]);
                 }
                 _ => {
                     matrices.push(m(q, h));
@@ -225,6 +230,12 @@ impl ModelShape {
                 (Mixer::ShortConv { kernel, bias }, _) => h * kernel as u64 + if bias { h } else { 0 },
                 (Mixer::GatedDeltaNet, Some(la)) => {
                     (la.conv_channels() * la.conv_kernel + 2 * la.value_heads + la.value_dim) as u64
+                }
+                // Kernel and bias, dt bias, A_log and D per head, the norm's gain over the values.
+                (Mixer::Mamba2, Some(la)) => {
+                    let bias = if la.conv_bias { la.conv_channels() } else { 0 };
+                    (la.conv_channels() * la.conv_kernel + bias + 3 * la.value_heads + la.value_heads * la.value_dim)
+                        as u64
                 }
                 _ => 0,
             };
@@ -320,7 +331,7 @@ impl ModelShape {
 
         // The KV cache: `keyCache` / `valueCache` states (or inputs, for iOS 16/17 packages); a
         // hybrid model's recurrent states apart, their size fixed.
-        let recurrent = |name: &str| name.starts_with(names::CONV_STATE) || name.starts_with(names::DELTA_STATE);
+        let recurrent = |name: &str| name.starts_with(names::CONV_STATE) || name.starts_with(names::RECURRENT_STATE);
         let recurrent_state_bytes = description
             .states
             .iter()
@@ -459,7 +470,7 @@ fn recurrent_state_values(c: &ModelConfig) -> u64 {
         .iter()
         .map(|l| match (l.mixer, c.linear) {
             (Mixer::ShortConv { kernel, .. }, _) => (c.hidden_size * (kernel - 1)) as u64,
-            (Mixer::GatedDeltaNet, Some(la)) => {
+            (Mixer::GatedDeltaNet | Mixer::Mamba2, Some(la)) => {
                 (la.conv_channels() * (la.conv_kernel - 1) + la.value_heads * la.key_dim * la.value_dim) as u64
             }
             _ => 0,

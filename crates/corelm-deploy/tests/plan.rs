@@ -292,7 +292,7 @@ fn convert_tiny(arch: &str, quant: Option<Quant>, context: usize) -> (ModelShape
         context,
         // Qwen3.5's functions have fixed lengths; one (decode) keeps the package one function, as
         // the planner lays it out (each further function repeats its zero biases).
-        query_lengths: if arch.starts_with("qwen3_5") { vec![1] } else { vec![] },
+        query_lengths: if arch.starts_with("qwen3_5") || arch == "granite4_h" { vec![1] } else { vec![] },
         attention: AttentionImpl::Fused,
         precision: Precision::Fp16,
         compress,
@@ -320,6 +320,7 @@ fn the_layout_model_matches_converted_packages() {
         "lfm2",
         "lfm2_adjusted",
         "qwen3_5_text",
+        "granite4_h",
     ] {
         for quant in
             [None, Some(Quant::Int8), Some(Quant::Int4), Some(Quant::Lut4), Some(Quant::Lut6), Some(Quant::Mixed)]
@@ -334,11 +335,8 @@ fn the_layout_model_matches_converted_packages() {
             assert_eq!(stored.kv_cache.full, predicted.kv_cache.full, "{what}");
             // Hybrid models' recurrent states, a fixed size, as declared.
             assert_eq!(stored.recurrent_states, predicted.recurrent_states, "{what}");
-            assert_eq!(
-                predicted.recurrent_states > 0,
-                arch.starts_with("lfm2") || arch.starts_with("qwen3_5"),
-                "{what}"
-            );
+            let hybrid = arch.starts_with("lfm2") || arch.starts_with("qwen3_5") || arch == "granite4_h";
+            assert_eq!(predicted.recurrent_states > 0, hybrid, "{what}");
             assert_eq!(pkg.tied_embeddings, from_config.tied_embeddings, "{what}");
             // Gemma 3n/4's per-layer table lies beside the weights, as planned.
             assert_eq!(pkg.per_layer_table, from_config.per_layer_table, "{what}");

@@ -13,7 +13,7 @@ use corelm_format::{Package, Target};
 use corelm_interp::Interpreter;
 use serde_json::Value;
 
-const HYBRIDS: [&str; 4] = ["lfm2", "lfm2_adjusted", "qwen3_5_text", "qwen3_5"];
+const HYBRIDS: [&str; 5] = ["lfm2", "lfm2_adjusted", "qwen3_5_text", "qwen3_5", "granite4_h"];
 
 /// As in parity_tiny: an fp16 conversion's logit error as a fraction of the range.
 const FP16_TOLERANCE: f32 = 1e-2;
@@ -113,7 +113,7 @@ fn long_prompts_match_transformers() {
 #[test]
 fn prefill_then_decode_equals_full_recompute() {
     let tmp = tempfile::tempdir().unwrap();
-    for name in ["lfm2", "qwen3_5_text"] {
+    for name in ["lfm2", "qwen3_5_text", "granite4_h"] {
         let r = long_check(name);
         let pkg = convert_to(name, &tmp.path().join(format!("{name}.mlpackage")), Precision::Fp32, 256, vec![]);
         // Lengths where t + 1 is one call of its own and t is several (Qwen3.5's 4, 16, 64, 128 = 2 × 64).
@@ -167,14 +167,15 @@ fn snapshots_restore_what_rewinding_cannot() {
 /// fp16 state over a long generation: each of 2,000 tokens fed alone, so the fp16 states are
 /// rounded after every token (the worst case: prefill keeps a call's state in fp32), against an
 /// fp32 package fed the same way. The error (|Δ logit| over that step's range) is reported for
-/// windows of steps: it must not grow along the run (the last window's worst within twice the
-/// first's) and stay within a few times the fp16 tolerance; every logit stays finite.
+/// windows of steps: it must not grow along the run (steps 1,001 to 2,000 within 1.5 times the
+/// worst of the first 1,000) and stay within a few times the fp16 tolerance; every logit stays
+/// finite.
 #[test]
 fn fp16_state_drift_over_2000_steps() {
     let tmp = tempfile::tempdir().unwrap();
     let steps = 2000;
     let windows = [(0, 100), (100, 500), (500, 1000), (1000, 2000)];
-    for name in ["lfm2", "qwen3_5_text"] {
+    for name in ["lfm2", "qwen3_5_text", "granite4_h"] {
         let r = long_check(name);
         let tokens: Vec<u32> = (0..steps).map(|i| r.prompt[i % r.prompt.len()]).collect();
         let mut runs = Vec::new();
@@ -198,7 +199,9 @@ fn fp16_state_drift_over_2000_steps() {
         let report: Vec<String> =
             windows.iter().zip(&worst).map(|((a, b), w)| format!("steps {}..{b}: {w:.2e}", a + 1)).collect();
         println!("{name:<14} fp16 vs fp32, worst |Δ logit| / range: {}", report.join(", "));
-        assert!(worst[3] <= 2.0 * worst[0], "{name}: the fp16 state's error grows along the run: {report:?}");
+        // It may settle over the first steps (the state fills); after 1,000 it must not grow.
+        let first_half = worst[..3].iter().copied().fold(0.0, f32::max);
+        assert!(worst[3] <= 1.5 * first_half, "{name}: the fp16 state's error grows along the run: {report:?}");
         assert!(worst.iter().all(|&w| w < 3.0 * FP16_TOLERANCE), "{name}: {report:?}");
     }
 }
@@ -209,16 +212,18 @@ fn fp16_state_drift_over_2000_steps() {
 #[test]
 fn calibration_sees_every_layer_of_hybrid_models() {
     let tmp = tempfile::tempdir().unwrap();
-    for (name, per_recurrent_layer) in
-        [("lfm2", &["mixerin", "mixerout"][..]), ("qwen3_5_text", &["mixerin", "deltagate", "mixerout"])]
-    {
+    for (name, per_recurrent_layer) in [
+        ("lfm2", &["mixerin", "mixerout"][..]),
+        ("qwen3_5_text", &["mixerin", "deltagate", "mixerout"]),
+        ("granite4_h", &["mixerin", "mixerout"]),
+    ] {
         let r = long_check(name);
         let pkg = convert_to(name, &tmp.path().join(format!("{name}.mlpackage")), Precision::Fp16, 256, vec![]);
         let grams = corelm_interp::calibrate::input_grams(&pkg, &r.prompt, &mut |_| {}).unwrap();
         let config: Value = serde_json::from_slice(&std::fs::read(fixture(name).join("config.json")).unwrap()).unwrap();
         for (l, kind) in config["layer_types"].as_array().unwrap().iter().enumerate() {
             let attention: &[&str] =
-                if name == "lfm2" { &["q", "k", "v", "o"] } else { &["q", "qgate", "k", "v", "o"] };
+                if name == "qwen3_5_text" { &["q", "qgate", "k", "v", "o"] } else { &["q", "k", "v", "o"] };
             let roles = if kind == "full_attention" { attention } else { per_recurrent_layer };
             for role in roles.iter().chain(&["gate", "up", "down"]) {
                 let key = format!("layers_{l}_{role}");

@@ -95,14 +95,16 @@ pub enum LayerRole {
     ConvBias,
     MixerOut,
     MixerOutBias,
-    /// Gated DeltaNet: the output gate (z), the write strength (b → β), the decay input (a),
-    /// the decay's bias and log rate per value head, and the gated output norm.
+    /// Gated DeltaNet: the output gate (z), the write strength (b → β), the decay input (a).
     DeltaGate,
     DeltaBeta,
     DeltaDecay,
-    DeltaDtBias,
-    DeltaALog,
-    DeltaNorm,
+    /// Chunked linear attention (Gated DeltaNet, Mamba-2): the time step's bias and the log decay
+    /// rate per head, the gated output norm, and Mamba-2's skip connection per head (D).
+    DtBias,
+    ALog,
+    MixerNorm,
+    SkipScale,
 }
 
 /// Which part of a stored tensor a role takes.
@@ -478,7 +480,9 @@ pub fn layer_attention(f: &Fields, num_layers: usize, fallback: impl Fn(usize) -
             .iter()
             .map(|t| match *t {
                 "sliding_attention" => sliding(true),
-                "full_attention" => sliding(false),
+                // Granite 4's older name; and the recurrent kinds of hybrid models, whose entry no
+                // attention reads (their family marks them in the layers' mixers).
+                "full_attention" | "attention" | "linear_attention" | "mamba" | "conv" => sliding(false),
                 other => Err(f.error(format!("unknown layer type `{other}`"))),
             })
             .collect(),

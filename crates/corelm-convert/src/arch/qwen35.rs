@@ -17,6 +17,9 @@ pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
         key_dim: f.usize("linear_key_head_dim")?,
         value_dim: f.usize("linear_value_head_dim")?,
         conv_kernel: f.opt_usize("linear_conv_kernel_dim")?.unwrap_or(4),
+        conv_bias: false,
+        proj_bias: false,
+        time_step_limit: None,
     };
     if linear.key_heads == 0 || linear.value_dim == 0 || linear.key_dim == 0 || linear.conv_kernel < 2 {
         return Err(f.error("linear attention needs positive head counts and sizes and a kernel of 2 or more taps"));
@@ -110,9 +113,9 @@ pub fn tensor_spec(c: &ModelConfig, role: Role) -> Option<TensorSpec> {
         (_, DeltaGate) => format!("{a}.in_proj_z.weight"),
         (_, DeltaBeta) => format!("{a}.in_proj_b.weight"),
         (_, DeltaDecay) => format!("{a}.in_proj_a.weight"),
-        (_, DeltaDtBias) => format!("{a}.dt_bias"),
-        (_, DeltaALog) => format!("{a}.A_log"),
-        (_, DeltaNorm) => format!("{a}.norm.weight"),
+        (_, DtBias) => format!("{a}.dt_bias"),
+        (_, ALog) => format!("{a}.A_log"),
+        (_, MixerNorm) => format!("{a}.norm.weight"),
         (_, MixerOut) => format!("{a}.out_proj.weight"),
         _ => return None,
     };

@@ -38,7 +38,7 @@ enum Kind {
 }
 
 /// The recurrent states of a stage's layers: `convState` (layers, 1, channels, 1, taps − 1),
-/// channels-first like the convolution that reads it, and for Gated DeltaNet `deltaState`
+/// channels-first like the convolution that reads it, and for Gated DeltaNet `recurrentState`
 /// (layers, 1, value heads, key dim, value dim).
 pub(super) struct RecurrentStates {
     conv: Option<States>,
@@ -81,12 +81,14 @@ impl RecurrentStates {
             Ok(States { vars, layer_shape, place })
         };
         let conv = declare(g, names::CONV_STATE, vec![1, channels, 1, kernel - 1], &layers)?;
-        let delta_layers: Vec<usize> =
-            layers.iter().copied().filter(|&l| c.layer(l).mixer == Mixer::GatedDeltaNet).collect();
+        let delta_layers: Vec<usize> = layers.iter().copied().filter(|&l| c.layer(l).mixer.is_chunked()).collect();
         let delta = match c.linear.filter(|_| !delta_layers.is_empty()) {
-            Some(la) => {
-                Some(declare(g, names::DELTA_STATE, vec![1, la.value_heads, la.key_dim, la.value_dim], &delta_layers)?)
-            }
+            Some(la) => Some(declare(
+                g,
+                names::RECURRENT_STATE,
+                vec![1, la.value_heads, la.key_dim, la.value_dim],
+                &delta_layers,
+            )?),
             None => None,
         };
         Ok(RecurrentStates { conv: Some(conv), delta })
@@ -223,9 +225,14 @@ pub(super) fn mixer_block(
 ) -> Result<Var> {
     match g.c.layer(l).mixer {
         Mixer::ShortConv { .. } => short_conv(g, states, at, compute, l, x),
-        Mixer::GatedDeltaNet => {
-            let n = query_len.ok_or_else(|| Error::invalid("Gated DeltaNet layers need fixed query lengths"))?;
-            gated_delta_net(g, states, at, compute, l, x, n)
+        Mixer::GatedDeltaNet | Mixer::Mamba2 => {
+            let n =
+                query_len.ok_or_else(|| Error::invalid("chunked linear-attention layers need fixed query lengths"))?;
+            if g.c.layer(l).mixer == Mixer::Mamba2 {
+                mamba2(g, states, at, compute, l, x, n)
+            } else {
+                gated_delta_net(g, states, at, compute, l, x, n)
+            }
         }
         Mixer::Attention => unreachable!("attention layers are not recurrent"),
     }
@@ -277,36 +284,10 @@ fn gated_delta_net(
         &format!("{p}_qkv"),
         vec![("x", (&qkv).into()), ("split_sizes", i32s(&[kh * kd, kh * kd, vh * vd])), ("axis", scalar_i32(-1))],
     )?;
-    let heads = |g: &mut Graph, x: &Var, h: i32, d: i32, tag: &str, normed: bool| -> Result<Var> {
-        let mut x = g.reshape(&format!("{p}_{tag}_h"), x, &[1, -1, h, d])?;
-        if normed {
-            let sq = g.binary(Binary::Mul, &format!("{p}_{tag}_sq"), &x, &x)?;
-            let ss = g.op(
-                "reduce_sum",
-                &format!("{p}_{tag}_ss"),
-                vec![("x", (&sq).into()), ("axes", i32s(&[-1])), ("keep_dims", Arg::Tensor(Tensor::scalar_bool(true)))],
-            )?;
-            let r = g.op(
-                "rsqrt",
-                &format!("{p}_{tag}_r"),
-                vec![("x", (&ss).into()), ("epsilon", g.float(DType::Fp32, 1e-6))],
-            )?;
-            x = g.binary(Binary::Mul, &format!("{p}_{tag}_l2"), &x, &r)?;
-        }
-        if h < vh {
-            // Each key head serves vh / kh consecutive value heads (repeat_interleave).
-            let r = vh / h;
-            let e = g.reshape(&format!("{p}_{tag}_e"), &x, &[1, -1, h, 1, d])?;
-            let t =
-                g.op("tile", &format!("{p}_{tag}_t"), vec![("x", (&e).into()), ("reps", i32s(&[1, 1, 1, r, 1]))])?;
-            x = g.reshape(&format!("{p}_{tag}_rep"), &t, &[1, -1, vh, d])?;
-        }
-        g.transpose(&format!("{p}_{tag}"), &x, &[0, 2, 1, 3])
-    };
-    let q = heads(g, &parts[0], kh, kd, "q", true)?;
+    let q = heads_first(g, &parts[0], [kh, kd, vh], true, &format!("{p}_q"))?;
     let q = g.mul_s(&q, (kd as f64).powf(-0.5), &format!("{p}_q_scaled"))?;
-    let k = heads(g, &parts[1], kh, kd, "k", true)?;
-    let v = heads(g, &parts[2], vh, vd, "v", false)?;
+    let k = heads_first(g, &parts[1], [kh, kd, vh], true, &format!("{p}_k"))?;
+    let v = heads_first(g, &parts[2], [vh, vd, vh], false, &format!("{p}_v"))?;
     // β and the decay per value head, (1, vh, N), in fp32.
     let per_head = |g: &mut Graph, role: LayerRole, tag: &str| -> Result<Var> {
         let y = g.linear(x, lr(role), None, &format!("{p}_{tag}_proj"))?;
@@ -316,16 +297,16 @@ fn gated_delta_net(
     let beta = g.op("sigmoid", &format!("{p}_beta_t"), vec![("x", (&b).into())])?;
     let beta = g.transpose(&format!("{p}_beta"), &beta, &[0, 2, 1])?;
     let a = per_head(g, DeltaDecay, "a")?;
-    let dt_bias = g.required(lr(DeltaDtBias))?;
+    let dt_bias = g.required(lr(DtBias))?;
     let a = g.binary(Binary::Add, &format!("{p}_a_biased"), &a, &dt_bias)?;
     let sp = g.op("softplus", &format!("{p}_a_soft"), vec![("x", (&a).into())])?;
-    let a_log = g.required(lr(DeltaALog))?;
+    let a_log = g.required(lr(ALog))?;
     let rate = g.op("exp", &format!("{p}_rate"), vec![("x", (&a_log).into())])?;
     let rate = g.mul_s(&rate, -1.0, &format!("{p}_neg_rate"))?;
     let decay = g.binary(Binary::Mul, &format!("{p}_decay_t"), &sp, &rate)?;
     let decay = g.transpose(&format!("{p}_decay"), &decay, &[0, 2, 1])?;
     let state = states.read(g, Kind::Delta, l, &format!("{p}_state"))?;
-    let (out, state) = delta_rule(g, [&q, &k, &v], &beta, &decay, state, n, &p)?;
+    let (out, state) = chunked_rule(g, [&q, &k, &v], Some(&beta), &decay, state, n, &p)?;
     states.write(g, Kind::Delta, l, &state, &format!("{p}_state"))?;
     // RMSNorm over each head's values, times its gain, times SiLU(z).
     let out = g.transpose(&format!("{p}_out_t"), &out, &[0, 2, 1, 3])?;
@@ -338,7 +319,7 @@ fn gated_delta_net(
     )?;
     let r = g.op("rsqrt", &format!("{p}_norm_r"), vec![("x", (&ms).into()), ("epsilon", g.float(DType::Fp32, eps))])?;
     let normed = g.binary(Binary::Mul, &format!("{p}_normed"), &out, &r)?;
-    let gain = g.required(lr(DeltaNorm))?;
+    let gain = g.required(lr(MixerNorm))?;
     let normed = g.binary(Binary::Mul, &format!("{p}_norm_w"), &normed, &gain)?;
     let z = per_head(g, DeltaGate, "z")?;
     let z = g.reshape(&format!("{p}_z_h"), &z, &[1, -1, vh, vd])?;
@@ -349,15 +330,120 @@ fn gated_delta_net(
     g.linear(&flat, lr(MixerOut), None, &format!("{p}_out"))
 }
 
-/// The gated delta rule over `n` tokens in chunks (transformers' `torch_chunk_gated_delta_rule`,
-/// fp32): q, k (1, vh, N, kd), v (1, vh, N, vd), β and the log decay (1, vh, N), the state
-/// (1, vh, kd, vd). Returns the output (1, vh, N, vd) and the state after the last token. The
-/// chunk is the largest power of two up to [`DELTA_CHUNK`] that divides `n` (one token: the
-/// recurrent step).
-fn delta_rule(
+/// `x` (1, N, heads·dim) as (1, value heads, N, dim): L2-normed over `dim` (eps 1e-6) when
+/// `l2`, each head repeated for the value heads it serves (repeat_interleave) when fewer.
+fn heads_first(g: &mut Graph, x: &Var, [h, d, vh]: [i32; 3], l2: bool, name: &str) -> Result<Var> {
+    let mut x = g.reshape(&format!("{name}_h"), x, &[1, -1, h, d])?;
+    if l2 {
+        let sq = g.binary(Binary::Mul, &format!("{name}_sq"), &x, &x)?;
+        let ss = g.op(
+            "reduce_sum",
+            &format!("{name}_ss"),
+            vec![("x", (&sq).into()), ("axes", i32s(&[-1])), ("keep_dims", Arg::Tensor(Tensor::scalar_bool(true)))],
+        )?;
+        let eps = g.float(DType::Fp32, 1e-6);
+        let r = g.op("rsqrt", &format!("{name}_r"), vec![("x", (&ss).into()), ("epsilon", eps)])?;
+        x = g.binary(Binary::Mul, &format!("{name}_l2"), &x, &r)?;
+    }
+    if h < vh {
+        let e = g.reshape(&format!("{name}_e"), &x, &[1, -1, h, 1, d])?;
+        let t = g.op("tile", &format!("{name}_t"), vec![("x", (&e).into()), ("reps", i32s(&[1, 1, 1, vh / h, 1]))])?;
+        x = g.reshape(&format!("{name}_rep"), &t, &[1, -1, vh, d])?;
+    }
+    g.transpose(name, &x, &[0, 2, 1, 3])
+}
+
+/// RMSNorm over the last axis in groups of `group` values (eps from the config), fp32.
+fn grouped_rms(g: &mut Graph, x: &Var, width: i32, group: i32, name: &str) -> Result<Var> {
+    let Norm::Rms { eps, .. } = g.c.norm else { return Err(Error::invalid("a recurrent layer in a LayerNorm family")) };
+    let grouped = g.reshape(&format!("{name}_groups"), x, &[1, -1, width / group, group])?;
+    let sq = g.binary(Binary::Mul, &format!("{name}_sq"), &grouped, &grouped)?;
+    let ms = g.op(
+        "reduce_mean",
+        &format!("{name}_ms"),
+        vec![("x", (&sq).into()), ("axes", i32s(&[-1])), ("keep_dims", Arg::Tensor(Tensor::scalar_bool(true)))],
+    )?;
+    let eps = g.float(DType::Fp32, eps);
+    let r = g.op("rsqrt", &format!("{name}_r"), vec![("x", (&ms).into()), ("epsilon", eps)])?;
+    let normed = g.binary(Binary::Mul, &format!("{name}_n"), &grouped, &r)?;
+    g.reshape(name, &normed, &[1, -1, width])
+}
+
+/// Mamba-2 (Granite 4.0-H) over `n` tokens: in_proj gives z, then x, B and C (convolved, SiLU)
+/// and the time step dt = softplus(dt_raw + dt_bias) within its limit; the chunked rule runs with
+/// C as queries, B as keys, x·dt as values and decay dt·(−exp(A_log)), plus the skip D·x; then
+/// y·SiLU(z), RMS-normed per group, times its gain, projected out.
+fn mamba2(
+    g: &mut Graph,
+    states: &RecurrentStates,
+    at: &Positions,
+    compute: DType,
+    l: usize,
+    x: &Var,
+    n: usize,
+) -> Result<Var> {
+    use LayerRole::*;
+    let p = format!("l{l}_ssm");
+    let lr = |r| Role::Layer(l, r);
+    let la = g.c.linear.ok_or_else(|| Error::invalid("Mamba-2 layers without their sizes"))?;
+    let (kh, vh, kd, vd) = (la.key_heads as i32, la.value_heads as i32, la.key_dim as i32, la.value_dim as i32);
+    let (values, channels) = (vh * vd, la.conv_channels() as i32);
+    let proj = g.linear(x, lr(MixerIn), Some(lr(MixerInBias)), &format!("{p}_in"))?;
+    let split = |g: &mut Graph, x: &Var, sizes: &[i32], name: String| {
+        g.f.op("split", &name, vec![("x", x.into()), ("split_sizes", i32s(sizes)), ("axis", scalar_i32(-1))])
+    };
+    let parts = split(g, &proj, &[values, channels, vh], format!("{p}_zxbcdt"))?;
+    let xbc = states.causal_conv(g, at, l, &parts[1], true, &format!("{p}_conv"))?;
+    let xbc = split(g, &xbc, &[values, kh * kd, kh * kd], format!("{p}_xbc"))?;
+    // The time step per head, (1, N, vh).
+    let dt = g.cast(&parts[2], DType::Fp32, &format!("{p}_dt32"))?;
+    let dt_bias = g.required(lr(DtBias))?;
+    let dt = g.binary(Binary::Add, &format!("{p}_dt_biased"), &dt, &dt_bias)?;
+    let mut dt = g.op("softplus", &format!("{p}_dt"), vec![("x", (&dt).into())])?;
+    if let Some((lo, hi)) = la.time_step_limit {
+        let (lo, hi) = (g.float(DType::Fp32, lo), g.float(DType::Fp32, hi));
+        dt = g.op("clip", &format!("{p}_dt_limited"), vec![("x", (&dt).into()), ("alpha", lo), ("beta", hi)])?;
+    }
+    let a_log = g.required(lr(ALog))?;
+    let rate = g.op("exp", &format!("{p}_rate"), vec![("x", (&a_log).into())])?;
+    let rate = g.mul_s(&rate, -1.0, &format!("{p}_neg_rate"))?;
+    let decay = g.binary(Binary::Mul, &format!("{p}_decay_t"), &dt, &rate)?;
+    let decay = g.transpose(&format!("{p}_decay"), &decay, &[0, 2, 1])?;
+    let xs = heads_first(g, &xbc[0], [vh, vd, vh], false, &format!("{p}_x"))?;
+    let dt_t = g.transpose(&format!("{p}_dt_t"), &dt, &[0, 2, 1])?;
+    let dt4 = g.expand_dims(&format!("{p}_dt4"), &dt_t, &[-1])?;
+    let v = g.binary(Binary::Mul, &format!("{p}_v"), &xs, &dt4)?;
+    let k = heads_first(g, &xbc[1], [kh, kd, vh], false, &format!("{p}_b"))?;
+    let q = heads_first(g, &xbc[2], [kh, kd, vh], false, &format!("{p}_c"))?;
+    let state = states.read(g, Kind::Delta, l, &format!("{p}_state"))?;
+    let (out, state) = chunked_rule(g, [&q, &k, &v], None, &decay, state, n, &p)?;
+    states.write(g, Kind::Delta, l, &state, &format!("{p}_state"))?;
+    let skip = g.required(lr(SkipScale))?;
+    let skip = g.reshape(&format!("{p}_skip4"), &skip, &[1, vh, 1, 1])?;
+    let skipped = g.binary(Binary::Mul, &format!("{p}_skipped"), &xs, &skip)?;
+    let out = g.binary(Binary::Add, &format!("{p}_y_heads"), &out, &skipped)?;
+    let out = g.transpose(&format!("{p}_y_t"), &out, &[0, 2, 1, 3])?;
+    let y = g.reshape(&format!("{p}_y"), &out, &[1, -1, values])?;
+    let z = g.cast(&parts[0], DType::Fp32, &format!("{p}_z32"))?;
+    let z = g.op("silu", &format!("{p}_z_act"), vec![("x", (&z).into())])?;
+    let gated = g.binary(Binary::Mul, &format!("{p}_gated"), &y, &z)?;
+    let normed = grouped_rms(g, &gated, values, values / kh, &format!("{p}_norm"))?;
+    let gain = g.required(lr(MixerNorm))?;
+    let normed = g.binary(Binary::Mul, &format!("{p}_norm_w"), &normed, &gain)?;
+    let normed = g.cast(&normed, compute, &format!("{p}_normed_c"))?;
+    g.linear(&normed, lr(MixerOut), Some(lr(MixerOutBias)), &format!("{p}_out"))
+}
+
+/// Chunked linear attention over `n` tokens, fp32: with `beta`, the gated delta rule
+/// (transformers' `torch_chunk_gated_delta_rule`), without, plain gated linear attention (Mamba-2's
+/// state-space dual form, `mamba2_chunk_scan`). q, k (1, vh, N, kd), v (1, vh, N, vd), β and the log
+/// decay (1, vh, N), the state (1, vh, kd, vd). Returns the output (1, vh, N, vd) and the state
+/// after the last token. The chunk is the largest power of two up to [`DELTA_CHUNK`] that divides
+/// `n` (one token: the recurrent step).
+fn chunked_rule(
     g: &mut Graph,
     [q, k, v]: [&Var; 3],
-    beta: &Var,
+    beta: Option<&Var>,
     decay: &Var,
     mut state: Var,
     n: usize,
@@ -389,7 +475,7 @@ fn delta_rule(
         let steps = |g: &mut Graph, x: &Var, tag: &str| {
             g.slice_by_index(&format!("{pc}_{tag}"), x, i32s(&[0, 0, s]), i32s(&[1, vh, e]))
         };
-        let (bc, gc) = (steps(g, beta, "beta")?, steps(g, decay, "g")?);
+        let gc = steps(g, decay, "g")?;
         let cum = g.op("cumsum", &format!("{pc}_cum"), vec![("x", (&gc).into()), ("axis", scalar_i32(-1))])?;
         let col = g.expand_dims(&format!("{pc}_cum_col"), &cum, &[-1])?;
         let row = g.expand_dims(&format!("{pc}_cum_row"), &cum, &[-2])?;
@@ -402,27 +488,33 @@ fn delta_rule(
         let diff = lower(g, &diff, format!("{pc}_diff_low"))?;
         let pair = g.op("exp", &format!("{pc}_pair_exp"), vec![("x", (&diff).into())])?;
         let pair = lower(g, &pair, format!("{pc}_pair"))?;
-        let b4 = g.expand_dims(&format!("{pc}_beta4"), &bc, &[-1])?;
-        let kb = g.binary(Binary::Mul, &format!("{pc}_kb"), &kc, &b4)?;
-        let vb = g.binary(Binary::Mul, &format!("{pc}_vb"), &vc, &b4)?;
         let ecum = g.op("exp", &format!("{pc}_ecum_t"), vec![("x", (&col).into())])?;
-        let kbd = g.binary(Binary::Mul, &format!("{pc}_kbd"), &kb, &ecum)?;
         let qk = matmul(g, &qc, &kc, false, true, &format!("{pc}_qk"))?;
         let intra = g.binary(Binary::Mul, &format!("{pc}_intra"), &qk, &pair)?;
-        let (new_values, k_cumdecay) = if chunk > 1 {
-            let kk = matmul(g, &kb, &kc, false, true, &format!("{pc}_kk"))?;
-            let ut = g.binary(Binary::Mul, &format!("{pc}_ut"), &kk, &pair)?;
-            let low = g.binary(Binary::Mul, &format!("{pc}_ut_low"), &ut, &strict_lower)?;
-            let t = unit_lower_inverse(g, &low, vh, chunk, &pc)?;
-            (
-                matmul(g, &t, &vb, false, false, &format!("{pc}_u"))?,
-                matmul(g, &t, &kbd, false, false, &format!("{pc}_w"))?,
-            )
-        } else {
-            (vb, kbd)
+        // The values the chunk writes: as they are, or the delta rule's corrections of what the
+        // state (and the chunk's earlier keys) already give for each key.
+        let v_new = match beta {
+            None => vc,
+            Some(beta) => {
+                let bc = steps(g, beta, "beta")?;
+                let b4 = g.expand_dims(&format!("{pc}_beta4"), &bc, &[-1])?;
+                let kb = g.binary(Binary::Mul, &format!("{pc}_kb"), &kc, &b4)?;
+                let vb = g.binary(Binary::Mul, &format!("{pc}_vb"), &vc, &b4)?;
+                let kbd = g.binary(Binary::Mul, &format!("{pc}_kbd"), &kb, &ecum)?;
+                let (new_values, k_cumdecay) = if chunk > 1 {
+                    let kk = matmul(g, &kb, &kc, false, true, &format!("{pc}_kk"))?;
+                    let ut = g.binary(Binary::Mul, &format!("{pc}_ut"), &kk, &pair)?;
+                    let low = g.binary(Binary::Mul, &format!("{pc}_ut_low"), &ut, &strict_lower)?;
+                    let t = unit_lower_inverse(g, &low, vh, chunk, &pc)?;
+                    let u = matmul(g, &t, &vb, false, false, &format!("{pc}_u"))?;
+                    (u, matmul(g, &t, &kbd, false, false, &format!("{pc}_w"))?)
+                } else {
+                    (vb, kbd)
+                };
+                let ws = matmul(g, &k_cumdecay, &state, false, false, &format!("{pc}_ws"))?;
+                g.binary(Binary::Sub, &format!("{pc}_v_new"), &new_values, &ws)?
+            }
         };
-        let ws = matmul(g, &k_cumdecay, &state, false, false, &format!("{pc}_ws"))?;
-        let v_new = g.binary(Binary::Sub, &format!("{pc}_v_new"), &new_values, &ws)?;
         let qd = g.binary(Binary::Mul, &format!("{pc}_qd"), &qc, &ecum)?;
         let inter = matmul(g, &qd, &state, false, false, &format!("{pc}_inter"))?;
         let local = matmul(g, &intra, &v_new, false, false, &format!("{pc}_local"))?;

@@ -122,9 +122,10 @@ pub fn roles(c: &ModelConfig) -> Vec<Role> {
             DeltaGate,
             DeltaBeta,
             DeltaDecay,
-            DeltaDtBias,
-            DeltaALog,
-            DeltaNorm,
+            DtBias,
+            ALog,
+            MixerNorm,
+            SkipScale,
             MixerOut,
             MixerOutBias,
         ] {
@@ -208,9 +209,10 @@ fn is_coefficient(role: Role) -> bool {
                 | LayerScalar
                 | ConvKernel
                 | ConvBias
-                | DeltaDtBias
-                | DeltaALog
-                | DeltaNorm
+                | DtBias
+                | ALog
+                | MixerNorm
+                | SkipScale
         )
     )
 }
