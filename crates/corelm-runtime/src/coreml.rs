@@ -79,7 +79,8 @@ pub fn compiled_model(pkg: &Package, cache_dir: &Path) -> Result<PathBuf> {
 /// to one function).
 struct Function {
     model: Retained<MLModel>,
-    stateful: bool,
+    /// The states it declares (KV caches, hybrid models' recurrent states), by name.
+    states: Vec<String>,
     outputs: Vec<String>,
     /// Inputs that the output named `<input>Out` feeds on the next call (iOS 16/17 KV caches),
     /// with their shapes and element types: carried as Core ML returns them.
@@ -136,8 +137,8 @@ impl CoreMlExecutor {
                 };
                 carried.push((input.name.clone(), array.shape.clone(), dtype));
             }
-            let stateful = !f.states.is_empty();
-            functions.insert(f.name.clone(), Function { model, stateful, outputs, carried });
+            let states = f.states.iter().map(|s| s.name.clone()).collect();
+            functions.insert(f.name.clone(), Function { model, states, outputs, carried });
         }
         let default = description
             .default_function
@@ -172,7 +173,7 @@ impl Executor for CoreMlExecutor {
             };
             carried.push((name.clone(), zeros));
         }
-        if !f.stateful {
+        if f.states.is_empty() {
             return Ok(CoreMlState { state: None, carried });
         }
         require(&*f.model, sel!(newState), "stateful packages")?;
@@ -182,6 +183,24 @@ impl Executor for CoreMlExecutor {
 
     fn predict(&mut self, function: Option<&str>, inputs: &Tensors, state: &mut Self::State) -> Result<Tensors> {
         self.predict_rows(function, inputs, state, None)
+    }
+
+    /// A fresh state with every buffer of `state` copied in (through `MLState`'s buffer access,
+    /// macOS 15 / iOS 18); carried arrays are shared, since each prediction replaces rather than
+    /// writes them. The functions of a package share one state layout, so the default function's
+    /// model makes the copy.
+    fn copy_state(&self, state: &CoreMlState) -> Result<CoreMlState> {
+        let mut copy = self.new_state(None)?;
+        copy.carried = state.carried.clone();
+        if let (Some(from), Some(to)) = (&state.state, &copy.state) {
+            require(&**from, sel!(getMultiArrayForStateNamed:handler:), "copying states")?;
+            for name in &self.function(None)?.states {
+                // SAFETY: both states come from models of one package, so each named buffer has
+                // the same shape, type and length in both.
+                unsafe { copy_state_buffer(from, to, name)? };
+            }
+        }
+        Ok(copy)
     }
 
     /// Reads only query position `row` of the logits: of a prefill's N×V logits (V = 262k for
@@ -195,6 +214,43 @@ impl Executor for CoreMlExecutor {
     ) -> Result<Tensors> {
         self.predict_rows(function, inputs, state, Some(row))
     }
+}
+
+/// The bytes of state `name` of `from`, written into the same state of `to`.
+///
+/// # Safety
+/// `from` and `to` must be states of one model's layout, both declaring `name`.
+unsafe fn copy_state_buffer(from: &MLState, to: &MLState, name: &str) -> Result<()> {
+    let name_ns = NSString::from_str(name);
+    let bytes = std::cell::RefCell::new(Vec::<u8>::new());
+    let read = block2::StackBlock::new(|array: NonNull<MLMultiArray>| {
+        let copy = block2::StackBlock::new(|ptr: NonNull<c_void>, len: isize| {
+            // SAFETY: Core ML hands over `len` readable bytes for the handler's duration.
+            let src = unsafe { std::slice::from_raw_parts(ptr.as_ptr().cast::<u8>(), len.max(0) as usize) };
+            bytes.borrow_mut().extend_from_slice(src);
+        });
+        // SAFETY: the array is valid for the handler's duration.
+        unsafe { array.as_ref().getBytesWithHandler(&copy) };
+    });
+    from.getMultiArrayForStateNamed_handler(&name_ns, &read);
+    let written = std::cell::Cell::new(false);
+    let write = block2::StackBlock::new(|array: NonNull<MLMultiArray>| {
+        let copy = block2::StackBlock::new(|ptr: NonNull<c_void>, len: isize, _strides| {
+            let src = bytes.borrow();
+            if len.max(0) as usize == src.len() {
+                // SAFETY: `len` writable bytes at `ptr`, exclusively ours for the handler's duration.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), ptr.as_ptr().cast::<u8>(), src.len()) };
+                written.set(true);
+            }
+        });
+        // SAFETY: the array is valid for the handler's duration.
+        unsafe { array.as_ref().getMutableBytesWithHandler(&copy) };
+    });
+    to.getMultiArrayForStateNamed_handler(&name_ns, &write);
+    if !written.get() {
+        return Err(Error::invalid(format!("state `{name}`: the copy's buffer differs in size from the original's")));
+    }
+    Ok(())
 }
 
 /// Fails, naming `what`, unless `object` answers `selector`: newer Core ML calls are checked
