@@ -218,6 +218,21 @@ pub struct LayerShape {
     pub sparsity_cutoff: Option<f64>,
 }
 
+impl LayerShape {
+    /// A layer with the model's common sizes, its own keys and values, and `mixer`.
+    pub fn uniform(c: &ModelConfig, mixer: Mixer) -> LayerShape {
+        LayerShape {
+            mixer,
+            head_dim: c.head_dim,
+            kv_heads: c.num_kv_heads,
+            intermediate: c.intermediate_size,
+            kv_from: None,
+            values_are_keys: false,
+            sparsity_cutoff: None,
+        }
+    }
+}
+
 /// Per-layer embeddings (Gemma 3n, Gemma 4): a second token table of `width` values per layer,
 /// combined with a projection of the token embedding and fed into every layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -55,29 +55,14 @@ fn granite4(f: &Fields) -> Result<ModelConfig> {
             })
             .collect::<Result<_>>()?,
     };
-    let base = config(f, Family::Granite)?;
+    let mut base = config(f, Family::Granite)?;
     let rope = f.opt_str("position_embedding_type")? == Some("rope");
-    let intermediate = f.usize("shared_intermediate_size")?;
+    base.intermediate_size = f.usize("shared_intermediate_size")?;
     let linear = if mamba.contains(&true) { Some(mamba2_sizes(f, base.hidden_size)?) } else { None };
     let layer_shapes = (0..layers)
-        .map(|l| LayerShape {
-            mixer: if mamba[l] { Mixer::Mamba2 } else { Mixer::Attention },
-            head_dim: base.head_dim,
-            kv_heads: base.num_kv_heads,
-            intermediate,
-            kv_from: None,
-            values_are_keys: false,
-            sparsity_cutoff: None,
-        })
+        .map(|l| LayerShape::uniform(&base, if mamba[l] { Mixer::Mamba2 } else { Mixer::Attention }))
         .collect();
-    Ok(ModelConfig {
-        family: Family::Granite4,
-        intermediate_size: intermediate,
-        rope_layers: vec![rope; layers],
-        layers: layer_shapes,
-        linear,
-        ..base
-    })
+    Ok(ModelConfig { family: Family::Granite4, rope_layers: vec![rope; layers], layers: layer_shapes, linear, ..base })
 }
 
 /// Mamba-2's sizes as transformers derives them: `mamba_expand` × hidden values in

@@ -18,17 +18,10 @@ pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
     let attention = attention_layers(f, layers)?;
     let intermediate = mlp_width(f)?;
 
-    base.layers = (0..layers)
-        .map(|l| LayerShape {
-            mixer: if attention[l] { Mixer::Attention } else { Mixer::ShortConv { kernel, bias } },
-            head_dim: d.head_dim,
-            kv_heads: d.num_kv_heads,
-            intermediate,
-            kv_from: None,
-            values_are_keys: false,
-            sparsity_cutoff: None,
-        })
-        .collect();
+    base.intermediate_size = intermediate;
+    let conv = Mixer::ShortConv { kernel, bias };
+    base.layers =
+        (0..layers).map(|l| LayerShape::uniform(&base, if attention[l] { Mixer::Attention } else { conv })).collect();
     Ok(ModelConfig {
         intermediate_size: intermediate,
         norm: Norm::Rms { eps: f.opt_f64("norm_eps")?.unwrap_or(1e-5), add_one: false },

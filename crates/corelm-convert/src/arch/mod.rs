@@ -263,16 +263,7 @@ pub fn read_config(path: &Path, json: &Value) -> Result<ModelConfig> {
     };
     let mut config = (registration.config)(&f, registration.family)?;
     if config.layers.is_empty() {
-        let shape = LayerShape {
-            mixer: Mixer::Attention,
-            head_dim: config.head_dim,
-            kv_heads: config.num_kv_heads,
-            intermediate: config.intermediate_size,
-            kv_from: None,
-            values_are_keys: false,
-            sparsity_cutoff: None,
-        };
-        config.layers = vec![shape; config.num_layers];
+        config.layers = vec![LayerShape::uniform(&config, Mixer::Attention); config.num_layers];
     }
     check_config(&f, &config)?;
     Ok(config)

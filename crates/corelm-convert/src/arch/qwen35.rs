@@ -32,15 +32,7 @@ pub fn config(f: &Fields, family: Family) -> Result<ModelConfig> {
     }
     let attention = attention_layers(f, layers)?;
     base.layers = (0..layers)
-        .map(|l| LayerShape {
-            mixer: if attention[l] { Mixer::Attention } else { Mixer::GatedDeltaNet },
-            head_dim: d.head_dim,
-            kv_heads: d.num_kv_heads,
-            intermediate: d.intermediate_size,
-            kv_from: None,
-            values_are_keys: false,
-            sparsity_cutoff: None,
-        })
+        .map(|l| LayerShape::uniform(&base, if attention[l] { Mixer::Attention } else { Mixer::GatedDeltaNet }))
         .collect();
     let mut rope = global_rope(f, 10_000.0, &d)?;
     let partial_given = f.opt_f64("partial_rotary_factor")?.is_some()

@@ -259,10 +259,58 @@ fn short_conv(
     g.linear(&y, lr(MixerOut), Some(lr(MixerOutBias)), &format!("{p}_out"))
 }
 
+/// A chunked layer's sizes: key heads (Mamba-2: groups), value heads, key dim (state size),
+/// value dim.
+fn sizes(g: &Graph) -> Result<[i32; 4]> {
+    let la = g.c.linear.ok_or_else(|| Error::invalid("chunked linear-attention layers without their sizes"))?;
+    Ok([la.key_heads, la.value_heads, la.key_dim, la.value_dim].map(|v| v as i32))
+}
+
+fn split_last(g: &mut Graph, x: &Var, sizes: &[i32], name: &str) -> Result<Vec<Var>> {
+    g.f.op("split", name, vec![("x", x.into()), ("split_sizes", i32s(sizes)), ("axis", scalar_i32(-1))])
+}
+
+/// The log decay per head, (1, vh, N): −exp(A_log)·softplus(`raw` + dt_bias) (the time step),
+/// the time step bounded by `limit` when given; and the time step itself, (1, N, vh). fp32.
+fn log_decay(g: &mut Graph, l: usize, raw: &Var, limit: Option<(f64, f64)>, p: &str) -> Result<(Var, Var)> {
+    let raw = g.cast(raw, DType::Fp32, &format!("{p}_dt_raw"))?;
+    let dt_bias = g.required(Role::Layer(l, LayerRole::DtBias))?;
+    let biased = g.binary(Binary::Add, &format!("{p}_dt_biased"), &raw, &dt_bias)?;
+    let mut dt = g.op("softplus", &format!("{p}_dt"), vec![("x", (&biased).into())])?;
+    if let Some((lo, hi)) = limit {
+        let (lo, hi) = (g.float(DType::Fp32, lo), g.float(DType::Fp32, hi));
+        dt = g.op("clip", &format!("{p}_dt_limited"), vec![("x", (&dt).into()), ("alpha", lo), ("beta", hi)])?;
+    }
+    let a_log = g.required(Role::Layer(l, LayerRole::ALog))?;
+    let rate = g.op("exp", &format!("{p}_rate"), vec![("x", (&a_log).into())])?;
+    let rate = g.mul_s(&rate, -1.0, &format!("{p}_neg_rate"))?;
+    let decay = g.binary(Binary::Mul, &format!("{p}_decay_t"), &dt, &rate)?;
+    Ok((g.transpose(&format!("{p}_decay"), &decay, &[0, 2, 1])?, dt))
+}
+
+/// Runs the chunked rule of layer `l` from its state and stores the state it leaves: the
+/// output, (1, N, vh, vd).
+#[allow(clippy::too_many_arguments)]
+fn run_chunked(
+    g: &mut Graph,
+    states: &RecurrentStates,
+    l: usize,
+    qkv: [&Var; 3],
+    beta: Option<&Var>,
+    decay: &Var,
+    n: usize,
+    p: &str,
+) -> Result<Var> {
+    let state = states.read(g, Kind::Delta, l, &format!("{p}_state"))?;
+    let (out, state) = chunked_rule(g, qkv, beta, decay, state, n, p)?;
+    states.write(g, Kind::Delta, l, &state, &format!("{p}_state"))?;
+    g.transpose(&format!("{p}_out_t"), &out, &[0, 2, 1, 3])
+}
+
 /// Qwen3.5's Gated DeltaNet over `n` tokens: the convolved queries, keys and values, keys and
 /// queries L2-normed (queries scaled by 1/√key_dim), β = sigmoid(b), decay
-/// g = −exp(A_log)·softplus(a + dt_bias); the delta rule's output normed per head, gated by
-/// SiLU(z), projected out.
+/// g = −exp(A_log)·softplus(a + dt_bias); the delta rule's output normed per head, times its gain,
+/// gated by SiLU(z), projected out.
 fn gated_delta_net(
     g: &mut Graph,
     states: &RecurrentStates,
@@ -275,53 +323,27 @@ fn gated_delta_net(
     use LayerRole::*;
     let p = format!("l{l}_delta");
     let lr = |r| Role::Layer(l, r);
-    let la = g.c.linear.ok_or_else(|| Error::invalid("Gated DeltaNet layers without their sizes"))?;
-    let (kh, vh, kd, vd) = (la.key_heads as i32, la.value_heads as i32, la.key_dim as i32, la.value_dim as i32);
+    let [kh, vh, kd, vd] = sizes(g)?;
     let qkv = g.linear(x, lr(MixerIn), None, &format!("{p}_in"))?;
     let qkv = states.causal_conv(g, at, l, &qkv, true, &format!("{p}_conv"))?;
-    let parts = g.f.op(
-        "split",
-        &format!("{p}_qkv"),
-        vec![("x", (&qkv).into()), ("split_sizes", i32s(&[kh * kd, kh * kd, vh * vd])), ("axis", scalar_i32(-1))],
-    )?;
+    let parts = split_last(g, &qkv, &[kh * kd, kh * kd, vh * vd], &format!("{p}_qkv"))?;
     let q = heads_first(g, &parts[0], [kh, kd, vh], true, &format!("{p}_q"))?;
     let q = g.mul_s(&q, (kd as f64).powf(-0.5), &format!("{p}_q_scaled"))?;
     let k = heads_first(g, &parts[1], [kh, kd, vh], true, &format!("{p}_k"))?;
     let v = heads_first(g, &parts[2], [vh, vd, vh], false, &format!("{p}_v"))?;
-    // β and the decay per value head, (1, vh, N), in fp32.
-    let per_head = |g: &mut Graph, role: LayerRole, tag: &str| -> Result<Var> {
-        let y = g.linear(x, lr(role), None, &format!("{p}_{tag}_proj"))?;
-        g.cast(&y, DType::Fp32, &format!("{p}_{tag}_32"))
-    };
-    let b = per_head(g, DeltaBeta, "b")?;
+    let b = g.linear(x, lr(DeltaBeta), None, &format!("{p}_b_proj"))?;
+    let b = g.cast(&b, DType::Fp32, &format!("{p}_b_32"))?;
     let beta = g.op("sigmoid", &format!("{p}_beta_t"), vec![("x", (&b).into())])?;
     let beta = g.transpose(&format!("{p}_beta"), &beta, &[0, 2, 1])?;
-    let a = per_head(g, DeltaDecay, "a")?;
-    let dt_bias = g.required(lr(DtBias))?;
-    let a = g.binary(Binary::Add, &format!("{p}_a_biased"), &a, &dt_bias)?;
-    let sp = g.op("softplus", &format!("{p}_a_soft"), vec![("x", (&a).into())])?;
-    let a_log = g.required(lr(ALog))?;
-    let rate = g.op("exp", &format!("{p}_rate"), vec![("x", (&a_log).into())])?;
-    let rate = g.mul_s(&rate, -1.0, &format!("{p}_neg_rate"))?;
-    let decay = g.binary(Binary::Mul, &format!("{p}_decay_t"), &sp, &rate)?;
-    let decay = g.transpose(&format!("{p}_decay"), &decay, &[0, 2, 1])?;
-    let state = states.read(g, Kind::Delta, l, &format!("{p}_state"))?;
-    let (out, state) = chunked_rule(g, [&q, &k, &v], Some(&beta), &decay, state, n, &p)?;
-    states.write(g, Kind::Delta, l, &state, &format!("{p}_state"))?;
+    let a = g.linear(x, lr(DeltaDecay), None, &format!("{p}_a_proj"))?;
+    let (decay, _) = log_decay(g, l, &a, None, &p)?;
+    let out = run_chunked(g, states, l, [&q, &k, &v], Some(&beta), &decay, n, &p)?;
     // RMSNorm over each head's values, times its gain, times SiLU(z).
-    let out = g.transpose(&format!("{p}_out_t"), &out, &[0, 2, 1, 3])?;
-    let Norm::Rms { eps, .. } = g.c.norm else { return Err(Error::invalid("Gated DeltaNet in a LayerNorm family")) };
-    let sq = g.binary(Binary::Mul, &format!("{p}_norm_sq"), &out, &out)?;
-    let ms = g.op(
-        "reduce_mean",
-        &format!("{p}_norm_ms"),
-        vec![("x", (&sq).into()), ("axes", i32s(&[-1])), ("keep_dims", Arg::Tensor(Tensor::scalar_bool(true)))],
-    )?;
-    let r = g.op("rsqrt", &format!("{p}_norm_r"), vec![("x", (&ms).into()), ("epsilon", g.float(DType::Fp32, eps))])?;
-    let normed = g.binary(Binary::Mul, &format!("{p}_normed"), &out, &r)?;
+    let normed = grouped_rms(g, &out, [vh, vd], &format!("{p}_norm"))?;
     let gain = g.required(lr(MixerNorm))?;
     let normed = g.binary(Binary::Mul, &format!("{p}_norm_w"), &normed, &gain)?;
-    let z = per_head(g, DeltaGate, "z")?;
+    let z = g.linear(x, lr(DeltaGate), None, &format!("{p}_z_proj"))?;
+    let z = g.cast(&z, DType::Fp32, &format!("{p}_z_32"))?;
     let z = g.reshape(&format!("{p}_z_h"), &z, &[1, -1, vh, vd])?;
     let z = g.op("silu", &format!("{p}_z_act"), vec![("x", (&z).into())])?;
     let gated = g.binary(Binary::Mul, &format!("{p}_gated"), &normed, &z)?;
@@ -353,10 +375,11 @@ fn heads_first(g: &mut Graph, x: &Var, [h, d, vh]: [i32; 3], l2: bool, name: &st
     g.transpose(name, &x, &[0, 2, 1, 3])
 }
 
-/// RMSNorm over the last axis in groups of `group` values (eps from the config), fp32.
-fn grouped_rms(g: &mut Graph, x: &Var, width: i32, group: i32, name: &str) -> Result<Var> {
+/// RMSNorm (eps from the config, fp32) of `x` in `groups` groups of `group` values:
+/// (1, N, groups, group) whatever the layout of `x`'s N rows.
+fn grouped_rms(g: &mut Graph, x: &Var, [groups, group]: [i32; 2], name: &str) -> Result<Var> {
     let Norm::Rms { eps, .. } = g.c.norm else { return Err(Error::invalid("a recurrent layer in a LayerNorm family")) };
-    let grouped = g.reshape(&format!("{name}_groups"), x, &[1, -1, width / group, group])?;
+    let grouped = g.reshape(&format!("{name}_groups"), x, &[1, -1, groups, group])?;
     let sq = g.binary(Binary::Mul, &format!("{name}_sq"), &grouped, &grouped)?;
     let ms = g.op(
         "reduce_mean",
@@ -365,8 +388,7 @@ fn grouped_rms(g: &mut Graph, x: &Var, width: i32, group: i32, name: &str) -> Re
     )?;
     let eps = g.float(DType::Fp32, eps);
     let r = g.op("rsqrt", &format!("{name}_r"), vec![("x", (&ms).into()), ("epsilon", eps)])?;
-    let normed = g.binary(Binary::Mul, &format!("{name}_n"), &grouped, &r)?;
-    g.reshape(name, &normed, &[1, -1, width])
+    g.binary(Binary::Mul, name, &grouped, &r)
 }
 
 /// Mamba-2 (Granite 4.0-H) over `n` tokens: in_proj gives z, then x, B and C (convolved, SiLU)
@@ -385,49 +407,33 @@ fn mamba2(
     use LayerRole::*;
     let p = format!("l{l}_ssm");
     let lr = |r| Role::Layer(l, r);
+    let [kh, vh, kd, vd] = sizes(g)?;
     let la = g.c.linear.ok_or_else(|| Error::invalid("Mamba-2 layers without their sizes"))?;
-    let (kh, vh, kd, vd) = (la.key_heads as i32, la.value_heads as i32, la.key_dim as i32, la.value_dim as i32);
     let (values, channels) = (vh * vd, la.conv_channels() as i32);
     let proj = g.linear(x, lr(MixerIn), Some(lr(MixerInBias)), &format!("{p}_in"))?;
-    let split = |g: &mut Graph, x: &Var, sizes: &[i32], name: String| {
-        g.f.op("split", &name, vec![("x", x.into()), ("split_sizes", i32s(sizes)), ("axis", scalar_i32(-1))])
-    };
-    let parts = split(g, &proj, &[values, channels, vh], format!("{p}_zxbcdt"))?;
+    let parts = split_last(g, &proj, &[values, channels, vh], &format!("{p}_zxbcdt"))?;
     let xbc = states.causal_conv(g, at, l, &parts[1], true, &format!("{p}_conv"))?;
-    let xbc = split(g, &xbc, &[values, kh * kd, kh * kd], format!("{p}_xbc"))?;
-    // The time step per head, (1, N, vh).
-    let dt = g.cast(&parts[2], DType::Fp32, &format!("{p}_dt32"))?;
-    let dt_bias = g.required(lr(DtBias))?;
-    let dt = g.binary(Binary::Add, &format!("{p}_dt_biased"), &dt, &dt_bias)?;
-    let mut dt = g.op("softplus", &format!("{p}_dt"), vec![("x", (&dt).into())])?;
-    if let Some((lo, hi)) = la.time_step_limit {
-        let (lo, hi) = (g.float(DType::Fp32, lo), g.float(DType::Fp32, hi));
-        dt = g.op("clip", &format!("{p}_dt_limited"), vec![("x", (&dt).into()), ("alpha", lo), ("beta", hi)])?;
-    }
-    let a_log = g.required(lr(ALog))?;
-    let rate = g.op("exp", &format!("{p}_rate"), vec![("x", (&a_log).into())])?;
-    let rate = g.mul_s(&rate, -1.0, &format!("{p}_neg_rate"))?;
-    let decay = g.binary(Binary::Mul, &format!("{p}_decay_t"), &dt, &rate)?;
-    let decay = g.transpose(&format!("{p}_decay"), &decay, &[0, 2, 1])?;
+    let xbc = split_last(g, &xbc, &[values, kh * kd, kh * kd], &format!("{p}_xbc"))?;
+    let (decay, dt) = log_decay(g, l, &parts[2], la.time_step_limit, &p)?;
     let xs = heads_first(g, &xbc[0], [vh, vd, vh], false, &format!("{p}_x"))?;
     let dt_t = g.transpose(&format!("{p}_dt_t"), &dt, &[0, 2, 1])?;
     let dt4 = g.expand_dims(&format!("{p}_dt4"), &dt_t, &[-1])?;
     let v = g.binary(Binary::Mul, &format!("{p}_v"), &xs, &dt4)?;
     let k = heads_first(g, &xbc[1], [kh, kd, vh], false, &format!("{p}_b"))?;
     let q = heads_first(g, &xbc[2], [kh, kd, vh], false, &format!("{p}_c"))?;
-    let state = states.read(g, Kind::Delta, l, &format!("{p}_state"))?;
-    let (out, state) = chunked_rule(g, [&q, &k, &v], None, &decay, state, n, &p)?;
-    states.write(g, Kind::Delta, l, &state, &format!("{p}_state"))?;
+    let out = run_chunked(g, states, l, [&q, &k, &v], None, &decay, n, &p)?;
+    // The skip D·x per head, (1, N, vh, vd) like the output.
     let skip = g.required(lr(SkipScale))?;
-    let skip = g.reshape(&format!("{p}_skip4"), &skip, &[1, vh, 1, 1])?;
-    let skipped = g.binary(Binary::Mul, &format!("{p}_skipped"), &xs, &skip)?;
+    let skip = g.reshape(&format!("{p}_skip2"), &skip, &[vh, 1])?;
+    let xs_t = g.transpose(&format!("{p}_x_t"), &xs, &[0, 2, 1, 3])?;
+    let skipped = g.binary(Binary::Mul, &format!("{p}_skipped"), &xs_t, &skip)?;
     let out = g.binary(Binary::Add, &format!("{p}_y_heads"), &out, &skipped)?;
-    let out = g.transpose(&format!("{p}_y_t"), &out, &[0, 2, 1, 3])?;
     let y = g.reshape(&format!("{p}_y"), &out, &[1, -1, values])?;
     let z = g.cast(&parts[0], DType::Fp32, &format!("{p}_z32"))?;
     let z = g.op("silu", &format!("{p}_z_act"), vec![("x", (&z).into())])?;
     let gated = g.binary(Binary::Mul, &format!("{p}_gated"), &y, &z)?;
-    let normed = grouped_rms(g, &gated, values, values / kh, &format!("{p}_norm"))?;
+    let normed = grouped_rms(g, &gated, [kh, values / kh], &format!("{p}_norm"))?;
+    let normed = g.reshape(&format!("{p}_norm_flat"), &normed, &[1, -1, values])?;
     let gain = g.required(lr(MixerNorm))?;
     let normed = g.binary(Binary::Mul, &format!("{p}_norm_w"), &normed, &gain)?;
     let normed = g.cast(&normed, compute, &format!("{p}_normed_c"))?;
