@@ -80,7 +80,10 @@ impl RecurrentStates {
             let place = of.iter().enumerate().map(|(i, &l)| (l, i)).collect();
             Ok(States { vars, layer_shape, place })
         };
-        let conv = declare(g, names::CONV_STATE, vec![1, channels, 1, kernel - 1], &layers)?;
+        // The Neural Engine aligns a state's rows to 32 fp16 values (rule ane-state-width-unaligned):
+        // there the window keeps that many inputs, of which the convolution reads the last taps − 1.
+        let width = if opts.profile == super::Profile::Ane { (kernel - 1).next_multiple_of(32) } else { kernel - 1 };
+        let conv = declare(g, names::CONV_STATE, vec![1, channels, 1, width], &layers)?;
         let delta_layers: Vec<usize> = layers.iter().copied().filter(|&l| c.layer(l).mixer.is_chunked()).collect();
         let delta = match c.linear.filter(|_| !delta_layers.is_empty()) {
             Some(la) => Some(declare(
@@ -161,7 +164,11 @@ impl RecurrentStates {
     fn causal_conv(&self, g: &mut Graph, at: &Positions, l: usize, x: &Var, silu: bool, p: &str) -> Result<Var> {
         use LayerRole::*;
         let s = self.states(Kind::Conv)?;
-        let (channels, taps) = (s.layer_shape[1] as i32, s.layer_shape[3] as i32 + 1);
+        let (channels, width) = (s.layer_shape[1] as i32, s.layer_shape[3] as i32);
+        let taps = match g.c.layer(l).mixer {
+            Mixer::ShortConv { kernel, .. } => kernel as i32,
+            _ => g.c.linear.map_or(width + 1, |la| la.conv_kernel as i32),
+        };
         let dtype = if g.ane { DType::Fp16 } else { DType::Fp32 };
         let xc = if g.ane {
             x.clone()
@@ -172,16 +179,31 @@ impl RecurrentStates {
         };
         let state = self.read(g, Kind::Conv, l, &format!("{p}_window"))?;
         let window = g.concat(&format!("{p}_window_all"), vec![&state, &xc], 3)?;
-        // The last taps − 1 inputs, which start at N.
+        // The last `width` inputs, which start at N.
         let n = g.binary(Binary::Sub, &format!("{p}_n"), &at.end, &at.start)?;
         let zeros = g.ints(&format!("{p}_b0"), &[0, 0, 0])?;
         let begin = g.concat(&format!("{p}_tail_begin"), vec![&zeros, &n], 0)?;
         let tail = g.op(
             "slice_by_size",
             &format!("{p}_tail"),
-            vec![("x", (&window).into()), ("begin", (&begin).into()), ("size", i32s(&[1, channels, 1, taps - 1]))],
+            vec![("x", (&window).into()), ("begin", (&begin).into()), ("size", i32s(&[1, channels, 1, width]))],
         )?;
         self.write(g, Kind::Conv, l, &tail, &format!("{p}_window"))?;
+        // A window wider than the kernel needs (the Neural Engine's aligned one) is read from its
+        // last taps − 1 inputs on.
+        let window = match width - (taps - 1) {
+            0 => window,
+            skip => g.op(
+                "slice_by_index",
+                &format!("{p}_window_read"),
+                vec![
+                    ("x", (&window).into()),
+                    ("begin", i32s(&[0, 0, 0, skip])),
+                    ("end", i32s(&[0, 0, 0, 0])),
+                    ("end_mask", Arg::Tensor(Tensor::from_bools(vec![4], &[true; 4])?)),
+                ],
+            )?,
+        };
         let kernel = g.required(Role::Layer(l, ConvKernel))?;
         let kernel = g.cast(&kernel, dtype, &format!("{p}_kernel_c"))?;
         let kernel = g.expand_dims(&format!("{p}_kernel"), &kernel, &[1, 2])?;
