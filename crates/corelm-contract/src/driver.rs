@@ -211,7 +211,7 @@ impl LanguageModel {
     /// the first takes the token ids, each later one the hidden states before it.
     pub fn with_executors<E: Executor + 'static>(parts: &[&Package], executors: Vec<E>) -> Result<LanguageModel> {
         let first = parts.first().ok_or_else(|| Error::invalid("no packages to run"))?;
-        let PackageInterface { interface, context, mask_dtype } = PackageInterface::read(first)?;
+        let PackageInterface { interface, context, mask_dtype, recurrent_states } = PackageInterface::read(first)?;
         if parts.len() != executors.len() {
             return Err(Error::invalid("one executor per package part"));
         }
@@ -224,7 +224,7 @@ impl LanguageModel {
             stages.push(Box::new(Part { executor, state }));
         }
         let per_layer = PerLayerTable::open(first)?;
-        let recurrent = first.model().description.metadata.user_defined.contains_key(keys::RECURRENT_STATES);
+        let recurrent = !recurrent_states.is_empty();
         Ok(LanguageModel { stages, interface, context, mask_dtype, position: 0, per_layer, recurrent })
     }
 

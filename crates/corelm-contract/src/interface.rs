@@ -25,6 +25,11 @@ pub struct PackageInterface {
     pub interface: Interface,
     pub context: usize,
     pub mask_dtype: DType,
+    /// The recurrent states of a hybrid model ([`keys::RECURRENT_STATES`]), empty for a model
+    /// whose every layer attends. Non-empty: a call must carry no padding (it would enter the
+    /// state), and the model returns to an earlier point by restoring a snapshot, not by moving
+    /// the write position back.
+    pub recurrent_states: Vec<String>,
 }
 
 impl Interface {
@@ -94,7 +99,19 @@ impl PackageInterface {
         if context == 0 {
             return Err(Error::invalid("cannot tell the model's context length"));
         }
-        Ok(PackageInterface { interface, context, mask_dtype })
+        let recurrent_states = match metadata.get(keys::RECURRENT_STATES) {
+            Some(list) => list.split(',').map(str::to_string).collect(),
+            None => vec![],
+        };
+        for name in &recurrent_states {
+            if !description.functions.iter().all(|f| f.states.iter().any(|s| &s.name == name)) {
+                return Err(Error::invalid(format!(
+                    "{} names the state `{name}`, which a function does not declare",
+                    keys::RECURRENT_STATES
+                )));
+            }
+        }
+        Ok(PackageInterface { interface, context, mask_dtype, recurrent_states })
     }
 }
 
