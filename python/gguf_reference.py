@@ -22,7 +22,8 @@ grids.gguf
     write_grid_model): converted with and without --dequantize by the CLI tests.
 tiny_<fixture>.gguf
     tests/fixtures/tiny/<fixture> as llama.cpp's convert_hf_to_gguf.py writes it, for GPT-2,
-    SmolLM3, Granite, Granite 4 dense (written as `granite`; see granite4_hparams), OLMo 2,
+    SmolLM3, Granite, Granite 4 dense (written as `granite`; see granite4_hparams) and hybrid
+    (Granite 4.0-H, `granitehybrid`; granite_hybrid_checkpoint_tensors), OLMo 2,
     OLMo 3, Phi-4-mini's LongRoPE, Gemma 3n and Gemma 4 (text; see write_tiny_gguf and
     gemma3n_hparams / gemma4_hparams), and the hybrids LFM2 and Qwen3.5 (qwen3_5_text; see
     lfm2_hparams / qwen35_hparams).
@@ -466,39 +467,51 @@ def granite4_config(c: dict) -> dict:
     return c
 
 
+def granite_find(c: dict, *keys, optional=False):
+    """GraniteHybridModel.find_hparam: the keys, then each under the `mamba_` prefix."""
+    for k in list(keys) + [f"mamba_{k}" for k in keys]:
+        if k in c:
+            return c[k]
+    assert optional, keys
+    return None
+
+
 def granite4_hparams(w: GGUFWriter, c: dict) -> list:
-    """GraniteHybridModel.set_gguf_parameters (GraniteMoeHybridForCausalLM) for a Granite 4 with
-    attention layers only, on granite4_config(c). Without Mamba-2 layers the converter renames the
+    """GraniteHybridModel.set_gguf_parameters (GraniteMoeHybridForCausalLM) for a Granite 4
+    without experts, on granite4_config(c). Without Mamba-2 layers the converter renames the
     architecture `granite` (`granitemoe` when num_experts_per_tok is set) before writing any key,
-    so every key is `granite.*`. GraniteMoeModel's keys first: TextModel's (feed_forward_length
-    is intermediate_size, not the MLP's width; expert_count and expert_used_count, 0 here), then
-    LlamaModel's vocab size and rope dimension count (head_dim dropped by GraniteModel: hidden /
-    heads), Granite's scales and shared_intermediate_size as expert_shared_feed_forward_length;
-    then the Mamba-2 keys (ssm.*, found under a `mamba_` prefix), the KV head count again, now one
-    per layer (0 would mark a Mamba-2 layer; the key keeps its place and takes the array), and
+    so every key is `granite.*`; with them (Granite 4.0-H) it stays `granitehybrid`.
+    GraniteMoeModel's keys first: TextModel's (feed_forward_length is intermediate_size, not the
+    MLP's width; expert_count and expert_used_count, 0 here), then LlamaModel's vocab size (for a
+    hybrid padded by Mamba2Model.set_vocab to a multiple of 8; to 1 without Mamba-2 layers) and
+    rope dimension count (head_dim dropped by GraniteModel: hidden / heads), Granite's scales and
+    shared_intermediate_size as expert_shared_feed_forward_length; then the Mamba-2 keys (ssm.*,
+    found under a `mamba_` prefix: conv_kernel = taps, state_size = B/C size, group_count =
+    groups, inner_size = expand x hidden, time_step_rank = heads), the KV head count again, now
+    one per layer (0 marks a Mamba-2 layer; the key keeps its place and takes the array), and
     rope.scaling.finetuned, llama.cpp's RoPE switch for Granite: true for every model without
-    Mamba-2 layers (and for Bamba), whatever position_embedding_type says."""
+    Mamba-2 layers (and for Bamba), whatever position_embedding_type says; when false the context
+    length is overwritten (in place) with 2**20. Nothing of time_step_limit is written (llama.cpp's
+    scan bounds no time step)."""
     c = granite4_config(c)
 
-    def find(*keys, optional=False):  # GraniteHybridModel.find_hparam
-        for k in list(keys) + [f"mamba_{k}" for k in keys]:
-            if k in c:
-                return c[k]
-        assert optional, keys
-        return None
+    def find(*keys, optional=False):
+        return granite_find(c, *keys, optional=optional)
 
     block_count = c["num_hidden_layers"]
     attn = [i for i, t in enumerate(c["layer_types"]) if t == "attention"]
     ssm = [i for i in range(block_count) if i not in attn]
-    assert not ssm and not c.get("num_local_experts"), "only Granite 4's dense models are written here"
-    assert w.arch == "granite"
+    assert not c.get("num_local_experts"), "only Granite 4's dense and hybrid models are written here"
+    assert w.arch == ("granitehybrid" if ssm else "granite")
     d_model = find("mamba_head_dim", "hidden_size", "d_model")
     d_inner = find("expand", "num_heads") * d_model
     hp = {k: v for k, v in c.items() if k != "head_dim"}  # GraniteModel pops it
     text_hparams(w, hp)
     w.add_expert_count(find("num_local_experts", "num_experts", "n_routed_experts"))
     w.add_expert_used_count(find("num_experts_per_tok", "num_experts_per_token", "top_k_experts"))
-    w.add_vocab_size(hp["vocab_size"])  # Mamba2Model.set_vocab pads to 1 without Mamba-2 layers
+    pad = 8 if ssm else 1  # GraniteHybridModel.set_vocab, then Mamba2Model.set_vocab
+    assert -(hp["vocab_size"] // -pad) * pad == hp["vocab_size"], "a padded vocabulary is not written here"
+    w.add_vocab_size(hp["vocab_size"])
     w.add_rope_dimension_count(hp["hidden_size"] // hp["num_attention_heads"])
     granite_scales(w, c)
     if c.get("shared_intermediate_size"):
@@ -513,6 +526,8 @@ def granite4_hparams(w: GGUFWriter, c: dict) -> list:
     w.add_head_count_kv([kv if i in attn else 0 for i in range(block_count)])
     use_rope = "BambaForCausalLM" in c["architectures"] or not ssm
     w.add_rope_scaling_finetuned(use_rope)
+    if not use_rope:
+        w.add_context_length(2**20)
     assert c.get("hidden_act") in (None, "silu")
     assert d_inner % (find("d_head", optional=True) or 64) == 0
     return []
@@ -534,6 +549,33 @@ def granite4_checkpoint_tensors(tensors: dict[str, np.ndarray], c: dict):
             yield f"blk.{int(name.split('.')[2])}.ffn_down.weight", t
         else:
             yield name, t
+
+
+def granite_hybrid_checkpoint_tensors(tensors: dict[str, np.ndarray], c: dict):
+    """Mamba2Model.filter_tensors and modify_tensors, which GraniteHybridModel applies to its
+    Mamba-2 layers' tensors: dt_bias renamed dt_proj.bias (ssm_dt.bias), the conv kernel
+    (channels, 1, taps) squeezed to (channels, taps) (its bias kept as it is), A_log and D
+    reshaped to (heads, 1) and A_log stored as -exp(A_log) (computed in float64 and rounded once,
+    as for Qwen3.5), the gated norm's gain reshaped to (n_groups, d_inner / n_groups). The
+    projections (and their biases, when mamba_proj_bias) go as they are: in_proj's rows stay
+    z, xBC, dt."""
+    c = granite4_config(c)
+    # GraniteHybridModel.__init__'s n_group and d_inner
+    n_group = granite_find(c, "n_groups", "num_groups")
+    d_inner = granite_find(c, "expand", "num_heads") * granite_find(c, "mamba_head_dim", "hidden_size", "d_model")
+    for name, t in tensors.items():
+        if ".mamba." in name:
+            if name.endswith(".dt_bias"):
+                name = name.removesuffix(".dt_bias") + ".dt_proj.bias"
+            elif name.endswith(".conv1d.weight"):
+                t = t.squeeze()
+            elif name.endswith((".A_log", ".D")):
+                t = t.reshape(*t.shape, 1)
+            elif name.endswith(".norm.weight"):
+                t = t.reshape(n_group, d_inner // n_group)
+            if name.endswith(".A_log"):
+                t = (-np.exp(t.astype(np.float64))).astype(np.float32)
+        yield name, t
 
 
 def olmo2_hparams(w: GGUFWriter, c: dict) -> list:
@@ -829,6 +871,8 @@ TINY_GGUF = {
     "granite": ("granite", granite_hparams),
     # GraniteHybridModel writes a Granite 4 without Mamba-2 layers or experts as `granite`
     "granite4": ("granite", granite4_hparams),
+    # and a Granite 4.0-H (Mamba-2 layers among the attention layers) as `granitehybrid`
+    "granite4_h": ("granitehybrid", granite4_hparams),
     "olmo2": ("olmo2", olmo2_hparams),
     "olmo3": ("olmo2", olmo2_hparams),  # Olmo2Model writes OLMo 3 too
     "phi3_longrope": ("phi3", phi3_hparams),
@@ -842,10 +886,14 @@ TINY_GGUF = {
     "qwen3_5_text": ("qwen35", qwen35_hparams),
 }
 # Converter classes whose modify_tensors changes tensors before the name lookup.
-CHECKPOINT_TENSORS = {"lfm2": lfm2_checkpoint_tensors, "qwen35": qwen35_checkpoint_tensors}
+CHECKPOINT_TENSORS = {
+    "lfm2": lfm2_checkpoint_tensors,
+    "qwen35": qwen35_checkpoint_tensors,
+    "granitehybrid": granite_hybrid_checkpoint_tensors,
+}
 GEMMA = ("gemma3n", "gemma4")
 # Architectures whose converter class is a LlamaModel (undo_permute): Q/K rows permuted.
-PERMUTED_QK = ("smollm3", "granite")
+PERMUTED_QK = ("smollm3", "granite", "granitehybrid")
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 

@@ -698,6 +698,7 @@ fn tiny_checkpoints_convert_from_gguf_as_from_safetensors() {
         "smollm3",
         "granite",
         "granite4",
+        "granite4_h",
         "olmo2",
         "olmo3",
         "phi3_longrope",

@@ -2,7 +2,8 @@
 //! (so one parser serves both), and its tensors are served under Hugging Face names, with
 //! llama.cpp's storage conventions undone (Q/K row permutation, Gemma's and Qwen3.5's `1 + w`
 //! norms, GPT-2's Conv1D transpose, Granite 4's gate/up projection split in two, Qwen3.5's
-//! value heads tiled and its `A_log` stored as `−exp(A_log)`).
+//! value heads tiled, `A_log` stored as `−exp(A_log)` by Qwen3.5 and Granite 4.0-H, whose
+//! Mamba-2 `A_log`, `D` and norm gains come reshaped).
 
 use std::path::Path;
 
@@ -28,9 +29,10 @@ pub const SUPPORTED_GGUF_ARCHITECTURES: &[(&str, &str)] = &[
     // Granite 4's dense models too, which llama.cpp's converter writes as `granite` and
     // granite_fields tells by the keys only its hybrid class writes.
     ("granite", "granite"),
-    // What that class writes for Granite 4's hybrid models, refused by granite_refusals (Mamba-2
-    // layers, experts); one whose layers all attend (converters before llama.cpp's rename of
-    // non-hybrid models wrote dense ones so) converts as the `granite` ones do.
+    // What that class writes for Granite 4's hybrid models (4.0-H): Mamba-2 layers marked by a
+    // KV head count of 0 (granite_mamba2_fields); experts refused by granite_refusals. One whose
+    // layers all attend (converters before llama.cpp's rename of non-hybrid models wrote dense
+    // ones so) converts as the `granite` ones do.
     ("granitehybrid", "granitemoehybrid"),
     // OLMo 3 too, which config_json tells by its sliding window.
     ("olmo2", "olmo2"),
@@ -56,6 +58,9 @@ pub struct GgufCheckpoint {
     heads: (usize, usize),
     /// Qwen3.5's Gated DeltaNet heads: llama.cpp tiles their value heads and stores `−exp(A_log)`.
     delta: Option<DeltaHeads>,
+    /// Granite 4.0-H's Mamba-2 layers (`granitehybrid`): llama.cpp stores `−exp(A_log)` and
+    /// reshapes `A_log` and `D` to (heads, 1), the gated norm's gain to (groups, values / groups).
+    mamba2: bool,
     /// Rows of the per-layer embedding table before the zero rows llama.cpp's converter pads it
     /// with (Gemma 3n), when it has any: served without them, as Hugging Face has the table.
     per_layer_rows: Option<usize>,
@@ -151,8 +156,10 @@ fn config_json(g: &GgufFile) -> Result<Value> {
     c.insert("num_hidden_layers".into(), json!(g.require_usize(&key("block_count"))?));
     let heads = g.require_usize(&key("attention.head_count"))?;
     c.insert("num_attention_heads".into(), json!(heads));
-    // LFM2's per-layer counts hold a 0 for each short-convolution layer: lfm2_fields reads them.
-    let kv = if arch == "lfm2" { None } else { usize_or_list(g, &key("attention.head_count_kv"))? };
+    // LFM2's and Granite 4.0-H's per-layer counts hold a 0 for each recurrent layer: lfm2_fields
+    // and granite_fields read them.
+    let recurrent_marks = arch == "lfm2" || arch == "granitehybrid";
+    let kv = if recurrent_marks { None } else { usize_or_list(g, &key("attention.head_count_kv"))? };
     c.insert("num_key_value_heads".into(), kv.unwrap_or(json!(heads)));
     let key_length = g.get_usize(&key("attention.key_length"))?;
     if let Some(hd) = key_length {
@@ -458,36 +465,8 @@ fn require_layer_tensors(g: &GgufFile, layer: usize, names: &[&str], kind: &str)
 /// nor its loader read them). A sliding window or non-causal attention (LFM2's audio and encoder
 /// variants) is refused.
 fn lfm2_fields(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
-    let layers = c["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
-    let heads = c["num_attention_heads"].as_u64().unwrap_or(1) as i128;
     let kv_key = "lfm2.attention.head_count_kv";
-    let kv: Vec<i128> = match g.get(kv_key) {
-        None => vec![heads; layers],
-        Some(gguf::MetaValue::Array(a)) => a
-            .to_i128_vec()
-            .filter(|v| v.len() == layers && v.iter().all(|&n| (0..=u32::MAX as i128).contains(&n)))
-            .ok_or_else(|| {
-                Error::malformed(
-                    g.path(),
-                    format!(
-                        "metadata key '{kv_key}' must be a count per layer ({layers}), 0 for a short-convolution layer"
-                    ),
-                )
-            })?,
-        Some(_) => vec![g.require_usize(kv_key)? as i128; layers],
-    };
-    let mut attending = kv.iter().filter(|&&n| n > 0);
-    let first = attending.next().copied();
-    if let Some(other) = attending.find(|&&n| Some(n) != first) {
-        return Err(Error::malformed(
-            g.path(),
-            format!(
-                "{kv_key}: attention layers with {} and {other} KV heads; KV head counts that differ between layers are not supported",
-                first.unwrap_or(0)
-            ),
-        ));
-    }
-    c.insert("num_key_value_heads".into(), json!(first.unwrap_or(heads)));
+    let kv = recurrent_kv(g, kv_key, c, "short-convolution")?;
     let conv: Vec<bool> = kv.iter().map(|&n| n == 0).collect();
     c.insert(
         "layer_types".into(),
@@ -525,6 +504,41 @@ fn lfm2_fields(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A hybrid's KV head count per layer, where a 0 marks a recurrent layer (llama.cpp's `is_recr`;
+/// `recurrent` names its kind): one per layer, or one for all; the head count when absent.
+/// The attention layers' count, which must be one for all of them, becomes
+/// `num_key_value_heads` (the head count when no layer attends).
+fn recurrent_kv(g: &GgufFile, kv_key: &str, c: &mut Map<String, Value>, recurrent: &str) -> Result<Vec<i128>> {
+    let layers = c["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+    let heads = c["num_attention_heads"].as_u64().unwrap_or(1) as i128;
+    let kv: Vec<i128> = match g.get(kv_key) {
+        None => vec![heads; layers],
+        Some(gguf::MetaValue::Array(a)) => a
+            .to_i128_vec()
+            .filter(|v| v.len() == layers && v.iter().all(|&n| (0..=u32::MAX as i128).contains(&n)))
+            .ok_or_else(|| {
+                Error::malformed(
+                    g.path(),
+                    format!("metadata key '{kv_key}' must be a count per layer ({layers}), 0 for a {recurrent} layer"),
+                )
+            })?,
+        Some(_) => vec![g.require_usize(kv_key)? as i128; layers],
+    };
+    let mut attending = kv.iter().filter(|&&n| n > 0);
+    let first = attending.next().copied();
+    if let Some(other) = attending.find(|&&n| Some(n) != first) {
+        return Err(Error::malformed(
+            g.path(),
+            format!(
+                "{kv_key}: attention layers with {} and {other} KV heads; KV head counts that differ between layers are not supported",
+                first.unwrap_or(0)
+            ),
+        ));
+    }
+    c.insert("num_key_value_heads".into(), json!(first.unwrap_or(heads)));
+    Ok(kv)
 }
 
 /// Qwen3.5 (dense) as llama.cpp's converter writes it: the Gated DeltaNet sizes as `ssm.*`
@@ -610,8 +624,9 @@ fn qwen35_fields(g: &GgufFile, head_dim: usize, c: &mut Map<String, Value>) -> R
 }
 
 /// What a Granite file holds that corelm does not convert, refused by its key: experts
-/// (`expert_count`: Granite 4 H-Tiny's and H-Small's `granitehybrid` files) and Mamba-2 layers (a
-/// KV head count of 0, llama.cpp's mark of a recurrent layer: every Granite 4 hybrid).
+/// (`expert_count`: Granite 4 H-Tiny's and H-Small's `granitehybrid` files), and in a `granite`
+/// file a KV head count of 0 (llama.cpp's mark of a recurrent layer, which its `granite` graph
+/// has no Mamba-2 layer for; the converter writes Granite 4's hybrids as `granitehybrid`).
 fn granite_refusals(g: &GgufFile, arch: &str) -> Result<()> {
     let key = |k: &str| format!("{arch}.{k}");
     if let Some(n) = g.get_usize(&key("expert_count"))?.filter(|&n| n > 0) {
@@ -622,6 +637,9 @@ fn granite_refusals(g: &GgufFile, arch: &str) -> Result<()> {
                 key("expert_count")
             ),
         ));
+    }
+    if arch != "granite" {
+        return Ok(());
     }
     let kv_key = key("attention.head_count_kv");
     if let Some(gguf::MetaValue::Array(a)) = g.get(&kv_key) {
@@ -634,7 +652,7 @@ fn granite_refusals(g: &GgufFile, arch: &str) -> Result<()> {
             return Err(Error::malformed(
                 g.path(),
                 format!(
-                    "{kv_key} is 0 for layer(s) {}: Mamba-2 layers (a Granite 4 hybrid) are not supported; only Granite 4's dense models, attention layers only, convert",
+                    "{kv_key} is 0 for layer(s) {}: Mamba-2 layers in a `granite` file are not supported (llama.cpp's converter writes Granite 4's hybrids as `granitehybrid`, whose graph has them)",
                     recurrent.join(", ")
                 ),
             ));
@@ -650,10 +668,19 @@ fn granite_refusals(g: &GgufFile, arch: &str) -> Result<()> {
 /// `intermediate_size`, the experts' width, equal to it in IBM's releases) and
 /// `rope.scaling.finetuned`, llama.cpp's RoPE switch for Granite (true when absent; the converter
 /// writes true for every model without Mamba-2 layers). `granitehybrid` files whose layers all
-/// attend are the same model. The KV head count comes as one per layer: all equal here.
+/// attend are the same model. The KV head count comes as one per layer: all equal here, but
+/// for `granitehybrid`'s 0s, which mark its Mamba-2 layers (granite_mamba2_fields).
 fn granite_fields(g: &GgufFile, arch: &str, c: &mut Map<String, Value>) -> Result<()> {
     let key = |k: &str| format!("{arch}.{k}");
-    if let Some(Value::Array(kv)) = c.get("num_key_value_heads") {
+    let layers = c["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+    let mut mamba = vec![false; layers];
+    if arch == "granitehybrid" {
+        let kv = recurrent_kv(g, &key("attention.head_count_kv"), c, "Mamba-2")?;
+        mamba = kv.iter().map(|&n| n == 0).collect();
+        if mamba.contains(&true) {
+            granite_mamba2_fields(g, c, &kv)?;
+        }
+    } else if let Some(Value::Array(kv)) = c.get("num_key_value_heads") {
         match kv.first() {
             Some(first) if kv.iter().all(|n| n == first) => {
                 let first = first.clone();
@@ -680,7 +707,6 @@ fn granite_fields(g: &GgufFile, arch: &str, c: &mut Map<String, Value>) -> Resul
     if !granite4 {
         return Ok(());
     }
-    let layers = c["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
     let width = match shared {
         Some(w) => json!(w),
         None => c["intermediate_size"].clone(),
@@ -688,8 +714,73 @@ fn granite_fields(g: &GgufFile, arch: &str, c: &mut Map<String, Value>) -> Resul
     c.insert("model_type".into(), json!("granitemoehybrid"));
     c.insert("shared_intermediate_size".into(), width);
     c.insert("num_local_experts".into(), json!(0));
-    c.insert("layer_types".into(), json!(vec!["full_attention"; layers]));
+    let types: Vec<&str> = mamba.iter().map(|&m| if m { "linear_attention" } else { "full_attention" }).collect();
+    c.insert("layer_types".into(), json!(types));
     c.insert("position_embedding_type".into(), json!(if rope.unwrap_or(true) { "rope" } else { "nope" }));
+    Ok(())
+}
+
+/// Granite 4.0-H's Mamba-2 layers as llama.cpp's converter writes them (GraniteHybridModel on
+/// Mamba2Model): a KV head count of 0 marks one (`kv`); `ssm.time_step_rank` is the heads,
+/// `ssm.inner_size` their values (`mamba_expand` × hidden), `ssm.group_count` the groups of B and
+/// C, `ssm.state_size` their size, `ssm.conv_kernel` the taps. The convolution's bias is taken
+/// when the file has it (llama.cpp's loader: optional), the projections' biases likewise (the
+/// converter writes them; llama.cpp's loader has no place for them). No time-step limit:
+/// llama.cpp's scan bounds no time step, whatever transformers' `time_step_limit` said (the
+/// converter writes none). Each Mamba-2 layer must hold what llama.cpp's loader requires, each
+/// attention layer its projections.
+fn granite_mamba2_fields(g: &GgufFile, c: &mut Map<String, Value>, kv: &[i128]) -> Result<()> {
+    let key = |k: &str| format!("granitehybrid.{k}");
+    let ssm = |k: &str| g.require_usize(&key(k));
+    let hidden = c["hidden_size"].as_u64().unwrap_or(0) as usize;
+    let (heads, inner) = (ssm("ssm.time_step_rank")?, ssm("ssm.inner_size")?);
+    let not_multiple = |of: &str, n: usize| {
+        Error::malformed(
+            g.path(),
+            format!("{} ({inner}) is not a multiple of {} ({n})", key("ssm.inner_size"), key(of)),
+        )
+    };
+    if heads == 0 || !inner.is_multiple_of(heads) {
+        return Err(not_multiple("ssm.time_step_rank", heads));
+    }
+    if hidden == 0 || !inner.is_multiple_of(hidden) {
+        return Err(not_multiple("embedding_length", hidden));
+    }
+    c.insert("mamba_n_heads".into(), json!(heads));
+    c.insert("mamba_d_head".into(), json!(inner / heads));
+    c.insert("mamba_expand".into(), json!(inner / hidden));
+    c.insert("mamba_n_groups".into(), json!(ssm("ssm.group_count")?));
+    c.insert("mamba_d_state".into(), json!(ssm("ssm.state_size")?));
+    c.insert("mamba_d_conv".into(), json!(ssm("ssm.conv_kernel")?));
+    let first = kv.iter().position(|&n| n == 0);
+    let has = |t: &str| first.is_some_and(|l| g.tensor(&format!("blk.{l}.{t}")).is_some());
+    let (conv_bias, proj_bias) = (has("ssm_conv1d.bias"), has("ssm_in.bias"));
+    c.insert("mamba_conv_bias".into(), json!(conv_bias));
+    c.insert("mamba_proj_bias".into(), json!(proj_bias));
+    let kv_key = key("attention.head_count_kv");
+    for (l, &n) in kv.iter().enumerate() {
+        if n == 0 {
+            let mut names = vec![
+                "ssm_in.weight",
+                "ssm_conv1d.weight",
+                "ssm_dt.bias",
+                "ssm_a",
+                "ssm_d",
+                "ssm_norm.weight",
+                "ssm_out.weight",
+            ];
+            if conv_bias {
+                names.push("ssm_conv1d.bias");
+            }
+            if proj_bias {
+                names.extend(["ssm_in.bias", "ssm_out.bias"]);
+            }
+            require_layer_tensors(g, l, &names, &format!("a Mamba-2 layer ({kv_key} is 0 for it)"))?;
+        } else {
+            let names = ["attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight"];
+            require_layer_tensors(g, l, &names, &format!("an attention layer ({kv_key} is {n} for it)"))?;
+        }
+    }
     Ok(())
 }
 
@@ -776,6 +867,7 @@ impl GgufCheckpoint {
                 conv1d: arch == "gpt2",
                 heads,
                 delta,
+                mamba2: arch == "granitehybrid",
                 per_layer_rows,
                 file,
             },
@@ -823,6 +915,10 @@ impl GgufCheckpoint {
             // Qwen3.5's: renamed dt_proj.bias by llama.cpp's converter; A_log keeps no suffix.
             "linear_attn.dt_bias" => ("linear_attn.dt_proj", "bias"),
             "linear_attn.A_log" => return Some((format!("blk.{layer}.ssm_a"), None)),
+            // Granite 4.0-H's Mamba-2: the same renaming; D keeps no suffix either.
+            "mamba.dt_bias" => ("mamba.dt_proj", "bias"),
+            "mamba.A_log" => return Some((format!("blk.{layer}.ssm_a"), None)),
+            "mamba.D" => return Some((format!("blk.{layer}.ssm_d"), None)),
             _ => tail.rsplit_once('.')?,
         };
         let name = match module {
@@ -882,6 +978,12 @@ impl GgufCheckpoint {
             "linear_attn.dt_proj" => "ssm_dt",
             "linear_attn.norm" => "ssm_norm",
             "linear_attn.out_proj" => "ssm_out",
+            // Granite 4.0-H's Mamba-2
+            "mamba.in_proj" => "ssm_in",
+            "mamba.conv1d" => "ssm_conv1d",
+            "mamba.dt_proj" => "ssm_dt",
+            "mamba.norm" => "ssm_norm",
+            "mamba.out_proj" => "ssm_out",
             _ => return None,
         };
         Some((format!("blk.{layer}.{name}.{suffix}"), None))
@@ -931,6 +1033,9 @@ impl Checkpoint for GgufCheckpoint {
         if self.is_conv1d(info) {
             shape.reverse();
         }
+        if self.reshaped_mamba2(info) {
+            shape = vec![shape.iter().product()];
+        }
         if let Some(rows) = self.per_layer_rows.filter(|_| info.name == PER_LAYER_TABLE) {
             shape[0] = rows;
         }
@@ -969,10 +1074,10 @@ impl Checkpoint for GgufCheckpoint {
             let (rows, cols) = (info.shape[0], info.shape[1]);
             return Ok((0..rows * cols).map(|i| data[(i % rows) * cols + i / rows]).collect());
         }
+        if info.name.ends_with(".ssm_a") && (self.delta.is_some() || self.mamba2) {
+            data = self.a_log(info, data)?;
+        }
         if let Some(delta) = self.delta {
-            if info.name.ends_with(".ssm_a") {
-                data = self.a_log(info, data)?;
-            }
             if delta.tiled_columns(&info.name) {
                 let (rows, cols) = (info.n_rows(), info.row_len());
                 if cols != delta.value_heads * delta.value_dim {
@@ -1006,7 +1111,11 @@ impl Checkpoint for GgufCheckpoint {
     fn read_grid(&self, name: &str, dtype: DType) -> Result<Option<CarriedWeight>> {
         // Tiled value-head columns (Qwen3.5's `ssm_out`) are reordered as values, not as blocks.
         let tiled_columns = |i: &gguf::TensorInfo| self.delta.is_some_and(|d| d.tiled_columns(&i.name));
-        let Some(info) = self.info(name).filter(|i| !self.is_conv1d(i) && !tiled_columns(i)) else { return Ok(None) };
+        let Some(info) =
+            self.info(name).filter(|i| !self.is_conv1d(i) && !tiled_columns(i) && !self.reshaped_mamba2(i))
+        else {
+            return Ok(None);
+        };
         let &[rows, cols] = info.shape.as_slice() else { return Ok(None) };
         let Some(form) = info.dtype.grid_form() else { return Ok(None) };
         if cols % form.run != 0 {
@@ -1068,6 +1177,15 @@ impl GgufCheckpoint {
     fn is_conv1d(&self, info: &gguf::TensorInfo) -> bool {
         let matrices = ["attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight"];
         self.conv1d && info.shape.len() == 2 && matrices.iter().any(|m| info.name.ends_with(m))
+    }
+
+    /// A Mamba-2 vector llama.cpp's converter stored as a matrix (Granite 4.0-H's `ssm_a` and
+    /// `ssm_d` as (heads, 1), `ssm_norm` as (groups, values / groups)): served flat, its values in
+    /// the same order.
+    fn reshaped_mamba2(&self, info: &gguf::TensorInfo) -> bool {
+        self.mamba2
+            && info.shape.len() == 2
+            && ["ssm_a", "ssm_d", "ssm_norm.weight"].iter().any(|t| info.name.ends_with(&format!(".{t}")))
     }
 
     /// Row order as Hugging Face has it: llama's Q and K rows are stored permuted for ggml's rope,
@@ -1239,8 +1357,75 @@ mod tests {
             "{err}"
         );
 
+        // In a `granitehybrid` file the 0s are Mamba-2 layers, which need their sizes.
         let err = config(granitehybrid(&[0, 2, 0])).unwrap_err().to_string();
-        assert!(err.contains("granitehybrid.attention.head_count_kv is 0 for layer(s) 0, 2:"), "{err}");
+        assert!(err.contains("granitehybrid.ssm.time_step_rank"), "{err}");
+    }
+
+    #[test]
+    fn granite4_h_reads_its_mamba2_layers_and_sizes() {
+        let c = config(fixture("tiny_granite4_h.gguf")).unwrap();
+        assert_eq!(c["model_type"], "granitemoehybrid");
+        let types = ["linear_attention", "full_attention", "linear_attention", "linear_attention"];
+        assert_eq!(c["layer_types"], json!(types));
+        assert_eq!((c["num_key_value_heads"].clone(), c["position_embedding_type"].clone()), (json!(2), json!("nope")));
+        let sizes: Vec<_> = ["mamba_n_heads", "mamba_d_head", "mamba_expand", "mamba_n_groups", "mamba_d_state"]
+            .into_iter()
+            .chain(["mamba_d_conv", "shared_intermediate_size"])
+            .map(|k| c[k].as_u64().unwrap())
+            .collect();
+        assert_eq!(sizes, [4, 32, 2, 2, 16, 4, 112]);
+        assert_eq!((c["mamba_conv_bias"].clone(), c["mamba_proj_bias"].clone()), (json!(true), json!(false)));
+        // What the converter writes for a model without RoPE; no time-step limit (llama.cpp's scan
+        // has none).
+        assert_eq!((c["max_position_embeddings"].clone(), c.get("time_step_limit")), (json!(1 << 20), None));
+        let m = crate::arch::read_config(Path::new("test.gguf"), &c).unwrap();
+        let mixers: Vec<_> = m.layers.iter().map(|l| l.mixer).collect();
+        use crate::config::Mixer::{Attention, Mamba2};
+        assert_eq!(mixers, [Mamba2, Attention, Mamba2, Mamba2]);
+        let la = m.linear.unwrap();
+        assert_eq!((la.key_heads, la.value_heads, la.key_dim, la.value_dim, la.conv_kernel), (2, 4, 16, 32, 4));
+        assert_eq!((la.conv_bias, la.proj_bias, la.time_step_limit), (true, false, None));
+        assert_eq!((m.intermediate_size, m.rope_layers.clone()), (112, vec![false; 4]));
+    }
+
+    /// A Mamba-2 layer without what llama.cpp's loader requires of one is refused naming the
+    /// tensor; so is an attention layer marked as one (KV heads 0); an `ssm_a` that is not
+    /// −exp(A_log) is refused as Qwen3.5's is.
+    #[test]
+    fn granite4_h_mamba2_layers_without_their_tensors_are_refused() {
+        let bytes = renamed(fixture("tiny_granite4_h.gguf"), "blk.2.ssm_conv1d.weight", "blk.2.ssm_conv1x.weight");
+        let err = config(bytes).unwrap_err().to_string();
+        assert!(
+            err.contains("tensor `blk.2.ssm_conv1d.weight` is missing; layer 2 is a Mamba-2 layer (granitehybrid.attention.head_count_kv is 0 for it)"),
+            "{err}"
+        );
+        // The first Mamba-2 layer has the convolution's bias: the others need it too.
+        let bytes = renamed(fixture("tiny_granite4_h.gguf"), "blk.3.ssm_conv1d.bias", "blk.3.ssm_conv1x.bias");
+        let err = config(bytes).unwrap_err().to_string();
+        assert!(err.contains("tensor `blk.3.ssm_conv1d.bias` is missing; layer 3 is a Mamba-2 layer"), "{err}");
+        let mut bytes = fixture("tiny_granite4_h.gguf");
+        let second = value_of(&bytes, "granitehybrid.attention.head_count_kv") + 4 + 8 + 4;
+        assert_eq!(bytes[second..second + 4], 2i32.to_le_bytes());
+        bytes[second..second + 4].copy_from_slice(&0i32.to_le_bytes());
+        let err = config(bytes).unwrap_err().to_string();
+        assert!(err.contains("tensor `blk.1.ssm_in.weight` is missing; layer 1 is a Mamba-2 layer"), "{err}");
+
+        let mut bytes = fixture("tiny_granite4_h.gguf");
+        let at = GgufFile::from_bytes("t.gguf", bytes.clone()).unwrap().tensor("blk.3.ssm_a").unwrap().file_offset;
+        bytes[at + 4..at + 8].copy_from_slice(&0.0f32.to_le_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.gguf");
+        std::fs::write(&path, bytes).unwrap();
+        let (ck, _) = GgufCheckpoint::open(&path).unwrap();
+        let err = ck.read_f32("model.layers.3.mamba.A_log").unwrap_err().to_string();
+        assert!(err.contains("tensor `blk.3.ssm_a` holds 0; llama.cpp stores −exp(A_log)"), "{err}");
+        // Served flat, as transformers has them: A_log and D (heads), the norm's gain (values).
+        let shapes: Vec<_> = ["A_log", "D", "norm.weight", "conv1d.weight", "in_proj.weight"]
+            .into_iter()
+            .map(|t| ck.shape(&format!("model.layers.0.mamba.{t}")).unwrap())
+            .collect();
+        assert_eq!(shapes, [vec![4], vec![4], vec![128], vec![192, 4], vec![324, 64]]);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The hybrid families from the GGUF files llama.cpp's converter writes for them
-//! (tests/fixtures/gguf/tiny_lfm2.gguf and tiny_qwen3_5_text.gguf, made from the tiny safetensors
-//! fixtures by python/gguf_reference.py) convert as their safetensors folders do: the same model
-//! configuration, every weight the same bits, the same program and interface, in fp32 and fp16.
+//! (tests/fixtures/gguf/tiny_lfm2.gguf, tiny_qwen3_5_text.gguf and tiny_granite4_h.gguf, made
+//! from the tiny safetensors fixtures by python/gguf_reference.py) convert as their safetensors
+//! folders do: the same model configuration, every weight the same bits, the same program and
+//! interface, in fp32 and fp16.
 //!
 //! LFM2's file is the checkpoint under llama.cpp's names (the kernel squeezed to (channels,
 //! taps), the final norm as `token_embd_norm`), so everything matches bit for bit. Qwen3.5's
@@ -12,6 +13,15 @@
 //! its float32 neighbour for the twelfth (0.27086976 for 0.27086973: exp is flatter there than
 //! float32's spacing, so both give the same a). That one word is all that differs between the
 //! packages (measured with `corelm run`: the same 12 greedy ids and bit-equal logits from both).
+//!
+//! Granite 4.0-H's Mamba-2 layers come back the same way: `ssm_a` through the logarithm (one of
+//! the fixture's 12 values as its float32 neighbour: 0.13446237 for 0.13446236, both giving
+//! a = −1.1439216), `D` and the gated norm's gain flattened from the (heads, 1) and (groups,
+//! values / groups) llama.cpp stores, the kernel as squeezed; again that one word is all that
+//! differs. Its configuration differs from the folder's where llama.cpp reads or computes the
+//! model otherwise (`as_llama_cpp_reads`): no time-step limit (llama.cpp's scan bounds none; the
+//! folder says (0, 1000)) and the 2^20 positions the converter writes for a model without RoPE;
+//! and its multipliers come as float32.
 
 use std::path::{Path, PathBuf};
 
@@ -23,10 +33,8 @@ use corelm_convert::graph::{roles, AttentionImpl, GraphOptions, Precision};
 use corelm_format::package::WriteOptions;
 use corelm_format::{Package, Target};
 
-const FIXTURES: [&str; 2] = ["lfm2", "qwen3_5_text"];
-
-/// The A_log values the fixture's GGUF gives back other than the checkpoint's (see above).
-const A_LOG_OFF: usize = 1;
+/// Each fixture with the A_log values its GGUF gives back other than the checkpoint's (see above).
+const A_LOG_OFF: [(&str, usize); 3] = [("lfm2", 0), ("qwen3_5_text", 1), ("granite4_h", 1)];
 
 /// −exp(x) rounded once to float32: what llama.cpp's converter stores for A_log = x.
 fn rate(x: f32) -> f32 {
@@ -37,18 +45,42 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// The GGUF file and the folder, the folder's configuration as llama.cpp reads the model.
 fn sources(fixture: &str) -> (Source, Source) {
     let gguf = root().join(format!("crates/corelm-convert/tests/fixtures/gguf/tiny_{fixture}.gguf"));
     let folder = root().join("tests/fixtures/tiny").join(fixture);
-    (open_source(&gguf).unwrap(), open_source(&folder).unwrap())
+    let mut folder = open_source(&folder).unwrap();
+    as_llama_cpp_reads(fixture, &mut folder.config);
+    (open_source(&gguf).unwrap(), folder)
+}
+
+/// Where llama.cpp reads or computes a model otherwise than transformers: Granite 4.0-H's
+/// Mamba-2 time steps unbounded (its scan has no limit; the fixture's is (0, 1000), which its
+/// time steps never reach) and the context the converter writes for a model without RoPE.
+fn as_llama_cpp_reads(fixture: &str, c: &mut ModelConfig) {
+    if fixture == "granite4_h" {
+        let la = c.linear.as_mut().unwrap();
+        assert_eq!(la.time_step_limit, Some((0.0, 1000.0)));
+        la.time_step_limit = None;
+        c.max_position_embeddings = 1 << 20;
+    }
 }
 
 /// The GGUF's configuration with what GGUF cannot carry taken from the folder's: the norm
-/// epsilon stored as float32, and the padding id (the stand-in vocabulary has none).
+/// epsilon and Granite's multipliers stored as float32, and the padding id (the stand-in
+/// vocabulary has none).
 fn as_from_folder(mut gguf: ModelConfig, folder: &ModelConfig) -> ModelConfig {
     if let (Norm::Rms { eps: e, .. }, Norm::Rms { eps: want, .. }) = (&mut gguf.norm, folder.norm) {
         assert_eq!(*e as f32, want as f32, "epsilon up to float32");
         *e = want;
+    }
+    let up_to_f32 = |got: &mut f64, want: f64| {
+        assert_eq!(*got as f32, want as f32, "up to float32");
+        *got = want;
+    };
+    up_to_f32(&mut gguf.attention_scale, folder.attention_scale);
+    if let (Some(got), Some(want)) = (gguf.residual_multiplier.as_mut(), folder.residual_multiplier) {
+        up_to_f32(got, want);
     }
     gguf.pad_token_id = folder.pad_token_id;
     gguf
@@ -106,8 +138,9 @@ fn compare_weights(fixture: &str) -> usize {
 
 #[test]
 fn gguf_weights_read_back_as_in_the_folder() {
-    assert_eq!(compare_weights("lfm2"), 0);
-    assert_eq!(compare_weights("qwen3_5_text"), A_LOG_OFF);
+    for (fixture, a_log_off) in A_LOG_OFF {
+        assert_eq!(compare_weights(fixture), a_log_off, "{fixture}");
+    }
 }
 
 fn convert_to(source: &Source, out: &Path, precision: Precision) -> Package {
@@ -132,7 +165,7 @@ fn convert_to(source: &Source, out: &Path, precision: Precision) -> Package {
 #[test]
 fn gguf_packages_match_the_folders() {
     let tmp = tempfile::tempdir().unwrap();
-    for fixture in FIXTURES {
+    for (fixture, _) in A_LOG_OFF {
         let a_log_off = compare_weights(fixture);
         let (gguf, folder) = sources(fixture);
         for precision in [Precision::Fp32, Precision::Fp16] {
