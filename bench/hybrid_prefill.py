@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Prefill of hybrid models (recurrent state) on corelm's interpreter: one call over a 256-token
 prompt against 256 one-token calls, on random-weight checkpoints shaped like the published small
-models (Qwen3.5-0.8B's and LFM2-350M's layer widths, fewer layers and a smaller vocabulary), with
+models (Qwen3.5-0.8B's and LFM2-350M's layer widths, fewer layers and a smaller vocabulary; and
+Granite 4.0-H's layer kinds at widths of our choosing), with
 transformers (float32, CPU, its PyTorch fallback kernels: chunked gated delta rule, causal conv)
 on the same checkpoints and prompt in the same run as the peer. Nothing here asserts on time: it
 prints a table and writes bench/results/hybrid-prefill.json.
@@ -50,6 +51,30 @@ MODELS = {
         tie_word_embeddings=True,
         rope_parameters=dict(rope_type="default", rope_theta=10_000_000.0, partial_rotary_factor=0.25,
                              mrope_section=[11, 11, 10], mrope_interleaved=True),
+    ),
+    # Granite 4.0-H's layer kinds (three Mamba-2 layers to one attention layer without positions);
+    # widths of a small model, not a published configuration's.
+    "granite-4.0-h-like": dict(
+        model_type="granitemoehybrid",
+        vocab_size=8192,
+        hidden_size=768,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        layer_types=["mamba", "mamba", "mamba", "attention"] * 2,
+        num_local_experts=0,
+        shared_intermediate_size=2048,
+        position_embedding_type="nope",
+        mamba_n_heads=48,
+        mamba_n_groups=1,
+        mamba_d_state=128,
+        mamba_d_head="auto",
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_chunk_size=256,
+        time_step_limit=[0.0, 1000.0],
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
     ),
     "lfm2-350m-shaped": dict(
         model_type="lfm2",

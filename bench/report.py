@@ -224,7 +224,8 @@ def hybrid_section():
                      ratio(r["transformers_fp32_prefill_seconds"], r["corelm_prefill_seconds"])
                      + (" (**corelm slower**)" if r["corelm_prefill_seconds"] > r["transformers_fp32_prefill_seconds"] else "")])
     return [f"**Hybrid prefill** (`bench/hybrid_prefill.py`): random-weight checkpoints with the layer widths of "
-            f"Qwen3.5-0.8B and LFM2-350M (8 layers, vocabulary 8192), fp16 packages on the interpreter; a "
+            f"Qwen3.5-0.8B and LFM2-350M, and Granite 4.0-H's layer kinds (Mamba-2) at widths of our choosing (8 layers, "
+            f"vocabulary 8192), fp16 packages on the interpreter; a "
             f"{d['rows'][0]['prompt_tokens']}-token prompt in one driver feed against as many one-token calls "
             f"(target: ≥ 4×), and transformers float32 on the same checkpoint ({d['threads']} threads); tokens/s.", "",
             *table(["model", "corelm prefill", "corelm one-token calls", "speed-up", "target",
