@@ -164,3 +164,38 @@ fn the_workflow_runs_on_hybrid_models() {
         assert!(agreement.iter().all(|&(top1, kl)| top1 >= 0.85 && kl < 1e-2), "{name}: {agreement:?}");
     }
 }
+
+/// A hybrid package whose metadata names a recurrent state its functions do not declare is
+/// refused with the key named; one whose metadata lost the key is still driven as recurrent
+/// (its states' names say so): the same greedy ids as the intact package. (Qwen3.5's fixed
+/// lengths would otherwise pad the 8-token prompt into a 16-token call, and the padding would
+/// enter its state.)
+#[test]
+fn recurrent_state_metadata_is_checked() {
+    use corelm_format::proto;
+    use prost::Message;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = with_tokenizer("qwen3_5_text", tmp.path());
+    let pkg = tmp.path().join("qwen3_5_text.mlpackage");
+    ok(&["convert", path(&dir), "-o", path(&pkg), "--context", "64"]);
+    let ids = "5,17,42,99,3,77,20,61";
+    let want = ok(&["run", path(&pkg), "--ids", ids, "--max-new-tokens", "8"]);
+    let spec = pkg.join("Data/com.apple.CoreML/model.mlmodel");
+    let original = std::fs::read(&spec).unwrap();
+    let edit = |value: Option<&str>| {
+        let mut model = proto::Model::decode(original.as_slice()).unwrap();
+        let ud = &mut model.description.as_mut().unwrap().metadata.as_mut().unwrap().user_defined;
+        match value {
+            Some(v) => ud.insert("corelm.recurrent_states".into(), v.into()),
+            None => ud.remove("corelm.recurrent_states"),
+        };
+        std::fs::write(&spec, model.encode_to_vec()).unwrap();
+    };
+    edit(Some("convState,recurrentState,lostState"));
+    let (code, _, stderr) = corelm(&["run", path(&pkg), "--ids", ids, "--max-new-tokens", "8"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("corelm.recurrent_states names the state `lostState`"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    edit(None);
+    assert_eq!(ok(&["run", path(&pkg), "--ids", ids, "--max-new-tokens", "8"]), want);
+}

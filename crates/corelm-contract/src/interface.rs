@@ -99,9 +99,18 @@ impl PackageInterface {
         if context == 0 {
             return Err(Error::invalid("cannot tell the model's context length"));
         }
-        let recurrent_states = match metadata.get(keys::RECURRENT_STATES) {
+        // Without the metadata (a package edited, or written by another tool), the states corelm
+        // names so still say the model is recurrent.
+        let recurrent_states: Vec<String> = match metadata.get(keys::RECURRENT_STATES) {
             Some(list) => list.split(',').map(str::to_string).collect(),
-            None => vec![],
+            None => description
+                .functions
+                .first()
+                .map(|f| f.states.iter().map(|s| s.name.clone()))
+                .into_iter()
+                .flatten()
+                .filter(|n| n == names::CONV_STATE || n == names::RECURRENT_STATE)
+                .collect(),
         };
         for name in &recurrent_states {
             if !description.functions.iter().all(|f| f.states.iter().any(|s| &s.name == name)) {
