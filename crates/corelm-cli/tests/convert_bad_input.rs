@@ -196,8 +196,27 @@ fn unknown_architecture() {
 fn family_features_beyond_the_converter_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny");
-    let cases: [(&str, serde_json::Value, &str); 10] = [
-        ("granite4", serde_json::json!({"layer_types": ["mamba", "attention"]}), "Granite 4 layer type `mamba`"),
+    let cases: [(&str, serde_json::Value, &str); 13] = [
+        (
+            "granite4",
+            serde_json::json!({"layer_types": ["attention", "bogus"]}),
+            "unknown Granite 4 layer type `bogus`",
+        ),
+        (
+            "granite4_h",
+            serde_json::json!({"mamba_n_heads": 3}),
+            "mamba_n_heads (3) must divide mamba_expand × hidden_size (128)",
+        ),
+        (
+            "lfm2",
+            serde_json::json!({"layer_types": ["conv", "full_attention", "conv", "mystery"]}),
+            "unknown LFM2 layer type `mystery`",
+        ),
+        (
+            "qwen3_5_text",
+            serde_json::json!({"linear_num_value_heads": 3}),
+            "linear_num_value_heads (3) must be a multiple of linear_num_key_heads (2)",
+        ),
         ("granite4", serde_json::json!({"num_local_experts": 8}), "a Granite 4 mixture of 8 experts"),
         ("smollm3", serde_json::json!({"no_rope_layers": [1, 0]}), "`no_rope_layers` has 2 flags for 4 layers"),
         (
