@@ -1,12 +1,14 @@
 //! Recurrent layers of hybrid models and the states they carry between calls: LFM2's gated
-//! short convolution (a window of the last inputs) and Qwen3.5's Gated DeltaNet (that window
-//! and a key × value matrix per head, updated by the delta rule). Both are iOS 18 states in
-//! fp16, as Core ML requires; fp32 packages keep each as an fp16 pair (value, residual) as the
-//! KV cache does, so the state adds no error beyond fp32 arithmetic.
+//! short convolution (a window of the last inputs), Qwen3.5's Gated DeltaNet and Granite 4.0-H's
+//! Mamba-2 (that window and a matrix per head, updated by the delta rule or plainly decayed and
+//! added to). Both are iOS 18 states in fp16, as Core ML requires; fp32 packages keep each as an
+//! fp16 pair (value, residual) as the KV cache does, so the state adds no error beyond fp32
+//! arithmetic.
 //!
 //! A call of N tokens runs the recurrence in its chunked parallel form (the reference's
-//! `torch_chunk_gated_delta_rule`): within a chunk, matrix products and one unit
-//! lower-triangular inverse; across chunks, the state handed on.
+//! `torch_chunk_gated_delta_rule`, and Mamba-2's state-space dual): within a chunk, matrix
+//! products and, for the delta rule, one unit lower-triangular inverse; across chunks, the state
+//! handed on.
 
 use std::collections::HashMap;
 
@@ -14,7 +16,7 @@ use super::emitter::{i32s, scalar_i32, Binary, Graph};
 use super::inputs::Positions;
 use super::{GraphOptions, Stage};
 use crate::arch::{LayerRole, Role};
-use crate::config::{Mixer, ModelConfig, Norm};
+use crate::config::{LinearAttention, Mixer, ModelConfig, Norm};
 use crate::{Error, Result};
 use corelm_contract::names;
 use corelm_format::mil::builder::Arg;
@@ -31,24 +33,36 @@ struct States {
     place: HashMap<usize, usize>,
 }
 
+impl States {
+    /// The begin and end of layer `l`'s slice of the state.
+    fn bounds(&self, l: usize) -> (Vec<i32>, Vec<i32>) {
+        let slot = self.place[&l] as i32;
+        let begin = std::iter::once(slot).chain(self.layer_shape.iter().map(|_| 0)).collect();
+        let end = std::iter::once(slot + 1).chain(self.layer_shape.iter().map(|&d| d as i32)).collect();
+        (begin, end)
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Kind {
     Conv,
     Delta,
 }
 
-/// The recurrent states of a stage's layers: `convState` (layers, 1, channels, 1, taps − 1),
-/// channels-first like the convolution that reads it, and for Gated DeltaNet `recurrentState`
-/// (layers, 1, value heads, key dim, value dim).
+/// The recurrent states of a stage's layers: `convState` (layers, 1, channels, 1, taps − 1, or
+/// 32 on the Neural Engine), channels-first like the convolution that reads it, and for Gated
+/// DeltaNet and Mamba-2 `recurrentState` (layers, 1, value heads, key dim, value dim).
 pub(super) struct RecurrentStates {
     conv: Option<States>,
     delta: Option<States>,
+    /// The convolution's taps.
+    taps: usize,
 }
 
 impl RecurrentStates {
     /// No recurrent layers.
     pub fn empty() -> RecurrentStates {
-        RecurrentStates { conv: None, delta: None }
+        RecurrentStates { conv: None, delta: None, taps: 0 }
     }
 
     pub fn declare(g: &mut Graph, c: &ModelConfig, opts: &GraphOptions, stage: &Stage) -> Result<RecurrentStates> {
@@ -66,7 +80,8 @@ impl RecurrentStates {
         let (channels, kernel) = match c.layer(layers[0]).mixer {
             Mixer::ShortConv { kernel, .. } => (c.hidden_size, kernel),
             _ => {
-                let la = c.linear.ok_or_else(|| Error::invalid("Gated DeltaNet layers without their sizes"))?;
+                let la =
+                    c.linear.ok_or_else(|| Error::invalid("chunked linear-attention layers without their sizes"))?;
                 (la.conv_channels(), la.conv_kernel)
             }
         };
@@ -94,7 +109,7 @@ impl RecurrentStates {
             )?),
             None => None,
         };
-        Ok(RecurrentStates { conv: Some(conv), delta })
+        Ok(RecurrentStates { conv: Some(conv), delta, taps: kernel })
     }
 
     fn states(&self, kind: Kind) -> Result<&States> {
@@ -109,11 +124,7 @@ impl RecurrentStates {
     fn read(&self, g: &mut Graph, kind: Kind, l: usize, p: &str) -> Result<Var> {
         let dtype = if g.ane { DType::Fp16 } else { DType::Fp32 };
         let s = self.states(kind)?;
-        let slot = s.place[&l] as i32;
-        let mut begin = vec![slot];
-        begin.extend(std::iter::repeat_n(0, s.layer_shape.len()));
-        let mut end = vec![slot + 1];
-        end.extend(s.layer_shape.iter().map(|&d| d as i32));
+        let (begin, end) = s.bounds(l);
         let mut parts = Vec::new();
         for (i, var) in s.vars.iter().enumerate() {
             let all = g.op("read_state", &format!("{p}_state{i}_all"), vec![("input", var.into())])?;
@@ -132,7 +143,6 @@ impl RecurrentStates {
     /// slice shape).
     fn write(&self, g: &mut Graph, kind: Kind, l: usize, value: &Var, p: &str) -> Result<()> {
         let s = self.states(kind)?;
-        let slot = s.place[&l] as i32;
         let hi = g.cast(value, DType::Fp16, &format!("{p}_new_hi"))?;
         let mut parts = vec![hi.clone()];
         if s.vars.len() == 2 {
@@ -140,10 +150,7 @@ impl RecurrentStates {
             let rest = g.binary(Binary::Sub, &format!("{p}_new_rest"), value, &back)?;
             parts.push(g.cast(&rest, DType::Fp16, &format!("{p}_new_lo"))?);
         }
-        let mut begin = vec![slot];
-        begin.extend(std::iter::repeat_n(0, s.layer_shape.len()));
-        let mut end = vec![slot + 1];
-        end.extend(s.layer_shape.iter().map(|&d| d as i32));
+        let (begin, end) = s.bounds(l);
         for (i, (var, part)) in s.vars.iter().zip(&parts).enumerate() {
             let update = g.expand_dims(&format!("{p}_upd{i}"), part, &[0])?;
             let old = g.op("read_state", &format!("{p}_old{i}"), vec![("input", var.into())])?;
@@ -164,11 +171,7 @@ impl RecurrentStates {
     fn causal_conv(&self, g: &mut Graph, at: &Positions, l: usize, x: &Var, silu: bool, p: &str) -> Result<Var> {
         use LayerRole::*;
         let s = self.states(Kind::Conv)?;
-        let (channels, width) = (s.layer_shape[1] as i32, s.layer_shape[3] as i32);
-        let taps = match g.c.layer(l).mixer {
-            Mixer::ShortConv { kernel, .. } => kernel as i32,
-            _ => g.c.linear.map_or(width + 1, |la| la.conv_kernel as i32),
-        };
+        let (channels, width, taps) = (s.layer_shape[1] as i32, s.layer_shape[3] as i32, self.taps as i32);
         let dtype = if g.ane { DType::Fp16 } else { DType::Fp32 };
         let xc = if g.ane {
             x.clone()
@@ -247,16 +250,15 @@ pub(super) fn mixer_block(
 ) -> Result<Var> {
     match g.c.layer(l).mixer {
         Mixer::ShortConv { .. } => short_conv(g, states, at, compute, l, x),
-        Mixer::GatedDeltaNet | Mixer::Mamba2 => {
+        chunked => {
             let n =
                 query_len.ok_or_else(|| Error::invalid("chunked linear-attention layers need fixed query lengths"))?;
-            if g.c.layer(l).mixer == Mixer::Mamba2 {
-                mamba2(g, states, at, compute, l, x, n)
-            } else {
-                gated_delta_net(g, states, at, compute, l, x, n)
+            match chunked {
+                Mixer::GatedDeltaNet => gated_delta_net(g, states, at, compute, l, x, n),
+                Mixer::Mamba2 => mamba2(g, states, at, compute, l, x, n),
+                _ => unreachable!("attention layers are not recurrent"),
             }
         }
-        Mixer::Attention => unreachable!("attention layers are not recurrent"),
     }
 }
 
@@ -283,9 +285,9 @@ fn short_conv(
 
 /// A chunked layer's sizes: key heads (Mamba-2: groups), value heads, key dim (state size),
 /// value dim.
-fn sizes(g: &Graph) -> Result<[i32; 4]> {
+fn sizes(g: &Graph) -> Result<(LinearAttention, [i32; 4])> {
     let la = g.c.linear.ok_or_else(|| Error::invalid("chunked linear-attention layers without their sizes"))?;
-    Ok([la.key_heads, la.value_heads, la.key_dim, la.value_dim].map(|v| v as i32))
+    Ok((la, [la.key_heads, la.value_heads, la.key_dim, la.value_dim].map(|v| v as i32)))
 }
 
 fn split_last(g: &mut Graph, x: &Var, sizes: &[i32], name: &str) -> Result<Vec<Var>> {
@@ -345,7 +347,7 @@ fn gated_delta_net(
     use LayerRole::*;
     let p = format!("l{l}_delta");
     let lr = |r| Role::Layer(l, r);
-    let [kh, vh, kd, vd] = sizes(g)?;
+    let (_, [kh, vh, kd, vd]) = sizes(g)?;
     let qkv = g.linear(x, lr(MixerIn), None, &format!("{p}_in"))?;
     let qkv = states.causal_conv(g, at, l, &qkv, true, &format!("{p}_conv"))?;
     let parts = split_last(g, &qkv, &[kh * kd, kh * kd, vh * vd], &format!("{p}_qkv"))?;
@@ -429,8 +431,7 @@ fn mamba2(
     use LayerRole::*;
     let p = format!("l{l}_ssm");
     let lr = |r| Role::Layer(l, r);
-    let [kh, vh, kd, vd] = sizes(g)?;
-    let la = g.c.linear.ok_or_else(|| Error::invalid("Mamba-2 layers without their sizes"))?;
+    let (la, [kh, vh, kd, vd]) = sizes(g)?;
     let (values, channels) = (vh * vd, la.conv_channels() as i32);
     let proj = g.linear(x, lr(MixerIn), Some(lr(MixerInBias)), &format!("{p}_in"))?;
     let parts = split_last(g, &proj, &[values, channels, vh], &format!("{p}_zxbcdt"))?;
@@ -486,12 +487,6 @@ fn chunked_rule(
         v.ty().dims[3].fixed().ok_or_else(|| Error::invalid("value size must be fixed"))? as i32,
     );
     let c = chunk as i32;
-    let strict_lower = g.shared_constant(&format!("delta_strict_lower_{chunk}"), || {
-        Tensor::from_f32(
-            vec![chunk, chunk],
-            &(0..chunk * chunk).map(|i| if i % chunk < i / chunk { 1.0 } else { 0.0 }).collect::<Vec<_>>(),
-        )
-    })?;
     let mut outs = Vec::new();
     for i in 0..(n / chunk) as i32 {
         let pc = format!("{p}_c{i}");
@@ -532,6 +527,11 @@ fn chunked_rule(
                 let (new_values, k_cumdecay) = if chunk > 1 {
                     let kk = matmul(g, &kb, &kc, false, true, &format!("{pc}_kk"))?;
                     let ut = g.binary(Binary::Mul, &format!("{pc}_ut"), &kk, &pair)?;
+                    let strict_lower = g.shared_constant(&format!("delta_strict_lower_{chunk}"), || {
+                        let mask: Vec<f32> =
+                            (0..chunk * chunk).map(|i| if i % chunk < i / chunk { 1.0 } else { 0.0 }).collect();
+                        Tensor::from_f32(vec![chunk, chunk], &mask)
+                    })?;
                     let low = g.binary(Binary::Mul, &format!("{pc}_ut_low"), &ut, &strict_lower)?;
                     let t = unit_lower_inverse(g, &low, vh, chunk, &pc)?;
                     let u = matmul(g, &t, &vb, false, false, &format!("{pc}_u"))?;
