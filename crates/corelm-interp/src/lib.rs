@@ -126,9 +126,14 @@ fn constexpr(op: &Operation, args: &BTreeMap<String, Arc<Value>>, out: &TensorTy
     let data: Vec<f32> = match op.op_type.as_str() {
         "constexpr_blockwise_shift_scale" => {
             let (d, s) = (get("data")?, get("scale")?);
+            same_shape("data", &d.shape, &shape)?;
+            blocks_divide("scale", &s.shape, &shape)?;
             let dv = d.to_f32_vec();
             let sv = s.to_f32_vec();
             let off = args.get("offset").map(|o| (o.to_f32_vec(), o.shape.clone()));
+            if let Some((_, off_shape)) = &off {
+                same_shape("offset", off_shape, &s.shape)?;
+            }
             (0..n)
                 .map(|i| {
                     let bi = block_index(i, &s.shape);
@@ -140,8 +145,15 @@ fn constexpr(op: &Operation, args: &BTreeMap<String, Arc<Value>>, out: &TensorTy
         "constexpr_lut_to_dense" if args.contains_key("shape") => {
             // iOS 16 form: packed uint8 indices, a per-tensor lut.
             let lut = get("lut")?.to_f32_vec();
+            if !(2..=256).contains(&lut.len()) || !lut.len().is_power_of_two() {
+                return Err(Error::invalid(format!(
+                    "a lut of {} entries: it must hold 2 to 256, a power of two",
+                    lut.len()
+                )));
+            }
             let bits = (lut.len().trailing_zeros()) as usize;
             let raw: Vec<u8> = get("indices")?.ints()?.into_iter().map(|v| v as u8).collect();
+            packed_fits("indices", raw.len(), bits, n)?;
             let idx = corelm_format::tensor::unpack_bits(&raw, bits, n);
             idx.into_iter().map(|i| lut[i as usize]).collect()
         }
@@ -150,11 +162,24 @@ fn constexpr(op: &Operation, args: &BTreeMap<String, Arc<Value>>, out: &TensorTy
             let iv = idx.ints()?;
             let lv = lut.to_f32_vec();
             let r = idx.rank();
+            if lut.rank() != r + 2 {
+                return Err(Error::invalid(format!(
+                    "lut {:?} must have rank {} for indices {:?}",
+                    lut.shape,
+                    r + 2,
+                    idx.shape
+                )));
+            }
             let (palettes, vsize) = (lut.shape[r], lut.shape[r + 1]);
             if vsize != 1 {
                 return Err(Error::invalid("vector palettization (VECTOR_SIZE > 1) is not supported"));
             }
+            same_shape("indices", &idx.shape, &shape)?;
             let groups = &lut.shape[..r];
+            blocks_divide("lut", groups, &idx.shape)?;
+            if let Some(i) = iv.iter().find(|&&i| i < 0 || i as usize >= palettes) {
+                return Err(Error::invalid(format!("index {i} past a lut of {palettes} entries")));
+            }
             let gst = kernels::strides(groups);
             let ist = kernels::strides(&idx.shape);
             (0..n)
@@ -169,7 +194,17 @@ fn constexpr(op: &Operation, args: &BTreeMap<String, Arc<Value>>, out: &TensorTy
             let (q, zp, sc) = (get("quantized_data")?, get("zero_point")?, get("scale")?);
             let axis = get("axis")?.ints()?[0];
             let ax = corelm_format::mil::ops::axis(axis, q.rank())?;
+            same_shape("quantized_data", &q.shape, &shape)?;
             let (qv, zv, sv) = (q.to_f32_vec(), zp.to_f32_vec(), sc.to_f32_vec());
+            for (name, v) in [("zero_point", &zv), ("scale", &sv)] {
+                if v.len() != 1 && v.len() != shape[ax] {
+                    return Err(Error::invalid(format!(
+                        "`{name}` holds {} values for {} along axis {ax}",
+                        v.len(),
+                        shape[ax]
+                    )));
+                }
+            }
             (0..n)
                 .map(|i| {
                     let c = (i / strides[ax]) % shape[ax];
@@ -178,13 +213,19 @@ fn constexpr(op: &Operation, args: &BTreeMap<String, Arc<Value>>, out: &TensorTy
                 })
                 .collect()
         }
-        "constexpr_cast" => get("source_val")?.to_f32_vec(),
+        "constexpr_cast" => {
+            let source = get("source_val")?;
+            same_shape("source_val", &source.shape, &shape)?;
+            source.to_f32_vec()
+        }
         "constexpr_sparse_to_dense" => {
             let (nz, mask) = (get("nonzero_data")?.to_f32_vec(), get("mask")?);
             let bits: Vec<bool> = if args.contains_key("shape") {
                 let raw: Vec<u8> = mask.ints()?.into_iter().map(|v| v as u8).collect();
+                packed_fits("mask", raw.len(), 1, n)?;
                 corelm_format::tensor::unpack_bits(&raw, 1, n).into_iter().map(|b| b != 0).collect()
             } else {
+                same_shape("mask", &mask.shape, &shape)?;
                 mask.ints()?.into_iter().map(|b| b != 0).collect()
             };
             let mut k = 0;
@@ -202,6 +243,30 @@ fn constexpr(op: &Operation, args: &BTreeMap<String, Arc<Value>>, out: &TensorTy
         other => return Err(Error::invalid(format!("`{other}` is not supported by the interpreter"))),
     };
     Ok(Value::f32(out.dtype, shape, data))
+}
+
+/// A constexpr's source must have the shape it declares for its output.
+fn same_shape(what: &str, got: &[usize], want: &[usize]) -> Result<()> {
+    if got != want {
+        return Err(Error::invalid(format!("`{what}` is {got:?} but the output is declared {want:?}")));
+    }
+    Ok(())
+}
+
+/// Per-block parameters (`params`) must have the rank of what they apply to and divide it.
+fn blocks_divide(what: &str, params: &[usize], of: &[usize]) -> Result<()> {
+    if params.len() != of.len() || params.iter().zip(of).any(|(&p, &d)| p == 0 || d % p != 0) {
+        return Err(Error::invalid(format!("`{what}` {params:?} does not divide into blocks of {of:?}")));
+    }
+    Ok(())
+}
+
+/// Bit-packed bytes must hold `count` values of `bits` each.
+fn packed_fits(what: &str, bytes: usize, bits: usize, count: usize) -> Result<()> {
+    if bytes.saturating_mul(8) < count.saturating_mul(bits) {
+        return Err(Error::invalid(format!("`{what}` has {bytes} bytes, too few for {count} values of {bits} bits")));
+    }
+    Ok(())
 }
 
 /// Large fp16 matrices stay fp16 in memory (half the bytes of f32).
@@ -256,6 +321,7 @@ fn packed_blockwise(
     if srows != rows || blocks == 0 || cols % blocks != 0 || rows * cols < PACK_MIN_ELEMENTS {
         return Ok(None);
     }
+    same_shape("data", &data.shape, &out.shape().unwrap_or_default())?;
     let Some((dtype, values)) = narrow_integers(&data)? else { return Ok(None) };
     let scales = scale.to_f32_vec();
     let mut offsets = arg(files, "offset")?.map(|o| o.to_f32_vec());
