@@ -352,6 +352,30 @@ fn packed_blockwise(
     Ok(Some(Value { dtype: out.dtype, shape: vec![rows, cols], data: Data::Packed(Arc::new(packed)) }))
 }
 
+/// A `constexpr_lut_to_dense` of a matrix with 4-bit indices and a palette per group of rows,
+/// kept as nibbles and palettes (looked up inside `linear` and `gather`).
+fn packed_palette(op: &Operation, files: &mut BlobFiles, out: &TensorType) -> Result<Option<Value>> {
+    if op.op_type != "constexpr_lut_to_dense" || op.input("vector_axis").is_some() {
+        return Ok(None);
+    }
+    let (Some(Binding::Value(indices)), Some(Binding::Value(lut))) = (op.input("indices"), op.input("lut")) else {
+        return Ok(None);
+    };
+    let (indices, lut) = (files.read(indices)?, files.read(lut)?);
+    let (&[rows, cols], &[groups, 1, 16, 1]) = (indices.shape(), lut.shape()) else { return Ok(None) };
+    if indices.dtype() != DType::Uint4 || groups == 0 || rows % groups != 0 || cols % 2 != 0 {
+        return Ok(None);
+    }
+    if rows * cols < PACK_MIN_ELEMENTS || out.shape().as_deref() != Some(&[rows, cols][..]) {
+        return Ok(None);
+    }
+    let nibbles = Value::from_tensor(&indices)?.ints()?;
+    let indices = nibbles.chunks(2).map(|p| (p[0] as u8 & 0x0f) | ((p[1] as u8) << 4)).collect();
+    let palettes = Value::from_tensor(&lut)?.to_f32_vec();
+    let packed = Packed::Palette { rows, cols, group_rows: rows / groups, indices, palettes };
+    Ok(Some(Value { dtype: out.dtype, shape: vec![rows, cols], data: Data::Packed(Arc::new(packed)) }))
+}
+
 /// The integers of a shift-scale's `data` and the container they fit: as stored (int4/int8 and
 /// unsigned), or, for float data that holds only integers (a LUT of integer levels expanded by
 /// `constexpr_lut_to_dense`, as GGUF's grids are carried), the narrowest of int4 and int8.
@@ -468,6 +492,9 @@ fn decode_constant(
     files: &mut BlobFiles,
 ) -> Result<Value> {
     if let Some(packed) = packed_blockwise(op, consts, files, out)? {
+        return Ok(packed);
+    }
+    if let Some(packed) = packed_palette(op, files, out)? {
         return Ok(packed);
     }
     let ctx = || context(fname, op);
@@ -1179,6 +1206,59 @@ mod tests {
             let want: f64 = (0..cols)
                 .map(|c| f64::from(x[c]) * scale(r, c / run) * (levels[index(r, c)] - offset(r, c / run)))
                 .sum();
+            assert!((f64::from(got) - want).abs() <= 2e-3 * want.abs().max(0.1), "row {r}: {got} vs {want}");
+        }
+    }
+
+    /// A 4-bit palettized matrix (a palette per group of rows, as `--quantize lut4` and
+    /// coremltools write it) is held as nibbles and palettes, and the layer computes
+    /// `Σ x·palette[index]`.
+    #[test]
+    fn lut4_palettes_stay_packed() {
+        let (rows, cols, groups) = (64, 96, 4);
+        let index = |r: usize, c: usize| (r * 7 + c * 3 + r * c) % 16;
+        let palette = |g: usize, i: usize| ((g * 16 + i) as f64 * 0.37).sin();
+        let x: Vec<f32> = (0..cols).map(|c| ((c % 9) as f32 - 4.0) * 0.25).collect();
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut pkg = PackageWriter::create(dir.path().join("m.mlpackage"), &WriteOptions::overwriting()).unwrap();
+        let mut f = FunctionBuilder::new("main", Target::Ios18, pkg.weights()).unwrap();
+        let input = f.input("x", DType::Fp16, InputShape::Fixed(vec![1, cols])).unwrap();
+        let idx: Vec<i64> = (0..rows * cols).map(|i| index(i / cols, i % cols) as i64).collect();
+        let luts: Vec<f64> = (0..groups * 16).map(|i| palette(i / 16, i % 16)).collect();
+        let lut = vec![
+            ("indices", Tensor::from_ints(DType::Uint4, vec![rows, cols], &idx).unwrap().into()),
+            ("lut", Tensor::from_floats(DType::Fp16, vec![groups, 1, 16, 1], &luts).unwrap().into()),
+        ];
+        let w = f.op1("constexpr_lut_to_dense", "w", lut).unwrap();
+        let y = f.op1("linear", "y", vec![("x", (&input).into()), ("weight", (&w).into())]).unwrap();
+        f.output(&y, "y").unwrap();
+        let mut program = ProgramBuilder::new(Target::Ios18);
+        program.add_function(f.finish().unwrap()).unwrap();
+        let interp =
+            Interpreter::load(&Package::open(pkg.commit(&program.finish().unwrap()).unwrap()).unwrap()).unwrap();
+        let packed: Vec<&Packed> = interp.plans["main"]
+            .steps
+            .iter()
+            .flat_map(|s| &s.inputs)
+            .flat_map(|(_, srcs)| srcs)
+            .filter_map(|s| match s {
+                Src::Const(v) => match &v.data {
+                    Data::Packed(p) => Some(p.as_ref()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        assert!(matches!(packed.as_slice(), [Packed::Palette { group_rows: 16, .. }]), "the weight was widened");
+        assert_eq!(packed[0].bytes(), rows * cols / 2 + 4 * groups * 16);
+
+        let inputs = BTreeMap::from([("x".to_string(), Value::f32(DType::Fp16, vec![1, cols], x.clone()))]);
+        let out = interp.predict(None, &inputs, &mut interp.new_state(None).unwrap()).unwrap()["y"].to_f32_vec();
+        for (r, &got) in out.iter().enumerate() {
+            // The palette as stored: fp16.
+            let entry = |i: usize| f64::from(half::f16::from_f64(palette(r / 16, i)).to_f32());
+            let want: f64 = (0..cols).map(|c| f64::from(x[c]) * entry(index(r, c))).sum();
             assert!((f64::from(got) - want).abs() <= 2e-3 * want.abs().max(0.1), "row {r}: {got} vs {want}");
         }
     }

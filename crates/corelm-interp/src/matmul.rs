@@ -25,6 +25,13 @@ pub enum WeightRows<'a> {
         offsets: Option<&'a [f32]>,
         block: usize,
     },
+    /// Nibble indices into sixteen-value palettes, one per `group_rows` rows (as stored by
+    /// [`Packed::Palette`]).
+    Palette {
+        indices: &'a [u8],
+        palettes: &'a [f32],
+        group_rows: usize,
+    },
 }
 
 impl<'a> WeightRows<'a> {
@@ -39,6 +46,9 @@ impl<'a> WeightRows<'a> {
                 offsets: offsets.as_deref(),
                 block: *block,
             },
+            Packed::Palette { indices, palettes, group_rows, .. } => {
+                WeightRows::Palette { indices, palettes, group_rows: *group_rows }
+            }
         }
     }
 
@@ -60,6 +70,12 @@ impl<'a> WeightRows<'a> {
                     *d = if fp16 { half::f16::from_f32(w).to_f32() } else { w };
                 }
             }
+            WeightRows::Palette { indices, palettes, group_rows } => {
+                let palette = &palettes[r / group_rows * 16..][..16];
+                for (c, d) in out[..k].iter_mut().enumerate() {
+                    *d = palette[usize::from((indices[(r * k + c) / 2] >> (4 * (c % 2))) & 0x0f)];
+                }
+            }
         }
     }
 }
@@ -78,6 +94,10 @@ pub fn matmul_t(m: usize, k: usize, n: usize, x: &[f32], w: WeightRows, out: &mu
     {
         if m >= avx512::MIN_ROWS && avx512::usable(&w) {
             avx512::matmul_t(m, k, n, x, w, out);
+            return;
+        }
+        if narrow::usable(&w, k) {
+            narrow::matmul_t(m, k, n, x, w, out);
             return;
         }
     }
@@ -145,6 +165,7 @@ mod avx2 {
         });
         cpu && match w {
             WeightRows::Blockwise { block, .. } => block % 8 == 0,
+            WeightRows::Palette { .. } => false,
             _ => true,
         }
     }
@@ -163,6 +184,7 @@ mod avx2 {
                     let ints = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
                     to_fp16_if(fp16, _mm256_mul_ps(_mm256_sub_ps(ints, offset), scale))
                 }
+                WeightRows::Palette { .. } => unreachable!("palettes are not `usable` here"),
                 WeightRows::Blockwise { q, fp16, .. } => {
                     // Eight nibbles (four bytes), one to a lane, sign-extended from bit 3.
                     let word = (q.as_ptr().add((r * k + c) / 2) as *const i32).read_unaligned();
@@ -274,7 +296,7 @@ mod avx2 {
                         let wv = match *w {
                             WeightRows::F32(v) => *v.get_unchecked(r[j] * k + c),
                             WeightRows::F16(v) => v.get_unchecked(r[j] * k + c).to_f32(),
-                            WeightRows::Blockwise { .. } => unreachable!(),
+                            WeightRows::Blockwise { .. } | WeightRows::Palette { .. } => unreachable!(),
                         };
                         for (ii, row) in sums.iter_mut().enumerate() {
                             row[j] += *xp.add(ii * k + c) * wv;
@@ -331,7 +353,7 @@ mod avx2 {
         let bytes_per_row = k * match w {
             WeightRows::F32(_) => 4,
             WeightRows::F16(_) => 2,
-            WeightRows::Blockwise { .. } => 1,
+            WeightRows::Blockwise { .. } | WeightRows::Palette { .. } => 1,
         };
         let group = (48 * 1024 / bytes_per_row.max(1)).next_multiple_of(12).clamp(12, 240);
         let mut start = rows.start;
@@ -351,6 +373,306 @@ mod avx2 {
                 }
             }
             start = sub.end;
+        }
+    }
+}
+
+/// Products with few rows of `x` (decode): memory bound, so each weight is read once, in its
+/// stored size, and widened in registers sixteen at a time with AVX-512, with the next rows
+/// prefetched. Int4 nibbles go through a per-block table of their sixteen dequantized values
+/// (one permute), so the fp16 rounding of each rebuilt weight costs once per block, not per
+/// weight. Each weight form has its own instance of the loops (`FORM`), so no form's
+/// parameters take registers from another's.
+#[cfg(target_arch = "x86_64")]
+mod narrow {
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    use rayon::prelude::*;
+
+    use super::{OutPtr, WeightRows};
+
+    /// The CPU has AVX-512F, and nibbles come in whole chunks of sixteen per row (so do the
+    /// blocks of int4 and int8, each with its own scale).
+    pub fn usable(w: &WeightRows, k: usize) -> bool {
+        static FEATURES: OnceLock<bool> = OnceLock::new();
+        let cpu = *FEATURES.get_or_init(|| {
+            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("f16c") && is_x86_feature_detected!("fma")
+        });
+        cpu && match w {
+            WeightRows::Blockwise { block, .. } => block % 16 == 0,
+            WeightRows::Palette { .. } => k.is_multiple_of(16),
+            _ => true,
+        }
+    }
+
+    /// The weight forms, as `FORM` parameters.
+    const F32: u8 = 0;
+    const F16: u8 = 1;
+    const INT8: u8 = 2;
+    const INT4: u8 = 3;
+    const PALETTE4: u8 = 4;
+
+    fn form(w: &WeightRows) -> u8 {
+        match w {
+            WeightRows::F32(_) => F32,
+            WeightRows::F16(_) => F16,
+            WeightRows::Blockwise { bits: 8, .. } => INT8,
+            WeightRows::Blockwise { .. } => INT4,
+            WeightRows::Palette { .. } => PALETTE4,
+        }
+    }
+
+    /// Lane `l` of a 16-column chunk of int4 weights reads nibble `NIBBLE[l]` of the chunk's
+    /// eight bytes: a 64-bit word broadcast to every lane and shifted by `4·(l/2)` puts nibble
+    /// `l/2` (even lanes, low half) or `8 + l/2` (odd lanes, high half) in each lane's low bits.
+    const NIBBLE: [usize; 16] = [0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15];
+
+    pub fn matmul_t(m: usize, k: usize, n: usize, x: &[f32], w: WeightRows, out: &mut [f32]) {
+        // Int4 lanes read columns in NIBBLE order, so x is put in that order once per call.
+        let reordered: Vec<f32>;
+        let x = if form(&w) == INT4 || form(&w) == PALETTE4 {
+            reordered = (0..m * k).map(|i| x[i - i % 16 + NIBBLE[i % 16]]).collect();
+            &reordered[..]
+        } else {
+            x
+        };
+        let threads = rayon::current_num_threads().max(1);
+        let rows_per_task = n.div_ceil(threads * 4).next_multiple_of(8).max(16);
+        let ptr = OutPtr(out.as_mut_ptr());
+        let task = |t: usize| {
+            let rows = t * rows_per_task..((t + 1) * rows_per_task).min(n);
+            // SAFETY: `usable` checked the CPU and the blocks; this task writes only the columns
+            // `rows` of each of the m output rows.
+            unsafe {
+                match form(&w) {
+                    F32 => rows_block::<F32>(m, k, n, x, &w, rows, ptr),
+                    F16 => rows_block::<F16>(m, k, n, x, &w, rows, ptr),
+                    INT8 => rows_block::<INT8>(m, k, n, x, &w, rows, ptr),
+                    INT4 => rows_block::<INT4>(m, k, n, x, &w, rows, ptr),
+                    _ => rows_block::<PALETTE4>(m, k, n, x, &w, rows, ptr),
+                }
+            }
+        };
+        let tasks = n.div_ceil(rows_per_task);
+        if m * n * k < 1 << 15 {
+            (0..tasks).for_each(task);
+        } else {
+            (0..tasks).into_par_iter().for_each(task);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn round_fp16_if(fp16: bool, v: __m512) -> __m512 {
+        if fp16 {
+            // SAFETY: register-only conversions under the caller's AVX-512F.
+            unsafe { _mm512_cvtph_ps(_mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v)) }
+        } else {
+            v
+        }
+    }
+
+    /// A weight row's parameters for block `b`: int8, the scale and offset broadcast; int4, the
+    /// table of the sixteen values its nibbles stand for (and nothing in the second).
+    #[inline(always)]
+    unsafe fn block_params<const FORM: u8>(w: &WeightRows, r: usize, blocks: usize, b: usize) -> (__m512, __m512) {
+        // SAFETY: register-only intrinsics; r·blocks + b indexes this row's scales (callers).
+        unsafe {
+            if let WeightRows::Palette { palettes, group_rows, .. } = *w {
+                return (_mm512_loadu_ps(palettes.as_ptr().add(r / group_rows * 16)), _mm512_setzero_ps());
+            }
+            let WeightRows::Blockwise { fp16, scales, offsets, .. } = *w else {
+                return (_mm512_setzero_ps(), _mm512_setzero_ps());
+            };
+            let scale = _mm512_set1_ps(*scales.get_unchecked(r * blocks + b));
+            let offset = offsets.map_or(_mm512_setzero_ps(), |o| _mm512_set1_ps(*o.get_unchecked(r * blocks + b)));
+            if FORM == INT4 {
+                // Nibble i holds the two's-complement value i, or i − 16 from 8 up.
+                let levels = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., -8., -7., -6., -5., -4., -3., -2., -1.);
+                (round_fp16_if(fp16, _mm512_mul_ps(_mm512_sub_ps(levels, offset), scale)), _mm512_setzero_ps())
+            } else {
+                (scale, offset)
+            }
+        }
+    }
+
+    /// Where row `r`'s column `c` is stored (possibly past the matrix: only prefetched).
+    #[inline(always)]
+    fn row_bytes(w: &WeightRows, k: usize, r: usize, c: usize) -> *const i8 {
+        let at = r * k + c;
+        match *w {
+            WeightRows::F32(v) => v.as_ptr().wrapping_add(at) as *const i8,
+            WeightRows::F16(v) => v.as_ptr().wrapping_add(at) as *const i8,
+            WeightRows::Blockwise { q, bits: 8, .. } => q.as_ptr().wrapping_add(at) as *const i8,
+            WeightRows::Blockwise { q, .. } | WeightRows::Palette { indices: q, .. } => {
+                q.as_ptr().wrapping_add(at / 2) as *const i8
+            }
+        }
+    }
+
+    /// Sixteen weights of row `r` from column `c` (int4: in NIBBLE order), as f32; `params`
+    /// from [`block_params`].
+    #[inline(always)]
+    unsafe fn load<const FORM: u8>(w: &WeightRows, k: usize, r: usize, c: usize, params: (__m512, __m512)) -> __m512 {
+        // SAFETY (all arms): callers keep c + 16 <= k and r < rows, so reads stay in the row.
+        unsafe {
+            match (FORM, *w) {
+                (F32, WeightRows::F32(v)) => _mm512_loadu_ps(v.as_ptr().add(r * k + c)),
+                (F16, WeightRows::F16(v)) => {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(v.as_ptr().add(r * k + c) as *const __m256i))
+                }
+                (INT8, WeightRows::Blockwise { q, fp16, .. }) => {
+                    let bytes = _mm_loadu_si128(q.as_ptr().add(r * k + c) as *const __m128i);
+                    let ints = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+                    round_fp16_if(fp16, _mm512_mul_ps(_mm512_sub_ps(ints, params.1), params.0))
+                }
+                (_, WeightRows::Blockwise { q, .. } | WeightRows::Palette { indices: q, .. }) => {
+                    let word = (q.as_ptr().add((r * k + c) / 2) as *const i64).read_unaligned();
+                    let shifts = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+                    let lanes = _mm512_srlv_epi32(_mm512_set1_epi64(word), shifts);
+                    // The permute reads only each lane's low four bits: the nibble.
+                    _mm512_permutexvar_ps(lanes, params.0)
+                }
+                _ => unreachable!("FORM is form(w)"),
+            }
+        }
+    }
+
+    /// Dot products of `MR` rows of `x` (from row `i`) with weight rows `r` (`NR` of them).
+    #[inline(always)]
+    unsafe fn tile<const FORM: u8, const MR: usize, const NR: usize>(
+        x: &[f32],
+        i: usize,
+        k: usize,
+        w: &WeightRows,
+        r: [usize; NR],
+    ) -> [[f32; NR]; MR] {
+        // SAFETY: all loads stay within rows i..i+MR of x and rows r of w (callers check).
+        // Plain loops, not closures: a closure would not inherit the caller's target features,
+        // and every intrinsic in it would become a call.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+            let (block, blocks) = match *w {
+                WeightRows::Blockwise { block, .. } => (block, k / block),
+                _ => (k - k % 16, 1),
+            };
+            let line_cols = match FORM {
+                F32 => 16,
+                F16 => 32,
+                INT8 => 64,
+                _ => 128,
+            };
+            let xp = x.as_ptr().add(i * k);
+            for b in 0..blocks {
+                let mut params = [(_mm512_setzero_ps(), _mm512_setzero_ps()); NR];
+                if FORM == INT8 || FORM == INT4 || FORM == PALETTE4 {
+                    for j in 0..NR {
+                        params[j] = block_params::<FORM>(w, r[j], blocks, b);
+                    }
+                }
+                let mut c = b * block;
+                while c < (b + 1) * block {
+                    if c % line_cols == 0 {
+                        // Rows are short, so the hardware prefetcher never locks on: fetch the
+                        // same columns of the rows two strips on, as this strip reads them.
+                        for &rj in &r {
+                            _mm_prefetch::<_MM_HINT_T0>(row_bytes(w, k, rj + 2 * NR, c));
+                        }
+                    }
+                    let mut wv = [_mm512_setzero_ps(); NR];
+                    for j in 0..NR {
+                        wv[j] = load::<FORM>(w, k, r[j], c, params[j]);
+                    }
+                    for (ii, row) in acc.iter_mut().enumerate() {
+                        let xv = _mm512_loadu_ps(xp.add(ii * k + c));
+                        for j in 0..NR {
+                            row[j] = _mm512_fmadd_ps(xv, wv[j], row[j]);
+                        }
+                    }
+                    c += 16;
+                }
+            }
+            let mut sums = [[0f32; NR]; MR];
+            for ii in 0..MR {
+                for j in 0..NR {
+                    sums[ii][j] = _mm512_reduce_add_ps(acc[ii][j]);
+                }
+            }
+            // Columns past the last whole vector (unblocked weights only).
+            if FORM == F32 || FORM == F16 {
+                for c in block..k {
+                    for j in 0..NR {
+                        let wv = match *w {
+                            WeightRows::F32(v) => *v.get_unchecked(r[j] * k + c),
+                            WeightRows::F16(v) => v.get_unchecked(r[j] * k + c).to_f32(),
+                            WeightRows::Blockwise { .. } | WeightRows::Palette { .. } => unreachable!(),
+                        };
+                        for (ii, row) in sums.iter_mut().enumerate() {
+                            row[j] += *xp.add(ii * k + c) * wv;
+                        }
+                    }
+                }
+            }
+            sums
+        }
+    }
+
+    /// `MR` rows of `x` against all weight rows in `rows`, `NR` at a time (the last group
+    /// repeats its final row rather than reading past the range).
+    #[inline(always)]
+    unsafe fn strip<const FORM: u8, const MR: usize, const NR: usize>(
+        x: &[f32],
+        i: usize,
+        k: usize,
+        n: usize,
+        w: &WeightRows,
+        rows: &std::ops::Range<usize>,
+        out: OutPtr,
+    ) {
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            let mut r = [0usize; NR];
+            for (j, rj) in r.iter_mut().enumerate() {
+                *rj = (r0 + j).min(rows.end - 1);
+            }
+            // SAFETY: rows i..i+MR and weight rows r are in range; outputs are this task's.
+            unsafe {
+                let sums = tile::<FORM, MR, NR>(x, i, k, w, r);
+                for (ii, row) in sums.iter().enumerate() {
+                    for (j, &v) in row.iter().enumerate().take(rows.end - r0) {
+                        *out.0.add((i + ii) * n + r0 + j) = v;
+                    }
+                }
+            }
+            r0 += NR;
+        }
+    }
+
+    /// # Safety
+    /// The CPU and weight passed `usable`, `FORM` is `form(w)`; `out` is an m×n buffer whose
+    /// columns `rows` only this call writes.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn rows_block<const FORM: u8>(
+        m: usize,
+        k: usize,
+        n: usize,
+        x: &[f32],
+        w: &WeightRows,
+        rows: std::ops::Range<usize>,
+        out: OutPtr,
+    ) {
+        let mut i = 0;
+        // SAFETY: each call covers rows i.. of x that exist; the caller vouches for `out`.
+        unsafe {
+            while i < m {
+                match m - i {
+                    1 => strip::<FORM, 1, 8>(x, i, k, n, w, &rows, out),
+                    2 => strip::<FORM, 2, 6>(x, i, k, n, w, &rows, out),
+                    3 => strip::<FORM, 3, 4>(x, i, k, n, w, &rows, out),
+                    _ => strip::<FORM, 4, 4>(x, i, k, n, w, &rows, out),
+                }
+                i += (m - i).min(4);
+            }
         }
     }
 }
@@ -387,7 +709,9 @@ mod avx512 {
 
     pub fn usable(w: &WeightRows) -> bool {
         static FEATURES: OnceLock<bool> = OnceLock::new();
-        *FEATURES.get_or_init(|| is_x86_feature_detected!("avx512f")) && avx2::usable(w)
+        // Palettes are widened through `row_into` (AVX-512F implies AVX2 and FMA).
+        *FEATURES.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("f16c"))
+            && (avx2::usable(w) || matches!(w, WeightRows::Palette { .. }))
     }
 
     pub fn matmul_t(m: usize, k: usize, n: usize, x: &[f32], w: WeightRows, out: &mut [f32]) {
@@ -567,29 +891,50 @@ mod tests {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
         };
-        for (m, k, n) in
-            [(1usize, 64usize, 37usize), (2, 72, 9), (3, 40, 50), (4, 64, 17), (5, 96, 130), (9, 19, 5), (1, 8, 1)]
-                .into_iter()
-                // Prefill-sized: panels of 32 rows of x whose last takes two 16-lane vectors, one,
-                // or one 8-lane vector; weight row groups of 12 with a partial last group.
-                .chain([(16, 64, 25), (37, 72, 30), (41, 24, 14), (64, 19, 13), (70, 40, 12), (56, 16, 7)])
+        for (m, k, n) in [
+            (1usize, 64usize, 37usize),
+            (2, 72, 9),
+            (3, 40, 50),
+            (4, 64, 17),
+            (5, 96, 130),
+            (9, 19, 5),
+            (1, 8, 1),
+            (1, 96, 40),
+            (1, 200, 3),
+            (6, 32, 21),
+        ]
+        .into_iter()
+        // Prefill-sized: panels of 32 rows of x whose last takes two 16-lane vectors, one,
+        // or one 8-lane vector; weight row groups of 12 with a partial last group.
+        .chain([(16, 64, 25), (37, 72, 30), (41, 24, 14), (64, 19, 13), (70, 40, 12), (56, 16, 7)])
         {
             let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
             let wf: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
             let wh: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
             let q8: Vec<u8> = (0..n * k).map(|_| (rnd() * 200.0) as i8 as u8).collect();
             let q4: Vec<u8> = (0..(n * k).div_ceil(2)).map(|_| ((rnd() + 0.5) * 255.0) as u8).collect();
-            let block = if k % 8 == 0 { 8 } else { k };
-            let scales: Vec<f32> = (0..n * k / block).map(|_| rnd() * 0.1).collect();
-            let offsets: Vec<f32> = (0..n * k / block).map(|_| rnd() * 4.0).collect();
-            let kinds = [
-                WeightRows::F32(&wf),
-                WeightRows::F16(&wh),
-                WeightRows::Blockwise { q: &q8, bits: 8, fp16: false, scales: &scales, offsets: None, block },
-                WeightRows::Blockwise { q: &q8, bits: 8, fp16: true, scales: &scales, offsets: Some(&offsets), block },
-                WeightRows::Blockwise { q: &q4, bits: 4, fp16: false, scales: &scales, offsets: Some(&offsets), block },
-                WeightRows::Blockwise { q: &q4, bits: 4, fp16: true, scales: &scales, offsets: None, block },
-            ];
+            // Blocks of 8 columns take the AVX2 kernels, of 16 and 32 the AVX-512 decode ones.
+            let blocks: Vec<usize> = [8, 16, 32].into_iter().filter(|b| k % b == 0).chain([k]).collect();
+            let scales: Vec<f32> = (0..n * k).map(|_| rnd() * 0.1).collect();
+            let offsets: Vec<f32> = (0..n * k).map(|_| rnd() * 4.0).collect();
+            let palettes: Vec<f32> = (0..n * 16).map(|_| rnd()).collect();
+            let mut kinds = vec![WeightRows::F32(&wf), WeightRows::F16(&wh)];
+            // A palette per row, and (where n allows) one per group of rows.
+            for group_rows in [1, 2, 5].into_iter().filter(|g| n % g == 0) {
+                let palettes = &palettes[..n / group_rows * 16];
+                if k % 2 == 0 {
+                    kinds.push(WeightRows::Palette { indices: &q4, palettes, group_rows });
+                }
+            }
+            for block in blocks {
+                let (scales, offsets) = (&scales[..n * k / block], &offsets[..n * k / block]);
+                kinds.extend([
+                    WeightRows::Blockwise { q: &q8, bits: 8, fp16: false, scales, offsets: None, block },
+                    WeightRows::Blockwise { q: &q8, bits: 8, fp16: true, scales, offsets: Some(offsets), block },
+                    WeightRows::Blockwise { q: &q4, bits: 4, fp16: false, scales, offsets: Some(offsets), block },
+                    WeightRows::Blockwise { q: &q4, bits: 4, fp16: true, scales, offsets: None, block },
+                ]);
+            }
             for w in kinds {
                 let mut out = vec![f32::NAN; m * n];
                 matmul_t(m, k, n, &x, w, &mut out);

@@ -352,18 +352,29 @@ pub enum Packed {
         scales: Vec<f32>,
         offsets: Option<Vec<f32>>,
     },
+    /// 4-bit palettization: each weight is an entry of its row group's palette of sixteen
+    /// values; indices two to a byte, low nibble first.
+    Palette {
+        rows: usize,
+        cols: usize,
+        /// Rows sharing one palette.
+        group_rows: usize,
+        indices: Vec<u8>,
+        /// Sixteen values per group of rows.
+        palettes: Vec<f32>,
+    },
 }
 
 impl Packed {
     pub fn rows(&self) -> usize {
         match self {
-            Packed::F16 { rows, .. } | Packed::Blockwise { rows, .. } => *rows,
+            Packed::F16 { rows, .. } | Packed::Blockwise { rows, .. } | Packed::Palette { rows, .. } => *rows,
         }
     }
 
     pub fn cols(&self) -> usize {
         match self {
-            Packed::F16 { cols, .. } | Packed::Blockwise { cols, .. } => *cols,
+            Packed::F16 { cols, .. } | Packed::Blockwise { cols, .. } | Packed::Palette { cols, .. } => *cols,
         }
     }
 
@@ -374,6 +385,7 @@ impl Packed {
             Packed::Blockwise { q, scales, offsets, .. } => {
                 q.len() + 4 * (scales.len() + offsets.as_ref().map_or(0, |o| o.len()))
             }
+            Packed::Palette { indices, palettes, .. } => indices.len() + 4 * palettes.len(),
         }
     }
 }
