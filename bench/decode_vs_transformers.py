@@ -52,12 +52,16 @@ MODEL = {
 
 # corelm package variants: name and the extra `corelm convert` arguments. A variant whose arguments
 # name a flag the binary does not have is reported as n/a instead of failing the run.
-# The GGUF's Q4_1 grid is carried by default; these rows are the fp16 weights and their
-# re-quantizations, so they dequantize first.
+# Every weight form the interpreter decodes: the fp16 weights and their re-quantizations (which
+# dequantize the GGUF first), and the GGUF's own Q4_1 grid as corelm carries it by default.
 VARIANTS = [
     ("fp16", ["--dequantize"]),
     ("int8", ["--dequantize", "--quantize", "int8"]),
     ("int4", ["--dequantize", "--quantize", "int4"]),
+    ("int4-offset", ["--dequantize", "--quantize", "int4", "--offset"]),
+    ("lut4", ["--dequantize", "--quantize", "lut4"]),
+    ("lut6", ["--dequantize", "--quantize", "lut6"]),
+    ("gguf-q4_1", []),
 ]
 
 # transformers rows: name and torch dtype name. fp32 is the main peer.
@@ -207,18 +211,18 @@ def binary_identity(path):
             "modified": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(p.stat().st_mtime))}
 
 
-# Bytes the interpreter holds per stored element, by package dtype (crates/corelm-interp since
-# "Interpreter keeps weights compressed", 24b6b4d): fp16 matrices stay fp16; blockwise int8/int4
-# matrices stay integers at one byte per value (int4 is not packed two to a byte) with f32 scales;
-# everything else is expanded to f32. Update this table when the interpreter's layout changes.
+# Bytes the interpreter holds per stored element, by package dtype (crates/corelm-interp,
+# value::Packed): fp16 matrices stay fp16; blockwise int8/int4 matrices and 4-bit palettes stay as
+# stored (int4 two values a byte) with f32 scales or palettes; other palette indices (lut6, lut8)
+# are expanded to fp16 matrices. Update this table when the interpreter's layout changes.
 def interpreter_weight_bytes(bytes_by_dtype):
-    quantized = any(k in bytes_by_dtype for k in ("int8", "int4", "uint4"))
+    quantized = any(k in bytes_by_dtype for k in ("int8", "int4", "uint4", "uint6", "uint8"))
     total = 0.0
     for dtype, nbytes in bytes_by_dtype.items():
-        if dtype in ("int8",):
-            total += nbytes  # 1 byte a value
-        elif dtype in ("int4", "uint4"):
-            total += 2 * nbytes  # stored 2 values a byte, held 1 byte a value
+        if dtype in ("int8", "int4", "uint4"):
+            total += nbytes  # held as stored
+        elif dtype in ("uint6", "uint8"):
+            total += nbytes * 16 / int(dtype[4:])  # palette indices, expanded to fp16
         elif dtype == "fp16":
             # Without integer weights the fp16 bytes are the matrices (kept fp16; the few small
             # vectors that become f32 are negligible); with them, they are mostly the scales (f32).
@@ -332,8 +336,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="measurements per row (best and median)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
     parser.add_argument("--long-tokens", type=int, default=256, help="length of the long prompt")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (corelm's rayon "
-                        "uses all cores unless RAYON_NUM_THREADS is set)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="threads of both: torch's, and corelm's rayon pool (RAYON_NUM_THREADS)")
     parser.add_argument("--variants", default=",".join(v for v, _ in VARIANTS),
                         help="corelm package variants to run")
     parser.add_argument("--transformers-dtypes", default=",".join(d for d, _ in TRANSFORMERS_DTYPES))
@@ -354,6 +358,8 @@ def main(argv=None):
         return child_bandwidth(args)
 
     script = str(Path(__file__).resolve())
+    # corelm's children inherit this: its rayon pool gets as many threads as torch.
+    os.environ["RAYON_NUM_THREADS"] = str(args.threads)
     if args.build:
         subprocess.run(["cargo", "build", "--release", "-p", "corelm-cli"], cwd=REPO, check=True)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="corelm-decode-bench-"))

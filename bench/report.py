@@ -11,6 +11,7 @@ without provenance is an error. Rows where corelm loses say so.
 Standard library only: scripts/test.sh runs `--check`.
 """
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -74,16 +75,18 @@ def convert_section():
     ]
 
 
-def decode_section():
-    name = "decode-smollm2.json"
+def decode_section(name="decode-smollm2.json"):
     d = load(name)
     short, long = (len(d["prompts"][k]["ids"]) for k in ("short", "long"))
     best = lambda v: f"{max(v):.0f}" if v else "n/a"  # noqa: E731
+    measured = [r for r in d["summary"] if not r.get("note")]
     rows = [[r["label"], best(r["prefill_short"]), best(r["prefill_long"]), f"{max(r['decode_short']):.1f}",
-             f"{max(r['decode_long']):.1f}"] for r in d["summary"]]
+             f"{max(r['decode_long']):.1f}", f"{r['bytes_per_token_pkg'] / 1e6:.0f}",
+             f"{100 * r['roofline_pkg']:.0f}%" if r.get("roofline_pkg") else "n/a"] for r in measured]
+    fp16 = next((r for r in measured if r["label"] == "corelm fp16"), None)
     by_label = {r["label"]: r for r in d["summary"]}
     notes = []
-    for ours in (r for r in d["summary"] if r["label"].startswith("corelm")):
+    for ours in (r for r in measured if r["label"].startswith("corelm")):
         for peer in ("transformers fp32", "transformers bf16"):
             if peer not in by_label:
                 continue
@@ -95,7 +98,15 @@ def decode_section():
         f"**Prefill and decode** (`bench/decode_vs_transformers.py`): {d['model']}, context {d['context']}, "
         f"{d['threads']} threads, best of {d['repeats']}, transformers measured in the same run; tokens/s.",
         "",
-        *table(["", f"prefill {short}", f"prefill {long}", f"decode after {short}", f"decode after {long}"], rows),
+        *table(["", f"prefill {short}", f"prefill {long}", f"decode after {short}", f"decode after {long}",
+                "MB read per token", "of roofline"], rows),
+        "",
+        f"MB read per token: the package's weights plus the KV rows attention reads (averaged over the decode "
+        f"after {short}); of roofline: that decode's tok/s × MB per token ÷ the copy bandwidth measured in the same "
+        f"run ({d['bandwidth']['copy_gb_per_s_used']:.1f} GB/s).",
+        *([f"Decode after {short} against corelm fp16: " + ", ".join(
+            f"{r['label'].removeprefix('corelm ')} {max(r['decode_short']) / max(fp16['decode_short']):.2f}×"
+            for r in measured if r["label"].startswith("corelm") and r is not fp16) + "."] if fp16 else []),
         "",
         *(["Losses: " + "; ".join(notes) + "."] if notes else ["corelm is ahead in every column."]),
         "",
@@ -247,8 +258,9 @@ def ios_section():
 
 def render():
     lines = [BEGIN, ""]
-    for section in (convert_section, decode_section, quality_section, weight_error_section, gguf_grids_section,
-                    hybrid_section, ios_section):
+    decode_one_thread = functools.partial(decode_section, "decode-smollm2-1-thread.json")
+    for section in (convert_section, decode_section, decode_one_thread, quality_section, weight_error_section,
+                    gguf_grids_section, hybrid_section, ios_section):
         lines += section() + [""]
     return "\n".join(lines + [END])
 
