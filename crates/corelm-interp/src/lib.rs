@@ -1097,7 +1097,7 @@ mod tests {
 
     use corelm_format::mil::ops;
     use corelm_format::package::WriteOptions;
-    use corelm_format::{FunctionBuilder, InputShape, PackageWriter, ProgramBuilder, Target, Tensor};
+    use corelm_format::{FunctionBuilder, InputShape, PackageWriter, ProgramBuilder, Target, Tensor, Var};
 
     use super::*;
     use crate::kernels::KERNELS;
@@ -1173,27 +1173,10 @@ mod tests {
             ("offset", Tensor::from_floats(DType::Fp16, vec![rows, 2], &table(&offset)).unwrap().into()),
         ];
         let w = f.op1("constexpr_blockwise_shift_scale", "w", shift_scale).unwrap();
-        let y = f.op1("linear", "y", vec![("x", (&input).into()), ("weight", (&w).into())]).unwrap();
-        f.output(&y, "y").unwrap();
-        let mut program = ProgramBuilder::new(Target::Ios18);
-        program.add_function(f.finish().unwrap()).unwrap();
-        let interp =
-            Interpreter::load(&Package::open(pkg.commit(&program.finish().unwrap()).unwrap()).unwrap()).unwrap();
+        let model = linear_model(f, &input, &w);
+        let interp = Interpreter::load(&Package::open(pkg.commit(&model).unwrap()).unwrap()).unwrap();
 
-        let plan = &interp.plans["main"];
-        let weights: Vec<&Packed> = plan
-            .steps
-            .iter()
-            .flat_map(|s| &s.inputs)
-            .flat_map(|(_, srcs)| srcs)
-            .filter_map(|s| match s {
-                Src::Const(v) => match &v.data {
-                    Data::Packed(p) => Some(p.as_ref()),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .collect();
+        let weights = packed_weights(&interp);
         assert!(
             matches!(weights.as_slice(), [Packed::Blockwise { bits: b, .. }] if *b == bits),
             "the weight was widened"
@@ -1231,25 +1214,9 @@ mod tests {
             ("lut", Tensor::from_floats(DType::Fp16, vec![groups, 1, 16, 1], &luts).unwrap().into()),
         ];
         let w = f.op1("constexpr_lut_to_dense", "w", lut).unwrap();
-        let y = f.op1("linear", "y", vec![("x", (&input).into()), ("weight", (&w).into())]).unwrap();
-        f.output(&y, "y").unwrap();
-        let mut program = ProgramBuilder::new(Target::Ios18);
-        program.add_function(f.finish().unwrap()).unwrap();
-        let interp =
-            Interpreter::load(&Package::open(pkg.commit(&program.finish().unwrap()).unwrap()).unwrap()).unwrap();
-        let packed: Vec<&Packed> = interp.plans["main"]
-            .steps
-            .iter()
-            .flat_map(|s| &s.inputs)
-            .flat_map(|(_, srcs)| srcs)
-            .filter_map(|s| match s {
-                Src::Const(v) => match &v.data {
-                    Data::Packed(p) => Some(p.as_ref()),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .collect();
+        let model = linear_model(f, &input, &w);
+        let interp = Interpreter::load(&Package::open(pkg.commit(&model).unwrap()).unwrap()).unwrap();
+        let packed = packed_weights(&interp);
         assert!(matches!(packed.as_slice(), [Packed::Palette { group_rows: 16, .. }]), "the weight was widened");
         assert_eq!(packed[0].bytes(), rows * cols / 2 + 4 * groups * 16);
 
@@ -1261,6 +1228,32 @@ mod tests {
             let want: f64 = (0..cols).map(|c| f64::from(x[c]) * entry(index(r, c))).sum();
             assert!((f64::from(got) - want).abs() <= 2e-3 * want.abs().max(0.1), "row {r}: {got} vs {want}");
         }
+    }
+
+    /// The model whose function `f` outputs `y = linear(input, w)`.
+    fn linear_model(mut f: FunctionBuilder, input: &Var, w: &Var) -> corelm_format::Model {
+        let y = f.op1("linear", "y", vec![("x", input.into()), ("weight", w.into())]).unwrap();
+        f.output(&y, "y").unwrap();
+        let mut program = ProgramBuilder::new(Target::Ios18);
+        program.add_function(f.finish().unwrap()).unwrap();
+        program.finish().unwrap()
+    }
+
+    /// The compressed weights `main`'s steps read.
+    fn packed_weights(interp: &Interpreter) -> Vec<&Packed> {
+        interp.plans["main"]
+            .steps
+            .iter()
+            .flat_map(|s| &s.inputs)
+            .flat_map(|(_, srcs)| srcs)
+            .filter_map(|s| match s {
+                Src::Const(v) => match &v.data {
+                    Data::Packed(p) => Some(p.as_ref()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect()
     }
 
     /// An op the table defines but the interpreter has no kernel for is refused at load, by name.

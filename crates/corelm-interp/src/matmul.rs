@@ -150,6 +150,65 @@ unsafe fn rows_block(
     }
 }
 
+/// Weight rows `r0..r0 + NR`, the last repeated where they pass `end` (so a tile never reads
+/// past the range; [`store_tile`] drops the repeats).
+#[inline(always)]
+fn group_rows<const NR: usize>(r0: usize, end: usize) -> [usize; NR] {
+    let mut r = [0usize; NR];
+    for (j, rj) in r.iter_mut().enumerate() {
+        *rj = (r0 + j).min(end - 1);
+    }
+    r
+}
+
+/// Writes an `MR`×`NR` tile of sums at rows `i..`, columns `r0..` (those before `end`) of the
+/// m×n output.
+///
+/// # Safety
+/// Those outputs lie in the buffer at `out` and are the caller's alone to write.
+#[inline(always)]
+unsafe fn store_tile<const MR: usize, const NR: usize>(
+    out: *mut f32,
+    i: usize,
+    n: usize,
+    r0: usize,
+    end: usize,
+    sums: &[[f32; NR]; MR],
+) {
+    for (ii, row) in sums.iter().enumerate() {
+        for (j, &v) in row.iter().enumerate().take(end - r0) {
+            // SAFETY: the caller vouches for rows i..i+MR, columns r0..end.
+            unsafe { *out.add((i + ii) * n + r0 + j) = v };
+        }
+    }
+}
+
+/// Adds columns `from..k` of `MR` rows of `x` (from row `i`) times weight rows `r` to `sums`:
+/// the columns past a vector kernel's last whole vector, which only unblocked weights have.
+#[inline(always)]
+fn add_tail_columns<const MR: usize, const NR: usize>(
+    x: &[f32],
+    i: usize,
+    k: usize,
+    w: &WeightRows,
+    r: [usize; NR],
+    from: usize,
+    sums: &mut [[f32; NR]; MR],
+) {
+    for c in from..k {
+        for j in 0..NR {
+            let wv = match *w {
+                WeightRows::F32(v) => v[r[j] * k + c],
+                WeightRows::F16(v) => v[r[j] * k + c].to_f32(),
+                WeightRows::Blockwise { .. } | WeightRows::Palette { .. } => return,
+            };
+            for (ii, row) in sums.iter_mut().enumerate() {
+                row[j] += x[(i + ii) * k + c] * wv;
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -289,21 +348,7 @@ mod avx2 {
                     sums[ii][j] = hsum(acc[ii][j]);
                 }
             }
-            // Columns past the last whole vector (unblocked weights only).
-            if let WeightRows::F32(_) | WeightRows::F16(_) = *w {
-                for c in block..k {
-                    for j in 0..NR {
-                        let wv = match *w {
-                            WeightRows::F32(v) => *v.get_unchecked(r[j] * k + c),
-                            WeightRows::F16(v) => v.get_unchecked(r[j] * k + c).to_f32(),
-                            WeightRows::Blockwise { .. } | WeightRows::Palette { .. } => unreachable!(),
-                        };
-                        for (ii, row) in sums.iter_mut().enumerate() {
-                            row[j] += *xp.add(ii * k + c) * wv;
-                        }
-                    }
-                }
-            }
+            super::add_tail_columns(x, i, k, w, r, block, &mut sums);
             sums
         }
     }
@@ -320,19 +365,10 @@ mod avx2 {
         rows: &std::ops::Range<usize>,
         out: *mut f32,
     ) {
-        let mut r0 = rows.start;
-        while r0 < rows.end {
-            let r: [usize; NR] = std::array::from_fn(|j| (r0 + j).min(rows.end - 1));
+        for r0 in rows.clone().step_by(NR) {
+            let r = super::group_rows::<NR>(r0, rows.end);
             // SAFETY: rows i..i+MR and weight rows r are in range; outputs are this task's.
-            unsafe {
-                let sums = tile::<MR, NR>(x, i, k, w, r);
-                for (ii, row) in sums.iter().enumerate() {
-                    for (j, &v) in row.iter().enumerate().take(rows.end - r0) {
-                        *out.add((i + ii) * n + r0 + j) = v;
-                    }
-                }
-            }
-            r0 += NR;
+            unsafe { super::store_tile(out, i, n, r0, rows.end, &tile::<MR, NR>(x, i, k, w, r)) };
         }
     }
 
@@ -598,21 +634,7 @@ mod narrow {
                     sums[ii][j] = _mm512_reduce_add_ps(acc[ii][j]);
                 }
             }
-            // Columns past the last whole vector (unblocked weights only).
-            if FORM == F32 || FORM == F16 {
-                for c in block..k {
-                    for j in 0..NR {
-                        let wv = match *w {
-                            WeightRows::F32(v) => *v.get_unchecked(r[j] * k + c),
-                            WeightRows::F16(v) => v.get_unchecked(r[j] * k + c).to_f32(),
-                            WeightRows::Blockwise { .. } | WeightRows::Palette { .. } => unreachable!(),
-                        };
-                        for (ii, row) in sums.iter_mut().enumerate() {
-                            row[j] += *xp.add(ii * k + c) * wv;
-                        }
-                    }
-                }
-            }
+            super::add_tail_columns(x, i, k, w, r, block, &mut sums);
             sums
         }
     }
@@ -629,22 +651,10 @@ mod narrow {
         rows: &std::ops::Range<usize>,
         out: OutPtr,
     ) {
-        let mut r0 = rows.start;
-        while r0 < rows.end {
-            let mut r = [0usize; NR];
-            for (j, rj) in r.iter_mut().enumerate() {
-                *rj = (r0 + j).min(rows.end - 1);
-            }
+        for r0 in rows.clone().step_by(NR) {
+            let r = super::group_rows::<NR>(r0, rows.end);
             // SAFETY: rows i..i+MR and weight rows r are in range; outputs are this task's.
-            unsafe {
-                let sums = tile::<FORM, MR, NR>(x, i, k, w, r);
-                for (ii, row) in sums.iter().enumerate() {
-                    for (j, &v) in row.iter().enumerate().take(rows.end - r0) {
-                        *out.0.add((i + ii) * n + r0 + j) = v;
-                    }
-                }
-            }
-            r0 += NR;
+            unsafe { super::store_tile(out.0, i, n, r0, rows.end, &tile::<FORM, MR, NR>(x, i, k, w, r)) };
         }
     }
 
