@@ -580,7 +580,7 @@ def main(argv=None):
     print(f"roofline = decode tok/s @{len(short)} x bytes per token / copy bandwidth. MB/token = weights as "
           f"stored (package; transformers: its parameters) + KV rows at the mean decode position "
           f"({avg_kv_rows(len(short), args.new_tokens):.0f}). '(in RAM)' counts the bytes in the layout the "
-          f"interpreter holds (fp16 matrices as fp16, int8/int4 as one byte a value + f32 scales, f32 KV cache).")
+          f"interpreter holds (interpreter_weight_bytes; f32 KV cache).")
     if agreement:
         print("greedy tokens equal to transformers fp32 before the first difference: " + "; ".join(
             f"{k} {v['short']}/{args.new_tokens} (short), {v['long']}/{args.new_tokens} (long)"
