@@ -152,6 +152,7 @@ unsafe fn rows_block(
 
 /// Weight rows `r0..r0 + NR`, the last repeated where they pass `end` (so a tile never reads
 /// past the range; [`store_tile`] drops the repeats).
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn group_rows<const NR: usize>(r0: usize, end: usize) -> [usize; NR] {
     let mut r = [0usize; NR];
@@ -166,6 +167,7 @@ fn group_rows<const NR: usize>(r0: usize, end: usize) -> [usize; NR] {
 ///
 /// # Safety
 /// Those outputs lie in the buffer at `out` and are the caller's alone to write.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn store_tile<const MR: usize, const NR: usize>(
     out: *mut f32,
@@ -185,6 +187,7 @@ unsafe fn store_tile<const MR: usize, const NR: usize>(
 
 /// Adds columns `from..k` of `MR` rows of `x` (from row `i`) times weight rows `r` to `sums`:
 /// the columns past a vector kernel's last whole vector, which only unblocked weights have.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn add_tail_columns<const MR: usize, const NR: usize>(
     x: &[f32],
