@@ -462,6 +462,34 @@ mod narrow {
         }
     }
 
+    /// Row `r` of a palettized weight (`usable`, so k is a multiple of 16) looked up into `out`,
+    /// sixteen columns at a time, in column order.
+    ///
+    /// # Safety
+    /// The CPU and weight passed `usable`; `r` is a row of the weight and `out` holds `k` values.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn palette_row(w: &WeightRows, k: usize, r: usize, out: &mut [f32]) {
+        let WeightRows::Palette { indices, palettes, group_rows } = *w else {
+            return w.row_into(k, r, out);
+        };
+        // SAFETY: the palette of row r's group and the row's k/2 bytes of indices exist; chunks
+        // of sixteen stay inside the row and `out`.
+        unsafe {
+            let palette = _mm512_loadu_ps(palettes.as_ptr().add(r / group_rows * 16));
+            // Nibble l of a chunk's eight bytes, to lane l: the low word in lanes 0–7, the high in
+            // 8–15, each shifted by 4·(l mod 8).
+            let shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+            for c in (0..k).step_by(16) {
+                let bytes = indices.as_ptr().add((r * k + c) / 2);
+                let low = _mm256_set1_epi32((bytes as *const i32).read_unaligned());
+                let high = _mm256_set1_epi32((bytes.add(4) as *const i32).read_unaligned());
+                let words = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(low), high);
+                let lanes = _mm512_srlv_epi32(words, shifts);
+                _mm512_storeu_ps(out.as_mut_ptr().add(c), _mm512_permutexvar_ps(lanes, palette));
+            }
+        }
+    }
+
     /// Lane `l` of a 16-column chunk of int4 weights reads nibble `NIBBLE[l]` of the chunk's
     /// eight bytes: a 64-bit word broadcast to every lane and shifted by `4·(l/2)` puts nibble
     /// `l/2` (even lanes, low half) or `8 + l/2` (odd lanes, high half) in each lane's low bits.
@@ -701,7 +729,7 @@ mod avx512 {
 
     use rayon::prelude::*;
 
-    use super::{avx2, OutPtr, WeightRows};
+    use super::{avx2, narrow, OutPtr, WeightRows};
 
     /// Below this many rows of `x` the transposes cost more than the reuse gains.
     pub const MIN_ROWS: usize = 16;
@@ -722,7 +750,7 @@ mod avx512 {
 
     pub fn usable(w: &WeightRows) -> bool {
         static FEATURES: OnceLock<bool> = OnceLock::new();
-        // Palettes are widened through `row_into` (AVX-512F implies AVX2 and FMA).
+        // Palettes are widened by `narrow::palette_row` (AVX-512F implies AVX2 and FMA).
         *FEATURES.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("f16c"))
             && (avx2::usable(w) || matches!(w, WeightRows::Palette { .. }))
     }
@@ -751,7 +779,15 @@ mod avx512 {
             let mut weights = vec![0f32; task_groups.len() * GROUP * k];
             for (j, r) in (task_groups.start * GROUP..(task_groups.end * GROUP).min(n)).enumerate() {
                 // SAFETY: `usable` checked the CPU and the weight's block shape.
-                unsafe { avx2::dequant_row(&w, k, r, &mut weights[j * k..(j + 1) * k]) };
+                let row = &mut weights[j * k..(j + 1) * k];
+                // SAFETY: `usable` checked the CPU and the weight's block shape.
+                unsafe {
+                    if narrow::usable(&w, k) && matches!(w, WeightRows::Palette { .. }) {
+                        narrow::palette_row(&w, k, r, row);
+                    } else {
+                        avx2::dequant_row(&w, k, r, row);
+                    }
+                }
             }
             for p in 0..panels {
                 for (gi, g) in task_groups.clone().enumerate() {
