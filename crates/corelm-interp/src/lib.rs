@@ -344,12 +344,19 @@ fn packed_blockwise(
     let q: Vec<u8> = if bits == 8 || cols % 2 != 0 {
         values.iter().map(|&v| v as u8).collect()
     } else {
-        values.chunks(2).map(|p| (p[0] as u8 & 0x0f) | ((p[1] as u8) << 4)).collect()
+        pack_nibbles(values.iter().map(|&v| v as u8))
     };
     let bits = if cols % 2 != 0 { 8 } else { bits };
     let fp16 = out.dtype == DType::Fp16;
     let packed = Packed::Blockwise { rows, cols, block: cols / blocks, bits, fp16, q, scales, offsets };
     Ok(Some(Value { dtype: out.dtype, shape: vec![rows, cols], data: Data::Packed(Arc::new(packed)) }))
+}
+
+/// Values of four bits (the low four of each), two to a byte, low nibble first (the layout
+/// `Packed` holds and the matrix kernels read); an odd count leaves the last high nibble zero.
+fn pack_nibbles(values: impl Iterator<Item = u8>) -> Vec<u8> {
+    let values: Vec<u8> = values.collect();
+    values.chunks(2).map(|p| (p[0] & 0x0f) | (p.get(1).map_or(0, |h| h << 4))).collect()
 }
 
 /// A `constexpr_lut_to_dense` of a matrix with 4-bit indices and a palette per group of rows,
@@ -361,17 +368,18 @@ fn packed_palette(op: &Operation, files: &mut BlobFiles, out: &TensorType) -> Re
     let (Some(Binding::Value(indices)), Some(Binding::Value(lut))) = (op.input("indices"), op.input("lut")) else {
         return Ok(None);
     };
-    let (indices, lut) = (files.read(indices)?, files.read(lut)?);
-    let (&[rows, cols], &[groups, 1, 16, 1]) = (indices.shape(), lut.shape()) else { return Ok(None) };
-    if indices.dtype() != DType::Uint4 || groups == 0 || rows % groups != 0 || cols % 2 != 0 {
+    // Decided on the declared types, so a lut this cannot hold is read once, by the caller.
+    let (Some(index_shape), Some(lut_shape)) = (indices.ty.shape(), lut.ty.shape()) else { return Ok(None) };
+    let (&[rows, cols], &[groups, 1, 16, 1]) = (index_shape.as_slice(), lut_shape.as_slice()) else { return Ok(None) };
+    if indices.ty.dtype != DType::Uint4 || groups == 0 || rows % groups != 0 || cols % 2 != 0 {
         return Ok(None);
     }
     if rows * cols < PACK_MIN_ELEMENTS || out.shape().as_deref() != Some(&[rows, cols][..]) {
         return Ok(None);
     }
-    let nibbles = Value::from_tensor(&indices)?.ints()?;
-    let indices = nibbles.chunks(2).map(|p| (p[0] as u8 & 0x0f) | ((p[1] as u8) << 4)).collect();
-    let palettes = Value::from_tensor(&lut)?.to_f32_vec();
+    let nibbles = Value::from_tensor(&files.read(indices)?)?.ints()?;
+    let indices = pack_nibbles(nibbles.iter().map(|&v| v as u8));
+    let palettes = Value::from_tensor(&files.read(lut)?)?.to_f32_vec();
     let packed = Packed::Palette { rows, cols, group_rows: rows / groups, indices, palettes };
     Ok(Some(Value { dtype: out.dtype, shape: vec![rows, cols], data: Data::Packed(Arc::new(packed)) }))
 }

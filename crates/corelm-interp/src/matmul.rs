@@ -774,15 +774,17 @@ mod avx512 {
         let groups_per_task = groups.div_ceil(rayon::current_num_threads().max(1) * 2).clamp(1, 8);
         let ptr = OutPtr(out.as_mut_ptr());
         let xt = &xt;
+        // Palettes are widened sixteen columns at a time where the rows come in whole chunks.
+        let palette_rows = matches!(w, WeightRows::Palette { .. }) && narrow::usable(&w, k);
         (0..groups.div_ceil(groups_per_task)).into_par_iter().for_each(|t| {
             let task_groups = t * groups_per_task..((t + 1) * groups_per_task).min(groups);
             let mut weights = vec![0f32; task_groups.len() * GROUP * k];
             for (j, r) in (task_groups.start * GROUP..(task_groups.end * GROUP).min(n)).enumerate() {
-                // SAFETY: `usable` checked the CPU and the weight's block shape.
                 let row = &mut weights[j * k..(j + 1) * k];
-                // SAFETY: `usable` checked the CPU and the weight's block shape.
+                // SAFETY: `usable` (and for palettes `narrow::usable`) checked the CPU and the
+                // weight's block shape.
                 unsafe {
-                    if narrow::usable(&w, k) && matches!(w, WeightRows::Palette { .. }) {
+                    if palette_rows {
                         narrow::palette_row(&w, k, r, row);
                     } else {
                         avx2::dequant_row(&w, k, r, row);
